@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Each builds the virtual environment it needs at .venv
+# and reuses it when its marker file says it is complete (the marker is older than pyproject.toml => rebuild).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+
+.PHONY: demo test clean-venv
+
+demo: $(VENV)/.demo-ready
+	$(PY) jobs/caption.py --config configs/demo.toml
+
+test: $(VENV)/.test-ready
+	$(PY) -m pytest -q
+
+# The run-time environment: the small CPU build of torch from the local wheel cache. A complete test
+# environment is a superset of it, so it is reused as is.
+$(VENV)/.demo-ready: pyproject.toml
+	@if [ -f $(VENV)/.test-ready ] && [ $(VENV)/.test-ready -nt pyproject.toml ]; then touch $@; else \
+	  set -e; [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	  $(PIP) install -q torch==2.13.0; \
+	  $(PIP) install -q -e .; \
+	  touch $@; fi
+
+# The test environment: torch 2.14.1 + torchvision 0.29.1 (transformers' video processor needs torchvision,
+# and PyPI's torchvision does not import beside 2.13.0), plus the reference implementation and moto.
+$(VENV)/.test-ready: pyproject.toml
+	@set -e; [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1; \
+	$(PIP) install -q -e '.[test]'; \
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

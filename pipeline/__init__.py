@@ -1,0 +1,1 @@
+"""The Ray Data pipeline that runs glmv over media corpora."""
