@@ -1,0 +1,244 @@
+"""Model configuration: plain dataclasses parsed once from a checkpoint's config.json.
+
+Two layouts exist in the wild and both are accepted:
+- the released checkpoints (transformers 4.5x): `rope_theta`, `partial_rotary_factor` and
+  `rope_scaling: {"mrope_section": [...]}` inside `text_config` (older revisions also repeat text fields at top level);
+- transformers 5: `rope_parameters: {"rope_theta", "partial_rotary_factor", "mrope_section", "rope_type"}`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v
+
+
+class ConfigError(ValueError):
+    """A config.json that this library cannot run, with the offending key named."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 1536
+    depth: int = 24
+    num_heads: int = 12
+    intermediate_size: int = 13696  # width of the merger's gated MLP (the blocks' MLP width is out_hidden_size)
+    out_hidden_size: int = 4096
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    image_size: int = 336  # learned position table covers (image_size / patch_size)^2 patches
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    mrope_section: tuple[int, ...] = (8, 12, 12)
+    max_position_embeddings: int = 65536
+    hidden_act: str = "silu"
+    attention_bias: bool = True
+    pad_token_id: int | None = 151329
+    eos_token_id: tuple[int, ...] = (151329, 151336, 151338, 151348)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class Glm4vConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151343
+    video_token_id: int = 151344
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+    video_start_token_id: int = 151341
+    video_end_token_id: int = 151342
+    tie_word_embeddings: bool = False
+    dtype: str | None = "bfloat16"  # the checkpoint's stored dtype, used when the caller names none
+    model_type: str = "glm4v"
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Glm4vConfig":
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{config_file}: not found (a GLM-V checkpoint folder holds config.json)")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=str(config_file))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "Glm4vConfig":
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            hint = " (the MoE GLM-4.5V/4.6V models are not supported)" if model_type == "glm4v_moe" else ""
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported{hint}; expected one of {SUPPORTED_MODEL_TYPES}"
+            )
+        # Older revisions keep text fields at top level; text_config wins where both exist.
+        text_raw = {**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},
+                    **(raw.get("text_config") or {})}
+        vision_raw = raw.get("vision_config") or {}
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or text_raw.get("dtype") or text_raw.get("torch_dtype")
+        ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                                   "video_start_token_id", "video_end_token_id") if k in raw}
+        config = cls(
+            text=_parse_text(text_raw, source),
+            vision=_parse_vision(vision_raw, source),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            dtype=dtype,
+            model_type=model_type,
+            **{k: _int(v, k, source) for k, v in ids.items()},
+        )
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config.json") -> None:
+        t, v = self.text, self.vision
+        checks = [
+            (t.hidden_size % t.num_attention_heads == 0, "text_config.hidden_size must be divisible by num_attention_heads"),
+            (t.num_attention_heads % t.num_key_value_heads == 0,
+             "text_config.num_attention_heads must be divisible by num_key_value_heads"),
+            (t.rotary_dim % 2 == 0 and 0 < t.rotary_dim <= t.head_dim,
+             "text_config partial_rotary_factor gives an odd or out-of-range rotary dimension"),
+            (2 * sum(t.mrope_section) == t.rotary_dim,
+             f"text_config mrope_section {list(t.mrope_section)} must sum to rotary_dim/2 = {t.rotary_dim // 2}"),
+            (len(t.mrope_section) == 3, "text_config mrope_section must have 3 entries (t, h, w)"),
+            (t.hidden_act == "silu", f"text_config.hidden_act {t.hidden_act!r} is not supported (silu only)"),
+            (v.hidden_size % v.num_heads == 0, "vision_config.hidden_size must be divisible by num_heads"),
+            (v.head_dim % 4 == 0, "vision_config head dim must be divisible by 4 (2-D rotary over h and w)"),
+            (v.hidden_act == "silu", f"vision_config.hidden_act {v.hidden_act!r} is not supported (silu only)"),
+            (v.out_hidden_size == t.hidden_size,
+             "vision_config.out_hidden_size must equal text_config.hidden_size (features go into the text stream)"),
+            (v.image_size % v.patch_size == 0, "vision_config.image_size must be a multiple of patch_size"),
+            (not self.tie_word_embeddings, "tie_word_embeddings=true is not supported (GLM-V has an untied lm_head)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{source}: {message}")
+
+    def to_dict(self) -> dict:
+        """config.json in the released-checkpoint layout (what the real GLM-4.1V files look like)."""
+        text = asdict(self.text)
+        text.update(
+            model_type="glm4v_text",
+            mrope_section=None,
+            eos_token_id=list(self.text.eos_token_id),
+            rope_scaling={"rope_type": "default", "mrope_section": list(self.text.mrope_section)},
+            attention_dropout=0.0,
+            use_cache=True,
+            dtype=self.dtype,
+        )
+        del text["mrope_section"]
+        vision = asdict(self.vision)
+        vision.update(model_type="glm4v", hidden_dropout_prob=0.0, attention_dropout=0.0)
+        vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
+        return {
+            "architectures": ["Glm4vForConditionalGeneration"],
+            "model_type": self.model_type,
+            "image_start_token_id": self.image_start_token_id,
+            "image_end_token_id": self.image_end_token_id,
+            "video_start_token_id": self.video_start_token_id,
+            "video_end_token_id": self.video_end_token_id,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "dtype": self.dtype,
+            "text_config": text,
+            "vision_config": vision,
+        }
+
+
+def _parse_text(raw: dict, source: str) -> TextConfig:
+    rope = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ("default", "mrope"):
+        raise ConfigError(f"{source}: text_config rope_type {rope_type!r} is not supported (default M-RoPE only)")
+    mrope = rope.get("mrope_section") or scaling.get("mrope_section") or [8, 12, 12]
+    defaults = TextConfig()
+    eos = raw.get("eos_token_id", defaults.eos_token_id)
+    eos = (eos,) if isinstance(eos, int) else tuple(eos)
+    return TextConfig(
+        vocab_size=_int(raw.get("vocab_size", defaults.vocab_size), "vocab_size", source),
+        hidden_size=_int(raw.get("hidden_size", defaults.hidden_size), "hidden_size", source),
+        intermediate_size=_int(raw.get("intermediate_size", defaults.intermediate_size), "intermediate_size", source),
+        num_hidden_layers=_int(raw.get("num_hidden_layers", defaults.num_hidden_layers), "num_hidden_layers", source),
+        num_attention_heads=_int(raw.get("num_attention_heads", defaults.num_attention_heads), "num_attention_heads",
+                                 source),
+        num_key_value_heads=_int(raw.get("num_key_value_heads") or raw.get("num_attention_heads")
+                                 or defaults.num_key_value_heads, "num_key_value_heads", source),
+        rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", defaults.rope_theta))),
+        # transformers treats a missing factor as 1.0 (full rotation); the released files always set 0.5
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+        mrope_section=tuple(_int(x, "mrope_section", source) for x in mrope),
+        max_position_embeddings=_int(raw.get("max_position_embeddings", defaults.max_position_embeddings),
+                                     "max_position_embeddings", source),
+        hidden_act=raw.get("hidden_act", defaults.hidden_act),
+        attention_bias=bool(raw.get("attention_bias", True)),
+        pad_token_id=raw.get("pad_token_id", defaults.pad_token_id),
+        eos_token_id=tuple(_int(x, "eos_token_id", source) for x in eos),
+    )
+
+
+def _parse_vision(raw: dict, source: str) -> VisionConfig:
+    d = VisionConfig()
+    rope = raw.get("rope_parameters") or {}
+
+    def get(key, conv=int):
+        value = raw.get(key, getattr(d, key))
+        if isinstance(value, (list, tuple)):  # transformers allows (h, w) pairs for sizes; GLM-V uses squares
+            if len(set(value)) != 1:
+                raise ConfigError(f"{source}: vision_config.{key} {value} must be square")
+            value = value[0]
+        return _int(value, f"vision_config.{key}", source) if conv is int else conv(value)
+
+    return VisionConfig(
+        hidden_size=get("hidden_size"),
+        depth=get("depth"),
+        num_heads=get("num_heads"),
+        intermediate_size=get("intermediate_size"),
+        out_hidden_size=get("out_hidden_size"),
+        patch_size=get("patch_size"),
+        temporal_patch_size=get("temporal_patch_size"),
+        spatial_merge_size=get("spatial_merge_size"),
+        in_channels=get("in_channels"),
+        image_size=get("image_size"),
+        rms_norm_eps=get("rms_norm_eps", float),
+        hidden_act=raw.get("hidden_act", d.hidden_act),
+        attention_bias=bool(raw.get("attention_bias", d.attention_bias)),
+        rope_theta=float(rope.get("rope_theta", d.rope_theta)),
+    )
+
+
+def _int(value, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: {key} must be a non-negative integer, got {value!r}")
+    return value

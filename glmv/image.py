@@ -1,0 +1,229 @@
+"""Images: decode with Pillow, pick the token-grid size (`smart_resize`), resize, normalise and cut into patch rows.
+
+Two steps so a pipeline can ship compact data to GPU workers:
+  `load_image(src, settings)`  CPU: decode + resize -> `LoadedImage` holding (H, W, 3) uint8 pixels
+  `patchify([...], settings)`  any device: uint8 frames -> normalised rows of C*tp*p*p floats + grid (t, h, w)
+Decoding follows transformers' `load_image` + Pillow backend step for step (EXIF transpose, `convert("RGB")`,
+transparency composited onto white, bicubic resize of the uint8 image), so the pixels are the same.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from glmv.errors import MediaError, ProcessorConfigError
+from glmv.media_io import MediaSource, describe, read_bytes
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+# Pixel-count ceiling checked from the header, before the full image is decoded (about 16k x 16k).
+DEFAULT_MAX_IMAGE_PIXELS = 256_000_000
+
+
+@dataclass
+class PatchSettings:
+    """How pixels become patch rows; read from preprocessor_config.json (or its video twin)."""
+
+    min_pixels: int = 112 * 112
+    max_pixels: int = 28 * 28 * 15000
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    do_rescale: bool = True
+    do_normalize: bool = True
+    resample: int = Image.Resampling.BICUBIC
+    extra: dict = field(default_factory=dict)  # keys we read but do not use, kept for save/inspection
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, cfg: dict, **defaults: Any) -> "PatchSettings":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        values = {k: v for k, v in defaults.items()}
+        size = cfg.get("size") or {}
+        if "shortest_edge" in size:
+            values["min_pixels"] = size["shortest_edge"]
+        if "longest_edge" in size:
+            values["max_pixels"] = size["longest_edge"]
+        for key in ("min_pixels", "max_pixels"):  # transformers 4.x spelling
+            if cfg.get(key) is not None:
+                values[key] = cfg[key]
+        for key in known - {"min_pixels", "max_pixels"}:
+            if cfg.get(key) is not None:
+                values[key] = cfg[key]
+        values["image_mean"] = tuple(values.get("image_mean", CLIP_MEAN))
+        values["image_std"] = tuple(values.get("image_std", CLIP_STD))
+        settings = cls(**values, extra={k: v for k, v in cfg.items() if k not in known})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ProcessorConfigError(f"preprocessor setting {name} must be a positive integer, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ProcessorConfigError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ProcessorConfigError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+
+
+def smart_resize(
+    num_frames: int, height: int, width: int, settings: PatchSettings, source: str = "input"
+) -> tuple[int, int]:
+    """Output (height, width): multiples of patch*merge, aspect kept, num_frames*h*w within [min, max]_pixels."""
+    factor, tf = settings.factor, settings.temporal_patch_size
+    if height < factor or width < factor:
+        # tiny inputs are first blown up so both sides reach one merged patch (int() truncates like the reference)
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise MediaError(source, f"aspect ratio {ratio:.1f} is over the limit of {MAX_ASPECT_RATIO}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / tf) * tf
+    if t_bar * h_bar * w_bar > settings.max_pixels:
+        beta = math.sqrt(num_frames * height * width / settings.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < settings.min_pixels:
+        beta = math.sqrt(settings.min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass
+class LoadedImage:
+    """A decoded, resized image ready for `patchify`: compact (uint8) so it is cheap to ship between processes."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8, H and W multiples of patch*merge
+    orig_height: int
+    orig_width: int
+    source: str = ""
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+
+def composite_to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with any transparency laid over white (what transformers does before resizing)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(source: MediaSource | Image.Image | np.ndarray, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               storage_options: dict | None = None) -> Image.Image:
+    """Decode `source` into an upright RGB Pillow image, or raise `MediaError` naming the input and the cause."""
+    if isinstance(source, Image.Image):
+        return composite_to_rgb(source)  # an in-memory image is used as given, like transformers does
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)):
+            raise MediaError("<ndarray>", f"expected an (H, W[, 3|4]) uint8 array, got {source.dtype} {source.shape}")
+        return composite_to_rgb(Image.fromarray(source))
+    name = describe(source)
+    data = read_bytes(source, storage_options)
+    if not data:
+        raise MediaError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise MediaError(name, "not a decodable image (corrupt data or unsupported format)") from None
+    except Image.DecompressionBombError as exc:
+        raise MediaError(name, f"decompression bomb refused ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise MediaError(name, f"cannot read image header ({exc})") from None
+    width, height = img.size
+    if width * height > max_image_pixels:
+        raise MediaError(name, f"decompression bomb refused: {width}x{height} = {width * height} pixels is over the "
+                               f"limit of {max_image_pixels}")
+    if width == 0 or height == 0:
+        raise MediaError(name, f"image has no pixels ({width}x{height})")
+    try:
+        img = ImageOps.exif_transpose(img)
+        img = img.convert("RGB")  # forces the full decode: truncation and corruption surface here
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise MediaError(name, f"corrupt or truncated image data ({exc})") from None
+    return composite_to_rgb(img)
+
+
+def load_image(source: MediaSource | Image.Image | np.ndarray, settings: PatchSettings, *,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, storage_options: dict | None = None) -> LoadedImage:
+    """CPU step: decode + bicubic resize to the grid `smart_resize` picks. Raises `MediaError` on bad input."""
+    img = open_image(source, max_image_pixels=max_image_pixels, storage_options=storage_options)
+    name = describe(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"<{type(source).__name__}>"
+    height, width = img.height, img.width
+    new_h, new_w = smart_resize(settings.temporal_patch_size, height, width, settings, source=name)
+    img = img.resize((new_w, new_h), resample=settings.resample)
+    return LoadedImage(pixels=np.array(img), orig_height=height, orig_width=width, source=name)
+
+
+def patchify(
+    frames: np.ndarray | torch.Tensor, settings: PatchSettings, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(T, H, W, C) uint8 frames -> (gt*gh*gw, C*tp*p*p) float32 rows in the reference order, and (gt, gh, gw).
+
+    T is padded to a multiple of temporal_patch_size by repeating the last frame, so a single image becomes one
+    temporal patch holding the image twice. Rows are grouped merge-window by merge-window (block-major), which is
+    the order the vision tower's 2x2 downsampling expects.
+    """
+    x = torch.as_tensor(frames)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    x = x.to(device) if device is not None else x
+    t, h, w, c = x.shape
+    p, m, tp = settings.patch_size, settings.merge_size, settings.temporal_patch_size
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of {p * m}; resize with smart_resize first")
+    # rescale + normalise fused into one multiply-add per channel
+    scale = settings.rescale_factor if settings.do_rescale else 1.0
+    mean = torch.tensor(settings.image_mean if settings.do_normalize else (0.0,) * c, dtype=torch.float64)
+    std = torch.tensor(settings.image_std if settings.do_normalize else (1.0,) * c, dtype=torch.float64)
+    mul = (scale / std).to(device=x.device, dtype=torch.float32)
+    add = (-mean / std).to(device=x.device, dtype=torch.float32)
+    x = torch.addcmul(add, x.to(torch.float32), mul)  # (T, H, W, C)
+    if pad := -t % tp:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        t += pad
+    gt, gh, gw = t // tp, h // p, w // p
+    x = x.view(gt, tp, gh // m, m, p, gw // m, m, p, c)
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
+    return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+def images_to_patches(
+    images: Sequence[LoadedImage], settings: PatchSettings, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU-or-CPU step: a batch of `LoadedImage` -> pixel_values (sum N_i, 1176) float32, image_grid_thw (n, 3)."""
+    rows, grids = [], []
+    for image in images:
+        patches, grid = patchify(image.pixels, settings, device)
+        rows.append(patches)
+        grids.append(grid)
+    return torch.cat(rows), torch.tensor(grids, dtype=torch.long)

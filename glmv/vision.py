@@ -1,0 +1,200 @@
+"""The GLM-V vision tower: patches of images and video frames -> features in the text model's width.
+
+Input is the processor's packed patch rows (N, C*T*P*P) for all images / frames of a batch together, and
+grid_thw (num_items, 3) in patches. Every (t, h, w) grid is attended as t separate frames of h*w patches, with
+bidirectional attention confined to each frame: frames never see each other, images never see each other.
+Patch rows are ordered block-major over spatial_merge_size^2 windows, so the final 2x2 merge is a reshape.
+
+Numerics follow the reference implementation on purpose: RMSNorm statistics, rotary embedding and the learned
+position-table resampling run in float32 whatever the model dtype (this is what the checkpoints were made with).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glmv.config import VisionConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), used by the vision blocks and the merger."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with stride == kernel over (C, T, P, P) patches; run as one matmul over the flattened patch."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)  # (D, C*T*P*P), same element order as the patch rows
+        return F.linear(patches.to(weight.dtype), weight, self.proj.bias)  # (N, D)
+
+
+class PatchMerger(GatedMLP):
+    """proj -> LayerNorm -> GELU -> gated MLP (the checkpoint keeps the MLP's weights at the merger's top level)."""
+
+    def __init__(self, dim: int, context_dim: int):
+        super().__init__(dim, context_dim)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.gelu(self.post_projection_norm(self.proj(x))))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frame_groups) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each (N, H, Dh)
+        q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
+        out = torch.empty_like(q)
+        # Frames of equal length go through one batched SDPA call; attention never crosses frames.
+        for index, frames, length in frame_groups:
+            qg, kg, vg = (t[index].view(frames, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+            og = F.scaled_dot_product_attention(qg, kg, vg)  # (F, H, L, Dh)
+            out[index] = og.transpose(1, 2).reshape(frames * length, self.num_heads, -1)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size)
+
+    def forward(self, x, cos, sin, frame_groups):
+        x = x + self.attn(self.norm1(x), cos, sin, frame_groups)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionEmbeddings(nn.Module):
+    """Learned (S x S) position table, bicubically resampled to each frame's (h, w) patch grid."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.side = cfg.image_size // cfg.patch_size
+        self.position_embedding = nn.Embedding(self.side * self.side, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, hw_pos: torch.Tensor, frame_hw: torch.Tensor) -> torch.Tensor:
+        # hw_pos: (N, 2) patch row/col; frame_hw: (N, 2) the grid height/width of the frame each patch belongs to
+        table = self.position_embedding.weight
+        table_2d = table.view(self.side, self.side, -1).permute(2, 0, 1)[None].float()  # (1, D, S, S)
+        grid = ((hw_pos.float() + 0.5) / frame_hw.float()) * 2 - 1  # (N, 2) as (y, x) in [-1, 1]
+        grid = grid.flip(-1)[None, :, None, :]  # (1, N, 1, 2) as (x, y), grid_sample's order
+        pos = F.grid_sample(table_2d, grid, mode="bicubic", align_corners=False, padding_mode="border")
+        return x + pos[0, :, :, 0].T.to(table.dtype)  # (N, D)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.patch_embed = PatchEmbed(cfg)
+        self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        m = cfg.spatial_merge_size
+        self.downsample = nn.Conv2d(cfg.hidden_size, cfg.out_hidden_size, kernel_size=m, stride=m)
+        self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 4), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device=None):
+        """(Re)compute the non-persistent rotary table, e.g. after the model was built on the meta device."""
+        half = self.cfg.head_dim // 2  # h and w each rotate with head_dim/4 frequencies (see rotary_2d)
+        exponent = torch.arange(0, half, 2, dtype=torch.float, device=device) / half
+        self.inv_freq = 1.0 / (self.cfg.rope_theta ** exponent)
+
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
+        device = patches.device
+        hw_pos, frame_hw, frame_groups = _frame_layout(grid_thw, self.cfg.spatial_merge_size, device)
+        cos, sin = self.rotary_2d(hw_pos)
+
+        x = self.post_conv_layernorm(self.patch_embed(patches))  # (N, D)
+        x = self.embeddings(x, hw_pos, frame_hw)
+        for block in self.blocks:
+            x = block(x, cos, sin, frame_groups)
+        x = self.post_layernorm(x)
+
+        m = self.cfg.spatial_merge_size
+        x = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2)  # (N/m^2, D, m, m): rows are block-major
+        x = self.downsample(x).flatten(1)  # (N/m^2, out_hidden)
+        return self.merger(x)
+
+    def rotary_2d(self, hw_pos: torch.Tensor):
+        freqs = hw_pos[..., None].float() * self.inv_freq.float()  # (N, 2, Dh/4)
+        angles = freqs.flatten(1)  # (N, Dh/2): h frequencies then w frequencies
+        angles = torch.cat([angles, angles], dim=-1)  # (N, Dh) for rotate-half pairs (i, i + Dh/2)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX-style rotate-half over the whole head dim, computed in float32 like the reference."""
+    dtype = x.dtype
+    x = x.float()
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, Dh) broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(dtype)
+
+
+def _frame_layout(grid_thw: torch.Tensor, merge: int, device):
+    """Per patch: its (row, col) in its frame and that frame's (h, w); plus frames grouped by length.
+
+    Returns hw_pos (N, 2), frame_hw (N, 2), and frame_groups: a list of (index, num_frames, length) where index
+    holds the patch rows of all frames of that length, frame after frame.
+    """
+    hw_pos, frame_hw, starts_by_length = [], [], {}
+    offset = 0
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
+        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+        # block-major: (h/m, w/m, m, m) ordering of the (row, col) pairs
+        pos = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)  # (h*w, 2)
+        hw_pos.append(pos.repeat(t, 1))
+        frame_hw.append(torch.tensor([h, w]).expand(t * h * w, 2))
+        for _ in range(t):
+            starts_by_length.setdefault(h * w, []).append(offset)
+            offset += h * w
+    frame_groups = []
+    for length, starts in starts_by_length.items():
+        index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).flatten().to(device)
+        frame_groups.append((index, len(starts), length))
+    return torch.cat(hw_pos).to(device), torch.cat(frame_hw).to(device), frame_groups

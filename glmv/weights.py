@@ -1,0 +1,205 @@
+"""Load a Hugging Face GLM-V checkpoint (safetensors only) straight into the model.
+
+The model is built on the meta device (no memory), then every tensor is taken from a memory map of its
+safetensors file and placed at its target dtype/device. On CPU, when the file already holds the target dtype, the
+parameter *is* the mapped file (copy-on-write): nothing is copied, so peak memory is about the checkpoint's size.
+Otherwise each tensor is converted on its own and its file pages are released right after, so only one tensor's
+source pages are resident at a time. Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from glmv.config import ConfigError, Glm4vConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files or tensors do not fit the model; the message names the keys or files."""
+
+
+class SafetensorsFile:
+    """A read-only view of one .safetensors file: header parsed eagerly, tensors mapped lazily."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {header_len} > file size)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries = header
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _DTYPES or not (0 <= begin <= end <= size - self.data_start):
+                raise CheckpointError(f"{path}: tensor {key!r} has an unsupported dtype or offsets out of the file")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor as a view of the mapped file (no copy)."""
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return torch.empty(self.shape(key), dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self.data_start + begin)
+        return flat.view(self.shape(key))
+
+    def release(self, key: str) -> None:
+        """Drop the resident file pages of one tensor from this process (they are re-read if touched again)."""
+        begin, end = self.entries[key]["data_offsets"]
+        page = mmap.PAGESIZE
+        start = (self.data_start + begin) // page * page
+        length = self.data_start + end - start
+        if length > 0 and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the file holding it, from the index or the single file."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        missing = sorted({str(f) for f in files.values() if not f.is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in SafetensorsFile(single).entries}
+    pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = f" (found {', '.join(pickles)}: pickled weights are refused, convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def resolve_dtype(dtype, config: Glm4vConfig, device: torch.device) -> torch.dtype:
+    """The caller's dtype, else the checkpoint's own on CUDA and float32 on CPU (bfloat16 matmuls are slow there)."""
+    if dtype is None:
+        dtype = config.dtype if device.type == "cuda" and config.dtype else "float32"
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in ("float32", "float64", "float16", "bfloat16"):
+            raise ConfigError(f"dtype {dtype!r} is not supported; use float32, float64, float16 or bfloat16")
+        dtype = getattr(torch, name)
+    return dtype
+
+
+def load_pretrained(cls, path, dtype=None, device="cpu"):
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder not found")
+    config = Glm4vConfig.from_pretrained(path)
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, config, device)
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    files = checkpoint_files(path)
+    _check_keys(path, expected, files)
+
+    opened: dict[Path, SafetensorsFile] = {}
+    for name, file in files.items():
+        st = opened.get(file) or opened.setdefault(file, SafetensorsFile(file))
+        if st.shape(name) != expected[name]:
+            raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
+                                  f"({path / 'config.json'}) needs {list(expected[name])}")
+    for name, file in files.items():
+        st = opened[file]
+        source = st.tensor(name)
+        zero_copy = device.type == "cpu" and source.dtype == dtype
+        tensor = source if zero_copy else source.to(device=device, dtype=dtype, copy=True)
+        _set_tensor(model, name, tensor)
+        if not zero_copy:
+            st.release(name)
+
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device)
+    model.eval().requires_grad_(False)
+    generation_file = path / "generation_config.json"
+    if generation_file.is_file():
+        model.generation_config = json.loads(generation_file.read_text())
+    return model
+
+
+def _check_keys(path: Path, expected: dict, files: dict) -> None:
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+            problems.append(f"{len(keys)} {label} key(s): {shown}")
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 0) -> None:
+    """Write tensors in the Hugging Face layout: one model.safetensors, or shards plus an index when the total
+    exceeds max_shard_bytes (> 0)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if max_shard_bytes <= 0 or total <= max_shard_bytes:
+        save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
