@@ -1,0 +1,146 @@
+"""Checkpoint loading: both config layouts in the wild, sharded and single-file weights, and clear load errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import glmv
+from glmv.config import ConfigError, Glm4vConfig
+from glmv.weights import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_loads_checkpoint_written_by_transformers_save_pretrained(tiny_gqa, tmp_path):
+    """transformers 5 writes rope_parameters in text_config and its own shard names; logits must not move."""
+    ref = transformers.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.float64)
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="200KB")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "rope_parameters" in written["text_config"] and "rope_scaling" not in written["text_config"]
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
+
+    ours = glmv.Glm4vForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float64)
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+    assert (logits(ours, ids) - expected).abs().max().item() <= 1e-9
+
+
+def test_released_layout_and_single_file_load_the_same_weights(tiny_gqa, tmp_path):
+    """The released files keep rope_theta / partial_rotary_factor / rope_scaling.mrope_section and torch_dtype;
+    older revisions also repeat text fields at top level. Single model.safetensors instead of shards."""
+    raw = json.loads((tiny_gqa / "config.json").read_text())
+    assert "rope_scaling" in raw["text_config"]  # our writer uses the released layout
+    old = dict(raw)
+    old.update({k: v for k, v in raw["text_config"].items() if k != "model_type"})
+    old.pop("dtype")
+    old["torch_dtype"] = "bfloat16"
+
+    dst = tmp_path / "released"
+    dst.mkdir()
+    for name in ("generation_config.json",):
+        shutil.copy(tiny_gqa / name, dst / name)
+    (dst / "config.json").write_text(json.dumps(old))
+    state = {}
+    for shard in tiny_gqa.glob("model-*.safetensors"):
+        state.update(load_file(shard))
+    save_file(state, dst / "model.safetensors")
+
+    a = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    b = glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+    assert a.config.text == b.config.text and a.config.vision == b.config.vision
+    assert b.config.dtype == "bfloat16" and b.dtype == torch.float32  # CPU default is float32
+    ids = torch.arange(3, 30)[None]
+    assert torch.equal(logits(a, ids), logits(b, ids))
+    ref = transformers.Glm4vForConditionalGeneration.from_pretrained(dst, dtype=torch.float32)
+    assert ref.config.text_config.rope_parameters["mrope_section"] == list(b.config.text.mrope_section)
+    assert ref.config.text_config.rope_parameters["partial_rotary_factor"] == b.config.text.partial_rotary_factor
+
+
+def test_weights_go_straight_to_the_requested_dtype(tiny_gqa):
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.model.language_model.rotary.inv_freq.dtype == torch.float32  # rotary tables stay float32
+
+
+def test_missing_key_is_an_error_naming_it(tiny_gqa, tmp_path):
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.language_model.layers.1.post_mlp_layernorm.weight"]
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): model\.language_model\.layers\.1\.post_mlp_layernorm"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+def test_unexpected_key_is_an_error_naming_it(tiny_gqa, tmp_path):
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    shutil.copy(tiny_gqa / "config.json", dst / "config.json")
+    state = {}
+    for shard in tiny_gqa.glob("model-*.safetensors"):
+        state.update(load_file(shard))
+    state["model.visual.extra_head.weight"] = torch.zeros(2)
+    save_file(state, dst / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): model\.visual\.extra_head\.weight"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+def test_wrong_shape_is_an_error_naming_key_and_shapes(tiny_gqa, tmp_path):
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    config = json.loads((dst / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 320
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"'model\.language_model\.layers\.\d\.mlp\.\w+_proj\.weight' has shape "
+                                              r"\[\d+, \d+\], the config .* needs \[\d+, \d+\]"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+def test_unsupported_model_type_is_named(tiny_gqa, tmp_path):
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    config = json.loads((dst / "config.json").read_text())
+    config["model_type"] = "glm4v_moe"
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"model_type 'glm4v_moe' is not supported \(the MoE"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+def test_pickled_checkpoint_is_refused_without_being_opened(tmp_path, tiny_gqa):
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    shutil.copy(tiny_gqa / "config.json", dst / "config.json")
+    (dst / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(CheckpointError, match=r"pickled weights are refused"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"text_config": {"rope_scaling": {"rope_type": "yarn", "mrope_section": [2, 3, 3]}}}, "rope_type 'yarn'"),
+    ({"text_config": {"rope_scaling": {"mrope_section": [4, 4, 4]}}}, "mrope_section"),
+    ({"text_config": {"num_hidden_layers": -1}}, "num_hidden_layers must be a non-negative integer"),
+    ({"vision_config": {"out_hidden_size": 64}}, "out_hidden_size must equal"),
+])
+def test_bad_config_values_are_named(tiny_gqa, change, message):
+    raw = json.loads((tiny_gqa / "config.json").read_text())
+    for section, values in change.items():
+        raw[section] = {**raw[section], **values}
+    with pytest.raises(ConfigError, match=message):
+        Glm4vConfig.from_dict(raw)
+
+
+def test_unknown_dtype_is_rejected(tiny_gqa):
+    with pytest.raises(ConfigError, match="dtype 'float8'"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype="float8")
