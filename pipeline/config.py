@@ -1,0 +1,297 @@
+"""Run configuration: a TOML file parsed into validated dataclasses, plus `--set section.key=value` overrides.
+
+Validation happens once, here, at the edge: every unknown key and every bad value is rejected with its dotted
+name, so the rest of the pipeline can trust the dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
+VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi")
+
+# Built-in tasks. `thinking` asks 4.6V-family templates for a reasoning trace (4.1V models always think).
+BUILTIN_TASKS = {
+    "caption": ("Describe this {media} in detail.", False),
+    "ocr": ("Extract all text visible in this {media}, preserving line breaks. Reply only with the text.", False),
+    "reasoning": ("Look at this {media} carefully, reason step by step about what it shows, then give a short answer.",
+                  True),
+}
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names the key."""
+
+
+@dataclass
+class InputConfig:
+    uri: str = ""            # prefix to list: s3://bucket/prefix/, any fsspec URL, or a local folder
+    manifest: str = ""       # alternative: Parquet/CSV/JSONL file with a `uri` column and an optional `prompt` column
+    include: list[str] = field(default_factory=lambda: ["*"])   # glob patterns matched on the path below `uri`
+    exclude: list[str] = field(default_factory=list)
+    manifest_prompt_task: str = "prompt"   # task name given to a manifest row's own prompt
+    max_items: int = 0       # 0 = no limit; otherwise stop listing after this many items
+
+
+@dataclass
+class OutputConfig:
+    uri: str = ""
+    rows_per_file: int = 512    # a result file is written once this many rows are waiting ...
+    flush_seconds: float = 30.0  # ... or once the oldest waiting row is this old
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    dtype: str = "auto"     # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"    # auto (cuda when the actor has a GPU) | cpu | cuda
+    name: str = ""          # value of the output's `model` column; defaults to the checkpoint folder name
+
+
+@dataclass
+class RunConfig:
+    tasks: list[str] = field(default_factory=lambda: ["caption"])
+    batch_size: int = 8          # sequences per generate() call (static batch)
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class BatchingConfig:
+    max_pixels: int = 0          # per image / per video frame after resizing; 0 = the checkpoint's own limit
+    max_frames: int = 0          # frames sampled per video; 0 = the checkpoint's own sampling rule
+    max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
+    sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
+    decode_batch_size: int = 4   # items per CPU decode task call
+
+
+@dataclass
+class ActorsConfig:
+    count: int = 1
+    num_gpus: float = 0.0        # GPUs per model actor; 0 on CPU-only machines
+    num_cpus: float = 1.0        # CPUs per model actor
+    decode_num_cpus: float = 1.0  # CPUs per decode task
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str = ""       # S3-compatible endpoint; credentials come from the environment only
+    region: str = ""
+    anon: bool = False
+    retries: int = 4             # attempts after the first for a transient storage error
+    retry_backoff_s: float = 0.5  # first back-off; doubles per attempt
+
+
+@dataclass
+class RayConfig:
+    address: str = ""    # "" = RAY_ADDRESS or a running local cluster, else start one; "local" = always start one
+    num_cpus: int = 0    # for a Ray started here; 0 = all cores
+
+
+@dataclass
+class DemoConfig:
+    generate: bool = False   # create a missing input folder (sample corpus) and model.path (tiny checkpoint)
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    prompt: str          # may contain {media}: "image" or "video"
+    thinking: bool = False
+    max_new_tokens: int = 0   # 0 = run.max_new_tokens
+
+
+@dataclass
+class Config:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)   # custom tasks and built-in overrides, by name
+
+    def task_specs(self) -> list[TaskSpec]:
+        """The tasks this run executes, in `run.tasks` order."""
+        return [self.tasks[name] if name in self.tasks else TaskSpec(name, *BUILTIN_TASKS[name])
+                for name in self.run.tasks]
+
+    def model_name(self) -> str:
+        return self.model.name or Path(self.model.path.rstrip("/")).name
+
+    def result_hash(self) -> str:
+        """Hash of everything that changes what the model writes (not where input comes from or output goes)."""
+        payload = {"model": dataclasses.asdict(self.model), "run": dataclasses.asdict(self.run),
+                   "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_frames")},
+                   "tasks": [dataclasses.asdict(t) for t in self.task_specs()]}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for logging and the run record; holds no credentials (they never enter the config)."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig, "run": RunConfig,
+             "batching": BatchingConfig, "actors": ActorsConfig, "storage": StorageConfig, "ray": RayConfig,
+             "demo": DemoConfig}
+_CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda")}
+_POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
+             "batching.decode_batch_size", "batching.max_input_pixels"}
+_NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_frames", "actors.num_gpus", "run.top_k",
+                 "storage.retries", "storage.retry_backoff_s", "output.flush_seconds", "ray.num_cpus",
+                 "actors.num_cpus", "actors.decode_num_cpus"}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> Any:
+    """Coerce/check one TOML value against a dataclass field annotation (given as a string)."""
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    elif annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif annotation == "list[str]":
+        if isinstance(value, str):   # `--set run.tasks=caption` means one task
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    else:   # pragma: no cover - a new field type needs a case here
+        raise AssertionError(f"unhandled config type {annotation} for {key}")
+    return value
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r} (known in [{name}]: {', '.join(fields)})")
+        value = _check_type(dotted, value, fields[key].type)
+        if dotted in _CHOICES and value not in _CHOICES[dotted]:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(_CHOICES[dotted])}")
+        if dotted in _POSITIVE and value <= 0:
+            raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
+        if dotted in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _build_task(name: str, values: Any) -> TaskSpec:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[tasks.{name}] must be a table, got {values!r}")
+    if "prompt" not in values and name not in BUILTIN_TASKS:
+        raise ConfigError(f"tasks.{name}.prompt: a custom task needs a prompt")
+    defaults = BUILTIN_TASKS.get(name, ("", False))
+    merged = {"prompt": defaults[0], "thinking": defaults[1], **values}
+    spec = _build_section(f"tasks.{name}", TaskSpec, {"name": name, **merged})
+    if not spec.prompt.strip():
+        raise ConfigError(f"tasks.{name}.prompt: must not be empty")
+    if spec.max_new_tokens < 0:
+        raise ConfigError(f"tasks.{name}.max_new_tokens: must be >= 0, got {spec.max_new_tokens}")
+    return spec
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: read as a TOML value; anything that is not valid TOML is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` (or `tasks.NAME.key=value`) to the raw TOML dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {assignment!r}: the key must be dotted, like run.batch_size")
+    table = raw
+    for part in parts[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a table")
+    table[parts[-1]] = parse_value(text.strip())
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    custom = raw.pop("tasks", {})
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)} (known: {', '.join(_SECTIONS)}, tasks)")
+    sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    if not isinstance(custom, dict):
+        raise ConfigError(f"[tasks] must be a table of task tables, got {custom!r}")
+    cfg = Config(**sections, tasks={name: _build_task(name, v) for name, v in custom.items()})
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if bool(cfg.input.uri) == bool(cfg.input.manifest):
+        raise ConfigError("input: set exactly one of input.uri (a prefix to list) and input.manifest")
+    if not cfg.output.uri:
+        raise ConfigError("output.uri: required (a local folder or a URL such as s3://bucket/results/)")
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a checkpoint folder in the Hugging Face layout)")
+    if not cfg.run.tasks and not cfg.input.manifest:
+        raise ConfigError("run.tasks: at least one task is needed")
+    for name in cfg.run.tasks:
+        if name not in BUILTIN_TASKS and name not in cfg.tasks:
+            raise ConfigError(f"run.tasks: unknown task {name!r} (built-in: {', '.join(BUILTIN_TASKS)}; "
+                              f"custom tasks are defined as [tasks.NAME] with a prompt)")
+    if len(set(cfg.run.tasks)) != len(cfg.run.tasks):
+        raise ConfigError(f"run.tasks: a task is listed twice in {cfg.run.tasks}")
+    if cfg.input.manifest and cfg.input.manifest_prompt_task in cfg.run.tasks:
+        raise ConfigError(f"input.manifest_prompt_task: {cfg.input.manifest_prompt_task!r} is also in run.tasks")
+    if not 0 < cfg.run.top_p <= 1:
+        raise ConfigError(f"run.top_p: must be in (0, 1], got {cfg.run.top_p}")
+    if cfg.run.temperature <= 0:
+        raise ConfigError(f"run.temperature: must be > 0, got {cfg.run.temperature}")
+    if cfg.model.device == "cuda" and cfg.actors.num_gpus == 0:
+        raise ConfigError("model.device: 'cuda' needs actors.num_gpus > 0")
+    if cfg.storage.endpoint_url and not cfg.storage.endpoint_url.startswith(("http://", "https://")):
+        raise ConfigError(f"storage.endpoint_url: expected an http(s):// URL, got {cfg.storage.endpoint_url!r}")
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a TOML config file, apply `--set` overrides, validate. Relative local paths are kept relative to the
+    current directory (the repo root for `make demo` and `ray job submit --working-dir .`)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw)

@@ -1,0 +1,81 @@
+"""Run config: TOML into validated dataclasses, `--set` overrides, errors that name the key."""
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+BASE = """
+[input]
+uri = "s3://bucket/media/"
+[output]
+uri = "s3://bucket/out/"
+[model]
+path = "/models/glm"
+"""
+
+
+def load(tmp_path, text=BASE, overrides=()):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return config.load(path, list(overrides))
+
+
+def test_defaults_and_shipped_configs_load(tmp_path):
+    cfg = load(tmp_path)
+    assert cfg.run.tasks == ["caption"] and cfg.run.batch_size == 8 and cfg.actors.num_gpus == 0
+    assert [t.name for t in cfg.task_specs()] == ["caption"]
+    for name in ("configs/demo.toml", "configs/s3_example.toml"):
+        assert config.load(name).task_specs()
+
+
+def test_set_overrides_read_toml_values_and_bare_words(tmp_path):
+    cfg = load(tmp_path, overrides=['run.tasks=["caption", "ocr"]', "input.uri=s3://other/media/",
+                                    "run.batch_size=3", "run.max_new_tokens=7", "model.path=/m/x",
+                                    "output.uri=/tmp/o", "storage.endpoint_url=http://127.0.0.1:9000",
+                                    "tasks.chart.prompt=Describe the chart", "run.do_sample=true"])
+    assert cfg.run.tasks == ["caption", "ocr"]
+    assert cfg.input.uri == "s3://other/media/" and cfg.model.path == "/m/x" and cfg.output.uri == "/tmp/o"
+    assert cfg.run.batch_size == 3 and cfg.run.max_new_tokens == 7 and cfg.run.do_sample is True
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert cfg.tasks["chart"].prompt == "Describe the chart"
+    assert config.parse_value('"quoted"') == "quoted" and config.parse_value("1.5") == 1.5
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run.batch_sise=4", "run.batch_sise"),
+    ("run.batch_size=0", "run.batch_size"),
+    ("run.batch_size=abc", "run.batch_size"),
+    ("model.dtype=float8", "model.dtype"),
+    ("run.tasks=[\"caption\", \"nope\"]", "run.tasks"),
+    ("actors.num_gpus=-1", "actors.num_gpus"),
+    ("storage.endpoint_url=localhost:9000", "storage.endpoint_url"),
+    ("bogus.key=1", "bogus"),
+    ("run.max_new_tokens=true", "run.max_new_tokens"),
+    ("tasks.empty.thinking=true", "tasks.empty.prompt"),
+])
+def test_bad_keys_and_values_are_rejected_with_the_key_named(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(tmp_path, overrides=[override])
+
+
+def test_structural_errors(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of input.uri"):
+        load(tmp_path, overrides=["input.manifest=/m.csv"])
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(tmp_path, text="[input\n")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load(tmp_path, overrides=["run.batch_size"])
+
+
+def test_custom_tasks_and_result_hash(tmp_path):
+    text = BASE + '[run]\ntasks = ["caption", "chart"]\n[tasks.chart]\nprompt = "Chart in this {media}?"\n'
+    cfg = load(tmp_path, text)
+    specs = cfg.task_specs()
+    assert [s.name for s in specs] == ["caption", "chart"] and specs[1].prompt.startswith("Chart")
+    # where data comes from or goes to does not change the hash; what the model is asked does
+    assert load(tmp_path, text, ["input.uri=/elsewhere", "actors.count=4"]).result_hash() == cfg.result_hash()
+    assert load(tmp_path, text, ["run.max_new_tokens=9"]).result_hash() != cfg.result_hash()
+    assert load(tmp_path, text, ["tasks.chart.prompt=Other"]).result_hash() != cfg.result_hash()
