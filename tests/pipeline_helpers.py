@@ -1,0 +1,131 @@
+"""Helpers for the pipeline tests: an S3 endpoint (moto's server on 127.0.0.1), corpora with every kind of bad
+file, configs, and readers of the output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from pipeline.corpus import image_bytes, video_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_s3():
+    """An S3 endpoint URL served by moto in this process; credentials are fake and come from the environment."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def s3fs_for(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False)
+
+
+def good_media(num_images: int = 20, num_videos: int = 3) -> dict[str, bytes]:
+    """Relative path -> bytes: small images in every format, short videos in several containers."""
+    files = {}
+    exts = ["jpg", "png", "webp", "bmp", "gif", "tiff", "jpeg"]
+    for i in range(num_images):
+        ext = exts[i % len(exts)]
+        fmt_ext = "jpg" if ext == "jpeg" else ext
+        files[f"images/{'sub/' if i % 3 == 0 else ''}img_{i:02d}.{ext}"] = image_bytes(
+            60 + 13 * (i % 6), 48 + 11 * (i % 5), seed=i, ext=fmt_ext)
+    containers = ["mp4", "webm", "mkv"]
+    for i in range(num_videos):
+        files[f"videos/clip_{i}.{containers[i % 3]}"] = video_bytes(8 + 4 * i, fps=4, width=64, height=48,
+                                                                    seed=50 + i, container=containers[i % 3])
+    return files
+
+
+def bad_media() -> dict[str, tuple[bytes, str]]:
+    """Relative path -> (bytes, a word the error message must contain)."""
+    good_video = video_bytes(12, fps=4, width=64, height=48, seed=7)
+    return {
+        "bad/corrupt.jpg": (b"\xff\xd8\xff\xe0" + os.urandom(300), "image"),
+        "bad/empty.png": (b"", "empty"),
+        "bad/truncated.mp4": (good_video[: len(good_video) // 3], "video"),
+        "bad/liar.png": (b"this is a text file, not a png\n" * 20, "image"),
+        "bad/huge.png": (image_bytes(300, 300, seed=3, ext="png"), "pixel"),   # over batching.max_input_pixels
+    }
+
+
+def write_local(root: Path, files: dict) -> None:
+    for rel, data in files.items():
+        if isinstance(data, tuple):
+            data = data[0]
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def read_output(uri: str, endpoint: str | None = None):
+    """The output as pyarrow.dataset sees it when pointed at the prefix (state folders skipped)."""
+    if uri.startswith("s3://"):
+        fs = s3fs_for(endpoint)
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return pads.dataset(uri[len("s3://"):], format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs))).to_table()
+    return pads.dataset(uri, format="parquet").to_table()
+
+
+def config_text(input_uri: str, output_uri: str, model_path: str, *, endpoint: str = "", tasks=("caption",),
+                extra: str = "") -> str:
+    tasks_toml = ", ".join(f'"{t}"' for t in tasks)
+    return f"""
+[input]
+uri = "{input_uri}"
+[output]
+uri = "{output_uri}"
+rows_per_file = 8
+flush_seconds = 2.0
+[model]
+path = "{model_path}"
+[run]
+tasks = [{tasks_toml}]
+batch_size = 4
+max_new_tokens = 6
+[batching]
+max_input_pixels = 80000
+[storage]
+endpoint_url = "{endpoint}"
+retries = 2
+retry_backoff_s = 0.05
+{extra}
+"""
+
+
+def run_job(config_path: Path, *overrides: str, timeout: float = 300, env: dict | None = None):
+    cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(config_path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
