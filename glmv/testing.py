@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from glmv.config import Glm4vConfig, TextConfig, VisionConfig
+from glmv.weights import build_on_meta
 
 # The GLM special tokens in the order of the real vocabulary (ids 151329.. there; here they follow the small BPE).
 SPECIAL_TOKENS = [
@@ -142,8 +143,7 @@ def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str = "glm41v", s
 
 def random_state_dict(cls, config: Glm4vConfig, seed: int) -> dict[str, torch.Tensor]:
     """Float32 weights with ~unit-gain linear layers, so activations and logits vary from token to token."""
-    with torch.device("meta"):
-        shapes = {name: t.shape for name, t in cls(config).state_dict().items()}
+    shapes = {name: t.shape for name, t in build_on_meta(cls, config).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in shapes.items():

@@ -41,8 +41,9 @@ class TextRotary(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.rotary_dim // 2), persistent=False)
         self.init_buffers()
 
-    def init_buffers(self, device=None):
-        """(Re)compute the non-persistent rotary table, e.g. after the model was built on the meta device."""
+    def init_buffers(self, device="cpu"):
+        """(Re)compute the non-persistent rotary table, e.g. after the model was built on the meta device.
+        An explicit device, because ops on meta tensors import ~150 MB of torch's symbolic machinery."""
         dim = self.cfg.rotary_dim
         self.inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
 

@@ -135,8 +135,9 @@ class VisionTower(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 4), persistent=False)
         self.init_buffers()
 
-    def init_buffers(self, device=None):
-        """(Re)compute the non-persistent rotary table, e.g. after the model was built on the meta device."""
+    def init_buffers(self, device="cpu"):
+        """(Re)compute the non-persistent rotary table, e.g. after the model was built on the meta device.
+        An explicit device, because ops on meta tensors import ~150 MB of torch's symbolic machinery."""
         half = self.cfg.head_dim // 2  # h and w each rotate with head_dim/4 frequencies (see rotary_2d)
         exponent = torch.arange(0, half, 2, dtype=torch.float, device=device) / half
         self.inv_freq = 1.0 / (self.cfg.rope_theta ** exponent)

@@ -124,8 +124,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
     device = torch.device(device)
     dtype = resolve_dtype(dtype, config, device)
 
-    with torch.device("meta"):
-        model = cls(config)
+    model = build_on_meta(cls, config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     files = checkpoint_files(path)
     _check_keys(path, expected, files)
@@ -153,6 +152,24 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
     if generation_file.is_file():
         model.generation_config = json.loads(generation_file.read_text())
     return model
+
+
+def build_on_meta(cls, config):
+    """The model with every parameter on the meta device (no memory) and no init work.
+
+    Parameter init is wasted before loading, and its first call on the meta device imports ~150 MB of torch's
+    symbolic-shape machinery, which would count against the load's memory; so torch.nn.init is a no-op meanwhile.
+    """
+    names = ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return cls(config)
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _check_keys(path: Path, expected: dict, files: dict) -> None:
