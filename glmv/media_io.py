@@ -6,6 +6,8 @@ credentials (URL user-info, query strings such as pre-signed signatures).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import os
@@ -28,6 +30,8 @@ def describe(source: Any) -> str:
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
+        if source.startswith("data:"):
+            return f"<data URI: {len(source)} chars>"
         if "://" in source:
             parts = urllib.parse.urlsplit(source)
             host = parts.hostname or ""
@@ -89,6 +93,9 @@ def open_media(source: MediaSource, storage_options: dict | None = None) -> Iter
     if source.startswith(("http://", "https://")):
         yield io.BytesIO(_http_get(source, HTTP_TIMEOUT_S))
         return
+    if source.startswith("data:"):
+        yield io.BytesIO(decode_data_uri(source))
+        return
     if _is_url(source):
         import fsspec
 
@@ -107,6 +114,19 @@ def open_media(source: MediaSource, storage_options: dict | None = None) -> Iter
         raise _os_error(source, exc) from None
     with handle:
         yield handle
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """The payload of a `data:[<mime>][;base64],<data>` URI."""
+    header, sep, payload = uri.partition(",")
+    if not sep:
+        raise MediaError(describe(uri), "malformed data URI (no comma)")
+    if header.endswith(";base64"):
+        try:
+            return base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise MediaError(describe(uri), f"invalid base64 payload ({exc})") from None
+    return urllib.parse.unquote_to_bytes(payload)
 
 
 def read_bytes(source: MediaSource, storage_options: dict | None = None) -> bytes:
