@@ -47,6 +47,12 @@ class Glm4vForConditionalGeneration(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
+    def generate(self, input_ids: torch.Tensor, **kwargs):
+        """Static-batch generation; see glmv.generate.generate for the arguments."""
+        from glmv.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
