@@ -70,8 +70,9 @@ class RunConfig:
 
 @dataclass
 class BatchingConfig:
-    max_pixels: int = 0          # per image / per video frame after resizing; 0 = the checkpoint's own limit
-    max_frames: int = 0          # frames sampled per video; 0 = the checkpoint's own sampling rule
+    max_pixels: int = 0          # per image after resizing; 0 = the checkpoint's own limit
+    max_video_pixels: int = 0    # per video, all sampled frames together; 0 = the checkpoint's own limit
+    max_frames: int = 0          # frames per video (evenly thinned from the checkpoint's sampling); 0 = no cap
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
     sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
     decode_batch_size: int = 4   # items per CPU decode task call
@@ -137,7 +138,7 @@ class Config:
     def result_hash(self) -> str:
         """Hash of everything that changes what the model writes (not where input comes from or output goes)."""
         payload = {"model": dataclasses.asdict(self.model), "run": dataclasses.asdict(self.run),
-                   "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_frames")},
+                   "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
                    "tasks": [dataclasses.asdict(t) for t in self.task_specs()]}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -152,7 +153,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels"}
-_NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_frames", "actors.num_gpus", "run.top_k",
+_NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames", "actors.num_gpus", "run.top_k",
                  "storage.retries", "storage.retry_backoff_s", "output.flush_seconds", "ray.num_cpus",
                  "actors.num_cpus", "actors.decode_num_cpus"}
 

@@ -1,0 +1,174 @@
+"""The model actor: loads the checkpoint once, then turns windows of decoded items into one row per (item, task).
+
+Each call gets `run.batch_size * batching.sort_window` sequences' worth of items; sequences are sorted by their
+estimated prompt length and cut into static batches of `run.batch_size`, so rows of similar length share a batch
+and little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from pipeline import output
+from pipeline.config import Config, TaskSpec
+from pipeline.decode import frames_of
+from pipeline.media import restore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    row: dict            # the decoded item
+    task: str
+    prompt: str
+    thinking: bool
+    max_new_tokens: int
+    media: object        # glmv LoadedImage / LoadedVideo
+    est_len: int         # estimated prompt tokens, for sorting
+
+
+def estimated_tokens(frames_shape: list[int], media_type: str, prompt: str, patch: int = 14, merge: int = 2,
+                     temporal: int = 2) -> int:
+    t, h, w = frames_shape[0], frames_shape[1], frames_shape[2]
+    groups = -(-t // temporal) if media_type == "video" else 1
+    return groups * (h // patch) * (w // patch) // (merge * merge) + len(prompt) // 3 + 16
+
+
+def resolve_device(cfg: Config) -> tuple[str, "object"]:
+    import torch
+
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if cfg.actors.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+class Predictor:
+    """Ray Data actor class (`map_batches(Predictor, concurrency=N, num_gpus=G)`)."""
+
+    def __init__(self, cfg: Config):
+        import torch
+
+        from glmv.model import Glm4vForConditionalGeneration
+        from glmv.output import parse_output
+        from glmv.processor import Glm4vProcessor
+
+        self.cfg = cfg
+        self.device, self.dtype = resolve_device(cfg)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
+        self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
+        self.model = Glm4vForConditionalGeneration.from_pretrained(cfg.model.path, dtype=self.dtype,
+                                                                   device=self.device)
+        self.model.eval()
+        self.parse_output = parse_output
+        self.specs = {spec.name: spec for spec in cfg.task_specs()}
+        self.model_name = cfg.model_name()
+        self.config_hash = cfg.result_hash()
+
+    # -- building sequences ---------------------------------------------------------------------------------
+
+    def _spec(self, task: str, row: dict) -> TaskSpec:
+        if task in self.specs:
+            return self.specs[task]
+        # a manifest row's own prompt
+        return TaskSpec(task, row["prompt"], thinking=False)
+
+    def _sequences(self, rows: list[dict], out: list[dict]) -> list[Sequence]:
+        seqs = []
+        for row in rows:
+            if row["error"] is not None:
+                for task in row["tasks"]:
+                    spec = self._spec(task, row)
+                    out.append(output.error_row(row, task, self._prompt(spec, row), row["error"], self.model_name,
+                                                self.config_hash))
+                continue
+            frames = frames_of(row)
+            media = restore(row["media_type"], frames, json.loads(row["meta"] or "{}"))
+            for task in row["tasks"]:
+                spec = self._spec(task, row)
+                prompt = self._prompt(spec, row)
+                seqs.append(Sequence(row, task, prompt, spec.thinking, spec.max_new_tokens or
+                                     self.cfg.run.max_new_tokens, media,
+                                     estimated_tokens(row["frames_shape"], row["media_type"], prompt)))
+        return seqs
+
+    @staticmethod
+    def _prompt(spec: TaskSpec, row: dict) -> str:
+        return spec.prompt.replace("{media}", row["media_type"] or "file")
+
+    # -- running the model ----------------------------------------------------------------------------------
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: list[dict] = []
+        seqs = self._sequences(batch.to_pylist(), out)
+        seqs.sort(key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
+        bs = self.cfg.run.batch_size
+        i = 0
+        while i < len(seqs):
+            # a static batch shares its template switches and token budget
+            j = i
+            while j < len(seqs) and j - i < bs and (seqs[j].thinking, seqs[j].max_new_tokens) == (
+                    seqs[i].thinking, seqs[i].max_new_tokens):
+                j += 1
+            out.extend(self._run_batch(seqs[i:j]))
+            i = j
+        return pa.Table.from_pylist(out, schema=output.SCHEMA)
+
+    def _run_batch(self, seqs: list[Sequence]) -> list[dict]:
+        try:
+            return self._generate(seqs)
+        except Exception as e:  # noqa: BLE001 - one bad sequence must not sink the batch or the run
+            if len(seqs) > 1:
+                log.warning("batch of %d failed (%s: %s); retrying one by one", len(seqs), type(e).__name__, e)
+                return [row for s in seqs for row in self._run_batch([s])]
+            s = seqs[0]
+            msg = f"{s.row['uri']}: model failed ({type(e).__name__}: {e})"
+            return [output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash)]
+
+    def _generate(self, seqs: list[Sequence]) -> list[dict]:
+        import torch
+
+        conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
+                                                        {"type": "text", "text": s.prompt}]}] for s in seqs]
+        inputs = self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt", padding=True,
+                                                    enable_thinking=seqs[0].thinking)
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        if "pixel_values_videos" in inputs:
+            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
+        run = self.cfg.run
+        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k or None, top_p=run.top_p,
+                        seed=run.seed) if run.do_sample else dict(do_sample=False)
+        prompt_len = inputs["input_ids"].shape[1]
+        with torch.inference_mode():
+            result = self.model.generate(**inputs, max_new_tokens=seqs[0].max_new_tokens,
+                                         repetition_penalty=run.repetition_penalty, return_dict_in_generate=True,
+                                         **sampling)
+        texts = self.processor.batch_decode(result.sequences[:, prompt_len:].cpu(), skip_special_tokens=True)
+        now = datetime.now(timezone.utc)
+        rows = []
+        for s, text, info in zip(seqs, texts, result.rows):
+            parsed = self.parse_output(text)
+            rows.append({
+                "id": s.row["id"], "uri": s.row["uri"], "media_type": s.row["media_type"], "task": s.task,
+                "prompt": s.prompt, "text": text, "thinking": parsed.thinking or "", "answer": parsed.answer or "",
+                "boxes": [dict(zip(("x1", "y1", "x2", "y2"), map(float, b))) for b in parsed.boxes],
+                "error": None, "num_input_tokens": int(info.num_prompt_tokens),
+                "num_output_tokens": int(info.num_generated_tokens), "finish_reason": info.finish_reason,
+                "width": s.row["width"], "height": s.row["height"], "duration_s": s.row["duration_s"],
+                "num_frames": s.row["num_frames"], "model": self.model_name, "run_config_hash": self.config_hash,
+                "processed_at": now})
+        return rows
+
