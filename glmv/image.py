@@ -45,7 +45,7 @@ class PatchSettings:
     do_rescale: bool = True
     do_normalize: bool = True
     resample: int = Image.Resampling.BICUBIC
-    extra: dict = field(default_factory=dict)  # keys we read but do not use, kept for save/inspection
+    extra: dict = field(default_factory=dict, compare=False)  # config keys not used here, kept for inspection
 
     @property
     def factor(self) -> int:
@@ -68,7 +68,7 @@ class PatchSettings:
                 values[key] = cfg[key]
         values["image_mean"] = tuple(values.get("image_mean", CLIP_MEAN))
         values["image_std"] = tuple(values.get("image_std", CLIP_STD))
-        settings = cls(**values, extra={k: v for k, v in cfg.items() if k not in known})
+        settings = cls(**values, extra={k: v for k, v in cfg.items() if k not in known and k != "size"})
         settings.validate()
         return settings
 
