@@ -26,8 +26,9 @@ from glmv.media_io import MediaSource, describe, read_bytes
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
-# Pixel-count ceiling checked from the header, before the full image is decoded (about 16k x 16k).
-DEFAULT_MAX_IMAGE_PIXELS = 256_000_000
+# Pixel-count ceiling checked from the header, before the full image is decoded: Pillow's own refusal threshold
+# (2 x Image.MAX_IMAGE_PIXELS, about 13k x 13k). A larger limit also needs Image.MAX_IMAGE_PIXELS raised.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 @dataclass
@@ -156,7 +157,7 @@ def open_image(source: MediaSource | Image.Image | np.ndarray, *, max_image_pixe
     except UnidentifiedImageError:
         raise MediaError(name, "not a decodable image (corrupt data or unsupported format)") from None
     except Image.DecompressionBombError as exc:
-        raise MediaError(name, f"decompression bomb refused ({exc})") from None
+        raise MediaError(name, f"decompression bomb refused by Pillow ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise MediaError(name, f"cannot read image header ({exc})") from None
     width, height = img.size

@@ -235,8 +235,12 @@ def _decode(handle: IO[bytes], name: str, settings: VideoSettings) -> LoadedVide
         raise MediaError(name, f"not a decodable video (corrupt data or unsupported format: {exc.strerror})") from None
     with container:
         if not container.streams.video:
-            raise MediaError(name, "no video stream in the file")
+            kinds = sorted({s.type for s in container.streams})
+            held = f"it holds only {', '.join(kinds)}" if kinds else "no streams at all: truncated or not a video"
+            raise MediaError(name, f"no video stream in the file ({held})")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise MediaError(name, f"unsupported format: no decoder for this video ({container.format.name})")
         stream.thread_type = "AUTO"
         info = _stream_info(container, stream, name)
         indices = sample_frame_indices(info.total_frames, info.fps, info.duration, settings)
