@@ -4,6 +4,7 @@ file, configs, and readers of the output."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def moto_s3():
     from moto.server import ThreadedMotoServer
 
     os.environ.update(S3_ENV)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -59,11 +61,11 @@ def good_media(num_images: int = 20, num_videos: int = 3) -> dict[str, bytes]:
 
 def bad_media() -> dict[str, tuple[bytes, str]]:
     """Relative path -> (bytes, a word the error message must contain)."""
-    good_video = video_bytes(12, fps=4, width=64, height=48, seed=7)
+    good_video = video_bytes(24, fps=4, width=64, height=48, seed=7, container="webm")
     return {
-        "bad/corrupt.jpg": (b"\xff\xd8\xff\xe0" + os.urandom(300), "image"),
+        "bad/corrupt.jpg": (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2, "image"),
         "bad/empty.png": (b"", "empty"),
-        "bad/truncated.mp4": (good_video[: len(good_video) // 3], "video"),
+        "bad/truncated.webm": (good_video[: len(good_video) * 6 // 10], "truncated"),
         "bad/liar.png": (b"this is a text file, not a png\n" * 20, "image"),
         "bad/huge.png": (image_bytes(300, 300, seed=3, ext="png"), "pixel"),   # over batching.max_input_pixels
     }

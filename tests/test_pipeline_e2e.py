@@ -1,0 +1,156 @@
+"""End to end on one shared local Ray: a corpus on a real S3 endpoint (moto's server on 127.0.0.1) with every
+kind of bad file, the real tiny glmv model, results written back to S3 and checked row by row; then a rerun that
+skips everything, a manifest run, and bad inputs at the storage level."""
+
+import io
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from pipeline import config, listing, output
+from pipeline.decode import decode_one
+from pipeline.media import MediaLoader
+from pipeline.run import run
+from pipeline.storage import StorageOptions
+from tests.pipeline_helpers import (S3_ENV, bad_media, config_text, good_media, moto_s3, read_output, s3fs_for,
+                                    write_local)
+
+TASKS = ("caption", "reasoning")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    # after moto_s3 so that workers inherit the (fake) credentials from the environment
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(tmp_path, text, *overrides):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return config.load(path, list(overrides))
+
+
+def _sizes(files):
+    out = {}
+    for rel, data in files.items():
+        if rel.startswith("images/"):
+            out[rel] = Image.open(io.BytesIO(data)).size
+    return out
+
+
+def test_s3_corpus_to_s3_output_row_by_row(s3, local_ray, tiny_gqa, tmp_path):
+    fs = s3fs_for(s3)
+    fs.mkdir("media-bucket")
+    good = good_media(num_images=20, num_videos=3)
+    bad = bad_media()
+    for rel, data in good.items():
+        fs.pipe(f"media-bucket/corpus/{rel}", data)
+    for rel, (data, _) in bad.items():
+        fs.pipe(f"media-bucket/corpus/{rel}", data)
+    fs.pipe("media-bucket/corpus/notes.txt", b"not media: not listed")
+
+    text = config_text("s3://media-bucket/corpus/", "s3://media-bucket/results/", str(tiny_gqa), endpoint=s3,
+                       tasks=TASKS)
+    cfg = _cfg(tmp_path, text)
+    out = io.StringIO()
+    summary = run(cfg, out=out)
+    n_items = len(good) + len(bad)
+    assert (summary.done, summary.errors, summary.skipped) == (n_items * 2, len(bad) * 2, 0)
+    assert "items/s" in out.getvalue() and "generated tokens/s" in out.getvalue()
+    assert "testing-secret-value" not in out.getvalue()
+
+    table = read_output("s3://media-bucket/results/", s3)
+    df = table.to_pandas()
+    assert table.schema.equals(output.SCHEMA, check_metadata=False)
+    assert len(df) == n_items * 2 and not df.duplicated(["id", "task"]).any()
+    sizes = _sizes(good)
+    for rel in good:
+        uri = f"s3://media-bucket/corpus/{rel}"
+        rows = df[df.uri == uri]
+        assert sorted(rows.task) == sorted(TASKS), uri
+        for row in rows.itertuples():
+            assert row.id == listing.item_id(uri) and pd.isna(row.error)
+            assert row.finish_reason in ("eos", "length") and 1 <= row.num_output_tokens <= 6
+            assert row.num_input_tokens > 10 and isinstance(row.text, str)
+            assert row.answer is not None and row.thinking is not None and row.boxes is not None
+            assert row.model == tiny_gqa.name and row.run_config_hash == cfg.result_hash()
+            assert row.prompt and pd.notna(row.processed_at)
+            if rel.startswith("images/"):
+                assert row.media_type == "image" and (row.width, row.height) == sizes[rel]
+                assert row.num_frames == 1 and pd.isna(row.duration_s)
+            else:
+                assert row.media_type == "video" and (row.width, row.height) == (64, 48)
+                assert row.num_frames >= 2 and row.num_frames % 2 == 0 and row.duration_s > 1
+    for rel, (_, word) in bad.items():
+        uri = f"s3://media-bucket/corpus/{rel}"
+        rows = df[df.uri == uri]
+        assert len(rows) == 2 and (rows.finish_reason == "error").all(), uri
+        for message in rows.error:
+            assert message.startswith(uri) and word in message, message
+    # pandas straight on the prefix, through s3fs, sees the same rows (the _state/ folder is skipped)
+    opts = {"client_kwargs": {"endpoint_url": s3}}
+    assert len(pd.read_parquet("s3://media-bucket/results/", storage_options=opts)) == n_items * 2
+    assert fs.ls("media-bucket/results/_state/runs")
+
+    # the same command again: everything is already done, nothing new is written
+    before = sorted(fs.ls("media-bucket/results/"))
+    again = run(cfg, out=io.StringIO())
+    assert (again.done, again.skipped) == (0, n_items * 2)
+    assert sorted(fs.ls("media-bucket/results/", refresh=True)) == before
+
+    # one more task later on: only the new (item, task) pairs run
+    more = run(_cfg(tmp_path, text, 'run.tasks=["caption", "reasoning", "ocr"]'), out=io.StringIO())
+    assert (more.done, more.skipped) == (n_items, n_items * 2)
+    df = read_output("s3://media-bucket/results/", s3).to_pandas()
+    assert len(df) == n_items * 3 and not df.duplicated(["id", "task"]).any()
+
+
+def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_path):
+    corpus = tmp_path / "corpus"
+    files = good_media(num_images=4, num_videos=1)
+    write_local(corpus, files)
+    rows = [{"uri": rel, "prompt": "What shape is largest?" if i == 0 else ""} for i, rel in enumerate(files)]
+    rows.append({"uri": "images/missing.png", "prompt": ""})      # listed, but gone by the time it is read
+    rows.append({"uri": "docs/readme.pdf", "prompt": ""})          # not an image or video
+    (corpus / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = config_text("", str(tmp_path / "out"), str(tiny_gqa), tasks=("ocr",)).replace(
+        'uri = ""\n', f'manifest = "{corpus / "manifest.jsonl"}"\n', 1)
+    summary = run(_cfg(tmp_path, text), out=io.StringIO())
+    df = pd.read_parquet(tmp_path / "out")
+    assert summary.done == len(df) == len(files) + 2 + 1   # one ocr row per item, plus one manifest prompt
+    own = df[df.task == "prompt"]
+    assert len(own) == 1 and own.prompt.iloc[0] == "What shape is largest?" and pd.isna(own.error.iloc[0])
+    missing = df[df.uri.str.endswith("missing.png")].error.iloc[0]
+    assert "not found" in missing and missing.startswith(str(corpus / "images" / "missing.png"))
+    assert "unsupported file type" in df[df.uri.str.endswith("readme.pdf")].error.iloc[0]
+    assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in (tmp_path / "out").glob("*.parquet"))
+
+
+def test_deleted_object_and_unreachable_store_become_error_rows(s3, tiny_gqa):
+    fs = s3fs_for(s3)
+    fs.mkdir("flaky")
+    fs.pipe("flaky/a.png", good_media(1, 0)["images/sub/img_00.jpg"])
+    loader = MediaLoader(str(tiny_gqa))
+    opts = StorageOptions(endpoint_url=s3, retries=1, retry_backoff_s=0.0)
+    item = {"id": "x", "uri": "s3://flaky/a.png", "media_type": "image", "prompt": "", "tasks": ["caption"]}
+    assert decode_one(item, loader, opts)["error"] is None
+    fs.rm("flaky/a.png")   # deleted between listing and reading
+    row = decode_one(item, loader, opts)
+    assert row["error"] == "s3://flaky/a.png: object not found (deleted after listing?)"
+    # nothing listens on port 9 of 127.0.0.1: a transient error, retried, then an error row
+    dead = StorageOptions(endpoint_url="http://127.0.0.1:9", retries=1, retry_backoff_s=0.0)
+    row = decode_one(item, loader, dead)
+    assert row["error"].startswith("s3://flaky/a.png: storage error after retries")
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in row["error"]
