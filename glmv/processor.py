@@ -101,7 +101,8 @@ def _flatten(items) -> list:
 
 
 class Glm4vProcessor:
-    default_family = "glm41v"
+    default_family = "glm41v"  # when the checkpoint's configs do not name a processor class
+    forced_family: str | None = None  # a subclass pinned to one family ignores the configs
 
     def __init__(
         self,
@@ -146,7 +147,7 @@ class Glm4vProcessor:
         video_config = _read_json(path / "video_preprocessor_config.json") or processor_config.get("video_processor")
         if image_config is None:
             raise ProcessorConfigError(f"{path}: no preprocessor_config.json or processor_config.json")
-        family = family or cls.__dict__.get("forced_family") or _family_of(
+        family = family or cls.forced_family or _family_of(
             processor_config, image_config, video_config or {}, tokenizer.config) or cls.default_family
         image_settings = PatchSettings.from_dict(image_config)
         video_settings = VideoSettings.from_dict(video_config or {}, family=family)
@@ -320,8 +321,7 @@ class Glm4vProcessor:
 class Glm46VProcessor(Glm4vProcessor):
     """The GLM-4.6V(-Flash) family: dynamic-fps frame sampling, "{t:.1f} seconds" timestamps."""
 
-    default_family = "glm46v"
-    forced_family = "glm46v"
+    default_family = forced_family = "glm46v"
 
 
 def _normalize_conversations(conversation) -> tuple[list[list[dict]], bool]:

@@ -126,9 +126,9 @@ class GlmTokenizer:
         return padded, mask
 
     def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        rows = sequences.tolist() if isinstance(sequences, torch.Tensor) else [list(r) for r in sequences]
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else [[int(i) for i in r] for r in sequences]
         return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,80 @@
+"""parse_output: thinking / answer / boxes from generated GLM-V text (both output styles)."""
+
+import pytest
+
+from glmv.output import parse_output
+
+
+def test_glm41v_think_then_answer_tags():
+    out = parse_output("\n<think>The image shows a cat.\nIt is orange.</think>\n<answer>An orange cat.</answer>")
+    assert out.thinking == "The image shows a cat.\nIt is orange."
+    assert out.answer == "An orange cat." and out.boxes == [] and out.complete
+
+
+def test_glm46v_answer_after_think_without_tags():
+    out = parse_output("<think>Count the birds: three.</think>\nThere are three birds.<|user|>")
+    assert out.thinking == "Count the birds: three." and out.answer == "There are three birds."
+
+
+def test_thinking_disabled_empty_think_block():
+    out = parse_output("<think></think>\nA red bus.")
+    assert out.thinking == "" and out.answer == "A red bus."
+
+
+def test_no_tags_is_all_answer():
+    out = parse_output("Just a caption.<|endoftext|>")
+    assert out.thinking == "" and out.answer == "Just a caption." and out.complete
+
+
+def test_cut_off_inside_think_keeps_partial_thinking():
+    out = parse_output("<think>First I look at the left side, then")
+    assert out.thinking == "First I look at the left side, then"
+    assert out.answer == "" and not out.complete
+
+
+def test_cut_off_inside_answer():
+    out = parse_output("<think>ok</think><answer>The text reads: HELLO WOR")
+    assert out.answer == "The text reads: HELLO WOR" and not out.complete
+
+
+def test_prompt_opened_think_leaves_only_closing_tag():
+    out = parse_output("reasoning here</think><answer>yes</answer>")
+    assert out.thinking == "reasoning here" and out.answer == "yes"
+
+
+@pytest.mark.parametrize("inner,expected", [
+    ("[[100,200,300,400]]", [(100, 200, 300, 400)]),
+    ("[100, 200, 300, 400]", [(100, 200, 300, 400)]),
+    ("(12,34,56,78)", [(12, 34, 56, 78)]),
+    ("<5 6 7 8>", [(5, 6, 7, 8)]),
+    ("[[1,2,3,4],[5,6,7,8]]", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+    ("[[10.5, 20, 30.25, 40]]", [(10.5, 20, 30.25, 40)]),
+])
+def test_box_bracket_styles(inner, expected):
+    out = parse_output(f"<think>find it</think><answer>The dog is at <|begin_of_box|>{inner}<|end_of_box|>.</answer>")
+    assert out.boxes == expected
+    assert out.answer == f"The dog is at {inner}."
+
+
+def test_boxes_in_46v_style_answer_and_several_markers():
+    text = ("<think>two dogs</think>Dog A <|begin_of_box|>[1,2,3,4]<|end_of_box|> and dog B "
+            "<|begin_of_box|>[[5,6,7,8]]<|end_of_box|>")
+    out = parse_output(text)
+    assert out.boxes == [(1, 2, 3, 4), (5, 6, 7, 8)]
+    assert "<|begin_of_box|>" not in out.answer and out.answer.startswith("Dog A [1,2,3,4]")
+
+
+@pytest.mark.parametrize("inner", ["C", "42", "A cat", "[1,2,3]", "x=1,y=2"])
+def test_box_markers_around_a_non_coordinate_answer(inner):
+    out = parse_output(f"<think>The options...</think><answer><|begin_of_box|>{inner}<|end_of_box|></answer>")
+    assert out.answer == inner and out.boxes == []
+
+
+def test_boxes_in_thinking_are_not_reported():
+    out = parse_output("<think>maybe <|begin_of_box|>[1,1,2,2]<|end_of_box|>?</think><answer>none</answer>")
+    assert out.boxes == [] and out.answer == "none" and "[1,1,2,2]" in out.thinking
+
+
+def test_unclosed_box_marker_at_cut_off():
+    out = parse_output("<think>x</think>Here: <|begin_of_box|>[1,2,3,4]")
+    assert out.boxes == [(1, 2, 3, 4)] and out.answer == "Here: [1,2,3,4]"
