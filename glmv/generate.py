@@ -1,6 +1,7 @@
-"""Static-batch generation: one left-padded batch, vision once, one prefill, then a plain decode loop.
+"""Static-batch generation: one left-padded batch, vision once, a prefill per row, then a plain decode loop.
 
 - The vision tower runs once over every image and frame of the batch, packed together.
+- Prefill runs row by row over each row's real tokens, so padding costs nothing.
 - Keys/values live in a preallocated cache (`glmv.text.KVCache`); each step writes one slot in place.
 - 3-D rope: each row's offset (`delta`) is computed once from the prompt; a token generated after n real tokens
   sits at n + delta on all three axes.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glmv.model import Glm4vForConditionalGeneration, rope_index
-from glmv.text import KVCache, attention_mask_4d
+from glmv.text import KVCache
 
 # transformers' GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise
 DEFAULTS = dict(max_new_tokens=256, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
@@ -99,6 +100,9 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     valid = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).bool()
+    n_real = valid.sum(-1)
+    if not torch.equal(valid, torch.arange(T, device=device)[None, :] >= (T - n_real)[:, None]):
+        raise ValueError("generate needs left-padded rows (attention_mask 0...0 1...1); pad on the left")
     types = model.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(device)
     seeds = [seed] * B if isinstance(seed, int) else list(seed)
     if len(seeds) != B:
@@ -115,8 +119,15 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
     position_ids, deltas = rope_index(types, valid, image_grid_thw, video_grid_thw,
                                       model.config.vision.spatial_merge_size)
     cache = KVCache(lm.cfg, B, T + max_new_tokens, model.dtype, device)
-    hidden = lm(x, position_ids.to(device), attention_mask_4d(valid, T), cache, start=0)
-    logits = model.lm_head(hidden[:, -1])  # (B, V)
+    position_ids = position_ids.to(device)
+    # Prefill row by row over each row's real tokens only: no compute spent on padding, and a row's prefill does
+    # not depend on what else is in the batch. Its keys land in the row's left-padded slots T-n .. T-1.
+    last_hidden = []
+    for row, n in enumerate(n_real.tolist()):
+        hidden = lm(x[row:row + 1, T - n:], position_ids[:, row:row + 1, T - n:], None,
+                    cache.row_view(row, T - n), start=0)
+        last_hidden.append(hidden[:, -1])
+    logits = model.lm_head(torch.cat(last_hidden))  # (B, V)
     _sync(device)
     t2 = time.perf_counter()
     vision_s, prefill_s = t1 - t0, t2 - t1
@@ -126,7 +137,7 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
     active = torch.arange(B)  # original row index of each row still in the batch
     key_valid = torch.zeros(B, T + max_new_tokens, dtype=torch.bool, device=device)
     key_valid[:, :T] = valid
-    next_pos = (valid.sum(-1).cpu() + deltas).to(device)  # (b,) rope position of the next token
+    next_pos = (n_real.cpu() + deltas).to(device)  # (b,) rope position of the next token
     seen = _seen_tokens(input_ids, valid, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
     n_generated = torch.zeros(B, dtype=torch.long)
     finish = ["length"] * B

@@ -27,6 +27,12 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def row_view(self, row: int, offset: int) -> "KVCache":
+        """The cache of one row whose slot 0 is slot `offset` here (e.g. where a left-padded row starts)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, row:row + 1, :, offset:], self.v[:, row:row + 1, :, offset:]
+        return view
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows so they stop costing compute (one copy per change of the active set)."""
         self.k = self.k[:, rows]
@@ -84,7 +90,12 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, Hkv, S, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        # mask None: plain causal attention over a row with no padding (queries are the last T keys)
+        causal = mask is None and T > 1
+        if causal and k.shape[2] != T:
+            raise ValueError("a causal step without a mask must start at cache slot 0")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*Dh) -> (B, T, D)
 
 
@@ -125,7 +136,8 @@ class TextModel(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """x (B, T, D) embeddings, position_ids (3, B, T), mask (B, 1, T, start+T) bool -> hidden (B, T, D)."""
+        """x (B, T, D) embeddings, position_ids (3, B, T), mask (B, 1, T, start+T) bool or None for a causal
+        pass over unpadded rows -> hidden (B, T, D)."""
         cos, sin = self.rotary(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start)

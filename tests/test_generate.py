@@ -129,6 +129,7 @@ def test_generation_defaults_come_from_generation_config(tiny_gqa):
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
     (dict(top_p=1.5), "top_p must be in"),
     (dict(seed=[1, 2]), "got 2 seeds for a batch of 1 rows"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0]])), "needs left-padded rows"),
 ])
 def test_bad_generation_settings_are_clear_errors(tiny_gqa, kwargs, message):
     model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
