@@ -84,7 +84,11 @@ def init_ray(cfg: Config) -> None:
 
 
 def build_dataset(cfg: Config, done_ref, tally) -> ray.data.Dataset:
-    src = listing.Source.from_config(cfg)
+    # One listing block is what one model-actor call gets (a sort window of static batches). Ray Data returns an
+    # actor task's rows only when the task ends, so small blocks keep results flowing to the writer steadily,
+    # and a killed run loses at most a few windows of work.
+    items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
+    src = listing.Source.from_config(cfg, block_rows=items_per_call)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ds = ray.data.read_datasource(PendingItems(src, done_ref, tally), override_num_blocks=1)
@@ -93,8 +97,6 @@ def build_dataset(cfg: Config, done_ref, tally) -> ray.data.Dataset:
     # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.batching.decode_batch_size,
                         batch_format="pyarrow", num_cpus=cfg.actors.decode_num_cpus, max_calls=1000)
-    tasks_per_item = max(1, len(cfg.run.tasks))
-    items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // tasks_per_item)
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
                         num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus)
