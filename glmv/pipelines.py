@@ -1,0 +1,68 @@
+"""The high-level API from transformers' docs, so switching is one import:
+
+    pipe = glmv.pipeline("image-text-to-text", model="path/to/GLM-4.1V-9B-Thinking", device="cuda", dtype="bfloat16")
+    out = pipe(text=messages, max_new_tokens=512, return_full_text=False)
+    out[0]["generated_text"]
+
+`text` is one conversation (a list of messages) or a list of conversations; images and videos are referenced by
+url/path inside the messages, as for the processor. Conversations run in static batches of `batch_size`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from glmv.model import Glm4vForConditionalGeneration
+from glmv.processor import Glm4vProcessor
+
+TASKS = ("image-text-to-text",)
+
+
+class ImageTextToTextPipeline:
+    def __init__(self, model: Glm4vForConditionalGeneration, processor: Glm4vProcessor, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.processor, self.batch_size = model, processor, batch_size
+        self.processor.tokenizer.padding_side = "left"  # static batches are left-padded for generation
+
+    def __call__(self, text=None, *, max_new_tokens: int | None = None, return_full_text: bool = True,
+                 generate_kwargs: dict | None = None, chat_template_kwargs: dict | None = None, **kwargs):
+        """Returns, per conversation, [{"input_text": messages, "generated_text": ...}] (a list of those for a
+        list of conversations). With return_full_text=False, generated_text is only the new text; otherwise it is
+        the conversation with the assistant's reply appended, as transformers returns it."""
+        if text is None:
+            raise ValueError("pass the conversation(s) as text=[{'role': 'user', 'content': [...]}, ...]")
+        if not isinstance(text, (list, tuple)) or not text:
+            raise ValueError("text must be a conversation (a list of messages) or a list of conversations")
+        batched = isinstance(text[0], (list, tuple))
+        conversations = list(text) if batched else [text]
+        settings = {**(generate_kwargs or {}), **kwargs}
+        if max_new_tokens is not None:
+            settings["max_new_tokens"] = max_new_tokens
+
+        results = []
+        for start in range(0, len(conversations), self.batch_size):
+            chunk = conversations[start:start + self.batch_size]
+            inputs = self.processor.apply_chat_template(
+                chunk, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                padding=True, **(chat_template_kwargs or {}))
+            sequences = self.model.generate(**inputs, **settings)
+            new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+            texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+            for conversation, generated in zip(chunk, texts):
+                if return_full_text:
+                    generated = [*conversation, {"role": "assistant", "content": generated}]
+                results.append([{"input_text": conversation, "generated_text": generated}])
+        return results if batched else results[0]
+
+
+def pipeline(task: str, model: str | Path, device: str | torch.device = "cpu", dtype=None,
+             batch_size: int = 8, **processor_kwargs) -> ImageTextToTextPipeline:
+    """Load a checkpoint folder's model and processor for `task` ("image-text-to-text")."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not supported; glmv runs {TASKS}")
+    loaded = Glm4vForConditionalGeneration.from_pretrained(model, dtype=dtype, device=device)
+    processor = Glm4vProcessor.from_pretrained(model, **processor_kwargs)
+    return ImageTextToTextPipeline(loaded, processor, batch_size=batch_size)
