@@ -1,0 +1,100 @@
+"""Processor API details: where templates come from, the sandbox, family pinning, config errors, call forms."""
+
+import json
+import shutil
+
+import jinja2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glmv.chat_template import render
+from glmv.errors import ProcessorConfigError
+from glmv.processor import Glm4vProcessor, Glm46VProcessor
+
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image", "url": "a.png"}, {"type": "text", "text": "What?"}]}]
+
+
+def _copy(src, dst, drop=()):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", *drop))
+    return dst
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "chat_template_json"])
+def test_template_from_other_files(tiny_gqa, tmp_path, where):
+    expected = Glm4vProcessor.from_pretrained(tiny_gqa).apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    folder = _copy(tiny_gqa, tmp_path / "ckpt", drop=("chat_template.jinja",))
+    template = (tiny_gqa / "chat_template.jinja").read_text()
+    if where == "tokenizer_config":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    else:
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert Glm4vProcessor.from_pretrained(folder).apply_chat_template(CONVERSATION, add_generation_prompt=True) == expected
+
+
+def test_template_is_sandboxed_and_sees_only_plain_data():
+    escape = "{{ messages.__class__.__init__.__globals__ }}"
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render(escape, [CONVERSATION])
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render("{% set ns = namespace(_x=1) %}", [CONVERSATION])
+    with pytest.raises(jinja2.exceptions.TemplateError, match="no tools"):
+        render("{{ raise_exception('no tools') }}", [CONVERSATION])
+    image = Image.new("RGB", (4, 4))
+    shown = render("{{ messages[0].content[0].image }}|{{ x | tojson }}", [[{"role": "user", "content": [
+        {"type": "image", "image": image}]}]], x={"k": "<é>"})
+    assert shown == ['<Image>|{"k": "<é>"}']
+
+
+def test_family_pinning_and_detection(tiny_gqa, tiny_glm46v):
+    assert Glm4vProcessor.from_pretrained(tiny_gqa).family == "glm41v"
+    assert Glm4vProcessor.from_pretrained(tiny_glm46v).family == "glm46v"
+    assert Glm46VProcessor.from_pretrained(tiny_gqa).family == "glm46v"
+    assert Glm4vProcessor.from_pretrained(tiny_glm46v, family="glm41v").video_settings.family == "glm41v"
+
+
+def test_config_errors_name_the_problem(tiny_gqa, tmp_path):
+    with pytest.raises(ProcessorConfigError, match="not a checkpoint folder"):
+        Glm4vProcessor.from_pretrained(tmp_path / "missing")
+    folder = _copy(tiny_gqa, tmp_path / "no-tok", drop=("tokenizer.json",))
+    with pytest.raises(ProcessorConfigError, match="no tokenizer.json"):
+        Glm4vProcessor.from_pretrained(folder)
+    folder = _copy(tiny_gqa, tmp_path / "bad-pre")
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["patch_size"] = 0
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ProcessorConfigError, match="patch_size must be a positive integer"):
+        Glm4vProcessor.from_pretrained(folder)
+
+
+def test_call_forms_and_placeholder_count_check(tiny_gqa):
+    processor = Glm4vProcessor.from_pretrained(tiny_gqa)
+    image = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    prompt = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="1 <\\|image\\|> placeholders but 0 images"):
+        processor(text=prompt)
+    out = processor(text=[prompt, "[gMASK]<sop>plain"], images=image, padding=True, return_tensors="pt")
+    assert out.input_ids.shape == out.attention_mask.shape == out.mm_token_type_ids.shape
+    tokens = int((out.mm_token_type_ids == 1).sum())
+    assert tokens == int(out.image_grid_thw.prod()) // 4 == int((out.input_ids == processor.image_token_id).sum())
+    assert out.pixel_values.shape == (int(out.image_grid_thw.prod()), 1176)
+    unpadded = processor(text=[prompt, "[gMASK]<sop>plain"], images=[image])
+    assert isinstance(unpadded["input_ids"], list) and len(unpadded["input_ids"][1]) < len(unpadded["input_ids"][0])
+    with pytest.raises(ValueError, match="padding=True"):
+        processor(text=[prompt, "short"], images=[image], return_tensors="pt")
+    ids = processor.apply_chat_template(CONVERSATION[:1], tokenize=True)  # ids only, lists
+    assert isinstance(ids, list) and processor.decode(ids[0]).startswith("[gMASK]<sop><|system|>")
+
+
+def test_batch_decode_accepts_tensors_arrays_and_lists(tiny_gqa):
+    processor = Glm4vProcessor.from_pretrained(tiny_gqa)
+    ids = processor.tokenizer(["<think>a</think><answer>b</answer><|user|>", "x"], padding=True)["input_ids"]
+    expected = processor.batch_decode(torch.tensor(ids), skip_special_tokens=True)
+    assert expected[0] == "<think>a</think><answer>b</answer>" and expected[1] == "x"
+    assert processor.batch_decode(np.array(ids), skip_special_tokens=True) == expected
+    assert processor.batch_decode(ids, skip_special_tokens=True) == expected
+    assert processor.post_process_image_text_to_text(torch.tensor(ids)) == expected
