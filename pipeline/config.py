@@ -97,7 +97,8 @@ class StorageConfig:
 
 @dataclass
 class RayConfig:
-    address: str = ""    # "" = RAY_ADDRESS or a running local cluster, else start one; "local" = always start one
+    address: str = ""    # "" = a Ray running on this machine, else start one; "local" = always start one.
+    #                      RAY_ADDRESS (set by `ray job submit`) overrides both.
     num_cpus: int = 0    # for a Ray started here; 0 = all cores
 
 

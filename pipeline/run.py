@@ -67,15 +67,20 @@ class PendingItems(Datasource):
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to the cluster the user means; start a local Ray only when there is none."""
+    """Connect to the cluster the user means; start a local Ray only when there is none.
+
+    RAY_ADDRESS (set by `ray job submit` for its entry point) always wins. Otherwise `ray.address` is a cluster
+    address, "" (a Ray already running on this machine, else a new local one) or "local" (always a new one)."""
     if ray.is_initialized():
         return
-    local = {"num_cpus": cfg.ray.num_cpus or None, "include_dashboard": False, "log_to_driver": True}
+    local = {"num_cpus": cfg.ray.num_cpus or None, "include_dashboard": False}
     address = cfg.ray.address
-    if address == "local":
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    elif address == "local":
         ray.init(**local)
-    elif address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None)
+    elif address:
+        ray.init(address=address)
     else:
         try:
             ray.init(address="auto")
