@@ -72,12 +72,13 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
              mm_token_type_ids=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
              video_grid_thw=None, *, max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
              repetition_penalty=None, eos_token_id=None, pad_token_id=None, seed: int | list[int] = 0,
-             return_dict_in_generate: bool = False):
+             return_dict_in_generate: bool = False, compile_decode: bool = False):
     """Generate for a left-padded batch; returns prompt + new tokens (B, T + new), like transformers' generate.
 
     Settings default to the checkpoint's generation_config.json, then to transformers' defaults. With
     return_dict_in_generate=True, returns a GenerateOutput whose `.rows` carry token counts, finish reasons and
-    timings.
+    timings. compile_decode=True runs the decode step through torch.compile (dynamic shapes, compiled once per
+    model); off by default until it is measured on a GPU.
     """
     gen_cfg = model.generation_config
     max_new_tokens = int(_setting("max_new_tokens", max_new_tokens, gen_cfg))
@@ -109,6 +110,7 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
         raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {B} rows")
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     lm = model.model.language_model
+    decode_step = _compiled(lm) if compile_decode else lm
 
     t0 = time.perf_counter()
     image_features, video_features = model.encode_vision(pixel_values, image_grid_thw,
@@ -172,7 +174,7 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
         x = lm.embed_tokens(tokens.to(device)[:, None])  # (b, 1, D)
         positions = next_pos[None, :, None].expand(3, -1, 1)  # (3, b, 1)
         mask = key_valid[:, None, None, : slot + 1]  # (b, 1, 1, S)
-        hidden = lm(x, positions, mask, cache, start=slot)
+        hidden = decode_step(x, positions, mask, cache, start=slot)
         logits = model.lm_head(hidden[:, -1])
         next_pos = next_pos + 1
 
@@ -212,6 +214,13 @@ def _choose(logits: torch.Tensor, p: SamplingParams, seen, generators) -> torch.
     u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).float()  # (b, 1)
     u = u * cdf[:, -1:]  # the cdf's last entry is 1 up to rounding
     return torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).flatten()
+
+
+def _compiled(lm):
+    """torch.compile of the text model, made once per model (batch size and cache length are dynamic)."""
+    if "_compiled" not in lm.__dict__:  # kept out of the module tree, so it is never a submodule or in state_dict
+        lm.__dict__["_compiled"] = torch.compile(lm, dynamic=True)
+    return lm.__dict__["_compiled"]
 
 
 def _sync(device: torch.device) -> None:

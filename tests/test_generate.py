@@ -135,3 +135,13 @@ def test_bad_generation_settings_are_clear_errors(tiny_gqa, kwargs, message):
     model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids=torch.tensor([[3, 4, 5]]), **kwargs)
+
+
+def test_compiled_decode_gives_the_same_tokens(tiny_gqa, video_path):
+    """The torch.compile path (meant for CUDA, off by default) must not change greedy tokens; checked on CPU."""
+    inputs = mixed_batch(tiny_gqa, video_path)
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    eager = model.generate(**inputs, max_new_tokens=12)
+    compiled = model.generate(**inputs, max_new_tokens=12, compile_decode=True)
+    assert torch.equal(eager, compiled)
+    assert not any("_compiled" in k for k in model.state_dict())
