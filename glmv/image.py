@@ -185,14 +185,20 @@ def load_image(source: MediaSource | Image.Image | np.ndarray, settings: PatchSe
     return LoadedImage(pixels=np.array(img), orig_height=height, orig_width=width, source=name)
 
 
+def patch_grid(num_frames: int, height: int, width: int, settings: PatchSettings) -> tuple[int, int, int]:
+    """(gt, gh, gw): temporal patches (frames padded to a multiple of temporal_patch_size) and patch rows/cols."""
+    return -(-num_frames // settings.temporal_patch_size), height // settings.patch_size, width // settings.patch_size
+
+
 def patchify(
-    frames: np.ndarray | torch.Tensor, settings: PatchSettings, device: torch.device | str | None = None
+    frames: np.ndarray | torch.Tensor, settings: PatchSettings, device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(T, H, W, C) uint8 frames -> (gt*gh*gw, C*tp*p*p) float32 rows in the reference order, and (gt, gh, gw).
 
     T is padded to a multiple of temporal_patch_size by repeating the last frame, so a single image becomes one
     temporal patch holding the image twice. Rows are grouped merge-window by merge-window (block-major), which is
-    the order the vision tower's 2x2 downsampling expects.
+    the order the vision tower's 2x2 downsampling expects. `out` (rows x C*tp*p*p, contiguous) receives the rows.
     """
     x = torch.as_tensor(frames)
     if x.ndim == 3:
@@ -205,7 +211,7 @@ def patchify(
     if pad := -t % tp:
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
         t += pad
-    gt, gh, gw = t // tp, h // p, w // p
+    gt, gh, gw = patch_grid(t, h, w, settings)
     # reorder while still uint8 (a quarter of the bytes of float32), then normalise in one fused pass
     x = x.view(gt, tp, gh // m, m, p, gw // m, m, p, c)
     x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
@@ -215,17 +221,29 @@ def patchify(
     std = torch.tensor(settings.image_std if settings.do_normalize else (1.0,) * c, dtype=torch.float64)
     mul = (scale / std).to(device=x.device, dtype=torch.float32).view(c, 1)
     add = (-mean / std).to(device=x.device, dtype=torch.float32).view(c, 1)
-    rows = torch.addcmul(add, x, mul)  # (N, C, tp*p*p) float32: (x * scale - mean) / std
+    if out is not None:
+        out = out.view(gt * gh * gw, c, tp * p * p)
+    rows = torch.addcmul(add, x, mul, out=out)  # (N, C, tp*p*p) float32: (x * scale - mean) / std
     return rows.view(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+def stack_patches(
+    frame_stacks: Sequence[np.ndarray], settings: PatchSettings, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several (T, H, W, C) uint8 stacks -> their rows concatenated (written in place, no extra copy) + grids."""
+    shapes = [s.shape if s.ndim == 4 else (1, *s.shape) for s in frame_stacks]
+    grids = [patch_grid(t, h, w, settings) for t, h, w, _ in shapes]
+    width = 3 * settings.temporal_patch_size * settings.patch_size ** 2
+    rows = torch.empty(sum(math.prod(g) for g in grids), width, dtype=torch.float32, device=device)
+    start = 0
+    for frames, grid in zip(frame_stacks, grids):
+        patchify(frames, settings, device, out=rows[start:start + math.prod(grid)])
+        start += math.prod(grid)
+    return rows, torch.tensor(grids, dtype=torch.long)
 
 
 def images_to_patches(
     images: Sequence[LoadedImage], settings: PatchSettings, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPU-or-CPU step: a batch of `LoadedImage` -> pixel_values (sum N_i, 1176) float32, image_grid_thw (n, 3)."""
-    rows, grids = [], []
-    for image in images:
-        patches, grid = patchify(image.pixels, settings, device)
-        rows.append(patches)
-        grids.append(grid)
-    return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
+    return stack_patches([image.pixels for image in images], settings, device)

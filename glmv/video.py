@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from glmv.errors import MediaError
-from glmv.image import PatchSettings, patchify, smart_resize
+from glmv.image import PatchSettings, smart_resize, stack_patches
 from glmv.media_io import MediaSource, describe, open_media
 
 FAMILIES = ("glm41v", "glm46v")
@@ -241,7 +241,6 @@ def _decode(handle: IO[bytes], name: str, settings: VideoSettings) -> LoadedVide
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise MediaError(name, f"unsupported format: no decoder for this video ({container.format.name})")
-        stream.thread_type = "AUTO"
         info = _stream_info(container, stream, name)
         indices = sample_frame_indices(info.total_frames, info.fps, info.duration, settings)
         wanted = sorted(set(indices))
@@ -261,7 +260,8 @@ def _decode(handle: IO[bytes], name: str, settings: VideoSettings) -> LoadedVide
                 frames[k] = _resize_frame(rgb, frames.shape[1], frames.shape[2])
                 got = k + 1
         except av.error.FFmpegError as exc:
-            raise MediaError(name, f"corrupt video data after {got} sampled frames ({exc.strerror})") from None
+            raise MediaError(name, f"corrupt or truncated video: decoding failed before frame {wanted[got]} of the "
+                                   f"{info.total_frames} its header announces ({exc.strerror})") from None
     if frames is None:
         raise MediaError(name, "no frame could be decoded (truncated or corrupt video)")
     if got < len(wanted):
@@ -291,9 +291,4 @@ def videos_to_patches(
     videos: Sequence[LoadedVideo], settings: VideoSettings, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """pixel_values_videos (sum N_i, 1176) float32 and video_grid_thw (n, 3) for a batch of loaded videos."""
-    rows, grids = [], []
-    for video in videos:
-        patches, grid = patchify(video.frames, settings, device)
-        rows.append(patches)
-        grids.append(grid)
-    return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
+    return stack_patches([video.frames for video in videos], settings, device)
