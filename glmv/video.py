@@ -141,8 +141,6 @@ class _StreamInfo:
     total_frames: int
     fps: float
     duration: float
-    height: int
-    width: int
 
 
 def _stream_info(container: av.container.InputContainer, stream: av.VideoStream, name: str) -> _StreamInfo:
@@ -164,10 +162,7 @@ def _stream_info(container: av.container.InputContainer, stream: av.VideoStream,
             container.seek(0)
     if total <= 0:
         raise MediaError(name, "video stream holds no frames")
-    return _StreamInfo(
-        total_frames=int(total), fps=float(rate), duration=float(total / rate),
-        height=stream.codec_context.height, width=stream.codec_context.width,
-    )
+    return _StreamInfo(total_frames=int(total), fps=float(rate), duration=float(total / rate))
 
 
 def _iter_wanted_frames(
@@ -198,10 +193,15 @@ def _iter_wanted_frames(
                 if index <= pos:  # landed behind frames already decoded: keyframes are further apart
                     seek_gap = max(seek_gap, target - index + 1)
             pos = counter = index
+            reached = k
             while k < len(wanted) and wanted[k] <= index:
                 yield k, frame
                 k += 1
-            if k == len(wanted) or (seekable and wanted[k] - pos > seek_gap):
+            if k == len(wanted):
+                break
+            # consider the next seek only once this one's target is reached: a seek may land on a keyframe
+            # further back than seek_gap, and seeking again from there would land on it again
+            if k > reached and seekable and wanted[k] - pos > seek_gap:
                 break
         else:
             return  # end of stream

@@ -162,6 +162,18 @@ def test_seeking_returns_the_same_frames_as_sequential_decoding(tmp_path):
         np.testing.assert_array_equal(got[k], truth[index])
 
 
+def test_seek_landing_far_before_its_target_decodes_forward(tmp_path):
+    path = make_video(tmp_path / "long_gop.mp4", 400, 25, gop=250)  # keyframes at 0 and 250 only
+    truth = _decode_all(path)
+    wanted = [0, 320]
+    with av.open(str(path)) as container:
+        spy = _Spy(container)
+        stream = container.streams.video[0]
+        got = [f.to_ndarray(format="rgb24") for _, f in _iter_wanted_frames(spy, stream, wanted, 25.0, True)]
+    assert len(spy.seeks) == 1, "landing on keyframe 250 for frame 320 must decode forward, not seek again"
+    np.testing.assert_array_equal(np.stack(got), np.stack([truth[i] for i in wanted]))
+
+
 def test_overshooting_seek_falls_back_to_sequential(tmp_path):
     path = make_video(tmp_path / "gop.mp4", 200, 25, gop=50)
     truth = _decode_all(path)
