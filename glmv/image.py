@@ -167,11 +167,14 @@ def open_image(source: MediaSource | Image.Image | np.ndarray, *, max_image_pixe
     if width == 0 or height == 0:
         raise MediaError(name, f"image has no pixels ({width}x{height})")
     try:
-        img = ImageOps.exif_transpose(img)
-        img = img.convert("RGB")  # forces the full decode: truncation and corruption surface here
+        img.load()  # the full decode: truncation and corruption surface here
+        ImageOps.exif_transpose(img, in_place=True)
+        if img.mode == "RGB" and "transparency" not in img.info:
+            return img  # the two conversions below would only copy it
+        img = img.convert("RGB")  # as transformers' load_image: RGBA loses its alpha here, unblended
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise MediaError(name, f"corrupt or truncated image data ({exc})") from None
-    return composite_to_rgb(img)
+    return composite_to_rgb(img)  # a palette's transparent colour survives convert("RGB") and is blended
 
 
 def load_image(source: MediaSource | Image.Image | np.ndarray, settings: PatchSettings, *,
