@@ -61,13 +61,12 @@ class Source:
     manifest_prompt_task: str
     max_items: int
     opts: StorageOptions
-    block_rows: int = BLOCK_ROWS   # items per block: one block is one unit of work downstream
 
     @classmethod
-    def from_config(cls, cfg: Config, block_rows: int = BLOCK_ROWS) -> "Source":
+    def from_config(cls, cfg: Config) -> "Source":
         return cls(cfg.input.uri, cfg.input.manifest, tuple(cfg.input.include), tuple(cfg.input.exclude),
                    tuple(cfg.run.tasks), cfg.input.manifest_prompt_task, cfg.input.max_items,
-                   StorageOptions.from_config(cfg.storage), block_rows)
+                   StorageOptions.from_config(cfg.storage))
 
 
 # --- listing a prefix ----------------------------------------------------------------------------------------
@@ -228,7 +227,7 @@ def pending_blocks(src: Source, done: np.ndarray, tally=None) -> Iterator[pa.Tab
         todo = [t for t, d in zip(tasks, is_done) if not d]
         if todo:
             rows.append({**item, "tasks": todo})
-        if len(rows) >= src.block_rows:
+        if len(rows) >= BLOCK_ROWS:
             yield flush()
     block = flush()
     if block is not None:

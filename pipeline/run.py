@@ -89,14 +89,15 @@ def init_ray(cfg: Config) -> None:
 
 
 def build_dataset(cfg: Config, done_ref, tally) -> ray.data.Dataset:
-    # One listing block is what one model-actor call gets (a sort window of static batches). Ray Data returns an
-    # actor task's rows only when the task ends, so small blocks keep results flowing to the writer steadily,
-    # and a killed run loses at most a few windows of work.
     items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
-    src = listing.Source.from_config(cfg, block_rows=items_per_call)
+    src = listing.Source.from_config(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ds = ray.data.read_datasource(PendingItems(src, done_ref, tally), override_num_blocks=1)
+    # Ray Data merges the listing's small blocks into big ones; cut them back (streaming) to one model-actor call
+    # each. Decode tasks then run in parallel, an actor task returns its rows after one sort window rather than
+    # after thousands of items, and a killed run loses at most a few windows of work.
+    ds = ds.repartition(target_num_rows_per_block=items_per_call)
     # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
     # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
     # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
@@ -116,12 +117,14 @@ class Summary:
     items: int = 0         # distinct items written by this run
     generated_tokens: int = 0
     seconds: float = 0.0
+    first_result_s: float = 0.0   # start-up: listing, Ray Data, actors loading the model, the first window
     files: int = 0
     sample: list = field(default_factory=list)
 
     def lines(self, output_uri: str) -> list[str]:
         s = max(self.seconds, 1e-9)
-        return [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s",
+        return [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s "
+                f"(first result after {self.first_result_s:.1f}s)",
                 f"skipped as already done: {self.skipped}",
                 f"errors: {self.errors}",
                 f"items/s: {self.items / s:.3f}",
@@ -145,6 +148,8 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
     seen_items: set[str] = set()
     ds = build_dataset(cfg, ray.put(done), tally)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not summary.first_result_s:
+            summary.first_result_s = time.monotonic() - start
         rows = batch.to_pylist()
         writer.add(rows)
         summary.done += len(rows)

@@ -49,9 +49,14 @@ def filesystem(uri: str, opts: StorageOptions) -> tuple[fsspec.AbstractFileSyste
             client_kwargs["endpoint_url"] = opts.endpoint_url
         if opts.region:
             client_kwargs["region_name"] = opts.region
-        # s3fs retries throttling itself; our own retry loop handles the rest with backoff.
-        kwargs = {"anon": opts.anon, "client_kwargs": client_kwargs, "use_listings_cache": False}
+        # Retries are ours (`storage.retries`, with back-off); botocore keeps one quick retry of its own and s3fs
+        # none, so a dead endpoint fails in seconds instead of after three nested retry loops.
+        kwargs = {"anon": opts.anon, "client_kwargs": client_kwargs, "use_listings_cache": False,
+                  "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 10,
+                                    "read_timeout": 60}}
     fs, path = fsspec.core.url_to_fs(uri, **kwargs)
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1   # s3fs's own retry loop (a class attribute, not a constructor argument)
     return fs, path
 
 

@@ -1,4 +1,5 @@
-"""Kill -9 mid-run, run the same command again: every (item, task) exactly once, finished work not redone."""
+"""Kill -9 mid-run (a model actor, then the driver and its whole local Ray), run the same command again: every
+(item, task) exactly once, finished work not redone."""
 
 import os
 import re
@@ -26,6 +27,23 @@ def _files(out):
     return {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
 
 
+def _model_actors(session_id):
+    """Pids of the model actors of one job (Ray names their processes after the actor class)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) != session_id:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"MapBatches(Predictor)" in f.read():
+                    pids.append(int(entry))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
 def test_kill_dash_9_then_resume_gives_exactly_once(tiny_gqa, tmp_path):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     write_local(corpus, good_media(num_images=NUM_IMAGES, num_videos=0))
@@ -39,7 +57,14 @@ def test_kill_dash_9_then_resume_gives_exactly_once(tiny_gqa, tmp_path):
                              start_new_session=True)
     try:
         assert wait_for(lambda: _files(out) or first.poll() is not None, timeout=240), "no output appeared"
-        assert first.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'first.log').read_text()}"
+        ended = f"the run ended before it could be killed:\n{(tmp_path / 'first.log').read_text()}"
+        assert first.poll() is None, ended
+        actors = _model_actors(first.pid)
+        assert actors, "no model actor process found"
+        seen = len(_files(out))
+        os.kill(actors[0], signal.SIGKILL)   # kill -9 of a model actor: Ray restarts it and retries its task
+        assert wait_for(lambda: len(_files(out)) > seen or first.poll() is not None, timeout=120)
+        assert first.poll() is None, ended
         os.kill(first.pid, signal.SIGKILL)   # kill -9 of the driver, mid-run
         first.wait(timeout=30)
     finally:
