@@ -84,13 +84,13 @@ def _walk_local(root: str) -> Iterator[str]:
             yield os.path.join(dirpath, name)
 
 
-def _walk_s3(fs, root: str, page_size: int) -> Iterator[str]:
+def _walk_s3(fs, root: str, page_size: int, opts: StorageOptions) -> Iterator[str]:
     """One page at a time, so a prefix of millions of objects is never listed in full."""
     bucket, _, key = root.partition("/")
     prefix = key.rstrip("/") + "/" if key else ""
     kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
     while True:
-        page = fs.call_s3("list_objects_v2", **kwargs)
+        page = storage.with_retries(lambda: fs.call_s3("list_objects_v2", **kwargs), f"s3://{root}", opts)
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
                 yield f"{bucket}/{obj['Key']}"
@@ -113,7 +113,7 @@ def list_prefix(uri: str, opts: StorageOptions, page_size: int = 1000) -> Iterat
             raise ConfigError(f"input.uri: {uri} is not a folder")
         walk = _walk_local(root)
     elif storage.protocol_of(uri) in ("s3", "s3a"):
-        walk = _walk_s3(fs, root, page_size)
+        walk = _walk_s3(fs, root, page_size, opts)
     else:
         walk = _walk_fsspec(fs, root)
     base = root.rstrip("/") + "/"

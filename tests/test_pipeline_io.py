@@ -66,7 +66,7 @@ def test_s3_listing_is_paged_and_matches_the_bucket(s3):
     # the listing asks for one page at a time
     fs2, _ = storage.filesystem("s3://corpus/media/", opts)
     fs2.call_s3 = lambda *a, **k: pages.append(k.get("ContinuationToken")) or real_call(*a, **k)
-    assert len(list(listing._walk_s3(fs2, "corpus/media", 5))) == len(files) + 1
+    assert len(list(listing._walk_s3(fs2, "corpus/media", 5, opts))) == len(files) + 1
     assert len(pages) == 5   # 24 objects, 5 a page
     items = list(listing.iter_items(make_source("s3://corpus/media/", opts=opts)))
     assert len(items) == 23 and all(i["id"] == listing.item_id(i["uri"]) for i in items)

@@ -1,0 +1,80 @@
+"""The model actor on its own (no Ray): decoded rows in, one row per (item, task) out; windows sorted by prompt
+length into static batches; a failing batch is retried row by row and only the bad row becomes an error row."""
+
+import pyarrow as pa
+import pytest
+
+from pipeline import config, output
+from pipeline.corpus import image_bytes
+from pipeline.decode import DECODED_SCHEMA, decode_batch
+from pipeline.listing import ITEM_SCHEMA, item_id
+from pipeline.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_gqa, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("items")
+    items = []
+    # sizes chosen so that prompt lengths differ a lot; listed out of size order
+    for i, (w, h) in enumerate([(300, 220), (60, 60), (200, 150), (56, 84), (280, 280), (90, 70)]):
+        path = folder / f"img{i}.png"
+        path.write_bytes(image_bytes(w, h, seed=i))
+        items.append({"id": item_id(str(path)), "uri": str(path), "media_type": "image", "prompt": "",
+                      "tasks": ["caption", "ocr"]})
+    items.append({"id": "broken", "uri": str(folder / "gone.png"), "media_type": "image", "prompt": "",
+                  "tasks": ["caption", "ocr"]})
+    cfg = config.from_dict({"input": {"uri": str(folder)}, "output": {"uri": str(folder / "out")},
+                            "model": {"path": str(tiny_gqa)},
+                            "run": {"tasks": ["caption", "ocr"], "batch_size": 3, "max_new_tokens": 3}})
+    decoded = decode_batch(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), cfg)
+    assert decoded.schema.equals(DECODED_SCHEMA)
+    return cfg, decoded, Predictor(cfg)
+
+
+def test_window_is_sorted_into_static_batches(setup):
+    cfg, decoded, predictor = setup
+    calls = []
+    generate = predictor.model.generate
+
+    def spy(**inputs):
+        calls.append(inputs["input_ids"].shape)
+        return generate(**inputs)
+
+    predictor.model.generate = spy
+    try:
+        out = predictor(decoded)
+    finally:
+        predictor.model.generate = generate
+    assert out.schema.equals(output.SCHEMA)
+    rows = out.to_pylist()
+    assert len(rows) == 7 * 2 and len({(r["id"], r["task"]) for r in rows}) == 14
+    assert [r["finish_reason"] for r in rows if r["id"] == "broken"] == ["error", "error"]
+    assert [b for b, _ in calls] == [3, 3, 3, 3]   # 12 sequences, static batches of run.batch_size
+    lengths = [t for _, t in calls]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]   # sorted by prompt length: less padding
+    good = [r for r in rows if r["error"] is None]
+    assert all(r["num_output_tokens"] >= 1 and r["model"] == cfg.model_name() for r in good)
+
+
+def test_a_failing_batch_is_retried_row_by_row(setup):
+    _, decoded, predictor = setup
+    generate = predictor.model.generate
+    poison = decoded.to_pylist()[1]["frames_shape"]   # the 60x60 image
+
+    def flaky(**inputs):
+        if inputs["input_ids"].shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if tuple(inputs["image_grid_thw"][0].tolist()) == (1, poison[1] // 14, poison[2] // 14):
+            raise RuntimeError("simulated bad row")
+        return generate(**inputs)
+
+    predictor.model.generate = flaky
+    try:
+        rows = predictor(decoded).to_pylist()
+    finally:
+        predictor.model.generate = generate
+    errors = {(r["uri"].rsplit("/", 1)[-1], r["task"]): r["error"] for r in rows if r["error"]}
+    assert set(errors) == {("img1.png", "caption"), ("img1.png", "ocr"), ("gone.png", "caption"),
+                           ("gone.png", "ocr")}
+    assert "model failed (RuntimeError: simulated bad row)" in errors[("img1.png", "ocr")]
+    assert sum(r["error"] is None for r in rows) == 10
