@@ -33,6 +33,17 @@ def read_bandwidth() -> float:
     return x.numel() * 4 / best
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes read per decode step: parameters, plus glmv's oneDNN-packed linear weights (kept as buffers)."""
+    from glmv.cpu_kernels import PackedLinear
+
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * 4 + (m.bias.numel() * 4 if m.bias is not None else 0)
+    return total
+
+
 def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     sizes = [(int(rng.integers(360, 540)), int(rng.integers(360, 540))) for _ in range(n)]
@@ -113,9 +124,7 @@ def main() -> None:
 
     identical = all(torch.equal(a, b) for a, b in zip(our_out, ref_out))
     generated = sum(o.shape[0] * args.new_tokens for o in our_out)
-    lm = ours.model.language_model
-    decoder_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n)
-    decoder_bytes += ours.lm_head.weight.numel() * ours.lm_head.weight.element_size()
+    decoder_bytes = weight_bytes(ours.model.language_model.layers) + weight_bytes(ours.lm_head)
     bandwidth = read_bandwidth()
     steps = len(batches) * (args.new_tokens - 1)
     print(f"model: bench preset, {args.dtype}, {torch.get_num_threads()} threads; {args.images} images "

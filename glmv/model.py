@@ -42,10 +42,13 @@ class Glm4vForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu") -> "Glm4vForConditionalGeneration":
+                        device: torch.device | str = "cpu", fast_cpu: bool = True) -> "Glm4vForConditionalGeneration":
+        """Load a checkpoint folder. dtype defaults to float32 on CPU and the checkpoint's own on CUDA.
+        fast_cpu: on CPU in float32, run linear layers through oneDNN with prepacked weights (glmv.cpu_kernels);
+        the model is then for inference only and its state_dict lacks the packed weights."""
         from glmv.weights import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu)
 
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Static-batch generation; see glmv.generate.generate for the arguments."""
@@ -55,11 +58,11 @@ class Glm4vForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.language_model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.language_model.embed_tokens.weight.device
 
     def encode_vision(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
         """Run the vision tower once over all images and video frames of a batch, packed together.

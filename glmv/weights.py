@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from glmv import cpu_kernels
 from glmv.config import ConfigError, Glm4vConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -115,7 +116,7 @@ def resolve_dtype(dtype, config: Glm4vConfig, device: torch.device) -> torch.dty
     return dtype
 
 
-def load_pretrained(cls, path, dtype=None, device="cpu"):
+def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
@@ -145,6 +146,8 @@ def load_pretrained(cls, path, dtype=None, device="cpu"):
         if hasattr(module, "init_buffers"):
             module.init_buffers(device)
     model.eval().requires_grad_(False)
+    if fast_cpu and cpu_kernels.available(device, dtype):
+        cpu_kernels.pack_linears(model)
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
         model.generation_config = json.loads(generation_file.read_text())

@@ -140,7 +140,10 @@ def test_bad_generation_settings_are_clear_errors(tiny_gqa, kwargs, message):
 def test_compiled_decode_gives_the_same_tokens(tiny_gqa, video_path):
     """The torch.compile path (meant for CUDA, off by default) must not change greedy tokens; checked on CPU."""
     inputs = mixed_batch(tiny_gqa, video_path)
-    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    packed = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    with pytest.raises(ValueError, match="load with fast_cpu=False"):
+        packed.generate(**inputs, max_new_tokens=2, compile_decode=True)
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, fast_cpu=False)
     eager = model.generate(**inputs, max_new_tokens=12)
     compiled = model.generate(**inputs, max_new_tokens=12, compile_decode=True)
     assert torch.equal(eager, compiled)
