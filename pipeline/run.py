@@ -129,7 +129,7 @@ class Summary:
                 f"errors: {self.errors}",
                 f"items/s: {self.items / s:.3f}",
                 f"generated tokens/s: {self.generated_tokens / s:.1f}",
-                f"output: {output_uri} ({self.files} new file(s))"]
+                f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
 
 
 def run(cfg: Config, out=sys.stdout) -> Summary:
@@ -145,7 +145,6 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
     init_ray(cfg)
     tally = Tally.remote()
     summary = Summary()
-    seen_items: set[str] = set()
     ds = build_dataset(cfg, ray.put(done), tally)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if not summary.first_result_s:
@@ -155,11 +154,11 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
         summary.done += len(rows)
         summary.errors += sum(r["error"] is not None for r in rows)
         summary.generated_tokens += sum(r["num_output_tokens"] or 0 for r in rows)
-        seen_items.update(r["id"] for r in rows)
+        # all of an item's pending tasks run in one actor call, whose rows arrive together
+        summary.items += len({r["id"] for r in rows})
         if len(summary.sample) < 3:
             summary.sample.extend(rows[: 3 - len(summary.sample)])
     writer.flush()
-    summary.items = len(seen_items)
     summary.skipped = ray.get(tally.get.remote()).get("skipped", 0)
     summary.seconds = time.monotonic() - start
     summary.files = writer.files
