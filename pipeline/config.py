@@ -154,9 +154,9 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels"}
-_NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames", "actors.num_gpus", "run.top_k",
-                 "storage.retries", "storage.retry_backoff_s", "output.flush_seconds", "ray.num_cpus",
-                 "actors.num_cpus", "actors.decode_num_cpus"}
+_NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
+                 "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
+                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus"}
 
 
 def _check_type(key: str, value: Any, annotation: str) -> Any:
