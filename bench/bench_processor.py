@@ -10,7 +10,8 @@ Videos: sampled frames/s of glmv's `load_video` (decode only the sampled frames,
 `load_video(backend="pyav")` with the reference sampler (decode, no resize), and end to end (+ video processor).
 Clips: 720p 30 fps 20 s (x264 default GOP), 360p 30 fps 6 min (GOP 30: sparse 2 fps sampling, seeking pays).
 
-Every variant runs in a fresh process; peak memory is its peak RSS while measuring minus its RSS before.
+Every variant runs in its own process, their timed passes interleaved (best of N kept) so that load from other
+work on the machine skews all alike; peak memory is a variant's peak RSS while measuring minus its RSS before.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def _memory_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
-def _worker(name, args, warm_up, repeat, queue):
+def _worker(name, args, warm_up, conn):
+    """Serve timed passes of one variant on request, then report the best time and the peak memory."""
     import torch  # noqa: F401  (imports and warm-up stay outside the measurement)
 
     fn = VARIANTS[name]
@@ -153,22 +155,44 @@ def _worker(name, args, warm_up, repeat, queue):
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset the peak-RSS mark, so the peak below is this measurement's own
     base = _memory_kib("VmRSS")
+    conn.send("ready")
     best, count = float("inf"), None
-    for _ in range(repeat):
+    while conn.recv() == "pass":
         start = time.perf_counter()
         count = fn(args)
         best = min(best, time.perf_counter() - start)
-    queue.put((best, count, (_memory_kib("VmHWM") - base) / 1024))
+        conn.send(None)
+    conn.send((best, count, (_memory_kib("VmHWM") - base) / 1024))
 
 
-def run(name, args, warm_up, repeat):
+def _receive(conn, proc, name):
+    while not conn.poll(5):  # a child that dies (out of memory, crash) must not leave us waiting forever
+        if not proc.is_alive():
+            raise RuntimeError(f"benchmark variant {name} died with exit code {proc.exitcode}")
+    return conn.recv()
+
+
+def run_interleaved(names, args, warm_up, repeat) -> dict:
+    """One process per variant; passes alternate between variants so load from other work hits all alike."""
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(name, args, warm_up, repeat, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    workers = {}
+    for name in names:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(name, args, warm_up, child))
+        proc.start()
+        workers[name] = (parent, proc)
+    for name, (conn, proc) in workers.items():  # every start-up and warm-up is over before any timing
+        _receive(conn, proc, name)
+    for _ in range(repeat):
+        for name, (conn, proc) in workers.items():
+            conn.send("pass")
+            _receive(conn, proc, name)
+    results = {}
+    for name, (conn, proc) in workers.items():
+        conn.send("stop")
+        results[name] = _receive(conn, proc, name)
+        proc.join()
+    return results
 
 
 def main(argv=None) -> int:
@@ -193,7 +217,7 @@ def main(argv=None) -> int:
 
         print(f"\n{args.images} images, decode + preprocess to pixel_values (best of {args.repeat})")
         names = [name for name in VARIANTS if name.startswith("images/")]
-        results = {name: run(name, images, warm_images, args.repeat) for name in names}
+        results = run_interleaved(names, images, warm_images, args.repeat)
         ours = results["images/glmv"][0]
         for name, (secs, _, peak) in results.items():
             print(f"  {name:34s} {args.images / secs:8.1f} images/s   glmv speed-up x{secs / ours:5.2f}"
@@ -201,7 +225,7 @@ def main(argv=None) -> int:
 
         for clip, paths in clips.items():
             print(f"\nvideo {clip}: sampled frames/s (best of {args.repeat})")
-            results = {name: run(name, paths, warm_clip, args.repeat) for name in VARIANTS if name.startswith("video")}
+            results = run_interleaved([n for n in VARIANTS if n.startswith("video")], paths, warm_clip, args.repeat)
             for stage in ("video-decode", "video-e2e"):
                 ours_secs, ours_frames, _ = results[f"{stage}/glmv"]
                 for name in (n for n in results if n.startswith(stage)):

@@ -230,17 +230,19 @@ class Glm4vProcessor:
         flat or nested per sample. Pixel patches are computed on `device` (default CPU)."""
         if text is None and images is None and videos is None:
             raise ValueError("pass at least one of text, images, videos")
-        loaded_images = [self.load_image(i) for i in _flatten(images)]
-        loaded_videos = [self.load_video(v) for v in _flatten(videos)]
-        data = BatchFeature()
-        if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
+        images, videos = _flatten(images), _flatten(videos)
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        if texts is not None:
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a string or a list of strings")
-            for token, items, kind in ((IMAGE_TOKEN, loaded_images, "images"), (VIDEO_TOKEN, loaded_videos, "videos")):
+            for token, items, kind in ((IMAGE_TOKEN, images, "images"), (VIDEO_TOKEN, videos, "videos")):
                 found = sum(t.count(token) for t in texts)
                 if found != len(items):
                     raise ValueError(f"the prompts hold {found} {token} placeholders but {len(items)} {kind} were given")
+        loaded_images = [self.load_image(i) for i in images]
+        loaded_videos = [self.load_video(v) for v in videos]
+        data = BatchFeature()
+        if texts is not None:
             texts = self.expand_placeholders(texts, loaded_images, loaded_videos)
             encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=padding)
             for row, t in zip(encoded["input_ids"], texts):
