@@ -81,7 +81,8 @@ class PatchSettings:
         if self.min_pixels > self.max_pixels:
             raise ProcessorConfigError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ProcessorConfigError(f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+            raise ProcessorConfigError(
+                f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
 
 
 def smart_resize(
@@ -143,7 +144,8 @@ def open_image(source: MediaSource | Image.Image | np.ndarray, *, max_image_pixe
     if isinstance(source, Image.Image):
         return composite_to_rgb(source)  # an in-memory image is used as given, like transformers does
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)):
+        shape_ok = source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4))
+        if source.dtype != np.uint8 or not shape_ok:
             raise MediaError("<ndarray>", f"expected an (H, W[, 3|4]) uint8 array, got {source.dtype} {source.shape}")
         return composite_to_rgb(Image.fromarray(source))
     name = describe(source)

@@ -238,7 +238,8 @@ class Glm4vProcessor:
             for token, items, kind in ((IMAGE_TOKEN, images, "images"), (VIDEO_TOKEN, videos, "videos")):
                 found = sum(t.count(token) for t in texts)
                 if found != len(items):
-                    raise ValueError(f"the prompts hold {found} {token} placeholders but {len(items)} {kind} were given")
+                    raise ValueError(
+                        f"the prompts hold {found} {token} placeholders but {len(items)} {kind} were given")
         loaded_images = [self.load_image(i) for i in images]
         loaded_videos = [self.load_video(v) for v in videos]
         data = BatchFeature()
@@ -247,7 +248,7 @@ class Glm4vProcessor:
             encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=padding)
             for row, t in zip(encoded["input_ids"], texts):
                 if row.count(self.image_token_id) != t.count(IMAGE_TOKEN):
-                    raise ValueError("image/video placeholder tokens were merged with neighbouring text by the tokenizer")
+                    raise ValueError("the tokenizer merged image/video placeholder tokens with neighbouring text")
             data["input_ids"] = encoded["input_ids"]
             data["attention_mask"] = encoded["attention_mask"]
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(encoded["input_ids"])

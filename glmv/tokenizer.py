@@ -30,7 +30,8 @@ class GlmTokenizer:
         self.backend = tokenizer
         self.config = dict(config or {})
         # make sure every token the config declares exists with its special flag (as transformers does on load)
-        for token_id, spec in sorted((self.config.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
+        declared = self.config.get("added_tokens_decoder") or {}
+        for _, spec in sorted(declared.items(), key=lambda kv: int(kv[0])):
             content = spec.get("content")
             if content and tokenizer.token_to_id(content) is None:
                 token = AddedToken(content, special=bool(spec.get("special")), normalized=bool(spec.get("normalized")),

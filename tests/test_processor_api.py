@@ -33,7 +33,8 @@ def test_template_from_other_files(tiny_gqa, tmp_path, where):
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
     else:
         (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    assert Glm4vProcessor.from_pretrained(folder).apply_chat_template(CONVERSATION, add_generation_prompt=True) == expected
+    reloaded = Glm4vProcessor.from_pretrained(folder)
+    assert reloaded.apply_chat_template(CONVERSATION, add_generation_prompt=True) == expected
 
 
 def test_template_is_sandboxed_and_sees_only_plain_data():

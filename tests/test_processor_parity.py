@@ -179,8 +179,9 @@ def test_chat_template_renders_identically(reference, ours, case, template_kwarg
 
 
 def test_tools_render_identically(reference, ours, family):
-    tools = [{"type": "function", "function": {"name": "zoom", "description": "Zoom into a region",
-                                               "parameters": {"type": "object", "properties": {"box": {"type": "array"}}}}}]
+    parameters = {"type": "object", "properties": {"box": {"type": "array"}}}
+    tools = [{"type": "function",
+              "function": {"name": "zoom", "description": "Zoom into a region", "parameters": parameters}}]
     conversation = [{"role": "user", "content": "Zoom on the dog, please."},
                     {"role": "assistant", "content": "", "tool_calls": [
                         {"function": {"name": "zoom", "arguments": {"box": [1, 2, 3, 4]}}}]},
@@ -216,7 +217,8 @@ def test_processor_config_layout_from_save_pretrained(reference, ours, media, tm
     assert "image_processor" in saved and not (tmp_path / "preprocessor_config.json").exists()
     reloaded = Glm4vProcessor.from_pretrained(tmp_path)
     assert reloaded.family == family
-    assert reloaded.image_settings == ours.image_settings and reloaded.video_settings.max_pixels == ours.video_settings.max_pixels
+    assert reloaded.image_settings == ours.image_settings
+    assert reloaded.video_settings.max_pixels == ours.video_settings.max_pixels
     images, videos = media
     conversation = _user({"type": "image", "path": str(images["odd_333x517.png"])},
                          {"type": "video", "path": str(videos["odd_45f_7.5fps"])})
