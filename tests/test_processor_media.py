@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glmv.errors import MediaError
 from glmv.image import PatchSettings, load_image, smart_resize
 from glmv.video import VideoSettings, _iter_wanted_frames, load_video, sample_frame_indices
 
@@ -303,3 +304,31 @@ def test_patch_rows_are_block_major_with_repeated_temporal_frame():
     expected = torch.from_numpy(frame[14:28, 0:14].astype(np.float32)).permute(2, 0, 1)
     torch.testing.assert_close(rows[2].view(3, 2, 14, 14)[:, 0], expected)
     assert math.prod(grid) == rows.shape[0]
+
+
+def test_http_url_image_and_video(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    video = make_video(tmp_path / "clip.mp4", 31, 30)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(image)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        vs, ims = VideoSettings(**TINY_VIDEO), PatchSettings(**TINY_IMAGE)
+        np.testing.assert_array_equal(load_video(f"{base}/clip.mp4", vs).frames, load_video(video, vs).frames)
+        np.testing.assert_array_equal(load_image(f"{base}/a.png?sig=x", ims).pixels, load_image(image, ims).pixels)
+        with pytest.raises(MediaError, match="HTTP 404"):
+            load_image(f"{base}/missing.png", ims)
+    finally:
+        server.shutdown()
+        server.server_close()
