@@ -87,6 +87,8 @@ def test_call_forms_and_placeholder_count_check(tiny_gqa):
     assert isinstance(unpadded["input_ids"], list) and len(unpadded["input_ids"][1]) < len(unpadded["input_ids"][0])
     with pytest.raises(ValueError, match="padding=True"):
         processor(text=[prompt, "short"], images=[image], return_tensors="pt")
+    with pytest.raises(ValueError, match="continue_final_message is not supported"):
+        processor.apply_chat_template(CONVERSATION, continue_final_message=True)
     ids = processor.apply_chat_template(CONVERSATION[:1], tokenize=True)  # ids only, lists
     assert isinstance(ids, list) and processor.decode(ids[0]).startswith("[gMASK]<sop><|system|>")
 
