@@ -3,16 +3,19 @@
 from glmv.config import ConfigError, Glm4vConfig
 from glmv.errors import GlmvError, MediaError, ProcessorConfigError
 from glmv.generate import GenerateOutput, RowResult
+from glmv.image import LoadedImage, PatchSettings
 from glmv.model import Glm4vForConditionalGeneration
 from glmv.output import ParsedOutput, parse_output
 from glmv.pipelines import pipeline
 from glmv.processor import Glm4vProcessor, Glm46VProcessor
+from glmv.video import LoadedVideo, VideoSettings
 from glmv.weights import CheckpointError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "GenerateOutput", "Glm46VProcessor", "Glm4vConfig",
-    "Glm4vForConditionalGeneration", "Glm4vProcessor", "GlmvError", "MediaError", "ParsedOutput",
-    "ProcessorConfigError", "RowResult", "parse_output", "pipeline",
+    "Glm4vForConditionalGeneration", "Glm4vProcessor", "GlmvError", "LoadedImage", "LoadedVideo", "MediaError",
+    "ParsedOutput", "PatchSettings", "ProcessorConfigError", "RowResult", "VideoSettings", "parse_output",
+    "pipeline",
 ]
