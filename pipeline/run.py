@@ -146,7 +146,8 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
     tally = Tally.remote()
     summary = Summary()
     ds = build_dataset(cfg, ray.put(done), tally)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         if not summary.first_result_s:
             summary.first_result_s = time.monotonic() - start
         rows = batch.to_pylist()
