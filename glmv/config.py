@@ -121,6 +121,14 @@ class Glm4vConfig:
 
     def validate(self, source: str = "config.json") -> None:
         t, v = self.text, self.vision
+        sizes = {"text_config.num_attention_heads": t.num_attention_heads,
+                 "text_config.num_key_value_heads": t.num_key_value_heads, "text_config.hidden_size": t.hidden_size,
+                 "text_config.num_hidden_layers": t.num_hidden_layers, "vision_config.num_heads": v.num_heads,
+                 "vision_config.hidden_size": v.hidden_size, "vision_config.patch_size": v.patch_size,
+                 "vision_config.spatial_merge_size": v.spatial_merge_size}
+        for key, value in sizes.items():
+            if value <= 0:
+                raise ConfigError(f"{source}: {key} must be > 0, got {value}")
         checks = [
             (t.hidden_size % t.num_attention_heads == 0, "text_config.hidden_size must be divisible by num_attention_heads"),
             (t.num_attention_heads % t.num_key_value_heads == 0,
@@ -184,7 +192,7 @@ def _parse_text(raw: dict, source: str) -> TextConfig:
     mrope = rope.get("mrope_section") or scaling.get("mrope_section") or [8, 12, 12]
     defaults = TextConfig()
     eos = raw.get("eos_token_id", defaults.eos_token_id)
-    eos = (eos,) if isinstance(eos, int) else tuple(eos)
+    eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
     return TextConfig(
         vocab_size=_int(raw.get("vocab_size", defaults.vocab_size), "vocab_size", source),
         hidden_size=_int(raw.get("hidden_size", defaults.hidden_size), "hidden_size", source),

@@ -9,8 +9,12 @@ Only float32 on CPU, and only where torch was built with oneDNN; everything else
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -41,6 +45,11 @@ def pack_linears(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+                try:
+                    packed = PackedLinear(child)
+                except RuntimeError as e:  # an unusual CPU or build: keep plain nn.Linear from here on
+                    log.warning("oneDNN weight packing unavailable (%s); using plain linear layers", e)
+                    return count
+                setattr(parent, name, packed)
                 count += 1
     return count

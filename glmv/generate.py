@@ -8,7 +8,9 @@
 - Rows stop independently at their eos and leave the batch right away (cache rows included), so short captions
   stop costing compute while long ones finish.
 - Sampling draws one uniform number per row and step from that row's own generator (seeded by `seed`), so a row
-  gives the same text with the same seed whatever else is in its batch.
+  gives the same text with the same seed whatever else is in its batch. (Prefill is computed per row; decode steps
+  are batched, so results are batch-independent up to floating-point reduction order: exact in float32 here, while
+  in bfloat16 a near-tie between two tokens can flip.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 from glmv.model import Glm4vForConditionalGeneration, rope_index
 from glmv.text import KVCache
 
-# transformers' GenerationConfig defaults, used where neither the call nor generation_config.json says otherwise
+# Used where neither the call nor generation_config.json says otherwise: transformers' GenerationConfig defaults,
+# except max_new_tokens (transformers stops at a total length of 20, too short for a caption).
 DEFAULTS = dict(max_new_tokens=256, do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
 
 
@@ -71,7 +74,7 @@ def _setting(name, value, generation_config):
 def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, attention_mask=None,
              mm_token_type_ids=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
              video_grid_thw=None, *, max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
-             repetition_penalty=None, eos_token_id=None, pad_token_id=None, seed: int | list[int] = 0,
+             repetition_penalty=None, eos_token_id=None, pad_token_id=None, seed: int | list[int] | None = 0,
              return_dict_in_generate: bool = False, compile_decode: bool = False):
     """Generate for a left-padded batch; returns prompt + new tokens (B, T + new), like transformers' generate.
 
@@ -93,18 +96,24 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id", model.config.text.eos_token_id)
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.text.pad_token_id)
     pad = int(pad if pad is not None else eos[0])
 
     device = model.device
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     valid = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).bool()
     n_real = valid.sum(-1)
+    if (n_real == 0).any():
+        raise ValueError(f"rows {(n_real == 0).nonzero().flatten().tolist()} have no tokens (attention_mask all 0)")
     if not torch.equal(valid, torch.arange(T, device=device)[None, :] >= (T - n_real)[:, None]):
         raise ValueError("generate needs left-padded rows (attention_mask 0...0 1...1); pad on the left")
     types = model.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(device)
+    if seed is None:  # a fresh random seed per row
+        seed = torch.randint(0, 2**62, (B,)).tolist()
     seeds = [seed] * B if isinstance(seed, int) else list(seed)
     if len(seeds) != B:
         raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {B} rows")
@@ -195,6 +204,9 @@ def _seen_tokens(input_ids, valid, vocab_size):
 def _choose(logits: torch.Tensor, p: SamplingParams, seen, generators) -> torch.Tensor:
     """Next token per row from (b, V) logits: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
     logits = logits.float()
+    bad = ~torch.isfinite(logits).all(-1)
+    if bad.any():  # e.g. an overflow in half precision: fail loudly rather than emit an arbitrary token
+        raise FloatingPointError(f"non-finite logits in batch rows {bad.nonzero().flatten().tolist()}")
     if seen is not None:
         penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -210,10 +222,11 @@ def _choose(logits: torch.Tensor, p: SamplingParams, seen, generators) -> torch.
         drop = cumulative <= 1 - p.top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    cdf = logits.softmax(-1).cumsum(-1).cpu()  # (b, V)
-    u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).float()  # (b, 1)
+    cdf = logits.softmax(-1).cumsum(-1)  # (b, V), on the model's device
+    # one uniform per row from the row's own CPU generator, so seeding does not depend on the device
+    u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).float().to(cdf.device)
     u = u * cdf[:, -1:]  # the cdf's last entry is 1 up to rounding
-    return torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).flatten()
+    return torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).flatten().cpu()
 
 
 def _compiled(lm):

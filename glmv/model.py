@@ -50,6 +50,20 @@ class Glm4vForConditionalGeneration(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu)
 
+    def _apply(self, fn, recurse=True):
+        from glmv.cpu_kernels import PackedLinear
+
+        if any(isinstance(m, PackedLinear) for m in self.modules()):
+            raise ValueError("this model's linear weights were packed for CPU float32 at load (fast_cpu=True), so it "
+                             "cannot be moved or cast; pass device=/dtype= to from_pretrained, or load with "
+                             "fast_cpu=False")
+        return super()._apply(fn, recurse)
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        unchanged = (device is None or torch.device(device) == self.device) and (dtype is None or dtype == self.dtype)
+        return self if unchanged else super().to(*args, **kwargs)
+
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Static-batch generation; see glmv.generate.generate for the arguments."""
         from glmv.generate import generate
@@ -110,8 +124,10 @@ class Glm4vForConditionalGeneration(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                video_grid_thw: torch.Tensor | None = None) -> ModelOutput:
-        """Full forward over a (left-padded) batch, taking the processor's output as it is."""
+                video_grid_thw: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """Full forward over a (left-padded) batch, taking the processor's output as it is.
+        logits_to_keep > 0 returns logits for the last that many positions only (full logits of long video
+        prompts are large: B x T x vocab)."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -124,6 +140,8 @@ class Glm4vForConditionalGeneration(nn.Module):
                                      self.config.vision.spatial_merge_size)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1])
         hidden = self.model.language_model(x, position_ids.to(self.device), mask)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
         return ModelOutput(logits=self.lm_head(hidden))
 
 

@@ -39,6 +39,14 @@ class ImageTextToTextPipeline:
         batched = isinstance(text[0], (list, tuple))
         conversations = list(text) if batched else [text]
         settings = {**(generate_kwargs or {}), **kwargs}
+        for key in ("images", "videos"):
+            if key in settings:
+                raise ValueError(f"{key}= is not taken here: reference media inside the messages, e.g. "
+                                 "{'type': 'image', 'url': ...}")
+        settings.pop("return_dict_in_generate", None)  # this API returns text
+        seeds = settings.pop("seed", 0)
+        if isinstance(seeds, (list, tuple)) and len(seeds) != len(conversations):
+            raise ValueError(f"seed: got {len(seeds)} seeds for {len(conversations)} conversations")
         if max_new_tokens is not None:
             settings["max_new_tokens"] = max_new_tokens
 
@@ -48,7 +56,8 @@ class ImageTextToTextPipeline:
             inputs = self.processor.apply_chat_template(
                 chunk, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
                 padding=True, **(chat_template_kwargs or {}))
-            sequences = self.model.generate(**inputs, **settings)
+            seed = seeds[start:start + self.batch_size] if isinstance(seeds, (list, tuple)) else seeds
+            sequences = self.model.generate(**inputs, seed=seed, **settings)
             new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
             texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
             for conversation, generated in zip(chunk, texts):

@@ -53,9 +53,16 @@ class TextRotary(nn.Module):
         dim = self.cfg.rotary_dim
         self.inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the frequencies (angle errors grow with position): recompute them
+        # in float32 on wherever the module now lives.
+        super()._apply(fn, recurse)
+        self.init_buffers(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """position_ids (3, B, T) -> cos, sin (B, T, rotary_dim), computed in float32 as the reference does."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (3, B, T, rd/2)
+        freqs = position_ids[..., None].float() * self.inv_freq  # (3, B, T, rd/2)
         # frequency pair i takes its position from axis t, h or w by the section it falls in
         freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.sections, dim=-1))], dim=-1)
         freqs = freqs.repeat_interleave(2, dim=-1)  # (B, T, rd): interleaved pairs (2i, 2i+1)

@@ -142,6 +142,13 @@ class VisionTower(nn.Module):
         exponent = torch.arange(0, half, 2, dtype=torch.float, device=device) / half
         self.inv_freq = 1.0 / (self.cfg.rope_theta ** exponent)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the frequencies (angle errors grow with position): recompute them
+        # in float32 on wherever the module now lives.
+        super()._apply(fn, recurse)
+        self.init_buffers(self.inv_freq.device)
+        return self
+
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
         device = patches.device
@@ -160,7 +167,7 @@ class VisionTower(nn.Module):
         return self.merger(x)
 
     def rotary_2d(self, hw_pos: torch.Tensor):
-        freqs = hw_pos[..., None].float() * self.inv_freq.float()  # (N, 2, Dh/4)
+        freqs = hw_pos[..., None].float() * self.inv_freq  # (N, 2, Dh/4)
         angles = freqs.flatten(1)  # (N, Dh/2): h frequencies then w frequencies
         angles = torch.cat([angles, angles], dim=-1)  # (N, Dh) for rotate-half pairs (i, i + Dh/2)
         return angles.cos(), angles.sin()

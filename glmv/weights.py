@@ -9,6 +9,7 @@ Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -58,6 +59,10 @@ class SafetensorsFile:
             begin, end = entry["data_offsets"]
             if entry["dtype"] not in _DTYPES or not (0 <= begin <= end <= size - self.data_start):
                 raise CheckpointError(f"{path}: tensor {key!r} has an unsupported dtype or offsets out of the file")
+            nbytes = math.prod(entry["shape"]) * _DTYPES[entry["dtype"]].itemsize
+            if end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {key!r} holds {end - begin} bytes, its shape "
+                                      f"{entry['shape']} and dtype {entry['dtype']} need {nbytes}")
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key]["shape"])
@@ -132,6 +137,8 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     opened: dict[Path, SafetensorsFile] = {}
     for name, file in files.items():
         st = opened.get(file) or opened.setdefault(file, SafetensorsFile(file))
+        if name not in st.entries:
+            raise CheckpointError(f"{path / INDEX_FILE} places {name!r} in {file.name}, which does not hold it")
         if st.shape(name) != expected[name]:
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
                                   f"({path / 'config.json'}) needs {list(expected[name])}")

@@ -130,6 +130,7 @@ def test_generation_defaults_come_from_generation_config(tiny_gqa):
     (dict(top_p=1.5), "top_p must be in"),
     (dict(seed=[1, 2]), "got 2 seeds for a batch of 1 rows"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "needs left-padded rows"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"rows \[0\] have no tokens"),
 ])
 def test_bad_generation_settings_are_clear_errors(tiny_gqa, kwargs, message):
     model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
@@ -148,3 +149,11 @@ def test_compiled_decode_gives_the_same_tokens(tiny_gqa, video_path):
     compiled = model.generate(**inputs, max_new_tokens=12, compile_decode=True)
     assert torch.equal(eager, compiled)
     assert not any("_compiled" in k for k in model.state_dict())
+
+
+def test_one_dimensional_ids_and_unseeded_sampling(tiny_gqa):
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, length\) tensor, got shape \(3,\)"):
+        model.generate(input_ids=torch.tensor([3, 4, 5]))
+    out = model.generate(input_ids=torch.tensor([[3, 4, 5]]), do_sample=True, seed=None, max_new_tokens=4)
+    assert out.shape[0] == 1 and 4 <= out.shape[1] <= 7 and torch.equal(out[0, :3], torch.tensor([3, 4, 5]))

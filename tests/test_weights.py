@@ -144,3 +144,51 @@ def test_bad_config_values_are_named(tiny_gqa, change, message):
 def test_unknown_dtype_is_rejected(tiny_gqa):
     with pytest.raises(ConfigError, match="dtype 'float8'"):
         glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype="float8")
+
+
+def test_casting_keeps_rotary_tables_in_float32(tiny_gqa):
+    """model.to(bfloat16) must not round the rope frequencies: same logits as loading in bfloat16."""
+    cast = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, fast_cpu=False).to(torch.bfloat16)
+    assert cast.model.language_model.rotary.inv_freq.dtype == torch.float32
+    assert cast.model.visual.inv_freq.dtype == torch.float32
+    loaded = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.bfloat16)
+    ids = torch.arange(3, 60)[None]
+    assert torch.equal(logits(cast, ids), logits(loaded, ids))
+
+
+def test_packed_cpu_model_refuses_to_move_with_a_clear_error(tiny_gqa):
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)  # fast_cpu packs float32 linears
+    assert model.to("cpu") is model and model.to(torch.float32) is model
+    with pytest.raises(ValueError, match="packed for CPU float32 at load"):
+        model.to(torch.bfloat16)
+
+
+def test_index_pointing_at_the_wrong_shard_is_named(tiny_gqa, tmp_path):
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][key] = files[1]
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"places '{key}' in {files[1]}, which does not hold it"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+def test_tensor_whose_bytes_do_not_match_its_shape_is_named(tmp_path):
+    from glmv.weights import SafetensorsFile
+
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, path)
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + header_len].replace(b"[4,4]", b"[4,5]")
+    path.write_bytes(raw[:8] + header + raw[8 + header_len:])
+    with pytest.raises(CheckpointError, match=r"tensor 'w' holds 64 bytes, its shape \[4, 5\] and dtype F32 need 80"):
+        SafetensorsFile(path)
+
+
+def test_zero_heads_is_a_config_error_not_a_crash(tiny_gqa):
+    raw = json.loads((tiny_gqa / "config.json").read_text())
+    raw["text_config"]["num_attention_heads"] = 0
+    with pytest.raises(ConfigError, match="text_config.num_attention_heads must be > 0"):
+        Glm4vConfig.from_dict(raw)
