@@ -34,9 +34,13 @@ class KVCache:
         return view
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows so they stop costing compute (one copy per change of the active set)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        """Drop finished rows so they stop costing compute. `rows` (ascending) move forward in place, one row at a
+        time, so compaction never holds a second copy of the cache."""
+        for new, old in enumerate(rows.tolist()):
+            if new != old:
+                self.k[:, new] = self.k[:, old]
+                self.v[:, new] = self.v[:, old]
+        self.k, self.v = self.k[:, : len(rows)], self.v[:, : len(rows)]
 
 
 class TextRotary(nn.Module):
