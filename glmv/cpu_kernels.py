@@ -41,15 +41,15 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every nn.Linear below `model` for a PackedLinear, one at a time (peak: one extra weight).
     Returns how many were packed."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                try:
-                    packed = PackedLinear(child)
-                except RuntimeError as e:  # an unusual CPU or build: keep plain nn.Linear from here on
-                    log.warning("oneDNN weight packing unavailable (%s); using plain linear layers", e)
-                    return count
-                setattr(parent, name, packed)
-                count += 1
-    return count
+    # Hold (parent, name) pairs only: a reference to the linears themselves would keep every original weight
+    # alive until the end, doubling the peak.
+    targets = [(parent, name) for parent in model.modules()
+               for name, child in parent.named_children() if type(child) is nn.Linear]
+    for count, (parent, name) in enumerate(targets):
+        try:
+            packed = PackedLinear(getattr(parent, name))
+        except RuntimeError as e:  # an unusual CPU or build: keep plain nn.Linear from here on
+            log.warning("oneDNN weight packing unavailable (%s); using plain linear layers", e)
+            return count
+        setattr(parent, name, packed)
+    return len(targets)
