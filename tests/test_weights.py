@@ -19,9 +19,28 @@ def logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
-def copy_checkpoint(src, dst):
+def copy_checkpoint(src, dst, edit_config=None):
+    """A copy of a checkpoint folder, with edit_config(config_dict) applied to its config.json."""
     shutil.copytree(src, dst)
+    if edit_config is not None:
+        config = json.loads((dst / "config.json").read_text())
+        edit_config(config)
+        (dst / "config.json").write_text(json.dumps(config))
     return dst
+
+
+def config_only(checkpoint, dst):
+    """A new checkpoint folder holding only the config.json of `checkpoint`; weights are up to the test."""
+    dst.mkdir()
+    shutil.copy(checkpoint / "config.json", dst / "config.json")
+    return dst
+
+
+def all_tensors(checkpoint):
+    state = {}
+    for shard in checkpoint.glob("model-*.safetensors"):
+        state.update(load_file(shard))
+    return state
 
 
 def test_loads_checkpoint_written_by_transformers_save_pretrained(tiny_gqa, tmp_path):
@@ -54,10 +73,7 @@ def test_released_layout_and_single_file_load_the_same_weights(tiny_gqa, tmp_pat
     for name in ("generation_config.json",):
         shutil.copy(tiny_gqa / name, dst / name)
     (dst / "config.json").write_text(json.dumps(old))
-    state = {}
-    for shard in tiny_gqa.glob("model-*.safetensors"):
-        state.update(load_file(shard))
-    save_file(state, dst / "model.safetensors")
+    save_file(all_tensors(tiny_gqa), dst / "model.safetensors")
 
     a = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
     b = glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
@@ -87,12 +103,8 @@ def test_missing_key_is_an_error_naming_it(tiny_gqa, tmp_path):
 
 
 def test_unexpected_key_is_an_error_naming_it(tiny_gqa, tmp_path):
-    dst = tmp_path / "ckpt"
-    dst.mkdir()
-    shutil.copy(tiny_gqa / "config.json", dst / "config.json")
-    state = {}
-    for shard in tiny_gqa.glob("model-*.safetensors"):
-        state.update(load_file(shard))
+    dst = config_only(tiny_gqa, tmp_path / "ckpt")
+    state = all_tensors(tiny_gqa)
     state["model.visual.extra_head.weight"] = torch.zeros(2)
     save_file(state, dst / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected key\(s\): model\.visual\.extra_head\.weight"):
@@ -100,28 +112,21 @@ def test_unexpected_key_is_an_error_naming_it(tiny_gqa, tmp_path):
 
 
 def test_wrong_shape_is_an_error_naming_key_and_shapes(tiny_gqa, tmp_path):
-    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
-    config = json.loads((dst / "config.json").read_text())
-    config["text_config"]["intermediate_size"] = 320
-    (dst / "config.json").write_text(json.dumps(config))
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt",
+                          edit_config=lambda config: config["text_config"].update(intermediate_size=320))
     with pytest.raises(CheckpointError, match=r"'model\.language_model\.layers\.\d\.mlp\.\w+_proj\.weight' has shape "
                                               r"\[\d+, \d+\], the config .* needs \[\d+, \d+\]"):
         glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
 
 
 def test_unsupported_model_type_is_named(tiny_gqa, tmp_path):
-    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
-    config = json.loads((dst / "config.json").read_text())
-    config["model_type"] = "glm4v_moe"
-    (dst / "config.json").write_text(json.dumps(config))
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt", edit_config=lambda config: config.update(model_type="glm4v_moe"))
     with pytest.raises(ConfigError, match=r"model_type 'glm4v_moe' is not supported \(the MoE"):
         glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
 
 
 def test_pickled_checkpoint_is_refused_without_being_opened(tmp_path, tiny_gqa):
-    dst = tmp_path / "ckpt"
-    dst.mkdir()
-    shutil.copy(tiny_gqa / "config.json", dst / "config.json")
+    dst = config_only(tiny_gqa, tmp_path / "ckpt")
     (dst / "pytorch_model.bin").write_bytes(b"not even read")
     with pytest.raises(CheckpointError, match=r"pickled weights are refused"):
         glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
