@@ -9,9 +9,11 @@ Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ import torch.nn as nn
 
 from glmv import cpu_kernels
 from glmv.config import ConfigError, Glm4vConfig
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -142,12 +146,17 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
         if st.shape(name) != expected[name]:
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
                                   f"({path / 'config.json'}) needs {list(expected[name])}")
-    for name, file in files.items():
-        st = opened[file]
-        # Always a copy: matmuls on weights left in the file mapping ran 5-10x slower on CPU (unaligned,
-        # small-page memory). Releasing each tensor's source pages keeps the peak at one tensor over the model.
-        _set_tensor(model, name, st.tensor(name).to(device=device, dtype=dtype, copy=True))
-        st.release(name)
+    started, loaded_bytes = time.perf_counter(), 0
+    for i, (file, st) in enumerate(opened.items(), 1):
+        for name in (n for n, f in files.items() if f == file):
+            # Always a copy: matmuls on weights left in the file mapping ran 5-10x slower on CPU (unaligned,
+            # small-page memory). Releasing each tensor's source pages keeps the peak at one tensor over the model.
+            tensor = st.tensor(name)
+            loaded_bytes += tensor.numel() * tensor.element_size()
+            _set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+            st.release(name)
+        log.info("loaded %s (%d/%d files, %.1f GiB in %.1fs)", file.name, i, len(opened), loaded_bytes / 2**30,
+                 time.perf_counter() - started)
 
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -157,7 +166,10 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
         cpu_kernels.pack_linears(model)
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
-        model.generation_config = json.loads(generation_file.read_text())
+        try:
+            model.generation_config = json.loads(generation_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{generation_file}: not valid JSON ({e})") from None
     return model
 
 
