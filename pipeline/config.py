@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
              "demo": DemoConfig}
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
-             "batching.decode_batch_size", "batching.max_input_pixels"}
+             "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
                  "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus"}
@@ -173,6 +174,8 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
     elif annotation == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan / inf would mean "never flush", "sleep forever", ...
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         value = float(value)
     elif annotation == "list[str]":
         if isinstance(value, str):   # `--set run.tasks=caption` means one task
@@ -210,6 +213,8 @@ def _build_task(name: str, values: Any) -> TaskSpec:
     if "prompt" not in values and name not in BUILTIN_TASKS:
         raise ConfigError(f"tasks.{name}.prompt: a custom task needs a prompt")
     defaults = BUILTIN_TASKS.get(name, ("", False))
+    if "name" in values:
+        raise ConfigError(f"tasks.{name}.name: a task's name is its table name ([tasks.{name}]), not a key")
     merged = {"prompt": defaults[0], "thinking": defaults[1], **values}
     spec = _build_section(f"tasks.{name}", TaskSpec, {"name": name, **merged})
     if not spec.prompt.strip():
@@ -274,6 +279,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run.tasks: a task is listed twice in {cfg.run.tasks}")
     if cfg.input.manifest and cfg.input.manifest_prompt_task in cfg.run.tasks:
         raise ConfigError(f"input.manifest_prompt_task: {cfg.input.manifest_prompt_task!r} is also in run.tasks")
+    if cfg.batching.max_frames == 1:
+        raise ConfigError("batching.max_frames: must be 0 (no cap) or >= 2 (frames pair up into temporal patches)")
     if not 0 < cfg.run.top_p <= 1:
         raise ConfigError(f"run.top_p: must be in (0, 1], got {cfg.run.top_p}")
     if cfg.run.temperature <= 0:

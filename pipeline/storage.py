@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -82,8 +83,10 @@ def is_transient(exc: BaseException) -> bool:
                 "ServerDisconnectedError", "ClientOSError", "IncompleteReadError", "ResponseStreamingError"):
         return True
     text = str(exc)
-    if any(code in text for code in ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "ServiceUnavailable",
-                                     "500", "502", "503", "504")):
+    if any(code in text for code in ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "ServiceUnavailable")):
+        return True
+    # an HTTP 5xx status, not any digits that happen to be in a key such as photos/2500.jpg
+    if re.search(r"(?:^|status(?: code)?|HTTP|\()\W{0,3}5(?:00|02|03|04)\b", text, flags=re.IGNORECASE):
         return True
     if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EAGAIN, errno.EPIPE):
         return True

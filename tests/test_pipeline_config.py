@@ -53,6 +53,11 @@ def test_set_overrides_read_toml_values_and_bare_words(tmp_path):
     ("bogus.key=1", "bogus"),
     ("run.max_new_tokens=true", "run.max_new_tokens"),
     ("tasks.empty.thinking=true", "tasks.empty.prompt"),
+    ("run.repetition_penalty=0", "run.repetition_penalty"),
+    ("output.flush_seconds=inf", "output.flush_seconds"),
+    ("run.temperature=nan", "run.temperature"),
+    ("batching.max_frames=1", "batching.max_frames"),
+    ('tasks.chart={prompt="Read the chart.", name="other"}', "tasks.chart.name"),
 ])
 def test_bad_keys_and_values_are_rejected_with_the_key_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -161,6 +161,9 @@ def test_s3_writer_and_done_set(s3):
     (ConnectionResetError(errno.ECONNRESET, "connection reset by peer"), 5),   # transient: retried, then raised
     (TimeoutError("read timed out"), 5),
     (FileNotFoundError("s3://b/k"), 1),                                         # a missing object is not retried
+    (OSError("HTTP 503 Service Unavailable"), 5),
+    (RuntimeError("503, message='Service Unavailable', url='http://h/k.jpg'"), 5),
+    (OSError(errno.EINVAL, "cannot decode photos/2500.jpg at offset 5000"), 1),  # digits in a key are no status
 ])
 def test_retries_only_transient_errors(error, attempts):
     calls = []
