@@ -67,6 +67,7 @@ class RunConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    retry_errors: bool = False   # at start, take error rows out of the output so their (item, task) runs again
 
 
 @dataclass

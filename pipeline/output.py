@@ -68,6 +68,32 @@ def _result_files(fs, root: str) -> list[str]:
                   if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
 
 
+def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
+    """Remove the error rows from the result files so those (item, task) pairs are pending again; returns how many.
+
+    Each file is replaced whole by its rows without errors (or deleted when nothing is left), so a kill at any
+    moment leaves every pair either still recorded (as an error, retried by the next such run) or pending, never
+    twice."""
+    fs, root = storage.filesystem(uri, opts)
+    reopened = 0
+    for path in _result_files(fs, root):
+        errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=fs), path, opts)
+        n = len(errors) - errors["error"].null_count
+        if not n:
+            continue
+        table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), path, opts)
+        kept = table.filter(table["error"].is_null())
+        if len(kept):
+            sink = io.BytesIO()
+            pq.write_table(kept.cast(SCHEMA), sink, compression="zstd")
+            data = sink.getvalue()
+            storage.with_retries(lambda: storage.write_atomic(fs, path, data, staging), path, opts)
+        else:
+            storage.with_retries(lambda: fs.rm(path), path, opts)
+        reopened += n
+    return reopened
+
+
 def load_done(uri: str, opts: StorageOptions) -> np.ndarray:
     """Sorted uint64 keys of every (id, task) already in the output."""
     fs, root = storage.filesystem(uri, opts)

@@ -139,6 +139,9 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
     _clear_staging(writer)
+    if cfg.run.retry_errors:
+        reopened = output.reopen_errors(cfg.output.uri, opts, writer.staging)
+        print(f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again", file=out, flush=True)
     done = output.load_done(cfg.output.uri, opts)
     print(f"output {cfg.output.uri}: {len(done)} (item, task) rows already done", file=out, flush=True)
 

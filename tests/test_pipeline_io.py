@@ -145,6 +145,24 @@ def test_writer_files_are_whole_and_done_set_filters_pending(tmp_path):
     assert all(r["tasks"] == ["caption", "ocr"] for r in pending if r["id"] != first)
 
 
+def test_retry_errors_reopens_only_error_rows_file_by_file(tmp_path):
+    out = tmp_path / "out"
+    writer = output.ResultWriter(str(out), OPTS, rows_per_file=2, flush_seconds=60)
+    writer.add([_result_row("a", "caption"), _result_row("b", "caption", error="/x/b.png: model failed (OOM)"),
+                _result_row("c", "caption", error="/x/c.png: corrupt"), _result_row("d", "caption", error="x")])
+    writer.flush()
+    assert len(output.load_done(str(out), OPTS)) == 4      # error rows count as done
+    before = sorted(out.glob("*.parquet"))
+    assert len(before) == 2
+    assert output.reopen_errors(str(out), OPTS, writer.staging) == 3
+    table = read_output(str(out))
+    assert table["id"].to_pylist() == ["a"] and table["error"].null_count == 1
+    assert len(sorted(out.glob("*.parquet"))) == 1           # the file of only error rows is gone
+    assert list(output.load_done(str(out), OPTS)) == list(listing.key_hash(["a"], ["caption"]))
+    assert output.reopen_errors(str(out), OPTS, writer.staging) == 0
+    assert not list((out / "_state" / "staging").glob("*"))
+
+
 def test_s3_writer_and_done_set(s3):
     fs = s3fs_for(s3)
     fs.mkdir("results")
