@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.listing import key_hash
 from pipeline.storage import StorageOptions
 
@@ -113,7 +114,13 @@ class ResultWriter:
         self.fs, self.root = storage.filesystem(uri, opts)
         self.uri, self.opts = uri, opts
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
-        self.fs.makedirs(self.root, exist_ok=True)
+        if storage.is_object_store(self.fs, self.root):
+            # makedirs on an object store would create a missing bucket: a typo must not make a new bucket
+            bucket = self.root.strip("/").split("/")[0]
+            if not storage.with_retries(lambda: self.fs.exists(bucket), uri, opts):
+                raise ConfigError(f"output.uri {uri}: bucket {bucket!r} does not exist or is not accessible")
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
         self.staging = f"{self.root.rstrip('/')}/{STATE_DIR}/staging"
         self.run_tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.buffer: list[dict] = []

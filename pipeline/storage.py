@@ -114,10 +114,14 @@ def read_bytes(uri: str, opts: StorageOptions) -> bytes:
     return with_retries(lambda: fs.cat_file(path), uri, opts)
 
 
+def is_object_store(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return not is_local(fs) and protocol_of(fs.unstrip_protocol(path)) in ("s3", "s3a", "gs", "gcs", "az", "abfs")
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, staging_dir: str) -> None:
     """Make `path` appear only whole. Object stores publish an object when its upload completes, so a direct
     write is already atomic there; elsewhere write to a staging file in `staging_dir` and rename it into place."""
-    if not is_local(fs) and protocol_of(fs.unstrip_protocol(path)) in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+    if is_object_store(fs, path):
         fs.pipe_file(path, data)
         return
     fs.makedirs(staging_dir, exist_ok=True)

@@ -173,6 +173,9 @@ def test_s3_writer_and_done_set(s3):
     assert len(fs.ls("results/run1")) == 3          # 2 + 2 + 1 rows; no staging objects on S3
     assert len(read_output("s3://results/run1", s3)) == 5
     assert len(output.load_done("s3://results/run1", opts)) == 5
+    with pytest.raises(ConfigError, match="bucket 'resluts' does not exist"):   # a typo makes no new bucket
+        output.ResultWriter("s3://resluts/run1", opts, rows_per_file=2, flush_seconds=60)
+    assert not fs.exists("resluts")
 
 
 @pytest.mark.parametrize("error, attempts", [
