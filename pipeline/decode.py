@@ -1,5 +1,6 @@
-"""CPU stage: read each item's bytes (retrying transient storage errors), decode and resize it with glmv's CPU
-step, and ship compact uint8 frames to the model actors. A bad item becomes a row with `error` set; the run goes on.
+"""CPU stage: read each item (images whole, videos through a seekable handle; transient storage errors retried),
+decode and resize it with glmv's CPU step, and ship compact uint8 frames to the model actors. A bad item becomes
+a row with `error` set; the run goes on.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def decode_one(item: dict, loader: MediaLoader, opts: StorageOptions) -> dict:
         row["error"] = f"{uri}: unsupported file type (extensions: images and videos only)"
         return row
     try:
-        data = storage.read_bytes(uri, opts)
-        loaded = loader.load(item["media_type"], data)
+        loaded = _load(item["media_type"], uri, loader, opts)
     except Exception as e:  # noqa: BLE001 - every failure of one item becomes that item's error row
         row["error"] = describe_error(uri, e)
         return row
@@ -67,6 +67,19 @@ def decode_one(item: dict, loader: MediaLoader, opts: StorageOptions) -> dict:
                num_frames=loaded.num_frames, frames=frames.tobytes(), frames_shape=list(frames.shape),
                meta=json.dumps(loaded.meta))
     return row
+
+
+def _load(kind: str, uri: str, loader: MediaLoader, opts: StorageOptions):
+    if kind == "video":
+        # a seekable handle: only the byte ranges of the sampled frames are read, never a whole multi-GB file
+        fs, path = storage.filesystem(uri, opts)
+
+        def load_video():
+            with fs.open(path, "rb") as f:
+                return loader.load(kind, f)
+
+        return storage.with_retries(load_video, uri, opts)
+    return loader.load(kind, storage.read_bytes(uri, opts))
 
 
 def decode_batch(batch: pa.Table, cfg: Config) -> pa.Table:

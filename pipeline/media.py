@@ -45,7 +45,8 @@ class MediaLoader:
             video.max_pixels = max(video.min_pixels, min(video.max_pixels, max_video_pixels))
         self.max_frames = max_frames - max_frames % 2   # frames pair up into temporal patches
 
-    def load(self, kind: str, data: bytes) -> Loaded:
+    def load(self, kind: str, data) -> Loaded:
+        """data: the encoded bytes, or (videos) a seekable binary file."""
         if kind == "image":
             img = self.processor.load_image(data)
             return Loaded(img.pixels[None], img.orig_width, img.orig_height, None, 1, _meta(img, "image"))

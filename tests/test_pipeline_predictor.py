@@ -78,3 +78,21 @@ def test_a_failing_batch_is_retried_row_by_row(setup):
                            ("gone.png", "ocr")}
     assert "model failed (RuntimeError: simulated bad row)" in errors[("img1.png", "ocr")]
     assert sum(r["error"] is None for r in rows) == 10
+
+
+def test_videos_are_read_through_a_handle_not_whole(setup, tmp_path, monkeypatch):
+    """A multi-GB video must not be read into a decode worker's memory: only images go through read_bytes."""
+    from pipeline import decode, storage
+    from pipeline.corpus import video_bytes
+
+    cfg = setup[0]
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(video_bytes(num_frames=24, fps=8, width=84, height=56))
+
+    def whole_read(uri, opts):
+        raise AssertionError(f"read whole: {uri}")
+
+    monkeypatch.setattr(storage, "read_bytes", whole_read)
+    item = {"id": item_id(str(path)), "uri": str(path), "media_type": "video", "prompt": "", "tasks": ["caption"]}
+    row = decode.decode_batch(pa.Table.from_pylist([item], schema=ITEM_SCHEMA), cfg).to_pylist()[0]
+    assert row["error"] is None and row["num_frames"] >= 2 and row["duration_s"] == pytest.approx(3.0, abs=0.2)
