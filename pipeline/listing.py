@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +43,8 @@ def key_hash(ids: Iterable[str], task: Iterable[str]) -> np.ndarray:
 
 def media_type_of(uri: str) -> str | None:
     """'image', 'video' or None, from the file extension (a lying extension is caught later, when decoding)."""
-    ext = uri.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+    name = urlsplit(uri).path.rsplit("/", 1)[-1] if "://" in uri else uri.rsplit("/", 1)[-1]  # no ?query
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if ext in IMAGE_EXTENSIONS:
         return "image"
     if ext in VIDEO_EXTENSIONS:

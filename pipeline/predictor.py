@@ -142,14 +142,15 @@ class Predictor:
                                                         {"type": "text", "text": s.prompt}]}] for s in seqs]
         inputs = self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt", padding=True,
-                                                    enable_thinking=seqs[0].thinking)
+                                                    enable_thinking=seqs[0].thinking,
+                                                    device=self.device)  # patchify the uint8 frames on the GPU
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         if "pixel_values_videos" in inputs:
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
         run = self.cfg.run
-        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k or None, top_p=run.top_p,
+        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k, top_p=run.top_p,
                         seed=run.seed) if run.do_sample else dict(do_sample=False)
         prompt_len = inputs["input_ids"].shape[1]
         with torch.inference_mode():

@@ -210,3 +210,10 @@ def test_backoff_grows_and_a_recovered_call_returns():
     opts = StorageOptions(retries=4, retry_backoff_s=0.1)
     assert storage.with_retries(flaky, "s3://b/k", opts, sleep=sleeps.append) == b"ok"
     assert len(calls) == 3 and len(sleeps) == 2 and 0.05 <= sleeps[0] <= 0.1 <= sleeps[1] <= 0.2
+
+
+def test_media_type_ignores_url_queries_such_as_presigned_signatures():
+    assert listing.media_type_of("https://h/b/a.jpg?X-Amz-Signature=abc.def") == "image"
+    assert listing.media_type_of("s3://bucket/clips/v.MP4") == "video"
+    assert listing.media_type_of("/data/photos.v2/readme") is None
+    assert listing.media_type_of("/data/a.b/photo.webp") == "image"
