@@ -44,8 +44,14 @@ def resolve_device(cfg: Config) -> tuple[str, "object"]:
     import torch
 
     device = cfg.model.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device = 'cuda' but this actor sees no CUDA device (torch.cuda.is_available() "
+                           "is False: a CPU-only torch build, or actors.num_gpus = 0)")
     if device == "auto":
         device = "cuda" if cfg.actors.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if cfg.actors.num_gpus > 0 and device == "cpu":
+            log.warning("actors.num_gpus = %s but this actor sees no CUDA device; running the model on the CPU",
+                        cfg.actors.num_gpus)
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
