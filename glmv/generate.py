@@ -190,14 +190,16 @@ def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, atte
     sequences = out[:, : T + steps]
     if not return_dict_in_generate:
         return sequences
-    n_prompt = valid.sum(-1).tolist()
+    n_prompt = n_real.tolist()
     rows = [RowResult(n_prompt[i], int(n_generated[i]), finish[i], vision_s, prefill_s, decode_s[i]) for i in range(B)]
     return GenerateOutput(sequences=sequences, rows=rows)
 
 
 def _seen_tokens(input_ids, valid, vocab_size):
+    """(B, V) bool: which token ids each row's real prompt tokens hold (padding is not a seen token)."""
     seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
-    seen.scatter_(1, torch.where(valid, input_ids, 0), valid)
+    rows, cols = valid.nonzero(as_tuple=True)
+    seen[rows, input_ids[rows, cols]] = True
     return seen
 
 

@@ -157,3 +157,14 @@ def test_one_dimensional_ids_and_unseeded_sampling(tiny_gqa):
         model.generate(input_ids=torch.tensor([3, 4, 5]))
     out = model.generate(input_ids=torch.tensor([[3, 4, 5]]), do_sample=True, seed=None, max_new_tokens=4)
     assert out.shape[0] == 1 and 4 <= out.shape[1] <= 7 and torch.equal(out[0, :3], torch.tensor([3, 4, 5]))
+
+
+def test_repetition_penalty_sees_real_prompt_tokens_only():
+    """Token id 0 in a real position stays seen even where padding (also scattered at 0 before) sits beside it."""
+    from glmv.generate import _seen_tokens
+
+    ids = torch.tensor([[9, 9, 0, 5], [0, 7, 7, 7]])
+    valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]).bool()
+    seen = _seen_tokens(ids, valid, 12)
+    assert seen[0].nonzero().flatten().tolist() == [0, 5]  # 9 sits in padding only
+    assert seen[1].nonzero().flatten().tolist() == [0, 7]
