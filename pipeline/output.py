@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -98,11 +99,15 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
 def load_done(uri: str, opts: StorageOptions) -> np.ndarray:
     """Sorted uint64 keys of every (id, task) already in the output."""
     fs, root = storage.filesystem(uri, opts)
-    keys = []
-    for path in _result_files(fs, root):
+
+    def keys_of(path: str) -> np.ndarray:
         table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs), path,
                                      opts)
-        keys.append(key_hash(table["id"].to_pylist(), table["task"].to_pylist()))
+        return key_hash(table["id"].to_pylist(), table["task"].to_pylist())
+
+    # files are read concurrently: on an object store a resumed run may have 1e5 files, each one round trip
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        keys = list(pool.map(keys_of, _result_files(fs, root)))
     return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.uint64)
 
 
