@@ -138,6 +138,14 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
         listing.check_manifest(cfg.input.manifest, opts)
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
+    lease = output.Lease(writer, takeover=cfg.output.takeover)  # before touching the output's state
+    try:
+        return _run(cfg, opts, writer, start, out)
+    finally:
+        lease.release()
+
+
+def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: float, out) -> Summary:
     _clear_staging(writer)
     if cfg.run.retry_errors:
         reopened = output.reopen_errors(cfg.output.uri, opts, writer.staging)
