@@ -38,6 +38,11 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether any linear below `model` was packed (such a model cannot be moved, cast or traced)."""
+    return any(isinstance(m, PackedLinear) for m in model.modules())
+
+
 def pack_linears(model: nn.Module) -> int:
     """Swap every nn.Linear below `model` for a PackedLinear, one at a time (peak: one extra weight).
     Returns how many were packed."""

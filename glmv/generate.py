@@ -233,9 +233,9 @@ def _choose(logits: torch.Tensor, p: SamplingParams, seen, generators) -> torch.
 
 def _compiled(lm):
     """torch.compile of the text model, made once per model (batch size and cache length are dynamic)."""
-    from glmv.cpu_kernels import PackedLinear
+    from glmv.cpu_kernels import is_packed
 
-    if any(isinstance(m, PackedLinear) for m in lm.modules()):
+    if is_packed(lm):
         raise ValueError("compile_decode cannot trace oneDNN-packed CPU weights; load with fast_cpu=False")
     if "_compiled" not in lm.__dict__:  # kept out of the module tree, so it is never a submodule or in state_dict
         lm.__dict__["_compiled"] = torch.compile(lm, dynamic=True)

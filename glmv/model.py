@@ -51,9 +51,9 @@ class Glm4vForConditionalGeneration(nn.Module):
         return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu)
 
     def _apply(self, fn, recurse=True):
-        from glmv.cpu_kernels import PackedLinear
+        from glmv.cpu_kernels import is_packed
 
-        if any(isinstance(m, PackedLinear) for m in self.modules()):
+        if is_packed(self):
             raise ValueError("this model's linear weights were packed for CPU float32 at load (fast_cpu=True), so it "
                              "cannot be moved or cast; pass device=/dtype= to from_pretrained, or load with "
                              "fast_cpu=False")
