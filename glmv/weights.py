@@ -139,8 +139,10 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     _check_keys(path, expected, files)
 
     opened: dict[Path, SafetensorsFile] = {}
+    names_in: dict[Path, list[str]] = {}  # tensor names per file, in index order
     for name, file in files.items():
         st = opened.get(file) or opened.setdefault(file, SafetensorsFile(file))
+        names_in.setdefault(file, []).append(name)
         if name not in st.entries:
             raise CheckpointError(f"{path / INDEX_FILE} places {name!r} in {file.name}, which does not hold it")
         if st.shape(name) != expected[name]:
@@ -148,7 +150,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
                                   f"({path / 'config.json'}) needs {list(expected[name])}")
     started, loaded_bytes = time.perf_counter(), 0
     for i, (file, st) in enumerate(opened.items(), 1):
-        for name in (n for n, f in files.items() if f == file):
+        for name in names_in[file]:
             # Always a copy: matmuls on weights left in the file mapping ran 5-10x slower on CPU (unaligned,
             # small-page memory). Releasing each tensor's source pages keeps the peak at one tensor over the model.
             tensor = st.tensor(name)
