@@ -93,6 +93,8 @@ def read_output(uri: str, endpoint: str | None = None):
 def config_text(input_uri: str, output_uri: str, model_path: str, *, endpoint: str = "", tasks=("caption",),
                 extra: str = "") -> str:
     tasks_toml = ", ".join(f'"{t}"' for t in tasks)
+    # a Ray of its own: "" would join any Ray already running on this machine (another test run's, say)
+    ray_section = "" if "[ray]" in extra else '[ray]\naddress = "local"'
     return f"""
 [input]
 uri = "{input_uri}"
@@ -113,6 +115,7 @@ endpoint_url = "{endpoint}"
 retries = 2
 retry_backoff_s = 0.05
 {extra}
+{ray_section}
 """
 
 
