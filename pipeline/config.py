@@ -33,12 +33,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class InputConfig:
-    uri: str = ""            # prefix to list: s3://bucket/prefix/, any fsspec URL, or a local folder
-    manifest: str = ""       # alternative: Parquet/CSV/JSONL file with a `uri` column and an optional `prompt` column
+    uri: str = ""            # files: prefix to list; webdataset/parquet: folder, prefix or glob of shards
+    manifest: str = ""       # files: Parquet/CSV/JSONL manifest file, folder/prefix or glob of them
+    format: str = "files"    # files (loose media, listed or from manifests) | webdataset (.tar) | parquet (bytes)
+    uri_column: str = "uri"  # manifest column holding each item's URI (img2dataset writes `url`)
+    keep_columns: list[str] = field(default_factory=list)   # manifest/Parquet columns copied into the output rows
+    bytes_column: str = ""   # parquet: the column of media bytes (binary, or an HF image struct {bytes, path})
+    key_column: str = ""     # parquet: the column naming each sample -> output `key`
     include: list[str] = field(default_factory=lambda: ["*"])   # glob patterns matched on the path below `uri`
     exclude: list[str] = field(default_factory=list)
     manifest_prompt_task: str = "prompt"   # task name given to a manifest row's own prompt
-    max_items: int = 0       # 0 = no limit; otherwise stop listing after this many items
+    max_items: int = 0       # 0 = no limit; otherwise stop reading after this many items
+
+    def fingerprint(self) -> str:
+        """Hash of what selects the items (not how many): completion records are only trusted for the same."""
+        keys = ("uri", "manifest", "format", "uri_column", "bytes_column", "key_column", "include", "exclude")
+        payload = {k: getattr(self, k) for k in keys}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -78,7 +89,7 @@ class BatchingConfig:
     max_frames: int = 0          # frames per video (evenly thinned from the checkpoint's sampling); 0 = no cap
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
     sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
-    decode_batch_size: int = 4   # items per CPU decode task call
+    decode_batch_size: int = 16  # items per CPU decode task (fetched concurrently, then decoded)
 
 
 @dataclass
@@ -154,7 +165,8 @@ class Config:
 _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig, "run": RunConfig,
              "batching": BatchingConfig, "actors": ActorsConfig, "storage": StorageConfig, "ray": RayConfig,
              "demo": DemoConfig}
-_CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda")}
+_CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
+            "input.format": ("files", "webdataset", "parquet")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
@@ -264,9 +276,30 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def _validate_input(i: InputConfig) -> None:
+    if i.format == "files":
+        if bool(i.uri) == bool(i.manifest):
+            raise ConfigError("input: set exactly one of input.uri (a prefix to list) and input.manifest")
+    else:
+        if not i.uri or i.manifest:
+            raise ConfigError(f"input.uri: input.format = {i.format!r} reads its shards from input.uri (a folder, "
+                              f"prefix or glob), not from input.manifest")
+    if i.format == "parquet" and not i.bytes_column:
+        raise ConfigError("input.bytes_column: input.format = 'parquet' needs the column of media bytes (e.g. 'jpg')")
+    if i.format != "parquet" and (i.bytes_column or i.key_column):
+        raise ConfigError("input.bytes_column / input.key_column: only for input.format = 'parquet'")
+    if i.keep_columns and not (i.manifest or i.format == "parquet"):
+        raise ConfigError("input.keep_columns: only manifests and Parquet inputs have columns to keep")
+    if len(set(i.keep_columns)) != len(i.keep_columns):
+        raise ConfigError(f"input.keep_columns: a column is listed twice in {i.keep_columns}")
+    if (i.include != ["*"] or i.exclude) and (i.manifest or i.format != "files"):
+        raise ConfigError("input.include / input.exclude: only for a listed prefix (input.uri, format 'files')")
+    if not i.uri_column:
+        raise ConfigError("input.uri_column: must not be empty")
+
+
 def _validate(cfg: Config) -> None:
-    if bool(cfg.input.uri) == bool(cfg.input.manifest):
-        raise ConfigError("input: set exactly one of input.uri (a prefix to list) and input.manifest")
+    _validate_input(cfg.input)
     if not cfg.output.uri:
         raise ConfigError("output.uri: required (a local folder or a URL such as s3://bucket/results/)")
     if not cfg.model.path:

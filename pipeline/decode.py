@@ -1,32 +1,46 @@
-"""CPU stage: read each item (images whole, videos through a seekable handle; transient storage errors retried),
-decode and resize it with glmv's CPU step, and ship compact uint8 frames to the model actors. A bad item becomes
-a row with `error` set; the run goes on.
+"""CPU stage: fetch each item's bytes (concurrently: fetching is I/O, it must not hold a CPU per object; videos
+through a seekable handle so only the sampled frames' byte ranges are read), decode and resize with glmv's CPU
+step, and ship compact uint8 frames to the model actors. A bad item becomes an item with `error` set; the run
+goes on.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import items as items_mod
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.items import Item
 from pipeline.media import MediaLoader
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
+FETCH_THREADS = 16
 
-DECODED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("uri", pa.string()), ("media_type", pa.string()), ("prompt", pa.string()),
-    ("tasks", pa.list_(pa.string())), ("error", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("duration_s", pa.float64()), ("num_frames", pa.int32()),
-    ("frames", pa.large_binary()),          # (T, H, W, 3) uint8, already resized to the model's grid
-    ("frames_shape", pa.list_(pa.int32())),
-    ("meta", pa.string()),                  # JSON of the loader's metadata (timestamps, fps, ...)
-])
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What the decode stage needs from the config; picklable."""
+    model_path: str
+    max_pixels: int
+    max_video_pixels: int
+    max_frames: int
+    max_input_pixels: int
+    opts: StorageOptions
+
+    @classmethod
+    def from_config(cls, cfg) -> "DecodeSettings":
+        b = cfg.batching
+        return cls(cfg.model.path, b.max_pixels, b.max_video_pixels, b.max_frames, b.max_input_pixels,
+                   StorageOptions.from_config(cfg.storage))
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,6 +48,11 @@ def _loader(model_path: str, max_pixels: int, max_video_pixels: int, max_frames:
             max_input_pixels: int) -> MediaLoader:
     # one per worker process: decode tasks reuse their worker, so the processor is loaded once
     return MediaLoader(model_path, max_pixels, max_video_pixels, max_frames, max_input_pixels)
+
+
+@functools.lru_cache(maxsize=1)
+def _fetch_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
 
 
 def describe_error(uri: str, exc: BaseException) -> str:
@@ -50,48 +69,68 @@ def describe_error(uri: str, exc: BaseException) -> str:
     return f"{uri}: {type(exc).__name__}: {exc}"
 
 
-def decode_one(item: dict, loader: MediaLoader, opts: StorageOptions) -> dict:
-    row = {**item, "error": None, "width": None, "height": None, "duration_s": None, "num_frames": None,
-           "frames": None, "frames_shape": None, "meta": None}
-    uri = item["uri"]
-    if item["media_type"] not in ("image", "video"):
-        row["error"] = f"{uri}: unsupported file type (extensions: images and videos only)"
-        return row
+def _source(item: Item, opts: StorageOptions):
+    """What the loader reads: bytes, or for a video a seekable handle opener (embedded bytes as a buffer)."""
+    if item.data is not None:
+        return io.BytesIO(item.data) if item.media_type == "video" else item.data
+    if item.media_type == "video":
+        return None   # opened when decoded, so the handle lives only as long as the decode
+    return storage.read_bytes(item.uri, opts)
+
+
+def _fetch(item: Item, opts: StorageOptions):
+    """(source, None) or (None, error message)."""
     try:
-        loaded = _load(item["media_type"], uri, loader, opts)
+        return _source(item, opts), None
+    except Exception as e:  # noqa: BLE001 - one object's failure is that item's error row
+        return None, describe_error(item.uri, e)
+
+
+def decode_one(item: Item, loader: MediaLoader, opts: StorageOptions, source=None) -> Item:
+    """Fill the media fields of one item (or its error), and drop its embedded bytes."""
+    item.data = None
+    if item.error is not None:
+        return item
+    if item.media_type not in ("image", "video"):
+        item.error = f"{item.uri}: unsupported file type (extensions: images and videos only)"
+        return item
+    try:
+        loaded = _load(item, loader, opts, source)
     except Exception as e:  # noqa: BLE001 - every failure of one item becomes that item's error row
-        row["error"] = describe_error(uri, e)
-        return row
+        item.error = describe_error(item.uri, e)
+        return item
     frames = np.ascontiguousarray(loaded.frames)
-    row.update(width=loaded.width, height=loaded.height, duration_s=loaded.duration_s,
-               num_frames=loaded.num_frames, frames=frames.tobytes(), frames_shape=list(frames.shape),
-               meta=json.dumps(loaded.meta))
-    return row
+    item.width, item.height, item.duration_s, item.num_frames = (loaded.width, loaded.height, loaded.duration_s,
+                                                                 loaded.num_frames)
+    item.frames, item.frames_shape, item.meta = frames.tobytes(), list(frames.shape), json.dumps(loaded.meta)
+    return item
 
 
-def _load(kind: str, uri: str, loader: MediaLoader, opts: StorageOptions):
-    if kind == "video":
-        # a seekable handle: only the byte ranges of the sampled frames are read, never a whole multi-GB file
-        fs, path = storage.filesystem(uri, opts)
+def _load(item: Item, loader: MediaLoader, opts: StorageOptions, source):
+    if source is not None:
+        return loader.load(item.media_type, source)
+    if item.media_type == "video":
+        fs, path = storage.filesystem(item.uri, opts)
 
         def load_video():
             with fs.open(path, "rb") as f:
-                return loader.load(kind, f)
+                return loader.load("video", f)
 
-        return storage.with_retries(load_video, uri, opts)
-    return loader.load(kind, storage.read_bytes(uri, opts))
-
-
-def decode_batch(batch: pa.Table, cfg: Config) -> pa.Table:
-    b = cfg.batching
-    loader = _loader(cfg.model.path, b.max_pixels, b.max_video_pixels, b.max_frames, b.max_input_pixels)
-    opts = StorageOptions.from_config(cfg.storage)
-    rows = [decode_one(item, loader, opts) for item in batch.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+        return storage.with_retries(load_video, item.uri, opts)
+    return loader.load(item.media_type, storage.read_bytes(item.uri, opts))
 
 
-def frames_of(row: dict) -> np.ndarray:
-    """The (T, H, W, 3) uint8 frames of a decoded row."""
-    # a private, writable copy: torch refuses to wrap read-only Arrow buffers without a warning
-    return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()
-
+def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
+    s = settings
+    loader = _loader(s.model_path, s.max_pixels, s.max_video_pixels, s.max_frames, s.max_input_pixels)
+    todo = items_mod.from_table(batch)
+    # fetch every object of the block at once, then decode one by one as their bytes arrive
+    fetched = list(_fetch_pool().map(
+        lambda it: _fetch(it, s.opts) if it.error is None and it.media_type in ("image", "video") else (None, None),
+        todo))
+    for item, (source, error) in zip(todo, fetched):
+        if error is not None:
+            item.error, item.data = error, None
+        else:
+            decode_one(item, loader, s.opts, source)
+    return items_mod.to_table(todo, items_mod.extra_columns(batch))

@@ -1,236 +1,224 @@
-"""What to process: media listed under a prefix, or rows of a manifest, streamed in blocks.
+"""Listing a prefix of loose media files, in parallel partitions, snapshotted under `_state/listing/`.
 
-Listing runs inside a Ray read task (never in the driver) and yields blocks as it goes, so the corpus is never
-held in one place. Each item gets a stable id derived from its URI, and only the (item, task) pairs that are not
-in the done-set of earlier runs go on.
+The prefix is cut into partitions once (its sub-folders or common prefixes, descending while there is only one),
+and the plan is saved. Each partition is listed by its own read task in lexicographic key order, and every
+`PART_ROWS` media keys are written as a snapshot part before their items go on: a part is a shard, the unit of
+resume. A rerun reads the snapshot instead of listing again, skips parts that are finished without opening them,
+and continues an unfinished partition after its last snapshotted key (S3 `StartAfter`), so restarting costs
+nothing per finished object. Objects added to the prefix after a partition was snapshotted are not seen by later
+runs on the same output (see README).
 """
 
 from __future__ import annotations
 
-import csv
-import fnmatch
 import hashlib
-import io
-import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
-from urllib.parse import urlsplit
+from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Config, ConfigError
+from pipeline.config import ConfigError
+from pipeline.items import media_type_of
+from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
-BLOCK_ROWS = 256
-ITEM_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("media_type", pa.string()),
-                         ("prompt", pa.string()), ("tasks", pa.list_(pa.string()))])
-
-
-def item_id(uri: str) -> str:
-    """Stable id of an item: the same URI always gives the same id, on any machine and in any run."""
-    return hashlib.sha256(uri.encode()).hexdigest()[:32]
-
-
-def key_hash(ids: Iterable[str], task: Iterable[str]) -> np.ndarray:
-    """uint64 key per (id, task) pair: the done-set holds these, 8 bytes a pair."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{i}\0{t}".encode(), digest_size=8).digest(), "little")
-                        for i, t in zip(ids, task)), dtype=np.uint64)
-
-
-def media_type_of(uri: str) -> str | None:
-    """'image', 'video' or None, from the file extension (a lying extension is caught later, when decoding)."""
-    name = urlsplit(uri).path.rsplit("/", 1)[-1] if "://" in uri else uri.rsplit("/", 1)[-1]  # no ?query
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    if ext in IMAGE_EXTENSIONS:
-        return "image"
-    if ext in VIDEO_EXTENSIONS:
-        return "video"
-    return None
+PART_ROWS = 10_000       # media keys per snapshot part (shard)
+MAX_PLAN_PAGES = 10      # listing pages spent on planning partitions before falling back to one partition
+PART_SCHEMA = pa.schema([("path", pa.string())])   # key relative to the listed prefix
 
 
 @dataclass(frozen=True)
-class Source:
-    """Everything a read task needs; picklable."""
-    uri: str
-    manifest: str
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    tasks: tuple[str, ...]
-    manifest_prompt_task: str
-    max_items: int
-    opts: StorageOptions
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "Source":
-        return cls(cfg.input.uri, cfg.input.manifest, tuple(cfg.input.include), tuple(cfg.input.exclude),
-                   tuple(cfg.run.tasks), cfg.input.manifest_prompt_task, cfg.input.max_items,
-                   StorageOptions.from_config(cfg.storage))
+class Partition:
+    """Keys below `prefix` (relative to the listed root, '' or ending in '/'); only its direct children when not
+    recursive (the root's own files, when the root also has sub-folders)."""
+    prefix: str
+    recursive: bool
 
 
-# --- listing a prefix ----------------------------------------------------------------------------------------
+def listing_id(uri: str) -> str:
+    return hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
 
 
-def _selected(rel: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    return (any(fnmatch.fnmatch(rel, p) for p in include)
-            and not any(fnmatch.fnmatch(rel, p) for p in exclude))
+# --- walking one partition in key order ----------------------------------------------------------------------
 
 
-def _walk_local(root: str) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            yield os.path.join(dirpath, name)
+def _walk_local(root: str, prefix: str, recursive: bool, after: str) -> Iterator[str]:
+    """Relative paths in lexicographic order: a depth-first walk whose children sort by name, folders as
+    'name/', so that the order equals the byte order of the keys (as S3 lists them)."""
+    folder = os.path.join(root, prefix) if prefix else root
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    children = sorted((e.name + "/" if e.is_dir(follow_symlinks=True) else e.name, e) for e in entries
+                      if not e.name.startswith("."))
+    for name, _ in children:
+        rel = prefix + name
+        if name.endswith("/"):
+            # a whole sub-tree sorts before `after` unless `after` lies inside it
+            if recursive and (rel > after or after.startswith(rel)):
+                yield from _walk_local(root, rel, True, after)
+        elif rel > after:
+            yield rel
 
 
-def _walk_s3(fs, root: str, page_size: int, opts: StorageOptions) -> Iterator[str]:
-    """One page at a time, so a prefix of millions of objects is never listed in full."""
+def _walk_s3(fs, root: str, prefix: str, recursive: bool, after: str, opts: StorageOptions,
+             page_size: int = 1000) -> Iterator[str]:
+    """One page at a time, so a prefix of millions of objects is never held in full."""
     bucket, _, key = root.partition("/")
-    prefix = key.rstrip("/") + "/" if key else ""
-    kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+    base = key.rstrip("/") + "/" if key else ""
+    kwargs = {"Bucket": bucket, "Prefix": base + prefix, "MaxKeys": page_size}
+    if not recursive:
+        kwargs["Delimiter"] = "/"
+    if after:
+        kwargs["StartAfter"] = base + after
     while True:
         page = storage.with_retries(lambda: fs.call_s3("list_objects_v2", **kwargs), f"s3://{root}", opts)
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
-                yield f"{bucket}/{obj['Key']}"
+                yield obj["Key"][len(base):]
         if not page.get("IsTruncated"):
             return
         kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def _walk_fsspec(fs, root: str) -> Iterator[str]:
-    for dirpath, _dirs, files in fs.walk(root):   # one directory at a time
-        for name in sorted(files):
-            yield f"{dirpath.rstrip('/')}/{name}"
+def _walk_fsspec(fs, root: str, prefix: str, recursive: bool, after: str) -> Iterator[str]:
+    folder = f"{root.rstrip('/')}/{prefix}".rstrip("/")
+    entries = sorted((e["name"].rstrip("/").rsplit("/", 1)[-1] + ("/" if e["type"] == "directory" else ""), e)
+                     for e in fs.ls(folder, detail=True))
+    for name, _ in entries:
+        rel = prefix + name
+        if name.endswith("/"):
+            if recursive and (rel > after or after.startswith(rel)):
+                yield from _walk_fsspec(fs, root, rel, True, after)
+        elif rel > after:
+            yield rel
 
 
-def list_prefix(uri: str, opts: StorageOptions, page_size: int = 1000) -> Iterator[tuple[str, str]]:
-    """(full URI, path relative to the prefix) of every object under a prefix."""
+def walk(uri: str, opts: StorageOptions, part: Partition, after: str = "") -> Iterator[str]:
+    """Relative keys of a partition greater than `after`, in lexicographic order."""
     fs, root = storage.filesystem(uri, opts)
     if storage.is_local(fs):
-        if not os.path.isdir(root):
-            raise ConfigError(f"input.uri: {uri} is not a folder")
-        walk = _walk_local(root)
-    elif storage.protocol_of(uri) in ("s3", "s3a"):
-        walk = _walk_s3(fs, root, page_size, opts)
-    else:
-        walk = _walk_fsspec(fs, root)
-    base = root.rstrip("/") + "/"
-    for path in walk:
-        yield storage.full_uri(fs, path), path[len(base):] if path.startswith(base) else path
+        return _walk_local(root, part.prefix, part.recursive, after)
+    if storage.protocol_of(uri) in ("s3", "s3a"):
+        return _walk_s3(fs, root, part.prefix, part.recursive, after, opts)
+    return _walk_fsspec(fs, root, part.prefix, part.recursive, after)
 
 
-# --- manifests -----------------------------------------------------------------------------------------------
+# --- planning partitions -------------------------------------------------------------------------------------
 
 
-def _manifest_format(uri: str) -> str:
-    name = uri.lower().rsplit("/", 1)[-1]
-    for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl"),
-                     (".ndjson", "jsonl")):
-        if name.endswith(ext):
-            return fmt
-    raise ConfigError(f"input.manifest: {uri} must end in .parquet, .csv or .jsonl")
-
-
-def _manifest_rows(uri: str, opts: StorageOptions) -> Iterator[dict]:
-    fmt = _manifest_format(uri)
-    fs, path = storage.filesystem(uri, opts)
-    with fs.open(path, "rb") as f:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=BLOCK_ROWS):
-                yield from batch.to_pylist()
-        elif fmt == "csv":
-            yield from csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
-        else:
-            for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"input.manifest: {uri} line {n} is not JSON: {e}") from None
-
-
-def check_manifest(uri: str, opts: StorageOptions) -> None:
-    """Fail early, in the driver, when a manifest is missing or has no `uri` column."""
-    try:
-        first = next(_manifest_rows(uri, opts), None)
-    except FileNotFoundError:
-        raise ConfigError(f"input.manifest: {uri} does not exist") from None
-    if first is None:
-        return
-    if not isinstance(first, dict) or "uri" not in first:
-        raise ConfigError(f"input.manifest: {uri} has no 'uri' column (first row: {first!r})")
-
-
-def _resolve(uri: str, manifest: str) -> str:
-    """Manifest URIs may be relative to the manifest's own folder."""
-    if "://" in uri or os.path.isabs(uri) or "://" in manifest:
-        return uri if ("://" in uri or os.path.isabs(uri)) else manifest.rsplit("/", 1)[0] + "/" + uri
-    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(manifest)), uri))
-
-
-# --- items with their pending tasks --------------------------------------------------------------------------
-
-
-def iter_items(src: Source) -> Iterator[dict]:
-    """Every item of the input: id, uri, media_type ('' when the extension is not a media type), prompt."""
-    count = 0
-    if src.manifest:
-        for row in _manifest_rows(src.manifest, src.opts):
-            raw = str(row.get("uri") or "").strip()
-            if not raw:
-                continue
-            uri = _resolve(raw, src.manifest)
-            prompt = row.get("prompt")
-            yield {"id": item_id(uri), "uri": uri, "media_type": media_type_of(uri) or "",
-                   "prompt": prompt if isinstance(prompt, str) else ""}
-            count += 1
-            if src.max_items and count >= src.max_items:
-                return
-    else:
-        for uri, rel in list_prefix(src.uri, src.opts):
-            kind = media_type_of(uri)
-            if kind is None or not _selected(rel, src.include, src.exclude):
-                continue   # a listing only picks media files; manifests say explicitly what they want
-            yield {"id": item_id(uri), "uri": uri, "media_type": kind, "prompt": ""}
-            count += 1
-            if src.max_items and count >= src.max_items:
-                return
-
-
-def pending_blocks(src: Source, done: np.ndarray, tally=None) -> Iterator[pa.Table]:
-    """Blocks of items with the tasks still to do; `done` is a sorted uint64 array of finished (id, task) keys."""
-    rows: list[dict] = []
-    skipped = 0
-
-    def flush():
-        nonlocal rows, skipped
-        if tally is not None and skipped:
-            tally.add.remote("skipped", skipped)
-        skipped = 0
-        if rows:
-            block, rows = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA), []
-            return block
+def _children(uri: str, opts: StorageOptions, prefix: str) -> tuple[list[str], bool] | None:
+    """(sub-folders of `prefix`, whether it also holds files), or None when there are too many to plan with."""
+    fs, root = storage.filesystem(uri, opts)
+    if storage.protocol_of(uri) in ("s3", "s3a"):
+        bucket, _, key = root.partition("/")
+        base = (key.rstrip("/") + "/" if key else "") + prefix
+        kwargs = {"Bucket": bucket, "Prefix": base, "Delimiter": "/", "MaxKeys": 1000}
+        folders, has_files = [], False
+        for _ in range(MAX_PLAN_PAGES):
+            page = storage.with_retries(lambda: fs.call_s3("list_objects_v2", **kwargs), uri, opts)
+            folders += [p["Prefix"][len(base) - len(prefix):] for p in page.get("CommonPrefixes", [])]
+            has_files = has_files or any(not o["Key"].endswith("/") for o in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return folders, has_files
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
         return None
+    if storage.is_local(fs):
+        folder = os.path.join(root, prefix) if prefix else root
+        if not os.path.isdir(folder):
+            raise ConfigError(f"input.uri: {uri} is not a folder")
+        entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+        return (sorted(prefix + e.name + "/" for e in entries if e.is_dir()),
+                any(not e.is_dir() for e in entries))
+    entries = storage.with_retries(lambda: fs.ls(f"{root.rstrip('/')}/{prefix}", detail=True), uri, opts)
+    return (sorted(prefix + e["name"].rstrip("/").rsplit("/", 1)[-1] + "/" for e in entries
+                   if e["type"] == "directory"), any(e["type"] != "directory" for e in entries))
 
-    for item in iter_items(src):
-        tasks = list(src.tasks)
-        if item["prompt"]:
-            tasks.append(src.manifest_prompt_task)
-        keys = key_hash([item["id"]] * len(tasks), tasks)
-        pos = np.searchsorted(done, keys)
-        is_done = (pos < len(done)) & (done[np.minimum(pos, len(done) - 1)] == keys) if len(done) else \
-            np.zeros(len(tasks), bool)
-        skipped += int(is_done.sum())
-        todo = [t for t, d in zip(tasks, is_done) if not d]
-        if todo:
-            rows.append({**item, "tasks": todo})
-        if len(rows) >= BLOCK_ROWS:
-            yield flush()
-    block = flush()
-    if block is not None:
-        yield block
+
+def plan_partitions(uri: str, opts: StorageOptions, max_depth: int = 8) -> list[Partition]:
+    """Sub-folders of the prefix, one partition each (descending while a folder holds one sub-folder and no
+    files), plus the files directly in the folder planned at. A few listing calls, whatever the corpus size."""
+    prefix = ""
+    for _ in range(max_depth):
+        found = _children(uri, opts, prefix)
+        if found is None:   # a flat prefix with very many entries: one partition, listed page by page
+            return [Partition(prefix, True)]
+        folders, has_files = found
+        if len(folders) == 1 and not has_files:
+            prefix = folders[0]
+            continue
+        if not folders:
+            return [Partition(prefix, True)]
+        return ([Partition(prefix, False)] if has_files else []) + [Partition(f, True) for f in folders]
+    return [Partition(prefix, True)]
+
+
+# --- the snapshot --------------------------------------------------------------------------------------------
+
+
+class ListingSnapshot:
+    """`_state/listing/<id>/`: plan.json (the partitions), then per partition p<i>/<n>.parquet parts and a
+    p<i>/complete.json once the partition is listed to its end."""
+
+    def __init__(self, state: StateDir, uri: str):
+        self.state, self.uri = state, uri
+        self.dir = f"listing/{listing_id(uri)}"
+
+    def partitions(self, opts: StorageOptions) -> list[Partition]:
+        """The saved plan, or a new one (saved before any part is written, so part numbers stay meaningful)."""
+        plan = self.state.read_json(f"{self.dir}/plan.json")
+        if plan is None or plan.get("uri") != self.uri:
+            parts = plan_partitions(self.uri, opts)
+            self.state.write_json(f"{self.dir}/plan.json", {"uri": self.uri, "partitions": [
+                {"prefix": p.prefix, "recursive": p.recursive} for p in parts]})
+            return parts
+        return [Partition(p["prefix"], p["recursive"]) for p in plan["partitions"]]
+
+    def parts(self, index: int) -> tuple[list[int], bool]:
+        """(numbers of the parts written so far, whether the partition is listed to its end)."""
+        names = self.state.list(f"{self.dir}/p{index}")
+        numbers = sorted(int(n.split(".")[0]) for n in names if n.endswith(".parquet") and n.split(".")[0].isdigit())
+        return numbers, "complete.json" in names
+
+    def read_part(self, index: int, number: int) -> list[str]:
+        table = self.state.read_table(f"{self.dir}/p{index}/{number:06d}.parquet")
+        if table is None:
+            raise FileNotFoundError(f"listing snapshot part p{index}/{number} is missing")
+        return table["path"].to_pylist()
+
+    def write_part(self, index: int, number: int, paths: list[str]) -> None:
+        self.state.write_table(f"{self.dir}/p{index}/{number:06d}.parquet",
+                               pa.table({"path": pa.array(paths, pa.string())}))
+
+    def mark_complete(self, index: int, parts: int) -> None:
+        self.state.write_json(f"{self.dir}/p{index}/complete.json", {"parts": parts})
+
+
+def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int, part: Partition,
+                    skip) -> Iterator[tuple[int, list[str] | None]]:
+    """(part number, relative media paths) for every part of a partition, in order: read from the snapshot, or
+    listed now and snapshotted first. Parts for which `skip(number)` is true come as (number, None) unread."""
+    numbers, complete = snapshot.parts(index)
+    for number in numbers:
+        yield number, None if skip(number) else snapshot.read_part(index, number)
+    if complete:
+        return
+    after = snapshot.read_part(index, numbers[-1])[-1] if numbers else ""
+    number = numbers[-1] + 1 if numbers else 0
+    chunk: list[str] = []
+    for rel in walk(uri, opts, part, after):
+        if media_type_of(rel) is None:
+            continue   # a listing only picks media files; manifests say explicitly what they want
+        chunk.append(rel)
+        if len(chunk) == PART_ROWS:
+            snapshot.write_part(index, number, chunk)
+            yield number, chunk
+            number, chunk = number + 1, []
+    if chunk:
+        snapshot.write_part(index, number, chunk)
+        yield number, chunk
+        number += 1
+    snapshot.mark_complete(index, number)

@@ -1,8 +1,8 @@
-"""Results as Parquet files under the output URI, and the done-set a resumed run starts from.
+"""Results as Parquet files under the output URI.
 
-Exactly-once without a separate commit log: a result file appears only whole (staged then renamed, or one object
-upload), so the result files themselves are the record of what is done. Run state (staging files, run records)
-lives under `_state/`, which pandas, duckdb and pyarrow.dataset skip because of the leading underscore.
+A result file appears only whole (staged then renamed, or one object upload), so a reader never sees a partial
+one, and what is done is what the files hold (`pipeline.progress` keeps the records that make a restart cheap).
+Run state lives under `_state/`, which pandas, duckdb and pyarrow.dataset skip because of the leading underscore.
 """
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.listing import key_hash
+from pipeline.state import STATE_DIR
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "_state"
 BOX = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()), ("y2", pa.float64())])
 SCHEMA = pa.schema([
     ("id", pa.string()),                  # stable item id: sha256 of the URI, 32 hex chars
@@ -65,12 +63,25 @@ def error_row(item: dict, task: str, prompt: str, message: str, model: str, conf
             "processed_at": datetime.now(timezone.utc)}
 
 
-def _result_files(fs, root: str) -> list[str]:
-    """Result files directly under the output prefix (state and hidden files excluded)."""
+def output_schema(key_column: bool, extra: pa.Schema | None) -> pa.Schema:
+    """The result files' columns: the fixed ones, then `key` (tar shards, Parquet inputs), then the columns kept
+    from the input (`input.keep_columns`), typed as there."""
+    fields = list(SCHEMA)
+    if key_column:
+        fields.append(pa.field("key", pa.string()))
+    for f in extra or []:
+        if f.name in {x.name for x in fields}:
+            raise ConfigError(f"input.keep_columns: {f.name!r} is already an output column")
+        fields.append(f)
+    return pa.schema(fields)
+
+
+def result_files(fs, root: str) -> list[str]:
+    """Names of the result files directly under the output prefix (state and hidden files excluded)."""
     if not fs.exists(root):
         return []
-    return sorted(p for p in fs.ls(root, detail=False)
-                  if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", ".")))
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    return sorted(n for n in names if n.endswith(".parquet") and not n.startswith(("_", ".")))
 
 
 def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
@@ -81,7 +92,8 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
     twice."""
     fs, root = storage.filesystem(uri, opts)
     reopened = 0
-    for path in _result_files(fs, root):
+    for name in result_files(fs, root):
+        path = f"{root.rstrip('/')}/{name}"
         errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=fs), path, opts)
         n = len(errors) - errors["error"].null_count
         if not n:
@@ -90,7 +102,7 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
         kept = table.filter(table["error"].is_null())
         if len(kept):
             sink = io.BytesIO()
-            pq.write_table(kept.cast(SCHEMA), sink, compression="zstd")
+            pq.write_table(kept, sink, compression="zstd")
             data = sink.getvalue()
             storage.with_retries(lambda: storage.write_atomic(fs, path, data, staging), path, opts)
         else:
@@ -99,29 +111,19 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
     return reopened
 
 
-def load_done(uri: str, opts: StorageOptions) -> np.ndarray:
-    """Sorted uint64 keys of every (id, task) already in the output."""
-    fs, root = storage.filesystem(uri, opts)
-
-    def keys_of(path: str) -> np.ndarray:
-        table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs), path,
-                                     opts)
-        return key_hash(table["id"].to_pylist(), table["task"].to_pylist())
-
-    # files are read concurrently: on an object store a resumed run may have 1e5 files, each one round trip
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        keys = list(pool.map(keys_of, _result_files(fs, root)))
-    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.uint64)
-
-
 class ResultWriter:
-    """Buffers rows and writes them as whole zstd Parquet files; the only writer of a run (it lives in the
-    driver), so no two workers ever race on one (item, task)."""
+    """Buffers result blocks and writes them as whole zstd Parquet files; the only writer of a run (it lives in
+    the driver), so no two workers ever race on one (item, task).
 
-    def __init__(self, uri: str, opts: StorageOptions, rows_per_file: int, flush_seconds: float):
+    Blocks carry a `_shard` column (where each row's item was read from), which is not written: before each file
+    `note_file(name, shards, tasks)` is called (the ledger's sidecar), after it `landed({shard: rows})`."""
+
+    def __init__(self, uri: str, opts: StorageOptions, rows_per_file: int, flush_seconds: float,
+                 schema: pa.Schema = SCHEMA, note_file=None, landed=None):
         self.fs, self.root = storage.filesystem(uri, opts)
-        self.uri, self.opts = uri, opts
+        self.uri, self.opts, self.schema = uri, opts, schema
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
+        self.note_file, self.landed = note_file, landed
         if storage.is_object_store(self.fs, self.root):
             # makedirs on an object store would create a missing bucket: a typo must not make a new bucket
             bucket = self.root.strip("/").split("/")[0]
@@ -131,42 +133,51 @@ class ResultWriter:
             self.fs.makedirs(self.root, exist_ok=True)
         self.staging = f"{self.root.rstrip('/')}/{STATE_DIR}/staging"
         self.run_tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.buffer: list[dict] = []
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
         self.oldest = 0.0
         self.files = 0
         self.rows = 0
-        self.written: set[int] = set()   # keys written by this run: a row delivered twice is written once
 
-    def add(self, rows: list[dict]) -> None:
-        if not rows:
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
             return
-        keys = key_hash([r["id"] for r in rows], [r["task"] for r in rows])
-        fresh = [r for r, k in zip(rows, keys.tolist()) if k not in self.written]
-        self.written.update(keys.tolist())
-        if fresh and not self.buffer:
+        if not self.buffer:
             self.oldest = time.monotonic()
-        self.buffer.extend(fresh)
-        while len(self.buffer) >= self.rows_per_file:
-            self._write(self.buffer[: self.rows_per_file])
-            self.buffer = self.buffer[self.rows_per_file:]
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.rows_per_file:
+            rows = pa.concat_tables(self.buffer)
+            self._write(rows.slice(0, self.rows_per_file))
+            rest = rows.slice(self.rows_per_file)
+            self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
             self.oldest = time.monotonic()
         if self.buffer and time.monotonic() - self.oldest >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         if self.buffer:
-            self._write(self.buffer)
-            self.buffer = []
+            self._write(pa.concat_tables(self.buffer))
+            self.buffer, self.buffered = [], 0
 
-    def _write(self, rows: list[dict]) -> None:
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    def _write(self, rows: pa.Table) -> None:
+        shards = rows["_shard"] if "_shard" in rows.column_names else None
+        table = rows.select(self.schema.names).cast(self.schema)
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
-        path = f"{self.root.rstrip('/')}/part-{self.run_tag}-{self.files:06d}.parquet"
+        name = f"part-{self.run_tag}-{self.files:06d}.parquet"
+        path = f"{self.root.rstrip('/')}/{name}"
+        counts = {}
+        if shards is not None:
+            counts = {c["values"]: c["counts"] for c in pc.value_counts(shards).to_pylist()}
+        if self.note_file is not None:
+            self.note_file(name, list(counts), pc.unique(table["task"]).to_pylist())
         data = sink.getvalue()
         storage.with_retries(lambda: storage.write_atomic(self.fs, path, data, self.staging), path, self.opts)
         self.files += 1
-        self.rows += len(rows)
+        self.rows += table.num_rows
+        if self.landed is not None:
+            self.landed(counts)
 
     def write_run_record(self, record: dict) -> None:
         """Provenance of this run (config without credentials, counts) under _state/runs/."""

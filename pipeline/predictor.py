@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from pipeline import items as items_mod
 from pipeline import output
 from pipeline.config import Config, TaskSpec
-from pipeline.decode import frames_of
+from pipeline.items import Item
 from pipeline.media import restore
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Sequence:
-    row: dict            # the decoded item
+    row: dict            # the decoded item's identity and media fields (see `_row_of`)
     task: str
     prompt: str
     thinking: bool
@@ -89,23 +90,23 @@ class Predictor:
         # a manifest row's own prompt
         return TaskSpec(task, row["prompt"], thinking=False)
 
-    def _sequences(self, rows: list[dict], out: list[dict]) -> list[Sequence]:
+    def _sequences(self, items: list[Item], out: list[dict]) -> list[Sequence]:
         seqs = []
-        for row in rows:
-            if row["error"] is not None:
-                for task in row["tasks"]:
+        for item in items:
+            row = _row_of(item)
+            if item.error is not None:
+                for task in item.tasks:
                     spec = self._spec(task, row)
-                    out.append(output.error_row(row, task, self._prompt(spec, row), row["error"], self.model_name,
+                    out.append(output.error_row(row, task, self._prompt(spec, row), item.error, self.model_name,
                                                 self.config_hash))
                 continue
-            frames = frames_of(row)
-            media = restore(row["media_type"], frames, json.loads(row["meta"] or "{}"))
-            for task in row["tasks"]:
+            media = restore(item.media_type, item.frames_array(), json.loads(item.meta or "{}"))
+            for task in item.tasks:
                 spec = self._spec(task, row)
                 prompt = self._prompt(spec, row)
                 seqs.append(Sequence(row, task, prompt, spec.thinking, spec.max_new_tokens or
                                      self.cfg.run.max_new_tokens, media,
-                                     estimated_tokens(row["frames_shape"], row["media_type"], prompt)))
+                                     estimated_tokens(item.frames_shape, item.media_type, prompt)))
         return seqs
 
     @staticmethod
@@ -115,8 +116,9 @@ class Predictor:
     # -- running the model ----------------------------------------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        items = items_mod.from_table(batch)
         out: list[dict] = []
-        seqs = self._sequences(batch.to_pylist(), out)
+        seqs = self._sequences(items, out)
         seqs.sort(key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
         bs = self.cfg.run.batch_size
         i = 0
@@ -128,7 +130,7 @@ class Predictor:
                 j += 1
             out.extend(self._run_batch(seqs[i:j]))
             i = j
-        return pa.Table.from_pylist(out, schema=output.SCHEMA)
+        return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
 
     def _run_batch(self, seqs: list[Sequence]) -> list[dict]:
         try:
@@ -179,3 +181,24 @@ class Predictor:
                 "processed_at": now})
         return rows
 
+
+
+def _row_of(item: Item) -> dict:
+    """The fields of an item that its output rows repeat (no frames: they stay in the item)."""
+    return {"id": item.id, "uri": item.uri, "media_type": item.media_type, "prompt": item.prompt,
+            "width": item.width, "height": item.height, "duration_s": item.duration_s,
+            "num_frames": item.num_frames}
+
+
+def _with_item_columns(table: pa.Table, rows: list[dict], items: list[Item], batch: pa.Table) -> pa.Table:
+    """Output rows plus, from their item: `key`, the kept input columns, and `_shard` (for the writer's count;
+    never written)."""
+    index = {}
+    for i, item in enumerate(items):
+        index.setdefault(item.id, i)
+    take = pa.array([index[r["id"]] for r in rows], pa.int64())
+    table = table.append_column("key", pa.array([items[i].key for i in take.to_pylist()], pa.string()))
+    extra = items_mod.extra_columns(batch)
+    for name in (extra.column_names if extra is not None else []):
+        table = table.append_column(extra.schema.field(name), extra[name].take(take))
+    return table.append_column("_shard", pa.array([items[i].shard for i in take.to_pylist()], pa.string()))

@@ -1,13 +1,14 @@
-"""The run: Ray Data graph from the listing to the model actors, the driver-side writer, the summary.
+"""The run: Ray Data graph from the input's read units to the model actors, the driver-side writer, the summary.
 
-    listing (read task, streams blocks, drops (item, task) pairs already done)
-      -> decode + resize on CPU tasks (compact uint8 frames, error rows for bad media)
+    read units (one read task per group: list / read each shard, drop finished work, report shard counts)
+      -> decode + resize on CPU tasks (objects fetched concurrently; compact uint8 frames; error items)
       -> model actors (map_batches with an actor class: load once, sort a window by prompt length, static batches)
-      -> driver: whole zstd Parquet files under the output URI
+      -> driver: whole zstd Parquet files under the output URI; completion records of finished shards
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -15,55 +16,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import listing, output, storage
-from pipeline.config import Config
-from pipeline.decode import decode_batch
+from pipeline import output, progress, readers, storage
+from pipeline.config import Config, ConfigError
+from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.predictor import Predictor
+from pipeline.sources import PendingItems, TaskPlan, UnitWork
+from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger("pipeline")
 
-
-@ray.remote(num_cpus=0)
-class Tally:
-    """Counters that workers report to the driver (items skipped as already done)."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, key: str, n: int) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-class PendingItems(Datasource):
-    """One read task that streams the listing (or manifest) in blocks, minus the done-set."""
-
-    def __init__(self, src: listing.Source, done_ref, tally):
-        super().__init__()
-        self.src, self.done_ref, self.tally = src, done_ref, tally
-
-    def get_name(self) -> str:
-        return "ListMedia"
-
-    def estimate_inmemory_data_size(self):
-        return None
-
-    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        src, done_ref, tally = self.src, self.done_ref, self.tally
-
-        def read():
-            done = ray.get(done_ref)
-            yield from listing.pending_blocks(src, done, tally)
-
-        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-        return [ReadTask(read, meta, schema=listing.ITEM_SCHEMA)]
+BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
+TRACKER_POLL_S = 1.0
 
 
 def init_ray(cfg: Config) -> None:
@@ -88,22 +56,47 @@ def init_ray(cfg: Config) -> None:
             ray.init(**local)
 
 
-def build_dataset(cfg: Config, done_ref, tally) -> ray.data.Dataset:
+def read_spec(cfg: Config, state: StateDir) -> readers.ReadSpec:
+    i = cfg.input
+    return readers.ReadSpec(i.uri, i.format, i.manifest, i.uri_column, i.bytes_column, i.key_column,
+                            tuple(i.keep_columns), tuple(i.include), tuple(i.exclude),
+                            StorageOptions.from_config(cfg.storage), state)
+
+
+def task_plan(cfg: Config) -> TaskPlan:
+    return TaskPlan(tuple(cfg.run.tasks), cfg.input.manifest_prompt_task if cfg.input.manifest else "")
+
+
+def kept_columns(cfg: Config, spec: readers.ReadSpec, units: list[readers.Unit]) -> pa.Schema | None:
+    """Columns kept from the input, typed as in its first file (the others are cast to these types)."""
+    if not cfg.input.keep_columns:
+        return None
+    first = readers.table_schema(units[0].uri, spec.opts)
+    missing = [c for c in cfg.input.keep_columns if c not in first.names]
+    if missing:
+        raise ConfigError(f"input.keep_columns: {units[0].uri} has no column(s) {missing} "
+                          f"(columns: {', '.join(first.names[:20])})")
+    return pa.schema([first.field(c) for c in cfg.input.keep_columns])
+
+
+def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor) -> ray.data.Dataset:
     items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
-    src = listing.Source.from_config(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    ds = ray.data.read_datasource(PendingItems(src, done_ref, tally), override_num_blocks=1)
-    # Ray Data merges the listing's small blocks into big ones; cut them back (streaming) to one model-actor call
-    # each. Decode tasks then run in parallel, an actor task returns its rows after one sort window rather than
-    # after thousands of items, and a killed run loses at most a few windows of work.
-    ds = ds.repartition(target_num_rows_per_block=items_per_call)
+    ctx.target_max_block_size = BLOCK_BYTES
+    # Read tasks mostly wait on storage: they hold no CPU, so a long listing never keeps decoding from starting.
+    ds = ray.data.read_datasource(source, ray_remote_args={"num_cpus": 0},
+                                  concurrency=max(1, min(len(source.work), 4)))
+    # Cut the listing's blocks to one CPU decode task each: decode tasks run in parallel, and a killed run loses
+    # at most a few windows of work.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batching.decode_batch_size)
     # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
     # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
     # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
-    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.batching.decode_batch_size,
-                        batch_format="pyarrow", num_cpus=cfg.actors.decode_num_cpus, max_calls=1000)
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
+    ds = ds.map_batches(decode_batch, fn_kwargs={"settings": DecodeSettings.from_config(cfg)},
+                        batch_size=cfg.batching.decode_batch_size, batch_format="pyarrow",
+                        num_cpus=cfg.actors.decode_num_cpus, max_calls=1000)
+    ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
                         num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus)
     return ds
@@ -121,6 +114,16 @@ class Summary:
     files: int = 0
     sample: list = field(default_factory=list)
 
+    def count(self, batch: pa.Table) -> None:
+        self.done += batch.num_rows
+        self.errors += batch.num_rows - batch["error"].null_count
+        self.generated_tokens += pc.sum(batch["num_output_tokens"]).as_py() or 0
+        # all of an item's pending tasks run in one actor call, whose rows arrive together
+        self.items += pc.count_distinct(batch["id"]).as_py()
+        if len(self.sample) < 3:
+            self.sample.extend(batch.slice(0, 3 - len(self.sample)).select(
+                ["uri", "task", "error", "answer", "text"]).to_pylist())
+
     def lines(self, output_uri: str) -> list[str]:
         s = max(self.seconds, 1e-9)
         return [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s "
@@ -132,56 +135,101 @@ class Summary:
                 f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
 
 
-def run(cfg: Config, out=sys.stdout) -> Summary:
+def run(cfg: Config, out=sys.stdout, predictor=Predictor) -> Summary:
     opts = StorageOptions.from_config(cfg.storage)
-    if cfg.input.manifest:
-        listing.check_manifest(cfg.input.manifest, opts)
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
     lease = output.Lease(writer, takeover=cfg.output.takeover)  # before touching the output's state
     try:
-        return _run(cfg, opts, writer, start, out)
+        return _run(cfg, opts, writer, start, out, predictor)
     finally:
         lease.release()
 
 
-def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: float, out) -> Summary:
+def _say(out, line: str) -> None:
+    print(line, file=out, flush=True)
+
+
+def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: float, out, predictor) -> Summary:
     _clear_staging(writer)
+    state = StateDir(cfg.output.uri, opts)
+    ledger = progress.Ledger(state, cfg.input.fingerprint())
     if cfg.run.retry_errors:
         reopened = output.reopen_errors(cfg.output.uri, opts, writer.staging)
-        print(f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again", file=out, flush=True)
-    done = output.load_done(cfg.output.uri, opts)
-    print(f"output {cfg.output.uri}: {len(done)} (item, task) rows already done", file=out, flush=True)
+        ledger.forget()
+        _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
+    existing = output.result_files(writer.fs, writer.root)
+    resume = ledger.load(lambda: existing)
+    if resume.scanned and not existing:
+        ledger.mark_trusted()   # a new output: the records cover everything from its first row on
 
-    init_ray(cfg)
-    tally = Tally.remote()
-    summary = Summary()
-    ds = build_dataset(cfg, ray.put(done), tally)
-    # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        if not summary.first_result_s:
-            summary.first_result_s = time.monotonic() - start
-        rows = batch.to_pylist()
-        writer.add(rows)
-        summary.done += len(rows)
-        summary.errors += sum(r["error"] is not None for r in rows)
-        summary.generated_tokens += sum(r["num_output_tokens"] or 0 for r in rows)
-        # all of an item's pending tasks run in one actor call, whose rows arrive together
-        summary.items += len({r["id"] for r in rows})
-        if len(summary.sample) < 3:
-            summary.sample.extend(rows[: 3 - len(summary.sample)])
+    spec, plan = read_spec(cfg, state), task_plan(cfg)
+    units = readers.find_units(spec)
+    spec = dataclasses.replace(spec, keep_schema=kept_columns(cfg, spec, units))
+    writer.schema = output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema)
+    work, skipped = _open_work(units, resume.records, plan)
+    _say(out, f"output {cfg.output.uri}: {len(units) - len(work)} of {len(units)} input unit(s) finished, "
+              f"{len(resume.done_keys)} (item, task) rows of unfinished shards" +
+              (" (whole output scanned: no completion records yet)" if resume.scanned and existing else ""))
+
+    shards = progress.OpenShards(ledger, plan.all())
+    writer.note_file, writer.landed = ledger.note_file, shards.wrote
+    summary = Summary(skipped=skipped)
+    tracker, polled = None, 0.0
+    if work:
+        init_ray(cfg)
+        tracker = progress.Tracker.remote()
+        source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
+        ds = build_dataset(cfg, source, predictor)
+        # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            if not summary.first_result_s:
+                summary.first_result_s = time.monotonic() - start
+            summary.count(batch)
+            writer.add(batch)
+            if time.monotonic() - polled > TRACKER_POLL_S:
+                summary.skipped += _poll(tracker, shards)
+                polled = time.monotonic()
     writer.flush()
-    summary.skipped = ray.get(tally.get.remote()).get("skipped", 0)
+    if tracker is not None:
+        summary.skipped += _poll(tracker, shards)
+    if resume.scanned and not shards.open and not cfg.input.max_items:
+        ledger.mark_trusted()   # every shard of the input now has its record
+    ledger.fold()
     summary.seconds = time.monotonic() - start
     summary.files = writer.files
     writer.write_run_record({"config": cfg.to_dict(), "summary": {k: v for k, v in summary.__dict__.items()
                                                                   if k != "sample"}})
     for line in summary.lines(cfg.output.uri):
-        print(line, file=out, flush=True)
+        _say(out, line)
     for row in summary.sample:
         text = row["error"] or (row["answer"] or row["text"])
-        print(f"  {row['uri']} [{row['task']}] {text[:100]!r}", file=out, flush=True)
+        _say(out, f"  {row['uri']} [{row['task']}] {text[:100]!r}")
     return summary
+
+
+def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tuple[list[UnitWork], int]:
+    """The units still to read, each with its shards' records; and the pairs of finished units."""
+    by_unit: dict[str, dict[str, dict[str, int]]] = {}
+    for name, counts in records.items():
+        if "#" in name:
+            unit, number = name.rsplit("#", 1)
+            by_unit.setdefault(unit, {})[number] = counts
+    work, skipped = [], 0
+    for unit in units:
+        counts = records.get(unit.id)
+        if progress.covers(counts, plan.all()):
+            skipped += sum(counts.get(t, 0) for t in plan.all())
+        else:
+            work.append(UnitWork(unit, by_unit.get(unit.id, {})))
+    return work, skipped
+
+
+def _poll(tracker, shards: progress.OpenShards) -> int:
+    """Hand the read tasks' shard reports to the count; returns the pairs they found done."""
+    reported, units, skipped = ray.get(tracker.drain.remote())
+    shards.listed(reported, units)
+    return skipped
 
 
 def _clear_staging(writer: output.ResultWriter) -> None:

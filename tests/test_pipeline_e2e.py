@@ -11,8 +11,9 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline import config, listing, output
+from pipeline import config, output
 from pipeline.decode import decode_one
+from pipeline.items import Item, item_id
 from pipeline.media import MediaLoader
 from pipeline.run import run
 from pipeline.storage import StorageOptions
@@ -81,7 +82,7 @@ def test_s3_corpus_to_s3_output_row_by_row(s3, local_ray, tiny_gqa, tmp_path):
         rows = df[df.uri == uri]
         assert sorted(rows.task) == sorted(TASKS), uri
         for row in rows.itertuples():
-            assert row.id == listing.item_id(uri) and pd.isna(row.error)
+            assert row.id == item_id(uri) and pd.isna(row.error)
             assert row.finish_reason in ("eos", "length") and 1 <= row.num_output_tokens <= 6
             assert row.num_input_tokens > 10 and isinstance(row.text, str)
             assert row.answer is not None and row.thinking is not None and row.boxes is not None
@@ -144,13 +145,14 @@ def test_deleted_object_and_unreachable_store_become_error_rows(s3, tiny_gqa):
     fs.pipe("flaky/a.png", good_media(1, 0)["images/sub/img_00.jpg"])
     loader = MediaLoader(str(tiny_gqa))
     opts = StorageOptions(endpoint_url=s3, retries=1, retry_backoff_s=0.0)
-    item = {"id": "x", "uri": "s3://flaky/a.png", "media_type": "image", "prompt": "", "tasks": ["caption"]}
-    assert decode_one(item, loader, opts)["error"] is None
+    def item():
+        return Item("x", "s3://flaky/a.png", "image", tasks=["caption"])
+
+    assert decode_one(item(), loader, opts).error is None
     fs.rm("flaky/a.png")   # deleted between listing and reading
-    row = decode_one(item, loader, opts)
-    assert row["error"] == "s3://flaky/a.png: object not found (deleted after listing?)"
+    assert decode_one(item(), loader, opts).error == "s3://flaky/a.png: object not found (deleted after listing?)"
     # nothing listens on port 9 of 127.0.0.1: a transient error, retried, then an error row
     dead = StorageOptions(endpoint_url="http://127.0.0.1:9", retries=1, retry_backoff_s=0.0)
-    row = decode_one(item, loader, dead)
-    assert row["error"].startswith("s3://flaky/a.png: storage error after retries")
-    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in row["error"]
+    error = decode_one(item(), loader, dead).error
+    assert error.startswith("s3://flaky/a.png: storage error after retries")
+    assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in error

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline import config, output
 from pipeline.corpus import image_bytes
-from pipeline.decode import DECODED_SCHEMA, decode_batch
-from pipeline.listing import ITEM_SCHEMA, item_id
+from pipeline.decode import DecodeSettings, decode_batch
+from pipeline.items import ITEM_SCHEMA, Item, item_id, to_table
 from pipeline.predictor import Predictor
 
 
@@ -19,15 +19,13 @@ def setup(tiny_gqa, tmp_path_factory):
     for i, (w, h) in enumerate([(300, 220), (60, 60), (200, 150), (56, 84), (280, 280), (90, 70)]):
         path = folder / f"img{i}.png"
         path.write_bytes(image_bytes(w, h, seed=i))
-        items.append({"id": item_id(str(path)), "uri": str(path), "media_type": "image", "prompt": "",
-                      "tasks": ["caption", "ocr"]})
-    items.append({"id": "broken", "uri": str(folder / "gone.png"), "media_type": "image", "prompt": "",
-                  "tasks": ["caption", "ocr"]})
+        items.append(Item(item_id(str(path)), str(path), "image", tasks=["caption", "ocr"], shard="u#0"))
+    items.append(Item("broken", str(folder / "gone.png"), "image", tasks=["caption", "ocr"], shard="u#0"))
     cfg = config.from_dict({"input": {"uri": str(folder)}, "output": {"uri": str(folder / "out")},
                             "model": {"path": str(tiny_gqa)},
                             "run": {"tasks": ["caption", "ocr"], "batch_size": 3, "max_new_tokens": 3}})
-    decoded = decode_batch(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), cfg)
-    assert decoded.schema.equals(DECODED_SCHEMA)
+    decoded = decode_batch(to_table(items), DecodeSettings.from_config(cfg))
+    assert decoded.schema.equals(ITEM_SCHEMA)
     return cfg, decoded, Predictor(cfg)
 
 
@@ -45,7 +43,8 @@ def test_window_is_sorted_into_static_batches(setup):
         out = predictor(decoded)
     finally:
         predictor.model.generate = generate
-    assert out.schema.equals(output.SCHEMA)
+    assert out.select(output.SCHEMA.names).schema.equals(output.SCHEMA)
+    assert out["_shard"].to_pylist() == ["u#0"] * 14   # for the writer's count of landed rows per shard
     rows = out.to_pylist()
     assert len(rows) == 7 * 2 and len({(r["id"], r["task"]) for r in rows}) == 14
     assert [r["finish_reason"] for r in rows if r["id"] == "broken"] == ["error", "error"]
@@ -93,6 +92,6 @@ def test_videos_are_read_through_a_handle_not_whole(setup, tmp_path, monkeypatch
         raise AssertionError(f"read whole: {uri}")
 
     monkeypatch.setattr(storage, "read_bytes", whole_read)
-    item = {"id": item_id(str(path)), "uri": str(path), "media_type": "video", "prompt": "", "tasks": ["caption"]}
-    row = decode.decode_batch(pa.Table.from_pylist([item], schema=ITEM_SCHEMA), cfg).to_pylist()[0]
+    item = Item(item_id(str(path)), str(path), "video", tasks=["caption"])
+    row = decode.decode_batch(to_table([item]), DecodeSettings.from_config(cfg)).to_pylist()[0]
     assert row["error"] is None and row["num_frames"] >= 2 and row["duration_s"] == pytest.approx(3.0, abs=0.2)

@@ -1,0 +1,248 @@
+"""What is finished, kept so that a restart costs nothing per finished item.
+
+Shards (a listing part, a manifest row range, a tar, a Parquet row range) and read units (a partition, a file)
+get a completion record once every (item, task) pair of theirs is in a result file:
+`_state/done/<hash>.json` = {"name", "counts": {task: pairs}}, folded now and then into `_state/done.parquet`.
+A rerun skips finished units without opening them and finished shards without reading them.
+
+Rows of shards still open live in result files named by a sidecar written just before each file:
+`_state/inflight/<file>.json` = {"file", "shards", "tasks"}. A rerun reads the (item, task) keys of those files
+only: the work that was in flight when a run stopped, never the finished corpus. A sidecar goes once every shard
+in it is recorded for every task in it.
+
+`_state/progress.json` says the records can be trusted for this input. An output without it (written by an
+earlier version, or with `run.retry_errors`, or for another input) is scanned whole once: every result file's
+keys count as done, and the marker is written when a run has finished every shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline import storage
+from pipeline.items import key_hash
+from pipeline.state import StateDir
+
+log = logging.getLogger(__name__)
+
+MARKER = "progress.json"
+RECORDS = "done"
+FOLDED = "done.parquet"
+INFLIGHT = "inflight"
+FOLD_EVERY = 256          # new records between folds
+FOLDED_SCHEMA = pa.schema([("name", pa.string()), ("tasks", pa.list_(pa.string())),
+                           ("pairs", pa.list_(pa.int64()))])
+
+
+def _record_file(name: str) -> str:
+    return f"{RECORDS}/{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
+
+
+def covers(counts: dict[str, int] | None, tasks) -> bool:
+    return counts is not None and all(t in counts for t in tasks)
+
+
+@dataclass
+class Resume:
+    """What a run starts from."""
+    records: dict[str, dict[str, int]]     # finished shard or unit -> pairs per task
+    done_keys: np.ndarray                  # sorted uint64 (id, task) keys of rows of open shards
+    scanned: bool                          # the whole output was scanned (no trusted records)
+
+
+class Ledger:
+    """The driver's view of `_state/`: completion records and sidecars."""
+
+    def __init__(self, state: StateDir, fingerprint: str):
+        self.state, self.fingerprint = state, fingerprint
+        self.records: dict[str, dict[str, int]] = {}
+        self.sidecars: dict[str, dict] = {}        # sidecar file name -> {"file", "shards", "tasks"}
+        self.unfolded = 0
+
+    # -- start ----------------------------------------------------------------------------------------------
+
+    def load(self, result_files) -> Resume:
+        """`result_files()` lists every result file: called only when the output must be scanned whole."""
+        marker = self.state.read_json(MARKER)
+        trusted = bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
+        if not trusted:
+            files = result_files()
+            if files:
+                log.info("no completion records for this input: scanning %d result files once", len(files))
+            return Resume({}, read_keys(self.state, files), True)
+        self._load_records()
+        for name in self.state.list(INFLIGHT):
+            if name.endswith(".json"):
+                sidecar = self.state.read_json(f"{INFLIGHT}/{name}")
+                if sidecar is not None:
+                    self.sidecars[name] = sidecar
+        self._drop_settled_sidecars()
+        files = sorted({s["file"] for s in self.sidecars.values()})
+        return Resume(dict(self.records), read_keys(self.state, files), False)
+
+    def _load_records(self) -> None:
+        folded = self.state.read_table(FOLDED)
+        if folded is not None:
+            for name, tasks, pairs in zip(*(folded[c].to_pylist() for c in FOLDED_SCHEMA.names)):
+                self.records[name] = dict(zip(tasks, pairs))
+        names = [n for n in self.state.list(RECORDS) if n.endswith(".json")]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for rec in pool.map(lambda n: self.state.read_json(f"{RECORDS}/{n}"), names):
+                if rec is not None:
+                    self.records[rec["name"]] = _merged(self.records.get(rec["name"]), rec["counts"])
+        self.unfolded = len(names)
+
+    # -- while running --------------------------------------------------------------------------------------
+
+    def note_file(self, file_name: str, shards: list[str], tasks: list[str]) -> None:
+        """Before a result file is written: it will hold rows of these shards."""
+        sidecar = {"file": file_name, "shards": sorted(shards), "tasks": sorted(tasks)}
+        name = file_name.rsplit(".", 1)[0] + ".json"
+        self.state.write_json(f"{INFLIGHT}/{name}", sidecar)
+        self.sidecars[name] = sidecar
+
+    def record(self, name: str, counts: dict[str, int]) -> None:
+        counts = _merged(self.records.get(name), counts)
+        self.state.write_json(_record_file(name), {"name": name, "counts": counts})
+        self.records[name] = counts
+        self.unfolded += 1
+        if self.unfolded >= FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        """All records into done.parquet, then the record files removed. Shard records stay beside their unit's:
+        a task added later reopens the unit, and its shards' records then say which tasks each has done."""
+        self.state.write_table(FOLDED, pa.table({
+            "name": list(self.records), "tasks": [list(c) for c in self.records.values()],
+            "pairs": [list(c.values()) for c in self.records.values()]}, schema=FOLDED_SCHEMA))
+        self.state.remove(RECORDS, recursive=True)
+        self.unfolded = 0
+        self._drop_settled_sidecars()
+
+    def _drop_settled_sidecars(self) -> None:
+        for name, sidecar in list(self.sidecars.items()):
+            if all(covers(self.records.get(s), sidecar["tasks"]) for s in sidecar["shards"]):
+                self.state.remove(f"{INFLIGHT}/{name}")
+                del self.sidecars[name]
+
+    def mark_trusted(self) -> None:
+        self.state.write_json(MARKER, {"version": 1, "input": self.fingerprint})
+
+    def forget(self) -> None:
+        """Distrust every record (e.g. after `run.retry_errors` reopened rows): the next run scans the output."""
+        self.state.remove(MARKER)
+        self.state.remove(RECORDS, recursive=True)
+        self.state.remove(FOLDED)
+        self.state.remove(INFLIGHT, recursive=True)
+
+
+def _merged(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
+    return {**(old or {}), **new}
+
+
+def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
+    """Sorted, unique uint64 keys of the (id, task) rows in these result files (names under the output root);
+    a file that is gone (its write never happened) holds none."""
+    fs, root, opts = state.fs, state.root, state.opts
+
+    def keys_of(name: str) -> np.ndarray:
+        path = f"{root}/{name}"
+        try:
+            table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs),
+                                         path, opts)
+        except FileNotFoundError:
+            return np.zeros(0, np.uint64)
+        return key_hash(table["id"].to_pylist(), table["task"].to_pylist())
+
+    # concurrently: on an object store each file is a round trip
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        keys = list(pool.map(keys_of, files))
+    return unique_sorted(np.concatenate(keys)) if keys else np.zeros(0, np.uint64)
+
+
+def unique_sorted(keys: np.ndarray) -> np.ndarray:
+    """np.unique without its extra passes: sort in place, keep each first of a run."""
+    keys.sort()
+    if len(keys) < 2:
+        return keys
+    keep = np.empty(len(keys), bool)
+    keep[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    return keys[keep]
+
+
+# --- the count of open shards --------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class Tracker:
+    """Read tasks report here what each shard held once they have read it; the driver drains the reports."""
+
+    def __init__(self):
+        self.shards: dict[str, tuple[dict[str, int], int]] = {}
+        self.units: dict[str, list[str]] = {}
+        self.skipped = 0
+
+    def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int) -> None:
+        """counts: the shard's pairs per task (done or not) that no earlier record holds; pending: how many of
+        them this run does; skipped: pairs found done."""
+        if name not in self.shards:   # a retried read task reports the same shard again
+            self.skipped += skipped
+        self.shards[name] = (counts, pending)
+
+    def unit(self, name: str, shards: list[str]) -> None:
+        self.units[name] = shards
+
+    def drain(self) -> tuple[dict, dict, int]:
+        out = (self.shards, self.units, self.skipped)
+        self.shards, self.units, self.skipped = {}, {}, 0
+        return out
+
+
+@dataclass
+class OpenShards:
+    """The driver's count, per open shard, of rows already in result files against the pairs its reader found
+    to do; a shard whose rows have all landed gets its record, a unit whose shards all have theirs gets one."""
+    ledger: Ledger
+    tasks: tuple[str, ...]
+    expected: dict[str, tuple[dict[str, int], int]] = field(default_factory=dict)
+    landed: dict[str, int] = field(default_factory=dict)
+    units: dict[str, list[str]] = field(default_factory=dict)
+
+    def listed(self, shards: dict[str, tuple[dict[str, int], int]], units: dict[str, list[str]]) -> None:
+        self.expected.update(shards)
+        self.units.update(units)
+        self._settle(list(shards))
+
+    def wrote(self, counts: dict[str, int]) -> None:
+        for shard, n in counts.items():
+            self.landed[shard] = self.landed.get(shard, 0) + n
+        self._settle(list(counts))
+
+    def _settle(self, shards: list[str]) -> None:
+        for shard in shards:
+            if shard not in self.expected or self.landed.get(shard, 0) < self.expected[shard][1]:
+                continue
+            self.ledger.record(shard, self.expected.pop(shard)[0])
+            self.landed.pop(shard, None)
+        for unit, names in list(self.units.items()):
+            if all(covers(self.ledger.records.get(s), self.tasks) for s in names):
+                total: dict[str, int] = {}
+                for s in names:
+                    for t, n in self.ledger.records[s].items():
+                        total[t] = total.get(t, 0) + n
+                self.ledger.record(unit, total)
+                del self.units[unit]
+
+    @property
+    def open(self) -> int:
+        """Shards and units still waiting for rows or reports."""
+        return len(self.expected) + len(self.units)

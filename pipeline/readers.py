@@ -1,0 +1,400 @@
+"""Readers of the input formats. Each turns one read unit (a listing partition, a manifest file, a tar shard, a
+Parquet file) into pieces of raw rows, grouped in numbered shards (the unit of resume), in an order that is the
+same in every run. A shard the caller says is finished is not read (only its ids, for tables, where cheap).
+
+Raw rows: `uri`, `media_type`, `prompt`, `key`, `data` (embedded bytes), `error`, then the kept input columns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+import io
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipeline import listing, storage
+from pipeline.config import ConfigError
+from pipeline.items import canonical_uri, media_type_of, sniff_media_type
+from pipeline.state import StateDir
+from pipeline.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SHARD_ROWS = 10_000   # manifest rows per shard
+BYTES_SHARD_ROWS = 1_000       # rows of embedded media per shard (Parquet bytes)
+BYTES_PIECE_ROWS = 64          # rows of embedded media per piece, so a piece stays a few MB
+TAR_PIECE_SAMPLES = 64
+RAW_FIELDS = [("uri", pa.string()), ("media_type", pa.string()), ("prompt", pa.string()), ("key", pa.string()),
+              ("data", pa.large_binary()), ("error", pa.string())]
+MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json", ".ndjson")
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One read task's worth of input: a listing partition of `uri`, or one file."""
+    kind: str                # listing | manifest | webdataset | parquet
+    uri: str                 # the file, or the listed prefix
+    partition: int = -1      # listing only
+    prefix: str = ""
+    recursive: bool = True
+
+    @property
+    def id(self) -> str:
+        if self.kind == "listing":
+            return f"listing:{listing.listing_id(self.uri)}/p{self.partition}"
+        return self.uri
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What the readers need from the config; picklable."""
+    input_uri: str
+    format: str                 # files | webdataset | parquet
+    manifest: str
+    uri_column: str
+    bytes_column: str
+    key_column: str
+    keep_columns: tuple[str, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    opts: StorageOptions
+    state: StateDir
+    keep_schema: pa.Schema | None = None   # types of the kept columns (from the first input file)
+
+
+@dataclass
+class Piece:
+    shard: int | str
+    table: pa.Table | None      # raw rows; for a finished shard only `uri` (tables) or None
+    last: bool                  # the shard's last piece
+    finished: bool = False      # the caller said the shard is finished
+
+
+# --- finding the units ---------------------------------------------------------------------------------------
+
+
+def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, what: str) -> list[str]:
+    """A file, every matching file under a folder/prefix, or a glob; sorted canonical URIs."""
+    fs, path = storage.filesystem(uri, opts)
+    if globlib.has_magic(path):
+        found = storage.with_retries(lambda: fs.glob(path), uri, opts)
+    elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
+        found = storage.with_retries(lambda: fs.find(path), uri, opts)
+    elif storage.with_retries(lambda: fs.exists(path), uri, opts):
+        found = [path]
+    else:
+        raise ConfigError(f"{what}: {uri} does not exist")
+    files = sorted(p for p in found if p.lower().endswith(extensions)
+                   and not p.rstrip("/").rsplit("/", 1)[-1].startswith(("_", ".")))
+    if not files:
+        raise ConfigError(f"{what}: no {'/'.join(extensions)} files at {uri}")
+    return [canonical_uri(storage.full_uri(fs, p)) for p in files]
+
+
+def find_units(spec: ReadSpec) -> list[Unit]:
+    if spec.manifest:
+        return [Unit("manifest", u) for u in expand_files(spec.manifest, MANIFEST_EXTENSIONS, spec.opts,
+                                                          "input.manifest")]
+    if spec.format == "webdataset":
+        return [Unit("webdataset", u) for u in expand_files(spec.input_uri, (".tar",), spec.opts, "input.uri")]
+    if spec.format == "parquet":
+        return [Unit("parquet", u) for u in expand_files(spec.input_uri, (".parquet",), spec.opts, "input.uri")]
+    snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
+    return [Unit("listing", spec.input_uri, i, p.prefix, p.recursive)
+            for i, p in enumerate(snapshot.partitions(spec.opts))]
+
+
+# --- raw rows ------------------------------------------------------------------------------------------------
+
+
+def raw_table(uris: list[str], media_types: list[str], *, prompts=None, keys=None, data=None, errors=None,
+              extra: pa.Table | None = None) -> pa.Table:
+    n = len(uris)
+    none = [None] * n
+    columns = [uris, media_types, prompts or [""] * n, keys or none, data or none, errors or none]
+    table = pa.Table.from_arrays([pa.array(c, t) for c, (_, t) in zip(columns, RAW_FIELDS)],
+                                 schema=pa.schema(RAW_FIELDS))
+    if extra is not None:
+        for name in extra.column_names:
+            table = table.append_column(extra.schema.field(name), extra[name])
+    return table
+
+
+def _selected(rel: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    return (any(fnmatch.fnmatch(rel, p) for p in include)
+            and not any(fnmatch.fnmatch(rel, p) for p in exclude))
+
+
+def read_listing(unit: Unit, spec: ReadSpec, finished: Callable[[int], bool]) -> Iterator[Piece]:
+    fs, root = storage.filesystem(spec.input_uri, spec.opts)
+    base = root.rstrip("/")
+    snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
+    part = listing.Partition(unit.prefix, unit.recursive)
+    for number, paths in listing.partition_parts(spec.input_uri, spec.opts, snapshot, unit.partition, part,
+                                                 finished):
+        if paths is None:
+            yield Piece(number, None, True, finished=True)
+            continue
+        paths = [p for p in paths if _selected(p, spec.include, spec.exclude)]
+        uris = [canonical_uri(storage.full_uri(fs, f"{base}/{p}")) for p in paths]
+        yield Piece(number, raw_table(uris, [media_type_of(p) for p in paths]), True)
+
+
+# --- tables: manifests and Parquet with embedded bytes -------------------------------------------------------
+
+
+def table_format(uri: str) -> str:
+    name = uri.lower().rsplit("/", 1)[-1]
+    for ext, fmt in TABLE_FORMATS.items():
+        if name.endswith(ext):
+            return fmt
+    raise ConfigError(f"input.manifest: {uri} must end in .parquet, .csv or .jsonl")
+
+
+def _open(uri: str, opts: StorageOptions):
+    fs, path = storage.filesystem(uri, opts)
+    return storage.with_retries(lambda: fs.open(path, "rb"), uri, opts)
+
+
+def table_schema(uri: str, opts: StorageOptions) -> pa.Schema:
+    """The columns of a manifest or Parquet input file (the footer, or the first block of a text file)."""
+    fmt = table_format(uri)
+    with _open(uri, opts) as f:
+        if fmt == "parquet":
+            return pq.ParquetFile(f).schema_arrow
+        reader = pacsv.open_csv(f) if fmt == "csv" else pajson.open_json(f)
+        return reader.schema
+
+
+def _batches(uri: str, fmt: str, columns: list[str], opts: StorageOptions) -> Iterator[pa.RecordBatch]:
+    with _open(uri, opts) as f:
+        if fmt == "csv":
+            reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns))
+        else:
+            reader = pajson.open_json(f)
+        for batch in reader:
+            yield batch.select(columns) if fmt != "csv" else batch
+
+
+def _sharded(batches: Iterator[pa.RecordBatch], shard_rows: int, piece_rows: int) -> Iterator[Piece]:
+    """Cut a stream of batches into pieces of whole-file row ranges: shard n holds rows [n*S, (n+1)*S)."""
+    row = 0
+    for batch in batches:
+        start = 0
+        while start < batch.num_rows:
+            shard, offset = divmod(row, shard_rows)
+            take = min(batch.num_rows - start, shard_rows - offset, piece_rows)
+            yield Piece(shard, pa.Table.from_batches([batch.slice(start, take)]), offset + take == shard_rows)
+            start, row = start + take, row + take
+    if row % shard_rows:
+        yield Piece(row // shard_rows, None, True)   # closes the last, short shard
+
+
+def _parquet_pieces(uri: str, columns: list[str], id_columns: list[str], opts: StorageOptions,
+                    shard_rows: int, piece_rows: int, finished: Callable[[str], bool]) -> Iterator[Piece]:
+    """Shards are row ranges inside each row group ("<group>.<n>"); a row group whose shards are all finished is
+    read for its id columns only."""
+    with _open(uri, opts) as f:
+        pf = pq.ParquetFile(f)
+        for group in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(group).num_rows
+            count = -(-rows // shard_rows)
+            done = all(finished(f"{group}.{n}") for n in range(count))
+            cols = id_columns if done else columns
+            for piece in _sharded(pf.iter_batches(batch_size=piece_rows, row_groups=[group], columns=cols),
+                                  shard_rows, piece_rows):
+                yield Piece(f"{group}.{piece.shard}", piece.table, piece.last)
+
+
+def _resolve(uri: str, manifest: str) -> str:
+    """Manifest URIs may be relative to the manifest's own folder."""
+    if "://" in uri or os.path.isabs(uri):
+        return canonical_uri(uri)
+    return canonical_uri(manifest.rsplit("/", 1)[0] + "/" + uri)
+
+
+def read_manifest(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+    fmt = table_format(unit.uri)
+    schema_names = table_schema(unit.uri, spec.opts).names
+    if spec.uri_column not in schema_names:
+        raise ConfigError(f"input.manifest: {unit.uri} has no {spec.uri_column!r} column (columns: "
+                          f"{', '.join(schema_names[:20])}); set input.uri_column")
+    has_prompt = "prompt" in schema_names
+    columns = [spec.uri_column] + (["prompt"] if has_prompt else []) + list(spec.keep_columns)
+    if fmt == "parquet":
+        pieces = _parquet_pieces(unit.uri, columns, [spec.uri_column], spec.opts, MANIFEST_SHARD_ROWS,
+                                 MANIFEST_SHARD_ROWS, finished)
+    else:
+        pieces = _sharded(_batches(unit.uri, fmt, columns, spec.opts), MANIFEST_SHARD_ROWS, MANIFEST_SHARD_ROWS)
+    for piece in pieces:
+        if piece.table is None:
+            yield piece
+            continue
+        raw = piece.table[spec.uri_column].cast(pa.string()).to_pylist()
+        kept = [i for i, u in enumerate(raw) if u is not None and u.strip()]
+        table = piece.table.take(kept) if len(kept) < len(raw) else piece.table
+        uris = [_resolve(raw[i].strip(), unit.uri) for i in kept]
+        if finished(piece.shard):
+            yield Piece(piece.shard, raw_table(uris, [""] * len(uris)), piece.last, finished=True)
+            continue
+        prompts = None
+        if has_prompt:
+            prompts = [p if isinstance(p, str) else "" for p in table["prompt"].to_pylist()]
+        extra = _kept(table, spec, unit)
+        yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
+                                           extra=extra), piece.last)
+
+
+def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> pa.Table | None:
+    """The kept columns, cast to the types of the first input file."""
+    if not spec.keep_columns:
+        return None
+    missing = [c for c in spec.keep_columns if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"input.keep_columns: {unit.uri} has no column(s) {missing}")
+    kept = table.select(list(spec.keep_columns))
+    if spec.keep_schema is None or kept.schema.equals(spec.keep_schema):
+        return kept
+    try:
+        return kept.cast(spec.keep_schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ConfigError(f"input.keep_columns: {unit.uri} has other column types than the first input file "
+                          f"({e})") from None
+
+
+def _media_bytes(column: pa.ChunkedArray) -> tuple[list, list]:
+    """(bytes, file names) of a binary column or of an HF datasets image struct {bytes, path}."""
+    if pa.types.is_struct(column.type):
+        names = [f.name for f in column.type]
+        if "bytes" not in names:
+            raise ConfigError(f"input.bytes_column: a struct column needs a 'bytes' field (fields: {names})")
+        data = column.combine_chunks().field("bytes").to_pylist()
+        paths = column.combine_chunks().field("path").to_pylist() if "path" in names else [None] * len(data)
+        return data, paths
+    return column.to_pylist(), [None] * len(column)
+
+
+def read_parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+    names = table_schema(unit.uri, spec.opts).names
+    for col, what in ((spec.bytes_column, "input.bytes_column"), (spec.key_column, "input.key_column")):
+        if col and col not in names:
+            raise ConfigError(f"{what}: {unit.uri} has no {col!r} column (columns: {', '.join(names[:20])})")
+    key_cols = [spec.key_column] if spec.key_column else []
+    columns = [spec.bytes_column] + key_cols + list(spec.keep_columns)
+    # without a key column, an item is named by its row number, which needs no column at all
+    id_columns = key_cols
+    row = 0
+    for piece in _parquet_pieces(unit.uri, columns, id_columns, spec.opts, BYTES_SHARD_ROWS, BYTES_PIECE_ROWS,
+                                 finished):
+        if piece.table is None:
+            yield piece
+            continue
+        n = piece.table.num_rows
+        keys = ([None if k is None else str(k) for k in piece.table[spec.key_column].to_pylist()]
+                if spec.key_column else [str(row + i) for i in range(n)])
+        row += n
+        uris = [f"{unit.uri}#{k}" for k in keys]
+        if finished(piece.shard):
+            yield Piece(piece.shard, raw_table(uris, [""] * n), piece.last, finished=True)
+            continue
+        data, paths = _media_bytes(piece.table[spec.bytes_column])
+        types, errors = [], []
+        for uri, blob, path in zip(uris, data, paths):
+            types.append((path and media_type_of(path)) or (sniff_media_type(blob) if blob else "image"))
+            errors.append(None if blob else f"{uri}: no media bytes in column {spec.bytes_column!r}")
+        extra = _kept(piece.table, spec, unit)
+        yield Piece(piece.shard, raw_table(uris, types, keys=keys, data=data, errors=errors, extra=extra),
+                    piece.last)
+
+
+# --- WebDataset tar shards -----------------------------------------------------------------------------------
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """WebDataset's convention: the key is the member path up to the first dot of its file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of consecutive members sharing a key, as the tar streams by."""
+    key, members = None, {}
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = _sample_key(info.name)
+            if k != key and members:
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(info).read()
+    if members:
+        yield key, members
+
+
+def _sample_row(shard_uri: str, key: str, members: dict[str, bytes]) -> tuple:
+    uri = f"{shard_uri}#{key}"
+    for ext, blob in members.items():
+        kind = media_type_of(f"x.{ext}")
+        if kind:
+            return uri, kind, key, blob, None
+    names = ", ".join(sorted(members)) or "none"
+    return uri, "", key, None, f"{uri}: sample has no image or video member (members: {names})"
+
+
+def read_tar(unit: Unit, spec: ReadSpec, finished: Callable[[int], bool]) -> Iterator[Piece]:
+    """One shard per tar, streamed (never extracted to disk). A transient storage error re-opens the stream and
+    skips the samples already yielded; a corrupt tar ends the shard with one error row naming it."""
+    if finished(0):
+        yield Piece(0, None, True, finished=True)
+        return
+    sent, attempts, rows = 0, 0, []
+    fs, path = storage.filesystem(unit.uri, spec.opts)
+    while True:
+        try:
+            with fs.open(path, "rb", block_size=8 << 20) as stream:
+                for n, (key, members) in enumerate(_samples(stream)):
+                    if n < sent + len(rows):
+                        continue
+                    rows.append(_sample_row(unit.uri, key, members))
+                    if len(rows) == TAR_PIECE_SAMPLES:
+                        yield Piece(0, _rows_table(rows), False)
+                        sent, rows = sent + len(rows), []
+            break
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if storage.is_transient(e) and attempts < spec.opts.retries:
+                attempts += 1
+                log.warning("re-opening %s after a transient error (%s); %d samples already read", unit.uri, e,
+                            sent + len(rows))
+                continue
+            if isinstance(e, FileNotFoundError):
+                raise
+            rows.append((unit.uri, "", None, None, f"{unit.uri}: corrupt tar after {sent + len(rows)} samples "
+                                                   f"({type(e).__name__}: {e})"))
+            break
+    yield Piece(0, _rows_table(rows), True)
+
+
+def _rows_table(rows: list[tuple]) -> pa.Table:
+    uris, types, keys, data, errors = (list(c) for c in zip(*rows)) if rows else ([], [], [], [], [])
+    return raw_table(uris, types, keys=keys, data=data, errors=errors)
+
+
+READERS = {"listing": read_listing, "manifest": read_manifest, "webdataset": read_tar,
+           "parquet": read_parquet_bytes}
+
+
+def read_unit(unit: Unit, spec: ReadSpec, finished: Callable) -> Iterator[Piece]:
+    return READERS[unit.kind](unit, spec, finished)

@@ -1,0 +1,210 @@
+"""What to process: the read units of the input, minus what is finished, as blocks of item records.
+
+One Ray read task per group of units streams each unit's pieces from its reader, names every item (a stable id
+from its URI), drops repeats of an item within the unit, attaches the tasks still to do (the run's tasks, minus
+those a completion record or a key in the done-set says are done), and reports each shard's pair counts to the
+tracker when the shard ends. Finished shards are not read and finished units are not even opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline import readers
+from pipeline.items import FIELDS, ITEM_SCHEMA, item_id, key_hash
+from pipeline.readers import Piece, ReadSpec, Unit
+
+MAX_READ_TASKS = 256
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """Which tasks an item gets."""
+    tasks: tuple[str, ...]
+    prompt_task: str          # a manifest row's own prompt runs as this task ('' = no such task)
+
+    def all(self) -> tuple[str, ...]:
+        return self.tasks + ((self.prompt_task,) if self.prompt_task else ())
+
+    def of(self, prompt: str) -> tuple[str, ...]:
+        return self.tasks + ((self.prompt_task,) if prompt and self.prompt_task else ())
+
+
+class SeenIds:
+    """Ids met so far in one unit, as sorted uint64 runs merged like a log-structured tree (8 bytes an id,
+    O(log n) runs to search), so a unit of millions of rows is checked without a Python set."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def first(self, ids: list[str]) -> np.ndarray:
+        """Mask of the ids not met before (the first of repeats within `ids` included); remembers them."""
+        keys = np.array([int(i[:16], 16) for i in ids], dtype=np.uint64)
+        mask = np.zeros(len(keys), bool)
+        mask[np.unique(keys, return_index=True)[1]] = True
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            mask &= run[pos] != keys
+        fresh = np.sort(keys[mask])
+        if len(fresh):
+            self.runs.append(fresh)
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]))
+        return mask
+
+
+def is_done(keys: np.ndarray, done: np.ndarray) -> np.ndarray:
+    if not len(done):
+        return np.zeros(len(keys), bool)
+    return done[np.minimum(np.searchsorted(done, keys), len(done) - 1)] == keys
+
+
+@dataclass
+class UnitWork:
+    unit: Unit
+    records: dict[str, dict[str, int]]    # completion records of this unit's shards, by shard number
+
+
+class ShardCount:
+    """Pairs of one shard, counted as its pieces go by."""
+
+    def __init__(self, tasks: tuple[str, ...]):
+        self.counts = {t: 0 for t in tasks}
+        self.pending = self.skipped = 0
+
+
+class Budget:
+    """`input.max_items`: items left to take (done or not), shared by the units of one read task."""
+
+    def __init__(self, limit: int):
+        self.limit, self.left = limit, limit
+
+    def take(self, fresh: np.ndarray) -> np.ndarray:
+        if self.limit:
+            fresh = fresh & (np.cumsum(fresh) <= self.left)
+            self.left -= int(fresh.sum())
+        return fresh
+
+    @property
+    def spent(self) -> bool:
+        return bool(self.limit) and self.left <= 0
+
+
+def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarray, tracker,
+                  budget: Budget | None = None) -> Iterator[pa.Table]:
+    """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends.
+    Once the budget is spent it stops, and a shard cut short is never reported, so never recorded finished."""
+    unit, seen, shards, open_count = work.unit, SeenIds(), [], {}
+    budget = budget or Budget(0)
+
+    def finished(number) -> bool:
+        return covers_tasks(work.records.get(str(number)), plan.all())
+
+    for piece in readers.read_unit(unit, spec, finished):
+        name = f"{unit.id}#{piece.shard}"
+        count = open_count.setdefault(name, ShardCount(plan.all()))
+        if piece.table is not None and piece.table.num_rows:
+            ids = [item_id(u) for u in piece.table["uri"].to_pylist()]
+            fresh = seen.first(ids)
+            if piece.finished:
+                count.skipped += _finished_pairs(work.records.get(str(piece.shard)), plan)
+            else:
+                fresh = budget.take(fresh)
+                block = _items_block(piece, name, ids, fresh, work.records.get(str(piece.shard)), plan, done,
+                                     count)
+                if block.num_rows:
+                    yield block
+        elif piece.finished:
+            count.skipped += _finished_pairs(work.records.get(str(piece.shard)), plan)
+        if budget.spent:
+            return
+        if piece.last:
+            tracker.shard.remote(name, count.counts, count.pending, count.skipped)
+            shards.append(name)
+            del open_count[name]
+    tracker.unit.remote(unit.id, shards)
+
+
+def covers_tasks(counts: dict[str, int] | None, tasks) -> bool:
+    return counts is not None and all(t in counts for t in tasks)
+
+
+def _finished_pairs(record: dict[str, int] | None, plan: TaskPlan) -> int:
+    return sum((record or {}).get(t, 0) for t in plan.all())
+
+
+def _items_block(piece: Piece, shard: str, ids: list[str], fresh: np.ndarray, record: dict[str, int] | None,
+                 plan: TaskPlan, done: np.ndarray, count: ShardCount) -> pa.Table:
+    table = piece.table
+    prompts = table["prompt"].to_pylist()
+    rows, tasks = [], []
+    for i in np.flatnonzero(fresh):
+        todo = [t for t in plan.of(prompts[i]) if not (record and t in record)]
+        if len(done) and todo:
+            found = is_done(key_hash([ids[i]] * len(todo), todo), done)
+            count.skipped += int(found.sum())
+            for t in todo:
+                count.counts[t] += 1
+            todo = [t for t, d in zip(todo, found) if not d]
+        else:
+            for t in todo:
+                count.counts[t] += 1
+        if record:
+            count.skipped += sum(1 for t in plan.of(prompts[i]) if t in record)
+        if todo:
+            rows.append(int(i))
+            tasks.append(todo)
+    count.pending += sum(len(t) for t in tasks)
+    taken = table.take(pa.array(rows, pa.int64()))
+    n = len(rows)
+    columns = {"id": pa.array([ids[i] for i in rows], pa.string()), "tasks": pa.array(tasks, pa.list_(pa.string())),
+               "shard": pa.array([shard] * n, pa.string())}
+    arrays = [columns[f] if f in columns else (taken[f] if f in taken.column_names else pa.nulls(n, t))
+              for f, t in zip(FIELDS, ITEM_SCHEMA.types)]
+    block = pa.Table.from_arrays(arrays, schema=ITEM_SCHEMA)
+    for name in taken.column_names:
+        if name not in FIELDS:
+            block = block.append_column(taken.schema.field(name), taken[name])
+    return block
+
+
+class PendingItems(Datasource):
+    """Ray Data source: one read task per group of units (at most MAX_READ_TASKS groups, in input order)."""
+
+    def __init__(self, work: list[UnitWork], spec: ReadSpec, plan: TaskPlan, done_ref, tracker, max_items: int):
+        super().__init__()
+        self.work, self.spec, self.plan, self.done_ref, self.tracker = work, spec, plan, done_ref, tracker
+        self.max_items = max_items
+
+    def get_name(self) -> str:
+        return "ReadItems"
+
+    def estimate_inmemory_data_size(self):
+        return None
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        spec, plan, done_ref, tracker, max_items = self.spec, self.plan, self.done_ref, self.tracker, self.max_items
+        # max_items counts across units, so then one task reads them in order
+        groups = 1 if max_items else min(len(self.work), MAX_READ_TASKS)
+        size = -(-len(self.work) // max(1, groups))
+
+        def make(chunk: list[UnitWork]):
+            def read():
+                done, budget = ray.get(done_ref), Budget(max_items)
+                for work in chunk:
+                    yield from pending_items(work, spec, plan, done, tracker, budget)
+                    if budget.spent:
+                        return
+            return read
+
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(make(self.work[i:i + size]), meta)
+                for i in range(0, len(self.work), size)]

@@ -1,0 +1,86 @@
+"""Run state under the output's `_state/` folder: small JSON and Parquet files, each written whole (staged and
+renamed, or one object upload) with storage retries. pandas, duckdb and pyarrow.dataset skip the folder because
+of its leading underscore, so readers of the results never see it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.storage import StorageOptions
+
+STATE_DIR = "_state"
+
+
+class StateDir:
+    """`<output>/_state/`; picklable, so read tasks on any node can write listing snapshots there."""
+
+    def __init__(self, output_uri: str, opts: StorageOptions):
+        self.output_uri, self.opts = output_uri, opts
+        self.fs, root = storage.filesystem(output_uri, opts)
+        self.root = root.rstrip("/")
+        self.path = f"{self.root}/{STATE_DIR}"
+        self.staging = f"{self.path}/staging"
+
+    def __getstate__(self):
+        return {"output_uri": self.output_uri, "opts": self.opts}
+
+    def __setstate__(self, state):
+        self.__init__(state["output_uri"], state["opts"])
+
+    def _call(self, fn, rel: str):
+        return storage.with_retries(fn, f"{self.output_uri.rstrip('/')}/{STATE_DIR}/{rel}", self.opts)
+
+    def full(self, rel: str) -> str:
+        return f"{self.path}/{rel}"
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._call(lambda: storage.write_atomic(self.fs, self.full(rel), data, self.staging), rel)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            return self._call(lambda: self.fs.cat_file(self.full(rel)), rel)
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, rel: str, value) -> None:
+        self.write_bytes(rel, json.dumps(value, default=str).encode())
+
+    def read_json(self, rel: str):
+        data = self.read_bytes(rel)
+        return None if data is None else json.loads(data)
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(rel, sink.getvalue())
+
+    def read_table(self, rel: str) -> pa.Table | None:
+        data = self.read_bytes(rel)
+        return None if data is None else pq.read_table(io.BytesIO(data))
+
+    def list(self, rel: str) -> list[str]:
+        """Names of the files directly in a state folder (sorted; [] when it does not exist)."""
+        folder = self.full(rel).rstrip("/")
+
+        def ls():
+            try:
+                return self.fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                return []
+
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self._call(ls, rel))
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        def rm():
+            try:
+                self.fs.rm(self.full(rel), recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+        self._call(rm, rel)

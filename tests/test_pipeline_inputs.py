@@ -1,0 +1,296 @@
+"""The read side without Ray: listing snapshots (local and S3), manifests of every kind, WebDataset tars, Parquet
+with embedded bytes, stable ids, duplicates, and the shard counts the read tasks report."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import listing, readers, storage
+from pipeline.config import ConfigError
+from pipeline.items import canonical_uri, item_id, key_hash, media_type_of
+from pipeline.sources import Budget, SeenIds, TaskPlan, UnitWork, pending_items
+from pipeline.state import StateDir
+from pipeline.storage import StorageOptions
+from tests.pipeline_helpers import good_media, moto_s3, s3fs_for, write_local
+
+OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
+PLAN = TaskPlan(("caption", "ocr"), "")
+
+
+class FakeTracker:
+    """Stands in for the Ray actor: `tracker.shard.remote(...)` records the call."""
+
+    def __init__(self):
+        self.shards, self.units = {}, {}
+        tracker = self
+
+        class Method:
+            def __init__(self, store):
+                self.store = store
+
+            def remote(self, name, *args):
+                self.store[name] = args
+
+        self.shard, self.unit = Method(tracker.shards), Method(tracker.units)
+
+
+def spec_for(out, *, uri="", manifest="", fmt="files", uri_column="uri", keep=(), bytes_column="", key_column="",
+             include=("*",), exclude=(), opts=OPTS, keep_schema=None):
+    return readers.ReadSpec(uri, fmt, manifest, uri_column, bytes_column, key_column, tuple(keep), tuple(include),
+                            tuple(exclude), opts, StateDir(str(out), opts), keep_schema)
+
+
+def read_all(spec, plan=PLAN, done=None, records=None, budget=None):
+    """Every pending item of every unit, and what the fake tracker heard."""
+    tracker, rows = FakeTracker(), []
+    done = np.zeros(0, np.uint64) if done is None else done
+    for unit in readers.find_units(spec):
+        work = UnitWork(unit, (records or {}).get(unit.id, {}))
+        for block in pending_items(work, spec, plan, done, tracker, budget):
+            rows += block.to_pylist()
+    return rows, tracker
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+def test_canonical_uris_give_one_id_per_file(tmp_path):
+    path = tmp_path / "a.png"
+    assert canonical_uri(f"file://{path}") == canonical_uri(str(tmp_path / "x" / ".." / "a.png")) == str(path)
+    assert canonical_uri("s3://b/x/../y/./a.png") == "s3://b/y/a.png"
+    assert canonical_uri("https://h/p/../a.jpg?sig=1") == "https://h/a.jpg?sig=1"
+    assert media_type_of("https://h/b/a.jpg?X-Amz-Signature=abc.def") == "image"
+    assert media_type_of("s3://bucket/clips/v.MP4") == "video" and media_type_of("/data/photos.v2/readme") is None
+
+
+def test_seen_ids_finds_repeats_across_many_runs():
+    seen, rng = SeenIds(), np.random.default_rng(0)
+    ids = [f"{v:016x}{v:016x}" for v in rng.integers(2**60, 2**63, 5000)]
+    firsts = [seen.first(ids[i:i + 100]) for i in range(0, 5000, 100)]
+    assert all(m.all() for m in firsts) and len(seen.runs) <= 8            # merged, not one run per call
+    again = seen.first(ids[::7] + ["f" * 32, "f" * 32])
+    assert not again[:-2].any() and again[-2] and not again[-1]          # repeats within one call too
+
+
+def test_local_listing_is_snapshotted_in_key_order_and_resumes_after_the_last_part(tmp_path, monkeypatch):
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    files = good_media(num_images=8, num_videos=2)
+    write_local(corpus, files)
+    (corpus / "notes.txt").write_text("not media")
+    (corpus / "top.png").write_bytes(files["images/sub/img_00.jpg"])
+    (corpus / "images" / "UPPER.JPG").write_bytes(files["images/sub/img_00.jpg"])
+    spec = spec_for(out, uri=str(corpus))
+    rows, tracker = read_all(spec)
+    uris = [r["uri"] for r in rows]
+    assert len(rows) == 12 and str(corpus / "notes.txt") not in uris
+    assert all(r["id"] == item_id(r["uri"]) and r["tasks"] == ["caption", "ocr"] for r in rows)
+    # partitions: the root's own files, then each folder; keys in byte order within each
+    units = readers.find_units(spec)
+    assert [(u.prefix, u.recursive) for u in units] == [("", False), ("images/", True), ("videos/", True)]
+    assert [u for u in uris if "/images/" in u] == sorted(u for u in uris if "/images/" in u)
+    assert {name: args[1] for name, args in tracker.shards.items()} == {
+        f"{units[0].id}#0": 2, f"{units[1].id}#0": 18, f"{units[2].id}#0": 4}   # pending pairs per shard
+    # the snapshot is read back, not listed again: new files are not seen, deleted ones still are
+    (corpus / "images" / "late.png").write_bytes(files["images/sub/img_00.jpg"])
+    assert len(read_all(spec)[0]) == 12
+    # include / exclude filter at read time
+    assert all("/images/sub/" in r["uri"] for r in read_all(spec_for(out, uri=str(corpus),
+                                                                     include=["images/sub/*"]))[0])
+    assert len(read_all(spec_for(out, uri=str(corpus), exclude=["videos/*"]))[0]) == 10
+    # a partition listed part-way (killed after its first part): listing goes on after the part's last key
+    monkeypatch.setattr(listing, "PART_ROWS", 3)
+    out2 = tmp_path / "out2"
+    snapshot = listing.ListingSnapshot(StateDir(str(out2), OPTS), str(corpus))
+    parts = snapshot.partitions(OPTS)
+    images = parts.index(listing.Partition("images/", True))
+    first = list(listing.walk(str(corpus), OPTS, parts[images]))[:3]
+    snapshot.write_part(images, 0, first)
+    walked = []
+    real_walk = listing.walk
+    monkeypatch.setattr(listing, "walk", lambda *a: walked.append(a[3]) or real_walk(*a))
+    rows2, _ = read_all(spec_for(out2, uri=str(corpus)))
+    assert sorted(r["uri"] for r in rows2) == sorted(uris + [str(corpus / "images" / "late.png")])
+    assert first[-1] in walked                            # continued after the snapshot's last key
+    assert snapshot.parts(images) == ([0, 1, 2, 3], True)   # 10 image keys, 3 a part
+    with pytest.raises(ConfigError, match="not a folder"):
+        readers.find_units(spec_for(tmp_path / "out3", uri=str(tmp_path / "missing")))
+
+
+def test_s3_listing_fans_out_over_prefixes_pages_and_starts_after(s3, tmp_path):
+    fs = s3fs_for(s3)
+    fs.mkdir("corpus")
+    files = good_media(num_images=20, num_videos=3)
+    for rel, data in files.items():
+        fs.pipe(f"corpus/media/{rel}", data)
+    fs.pipe("corpus/media/readme.txt", b"x")
+    opts = StorageOptions(endpoint_url=s3, retries=1)
+    assert listing.plan_partitions("s3://corpus/media/", opts) == [
+        listing.Partition("", False), listing.Partition("images/", True), listing.Partition("videos/", True)]
+    # one page at a time, and StartAfter skips what a snapshot already holds
+    calls = []
+    fs2, root = storage.filesystem("s3://corpus/media/", opts)
+    real = fs2.call_s3
+    fs2.call_s3 = lambda *a, **k: calls.append(k) or real(*a, **k)
+    keys = list(listing._walk_s3(fs2, root, "images/", True, "", opts, page_size=5))
+    assert keys == sorted(k for k in files if k.startswith("images/")) and len(calls) == 4
+    after = list(listing._walk_s3(fs2, root, "images/", True, keys[9], opts, page_size=5))
+    assert after == keys[10:] and calls[-1]["StartAfter"] == "media/" + keys[9]
+    rows, _ = read_all(spec_for(tmp_path / "out", uri="s3://corpus/media/", opts=opts))
+    assert sorted(r["uri"] for r in rows) == sorted(f"s3://corpus/media/{k}" for k in files)
+
+
+def _manifest(path, rows, fmt):
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_manifests_resolve_relative_uris_keep_columns_and_drop_repeats(tmp_path, fmt):
+    write_local(tmp_path / "m", good_media(num_images=3, num_videos=1))
+    rows = [{"url": "images/sub/img_00.jpg", "prompt": "What colour dominates?", "n": 1},
+            {"url": str(tmp_path / "m" / "images" / "img_01.png"), "prompt": "", "n": 2},
+            {"url": "videos/clip_0.mp4", "prompt": "", "n": 3},
+            {"url": "docs/file.pdf", "prompt": "", "n": 4},
+            {"url": f"file://{tmp_path / 'm' / 'images' / 'sub' / 'img_00.jpg'}", "prompt": "", "n": 5},  # repeat
+            {"url": "images/../images/img_01.png", "prompt": "", "n": 6}]                                   # repeat
+    path = tmp_path / "m" / f"manifest.{fmt}"
+    _manifest(path, rows, fmt)
+    spec = spec_for(tmp_path / "out", manifest=str(path), uri_column="url", keep=["n"])
+    items, tracker = read_all(spec, TaskPlan(("caption", "ocr"), "prompt"))
+    assert [i["uri"] for i in items] == [str(tmp_path / "m" / p) for p in
+                                         ("images/sub/img_00.jpg", "images/img_01.png", "videos/clip_0.mp4",
+                                          "docs/file.pdf")]
+    assert [i["n"] for i in items] == [1, 2, 3, 4]                       # kept columns ride along, typed
+    assert items[0]["prompt"] == "What colour dominates?" and items[0]["tasks"] == ["caption", "ocr", "prompt"]
+    assert items[1]["tasks"] == ["caption", "ocr"]
+    assert [i["media_type"] for i in items] == ["image", "image", "video", ""]   # a manifest keeps what it names
+    (name, (counts, pending, skipped)), = tracker.shards.items()
+    assert counts == {"caption": 4, "ocr": 4, "prompt": 1} and pending == 9 and skipped == 0
+
+
+def test_manifest_errors_name_the_file_and_columns_never_row_contents(tmp_path):
+    bad = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"url": ["a.jpg"], "jpg": [b"\xff\xd8" + b"SECRET-BYTES" * 10]}), bad)
+    with pytest.raises(ConfigError, match=r"has no 'uri' column \(columns: url, jpg\); set input.uri_column") as e:
+        read_all(spec_for(tmp_path / "out", manifest=str(bad)))
+    assert "SECRET" not in str(e.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        readers.find_units(spec_for(tmp_path / "out", manifest=str(tmp_path / "missing.csv")))
+    (tmp_path / "m.xlsx").write_text("x")
+    with pytest.raises(ConfigError, match=r"no .*\.parquet.* files"):
+        readers.find_units(spec_for(tmp_path / "out", manifest=str(tmp_path / "m.xlsx")))
+
+
+def test_manifest_glob_folder_and_row_group_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "MANIFEST_SHARD_ROWS", 4)
+    write_local(tmp_path / "media", good_media(num_images=10, num_videos=0))
+    media = sorted(str(p) for p in (tmp_path / "media").rglob("*.*"))
+    (tmp_path / "m").mkdir()
+    _manifest(tmp_path / "m" / "a.csv", [{"uri": u} for u in media[:5]], "csv")
+    _manifest(tmp_path / "m" / "b.jsonl", [{"uri": u} for u in media[5:]], "jsonl")
+    _manifest(tmp_path / "m" / "_c.csv", [{"uri": "/elsewhere/x.png"}], "csv")        # hidden: not a manifest
+    spec = spec_for(tmp_path / "out", manifest=str(tmp_path / "m" / "*.*"))
+    assert [u.uri.rsplit("/", 1)[-1] for u in readers.find_units(spec)] == ["a.csv", "b.jsonl"]
+    rows, tracker = read_all(spec)
+    assert sorted(r["uri"] for r in rows) == media
+    assert sorted(n.rsplit("/", 1)[-1] for n in tracker.shards) == ["a.csv#0", "a.csv#1", "b.jsonl#0", "b.jsonl#1"]
+    # Parquet: shards are row ranges inside row groups; a finished shard is not returned, and one whose record
+    # lacks a task gets only that task
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"uri": media}), big, row_group_size=6)
+    spec = spec_for(tmp_path / "out", manifest=str(big))
+    unit = readers.find_units(spec)[0]
+    rows, tracker = read_all(spec)
+    assert sorted(n.rsplit("#", 1)[1] for n in tracker.shards) == ["0.0", "0.1", "1.0"]
+    records = {unit.id: {"0.0": {"caption": 4, "ocr": 4}, "0.1": {"caption": 2}}}
+    rows, tracker = read_all(spec, records=records)
+    assert [r["uri"] for r in rows] == media[4:]
+    assert [r["tasks"] for r in rows] == [["ocr"]] * 2 + [["caption", "ocr"]] * 4
+    assert tracker.shards[f"{unit.id}#0.0"] == ({"caption": 0, "ocr": 0}, 0, 8)   # skipped whole: 8 pairs
+
+
+def test_done_keys_and_budget(tmp_path):
+    write_local(tmp_path / "c", good_media(num_images=6, num_videos=0))
+    spec = spec_for(tmp_path / "out", uri=str(tmp_path / "c"))
+    rows, _ = read_all(spec)
+    first = rows[0]["id"]
+    done = np.sort(key_hash([first, rows[1]["id"]], ["ocr", "ocr"]))
+    again, tracker = read_all(spec, done=done)
+    assert [r["tasks"] for r in again[:3]] == [["caption"], ["caption"], ["caption", "ocr"]]
+    assert sum(args[2] for args in tracker.shards.values()) == 2
+    cut, tracker = read_all(spec, budget=Budget(4))
+    assert len(cut) == 4 and not tracker.units     # a shard cut short is never reported finished
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_webdataset_shards_on_s3(s3, tmp_path):
+    fs = s3fs_for(s3)
+    fs.mkdir("wds")
+    media = good_media(num_images=4, num_videos=1)
+    imgs = [v for k, v in sorted(media.items()) if k.startswith("images/")]
+    video = next(v for k, v in media.items() if k.startswith("videos/"))
+    fs.pipe("wds/shards/000.tar", _tar([("000/a.jpg", imgs[0]), ("000/a.json", b"{}"), ("000/b.png", imgs[1]),
+                                         ("000/b.txt", b"caption b"), ("000/c.mp4", video)]))
+    fs.pipe("wds/shards/001.tar", _tar([("000/a.jpg", imgs[2]), ("001/broken.jpg", b"\xff\xd8garbage"),
+                                         ("001/meta.json", b"{}")]))
+    whole = _tar([("002/x.png", imgs[3]), ("002/y.png", imgs[0])])
+    fs.pipe("wds/shards/002.tar", whole[:700])          # cut inside the first member's bytes
+    fs.pipe("wds/shards/readme.md", b"not a shard")
+    spec = spec_for(tmp_path / "out", uri="s3://wds/shards/", fmt="webdataset",
+                    opts=StorageOptions(endpoint_url=s3, retries=1))
+    rows, tracker = read_all(spec)
+    by_uri = {r["uri"]: r for r in rows}
+    shard = "s3://wds/shards/{}.tar#{}".format
+    assert by_uri[shard("000", "000/a")]["media_type"] == "image" and by_uri[shard("000", "000/a")]["data"] == imgs[0]
+    assert by_uri[shard("000", "000/c")]["media_type"] == "video"
+    # the same key in two shards is two items
+    assert by_uri[shard("001", "000/a")]["data"] == imgs[2] and by_uri[shard("001", "000/a")]["key"] == "000/a"
+    assert by_uri[shard("001", "001/broken")]["error"] is None          # bad bytes: found out when decoding
+    assert "no image or video member (members: json)" in by_uri[shard("001", "001/meta")]["error"]
+    corrupt = by_uri["s3://wds/shards/002.tar"]["error"]
+    assert corrupt.startswith("s3://wds/shards/002.tar: corrupt tar after 0 samples")
+    assert len(tracker.shards) == 3 and len(tracker.units) == 3
+
+
+def test_parquet_with_embedded_bytes_and_an_hf_image_struct(tmp_path):
+    media = good_media(num_images=3, num_videos=1)
+    imgs = [v for k, v in sorted(media.items()) if k.startswith("images/")]
+    video = next(v for k, v in media.items() if k.startswith("videos/"))
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"key": ["k0", "k1", "k2", "k3", "k0"], "jpg": [imgs[0], b"garbage", None, video, imgs[1]],
+                             "caption": ["a", "b", "c", "d", "e"]}), tmp_path / "p" / "part-0.parquet")
+    struct = pa.array([{"bytes": imgs[2], "path": "x.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": struct}), tmp_path / "hf.parquet")
+    spec = spec_for(tmp_path / "out", uri=str(tmp_path / "p"), fmt="parquet", bytes_column="jpg", key_column="key",
+                    keep=["caption"])
+    rows, _ = read_all(spec)
+    unit = str(tmp_path / "p" / "part-0.parquet")
+    assert [(r["uri"], r["key"], r["caption"]) for r in rows] == [
+        (f"{unit}#k0", "k0", "a"), (f"{unit}#k1", "k1", "b"), (f"{unit}#k2", "k2", "c"), (f"{unit}#k3", "k3", "d")]
+    assert [r["media_type"] for r in rows] == ["image", "image", "image", "video"]   # sniffed from the bytes
+    assert rows[2]["error"] == f"{unit}#k2: no media bytes in column 'jpg'" and rows[1]["error"] is None
+    hf, _ = read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "hf.parquet"), fmt="parquet",
+                              bytes_column="image"))
+    assert hf[0]["data"] == imgs[2] and hf[0]["uri"].endswith("hf.parquet#0")

@@ -1,0 +1,140 @@
+"""Whole result files, completion records and sidecars: what a restart reads is the work that was in flight,
+never the finished corpus. No Ray here."""
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import output, progress
+from pipeline.config import ConfigError
+from pipeline.items import key_hash
+from pipeline.state import StateDir
+from pipeline.storage import StorageOptions
+from tests.pipeline_helpers import moto_s3, read_output, s3fs_for
+
+OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
+
+
+def rows(ids, task="caption", shard="u#0", error=None) -> pa.Table:
+    out = [{**output.error_row({"id": i, "uri": f"/x/{i}.png", "media_type": "image"}, task, "p", "", "m", "h"),
+            "error": error} for i in ids]
+    table = pa.Table.from_pylist(out, schema=output.SCHEMA)
+    return table.append_column("_shard", pa.array([shard] * len(ids), pa.string()))
+
+
+def writer_with_ledger(out, rows_per_file=3):
+    ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
+    shards = progress.OpenShards(ledger, ("caption",))
+    writer = output.ResultWriter(str(out), OPTS, rows_per_file=rows_per_file, flush_seconds=60,
+                                 note_file=ledger.note_file, landed=shards.wrote)
+    return writer, ledger, shards
+
+
+def test_writer_files_are_whole_with_a_sidecar_written_first(tmp_path):
+    out = tmp_path / "out"
+    order = []
+    writer, ledger, _ = writer_with_ledger(out)
+    real_note = writer.note_file
+    writer.note_file = lambda *a: order.append(("sidecar", len(list(out.glob("*.parquet"))))) or real_note(*a)
+    writer.add(rows(["a", "b"]))
+    assert not list(out.glob("*.parquet"))          # buffered: nothing half-written appears
+    writer.add(rows(["c", "d"], shard="u#1"))
+    writer.flush()
+    writer.write_run_record({"ok": True})
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) == 2 and writer.rows == 4 and order == [("sidecar", 0), ("sidecar", 1)]
+    sidecars = sorted(ledger.sidecars.values(), key=lambda s: s["file"])
+    assert [s["shards"] for s in sidecars] == [["u#0", "u#1"], ["u#1"]] and sidecars[0]["tasks"] == ["caption"]
+    table = read_output(str(out))
+    assert table.schema.equals(output.SCHEMA, check_metadata=False)   # _shard is never written
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert len(pd.read_parquet(out)) == 4 and list((out / "_state" / "runs").glob("*.json"))
+    assert not list((out / "_state" / "staging").glob("*"))   # staged files were renamed into place
+
+
+def test_a_shard_is_recorded_once_all_its_rows_landed_and_a_restart_reads_only_open_shards(tmp_path):
+    out = tmp_path / "out"
+    writer, ledger, shards = writer_with_ledger(out, rows_per_file=2)
+    ledger.mark_trusted()
+    shards.listed({"u#0": ({"caption": 3}, 3), "u#1": ({"caption": 2}, 2)}, {"u": ["u#0", "u#1"]})
+    writer.add(rows(["a", "b", "c"]))               # one file of 2 rows lands; u#0 still waits for "c"
+    assert "u#0" not in ledger.records
+    writer.add(rows(["d"], shard="u#1"))            # "c" + "d" land: u#0 is finished, u#1 is not
+    assert ledger.records["u#0"] == {"caption": 3} and "u#1" not in ledger.records
+    assert (out / "_state" / "done").exists()
+    # killed here: a restart trusts the records and reads only the file that holds rows of the open shard
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: pytest.fail("no full scan"))
+    assert not resume.scanned and resume.records == {"u#0": {"caption": 3}}
+    assert sorted(resume.done_keys) == sorted(key_hash(["c", "d"], ["caption"] * 2))
+    # the run goes on: u#1 finishes, then the unit; the fold drops the sidecars nobody needs any more
+    writer.add(rows(["e"], shard="u#1"))
+    writer.flush()
+    assert ledger.records["u#1"] == {"caption": 2} and ledger.records["u"] == {"caption": 5}
+    ledger.fold()
+    assert not list((out / "_state" / "inflight").glob("*")) and not (out / "_state" / "done").exists()
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: pytest.fail("no full scan"))
+    assert resume.records["u"] == {"caption": 5} and len(resume.done_keys) == 0
+    # another input on the same output: the records do not count, the output is scanned once
+    scan = progress.Ledger(StateDir(str(out), OPTS), "other").load(lambda: output.result_files(*_fs(out)))
+    assert scan.scanned and not scan.records and len(scan.done_keys) == 5
+
+
+def _fs(out):
+    from pipeline import storage
+
+    return storage.filesystem(str(out), OPTS)
+
+
+def test_a_sidecar_whose_file_never_landed_is_harmless(tmp_path):
+    out = tmp_path / "out"
+    ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
+    ledger.mark_trusted()
+    ledger.note_file("part-x-000000.parquet", ["u#0"], ["caption"])   # killed before the file was written
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: [])
+    assert len(resume.done_keys) == 0
+
+
+def test_retry_errors_reopens_only_error_rows_file_by_file(tmp_path):
+    out = tmp_path / "out"
+    writer = output.ResultWriter(str(out), OPTS, rows_per_file=2, flush_seconds=60)
+    table = pa.concat_tables([rows(["a"]), rows(["b"], error="/x/b.png: model failed (OOM)"),
+                              rows(["c"], error="/x/c.png: corrupt"), rows(["d"], error="x")])
+    writer.add(table)
+    writer.flush()
+    state = StateDir(str(out), OPTS)
+    assert len(progress.read_keys(state, output.result_files(*_fs(out)))) == 4   # error rows count as done
+    assert output.reopen_errors(str(out), OPTS, writer.staging) == 3
+    table = read_output(str(out))
+    assert table["id"].to_pylist() == ["a"] and table["error"].null_count == 1
+    assert len(sorted(out.glob("*.parquet"))) == 1           # the file of only error rows is gone
+    assert list(progress.read_keys(state, output.result_files(*_fs(out)))) == list(key_hash(["a"], ["caption"]))
+    assert output.reopen_errors(str(out), OPTS, writer.staging) == 0
+    assert not list((out / "_state" / "staging").glob("*"))
+
+
+def test_s3_writer_records_and_a_typo_bucket(tmp_path):
+    with moto_s3() as endpoint:
+        fs = s3fs_for(endpoint)
+        fs.mkdir("results")
+        opts = StorageOptions(endpoint_url=endpoint)
+        ledger = progress.Ledger(StateDir("s3://results/run1", opts), "fp")
+        writer = output.ResultWriter("s3://results/run1", opts, rows_per_file=2, flush_seconds=60,
+                                     note_file=ledger.note_file)
+        writer.add(rows(list("abcde")))
+        writer.flush()
+        assert len([p for p in fs.ls("results/run1") if p.endswith(".parquet")]) == 3   # 2 + 2 + 1 rows
+        assert len(read_output("s3://results/run1", endpoint)) == 5
+        ledger.mark_trusted()
+        resume = progress.Ledger(StateDir("s3://results/run1", opts), "fp").load(lambda: [])
+        assert len(resume.done_keys) == 5 and len(fs.ls("results/run1/_state/inflight")) == 3
+        with pytest.raises(ConfigError, match="bucket 'resluts' does not exist"):   # a typo makes no new bucket
+            output.ResultWriter("s3://resluts/run1", opts, rows_per_file=2, flush_seconds=60)
+        assert not fs.exists("resluts")
+
+
+def test_unique_sorted_matches_numpy():
+    import numpy as np
+
+    keys = np.random.default_rng(0).integers(0, 1000, 10_000).astype(np.uint64)
+    assert np.array_equal(progress.unique_sorted(keys.copy()), np.unique(keys))
