@@ -40,6 +40,7 @@ ITEM_SCHEMA = pa.schema([
     ("meta", pa.string()),              # JSON of the media loader's metadata (timestamps, fps, ...)
 ])
 FIELDS = tuple(ITEM_SCHEMA.names)
+KEPT = "input:"   # kept input columns travel as "input:<name>", so no input column can shadow an item field
 
 
 @dataclass
@@ -81,8 +82,8 @@ def to_table(items: list[Item], extra: pa.Table | None = None) -> pa.Table:
 
 
 def extra_columns(table: pa.Table) -> pa.Table | None:
-    """The kept input columns of a block (everything after the item fields)."""
-    names = [n for n in table.column_names if n not in FIELDS]
+    """The kept input columns of a block ("input:<name>")."""
+    names = [n for n in table.column_names if n.startswith(KEPT)]
     return table.select(names) if names else None
 
 

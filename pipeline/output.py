@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.items import KEPT
 from pipeline.state import STATE_DIR
 from pipeline.storage import StorageOptions
 
@@ -160,9 +161,20 @@ class ResultWriter:
             self._write(pa.concat_tables(self.buffer))
             self.buffer, self.buffered = [], 0
 
+    def _project(self, rows: pa.Table) -> pa.Table:
+        """The output columns from a result block: `key` from the item's `_key`, kept ones from "input:<name>"."""
+        names = rows.column_names
+
+        def source(name: str) -> str:
+            if KEPT + name in names:
+                return KEPT + name
+            return "_key" if name == "key" and "_key" in names else name
+
+        return pa.Table.from_arrays([rows[source(f.name)].cast(f.type) for f in self.schema], schema=self.schema)
+
     def _write(self, rows: pa.Table) -> None:
         shards = rows["_shard"] if "_shard" in rows.column_names else None
-        table = rows.select(self.schema.names).cast(self.schema)
+        table = self._project(rows)
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         name = f"part-{self.run_tag}-{self.files:06d}.parquet"

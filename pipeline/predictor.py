@@ -191,13 +191,13 @@ def _row_of(item: Item) -> dict:
 
 
 def _with_item_columns(table: pa.Table, rows: list[dict], items: list[Item], batch: pa.Table) -> pa.Table:
-    """Output rows plus, from their item: `key`, the kept input columns, and `_shard` (for the writer's count;
-    never written)."""
+    """Output rows plus, from their item: `_key`, the kept input columns, and `_shard` (for the writer's count;
+    never written); the writer names them as the output schema says."""
     index = {}
     for i, item in enumerate(items):
         index.setdefault(item.id, i)
     take = pa.array([index[r["id"]] for r in rows], pa.int64())
-    table = table.append_column("key", pa.array([items[i].key for i in take.to_pylist()], pa.string()))
+    table = table.append_column("_key", pa.array([items[i].key for i in take.to_pylist()], pa.string()))
     extra = items_mod.extra_columns(batch)
     for name in (extra.column_names if extra is not None else []):
         table = table.append_column(extra.schema.field(name), extra[name].take(take))

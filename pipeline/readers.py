@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import listing, storage
 from pipeline.config import ConfigError
-from pipeline.items import canonical_uri, media_type_of, sniff_media_type
+from pipeline.items import KEPT, canonical_uri, media_type_of, sniff_media_type
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
@@ -36,6 +36,8 @@ TAR_PIECE_SAMPLES = 64
 RAW_FIELDS = [("uri", pa.string()), ("media_type", pa.string()), ("prompt", pa.string()), ("key", pa.string()),
               ("data", pa.large_binary()), ("error", pa.string())]
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json", ".ndjson")
+# in a folder, a .json file is usually metadata (img2dataset's *_stats.json); name it or glob it to read it
+FOLDER_MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -83,13 +85,16 @@ class Piece:
 # --- finding the units ---------------------------------------------------------------------------------------
 
 
-def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, what: str) -> list[str]:
-    """A file, every matching file under a folder/prefix, or a glob; sorted canonical URIs."""
+def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, what: str,
+                 in_folder: tuple[str, ...] | None = None) -> list[str]:
+    """A file, every matching file under a folder/prefix (`in_folder` extensions there), or a glob; sorted
+    canonical URIs."""
     fs, path = storage.filesystem(uri, opts)
     if globlib.has_magic(path):
         found = storage.with_retries(lambda: fs.glob(path), uri, opts)
     elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
         found = storage.with_retries(lambda: fs.find(path), uri, opts)
+        extensions = in_folder or extensions
     elif storage.with_retries(lambda: fs.exists(path), uri, opts):
         found = [path]
     else:
@@ -104,7 +109,7 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
 def find_units(spec: ReadSpec) -> list[Unit]:
     if spec.manifest:
         return [Unit("manifest", u) for u in expand_files(spec.manifest, MANIFEST_EXTENSIONS, spec.opts,
-                                                          "input.manifest")]
+                                                          "input.manifest", FOLDER_MANIFEST_EXTENSIONS)]
     if spec.format == "webdataset":
         return [Unit("webdataset", u) for u in expand_files(spec.input_uri, (".tar",), spec.opts, "input.uri")]
     if spec.format == "parquet":
@@ -263,13 +268,13 @@ def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> pa.Table | None:
     if missing:
         raise ConfigError(f"input.keep_columns: {unit.uri} has no column(s) {missing}")
     kept = table.select(list(spec.keep_columns))
-    if spec.keep_schema is None or kept.schema.equals(spec.keep_schema):
-        return kept
-    try:
-        return kept.cast(spec.keep_schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise ConfigError(f"input.keep_columns: {unit.uri} has other column types than the first input file "
-                          f"({e})") from None
+    if spec.keep_schema is not None and not kept.schema.equals(spec.keep_schema):
+        try:
+            kept = kept.cast(spec.keep_schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ConfigError(f"input.keep_columns: {unit.uri} has other column types than the first input file "
+                              f"({e})") from None
+    return kept.rename_columns([KEPT + c for c in kept.column_names])
 
 
 def _media_bytes(column: pa.ChunkedArray) -> tuple[list, list]:

@@ -85,7 +85,7 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor) -> ray
     ctx.enable_progress_bars = True
     ctx.target_max_block_size = BLOCK_BYTES
     # Read tasks mostly wait on storage: they hold no CPU, so a long listing never keeps decoding from starting.
-    ds = ray.data.read_datasource(source, ray_remote_args={"num_cpus": 0},
+    ds = ray.data.read_datasource(source, num_cpus=0,
                                   concurrency=max(1, min(len(source.work), 4)))
     # Cut the listing's blocks to one CPU decode task each: decode tasks run in parallel, and a killed run loses
     # at most a few windows of work.
