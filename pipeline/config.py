@@ -89,7 +89,7 @@ class BatchingConfig:
     max_frames: int = 0          # frames per video (evenly thinned from the checkpoint's sampling); 0 = no cap
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
     sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
-    decode_batch_size: int = 16  # items per CPU decode task (fetched concurrently, then decoded)
+    decode_batch_size: int = 32  # items per CPU decode task (fetched concurrently, then decoded)
 
 
 @dataclass

@@ -79,27 +79,39 @@ def kept_columns(cfg: Config, spec: readers.ReadSpec, units: list[readers.Unit])
     return pa.schema([first.field(c) for c in cfg.input.keep_columns])
 
 
-def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor) -> ray.data.Dataset:
+def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode=decode_batch) -> ray.data.Dataset:
+    """`predictor` / `decode`: the stages (benchmarks swap in zero-cost stand-ins to time the machinery)."""
     items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.target_max_block_size = BLOCK_BYTES
     # Read tasks mostly wait on storage: they hold no CPU, so a long listing never keeps decoding from starting.
-    ds = ray.data.read_datasource(source, num_cpus=0,
-                                  concurrency=max(1, min(len(source.work), 4)))
+    # One output block stream per read task: without override_num_blocks, Ray Data cuts every block into ~200
+    # slivers to reach its default read parallelism, and each sliver then costs a task downstream.
+    tasks = source.num_tasks()
+    ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=tasks, concurrency=max(1, min(tasks, 4)))
     # Cut the listing's blocks to one CPU decode task each: decode tasks run in parallel, and a killed run loses
     # at most a few windows of work.
     ds = ds.repartition(target_num_rows_per_block=cfg.batching.decode_batch_size)
+    _hold_no_cpu(ds)
     # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
     # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
     # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
-    ds = ds.map_batches(decode_batch, fn_kwargs={"settings": DecodeSettings.from_config(cfg)},
+    ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg)},
                         batch_size=cfg.batching.decode_batch_size, batch_format="pyarrow",
                         num_cpus=cfg.actors.decode_num_cpus, max_calls=1000)
     ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
                         num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus)
     return ds
+
+
+def _hold_no_cpu(ds: ray.data.Dataset) -> None:
+    """Cutting blocks costs microseconds: let the repartition tasks hold no CPU slot, or on a small machine they
+    queue behind the decode tasks for the one CPU the model actor leaves. (Ray Data has no public knob for it.)"""
+    args = getattr(getattr(ds._logical_plan, "dag", None), "ray_remote_args", None)
+    if isinstance(args, dict):
+        args["num_cpus"] = 0
 
 
 @dataclass
@@ -135,13 +147,13 @@ class Summary:
                 f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
 
 
-def run(cfg: Config, out=sys.stdout, predictor=Predictor) -> Summary:
+def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch) -> Summary:
     opts = StorageOptions.from_config(cfg.storage)
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
     lease = output.Lease(writer, takeover=cfg.output.takeover)  # before touching the output's state
     try:
-        return _run(cfg, opts, writer, start, out, predictor)
+        return _run(cfg, opts, writer, start, out, (predictor, decode))
     finally:
         lease.release()
 
@@ -150,7 +162,7 @@ def _say(out, line: str) -> None:
     print(line, file=out, flush=True)
 
 
-def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: float, out, predictor) -> Summary:
+def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: float, out, stages) -> Summary:
     _clear_staging(writer)
     state = StateDir(cfg.output.uri, opts)
     ledger = progress.Ledger(state, cfg.input.fingerprint())
@@ -180,7 +192,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
         init_ray(cfg)
         tracker = progress.Tracker.remote()
         source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
-        ds = build_dataset(cfg, source, predictor)
+        ds = build_dataset(cfg, source, *stages)
         # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             if not summary.first_result_s:

@@ -190,11 +190,13 @@ class PendingItems(Datasource):
     def estimate_inmemory_data_size(self):
         return None
 
+    def num_tasks(self) -> int:
+        # max_items counts across units, so then one task reads them in order
+        return 1 if self.max_items else max(1, min(len(self.work), MAX_READ_TASKS))
+
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         spec, plan, done_ref, tracker, max_items = self.spec, self.plan, self.done_ref, self.tracker, self.max_items
-        # max_items counts across units, so then one task reads them in order
-        groups = 1 if max_items else min(len(self.work), MAX_READ_TASKS)
-        size = -(-len(self.work) // max(1, groups))
+        size = -(-len(self.work) // self.num_tasks())
 
         def make(chunk: list[UnitWork]):
             def read():

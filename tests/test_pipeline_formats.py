@@ -102,22 +102,22 @@ def test_csv_and_jsonl_manifests_by_glob(local_ray, tiny_gqa, tmp_path):
 
 def test_webdataset_shards_on_s3(s3, local_ray, tiny_gqa, tmp_path):
     fs = s3fs_for(s3)
-    fs.mkdir("wds")
+    fs.mkdir("wds-formats")
     images = _images(5)
     video = good_media(num_images=0, num_videos=1)["videos/clip_0.mp4"]
-    fs.pipe("wds/s/000000.tar", _tar([("a.jpg", images[0]), ("a.json", b"{}"), ("b.png", images[1]),
+    fs.pipe("wds-formats/s/000000.tar", _tar([("a.jpg", images[0]), ("a.json", b"{}"), ("b.png", images[1]),
                                       ("c.mp4", video)]))
-    fs.pipe("wds/s/000001.tar", _tar([("a.jpg", images[2]), ("bad.jpg", b"\xff\xd8\xff garbage"),
+    fs.pipe("wds-formats/s/000001.tar", _tar([("a.jpg", images[2]), ("bad.jpg", b"\xff\xd8\xff garbage"),
                                       ("d.png", images[3])]))
-    fs.pipe("wds/s/000002.tar", _tar([("e.webp", images[4]), ("f.txt", b"no media")]))
-    cfg, summary = _run(tmp_path, 'uri = "s3://wds/s/"\nformat = "webdataset"\n', tiny_gqa, endpoint=s3,
-                        out="s3://wds/out/")
-    df = read_output("s3://wds/out/", s3).to_pandas()
+    fs.pipe("wds-formats/s/000002.tar", _tar([("e.webp", images[4]), ("f.txt", b"no media")]))
+    cfg, summary = _run(tmp_path, 'uri = "s3://wds-formats/s/"\nformat = "webdataset"\n', tiny_gqa, endpoint=s3,
+                        out="s3://wds-formats/out/")
+    df = read_output("s3://wds-formats/out/", s3).to_pandas()
     got = {(u.rsplit("/", 1)[-1], k): e for u, k, e in zip(df.uri, df.key, df.error)}
     assert set(got) == {("000000.tar#a", "a"), ("000000.tar#b", "b"), ("000000.tar#c", "c"),
                         ("000001.tar#a", "a"), ("000001.tar#bad", "bad"), ("000001.tar#d", "d"),
                         ("000002.tar#e", "e"), ("000002.tar#f", "f")}          # the same key in two shards: two items
-    assert got[("000001.tar#bad", "bad")].startswith("s3://wds/s/000001.tar#bad: ")   # a corrupt member: its row
+    assert got[("000001.tar#bad", "bad")].startswith("s3://wds-formats/s/000001.tar#bad: ")  # a corrupt member: its row
     assert "no image or video member" in got[("000002.tar#f", "f")]
     assert sum(pd.isna(e) for e in got.values()) == 6 and summary.done == 8
     assert df[df.key == "c"].media_type.iloc[0] == "video" and df[df.key == "c"].num_frames.iloc[0] >= 2

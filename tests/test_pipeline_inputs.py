@@ -173,7 +173,7 @@ def test_manifests_resolve_relative_uris_keep_columns_and_drop_repeats(tmp_path,
     assert [i["uri"] for i in items] == [str(tmp_path / "m" / p) for p in
                                          ("images/sub/img_00.jpg", "images/img_01.png", "videos/clip_0.mp4",
                                           "docs/file.pdf")]
-    assert [i["n"] for i in items] == [1, 2, 3, 4]                       # kept columns ride along, typed
+    assert [i["input:n"] for i in items] == [1, 2, 3, 4]                 # kept columns ride along, typed
     assert items[0]["prompt"] == "What colour dominates?" and items[0]["tasks"] == ["caption", "ocr", "prompt"]
     assert items[1]["tasks"] == ["caption", "ocr"]
     assert [i["media_type"] for i in items] == ["image", "image", "video", ""]   # a manifest keeps what it names
@@ -247,30 +247,30 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 def test_webdataset_shards_on_s3(s3, tmp_path):
     fs = s3fs_for(s3)
-    fs.mkdir("wds")
+    fs.mkdir("wds-inputs")
     media = good_media(num_images=4, num_videos=1)
     imgs = [v for k, v in sorted(media.items()) if k.startswith("images/")]
     video = next(v for k, v in media.items() if k.startswith("videos/"))
-    fs.pipe("wds/shards/000.tar", _tar([("000/a.jpg", imgs[0]), ("000/a.json", b"{}"), ("000/b.png", imgs[1]),
+    fs.pipe("wds-inputs/shards/000.tar", _tar([("000/a.jpg", imgs[0]), ("000/a.json", b"{}"), ("000/b.png", imgs[1]),
                                          ("000/b.txt", b"caption b"), ("000/c.mp4", video)]))
-    fs.pipe("wds/shards/001.tar", _tar([("000/a.jpg", imgs[2]), ("001/broken.jpg", b"\xff\xd8garbage"),
+    fs.pipe("wds-inputs/shards/001.tar", _tar([("000/a.jpg", imgs[2]), ("001/broken.jpg", b"\xff\xd8garbage"),
                                          ("001/meta.json", b"{}")]))
     whole = _tar([("002/x.png", imgs[3]), ("002/y.png", imgs[0])])
-    fs.pipe("wds/shards/002.tar", whole[:700])          # cut inside the first member's bytes
-    fs.pipe("wds/shards/readme.md", b"not a shard")
-    spec = spec_for(tmp_path / "out", uri="s3://wds/shards/", fmt="webdataset",
+    fs.pipe("wds-inputs/shards/002.tar", whole[:700])          # cut inside the first member's bytes
+    fs.pipe("wds-inputs/shards/readme.md", b"not a shard")
+    spec = spec_for(tmp_path / "out", uri="s3://wds-inputs/shards/", fmt="webdataset",
                     opts=StorageOptions(endpoint_url=s3, retries=1))
     rows, tracker = read_all(spec)
     by_uri = {r["uri"]: r for r in rows}
-    shard = "s3://wds/shards/{}.tar#{}".format
+    shard = "s3://wds-inputs/shards/{}.tar#{}".format
     assert by_uri[shard("000", "000/a")]["media_type"] == "image" and by_uri[shard("000", "000/a")]["data"] == imgs[0]
     assert by_uri[shard("000", "000/c")]["media_type"] == "video"
     # the same key in two shards is two items
     assert by_uri[shard("001", "000/a")]["data"] == imgs[2] and by_uri[shard("001", "000/a")]["key"] == "000/a"
     assert by_uri[shard("001", "001/broken")]["error"] is None          # bad bytes: found out when decoding
     assert "no image or video member (members: json)" in by_uri[shard("001", "001/meta")]["error"]
-    corrupt = by_uri["s3://wds/shards/002.tar"]["error"]
-    assert corrupt.startswith("s3://wds/shards/002.tar: corrupt tar after 0 samples")
+    corrupt = by_uri["s3://wds-inputs/shards/002.tar"]["error"]
+    assert corrupt.startswith("s3://wds-inputs/shards/002.tar: corrupt tar after 0 samples")
     assert len(tracker.shards) == 3 and len(tracker.units) == 3
 
 
@@ -287,7 +287,7 @@ def test_parquet_with_embedded_bytes_and_an_hf_image_struct(tmp_path):
                     keep=["caption"])
     rows, _ = read_all(spec)
     unit = str(tmp_path / "p" / "part-0.parquet")
-    assert [(r["uri"], r["key"], r["caption"]) for r in rows] == [
+    assert [(r["uri"], r["key"], r["input:caption"]) for r in rows] == [
         (f"{unit}#k0", "k0", "a"), (f"{unit}#k1", "k1", "b"), (f"{unit}#k2", "k2", "c"), (f"{unit}#k3", "k3", "d")]
     assert [r["media_type"] for r in rows] == ["image", "image", "image", "video"]   # sniffed from the bytes
     assert rows[2]["error"] == f"{unit}#k2: no media bytes in column 'jpg'" and rows[1]["error"] is None
