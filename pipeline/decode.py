@@ -20,6 +20,7 @@ from pipeline import items as items_mod
 from pipeline import storage
 from pipeline.items import Item
 from pipeline.media import MediaLoader
+from pipeline.poison import CrashGuard, crash_message, inject_crash
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,13 @@ class DecodeSettings:
     max_frames: int
     max_input_pixels: int
     opts: StorageOptions
+    run_tag: str = ""           # keys the crash notes of this run (pipeline.poison)
 
     @classmethod
-    def from_config(cls, cfg) -> "DecodeSettings":
+    def from_config(cls, cfg, run_tag: str = "") -> "DecodeSettings":
         b = cfg.batching
         return cls(cfg.model.path, b.max_pixels, b.max_video_pixels, b.max_frames, b.max_input_pixels,
-                   StorageOptions.from_config(cfg.storage))
+                   StorageOptions.from_config(cfg.storage), run_tag)
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,13 +126,19 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     s = settings
     loader = _loader(s.model_path, s.max_pixels, s.max_video_pixels, s.max_frames, s.max_input_pixels)
     todo = items_mod.from_table(batch)
+    guard = CrashGuard(s.run_tag, "decode", [it.id for it in todo])
     # fetch every object of the block at once, then decode one by one as their bytes arrive
     fetched = list(_fetch_pool().map(
         lambda it: _fetch(it, s.opts) if it.error is None and it.media_type in ("image", "video") else (None, None),
         todo))
-    for item, (source, error) in zip(todo, fetched):
+    for i, (item, (source, error)) in enumerate(zip(todo, fetched)):
         if error is not None:
             item.error, item.data = error, None
+        elif guard.gave_up(str(i)):
+            item.error, item.data = crash_message(item.uri, "decoding", guard.poisoned(str(i))), None
         else:
+            guard.at(str(i))
+            inject_crash(item.uri)
             decode_one(item, loader, s.opts, source)
+    guard.finished()
     return items_mod.to_table(todo, items_mod.extra_columns(batch))

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import output, progress, readers, storage
+from pipeline import output, poison, progress, readers, storage
 from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.predictor import Predictor
@@ -79,7 +79,8 @@ def kept_columns(cfg: Config, spec: readers.ReadSpec, units: list[readers.Unit])
     return pa.schema([first.field(c) for c in cfg.input.keep_columns])
 
 
-def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode=decode_batch) -> ray.data.Dataset:
+def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode=decode_batch,
+                  run_tag: str = "") -> ray.data.Dataset:
     """`predictor` / `decode`: the stages (benchmarks swap in zero-cost stand-ins to time the machinery)."""
     items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
     ctx = ray.data.DataContext.get_current()
@@ -97,12 +98,15 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
     # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
     # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
-    ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg)},
+    # A worker that dies (a native decoder's segfault, the OOM killer) is retried a bounded number of times;
+    # pipeline.poison turns the item it died on into an error row within those retries.
+    ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg, run_tag)},
                         batch_size=cfg.batching.decode_batch_size, batch_format="pyarrow",
-                        num_cpus=cfg.actors.decode_num_cpus, max_calls=1000)
+                        num_cpus=cfg.actors.decode_num_cpus, max_calls=1000, max_retries=poison.MAX_RETRIES)
     ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
-                        num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus)
+                        num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus,
+                        max_restarts=poison.MAX_RETRIES, max_task_retries=poison.MAX_RETRIES)
     return ds
 
 
@@ -192,7 +196,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
         init_ray(cfg)
         tracker = progress.Tracker.remote()
         source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
-        ds = build_dataset(cfg, source, *stages)
+        ds = build_dataset(cfg, source, *stages, run_tag=writer.run_tag)
         # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             if not summary.first_result_s:
