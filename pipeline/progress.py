@@ -37,6 +37,7 @@ MARKER = "progress.json"
 RECORDS = "done"
 FOLDED = "done.parquet"
 INFLIGHT = "inflight"
+QUARANTINE = "quarantine"
 FOLD_EVERY = 256          # new records between folds
 FOLDED_SCHEMA = pa.schema([("name", pa.string()), ("tasks", pa.list_(pa.string())),
                            ("pairs", pa.list_(pa.int64()))])
@@ -149,8 +150,9 @@ def _merged(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
 
 
 def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
-    """Sorted, unique uint64 keys of the (id, task) rows in these result files (names under the output root);
-    a file that is gone (its write never happened) holds none."""
+    """Sorted, unique uint64 keys of the (id, task) rows in these result files (names under the output root).
+    A file that is gone (its write never happened) holds none; a torn or foreign one is set aside under
+    `_state/quarantine/` with a warning, and its pairs are pending again, never a crash."""
     fs, root, opts = state.fs, state.root, state.opts
 
     def keys_of(name: str) -> np.ndarray:
@@ -160,12 +162,30 @@ def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
                                          path, opts)
         except FileNotFoundError:
             return np.zeros(0, np.uint64)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, OSError) as e:
+            if storage.is_transient(e):
+                raise
+            quarantine(state, name, f"{type(e).__name__}: {e}")
+            return np.zeros(0, np.uint64)
         return key_hash(table["id"].to_pylist(), table["task"].to_pylist())
 
     # concurrently: on an object store each file is a round trip
     with ThreadPoolExecutor(max_workers=16) as pool:
         keys = list(pool.map(keys_of, files))
     return unique_sorted(np.concatenate(keys)) if keys else np.zeros(0, np.uint64)
+
+
+def quarantine(state: StateDir, name: str, reason: str) -> None:
+    """Move a result-prefix file that is not a whole result file of ours out of the readers' way."""
+    source, target = f"{state.root}/{name}", state.full(f"{QUARANTINE}/{name}")
+    log.warning("output file %s is not a readable result file (%s): moved to %s; its rows will be redone",
+                source, reason.splitlines()[0][:200], target)
+
+    def move():
+        state.fs.makedirs(state.full(QUARANTINE), exist_ok=True)
+        state.fs.mv(source, target)
+
+    storage.with_retries(move, source, state.opts)
 
 
 def unique_sorted(keys: np.ndarray) -> np.ndarray:

@@ -138,3 +138,19 @@ def test_unique_sorted_matches_numpy():
 
     keys = np.random.default_rng(0).integers(0, 1000, 10_000).astype(np.uint64)
     assert np.array_equal(progress.unique_sorted(keys.copy()), np.unique(keys))
+
+
+def test_torn_and_foreign_files_are_set_aside_and_their_rows_redone(tmp_path, caplog):
+    out = tmp_path / "out"
+    writer = output.ResultWriter(str(out), OPTS, rows_per_file=2, flush_seconds=60)
+    writer.add(rows(["a", "b", "c", "d"]))
+    good, torn = sorted(out.glob("*.parquet"))
+    torn.write_bytes(torn.read_bytes()[:-40])                      # cut short, as a crash without fsync would
+    pq.write_table(pa.table({"x": [1]}), out / "notes.parquet")     # someone else's file
+    with caplog.at_level("WARNING"):
+        resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: output.result_files(*_fs(out)))
+    assert resume.scanned and sorted(resume.done_keys) == sorted(key_hash(["a", "b"], ["caption"] * 2))
+    assert sorted(p.name for p in (out / "_state" / "quarantine").iterdir()) == sorted([torn.name, "notes.parquet"])
+    assert sorted(p.name for p in out.glob("*.parquet")) == [good.name]
+    assert torn.name in caplog.text and "notes.parquet" in caplog.text
+    assert len(pd.read_parquet(out)) == 2                           # readers see only whole result files again
