@@ -23,6 +23,7 @@ from pipeline import listing, output, storage
 from pipeline.config import Config
 from pipeline.decode import decode_batch
 from pipeline.predictor import Predictor
+from pipeline.report import write_report
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger("pipeline")
@@ -181,6 +182,10 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
     for row in summary.sample:
         text = row["error"] or (row["answer"] or row["text"])
         print(f"  {row['uri']} [{row['task']}] {text[:100]!r}", file=out, flush=True)
+    try:   # the results are written: a report that fails must not fail the run
+        print(f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}", file=out, flush=True)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
     return summary
 
 

@@ -33,15 +33,11 @@ def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SA
     """The report's HTML. `current_run`: the run making it (its own lease is not news)."""
     fs, root = storage.filesystem(output_uri, opts)
     root = root.rstrip("/")
-    banners = []
-    if fs.exists(root):
-        dataset = scan.open_dataset(root, None if storage.is_local(fs) else PyFileSystem(FSSpecHandler(fs)))
-        scanned = scan.scan(dataset, sample)
-        ids = scan.pick_sample(scanned.candidates, sample)
-        by_id = rows.fetch_rows(dataset, scanned, ids)
-    else:
-        scanned, by_id = scan.Scan(), {}
-        banners.append("The output prefix does not exist (yet): nothing has been written.")
+    if not storage.with_retries(lambda: fs.exists(root), output_uri, opts):
+        raise FileNotFoundError(f"{output_uri}: no such output (nothing written yet?)")
+    dataset, banners = scan.open_dataset(root, None if storage.is_local(fs) else PyFileSystem(FSSpecHandler(fs)))
+    scanned = scan.scan(dataset, sample)
+    by_id = rows.fetch_rows(dataset, scanned, scan.pick_sample(scanned.candidates, sample))
     banners += _lease_banner(fs, root, opts, current_run)
     if scanned.unreadable:
         banners.append(f"{len(scanned.unreadable)} result file(s) could not be read (listed at the end).")

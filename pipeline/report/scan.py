@@ -56,9 +56,15 @@ def task_colors(scanned: Scan) -> dict[str, int]:
     return {task: k for k, task in enumerate(sorted({t for t, _, _ in scanned.strata}))}
 
 
-def open_dataset(path: str, filesystem) -> pads.Dataset:
-    """pyarrow's own discovery (files and folders starting with '_' or '.' skipped), as a user would read it."""
-    return pads.dataset(path, format="parquet", filesystem=filesystem)
+def open_dataset(path: str, filesystem) -> tuple[pads.Dataset, list[str]]:
+    """pyarrow's own discovery (files and folders starting with '_' or '.' skipped), as a user would read it, and
+    notes. pyarrow takes the schema from the first file; when that one is not valid Parquet, every file is
+    inspected instead and the invalid ones are left out."""
+    try:
+        return pads.dataset(path, format="parquet", filesystem=filesystem), []
+    except (pa.ArrowInvalid, OSError) as e:
+        dataset = pads.dataset(path, format="parquet", filesystem=filesystem, exclude_invalid_files=True)
+        return dataset, [f"Files under the prefix that are not valid Parquet were left out ({e})."]
 
 
 def run_of(path: str) -> str:
