@@ -17,7 +17,7 @@ test: $(VENV)/.test-ready browser
 # through sudo.
 browser:
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # The run-time environment: the small CPU build of torch from the local wheel cache. A complete test
 # environment is a superset of it, so it is reused as is.

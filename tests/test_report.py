@@ -95,7 +95,8 @@ class Page(HTMLParser):
             self.depth = 1
         elif self.depth:
             self.depth += tag == "div"
-            self.cards[-1]["imgs" if tag == "img" else "rects" if tag == "rect" else "text"].append(attrs)
+            if tag == "img" or (tag == "rect" and attrs.get("class") != "halo"):
+                self.cards[-1]["imgs" if tag == "img" else "rects"].append(attrs)
 
     def handle_endtag(self, tag):
         if self.depth and tag == "div":
@@ -111,7 +112,7 @@ class Page(HTMLParser):
 
 
 def _text_of(card: dict) -> str:
-    return "".join(t for t in card["text"] if isinstance(t, str))
+    return "".join(card["text"])
 
 
 def test_the_run_writes_its_report_and_prints_where(made):
