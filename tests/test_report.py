@@ -252,3 +252,17 @@ def test_report_renders_in_headless_chromium(made, tmp_path):
     _, log, _ = render_page(browser, bad, tmp_path)
     messages = console_messages(log)
     assert len(messages) == 3 and "boom" in messages[0] and "notDefined" in messages[2], messages
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("{u}: empty file (0 bytes)", "empty file"),
+    ("{u}: decompression bomb refused: 300x300 = 90000 pixels is over the limit", "decompression bomb refused"),
+    ("{u}: truncated video: stream ended before frame 12 of the 40 its header announces", "truncated video"),
+    ("{u}: model failed (RuntimeError: CUDA out of memory)", "model failed (RuntimeError)"),
+    ("{u}: storage error after retries (ClientError: SlowDown)", "storage error after retries (ClientError)"),
+    ("{u}: image has 4000 frames", "image has # frames"),
+    ("a message that names no uri", "a message that names no uri"),
+])
+def test_error_kind_is_the_cause_without_its_details(message, kind):
+    uri = "s3://bucket/a: b (1).png"   # the URI itself holds the separators
+    assert scan.error_kind(uri, message.format(u=uri)) == kind

@@ -87,7 +87,7 @@ def read_records(fs: fsspec.AbstractFileSystem, root: str, opts: StorageOptions)
         try:
             record = json.loads(storage.with_retries(lambda: fs.cat_file(path), path, opts))
         except (OSError, ValueError) as e:
-            record = {"summary": {"note": f"unreadable run record: {e}"}}
+            tag, record = f"{tag} (unreadable run record: {e})", {}
         out.append((tag, record if isinstance(record, dict) else {}))
     return out
 
@@ -100,7 +100,7 @@ def _lease_banner(fs, root: str, opts: StorageOptions, current_run: str) -> list
         return []
     if not isinstance(held, dict) or held.get("run") == current_run:
         return []
-    age = time.time() - render._float(held.get("heartbeat"))
+    age = time.time() - render.finite_float(held.get("heartbeat"))
     return [f"Run {held.get('run')} (host {held.get('host')}, pid {held.get('pid')}) held this output when the "
             f"report was made, last heartbeat {age:.0f}s before: if it is still running, the report shows the output "
             f"as it stood; if it was killed, rerunning it resumes where it stopped."]

@@ -17,7 +17,7 @@ import numpy as np
 from markupsafe import Markup
 
 from pipeline.report import plots
-from pipeline.report.scan import Scan, task_colors, throughput
+from pipeline.report.scan import MAX_KINDS, Scan, task_colors, throughput
 
 MAX_RUN_LINES = 6       # runs drawn in the throughput plot (the most recent ones)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
@@ -72,14 +72,14 @@ def _stats(scanned: Scan, records: list[tuple[str, dict]]) -> list[tuple[str, st
     if records:
         tag, record = records[-1]
         s = record.get("summary") if isinstance(record.get("summary"), dict) else {}
-        seconds = _float(s.get("seconds"))
+        seconds = finite_float(s.get("seconds"))
         if seconds:
-            out += [("items/s, last run", _num(_float(s.get("items")) / seconds, 3)),
-                    ("generated tokens/s, last run", _num(_float(s.get("generated_tokens")) / seconds))]
+            out += [("items/s, last run", _num(finite_float(s.get("items")) / seconds, 3)),
+                    ("generated tokens/s, last run", _num(finite_float(s.get("generated_tokens")) / seconds))]
     return out
 
 
-def _float(v) -> float:
+def finite_float(v) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -102,12 +102,12 @@ def _runs(scanned: Scan, records: list[tuple[str, dict]]) -> list[list[str]]:
     out = []
     for tag, record in records:
         s = record.get("summary") if isinstance(record.get("summary"), dict) else {}
-        seconds = _float(s.get("seconds")) or math.nan
+        seconds = finite_float(s.get("seconds")) or math.nan
         out.append([tag, _num(rows_per_run.pop(tag, 0))] + [_num(s.get(k)) if isinstance(s.get(k), (int, float))
                                                              else str(s.get(k, "")) for k in
                                                              ("done", "skipped", "errors", "items", "seconds",
                                                               "first_result_s")]
-                   + [_num(_float(s.get("items")) / seconds, 3), _num(_float(s.get("generated_tokens")) / seconds),
+                   + [_num(finite_float(s.get("items")) / seconds, 3), _num(finite_float(s.get("generated_tokens")) / seconds),
                       _num(s.get("files"))])
     for tag, n in sorted(rows_per_run.items()):
         out.append([f"{tag} (no run record: still running, or stopped early)", _num(n)] + [""] * 9)
@@ -130,7 +130,11 @@ def _configs(records: list[tuple[str, dict]]) -> list[tuple[str, list]]:
 
 def _errors(scanned: Scan) -> list[tuple]:
     kinds = sorted(scanned.errors.items(), key=lambda kv: -kv[1][0])
-    return [(kind, count, examples) for kind, (count, examples) in kinds[:40]]
+    shown = [(kind, count, examples) for kind, (count, examples) in kinds[:MAX_KINDS]]
+    rest = kinds[MAX_KINDS:]
+    if rest:
+        shown.append((f"{len(rest)} more kind(s)", sum(count for _, (count, _) in rest), []))
+    return shown
 
 
 def _plots(scanned: Scan) -> list[tuple[str, Markup]]:

@@ -25,7 +25,10 @@ LIGHT = ["id", "uri", "task", "media_type", "error", "finish_reason", "num_input
 PREFIX = 12            # bytes of the id kept per row to find the sampled rows again (collisions are re-checked)
 FILES_PER_CHUNK = 16   # result files a thread reads, concatenates and aggregates at once
 EXAMPLES_PER_KIND = 3
-MAX_KINDS = 40
+MAX_KINDS = 40       # kinds shown, most frequent first
+MAX_TRACKED = 1000   # kinds counted apart; more (messages that fold badly) are counted as OTHER
+OTHER = "(other kinds)"
+MAX_MESSAGE = 500    # characters of an example error message
 _RUN_OF_FILE = re.compile(r"part-(.+)-\d+\.parquet$")
 
 
@@ -78,7 +81,8 @@ def error_kind(uri: str | None, message: str) -> str:
     """Group key of an error message "<uri>: <cause>": the cause up to its first detail, digits folded."""
     cause = message[len(uri) + 2:] if uri and message.startswith(f"{uri}: ") else message
     head = re.split(r" \(|: ", cause, maxsplit=1)[0].strip() or "(empty message)"
-    return re.sub(r"\d+", "#", head)[:100]
+    exc = re.match(r" \((\w+(?:Error|Exception))\b", cause[len(head):])   # "model failed (RuntimeError: ...)"
+    return re.sub(r"\d+", "#", head + (f" ({exc.group(1)})" if exc else ""))[:100]
 
 
 def scan(dataset: pads.Dataset, sample: int, threads: int = 8) -> Scan:
@@ -194,11 +198,16 @@ def _add_bin(hists: dict, key, index: int, n: int) -> None:
 
 def _errors(part: Scan, t: pa.Table) -> None:
     for uri, message in zip(t["uri"].to_pylist(), t["error"].to_pylist()):
-        kind = error_kind(uri, message)
-        entry = part.errors.setdefault(kind, [0, []])
+        entry = _error_entry(part.errors, error_kind(uri, message))
         entry[0] += 1
         if len(entry[1]) < EXAMPLES_PER_KIND:
-            entry[1].append((uri, message))
+            entry[1].append((uri, message[:MAX_MESSAGE]))
+
+
+def _error_entry(errors: dict, kind: str) -> list:
+    if kind not in errors and len(errors) >= MAX_TRACKED:
+        kind = OTHER
+    return errors.setdefault(kind, [0, []])
 
 
 def _times(part: Scan, t: pa.Table) -> None:
@@ -233,7 +242,7 @@ def _merge(total: Scan, part: Scan, sample: int) -> None:
             for index in np.flatnonzero(h):
                 _add_bin(mine, key, int(index), int(h[index]))
     for kind, (count, examples) in part.errors.items():
-        entry = total.errors.setdefault(kind, [0, []])
+        entry = _error_entry(total.errors, kind)
         entry[0] += count
         entry[1].extend(examples[: EXAMPLES_PER_KIND - len(entry[1])])
     for run, points in part.times.items():
