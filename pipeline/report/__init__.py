@@ -17,12 +17,12 @@ import fsspec
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline import storage
+from pipeline.output import STATE_DIR
 from pipeline.report import cards, render, rows, scan, thumbs
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "_state"
 REPORT_NAME = "report.html"
 DEFAULT_SAMPLE = 48
 MAX_RECORDS = 200   # newest run records read
