@@ -45,6 +45,8 @@ def thumbnail(uri: str, media_type: str, opts: StorageOptions) -> Thumb:
                 return Thumb([_jpeg(_image(handle))])
             return _video_strip(handle)
     except Exception as e:  # noqa: BLE001 - untrusted media: whatever goes wrong is shown, not raised
+        if isinstance(e, FileNotFoundError) and "#" in uri:   # an item inside a tar or Parquet shard
+            return Thumb(note=f"no preview: {uri.rsplit('#', 1)[0]} is a shard; its members are not previewed")
         return Thumb(note=f"no preview: {type(e).__name__}: {e}"[:300])
 
 
