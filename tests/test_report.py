@@ -4,6 +4,7 @@ from the command line on a killed run's output; rendered in headless Chromium.""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline import config, listing, output
+from pipeline import config, output
 from pipeline.corpus import image_bytes
 from pipeline.report import build_report, scan, write_report
 from pipeline.run import run
@@ -53,12 +54,17 @@ def made(tiny_gqa, tmp_path_factory):
         summary = run(cfg, out=printed)
     finally:
         ray.shutdown()
-    hostile = listing.item_id(str(corpus / HOSTILE_NAME))
-    video = listing.item_id(str(corpus / "videos/clip_0.mp4"))
+    hostile = _item_id(str(corpus / HOSTILE_NAME))
+    video = _item_id(str(corpus / "videos/clip_0.mp4"))
     _inject(out_dir, [(hostile, str(corpus / HOSTILE_NAME), "image"), (video, str(corpus / "videos/clip_0.mp4"),
                                                                        "video")])
     return {"out": out_dir, "corpus": corpus, "printed": printed.getvalue(), "summary": summary,
             "hostile": hostile, "video": video, "items": len(files) + len(BAD)}
+
+
+def _item_id(uri: str) -> str:
+    """As the README defines it: the first 32 hex digits of the SHA-256 of the URI."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:32]
 
 
 def _inject(out_dir, items) -> None:
