@@ -5,13 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 
-.PHONY: demo test clean-venv
+.PHONY: demo test clean-venv browser
 
 demo: $(VENV)/.demo-ready
 	$(PY) jobs/caption.py --config configs/demo.toml
 
-test: $(VENV)/.test-ready
+test: $(VENV)/.test-ready browser
 	$(PY) -m pytest -q
+
+# Headless Chromium (Debian's package) for the test that renders the run report; installed once, as root or
+# through sudo.
+browser:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # The run-time environment: the small CPU build of torch from the local wheel cache. A complete test
 # environment is a superset of it, so it is reused as is.

@@ -24,6 +24,7 @@ from pipeline import output, poison, progress, readers, storage
 from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.predictor import Predictor
+from pipeline.report import write_report
 from pipeline.sources import PendingItems, TaskPlan, UnitWork
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -221,6 +222,10 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
     for row in summary.sample:
         text = row["error"] or (row["answer"] or row["text"])
         _say(out, f"  {row['uri']} [{row['task']}] {text[:100]!r}")
+    try:   # the results are written: a report that fails must not fail the run
+        _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}")
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
     return summary
 
 

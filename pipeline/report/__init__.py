@@ -1,0 +1,106 @@
+"""A run report people look at: one self-contained HTML file made from an output prefix as it stands.
+
+    build_report(output_uri, opts)  -> the HTML (str)
+    write_report(output_uri, opts)  -> writes <output>/_state/report.html (or `out`), returns where it went
+
+Steps: scan the light columns of every result file (counts, histograms, throughput, error kinds, a stratified
+sample of item ids; see scan.py), read only the sampled items' rows, open only their media for thumbnails, render.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import fsspec
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipeline import storage
+from pipeline.state import STATE_DIR
+from pipeline.report import cards, render, rows, scan, thumbs
+from pipeline.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+DEFAULT_SAMPLE = 48
+MAX_RECORDS = 200   # newest run records read
+
+
+def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE,
+                 current_run: str = "") -> str:
+    """The report's HTML. `current_run`: the run making it (its own lease is not news)."""
+    fs, root = storage.filesystem(output_uri, opts)
+    root = root.rstrip("/")
+    if not storage.with_retries(lambda: fs.exists(root), output_uri, opts):
+        raise FileNotFoundError(f"{output_uri}: no such output (nothing written yet?)")
+    dataset, banners = scan.open_dataset(root, None if storage.is_local(fs) else PyFileSystem(FSSpecHandler(fs)))
+    scanned = scan.scan(dataset, sample)
+    by_id = rows.fetch_rows(dataset, scanned, scan.pick_sample(scanned.candidates, sample))
+    banners += _lease_banner(fs, root, opts, current_run)
+    if scanned.unreadable:
+        banners.append(f"{len(scanned.unreadable)} result file(s) could not be read (listed at the end).")
+    items = [r for r in by_id.values() if r]
+    pictures = thumbs.thumbnails([(str(r[0].get("uri") or ""), str(r[0].get("media_type") or "")) for r in items],
+                                 opts)
+    gallery = [cards.card(r, p, scan.task_colors(scanned)) for r, p in zip(items, pictures)]
+    return render.render(output_uri, scanned, read_records(fs, root, opts), gallery, banners)
+
+
+def write_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, out: str = "",
+                 current_run: str = "") -> str:
+    """Build the report and write it to `out` (a path or URL), by default <output>/_state/report.html; returns
+    where it went. Writing is atomic where the storage allows it, so a reader never sees half a report."""
+    start = time.monotonic()
+    html = build_report(output_uri, opts, sample, current_run).encode("utf-8", errors="replace")
+    if out:
+        fs, path = storage.filesystem(out, opts)
+        staging = f"{path.rsplit('/', 1)[0]}/.report-staging" if "/" in path else ".report-staging"
+    else:
+        fs, root = storage.filesystem(output_uri, opts)
+        path = f"{root.rstrip('/')}/{STATE_DIR}/{REPORT_NAME}"
+        staging = f"{root.rstrip('/')}/{STATE_DIR}/staging"
+    storage.with_retries(lambda: storage.write_atomic(fs, path, html, staging), path, opts)
+    if out and storage.is_local(fs):
+        _remove_empty(fs, staging)
+    log.info("report: %s (%d KiB in %.1fs)", path, len(html) // 1024, time.monotonic() - start)
+    return storage.full_uri(fs, path)
+
+
+def _remove_empty(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    try:
+        fs.rmdir(folder)
+    except OSError:
+        pass
+
+
+def read_records(fs: fsspec.AbstractFileSystem, root: str, opts: StorageOptions) -> list[tuple[str, dict]]:
+    """(run tag, record) of the newest run records under _state/runs/, oldest first; unreadable ones are named."""
+    try:
+        paths = sorted(fs.glob(f"{root}/{STATE_DIR}/runs/*.json"))[-MAX_RECORDS:]
+    except OSError:
+        return []
+    out = []
+    for path in paths:
+        tag = path.rsplit("/", 1)[-1][: -len(".json")]
+        try:
+            record = json.loads(storage.with_retries(lambda: fs.cat_file(path), path, opts))
+        except (OSError, ValueError) as e:
+            tag, record = f"{tag} (unreadable run record: {e})", {}
+        out.append((tag, record if isinstance(record, dict) else {}))
+    return out
+
+
+def _lease_banner(fs, root: str, opts: StorageOptions, current_run: str) -> list[str]:
+    path = f"{root}/{STATE_DIR}/lease.json"
+    try:
+        held = json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(held, dict) or held.get("run") == current_run:
+        return []
+    age = time.time() - render.finite_float(held.get("heartbeat"))
+    return [f"Run {held.get('run')} (host {held.get('host')}, pid {held.get('pid')}) held this output when the "
+            f"report was made, last heartbeat {age:.0f}s before: if it is still running, the report shows the output "
+            f"as it stood; if it was killed, rerunning it resumes where it stopped."]

@@ -1,0 +1,274 @@
+"""The run report: made at the end of a small real run (images, a video, bad files, a hostile file name) plus a
+result file written here with boxes, a hostile caption and an extra column; read locally, over S3 (moto) and
+from the command line on a killed run's output; rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline import config, output
+from pipeline.corpus import image_bytes
+from pipeline.report import build_report, scan, write_report
+from pipeline.run import run
+from pipeline.storage import StorageOptions
+from tests.pipeline_helpers import PY, REPO, bad_media, config_text, good_media, moto_s3, s3fs_for, write_local
+from tests.report_browser import chromium, console_messages, render_page, screenshot_is_blank
+
+HOSTILE_NAME = 'images/<img src=x onerror=alert(1)> & "q".png'
+HOSTILE_TEXT = ('<script>alert("caption")</script> \x1b & <img src="http://evil.example/x.png" onerror="alert(2)"> '
+                "</pre></details></div>")
+HOSTILE_THINKING = "</pre><script>alert(3)</script>"
+EXTRA = "<i>extra</i> javascript:alert(4)"
+BAD = ("bad/corrupt.jpg", "bad/empty.png", "bad/truncated.webm")
+TASKS = ("caption", "ocr")
+
+
+@pytest.fixture(scope="module")
+def made(tiny_gqa, tmp_path_factory):
+    """A real run's output (its end-of-run report included) plus an injected result file."""
+    root = tmp_path_factory.mktemp("report")
+    corpus, out_dir = root / "corpus", root / "out"
+    files = good_media(num_images=4, num_videos=1)
+    files[HOSTILE_NAME] = image_bytes(80, 60, seed=11, ext="png")
+    write_local(corpus, files)
+    write_local(corpus, {k: v for k, v in bad_media().items() if k in BAD})
+    (root / "run.toml").write_text(config_text(str(corpus), str(out_dir), str(tiny_gqa), tasks=TASKS))
+    cfg = config.load(root / "run.toml", [])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        printed = io.StringIO()
+        summary = run(cfg, out=printed)
+    finally:
+        ray.shutdown()
+    hostile = _item_id(str(corpus / HOSTILE_NAME))
+    video = _item_id(str(corpus / "videos/clip_0.mp4"))
+    _inject(out_dir, [(hostile, str(corpus / HOSTILE_NAME), "image"), (video, str(corpus / "videos/clip_0.mp4"),
+                                                                       "video")])
+    return {"out": out_dir, "corpus": corpus, "printed": printed.getvalue(), "summary": summary,
+            "hostile": hostile, "video": video, "items": len(files) + len(BAD)}
+
+
+def _item_id(uri: str) -> str:
+    """As the README defines it: the first 32 hex digits of the SHA-256 of the URI."""
+    return hashlib.sha256(uri.encode()).hexdigest()[:32]
+
+
+def _inject(out_dir, items) -> None:
+    """A 'grounding' row per item with boxes (one non-finite), hostile text and a column the schema lacks."""
+    rows = []
+    for item_id, uri, media in items:
+        rows.append({**output.error_row({"id": item_id, "uri": uri, "media_type": media}, "grounding", "find it",
+                                        "", "tiny", "h"),
+                     "error": None, "finish_reason": "eos", "text": HOSTILE_TEXT, "answer": HOSTILE_TEXT,
+                     "thinking": HOSTILE_THINKING, "num_output_tokens": 12, "num_input_tokens": 40,
+                     "boxes": [{"x1": 100.0, "y1": 200.0, "x2": 500.0, "y2": 600.0},
+                               {"x1": math.nan, "y1": 0.0, "x2": 1.0, "y2": 1.0}],
+                     "processed_at": datetime.now(timezone.utc)})
+    table = pa.Table.from_pylist(rows, schema=output.SCHEMA).append_column("key", pa.array([EXTRA] * len(rows)))
+    pq.write_table(table, out_dir / "part-zz-injected-000000.parquet")   # sorts last: not the dataset's schema
+
+
+class Page(HTMLParser):
+    """Tags, attributes and text of a page, and the gallery cards with what each one holds."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.cards: list[dict] = []
+        self.depth = 0   # inside a card: count of open divs
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag == "div" and "card" in (attrs.get("class") or "").split():
+            self.cards.append({"attrs": attrs, "imgs": [], "rects": [], "text": []})
+            self.depth = 1
+        elif self.depth:
+            self.depth += tag == "div"
+            if tag == "img" or (tag == "rect" and attrs.get("class") != "halo"):
+                self.cards[-1]["imgs" if tag == "img" else "rects"].append(attrs)
+
+    def handle_endtag(self, tag):
+        if self.depth and tag == "div":
+            self.depth -= 1
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.depth:
+            self.cards[-1]["text"].append(data)
+
+    def card(self, uri: str) -> dict:
+        return next(c for c in self.cards if c["attrs"]["data-name"] == uri.lower())
+
+
+def _text_of(card: dict) -> str:
+    return "".join(card["text"])
+
+
+def test_the_run_writes_its_report_and_prints_where(made):
+    path = made["out"] / "_state" / "report.html"
+    assert f"report: {path}" in made["printed"]
+    html = path.read_text()
+    run_tag = next((made["out"] / "_state" / "runs").glob("*.json")).stem
+    assert run_tag in html and "held this output" not in html   # its own lease is not reported as a live run
+    assert made["summary"].errors == len(BAD) * len(TASKS)
+
+
+def test_report_holds_every_item_escapes_untrusted_text_and_fetches_nothing(made):
+    html = build_report(str(made["out"]), StorageOptions(), sample=100)
+    page = Page(html)
+    df = pd.read_parquet(made["out"])
+    assert len(page.cards) == made["items"] == df.uri.nunique()
+    assert {c["attrs"]["data-name"] for c in page.cards} == {u.lower() for u in df.uri}
+    text = "".join(page.text)
+
+    # untrusted text reaches the page as text: the parser reads it back verbatim, and never as markup
+    hostile = page.card(str(made["corpus"] / HOSTILE_NAME))
+    assert HOSTILE_NAME.rsplit("/", 1)[-1] in _text_of(hostile)
+    assert HOSTILE_TEXT.replace("\x1b", "\\x1b") in _text_of(hostile) and "\x1b" not in html
+    assert HOSTILE_THINKING in _text_of(hostile) and f"key: {EXTRA}" in _text_of(hostile)
+    assert [t for t, _ in page.tags].count("script") == 1 and "alert" not in _script(html)
+    assert not [a for _, attrs in page.tags for a in attrs if a.startswith("on")]   # no event handler attributes
+
+    # nothing to fetch: every URL-bearing attribute is an embedded JPEG, no fetching element, CSP allows nothing
+    fetching = {"src", "href", "srcset", "action", "formaction", "poster", "data", "background", "xlink:href"}
+    for tag, attrs in page.tags:
+        assert tag not in ("link", "iframe", "object", "embed", "base", "frame", "audio", "video", "source")
+        for name, value in attrs.items():
+            if name == "href":
+                assert tag == "a" and re.fullmatch(r"#[a-z]+", value), value   # in-page links only
+            elif name in fetching:
+                assert tag == "img" and value.startswith("data:image/jpeg;base64,"), (tag, name, value[:80])
+    css = html[html.index("<style>"): html.index("</style>")]
+    assert "url(" not in css and "@import" not in css
+    csp = next(a["content"] for t, a in page.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    assert csp.startswith("default-src 'none'; img-src data:;")
+
+    # thumbnails, boxes (the non-finite one left out), a video's frame strip, errors without a picture
+    assert len(hostile["imgs"]) == 1 and len(hostile["rects"]) == 1
+    assert {k: hostile["rects"][0][k] for k in ("x", "y", "width", "height")} == {
+        "x": "100.0", "y": "200.0", "width": "400.0", "height": "400.0"}
+    video = page.card(str(made["corpus"] / "videos/clip_0.mp4"))
+    assert len(video["imgs"]) == 4 and len(video["rects"]) == 1
+    for rel in BAD[:2]:
+        bad = page.card(str(made["corpus"] / rel))
+        assert not bad["imgs"] and "no preview" in _text_of(bad) and bad["attrs"]["data-error"] == "1"
+    for uri in df[df.media_type == "image"].uri:
+        assert all(img["src"].startswith("data:image/jpeg;base64,") for img in page.card(uri)["imgs"])
+
+    # errors by kind, with their counts; the summary's numbers; every task's output-token plot
+    for kind in ("empty file", "not a decodable image", "truncated video"):
+        assert re.search(rf"{kind}</td><td class=\"num\">{len(TASKS)}</td>", html), kind
+    assert f"{len(df):,}" in text and "error rows" in text
+    for task in TASKS + ("grounding",):
+        assert f"output tokens: {task}" in text
+
+
+def _script(html: str) -> str:
+    return html[html.index("<script>"): html.index("</script>")]
+
+
+def test_the_sample_covers_every_stratum(made):
+    dataset, notes = scan.open_dataset(str(made["out"]), None)
+    scanned = scan.scan(dataset, sample=2)
+    assert not notes and scanned.rows == len(pd.read_parquet(made["out"]))
+    strata = set(scanned.strata)
+    assert ("caption", "image", "error") in strata and ("ocr", "video", "ok") in strata
+    picked = set(scan.pick_sample(scanned.candidates, len(strata)))
+    assert len(picked) <= len(strata)
+    for stratum, ids in scanned.candidates.items():
+        assert picked & set(ids), stratum
+    html = build_report(str(made["out"]), StorageOptions(), sample=3)
+    assert len(Page(html).cards) == 3
+
+
+def test_report_over_s3(made):
+    with moto_s3() as endpoint:
+        fs = s3fs_for(endpoint)
+        fs.mkdir("report-bucket")
+        for path in made["out"].rglob("*"):
+            if path.is_file():
+                fs.pipe(f"report-bucket/run/{path.relative_to(made['out'])}", path.read_bytes())
+        opts = StorageOptions(endpoint_url=endpoint, retries=1, retry_backoff_s=0.0)
+        where = write_report("s3://report-bucket/run/", opts, sample=100)
+        assert where == "s3://report-bucket/run/_state/report.html"
+        page = Page(fs.cat_file("report-bucket/run/_state/report.html").decode())
+        assert len(page.cards) == made["items"]
+        assert sum(len(c["imgs"]) for c in page.cards) >= made["items"] - len(BAD)
+
+
+def test_cli_on_a_killed_runs_output(made, tmp_path):
+    """No run record for the last run, its lease left behind, a staging file, a file that is not Parquet."""
+    out = tmp_path / "killed"
+    shutil.copytree(made["out"], out)
+    for record in (out / "_state" / "runs").glob("*.json"):
+        record.unlink()
+    (out / "_state" / "lease.json").write_text(json.dumps({"host": "elsewhere", "pid": 1, "run": "r-killed",
+                                                           "heartbeat": 0}))
+    (out / "_state" / "staging").mkdir(exist_ok=True)
+    (out / "_state" / "staging" / "half.tmp").write_bytes(b"PAR1 half a file")
+    (out / "part-000-broken-000000.parquet").write_bytes(b"not parquet at all")   # sorts first
+    target = tmp_path / "r.html"
+    proc = subprocess.run([PY, str(REPO / "jobs" / "report.py"), "--output", str(out), "--out", str(target),
+                           "--sample", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"report: {target}"
+    page = Page(target.read_text())
+    text = "".join(page.text)
+    assert len(page.cards) == 5 and "r-killed" in text and "not valid Parquet" in text
+    assert "no run record" in text
+    missing = subprocess.run([PY, str(REPO / "jobs" / "report.py"), "--output", str(tmp_path / "nothing")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no such output" in missing.stderr
+
+
+def test_report_renders_in_headless_chromium(made, tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed; `make test` installs it (apt-get install chromium)")
+    target = tmp_path / "report.html"
+    write_report(str(made["out"]), StorageOptions(), sample=100, out=str(target))
+    shot, log, dom = render_page(browser, target, tmp_path)
+    assert console_messages(log) == []
+    assert not screenshot_is_blank(shot)
+    n = made["items"]
+    assert f"{n} of {n} shown" in dom   # the page's script ran
+
+    # the same check sees what it is meant to catch: a console error, a blocked fetch, an exception
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+                   "script-src 'unsafe-inline'\"><h1>x</h1><script>console.error('boom')</script>"
+                   "<img src='http://127.0.0.1:9/x.png'><script>notDefined()</script>")
+    _, log, _ = render_page(browser, bad, tmp_path)
+    messages = console_messages(log)
+    assert len(messages) == 3 and "boom" in messages[0] and "notDefined" in messages[2], messages
+
+
+@pytest.mark.parametrize("message, kind", [
+    ("{u}: empty file (0 bytes)", "empty file"),
+    ("{u}: decompression bomb refused: 300x300 = 90000 pixels is over the limit", "decompression bomb refused"),
+    ("{u}: truncated video: stream ended before frame 12 of the 40 its header announces", "truncated video"),
+    ("{u}: model failed (RuntimeError: CUDA out of memory)", "model failed (RuntimeError)"),
+    ("{u}: storage error after retries (ClientError: SlowDown)", "storage error after retries (ClientError)"),
+    ("{u}: image has 4000 frames", "image has # frames"),
+    ("a message that names no uri", "a message that names no uri"),
+])
+def test_error_kind_is_the_cause_without_its_details(message, kind):
+    uri = "s3://bucket/a: b (1).png"   # the URI itself holds the separators
+    assert scan.error_kind(uri, message.format(u=uri)) == kind
