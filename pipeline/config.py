@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError  # noqa: F401 - also imported from here by callers
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi")
 
@@ -25,10 +27,6 @@ BUILTIN_TASKS = {
     "reasoning": ("Look at this {media} carefully, reason step by step about what it shows, then give a short answer.",
                   True),
 }
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names the key."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline import listing, output, storage
 from pipeline.config import Config
 from pipeline.decode import decode_batch
+from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.storage import StorageOptions
 
@@ -138,7 +139,8 @@ def run(cfg: Config, out=sys.stdout) -> Summary:
         listing.check_manifest(cfg.input.manifest, opts)
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
-    lease = output.Lease(writer, takeover=cfg.output.takeover)  # before touching the output's state
+    # before touching the output's state
+    lease = Lease(cfg.output.uri, opts, writer.run_tag, takeover=cfg.output.takeover)
     try:
         return _run(cfg, opts, writer, start, out)
     finally:
