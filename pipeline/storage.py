@@ -77,10 +77,12 @@ def _storage_kwargs(protocol: str, opts: StorageOptions) -> dict:
         client_kwargs["endpoint_url"] = opts.endpoint_url
     if opts.region:
         client_kwargs["region_name"] = opts.region
-    # Retries are ours (`storage.retries`, with back-off); botocore keeps one quick retry of its own and s3fs
-    # none, so a dead endpoint fails in seconds instead of after three nested retry loops.
-    return {"anon": opts.anon, "client_kwargs": client_kwargs, "use_listings_cache": False,
-            "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 10,
+    # Retries are ours alone (`storage.retries`, classified, with jittered back-off): botocore's and s3fs's loops
+    # are off, so the configured number is the number of attempts and a dead endpoint fails in seconds instead of
+    # after three nested retry loops.
+    # max_concurrency 1: a whole-object read is one GET (s3fs asks for the size with a HEAD first otherwise)
+    return {"anon": opts.anon, "client_kwargs": client_kwargs, "use_listings_cache": False, "max_concurrency": 1,
+            "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": 10,
                               "read_timeout": 60}}
 
 
@@ -177,10 +179,12 @@ def error_code(exc: BaseException) -> tuple[str, int | None]:
         if isinstance(response, dict) and "Error" in response:
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             return str(response["Error"].get("Code") or ""), status
-        for attr in ("status", "code"):   # aiohttp's ClientResponseError.status, gcsfs's HttpError.code
-            status = getattr(e, attr, None)
-            if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
-                return "", status
+        # an HTTP answer's status: aiohttp's ClientResponseError.status, gcsfs's HttpError.code (not the `code` of
+        # aiohttp's parser errors, which says "bad message" about a cut body)
+        status = getattr(e, "status", None) if "ClientResponseError" in _class_names(e) else \
+            getattr(e, "code", None) if type(e).__name__ == "HttpError" else None
+        if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600:
+            return "", status
     return "", None
 
 
