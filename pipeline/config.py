@@ -157,7 +157,26 @@ _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "ac
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
-                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus"}
+                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed"}
+# Upper bounds of values that cannot work (memory, time, the hardware); the model's context is checked against
+# run.max_new_tokens in pipeline/preflight.py, where the checkpoint is read.
+_AT_MOST = {
+    "run.batch_size": 4096,                  # sequences in one generate() call
+    "batching.sort_window": 1024,
+    "batching.decode_batch_size": 65536,
+    "run.max_new_tokens": 1 << 20,           # above any GLM-V context (64K-128K)
+    "output.rows_per_file": 10_000_000,      # buffered in the driver before a file is written
+    "output.flush_seconds": 7 * 86400.0,
+    "storage.retries": 100,
+    "storage.retry_backoff_s": 600.0,
+    "actors.count": 100_000,
+    "actors.num_gpus": 64.0,                 # per actor
+    "actors.num_cpus": 4096.0,
+    "actors.decode_num_cpus": 4096.0,
+    "batching.max_frames": 100_000,
+    "batching.max_input_pixels": 1 << 40,
+    "run.seed": (1 << 63) - 1,               # torch's generator seed range
+}
 
 
 def _check_type(key: str, value: Any, annotation: str) -> Any:
@@ -203,6 +222,8 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
             raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
         if dotted in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
+        if dotted in _AT_MOST and value > _AT_MOST[dotted]:
+            raise ConfigError(f"{dotted}: {value!r} is above the most that can work ({_AT_MOST[dotted]!r})")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -219,8 +240,9 @@ def _build_task(name: str, values: Any) -> TaskSpec:
     spec = _build_section(f"tasks.{name}", TaskSpec, {"name": name, **merged})
     if not spec.prompt.strip():
         raise ConfigError(f"tasks.{name}.prompt: must not be empty")
-    if spec.max_new_tokens < 0:
-        raise ConfigError(f"tasks.{name}.max_new_tokens: must be >= 0, got {spec.max_new_tokens}")
+    if not 0 <= spec.max_new_tokens <= _AT_MOST["run.max_new_tokens"]:
+        raise ConfigError(f"tasks.{name}.max_new_tokens: must be in [0, {_AT_MOST['run.max_new_tokens']}], got "
+                          f"{spec.max_new_tokens}")
     return spec
 
 
@@ -287,6 +309,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run.temperature: must be > 0, got {cfg.run.temperature}")
     if cfg.model.device == "cuda" and cfg.actors.num_gpus == 0:
         raise ConfigError("model.device: 'cuda' needs actors.num_gpus > 0")
+    window = cfg.run.batch_size * cfg.batching.sort_window
+    if window > 65536:
+        raise ConfigError(f"run.batch_size x batching.sort_window: {window} sequences in one actor call is more "
+                          f"than can work (65536)")
     if cfg.storage.endpoint_url and not cfg.storage.endpoint_url.startswith(("http://", "https://")):
         raise ConfigError(f"storage.endpoint_url: expected an http(s):// URL, got {cfg.storage.endpoint_url!r}")
 

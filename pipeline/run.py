@@ -19,7 +19,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import listing, output, storage
+from pipeline import listing, output, preflight, storage
 from pipeline.config import Config
 from pipeline.decode import decode_batch
 from pipeline.lease import Lease
@@ -156,6 +156,8 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
     print(f"output {cfg.output.uri}: {len(done)} (item, task) rows already done", file=out, flush=True)
 
     init_ray(cfg)
+    for warning in preflight.check_resources(ray.cluster_resources(), cfg.actors):   # raises for a plan that hangs
+        log.warning("%s", warning)
     tally = Tally.remote()
     summary = Summary()
     ds = build_dataset(cfg, ray.put(done), tally)

@@ -299,6 +299,16 @@ def read_bytes(uri: str, opts: StorageOptions) -> bytes:
     return with_retries(lambda: fs.cat_file(path), uri, opts)
 
 
+def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str, opts: StorageOptions) -> bool:
+    """Whether an S3 bucket exists: False only on the store's 404. Throttling and 5xx are retried and a denial
+    raises StorageUnavailable, where s3fs's `exists` would say False for all of them."""
+    try:
+        with_retries(lambda: fs.call_s3("head_bucket", Bucket=bucket), f"s3://{bucket}", opts)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 # --- writing -----------------------------------------------------------------------------------------------------
 
 

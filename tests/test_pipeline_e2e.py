@@ -152,5 +152,5 @@ def test_deleted_object_and_unreachable_store_become_error_rows(s3, tiny_gqa):
     # nothing listens on port 9 of 127.0.0.1: a transient error, retried, then an error row
     dead = StorageOptions(endpoint_url="http://127.0.0.1:9", retries=1, retry_backoff_s=0.0)
     row = decode_one(item, loader, dead)
-    assert row["error"].startswith("s3://flaky/a.png: storage error after retries")
+    assert row["error"].startswith("s3://flaky/a.png: ") and "EndpointConnectionError" in row["error"]
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in row["error"]
