@@ -13,6 +13,8 @@ Faults:
 
     with FaultProxy(endpoint) as proxy:
         proxy.set("read", slowdown=0.2, internal=0.1, drop=0.05, cut=0.05)
+        proxy.set("read", prefix="/media/", slowdown=1.0)   # only requests whose path starts with /media/
+        proxy.burst("head", 2, "slowdown")                   # the next 2 HEADs, whatever the rates say
         ... point the client at proxy.url ...
         proxy.injected()   # {("read", "slowdown"): 31, ...}
 """
@@ -50,6 +52,8 @@ class FaultProxy:
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.rates: dict[str, dict[str, float]] = {k: {} for k in KINDS}
+        self.prefixes: dict[str, str] = {k: "" for k in KINDS}
+        self.bursts: dict[str, list[str]] = {k: [] for k in KINDS}
         self.counts: collections.Counter = collections.Counter()     # (kind, fault) -> injected
         self.requests: collections.Counter = collections.Counter()   # kind -> requests seen
         self._lock = threading.Lock()
@@ -62,16 +66,25 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def set(self, kind: str, **rates: float) -> "FaultProxy":
-        """Fault rates of one kind (a share of its requests each; unnamed faults 0)."""
+    def set(self, kind: str, prefix: str = "", **rates: float) -> "FaultProxy":
+        """Fault rates of one kind (a share of its requests each; unnamed faults 0), optionally only for request
+        paths that start with `prefix` ("/bucket/key-prefix")."""
         assert kind in KINDS and set(rates) <= set(FAULTS) and sum(rates.values()) <= 1, (kind, rates)
         with self._lock:
-            self.rates[kind] = dict(rates)
+            self.rates[kind], self.prefixes[kind] = dict(rates), prefix
+        return self
+
+    def burst(self, kind: str, n: int, fault: str) -> "FaultProxy":
+        """The next n requests of a kind get `fault`."""
+        assert kind in KINDS and fault in FAULTS
+        with self._lock:
+            self.bursts[kind] += [fault] * n
         return self
 
     def heal(self) -> None:
         with self._lock:
             self.rates = {k: {} for k in KINDS}
+            self.bursts = {k: [] for k in KINDS}
 
     def injected(self, kind: str | None = None) -> int | dict:
         with self._lock:
@@ -79,9 +92,13 @@ class FaultProxy:
                 return dict(self.counts)
             return sum(n for (k, _), n in self.counts.items() if k == kind)
 
-    def _draw(self, kind: str) -> str | None:
+    def _draw(self, kind: str, path: str) -> str | None:
         with self._lock:
             self.requests[kind] += 1
+            if self.bursts[kind]:
+                return self.bursts[kind].pop(0)
+            if not path.startswith(self.prefixes[kind]):
+                return None
             x, edge = self._random.random(), 0.0
             for fault, rate in self.rates[kind].items():
                 edge += rate
@@ -155,7 +172,7 @@ def _handler(proxy: FaultProxy):
         def _serve(self) -> None:
             kind = request_kind(self.command, self.path)
             body = self._body()
-            fault = proxy._draw(kind)
+            fault = proxy._draw(kind, self.path)
             if fault == "cut" and self.command == "HEAD":
                 fault = None   # no body to cut
             if fault:
