@@ -46,10 +46,13 @@ def known_error(exc: BaseException) -> BaseException | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):   # a RayTaskError: its own message is the remote traceback
+            exc = cause
+            continue
         if isinstance(exc, PipelineError) or (glmv_errors and isinstance(exc, glmv_errors.GlmvError)):
             return exc
-        cause = getattr(exc, "cause", None)
-        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+        exc = exc.__cause__ or exc.__context__
     return None
 
 

@@ -210,3 +210,31 @@ def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa
     assert lines[-1].startswith("config error: actors: 1 actor(s) x actors.num_cpus 2 take 2 of the cluster's 2 "
                                 "CPUs, leaving 0"), result.stderr[-3000:]
     assert seconds < 90
+
+
+def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
+    import ray.exceptions
+
+    import glmv
+    from jobs import caption
+    from pipeline.errors import RunStopped
+
+    assert all(issubclass(cls, glmv.GlmvError) for cls in (glmv.ConfigError, glmv.CheckpointError, glmv.MediaError,
+                                                            glmv.InputError, glmv.ProcessorConfigError))
+    cases = [(StorageUnavailable("s3://b/k.jpg", "SlowDown (HTTP 503): Please reduce your request rate.", 5), 3,
+              "storage error: storage unavailable after 5 attempts: s3://b/k.jpg: SlowDown"),
+             (RunStopped("12 of the last 20 items failed: storage unavailable"), 4, "run stopped: 12 of the last"),
+             (glmv.CheckpointError("/m/model.safetensors: corrupt safetensors header"), 2,
+              "model error: /m/model.safetensors: corrupt")]
+    for error, code, line in cases:
+        wrapped = ray.exceptions.RayTaskError("read", "Traceback (most recent call last):\n  ...", error)
+        try:
+            try:
+                raise wrapped.as_instanceof_cause()
+            except Exception as e:   # what Ray Data raises in the driver: the task's error as its cause
+                raise RuntimeError("dataset iteration failed") from e
+        except RuntimeError as e:
+            assert caption.report(caption.known_error(e)) == code
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1, err
+    assert caption.known_error(RuntimeError("a bug")) is None     # unknown errors keep their traceback
