@@ -19,7 +19,6 @@ back after a pause, which narrows the race without closing it (a warning says so
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging

@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 

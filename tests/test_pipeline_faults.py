@@ -70,8 +70,8 @@ def test_reads_and_writes_at_40_percent_faults_end_with_every_pair_once(s3, tiny
 
 
 @pytest.mark.xfail(reason="needs the lead's retries around the output's listing and existence checks "
-                          "(output._result_files, ResultWriter's bucket check, run._clear_staging): storage.with_retries"
-                          " / storage.bucket_exists", strict=True)
+                          "(output._result_files, ResultWriter's bucket check, run._clear_staging): "
+                          "storage.with_retries / storage.bucket_exists", strict=True)
 def test_every_kind_of_request_at_30_percent_faults_ends_with_every_pair_once(s3, tiny_gqa, tmp_path):
     with FaultProxy(s3, seed=12) as proxy:
         _faulty(proxy, ("read", "write", "head", "list"), 0.3)

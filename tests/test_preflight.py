@@ -11,7 +11,6 @@ import pytest
 from pipeline import config, preflight
 from pipeline.config import ActorsConfig
 from pipeline.errors import ConfigError, StorageUnavailable
-from pipeline.storage import StorageOptions
 from tests.faults import FaultProxy
 from tests.pipeline_helpers import config_text, good_media, moto_s3, run_job, s3fs_for, write_local
 

@@ -110,7 +110,8 @@ def test_reads_ride_out_half_of_all_requests_failing(proxied):
 
 def test_scrub_keeps_credentials_and_signatures_out(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
-    exc = OSError(errno.EIO, "failed: https://h/b/k.jpg?X-Amz-Signature=abc&X-Amz-Credential=AKIA wJalrXUtnFEMI/K7MDENG")
+    exc = OSError(errno.EIO, "failed: https://h/b/k.jpg?X-Amz-Signature=abc&X-Amz-Credential=AKIA "
+                             "wJalrXUtnFEMI/K7MDENG")
     text = storage.describe(exc)
     assert "wJalrXUtnFEMI" not in text and "abc" not in text and "AKIA" not in text
     assert "https://h/b/k.jpg?..." in text
