@@ -252,3 +252,16 @@ def test_lease_through_faults_and_an_outage(s3, caplog):
             lease.release()                                   # a failed release is a warning, not a crash
         assert "could not remove the lease" in caplog.text and "AccessDenied" in caplog.text
         assert fs.exists("leases/outage/_state/lease.json")
+
+
+def test_stores_without_conditional_writes_write_and_read_back(monkeypatch, caplog):
+    from pipeline import lease as lease_mod
+
+    monkeypatch.setattr(lease_mod._PlainStore, "SETTLE_S", 0.0)
+    with caplog.at_level(logging.WARNING, logger="pipeline.lease"):
+        first = Lease("memory://leases/plain", OPTS, "run-1")
+    assert "no conditional writes" in caplog.text
+    with pytest.raises(LeaseHeld, match="in use by run run-1"):
+        Lease("memory://leases/plain", OPTS, "run-2")
+    first.release()
+    Lease("memory://leases/plain", OPTS, "run-2").release()

@@ -4,6 +4,8 @@ resource plan against the cluster; and the job's one-line message and exit code 
 import json
 import os
 import shutil
+import signal
+import subprocess
 import time
 
 import pytest
@@ -12,7 +14,8 @@ from pipeline import config, preflight
 from pipeline.config import ActorsConfig
 from pipeline.errors import ConfigError, StorageUnavailable
 from tests.faults import FaultProxy
-from tests.pipeline_helpers import config_text, good_media, moto_s3, run_job, s3fs_for, write_local
+from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, run_job, s3fs_for, wait_for,
+                                    write_local)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +212,25 @@ def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa
     assert lines[-1].startswith("config error: actors: 1 actor(s) x actors.num_cpus 2 take 2 of the cluster's 2 "
                                 "CPUs, leaving 0"), result.stderr[-3000:]
     assert seconds < 90
+    assert not (tmp_path / "out" / "_state" / "lease.json").exists()    # released on the way out
+
+
+def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa, corpus):
+    path = tmp_path / "job.toml"
+    path.write_text(config_text(str(corpus), str(tmp_path / "out"), str(tiny_gqa)))
+    lease = tmp_path / "out" / "_state" / "lease.json"
+    job = subprocess.Popen([PY, str(REPO / "jobs" / "caption.py"), "--config", str(path)], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lease.exists, 180), "the job never took its lease"
+        job.send_signal(signal.SIGTERM)          # a plain `kill`
+        # exits through its `finally` blocks: 143 from the job's handler, 15 from Ray's once Ray is up
+        assert job.wait(120) in (128 + signal.SIGTERM, signal.SIGTERM)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.stderr.close()
+    assert not lease.exists()
 
 
 def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
