@@ -19,18 +19,18 @@ FAST = ["ray.num_cpus=2", "run.max_new_tokens=4", "storage.retry_backoff_s=0.02"
 def s3():
     with moto_s3() as endpoint:
         fs = s3fs_for(endpoint)
-        fs.mkdir("corpus")
-        fs.mkdir("results")
+        fs.mkdir("fault-corpus")
+        fs.mkdir("fault-results")
         for rel, data in good_media(num_images=NUM_IMAGES, num_videos=1).items():
-            fs.pipe(f"corpus/media/{rel}", data)
+            fs.pipe(f"fault-corpus/media/{rel}", data)
         for rel, data in good_media(num_images=2, num_videos=0).items():
-            fs.pipe(f"corpus/small/{rel}", data)
+            fs.pipe(f"fault-corpus/small/{rel}", data)
         yield endpoint
 
 
 def _job(tmp_path, endpoint, output, model, *overrides):
     path = tmp_path / "faults.toml"
-    path.write_text(config_text("s3://corpus/media/", output, str(model), endpoint=endpoint, tasks=TASKS))
+    path.write_text(config_text("s3://fault-corpus/media/", output, str(model), endpoint=endpoint, tasks=TASKS))
     return run_job(path, *FAST, *overrides, timeout=240)
 
 
@@ -58,10 +58,10 @@ def test_reads_and_writes_at_40_percent_faults_end_with_every_pair_once(s3, tiny
         _faulty(proxy, ("read", "write"), 0.4)
         proxy.burst("write", 1, "lost_reply")   # the lease's create goes through, its answer is lost
         proxy.burst("read", 1, "cut")
-        result = _job(tmp_path, proxy.url, "s3://results/rw", tiny_gqa, "storage.retries=12")
+        result = _job(tmp_path, proxy.url, "s3://fault-results/rw", tiny_gqa, "storage.retries=12")
         injected = proxy.injected()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = _check_once("s3://results/rw", s3)
+    rows = _check_once("s3://fault-results/rw", s3)
     retried = result.stderr.count("transient error on")
     print(f"\nreads+writes at 40%: injected {injected} ({sum(injected.values())} faults), {retried} retries logged "
           f"by the driver, requests {dict(proxy.requests)}, {rows} rows")
@@ -77,37 +77,37 @@ def test_every_kind_of_request_at_30_percent_faults_ends_with_every_pair_once(s3
         _faulty(proxy, ("read", "write", "head", "list"), 0.3)
         for kind in ("head", "list"):
             proxy.burst(kind, 2, "slowdown")    # the first HEAD and listing of the run are throttled, always
-        result = _job(tmp_path, proxy.url, "s3://results/all", tiny_gqa, "storage.retries=12")
+        result = _job(tmp_path, proxy.url, "s3://fault-results/all", tiny_gqa, "storage.retries=12")
         injected = proxy.injected()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = _check_once("s3://results/all", s3)
+    rows = _check_once("s3://fault-results/all", s3)
     print(f"\nevery kind at 30%: injected {injected} ({sum(injected.values())} faults), {rows} rows")
 
 
 @pytest.mark.xfail(reason="needs the run's circuit breaker (lead)", strict=True)
 def test_all_media_reads_failing_stops_the_run_and_a_plain_rerun_completes(s3, tiny_gqa, tmp_path):
     with FaultProxy(s3, seed=13) as proxy:
-        proxy.set("read", prefix="/corpus/", slowdown=1.0)
-        first = _job(tmp_path, proxy.url, "s3://results/outage", tiny_gqa, "storage.retries=2")
+        proxy.set("read", prefix="/fault-corpus/", slowdown=1.0)
+        first = _job(tmp_path, proxy.url, "s3://fault-results/outage", tiny_gqa, "storage.retries=2")
         proxy.heal()
         lines = [line for line in first.stderr.splitlines() if line.strip()]
         assert first.returncode == 4, first.stdout[-3000:] + first.stderr[-3000:]
         assert lines[-1].startswith("run stopped: ") and "SlowDown" in lines[-1], lines[-1:]
         assert "Traceback" not in first.stderr
         fs = s3fs_for(s3)
-        if fs.exists("results/outage"):
-            table = read_output("s3://results/outage", s3)
+        if fs.exists("fault-results/outage"):
+            table = read_output("s3://fault-results/outage", s3)
             assert table["error"].null_count == len(table)     # no error row recorded as done
-        second = _job(tmp_path, proxy.url, "s3://results/outage", tiny_gqa)
+        second = _job(tmp_path, proxy.url, "s3://fault-results/outage", tiny_gqa)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    _check_once("s3://results/outage", s3)
+    _check_once("s3://fault-results/outage", s3)
 
 
 def test_jobs_started_at_the_same_instant_never_both_run(s3, tiny_gqa, tmp_path):
     """Two jobs on one output at once (a local output: O_EXCL; an S3 one: If-None-Match): one runs, one stops."""
-    for trial, output in enumerate((str(tmp_path / "out"), "s3://results/race")):
+    for trial, output in enumerate((str(tmp_path / "out"), "s3://fault-results/race")):
         path = tmp_path / f"race{trial}.toml"
-        path.write_text(config_text("s3://corpus/small/", output, str(tiny_gqa), endpoint=s3, tasks=TASKS))
+        path.write_text(config_text("s3://fault-corpus/small/", output, str(tiny_gqa), endpoint=s3, tasks=TASKS))
         cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(path)] + \
             [arg for o in FAST for arg in ("--set", o)]
         jobs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
