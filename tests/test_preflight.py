@@ -215,22 +215,24 @@ def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa
     assert not (tmp_path / "out" / "_state" / "lease.json").exists()    # released on the way out
 
 
-def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa, corpus):
+def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa):
+    write_local(tmp_path / "in", good_media(40, 0))     # enough work that the signal finds the job running
     path = tmp_path / "job.toml"
-    path.write_text(config_text(str(corpus), str(tmp_path / "out"), str(tiny_gqa)))
+    path.write_text(config_text(str(tmp_path / "in"), str(tmp_path / "out"), str(tiny_gqa)))
     lease = tmp_path / "out" / "_state" / "lease.json"
     job = subprocess.Popen([PY, str(REPO / "jobs" / "caption.py"), "--config", str(path)], cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lease.exists, 180), "the job never took its lease"
         job.send_signal(signal.SIGTERM)          # a plain `kill`
-        # exits through its `finally` blocks: 143 from the job's handler, 15 from Ray's once Ray is up
-        assert job.wait(120) in (128 + signal.SIGTERM, signal.SIGTERM)
+        code = job.wait(120)
     finally:
         if job.poll() is None:
             job.kill()
-        job.stderr.close()
-    assert not lease.exists()
+        err = job.communicate()[1]
+    # exits through its `finally` blocks: 143 from the job's handler, 15 from Ray's once Ray is up
+    assert code in (128 + signal.SIGTERM, signal.SIGTERM), err[-3000:]
+    assert not lease.exists(), err[-3000:]
 
 
 def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
