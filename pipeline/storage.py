@@ -141,6 +141,10 @@ OUTAGE_CODES = frozenset({
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "RequestTimeTooSkewed", "NotSignedUp", "InvalidSecurity",
     "NoSuchBucket", "PermanentRedirect", "AuthorizationHeaderMalformed", "InvalidBucketName",
 })
+ITEM_CODES = frozenset({   # about one object, whatever their HTTP status says (an archived object answers 403)
+    "NoSuchKey", "NoSuchVersion", "InvalidObjectState", "InvalidRange", "EntityTooLarge", "KeyTooLongError",
+    "PreconditionFailed",
+})
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 OUTAGE_STATUS = frozenset({401, 403})
 # What s3fs turns those codes into (s3fs/errors.py): SlowDown, ServiceUnavailable, 409, 503 -> EBUSY;
@@ -199,6 +203,8 @@ def classify(exc: BaseException) -> Fault:
     code, status = error_code(exc)
     if code in TRANSIENT_CODES or (not code and status in TRANSIENT_STATUS):
         return Fault.TRANSIENT
+    if code in ITEM_CODES:
+        return Fault.ITEM
     if code in OUTAGE_CODES or status in OUTAGE_STATUS:
         return Fault.OUTAGE
     if code or status:   # any other answer of the server (NoSuchKey, InvalidRange, 404, ...) is about the object

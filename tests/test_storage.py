@@ -175,6 +175,17 @@ def test_write_atomic_fsyncs_file_and_directory_and_never_tears(tmp_path, monkey
     assert not os.listdir(staging)
 
 
+def test_an_archived_object_is_about_that_object():
+    from botocore.exceptions import ClientError
+
+    archived = ClientError({"Error": {"Code": "InvalidObjectState", "Message": "The operation is not valid for the "
+                                      "object's storage class"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+                           "GetObject")
+    assert storage.classify(archived) is Fault.ITEM
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+    assert storage.classify(denied) is Fault.OUTAGE
+
+
 def test_disk_full_is_an_outage_and_a_local_permission_error_is_about_the_file():
     assert storage.classify(OSError(errno.ENOSPC, "No space left on device")) is Fault.OUTAGE
     assert storage.classify(PermissionError(errno.EACCES, "denied", "/data/x.png")) is Fault.ITEM
