@@ -248,10 +248,15 @@ class Lease:
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "run": run, "pidns": _pid_namespace()}
         self.lost = False
         self.body = self._body()
-        self.token = self._acquire()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="output-lease")
-        self._thread.start()
+        self.token = self._acquire()
+        try:
+            self._thread.start()
+        except BaseException:   # a signal (SystemExit) between taking the lease and handing it over
+            self._stop.set()
+            self._call(self.store.delete, self.token)
+            raise
 
     def _body(self) -> bytes:
         return json.dumps({**self.me, "heartbeat": time.time()}).encode()
@@ -352,7 +357,8 @@ class Lease:
         """Stop the heartbeat and remove the lease if it is still ours; a failure is a warning (the lease then goes
         stale: taken over at once from this host, after ttl_s from another)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         if self.lost:
             return
         try:

@@ -224,6 +224,7 @@ def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa):
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lease.exists, 180), "the job never took its lease"
+        time.sleep(1.0)                          # at work (not in the instant between taking the lease and `try`)
         job.send_signal(signal.SIGTERM)          # a plain `kill`
         code = job.wait(120)
     finally:
