@@ -206,7 +206,7 @@ def time_previous_design(root: Path, done: int) -> dict:
     and checked against them (np.unique as it did)."""
     out, mdir = root / "out", root / "manifests"
     start = time.perf_counter()
-    names = output.result_files(*storage.filesystem(str(out), OPTS))
+    names = output.result_files(*storage.filesystem(str(out), OPTS), OPTS)
     keys = progress.read_keys(StateDir(str(out), OPTS), names)
     keys = np.unique(keys)
     load_s = time.perf_counter() - start

@@ -12,10 +12,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from glmv.errors import GlmvError
+
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v
 
 
-class ConfigError(ValueError):
+class ConfigError(GlmvError, ValueError):
     """A config.json that this library cannot run, with the offending key named."""
 
 

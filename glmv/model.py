@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from glmv.config import Glm4vConfig
+from glmv.errors import InputError
 from glmv.text import TextModel, attention_mask_4d
 from glmv.vision import VisionTower
 
@@ -107,7 +108,7 @@ class Glm4vForConditionalGeneration(nn.Module):
             slots = token_types == kind
             n_slots, n_features = int(slots.sum()), 0 if features is None else features.shape[0]
             if n_slots != n_features:
-                raise ValueError(f"{name} placeholders and features do not match: {n_slots} {name} tokens in "
+                raise InputError(f"{name} placeholders and features do not match: {n_slots} {name} tokens in "
                                  f"input_ids, {n_features} {name} feature rows from the vision tower")
             if n_slots:
                 x = x.masked_scatter(slots[..., None], features.to(x.dtype))
@@ -174,11 +175,11 @@ def rope_index(token_types: torch.Tensor, attention_mask: torch.Tensor, image_gr
             try:
                 t, h, w = next(grids[kind])
             except StopIteration:
-                raise ValueError(f"row {row}: more {'image' if kind == IMAGE else 'video frame'} placeholder "
+                raise InputError(f"row {row}: more {'image' if kind == IMAGE else 'video frame'} placeholder "
                                  f"spans than grids in {'image' if kind == IMAGE else 'video'}_grid_thw") from None
             h, w = h // spatial_merge_size, w // spatial_merge_size
             if n != t * h * w:
-                raise ValueError(f"row {row}: a placeholder span of {n} tokens does not match its grid "
+                raise InputError(f"row {row}: a placeholder span of {n} tokens does not match its grid "
                                  f"({t}, {h * spatial_merge_size}, {w * spatial_merge_size})")
             hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             pieces.append(torch.stack([torch.full((h * w,), pos), pos + hh.flatten(), pos + ww.flatten()]))

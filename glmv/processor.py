@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from glmv.chat_template import render as render_template
-from glmv.errors import ProcessorConfigError
+from glmv.errors import InputError, ProcessorConfigError
 from glmv.image import DEFAULT_MAX_IMAGE_PIXELS, LoadedImage, PatchSettings, images_to_patches, load_image
 from glmv.tokenizer import GlmTokenizer
 from glmv.video import LoadedVideo, VideoSettings, load_video, videos_to_patches
@@ -238,7 +238,7 @@ class Glm4vProcessor:
             for token, items, kind in ((IMAGE_TOKEN, images, "images"), (VIDEO_TOKEN, videos, "videos")):
                 found = sum(t.count(token) for t in texts)
                 if found != len(items):
-                    raise ValueError(
+                    raise InputError(
                         f"the prompts hold {found} {token} placeholders but {len(items)} {kind} were given")
         loaded_images = [self.load_image(i) for i in images]
         loaded_videos = [self.load_video(v) for v in videos]
@@ -248,7 +248,7 @@ class Glm4vProcessor:
             encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=padding)
             for row, t in zip(encoded["input_ids"], texts):
                 if row.count(self.image_token_id) != t.count(IMAGE_TOKEN):
-                    raise ValueError("the tokenizer merged image/video placeholder tokens with neighbouring text")
+                    raise InputError("the tokenizer merged image/video placeholder tokens with neighbouring text")
             data["input_ids"] = encoded["input_ids"]
             data["attention_mask"] = encoded["attention_mask"]
             data["mm_token_type_ids"] = self.create_mm_token_type_ids(encoded["input_ids"])

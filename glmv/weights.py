@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from glmv import cpu_kernels
 from glmv.config import ConfigError, Glm4vConfig
+from glmv.errors import GlmvError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GlmvError, ValueError):
     """A checkpoint whose files or tensors do not fit the model; the message names the keys or files."""
 
 

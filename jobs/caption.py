@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo root, when not pip-installed
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline.errors import (ConfigError, LeaseHeld, LeaseLost, PipelineError, RunStopped,  # noqa: E402
+                             StorageUnavailable)
+
+# What the first word of the one-line message says, per kind of error; each kind's exit code is its `exit_code`
+# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use).
+LABELS = ((ConfigError, "config error"), (StorageUnavailable, "storage error"), (RunStopped, "run stopped"),
+          ((LeaseHeld, LeaseLost), "output in use"), (PipelineError, "error"))
 
 
 def prepare_demo(cfg) -> None:
@@ -33,6 +40,39 @@ def prepare_demo(cfg) -> None:
         make_tiny_checkpoint(cfg.model.path, preset="gqa", family="glm41v", seed=0)
 
 
+def known_error(exc: BaseException) -> BaseException | None:
+    """The PipelineError or glmv error behind exc: Ray wraps what a task raised (RayTaskError.cause, __cause__)."""
+    glmv_errors = sys.modules.get("glmv.errors")   # not imported: no glmv error can have been raised
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):   # a RayTaskError: its own message is the remote traceback
+            exc = cause
+            continue
+        if isinstance(exc, PipelineError) or (glmv_errors and isinstance(exc, glmv_errors.GlmvError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def report(exc: BaseException) -> int:
+    """Print one line for a known error and return its exit code."""
+    if isinstance(exc, PipelineError):
+        label = next(text for kinds, text in LABELS if isinstance(exc, kinds))
+        code = exc.exit_code
+    else:   # glmv's own errors: a checkpoint, tokenizer or processor config the model cannot use
+        label, code = "model error", ConfigError.exit_code
+    message = " ".join(str(exc).split())
+    print(f"{label}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _stop_on_sigterm(signum, frame):
+    # a plain `kill` runs the `finally` blocks (the output lease is released) instead of dying mid-write
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config (TOML)")
@@ -40,24 +80,23 @@ def main(argv=None) -> int:
                         help="override a config key; the value is read as TOML, a bare word as a string")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         cfg = config_mod.load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if cfg.demo.generate:
-        prepare_demo(cfg)
-    if "://" not in cfg.model.path and not (Path(cfg.model.path) / "config.json").exists():
-        print(f"config error: model.path: {cfg.model.path} has no config.json", file=sys.stderr)
-        return 2
+        if cfg.demo.generate:
+            prepare_demo(cfg)
+        from pipeline import preflight
 
-    from pipeline.run import run
+        preflight.check(cfg)        # inputs, checkpoint, context: before Ray starts, in well under a second
 
-    try:
+        from pipeline.run import run
+
         run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - known kinds become one line and their exit code; the rest a traceback
+        known = known_error(e)
+        if known is None:
+            raise
+        return report(known)
     return 0
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError  # noqa: F401 - also imported from here by callers
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi")
 
@@ -25,10 +27,6 @@ BUILTIN_TASKS = {
     "reasoning": ("Look at this {media} carefully, reason step by step about what it shows, then give a short answer.",
                   True),
 }
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names the key."""
 
 
 @dataclass
@@ -80,6 +78,8 @@ class RunConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     retry_errors: bool = False   # at start, take error rows out of the output so their (item, task) runs again
+    stop_failure_rate: float = 0.5    # stop when this share of the last `stop_failure_window` pairs failed for a
+    stop_failure_window: int = 100    # reason that is not about one item (storage unavailable, CUDA errors)
 
 
 @dataclass
@@ -168,10 +168,30 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
             "input.format": ("files", "webdataset", "parquet")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
-             "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty"}
+             "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty",
+             "run.stop_failure_rate", "run.stop_failure_window"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
-                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus"}
+                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed"}
+# Upper bounds of values that cannot work (memory, time, the hardware); the model's context is checked against
+# run.max_new_tokens in pipeline/preflight.py, where the checkpoint is read.
+_AT_MOST = {
+    "run.batch_size": 4096,                  # sequences in one generate() call
+    "batching.sort_window": 1024,
+    "batching.decode_batch_size": 65536,
+    "run.max_new_tokens": 1 << 20,           # above any GLM-V context (64K-128K)
+    "output.rows_per_file": 10_000_000,      # buffered in the driver before a file is written
+    "output.flush_seconds": 7 * 86400.0,
+    "storage.retries": 100,
+    "storage.retry_backoff_s": 600.0,
+    "actors.count": 100_000,
+    "actors.num_gpus": 64.0,                 # per actor
+    "actors.num_cpus": 4096.0,
+    "actors.decode_num_cpus": 4096.0,
+    "batching.max_frames": 100_000,
+    "batching.max_input_pixels": 1 << 40,
+    "run.seed": (1 << 63) - 1,               # torch's generator seed range
+}
 
 
 def _check_type(key: str, value: Any, annotation: str) -> Any:
@@ -217,6 +237,8 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
             raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
         if dotted in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
+        if dotted in _AT_MOST and value > _AT_MOST[dotted]:
+            raise ConfigError(f"{dotted}: {value!r} is above the most that can work ({_AT_MOST[dotted]!r})")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -233,8 +255,9 @@ def _build_task(name: str, values: Any) -> TaskSpec:
     spec = _build_section(f"tasks.{name}", TaskSpec, {"name": name, **merged})
     if not spec.prompt.strip():
         raise ConfigError(f"tasks.{name}.prompt: must not be empty")
-    if spec.max_new_tokens < 0:
-        raise ConfigError(f"tasks.{name}.max_new_tokens: must be >= 0, got {spec.max_new_tokens}")
+    if not 0 <= spec.max_new_tokens <= _AT_MOST["run.max_new_tokens"]:
+        raise ConfigError(f"tasks.{name}.max_new_tokens: must be in [0, {_AT_MOST['run.max_new_tokens']}], got "
+                          f"{spec.max_new_tokens}")
     return spec
 
 
@@ -318,10 +341,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("batching.max_frames: must be 0 (no cap) or >= 2 (frames pair up into temporal patches)")
     if not 0 < cfg.run.top_p <= 1:
         raise ConfigError(f"run.top_p: must be in (0, 1], got {cfg.run.top_p}")
+    if cfg.run.stop_failure_rate > 1:
+        raise ConfigError(f"run.stop_failure_rate: must be in (0, 1], got {cfg.run.stop_failure_rate}")
     if cfg.run.temperature <= 0:
         raise ConfigError(f"run.temperature: must be > 0, got {cfg.run.temperature}")
     if cfg.model.device == "cuda" and cfg.actors.num_gpus == 0:
         raise ConfigError("model.device: 'cuda' needs actors.num_gpus > 0")
+    window = cfg.run.batch_size * cfg.batching.sort_window
+    if window > 65536:
+        raise ConfigError(f"run.batch_size x batching.sort_window: {window} sequences in one actor call is more "
+                          f"than can work (65536)")
     if cfg.storage.endpoint_url and not cfg.storage.endpoint_url.startswith(("http://", "https://")):
         raise ConfigError(f"storage.endpoint_url: expected an http(s):// URL, got {cfg.storage.endpoint_url!r}")
 

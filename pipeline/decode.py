@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipeline import items as items_mod
 from pipeline import storage
+from pipeline.errors import StorageUnavailable
 from pipeline.items import Item
 from pipeline.media import MediaLoader
 from pipeline.poison import CrashGuard, crash_message, inject_crash
@@ -81,11 +82,18 @@ def _source(item: Item, opts: StorageOptions):
 
 
 def _fetch(item: Item, opts: StorageOptions):
-    """(source, None) or (None, error message)."""
+    """(source, None) or (None, the exception)."""
     try:
         return _source(item, opts), None
-    except Exception as e:  # noqa: BLE001 - one object's failure is that item's error row
-        return None, describe_error(item.uri, e)
+    except Exception as e:  # noqa: BLE001 - one object's failure is that item's error row (or an outage)
+        return None, e
+
+
+def fail(item: Item, exc: BaseException) -> Item:
+    """Record why the item failed; a storage outage is flagged so that it is never recorded as done."""
+    item.error, item.data = describe_error(item.uri, exc), None
+    item.outage = isinstance(exc, StorageUnavailable) or storage.classify(exc) is storage.Fault.OUTAGE
+    return item
 
 
 def decode_one(item: Item, loader: MediaLoader, opts: StorageOptions, source=None) -> Item:
@@ -99,8 +107,7 @@ def decode_one(item: Item, loader: MediaLoader, opts: StorageOptions, source=Non
     try:
         loaded = _load(item, loader, opts, source)
     except Exception as e:  # noqa: BLE001 - every failure of one item becomes that item's error row
-        item.error = describe_error(item.uri, e)
-        return item
+        return fail(item, e)
     frames = np.ascontiguousarray(loaded.frames)
     item.width, item.height, item.duration_s, item.num_frames = (loaded.width, loaded.height, loaded.duration_s,
                                                                  loaded.num_frames)
@@ -133,7 +140,7 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
         todo))
     for i, (item, (source, error)) in enumerate(zip(todo, fetched)):
         if error is not None:
-            item.error, item.data = error, None
+            fail(item, error)
         elif guard.gave_up(str(i)):
             item.error, item.data = crash_message(item.uri, "decoding", guard.poisoned(str(i))), None
         else:

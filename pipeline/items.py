@@ -31,6 +31,7 @@ ITEM_SCHEMA = pa.schema([
     ("key", pa.string()),               # sample key (webdataset, Parquet with embedded bytes), else null
     ("data", pa.large_binary()),        # embedded media bytes, or null: the decode stage fetches `uri`
     ("error", pa.string()),             # set when the item cannot be processed: "<uri>: <cause>"
+    ("outage", pa.bool_()),             # the error is not about this item (storage down): never recorded as done
     ("width", pa.int32()),              # original media size
     ("height", pa.int32()),
     ("duration_s", pa.float64()),
@@ -54,6 +55,7 @@ class Item:
     key: str | None = None
     data: bytes | None = None
     error: str | None = None
+    outage: bool = False
     width: int | None = None
     height: int | None = None
     duration_s: float | None = None

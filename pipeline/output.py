@@ -10,9 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import socket
-import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -77,11 +74,15 @@ def output_schema(key_column: bool, extra: pa.Schema | None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def result_files(fs, root: str) -> list[str]:
+def result_files(fs, root: str, opts: StorageOptions) -> list[str]:
     """Names of the result files directly under the output prefix (state and hidden files excluded)."""
-    if not fs.exists(root):
-        return []
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    def ls() -> list[str]:
+        try:
+            return fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return []
+
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in storage.with_retries(ls, root, opts))
     return sorted(n for n in names if n.endswith(".parquet") and not n.startswith(("_", ".")))
 
 
@@ -93,7 +94,7 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
     twice."""
     fs, root = storage.filesystem(uri, opts)
     reopened = 0
-    for name in result_files(fs, root):
+    for name in result_files(fs, root, opts):
         path = f"{root.rstrip('/')}/{name}"
         errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=fs), path, opts)
         n = len(errors) - errors["error"].null_count
@@ -128,7 +129,7 @@ class ResultWriter:
         if storage.is_object_store(self.fs, self.root):
             # makedirs on an object store would create a missing bucket: a typo must not make a new bucket
             bucket = self.root.strip("/").split("/")[0]
-            if not storage.with_retries(lambda: self.fs.exists(bucket), uri, opts):
+            if not storage.bucket_exists(self.fs, bucket, opts):
                 raise ConfigError(f"output.uri {uri}: bucket {bucket!r} does not exist or is not accessible")
         else:
             self.fs.makedirs(self.root, exist_ok=True)
@@ -196,74 +197,3 @@ class ResultWriter:
         path = f"{self.root.rstrip('/')}/{STATE_DIR}/runs/{self.run_tag}.json"
         data = json.dumps(record, indent=2, default=str).encode()
         storage.with_retries(lambda: storage.write_atomic(self.fs, path, data, self.staging), path, self.opts)
-
-
-class Lease:
-    """One run at a time per output prefix: two runs would each miss the other's rows in their done-sets and write
-    pairs twice (and the second would clear the first's staging files).
-
-    `_state/lease.json` names the holder (host, pid, run) and a heartbeat refreshed every HEARTBEAT_S seconds. A
-    lease is alive when its holder is a live process on this host, or, from another host, when its heartbeat is
-    younger than TTL_S. So a run killed with -9 is taken over at once from the same machine, and after TTL_S from
-    another; `output.takeover = true` overrides a lease that only looks alive."""
-
-    HEARTBEAT_S = 20.0
-    TTL_S = 90.0
-
-    def __init__(self, writer: "ResultWriter", takeover: bool = False):
-        self.fs, self.opts, self.staging = writer.fs, writer.opts, writer.staging
-        self.path = f"{writer.root.rstrip('/')}/{STATE_DIR}/lease.json"
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "run": writer.run_tag}
-        held = self._read()
-        if held and held.get("run") != self.me["run"] and self._alive(held) and not takeover:
-            age = time.time() - held.get("heartbeat", 0)
-            raise ConfigError(
-                f"output {writer.uri} is in use by run {held.get('run')} (host {held.get('host')}, pid "
-                f"{held.get('pid')}, heartbeat {age:.0f}s ago); two runs on one output would write pairs twice. "
-                f"If that run is gone, wait {self.TTL_S:.0f}s or pass --set output.takeover=true")
-        self._stop = threading.Event()
-        self._beat()
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="output-lease")
-        self._thread.start()
-
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(storage.with_retries(lambda: self.fs.cat_file(self.path), self.path, self.opts))
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError) as e:  # unreadable lease: treat as absent, say so
-            log.warning("ignoring unreadable lease %s: %s", self.path, e)
-            return None
-
-    def _alive(self, held: dict) -> bool:
-        if held.get("host") == self.me["host"]:
-            try:
-                os.kill(int(held.get("pid", -1)), 0)
-                return True
-            except (ProcessLookupError, ValueError):
-                return False
-            except PermissionError:  # exists, owned by someone else
-                return True
-        return time.time() - float(held.get("heartbeat", 0)) < self.TTL_S
-
-    def _beat(self) -> None:
-        data = json.dumps({**self.me, "heartbeat": time.time()}).encode()
-        storage.with_retries(lambda: storage.write_atomic(self.fs, self.path, data, self.staging), self.path,
-                             self.opts)
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.HEARTBEAT_S):
-            try:
-                self._beat()
-            except Exception as e:  # noqa: BLE001 - a missed beat must not kill the run
-                log.warning("could not refresh %s: %s", self.path, e)
-
-    def release(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        held = self._read()
-        if held and held.get("run") == self.me["run"]:
-            try:
-                self.fs.rm(self.path)
-            except OSError as e:
-                log.warning("could not remove %s: %s", self.path, e)

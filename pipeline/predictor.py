@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline import items as items_mod
 from pipeline import output
+from pipeline.breaker import OUTAGE
 from pipeline.config import Config, TaskSpec
 from pipeline.items import Item
 from pipeline.media import restore
@@ -97,8 +98,8 @@ class Predictor:
             if item.error is not None:
                 for task in item.tasks:
                     spec = self._spec(task, row)
-                    out.append(output.error_row(row, task, self._prompt(spec, row), item.error, self.model_name,
-                                                self.config_hash))
+                    out.append({**output.error_row(row, task, self._prompt(spec, row), item.error, self.model_name,
+                                                   self.config_hash), OUTAGE: item.outage})
                 continue
             media = restore(item.media_type, item.frames_array(), json.loads(item.meta or "{}"))
             for task in item.tasks:
@@ -141,7 +142,8 @@ class Predictor:
                 return [row for s in seqs for row in self._run_batch([s])]
             s = seqs[0]
             msg = f"{s.row['uri']}: model failed ({type(e).__name__}: {e})"
-            return [output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash)]
+            return [{**output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash),
+                     OUTAGE: is_device_failure(e)}]
 
     def _generate(self, seqs: list[Sequence]) -> list[dict]:
         import torch
@@ -190,9 +192,15 @@ def _row_of(item: Item) -> dict:
             "num_frames": item.num_frames}
 
 
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error or running out of memory says nothing about the item: not recorded as its result."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "CUDA" in text or "out of memory" in text.lower() or isinstance(exc, MemoryError)
+
+
 def _with_item_columns(table: pa.Table, rows: list[dict], items: list[Item], batch: pa.Table) -> pa.Table:
-    """Output rows plus, from their item: `_key`, the kept input columns, and `_shard` (for the writer's count;
-    never written); the writer names them as the output schema says."""
+    """Output rows plus, from their item: `_key`, the kept input columns, `_shard` (for the writer's count) and
+    `_outage` (for the circuit breaker), never written; the writer names them as the output schema says."""
     index = {}
     for i, item in enumerate(items):
         index.setdefault(item.id, i)
@@ -201,4 +209,5 @@ def _with_item_columns(table: pa.Table, rows: list[dict], items: list[Item], bat
     extra = items_mod.extra_columns(batch)
     for name in (extra.column_names if extra is not None else []):
         table = table.append_column(extra.schema.field(name), extra[name].take(take))
-    return table.append_column("_shard", pa.array([items[i].shard for i in take.to_pylist()], pa.string()))
+    table = table.append_column("_shard", pa.array([items[i].shard for i in take.to_pylist()], pa.string()))
+    return table.append_column(OUTAGE, pa.array([bool(r.get(OUTAGE)) for r in rows], pa.bool_()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import output, poison, progress, readers, storage
+from pipeline import output, poison, preflight, progress, readers, storage
+from pipeline.breaker import Breaker
 from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
+from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.report import write_report
 from pipeline.sources import PendingItems, TaskPlan, UnitWork
@@ -156,9 +157,10 @@ def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch) -
     opts = StorageOptions.from_config(cfg.storage)
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
-    lease = output.Lease(writer, takeover=cfg.output.takeover)  # before touching the output's state
+    # before touching the output's state
+    lease = Lease(cfg.output.uri, opts, writer.run_tag, takeover=cfg.output.takeover)
     try:
-        return _run(cfg, opts, writer, start, out, (predictor, decode))
+        return _run(cfg, opts, writer, lease, start, out, (predictor, decode))
     finally:
         lease.release()
 
@@ -167,15 +169,16 @@ def _say(out, line: str) -> None:
     print(line, file=out, flush=True)
 
 
-def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: float, out, stages) -> Summary:
-    _clear_staging(writer)
+def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: Lease, start: float, out,
+         stages) -> Summary:
     state = StateDir(cfg.output.uri, opts)
+    state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
     ledger = progress.Ledger(state, cfg.input.fingerprint())
     if cfg.run.retry_errors:
         reopened = output.reopen_errors(cfg.output.uri, opts, writer.staging)
         ledger.forget()
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
-    existing = output.result_files(writer.fs, writer.root)
+    existing = output.result_files(writer.fs, writer.root, opts)
     resume = ledger.load(lambda: existing)
     if resume.scanned and not existing:
         ledger.mark_trusted()   # a new output: the records cover everything from its first row on
@@ -192,27 +195,79 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
     shards = progress.OpenShards(ledger, plan.all())
     writer.note_file, writer.landed = ledger.note_file, shards.wrote
     summary = Summary(skipped=skipped)
-    tracker, polled = None, 0.0
+    breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
-        init_ray(cfg)
+        _start_ray(cfg)
         tracker = progress.Tracker.remote()
         source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
-        ds = build_dataset(cfg, source, *stages, run_tag=writer.run_tag)
-        # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            if not summary.first_result_s:
-                summary.first_result_s = time.monotonic() - start
-            summary.count(batch)
-            writer.add(batch)
-            if time.monotonic() - polled > TRACKER_POLL_S:
-                summary.skipped += _poll(tracker, shards)
-                polled = time.monotonic()
-    writer.flush()
-    if tracker is not None:
-        summary.skipped += _poll(tracker, shards)
-    if resume.scanned and not shards.open and not cfg.input.max_items:
+        try:
+            _stream(cfg, source, Drain(writer, lease, shards, breaker, summary, tracker, start), stages)
+        finally:
+            _flush_what_is_done(writer)
+    if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
         ledger.mark_trusted()   # every shard of the input now has its record
     ledger.fold()
+    _finish(cfg, opts, writer, summary, start, out)
+    breaker.check_finished()
+    return summary
+
+
+def _start_ray(cfg: Config) -> None:
+    init_ray(cfg)
+    for warning in preflight.check_resources(ray.cluster_resources(), cfg.actors):   # raises for plans that hang
+        log.warning("%s", warning)
+
+
+@dataclass
+class Drain:
+    """Where result blocks go in the driver: past the lease and the circuit breaker, counted, written; and the
+    read tasks' shard reports handed to the count of open shards now and then."""
+    writer: output.ResultWriter
+    lease: Lease
+    shards: progress.OpenShards
+    breaker: Breaker
+    summary: "Summary"
+    tracker: object
+    start: float
+    polled: float = 0.0
+
+    def take(self, batch: pa.Table) -> None:
+        if not self.summary.first_result_s:
+            self.summary.first_result_s = time.monotonic() - self.start
+        self.lease.check()   # another run took the output over: stop before writing anything more
+        batch = self.breaker.admit(batch)
+        self.summary.count(batch)
+        self.writer.add(batch)
+        if time.monotonic() - self.polled > TRACKER_POLL_S:
+            self.poll()
+
+    def poll(self) -> None:
+        reported, units, skipped = ray.get(self.tracker.drain.remote())
+        self.shards.listed(reported, units)
+        self.summary.skipped += skipped
+        self.polled = time.monotonic()
+
+
+def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
+    """The Ray Data graph, drained into the writer as its result blocks arrive."""
+    ds = build_dataset(cfg, source, *stages, run_tag=drain.writer.run_tag)
+    # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        drain.take(batch)
+    drain.writer.flush()
+    drain.poll()
+
+
+def _flush_what_is_done(writer: output.ResultWriter) -> None:
+    """Rows that finished before a stop are written, so a rerun does not redo them."""
+    try:
+        writer.flush()
+    except Exception as e:  # noqa: BLE001 - the error that stopped the run is the one to report
+        log.warning("could not write the last %d result rows: %s", writer.buffered, e)
+
+
+def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summary: Summary, start: float,
+            out) -> None:
     summary.seconds = time.monotonic() - start
     summary.files = writer.files
     writer.write_run_record({"config": cfg.to_dict(), "summary": {k: v for k, v in summary.__dict__.items()
@@ -226,7 +281,6 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, start: 
         _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}")
     except Exception as e:  # noqa: BLE001
         log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
-    return summary
 
 
 def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tuple[list[UnitWork], int]:
@@ -244,23 +298,3 @@ def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tupl
         else:
             work.append(UnitWork(unit, by_unit.get(unit.id, {})))
     return work, skipped
-
-
-def _poll(tracker, shards: progress.OpenShards) -> int:
-    """Hand the read tasks' shard reports to the count; returns the pairs they found done."""
-    reported, units, skipped = ray.get(tracker.drain.remote())
-    shards.listed(reported, units)
-    return skipped
-
-
-def _clear_staging(writer: output.ResultWriter) -> None:
-    """Staging files left by a killed run are incomplete by definition; they are never read, only removed."""
-    staging = writer.staging
-    try:
-        if storage.is_local(writer.fs):
-            shutil.rmtree(staging, ignore_errors=True)
-        elif writer.fs.exists(staging):
-            writer.fs.rm(staging, recursive=True)
-    except OSError as e:
-        log.warning("could not clear %s: %s", staging, e)
-

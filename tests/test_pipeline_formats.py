@@ -161,11 +161,11 @@ def test_kill_dash_9_mid_shard_then_resume_gives_exactly_once(tiny_gqa, tmp_path
     cfg_path = tmp_path / "run.toml"
     cfg_path.write_text(text)
     cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(cfg_path), "--set", "ray.num_cpus=2",
-           "--set", "run.batch_size=2", "--set", "run.max_new_tokens=24", "--set", "output.rows_per_file=4"]
+           "--set", "run.batch_size=2", "--set", "run.max_new_tokens=48", "--set", "output.rows_per_file=4"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert wait_for(lambda: len(list(out.glob("*.parquet"))) >= 3 or first.poll() is not None, timeout=240)
+        assert wait_for(lambda: len(list(out.glob("*.parquet"))) >= 2 or first.poll() is not None, timeout=240)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)   # the driver and its whole local Ray, mid-shard
         first.wait(timeout=30)

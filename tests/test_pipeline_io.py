@@ -3,8 +3,6 @@ No Ray here: these are the parts the graph is built from."""
 
 import errno
 import json
-import socket
-import time
 
 import numpy as np
 import pandas as pd
@@ -14,6 +12,7 @@ import pytest
 
 from pipeline import listing, output, storage
 from pipeline.config import ConfigError
+from pipeline.errors import StorageUnavailable
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import good_media, moto_s3, read_output, s3fs_for, write_local
 
@@ -41,7 +40,8 @@ def test_retries_only_transient_errors(error, attempts):
         calls.append(1)
         raise error
 
-    with pytest.raises(type(error)):
+    # spent retries on a transient error: the store is unavailable; an error about the object is raised as it is
+    with pytest.raises(StorageUnavailable if attempts > 1 else type(error)):
         storage.with_retries(failing, "s3://b/k", StorageOptions(retries=4), sleep=lambda s: None)
     assert len(calls) == attempts
 
@@ -60,24 +60,3 @@ def test_backoff_grows_and_a_recovered_call_returns():
     assert len(calls) == 3 and len(sleeps) == 2 and 0.05 <= sleeps[0] <= 0.1 <= sleeps[1] <= 0.2
 
 
-def test_output_lease_allows_one_run_at_a_time(tmp_path):
-    out = str(tmp_path / "out")
-    first = output.ResultWriter(out, OPTS, rows_per_file=2, flush_seconds=60)
-    lease = output.Lease(first)
-    second = output.ResultWriter(out, OPTS, rows_per_file=2, flush_seconds=60)
-    with pytest.raises(ConfigError, match=r"is in use by run .*pass --set output.takeover=true"):
-        output.Lease(second)                                   # the holder is alive on this host
-    lease.release()
-    assert not (tmp_path / "out" / "_state" / "lease.json").exists()
-    output.Lease(second).release()                             # free again
-
-    path = tmp_path / "out" / "_state" / "lease.json"
-    held = {"host": socket.gethostname(), "run": "killed-run", "heartbeat": time.time()}
-    path.write_text(json.dumps({**held, "pid": 2**22 + 12345}))   # above any pid_max: never a live process
-    output.Lease(second).release()                             # a killed run on this host is taken over at once
-    path.write_text(json.dumps({**held, "host": "other-host", "pid": 1}))
-    with pytest.raises(ConfigError, match="run killed-run \\(host other-host"):
-        output.Lease(second)                                   # another host's fresh heartbeat counts as alive
-    output.Lease(second, takeover=True).release()
-    path.write_text(json.dumps({**held, "host": "other-host", "pid": 1, "heartbeat": time.time() - 600}))
-    output.Lease(second).release()                             # a stale heartbeat from elsewhere is taken over

@@ -76,7 +76,7 @@ def test_a_shard_is_recorded_once_all_its_rows_landed_and_a_restart_reads_only_o
     resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: pytest.fail("no full scan"))
     assert resume.records["u"] == {"caption": 5} and len(resume.done_keys) == 0
     # another input on the same output: the records do not count, the output is scanned once
-    scan = progress.Ledger(StateDir(str(out), OPTS), "other").load(lambda: output.result_files(*_fs(out)))
+    scan = progress.Ledger(StateDir(str(out), OPTS), "other").load(lambda: output.result_files(*_fs(out), OPTS))
     assert scan.scanned and not scan.records and len(scan.done_keys) == 5
 
 
@@ -103,12 +103,12 @@ def test_retry_errors_reopens_only_error_rows_file_by_file(tmp_path):
     writer.add(table)
     writer.flush()
     state = StateDir(str(out), OPTS)
-    assert len(progress.read_keys(state, output.result_files(*_fs(out)))) == 4   # error rows count as done
+    assert len(progress.read_keys(state, output.result_files(*_fs(out), OPTS))) == 4   # error rows count as done
     assert output.reopen_errors(str(out), OPTS, writer.staging) == 3
     table = read_output(str(out))
     assert table["id"].to_pylist() == ["a"] and table["error"].null_count == 1
     assert len(sorted(out.glob("*.parquet"))) == 1           # the file of only error rows is gone
-    assert list(progress.read_keys(state, output.result_files(*_fs(out)))) == list(key_hash(["a"], ["caption"]))
+    assert list(progress.read_keys(state, output.result_files(*_fs(out), OPTS))) == list(key_hash(["a"], ["caption"]))
     assert output.reopen_errors(str(out), OPTS, writer.staging) == 0
     assert not list((out / "_state" / "staging").glob("*"))
 
@@ -148,7 +148,7 @@ def test_torn_and_foreign_files_are_set_aside_and_their_rows_redone(tmp_path, ca
     torn.write_bytes(torn.read_bytes()[:-40])                      # cut short, as a crash without fsync would
     pq.write_table(pa.table({"x": [1]}), out / "notes.parquet")     # someone else's file
     with caplog.at_level("WARNING"):
-        resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: output.result_files(*_fs(out)))
+        resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: output.result_files(*_fs(out), OPTS))
     assert resume.scanned and sorted(resume.done_keys) == sorted(key_hash(["a", "b"], ["caption"] * 2))
     assert sorted(p.name for p in (out / "_state" / "quarantine").iterdir()) == sorted([torn.name, "notes.parquet"])
     assert sorted(p.name for p in out.glob("*.parquet")) == [good.name]

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 
 from tests.pipeline_helpers import PY, REPO, config_text, good_media, wait_for, write_local
 
-NUM_IMAGES, TASKS = 40, ("caption", "ocr")
-OVERRIDES = ["ray.address=local", "ray.num_cpus=2", "run.batch_size=2", "run.max_new_tokens=48",
+NUM_IMAGES, TASKS = 80, ("caption", "ocr")
+OVERRIDES = ["ray.address=local", "ray.num_cpus=2", "run.batch_size=2", "run.max_new_tokens=64",
              "output.rows_per_file=4"]
 
 

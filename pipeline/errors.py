@@ -1,0 +1,59 @@
+"""The pipeline's errors: one base class, one kind per way a run can stop, each with its exit code.
+
+Errors about one item (a corrupt file, a missing object) never get here: they become that item's error row. What
+is raised is about the whole run, and `jobs/caption.py` prints it as one line and exits with its `exit_code`:
+
+    2  ConfigError         a config key, an input, the model checkpoint or the resource plan cannot work
+    3  StorageUnavailable  storage unreachable, throttling past `storage.retries`, denied, bad credentials
+    4  RunStopped          the run's circuit breaker: too many failures that are not about one item
+    5  LeaseHeld/LeaseLost another run holds the output prefix (or took it over from this one)
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error the pipeline raises on purpose; the message is one readable line."""
+
+    exit_code = 1
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config file, key or value is wrong, or an input / checkpoint it names cannot be used; names the key."""
+
+    exit_code = 2
+
+
+class StorageUnavailable(PipelineError):
+    """A storage call failed in a way that is not about one object: retries spent on throttling, 5xx or a
+    dropped connection, or access denied / bad credentials. `uri` is the object or prefix (no query string, so no
+    presigned signature), `cause` a short description of the last error (never a credential)."""
+
+    exit_code = 3
+
+    def __init__(self, uri: str, cause: str, attempts: int = 1):
+        self.uri, self.cause, self.attempts = uri, cause, attempts
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        super().__init__(f"storage unavailable{tries}: {uri}: {cause}")
+
+    def __reduce__(self):   # Ray ships exceptions between processes by pickling
+        return (type(self), (self.uri, self.cause, self.attempts))
+
+
+class RunStopped(PipelineError):
+    """The run stopped itself (circuit breaker): failures that are not about one item passed the threshold.
+    Nothing was recorded as done for them, so a plain rerun picks them up."""
+
+    exit_code = 4
+
+
+class LeaseHeld(PipelineError):
+    """Another run holds the output prefix's lease."""
+
+    exit_code = 5
+
+
+class LeaseLost(PipelineError):
+    """This run's lease was taken over by another run (after a heartbeat gap longer than the lease's TTL)."""
+
+    exit_code = 5

@@ -1,0 +1,180 @@
+"""Checks before anything starts: the inputs exist, `model.path` is a checkpoint whose context can hold the
+generation budget, and (once Ray is up) the actors' resource plan can run at all.
+
+Everything here answers in well under a second (no torch, no Ray; one storage request per remote URI) and fails
+with one readable line: a `ConfigError` (exit 2), or `StorageUnavailable` (exit 3) when the store cannot be asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline import storage
+from pipeline.config import ActorsConfig, Config
+from pipeline.errors import ConfigError
+from pipeline.storage import StorageOptions
+
+SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLED = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check(cfg: Config) -> None:
+    """All checks that need no cluster: model checkpoint and context, then input and output locations."""
+    check_model(cfg)
+    opts = StorageOptions.from_config(cfg.storage)
+    if cfg.input.uri:
+        check_input_prefix(cfg.input.uri, opts)
+    else:
+        check_object("input.manifest", cfg.input.manifest, opts)
+    check_output(cfg.output.uri, opts)
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: {path} is not readable JSON ({storage.scrub(e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model.path: {path} is not a JSON object ({what})")
+    return data
+
+
+def _check_weights(path: str) -> None:
+    index = os.path.join(path, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        weight_map = _read_json(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConfigError(f"model.path: {index} has no weight_map")
+        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, str(f)))})
+        if missing:
+            raise ConfigError(f"model.path: {index} names shard files that do not exist: {', '.join(missing[:5])}")
+        return
+    if os.path.isfile(os.path.join(path, SINGLE_WEIGHTS)):
+        return
+    pickles = sorted(n for n in os.listdir(path) if n.endswith(PICKLED))
+    hint = f" (found {', '.join(pickles[:3])}: pickled weights are refused, convert them)" if pickles else ""
+    raise ConfigError(f"model.path: {path} is not a checkpoint: no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}{hint}")
+
+
+def context_length(config: dict) -> int | None:
+    """The model's context in tokens: text_config.max_position_embeddings (released and transformers-5 layouts),
+    else the top-level field of older revisions."""
+    for source in (config.get("text_config") or {}, config):
+        value = source.get("max_position_embeddings") if isinstance(source, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_model(cfg: Config) -> None:
+    """model.path is a local checkpoint folder (config, safetensors weights, tokenizer, processor config) and every
+    task's generation budget fits in its context."""
+    path = cfg.model.path
+    if "://" in path:
+        raise ConfigError(f"model.path: {path} must be a local folder (readable on every node that runs a model "
+                          f"actor), not a URL")
+    if not os.path.isdir(path):
+        raise ConfigError(f"model.path: {path} " + ("is not a folder" if os.path.exists(path) else "does not exist"))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model.path: {path} is not a checkpoint: no config.json")
+    config = _read_json(os.path.join(path, "config.json"), "a model config")
+    _check_weights(path)
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ConfigError(f"model.path: {path} is not a checkpoint: no tokenizer.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in ("preprocessor_config.json", "processor_config.json")):
+        raise ConfigError(f"model.path: {path} is not a checkpoint: no preprocessor_config.json or "
+                          f"processor_config.json")
+    context = context_length(config)
+    if context is None:
+        return
+    for spec in cfg.task_specs():
+        budget, key = (spec.max_new_tokens, f"tasks.{spec.name}.max_new_tokens") if spec.max_new_tokens else \
+            (cfg.run.max_new_tokens, "run.max_new_tokens")
+        if budget >= context:
+            raise ConfigError(f"{key}: {budget} new tokens do not fit the model's context of {context} tokens "
+                              f"(max_position_embeddings in {os.path.join(path, 'config.json')}), prompt and media "
+                              f"included")
+
+
+# --- inputs and outputs ------------------------------------------------------------------------------------------
+
+
+def check_input_prefix(uri: str, opts: StorageOptions) -> None:
+    """input.uri is a folder, or a prefix under which the store holds at least one object."""
+    fs, root = storage.filesystem(uri, opts)
+    if storage.is_local(fs):
+        if not os.path.isdir(root):
+            raise ConfigError(f"input.uri: {uri} " + ("is not a folder" if os.path.exists(root) else
+                                                      "does not exist"))
+        return
+    if storage.protocol_of(uri) in ("s3", "s3a"):
+        bucket, _, key = root.partition("/")
+        prefix = key.rstrip("/") + "/" if key else ""
+        _check_bucket("input.uri", uri, fs, bucket, opts)
+        page = storage.with_retries(lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1),
+                                    uri, opts)
+        if not page.get("KeyCount", len(page.get("Contents", []))):
+            raise ConfigError(f"input.uri: {uri} holds no objects")
+        return
+    if not storage.with_retries(lambda: fs.exists(root), uri, opts):
+        raise ConfigError(f"input.uri: {uri} does not exist")
+
+
+def check_object(key: str, uri: str, opts: StorageOptions) -> None:
+    """A single file or object (a manifest) exists."""
+    fs, path = storage.filesystem(uri, opts)
+    if storage.is_local(fs):
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: {uri} " + ("is not a file" if os.path.exists(path) else "does not exist"))
+        return
+    try:
+        storage.with_retries(lambda: fs.info(path), uri, opts)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {uri} does not exist") from None
+
+
+def check_output(uri: str, opts: StorageOptions) -> None:
+    """An S3 output's bucket exists (it is never created: a typo must not make a new bucket)."""
+    fs, root = storage.filesystem(uri, opts)
+    if storage.protocol_of(uri) in ("s3", "s3a"):
+        _check_bucket("output.uri", uri, fs, root.split("/", 1)[0], opts)
+
+
+def _check_bucket(key: str, uri: str, fs, bucket: str, opts: StorageOptions) -> None:
+    if not storage.bucket_exists(fs, bucket, opts):
+        raise ConfigError(f"{key}: {uri}: bucket {bucket!r} does not exist")
+
+
+# --- the resource plan, against the cluster ----------------------------------------------------------------------
+
+
+def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool = True) -> list[str]:
+    """Warnings about the actors' plan on a cluster with `cluster_resources` (ray.cluster_resources()); raises
+    ConfigError for a plan that can never run: more GPUs or CPUs than the cluster has, or actors that leave no CPU
+    for the listing and decode tasks (the run would wait forever at 0%). strict=False (an autoscaling cluster,
+    whose resources appear later) turns those errors into warnings."""
+    cpus, gpus = float(cluster_resources.get("CPU", 0)), float(cluster_resources.get("GPU", 0))
+    need_cpus, need_gpus = actors.count * actors.num_cpus, actors.count * actors.num_gpus
+    problems, warnings = [], []
+    if need_gpus > gpus:
+        problems.append(f"actors: {actors.count} actor(s) x actors.num_gpus {actors.num_gpus:g} = {need_gpus:g} "
+                        f"GPUs, the cluster has {gpus:g}")
+    free = cpus - need_cpus
+    task_cpus = max(1.0, actors.decode_num_cpus)   # the listing read task takes 1 CPU, a decode task its own
+    if free < task_cpus:
+        problems.append(f"actors: {actors.count} actor(s) x actors.num_cpus {actors.num_cpus:g} take {need_cpus:g} "
+                        f"of the cluster's {cpus:g} CPUs, leaving {max(free, 0):g}; listing and decoding need "
+                        f"{task_cpus:g}, so no input could ever be read. Lower actors.num_cpus or actors.count")
+    elif free < 1 + actors.decode_num_cpus:
+        warnings.append(f"actors: the model actors leave {free:g} of {cpus:g} CPUs: listing and decoding cannot run "
+                        f"at the same time, so the model waits on them")
+    if gpus and not need_gpus:
+        warnings.append(f"actors.num_gpus is 0 but the cluster has {gpus:g} GPU(s): the model runs on CPU")
+    if problems and strict:
+        raise ConfigError("; ".join(problems))
+    return problems + warnings

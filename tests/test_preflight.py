@@ -1,0 +1,264 @@
+"""Before anything starts: config bounds, the checkpoint and its context, inputs and outputs that exist, the
+resource plan against the cluster; and the job's one-line message and exit code for each kind of error."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pipeline import config, preflight
+from pipeline.config import ActorsConfig
+from pipeline.errors import ConfigError, StorageUnavailable
+from tests.faults import FaultProxy
+from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, run_job, s3fs_for, wait_for,
+                                    write_local)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as endpoint:
+        fs = s3fs_for(endpoint)
+        fs.mkdir("inputs")
+        fs.pipe("inputs/media/a.png", good_media(1, 0)["images/sub/img_00.jpg"])
+        fs.pipe("inputs/manifest.csv", b"uri\na.png\n")
+        fs.mkdir("outputs")
+        yield endpoint
+
+
+def _cfg(tmp_path, model, *overrides, input_uri=None, output_uri=None, endpoint=""):
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(input_uri or str(tmp_path / "in"), output_uri or str(tmp_path / "out"), str(model),
+                                endpoint=endpoint))
+    return config.load(path, list(overrides))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    write_local(tmp_path / "in", good_media(2, 0))
+    return tmp_path / "in"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.max_new_tokens=1000000000", r"run\.max_new_tokens: 1000000000 is above the most that can work"),
+    ("run.batch_size=100000", r"run\.batch_size: 100000 is above"),
+    ("output.rows_per_file=100000000", r"output\.rows_per_file"),
+    ("storage.retries=1000", r"storage\.retries"),
+    ("run.seed=-1", r"run\.seed: must be >= 0"),
+    ("actors.num_gpus=1000", r"actors\.num_gpus"),
+    ("tasks.caption.max_new_tokens=-3", r"tasks\.caption\.max_new_tokens: must be in \[0, "),
+    ("batching.sort_window=1000", r"run\.batch_size x batching\.sort_window: 100000"),
+])
+def test_values_that_cannot_work_are_config_errors(tmp_path, tiny_gqa, override, message):
+    overrides = [override, "run.batch_size=100"] if "sort_window" in override else [override]
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tmp_path, tiny_gqa, *overrides)
+
+
+def test_generation_budget_above_the_models_context(tmp_path, tiny_gqa, corpus):
+    context = json.loads((tiny_gqa / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    preflight.check(_cfg(tmp_path, tiny_gqa, f"run.max_new_tokens={context - 1}"))
+    with pytest.raises(ConfigError, match=rf"run\.max_new_tokens: {context} new tokens do not fit the model's "
+                                          rf"context of {context} tokens \(max_position_embeddings in .*config.json"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, f"run.max_new_tokens={context}"))
+    with pytest.raises(ConfigError, match=r"tasks\.ocr\.max_new_tokens: 100000 new tokens"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, 'run.tasks=["caption", "ocr"]', "tasks.ocr.max_new_tokens=100000"))
+    # older revisions keep the field at the top level
+    assert preflight.context_length({"max_position_embeddings": 4096}) == 4096
+    assert preflight.context_length({"text_config": {"max_position_embeddings": 131072},
+                                     "max_position_embeddings": 4096}) == 131072
+
+
+def _broken(tmp_path, tiny_gqa, damage):
+    model = tmp_path / "model"
+    if not model.exists():
+        shutil.copytree(tiny_gqa, model)
+    damage(model)
+    return model
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: shutil.rmtree(m), "does not exist"),
+    (lambda m: (shutil.rmtree(m), m.write_text("x")), "is not a folder"),
+    (lambda m: (m / "config.json").unlink(), "is not a checkpoint: no config.json"),
+    (lambda m: (m / "config.json").write_text("{"), r"config.json is not readable JSON"),
+    (lambda m: [p.unlink() for p in m.glob("model*.safetensors*")] and (m / "pytorch_model.bin").write_bytes(b"x"),
+     r"no model.safetensors or model.safetensors.index.json \(found pytorch_model.bin: pickled weights are refused"),
+    (lambda m: next(m.glob("model-0*.safetensors")).unlink(), "names shard files that do not exist"),
+    (lambda m: (m / "tokenizer.json").unlink(), "no tokenizer.json"),
+    (lambda m: (m / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
+])
+def test_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_gqa, corpus, damage, message):
+    model = _broken(tmp_path, tiny_gqa, damage)
+    with pytest.raises(ConfigError, match=r"^model\.path: .*" + message):
+        preflight.check(_cfg(tmp_path, model))
+
+
+def test_inputs_and_outputs_exist(tmp_path, tiny_gqa, corpus, s3):
+    with pytest.raises(ConfigError, match=r"input\.uri: .*/nowhere does not exist"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(tmp_path / "nowhere")))
+    s3_cfg = lambda **kw: _cfg(tmp_path, tiny_gqa, endpoint=s3, **kw)  # noqa: E731
+    preflight.check(s3_cfg(input_uri="s3://inputs/media/", output_uri="s3://outputs/run"))
+    with pytest.raises(ConfigError, match=r"input\.uri: s3://inptus/media/: bucket 'inptus' does not exist"):
+        preflight.check(s3_cfg(input_uri="s3://inptus/media/"))
+    with pytest.raises(ConfigError, match=r"input\.uri: s3://inputs/meida/ holds no objects"):
+        preflight.check(s3_cfg(input_uri="s3://inputs/meida/"))
+    with pytest.raises(ConfigError, match=r"output\.uri: s3://otuputs/run: bucket 'otuputs' does not exist"):
+        preflight.check(s3_cfg(output_uri="s3://otuputs/run"))
+    manifest = lambda uri: _cfg(tmp_path, tiny_gqa, "input.uri=", f"input.manifest={uri}", endpoint=s3)  # noqa
+    preflight.check(manifest("s3://inputs/manifest.csv"))
+    with pytest.raises(ConfigError, match=r"input\.manifest: s3://inputs/missing.csv does not exist"):
+        preflight.check(manifest("s3://inputs/missing.csv"))
+    with pytest.raises(ConfigError, match=r"input\.manifest: .*/none.csv does not exist"):
+        preflight.check(manifest(str(tmp_path / "none.csv")))
+
+
+def test_preflight_is_quick_and_rides_out_throttling_but_not_a_denial(tmp_path, tiny_gqa, s3):
+    with FaultProxy(s3, seed=2) as proxy:
+        cfg = _cfg(tmp_path, tiny_gqa, "storage.retries=10", input_uri="s3://inputs/media/",
+                   output_uri="s3://outputs/run", endpoint=proxy.url)
+        for kind in ("head", "list"):
+            proxy.set(kind, slowdown=0.3, internal=0.1, drop=0.1)
+        start = time.monotonic()
+        for _ in range(3):
+            preflight.check(cfg)
+        assert (time.monotonic() - start) / 3 < 1.0
+        proxy.heal()
+        proxy.set("head", denied=1.0)
+        with pytest.raises(StorageUnavailable, match=r"s3://inputs: 403"):
+            preflight.check(cfg)
+
+
+@pytest.mark.parametrize("cluster, actors, message", [
+    ({"CPU": 4.0}, ActorsConfig(count=1, num_cpus=4), r"take 4 of the cluster's 4 CPUs, leaving 0"),
+    ({"CPU": 8.0}, ActorsConfig(count=4, num_cpus=2), r"take 8 of the cluster's 8 CPUs"),
+    ({"CPU": 4.0}, ActorsConfig(count=1, num_cpus=2, decode_num_cpus=3), r"leaving 2; listing and decoding need 3"),
+    ({"CPU": 16.0, "GPU": 2.0}, ActorsConfig(count=4, num_gpus=1), r"= 4 GPUs, the cluster has 2"),
+    ({"CPU": 16.0}, ActorsConfig(count=1, num_gpus=1), r"the cluster has 0"),
+])
+def test_resource_plans_that_can_never_run(cluster, actors, message):
+    with pytest.raises(ConfigError, match=message):
+        preflight.check_resources(cluster, actors)
+    warnings = preflight.check_resources(cluster, actors, strict=False)   # an autoscaling cluster: warned only
+    assert any(__import__("re").search(message, w) for w in warnings)
+
+
+def test_resource_plans_that_run():
+    assert preflight.check_resources({"CPU": 8.0}, ActorsConfig(count=2, num_cpus=2)) == []
+    slow = preflight.check_resources({"CPU": 2.0}, ActorsConfig(count=1, num_cpus=1))
+    assert len(slow) == 1 and "cannot run at the same time" in slow[0]
+    cpu_only = preflight.check_resources({"CPU": 8.0, "GPU": 1.0}, ActorsConfig())
+    assert cpu_only == ["actors.num_gpus is 0 but the cluster has 1 GPU(s): the model runs on CPU"]
+
+
+# --- the job: one line and an exit code per kind of error, before Ray starts ---------------------------------------
+
+
+def _job(tmp_path, model, *overrides, input_uri=None, output_uri=None, endpoint="", env=None):
+    path = tmp_path / "job.toml"
+    path.write_text(config_text(input_uri or str(tmp_path / "in"), output_uri or str(tmp_path / "out"), str(model),
+                                endpoint=endpoint))
+    start = time.monotonic()
+    result = run_job(path, *overrides, timeout=120, env=env)
+    return result, time.monotonic() - start
+
+
+def _one_line(result, prefix: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(prefix), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ray" not in result.stderr.lower(), result.stderr[-3000:]
+    return lines[-1]
+
+
+def test_job_exit_codes_for_config_errors_before_ray(tmp_path, tiny_gqa, corpus):
+    cases = [
+        (["run.max_new_tokens=1000000000"], "config error: run.max_new_tokens: 1000000000 is above"),
+        (["run.max_new_tokens=100000"], "config error: run.max_new_tokens: 100000 new tokens do not fit"),
+        ([f"input.uri={tmp_path / 'nowhere'}"], "config error: input.uri: "),
+        ([f"model.path={corpus}"], "config error: model.path: "),
+    ]
+    for overrides, prefix in cases:
+        result, seconds = _job(tmp_path, tiny_gqa, *overrides)
+        assert result.returncode == 2, (overrides, result.stderr[-2000:])
+        _one_line(result, prefix)
+        assert seconds < 15          # a Python start-up and a few imports, never a cluster
+    assert not (tmp_path / "out").exists()     # nothing written, no row recorded
+
+
+def test_job_exit_codes_for_a_held_output_and_a_storage_outage(tmp_path, tiny_gqa, corpus, s3):
+    state = tmp_path / "out" / "_state"
+    state.mkdir(parents=True)
+    (state / "lease.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "run": "other",
+                                                  "heartbeat": time.time()}))
+    result, _ = _job(tmp_path, tiny_gqa)
+    assert result.returncode == 5, result.stderr[-2000:]
+    _one_line(result, "output in use: output ")
+    with FaultProxy(s3) as proxy:
+        proxy.set("head", denied=1.0)
+        result, _ = _job(tmp_path, tiny_gqa, input_uri="s3://inputs/media/", output_uri="s3://outputs/x",
+                         endpoint=proxy.url)
+    assert result.returncode == 3, result.stderr[-2000:]
+    line = _one_line(result, "storage error: storage unavailable: s3://inputs: 403")
+    assert "testing-secret-value" not in result.stderr + result.stdout and len(line) < 300
+
+
+def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa, corpus):
+    result, seconds = _job(tmp_path, tiny_gqa, "ray.num_cpus=2", "actors.num_cpus=2")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("config error: actors: 1 actor(s) x actors.num_cpus 2 take 2 of the cluster's 2 "
+                                "CPUs, leaving 0"), result.stderr[-3000:]
+    assert seconds < 90
+    assert not (tmp_path / "out" / "_state" / "lease.json").exists()    # released on the way out
+
+
+def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa):
+    write_local(tmp_path / "in", good_media(40, 0))     # enough work that the signal finds the job running
+    path = tmp_path / "job.toml"
+    path.write_text(config_text(str(tmp_path / "in"), str(tmp_path / "out"), str(tiny_gqa)))
+    lease = tmp_path / "out" / "_state" / "lease.json"
+    job = subprocess.Popen([PY, str(REPO / "jobs" / "caption.py"), "--config", str(path)], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lease.exists, 180), "the job never took its lease"
+        time.sleep(1.0)                          # at work (not in the instant between taking the lease and `try`)
+        job.send_signal(signal.SIGTERM)          # a plain `kill`
+        code = job.wait(120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        err = job.communicate()[1]
+    # exits through its `finally` blocks: 143 from the job's handler, 15 from Ray's once Ray is up
+    assert code in (128 + signal.SIGTERM, signal.SIGTERM), err[-3000:]
+    assert not lease.exists(), err[-3000:]
+
+
+def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
+    import ray.exceptions
+
+    import glmv
+    from jobs import caption
+    from pipeline.errors import RunStopped
+
+    assert all(issubclass(cls, glmv.GlmvError) for cls in (glmv.ConfigError, glmv.CheckpointError, glmv.MediaError,
+                                                            glmv.InputError, glmv.ProcessorConfigError))
+    cases = [(StorageUnavailable("s3://b/k.jpg", "SlowDown (HTTP 503): Please reduce your request rate.", 5), 3,
+              "storage error: storage unavailable after 5 attempts: s3://b/k.jpg: SlowDown"),
+             (RunStopped("12 of the last 20 items failed: storage unavailable"), 4, "run stopped: 12 of the last"),
+             (glmv.CheckpointError("/m/model.safetensors: corrupt safetensors header"), 2,
+              "model error: /m/model.safetensors: corrupt")]
+    for error, code, line in cases:
+        wrapped = ray.exceptions.RayTaskError("read", "Traceback (most recent call last):\n  ...", error)
+        try:
+            try:
+                raise wrapped.as_instanceof_cause()
+            except Exception as e:   # what Ray Data raises in the driver: the task's error as its cause
+                raise RuntimeError("dataset iteration failed") from e
+        except RuntimeError as e:
+            assert caption.report(caption.known_error(e)) == code
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1, err
+    assert caption.known_error(RuntimeError("a bug")) is None     # unknown errors keep their traceback
