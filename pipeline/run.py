@@ -93,9 +93,11 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # slivers to reach its default read parallelism, and each sliver then costs a task downstream.
     tasks = source.num_tasks()
     ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=tasks, concurrency=max(1, min(tasks, 4)))
-    # Cut the listing's blocks to one CPU decode task each: decode tasks run in parallel, and a killed run loses
-    # at most a few windows of work.
-    ds = ds.repartition(target_num_rows_per_block=cfg.batching.decode_batch_size)
+    # Cut the listing's blocks to one CPU decode task each, and no bigger than one model-actor call: decode tasks
+    # run in parallel, Ray Data hands an actor whole blocks (a bigger block would be one long call whose rows all
+    # arrive at its end), and a killed run loses at most a few windows of work.
+    block_rows = min(cfg.batching.decode_batch_size, items_per_call)
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
     _hold_no_cpu(ds)
     # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
     # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
@@ -103,7 +105,7 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # A worker that dies (a native decoder's segfault, the OOM killer) is retried a bounded number of times;
     # pipeline.poison turns the item it died on into an error row within those retries.
     ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg, run_tag)},
-                        batch_size=cfg.batching.decode_batch_size, batch_format="pyarrow",
+                        batch_size=block_rows, batch_format="pyarrow",
                         num_cpus=cfg.actors.decode_num_cpus, max_calls=1000, max_retries=poison.MAX_RETRIES)
     ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
