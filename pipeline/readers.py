@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
-import io
 import logging
 import os
 import tarfile

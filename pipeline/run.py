@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import output, poison, preflight, progress, readers, storage
+from pipeline import output, poison, preflight, progress, readers
 from pipeline.breaker import Breaker
 from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
@@ -34,6 +35,7 @@ log = logging.getLogger("pipeline")
 
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
 TRACKER_POLL_S = 1.0
+STALL_S = 120.0           # no result for this long: say what the cluster has free
 
 
 def init_ray(cfg: Config) -> None:
@@ -253,11 +255,44 @@ class Drain:
 def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
     """The Ray Data graph, drained into the writer as its result blocks arrive."""
     ds = build_dataset(cfg, source, *stages, run_tag=drain.writer.run_tag)
-    # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        drain.take(batch)
+    watchdog = Watchdog(STALL_S)
+    try:
+        # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            watchdog.progress()
+            drain.take(batch)
+    finally:
+        watchdog.stop()
     drain.writer.flush()
     drain.poll()
+
+
+class Watchdog:
+    """Says so when no result has come for a while, with what the cluster has free: a run that waits on a
+    resource nobody releases must not look like one that works."""
+
+    def __init__(self, after_s: float):
+        self.after_s, self.last = after_s, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="stall-watchdog")
+        self._thread.start()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(30.0, self.after_s)):
+            idle = time.monotonic() - self.last
+            if idle >= self.after_s:
+                free, total = ray.available_resources(), ray.cluster_resources()
+                have = ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if k in total)
+                log.warning("no result for %.0fs: Ray has %s free; the model actors ask for actors.num_cpus / "
+                            "actors.num_gpus each, decode tasks for actors.decode_num_cpus (Ray Data's progress "
+                            "lines show which stage waits: 'pending' resources, 'backpressured')", idle, have)
 
 
 def _flush_what_is_done(writer: output.ResultWriter) -> None:

@@ -20,8 +20,7 @@ from PIL import Image
 from pipeline import config
 from pipeline.items import item_id
 from pipeline.run import run
-from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, read_output, s3fs_for, wait_for,
-                                    write_local)
+from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, read_output, s3fs_for, wait_for)
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,15 @@
-"""Listing (local and S3 with a real endpoint), manifests, stable ids, the done-set, whole-file output, retries.
-No Ray here: these are the parts the graph is built from."""
+"""Storage retries and the driver's stall watchdog, without Ray or a store."""
 
 import errno
-import json
+import time
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from pipeline import listing, output, storage
-from pipeline.config import ConfigError
+from pipeline import storage
 from pipeline.errors import StorageUnavailable
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import good_media, moto_s3, read_output, s3fs_for, write_local
 
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as endpoint:
-        yield endpoint
 
 
 @pytest.mark.parametrize("error, attempts", [
@@ -60,3 +47,20 @@ def test_backoff_grows_and_a_recovered_call_returns():
     assert len(calls) == 3 and len(sleeps) == 2 and 0.05 <= sleeps[0] <= 0.1 <= sleeps[1] <= 0.2
 
 
+
+
+def test_a_run_that_gets_no_result_says_what_the_cluster_has_free(monkeypatch, caplog):
+    from pipeline import run as run_mod
+
+    monkeypatch.setattr(run_mod.ray, "available_resources", lambda: {"CPU": 0.0})
+    monkeypatch.setattr(run_mod.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with caplog.at_level("WARNING", logger="pipeline"):
+        watchdog = run_mod.Watchdog(0.2)
+        time.sleep(0.7)
+        watchdog.stop()
+    assert "no result for" in caplog.text and "0 of 2 CPU free" in caplog.text
+    caplog.clear()
+    watchdog = run_mod.Watchdog(5.0)   # results keep coming: nothing to say
+    watchdog.progress()
+    watchdog.stop()
+    assert "no result" not in caplog.text

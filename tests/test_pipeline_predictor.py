@@ -1,7 +1,6 @@
 """The model actor on its own (no Ray): decoded rows in, one row per (item, task) out; windows sorted by prompt
 length into static batches; a failing batch is retried row by row and only the bad row becomes an error row."""
 
-import pyarrow as pa
 import pytest
 
 from pipeline import config, output

@@ -10,7 +10,8 @@ from pipeline.report.thumbs import Thumb
 MAX_TEXT = 4000   # characters of one generated text embedded (the rest is counted, not shown)
 MAX_EXTRA = 300
 MAX_BOXES = 50    # per row: a degenerate output may hold thousands
-KNOWN = {   # the columns a card shows in their own places; any other one is listed as "name: value""id", "uri", "media_type", "task", "prompt", "text", "thinking", "answer", "boxes", "error",
+# the columns a card shows in their own places; any other one is listed as "name: value"
+KNOWN = {"id", "uri", "media_type", "task", "prompt", "text", "thinking", "answer", "boxes", "error",
          "num_input_tokens", "num_output_tokens", "finish_reason", "width", "height", "duration_s", "num_frames",
          "model", "run_config_hash", "processed_at"}
 

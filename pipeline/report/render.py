@@ -107,8 +107,8 @@ def _runs(scanned: Scan, records: list[tuple[str, dict]]) -> list[list[str]]:
                                                              else str(s.get(k, "")) for k in
                                                              ("done", "skipped", "errors", "items", "seconds",
                                                               "first_result_s")]
-                   + [_num(finite_float(s.get("items")) / seconds, 3), _num(finite_float(s.get("generated_tokens")) / seconds),
-                      _num(s.get("files"))])
+                   + [_num(finite_float(s.get("items")) / seconds, 3),
+                      _num(finite_float(s.get("generated_tokens")) / seconds), _num(s.get("files"))])
     for tag, n in sorted(rows_per_run.items()):
         out.append([f"{tag} (no run record: still running, or stopped early)", _num(n)] + [""] * 9)
     return out
