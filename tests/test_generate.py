@@ -128,7 +128,7 @@ def test_generation_defaults_come_from_generation_config(tiny_gqa):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
     (dict(top_p=1.5), "top_p must be in"),
-    (dict(seed=[1, 2]), "got 2 seeds for a batch of 1 rows"),
+    (dict(seed=[1, 2]), "seed: got 2 values for a batch of 1 rows"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "needs left-padded rows"),
     (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"rows \[0\] have no tokens"),
 ])
@@ -161,7 +161,7 @@ def test_one_dimensional_ids_and_unseeded_sampling(tiny_gqa):
 
 def test_repetition_penalty_sees_real_prompt_tokens_only():
     """Token id 0 in a real position stays seen even where padding (also scattered at 0 before) sits beside it."""
-    from glmv.generate import _seen_tokens
+    from glmv.sampling import seen_tokens as _seen_tokens
 
     ids = torch.tensor([[9, 9, 0, 5], [0, 7, 7, 7]])
     valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]).bool()
