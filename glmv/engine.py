@@ -271,7 +271,8 @@ class Engine:
     def _advance(self, logits: torch.Tensor, active: torch.Tensor) -> None:
         """Choose, record and account the next token of the `active` slots (B,) from logits (B, V)."""
         st = self.state
-        st.bad.copy_(st.bad | (active & ~torch.isfinite(logits).all(-1)))
+        # a NaN or inf anywhere in a row makes its sum non-finite: one pass over the logits instead of three
+        st.bad.copy_(st.bad | (active & ~torch.isfinite(logits.float().sum(-1))))
         tokens = choose(logits, self.s.params, self.seen, st.keys, st.n_gen)
         if self.think is not None:
             tokens = self.think.apply(tokens, active)

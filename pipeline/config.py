@@ -78,6 +78,7 @@ class BatchingConfig:
     max_frames: int = 0          # frames per video (evenly thinned from the checkpoint's sampling); 0 = no cap
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
     sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
+    mode: str = "refill"         # refill: stream a window through run.batch_size decode slots | static: fixed batches
     decode_batch_size: int = 4   # items per CPU decode task call
 
 
@@ -116,6 +117,7 @@ class TaskSpec:
     prompt: str          # may contain {media}: "image" or "video"
     thinking: bool = False
     max_new_tokens: int = 0   # 0 = run.max_new_tokens
+    max_thinking_tokens: int = 0   # 0 = no budget; else a reasoning trace is closed after this many tokens
 
 
 @dataclass
@@ -154,7 +156,8 @@ class Config:
 _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig, "run": RunConfig,
              "batching": BatchingConfig, "actors": ActorsConfig, "storage": StorageConfig, "ray": RayConfig,
              "demo": DemoConfig}
-_CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda")}
+_CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
+            "batching.mode": ("refill", "static")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
@@ -221,8 +224,9 @@ def _build_task(name: str, values: Any) -> TaskSpec:
     spec = _build_section(f"tasks.{name}", TaskSpec, {"name": name, **merged})
     if not spec.prompt.strip():
         raise ConfigError(f"tasks.{name}.prompt: must not be empty")
-    if spec.max_new_tokens < 0:
-        raise ConfigError(f"tasks.{name}.max_new_tokens: must be >= 0, got {spec.max_new_tokens}")
+    for key in ("max_new_tokens", "max_thinking_tokens"):
+        if getattr(spec, key) < 0:
+            raise ConfigError(f"tasks.{name}.{key}: must be >= 0, got {getattr(spec, key)}")
     return spec
 
 

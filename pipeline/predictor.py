@@ -1,8 +1,10 @@
 """The model actor: loads the checkpoint once, then turns windows of decoded items into one row per (item, task).
 
-Each call gets `run.batch_size * batching.sort_window` sequences' worth of items; sequences are sorted by their
-estimated prompt length and cut into static batches of `run.batch_size`, so rows of similar length share a batch
-and little compute goes to padding.
+Each call gets `run.batch_size * batching.sort_window` sequences' worth of items. `batching.mode = "refill"`: the
+window's sequences (per template switch) go to the model in one call that streams them through `run.batch_size`
+decode slots, a finished row's slot taking the next one, and the tasks of an item share its image encode and
+prompt prefix. `"static"`: sequences are sorted by estimated prompt length and cut into static batches of
+`run.batch_size`. Sampling seeds come from (run.seed, item id, task), so a text does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from glmv.sampling import row_seed
 from pipeline import output
 from pipeline.config import Config, TaskSpec
 from pipeline.decode import frames_of
@@ -29,6 +32,7 @@ class Sequence:
     prompt: str
     thinking: bool
     max_new_tokens: int
+    max_thinking_tokens: int  # 0: no budget
     media: object        # glmv LoadedImage / LoadedVideo
     est_len: int         # estimated prompt tokens, for sorting
 
@@ -104,7 +108,7 @@ class Predictor:
                 spec = self._spec(task, row)
                 prompt = self._prompt(spec, row)
                 seqs.append(Sequence(row, task, prompt, spec.thinking, spec.max_new_tokens or
-                                     self.cfg.run.max_new_tokens, media,
+                                     self.cfg.run.max_new_tokens, spec.max_thinking_tokens, media,
                                      estimated_tokens(row["frames_shape"], row["media_type"], prompt)))
         return seqs
 
@@ -117,6 +121,10 @@ class Predictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: list[dict] = []
         seqs = self._sequences(batch.to_pylist(), out)
+        if self.cfg.batching.mode == "refill":  # one call per template switch, streamed through the model's slots
+            for chunk in ([s for s in seqs if not s.thinking], [s for s in seqs if s.thinking]):
+                out.extend(self._run_batch(chunk) if chunk else [])
+            return pa.Table.from_pylist(out, schema=output.SCHEMA)
         seqs.sort(key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
         bs = self.cfg.run.batch_size
         i = 0
@@ -156,13 +164,16 @@ class Predictor:
         if "pixel_values_videos" in inputs:
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
         run = self.cfg.run
-        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k, top_p=run.top_p,
-                        seed=run.seed) if run.do_sample else dict(do_sample=False)
+        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k,
+                        top_p=run.top_p) if run.do_sample else dict(do_sample=False)
+        budgets = [s.max_thinking_tokens or None for s in seqs]
         prompt_len = inputs["input_ids"].shape[1]
         with torch.inference_mode():
-            result = self.model.generate(**inputs, max_new_tokens=seqs[0].max_new_tokens,
-                                         repetition_penalty=run.repetition_penalty, return_dict_in_generate=True,
-                                         **sampling)
+            result = self.model.generate(
+                **inputs, max_new_tokens=[s.max_new_tokens for s in seqs], repetition_penalty=run.repetition_penalty,
+                seed=[row_seed(run.seed, s.row["id"], s.task) for s in seqs], return_dict_in_generate=True,
+                max_batch_size=run.batch_size if self.cfg.batching.mode == "refill" else None,
+                max_thinking_tokens=budgets if any(budgets) else None, **sampling)
         texts = self.processor.batch_decode(result.sequences[:, prompt_len:].cpu(), skip_special_tokens=True)
         now = datetime.now(timezone.utc)
         rows = []
