@@ -156,8 +156,8 @@ def short(ours, ref, processor, args):
     (ref_s, ref_out), (our_s, out) = best["transformers"], best["glmv"]
     B, n = len(images), args.short_new_tokens
     print(f"\n2. short: {B} images x 1 prompt, {n} new tokens (eos ignored), one batch")
-    print(f"   transformers {ref_s:.2f}s, glmv {our_s:.2f}s: glmv / transformers = {ref_s / our_s:.2f}x (goal >= 1.5x), "
-          f"greedy tokens identical: {torch.equal(out.sequences, ref_out)}")
+    print(f"   transformers {ref_s:.2f}s, glmv {our_s:.2f}s: glmv / transformers = {ref_s / our_s:.2f}x "
+          f"(goal >= 1.5x), greedy tokens identical: {torch.equal(out.sequences, ref_out)}")
     row = out.rows[0]
     decode_s = max(r.decode_s for r in out.rows)
     step_ms = 1000 * decode_s / (n - 1)
@@ -167,11 +167,12 @@ def short(ours, ref, processor, args):
     decoder_bytes = weight_bytes(ours.model.language_model.layers) + weight_bytes(ours.lm_head)
     bandwidth = read_bandwidth()
     roofline_ms = 1000 * (decoder_bytes + kv_bytes) / bandwidth
-    print(f"   glmv split: vision {row.vision_s:.2f}s, prefill {row.prefill_s:.2f}s ({sum(r.num_prompt_tokens for r in out.rows)}"
-          f" tokens packed), decode {decode_s:.2f}s")
-    print(f"   decode at batch {B}: {step_ms:.1f} ms/step; memory roofline (decoder weights {decoder_bytes / 2**20:.0f} "
-          f"MiB + KV {kv_bytes / 2**20:.0f} MiB) / {bandwidth / 1e9:.1f} GB/s = {roofline_ms:.1f} ms/step: "
-          f"{step_ms / roofline_ms:.2f}x the roofline (goal <= 2x)")
+    prompt_tokens = sum(r.num_prompt_tokens for r in out.rows)
+    print(f"   glmv split: vision {row.vision_s:.2f}s, prefill {row.prefill_s:.2f}s ({prompt_tokens} tokens packed), "
+          f"decode {decode_s:.2f}s")
+    print(f"   decode at batch {B}: {step_ms:.1f} ms/step; memory roofline (decoder weights "
+          f"{decoder_bytes / 2**20:.0f} MiB + KV {kv_bytes / 2**20:.0f} MiB) / {bandwidth / 1e9:.1f} GB/s = "
+          f"{roofline_ms:.1f} ms/step: {step_ms / roofline_ms:.2f}x the roofline (goal <= 2x)")
 
 
 def main() -> None:

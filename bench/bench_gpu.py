@@ -206,8 +206,9 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         model = build_model(config, dtype=dtype)
-    print(f"{'tiny' if args.smoke else 'GLM-4.1V-9B'} shapes, random {dtype} weights: "
-          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters built in {time.perf_counter() - t0:.1f}s")
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"{'tiny' if args.smoke else 'GLM-4.1V-9B'} shapes, random {dtype} weights: {params:.2f} B parameters "
+          f"built in {time.perf_counter() - t0:.1f}s")
     size = 0.0625 if args.smoke else 2.0
     bandwidth, flops = copy_bandwidth(size), matmul_flops(1024 if args.smoke else 8192, dtype)
     parts = {"decode": lambda: decode_sweep(model, args, bandwidth), "compile": lambda: compile_on_off(model, args),
