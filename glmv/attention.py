@@ -81,12 +81,13 @@ class Prefill:
         device = cache.k[0].device
         self.slot_index = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)  # (N,)
         self.pos_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)  # (N,)
-        ends = [s + n for s, n in zip(starts, lengths)]
-        self.cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-        self.cu_k = torch.tensor([s * cache.max_len for s in slots] + [(slots[-1] + 1) * cache.max_len],
-                                 dtype=torch.int32, device=device)
-        self.used_k = torch.tensor(ends, dtype=torch.int32, device=device)
-        self.max_q, self.max_k = max(lengths), max(ends)
+        if varlen:  # queries packed back to back; each row's keys are its slot in the flattened cache
+            ends = [s + n for s, n in zip(starts, lengths)]
+            self.cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+            self.cu_k = torch.tensor([s * cache.max_len for s in slots] + [(slots[-1] + 1) * cache.max_len],
+                                     dtype=torch.int32, device=device)
+            self.used_k = torch.tensor(ends, dtype=torch.int32, device=device)
+            self.max_q, self.max_k = max(lengths), max(ends)
 
     def __call__(self, layer: int, q, k, v):
         """q (1, N, H, Dh), k/v (1, N, H_kv, Dh) -> (1, N, H, Dh)."""

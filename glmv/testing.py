@@ -75,8 +75,8 @@ PRESETS = {
 PRESETS["bench-longtail"] = PRESETS["bench"]
 # The long-tail preset scales the lm_head rows of two eos tokens (<|endoftext|>, <|user|>) so that greedy rows stop
 # at scattered lengths, like real captions. Up to 256 new tokens, 8 images x 3 prompts: bench_generate's workload
-# stops at a median of ~27 new tokens (quartiles 11/63, 3 of 24 at the limit), bench_pipeline's corpus with the
-# caption/ocr/reasoning prompts at ~32 (quartiles 17/54, 2 of 24 past 250). Same weights for every implementation.
+# stops at a median of ~27 new tokens (quartiles ~12/130, 3 of 24 at the limit), bench_pipeline's corpus with the
+# caption/ocr/reasoning prompts at ~32 (quartiles ~17/117, 2 of 24 past 250). Same weights for every implementation.
 EOS_SCALES = {"bench-longtail": (1.4, 2.0)}
 
 FAMILIES = {
