@@ -28,6 +28,20 @@ from glmv.thinking import ThinkingBudget, ThinkingMarkers, starts_inside
 
 CUDA_CHECK_EVERY = 8  # decode steps between looks at which rows finished, on CUDA (on CPU: every step)
 LENGTH_ROUNDING = 256  # the cache length is rounded up so that runs of similar length reuse compiled steps
+PREFILL_TOKENS = 16384  # tokens per packed prefill pass (activation memory; a longer row goes alone)
+VISION_PATCHES = 65536  # patches per vision tower pass
+
+
+def chunks(items: list, sizes: list[int], budget: int) -> list[list]:
+    """Consecutive runs of items whose sizes sum to at most budget (an item larger than budget alone)."""
+    out, total = [], budget + 1
+    for item, size in zip(items, sizes):
+        if total + size > budget:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += size
+    return out
 
 
 @dataclass
@@ -173,23 +187,21 @@ class Engine:
         return t1 - t0, t2 - t1, t2
 
     def _encode(self, media_ids: list[int]) -> dict[int, torch.Tensor]:
-        """Vision features (tokens, D) of each wanted media, all in one pass of the vision tower."""
-        media = self.batch.media
-        images = [m for m in media_ids if media[m].kind == IMAGE]
-        videos = [m for m in media_ids if media[m].kind == VIDEO]
-        if not images and not videos:
-            return {}
+        """Vision features (tokens, D) of each wanted media, packed into as few vision tower passes as fit."""
+        media, out = self.batch.media, {}
+        for part in chunks(media_ids, [media[m].pixels.shape[0] for m in media_ids], VISION_PATCHES):
+            images = [m for m in part if media[m].kind == IMAGE]
+            videos = [m for m in part if media[m].kind == VIDEO]
 
-        def stacked(ids):
-            if not ids:
-                return None, None
-            return torch.cat([media[m].pixels for m in ids]), torch.tensor([media[m].grid for m in ids])
+            def stacked(ids):
+                if not ids:
+                    return None, None
+                return torch.cat([media[m].pixels for m in ids]), torch.tensor([media[m].grid for m in ids])
 
-        image_features, video_features = self.model.encode_vision(*stacked(images), *stacked(videos))
-        out = {}
-        for ids, features in ((images, image_features), (videos, video_features)):
-            if ids:
-                out.update(zip(ids, features.split([media[m].tokens for m in ids])))
+            image_features, video_features = self.model.encode_vision(*stacked(images), *stacked(videos))
+            for ids, features in ((images, image_features), (videos, video_features)):
+                if ids:
+                    out.update(zip(ids, features.split([media[m].tokens for m in ids])))
         return out
 
     def _embed(self, segments: list[tuple[Prompt, int, int]], features: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,27 +222,32 @@ class Engine:
             return
         lengths = [self.batch.groups[g].length for g in groups]
         cache = self.model.new_cache(len(groups), max(lengths))
-        x, positions = self._embed([(p, 0, n) for p, n in zip(leaders, lengths)], features)
-        self.model.prefill(x, positions, Prefill(cache, list(range(len(groups))), [0] * len(groups), lengths,
-                                                 self.varlen))
+        for part in chunks(list(range(len(groups))), lengths, PREFILL_TOKENS):
+            x, positions = self._embed([(leaders[i], 0, lengths[i]) for i in part], features)
+            self.model.prefill(x, positions, Prefill(cache, part, [0] * len(part), [lengths[i] for i in part],
+                                                     self.varlen))
         for i, g in enumerate(groups):
             self.prefixes[g] = (cache, i)
 
     def _prefill_rows(self, admitted, prompts: list[Prompt], features) -> torch.Tensor:
         """Logits (m, V) at each admitted prompt's last token, in slot order."""
-        segments, starts = [], []
+        starts = []
         for (slot, _), p in zip(admitted, prompts):
             start = p.prefix_len if p.group is not None else 0
             if start:
                 cache, source = self.prefixes[p.group]
                 self.cache.copy_slot(slot, cache, source, start)
-            segments.append((p, start, p.length))
             starts.append(start)
-        x, positions = self._embed(segments, features)
-        lengths = [p.length - start for p, start in zip(prompts, starts)]
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-        batch = Prefill(self.cache, [slot for slot, _ in admitted], starts, lengths, self.varlen)
-        return self.model.prefill(x, positions, batch, last=last)
+        rows = list(zip([slot for slot, _ in admitted], prompts, starts))
+        logits = []
+        for part in chunks(rows, [p.length - start for _, p, start in rows], PREFILL_TOKENS):
+            x, positions = self._embed([(p, start, p.length) for _, p, start in part], features)
+            lengths = [p.length - start for _, p, start in part]
+            last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            batch = Prefill(self.cache, [slot for slot, _, _ in part], [start for _, _, start in part], lengths,
+                            self.varlen)
+            logits.append(self.model.prefill(x, positions, batch, last=last))
+        return torch.cat(logits)
 
     def _start(self, slots: list[int], prompts: list[Prompt], logits: torch.Tensor) -> None:
         """Set the admitted slots' state and choose their first token from the prefill logits."""

@@ -250,3 +250,24 @@ def test_flash_varlen_path_gives_the_same_tokens(tiny_gqa, item_batch, monkeypat
     monkeypatch.setattr(engine, "use_varlen", lambda like: True)
     assert new_tokens(model.generate(**batch, **kw), T) == expected
     assert calls and 3 in calls, "decode steps of 3 slots went through varlen"
+
+
+def test_prefill_and_vision_passes_are_split_to_fit_their_budgets(tiny_gqa, item_batch, monkeypatch):
+    from glmv import engine
+
+    batch, _ = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    kw = dict(max_new_tokens=6, eos_token_id=[], max_batch_size=4, return_dict_in_generate=True)
+    T = batch["input_ids"].shape[1]
+    expected = new_tokens(model.generate(**batch, **kw), T)
+    passes, vision = [], []
+    spy(monkeypatch, model, "encode_vision", lambda *args: vision.append(1))
+    spy(monkeypatch, model, "prefill", lambda x, positions, batch, **kw: passes.append((x.shape[0],
+                                                                                      len(batch.lengths))))
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 40)
+    monkeypatch.setattr(engine, "VISION_PATCHES", 30)
+    assert new_tokens(model.generate(**batch, **kw), T) == expected
+    assert len(passes) >= 3 and all(tokens <= 40 or rows == 1 for tokens, rows in passes)
+    assert len(vision) >= 2, "image A (48 patches) and B (16) exceed 30 patches together"
+    assert any(rows > 1 for _, rows in passes), "short rows still share a pass"
+    assert engine.chunks([1, 2, 3, 4], [30, 20, 50, 5], 50) == [[1, 2], [3], [4]]
