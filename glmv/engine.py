@@ -192,17 +192,18 @@ class Engine:
         for part in chunks(media_ids, [media[m].pixels.shape[0] for m in media_ids], VISION_PATCHES):
             images = [m for m in part if media[m].kind == IMAGE]
             videos = [m for m in part if media[m].kind == VIDEO]
-
-            def stacked(ids):
-                if not ids:
-                    return None, None
-                return torch.cat([media[m].pixels for m in ids]), torch.tensor([media[m].grid for m in ids])
-
-            image_features, video_features = self.model.encode_vision(*stacked(images), *stacked(videos))
+            image_features, video_features = self.model.encode_vision(*self._stack(images), *self._stack(videos))
             for ids, features in ((images, image_features), (videos, video_features)):
                 if ids:
                     out.update(zip(ids, features.split([media[m].tokens for m in ids])))
         return out
+
+    def _stack(self, media_ids: list[int]):
+        """The patch rows and grids of these media, concatenated ((None, None) for none)."""
+        if not media_ids:
+            return None, None
+        media = self.batch.media
+        return torch.cat([media[m].pixels for m in media_ids]), torch.tensor([media[m].grid for m in media_ids])
 
     def _embed(self, segments: list[tuple[Prompt, int, int]], features: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed embeddings (N, D) and rope positions (3, N) of prompt token ranges [start, end). A range starting

@@ -32,22 +32,22 @@ class TextRotary(RotaryTable, nn.Module):
     def rotary_theta(self) -> float:
         return self.cfg.rope_theta
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """position_ids (3, B, T) -> cos, sin (B, T, rotary_dim), computed in float32 as the reference does."""
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """position_ids (3, B, T) -> unit rotations (B, T, rotary_dim / 2) complex64, computed in float32 as the
+        reference computes its cos/sin."""
         freqs = position_ids[..., None].float() * self.inv_freq  # (3, B, T, rd/2)
         # frequency pair i takes its position from axis t, h or w by the section it falls in
         freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.sections, dim=-1))], dim=-1)
-        freqs = freqs.repeat_interleave(2, dim=-1)  # (B, T, rd): interleaved pairs (2i, 2i+1)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return torch.polar(torch.ones_like(freqs), freqs)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, Dh); rotates the first cos.shape[-1] dims as interleaved pairs."""
-    rd = cos.shape[-1]
-    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, rd)
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    rotated = torch.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], dim=-1).flatten(-2)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, Dh); rotates the first 2 * rotation.shape[-1] dims as interleaved pairs (x[2i], x[2i+1]), which
+    is multiplying the complex numbers x[2i] + i x[2i+1] by the unit rotations (B, T, rd/2)."""
+    rd = 2 * rotation.shape[-1]
+    pairs = torch.view_as_complex(x[..., :rd].float().unflatten(-1, (-1, 2)))  # (B, T, H, rd/2)
+    rotated = torch.view_as_real(pairs * rotation[:, :, None]).flatten(-2).to(x.dtype)
+    return torch.cat([rotated, x[..., rd:]], dim=-1)
 
 
 class Attention(nn.Module):
@@ -61,12 +61,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attend: Dense | Prefill | Decode):
+    def forward(self, x, rotation, attend: Dense | Prefill | Decode):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        y = attend(self.layer, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # (B, T, H, Dh)
+        y = attend(self.layer, apply_rotary(q, rotation), apply_rotary(k, rotation), v)  # (B, T, H, Dh)
         return self.o_proj(y.reshape(B, T, -1))
 
 
@@ -80,8 +80,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attend):
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))
+    def forward(self, x, rotation, attend):
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), rotation, attend))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -109,9 +109,9 @@ class TextModel(nn.Module):
         return self._run(x, position_ids[None, :, None].expand(3, -1, 1), batch)[:, 0]
 
     def _run(self, x, position_ids, attend) -> torch.Tensor:
-        cos, sin = self.rotary(position_ids, x.dtype)
+        rotation = self.rotary(position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, attend)
+            x = layer(x, rotation, attend)
         return self.norm(x)
 
 
