@@ -38,15 +38,16 @@ class TextRotary(RotaryTable, nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # (3, B, T, rd/2)
         # frequency pair i takes its position from axis t, h or w by the section it falls in
         freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(self.sections, dim=-1))], dim=-1)
-        return torch.polar(torch.ones_like(freqs), freqs)
+        return torch.complex(freqs.cos(), freqs.sin())  # the reference's float32 cos and sin, bit for bit
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, Dh); rotates the first 2 * rotation.shape[-1] dims as interleaved pairs (x[2i], x[2i+1]), which
     is multiplying the complex numbers x[2i] + i x[2i+1] by the unit rotations (B, T, rd/2)."""
     rd = 2 * rotation.shape[-1]
-    pairs = torch.view_as_complex(x[..., :rd].float().unflatten(-1, (-1, 2)))  # (B, T, H, rd/2)
-    rotated = torch.view_as_real(pairs * rotation[:, :, None]).flatten(-2).to(x.dtype)
+    work = torch.promote_types(x.dtype, torch.float32)  # half precision rotates in float32, float64 in float64
+    pairs = torch.view_as_complex(x[..., :rd].to(work).unflatten(-1, (-1, 2)))  # (B, T, H, rd/2)
+    rotated = torch.view_as_real(pairs * rotation[:, :, None].to(pairs.dtype)).flatten(-2).to(x.dtype)
     return torch.cat([rotated, x[..., rd:]], dim=-1)
 
 
