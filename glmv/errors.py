@@ -1,7 +1,11 @@
-"""Exceptions raised by glmv for bad inputs.
+"""Exceptions raised by glmv for bad inputs and checkpoints, all under `GlmvError`.
 
 Bad media must never crash a batch run: every decoding or validation problem with one item surfaces as one
 `MediaError` that names the item and the cause, so a pipeline can record it against that row and move on.
+`InputError` is about one call's inputs (placeholders that do not match the media); `ConfigError`
+(glmv/config.py), `CheckpointError` (glmv/weights.py) and `ProcessorConfigError` are about the checkpoint, so a
+pipeline stops on them rather than record every item as failed. Misuse of the API (a wrong argument) stays a
+plain ValueError / TypeError, as in transformers.
 """
 
 
@@ -28,3 +32,8 @@ class MediaError(GlmvError, ValueError):
 
 class ProcessorConfigError(GlmvError, ValueError):
     """A checkpoint's tokenizer / preprocessor / chat-template files are missing or inconsistent."""
+
+
+class InputError(GlmvError, ValueError):
+    """Model inputs that do not fit together: media placeholders in the prompts that do not match the media given
+    (a prompt that holds a literal <|image|> token, say) or the vision tower's output. About those inputs only."""

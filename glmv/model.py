@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from glmv.attention import Decode, KVCache, Prefill
 from glmv.config import Glm4vConfig
+from glmv.errors import InputError
 from glmv.generate import generate
 from glmv.positions import IMAGE, TEXT, VIDEO, rope_index  # noqa: F401  (TEXT re-exported)
 from glmv.text import TextModel, attention_mask_4d
@@ -107,7 +108,7 @@ class Glm4vForConditionalGeneration(nn.Module):
             slots = token_types == kind
             n_slots, n_features = int(slots.sum()), 0 if features is None else features.shape[0]
             if n_slots != n_features:
-                raise ValueError(f"{name} placeholders and features do not match: {n_slots} {name} tokens in "
+                raise InputError(f"{name} placeholders and features do not match: {n_slots} {name} tokens in "
                                  f"input_ids, {n_features} {name} feature rows from the vision tower")
             if n_slots:
                 x = x.masked_scatter(slots[..., None], features.to(x.dtype))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from glmv.errors import InputError
+
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values, as the processor writes them
 
 
@@ -44,11 +46,11 @@ def rope_index(token_types: torch.Tensor, attention_mask: torch.Tensor, image_gr
             try:
                 t, h, w = next(grids[kind])
             except StopIteration:
-                raise ValueError(f"row {row}: more {'image' if kind == IMAGE else 'video frame'} placeholder "
+                raise InputError(f"row {row}: more {'image' if kind == IMAGE else 'video frame'} placeholder "
                                  f"spans than grids in {'image' if kind == IMAGE else 'video'}_grid_thw") from None
             h, w = h // spatial_merge_size, w // spatial_merge_size
             if n != t * h * w:
-                raise ValueError(f"row {row}: a placeholder span of {n} tokens does not match its grid "
+                raise InputError(f"row {row}: a placeholder span of {n} tokens does not match its grid "
                                  f"({t}, {h * spatial_merge_size}, {w * spatial_merge_size})")
             hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             pieces.append(torch.stack([torch.full((h * w,), pos), pos + hh.flatten(), pos + ww.flatten()]))
@@ -95,11 +97,11 @@ def media_of_rows(token_types: torch.Tensor, attention_mask: torch.Tensor, image
                 item = next(streams[kind], None)
                 if item is None:
                     name = "image" if kind == IMAGE else "video"
-                    raise ValueError(f"row {row}: more {name} placeholder spans than {name}_grid_thw describes")
+                    raise InputError(f"row {row}: more {name} placeholder spans than {name}_grid_thw describes")
                 media.append(item)
                 need[kind] = item.tokens
             need[kind] -= len(list(group))
             if need[kind] < 0:
-                raise ValueError(f"row {row}: a placeholder span is longer than its grid")
+                raise InputError(f"row {row}: a placeholder span is longer than its grid")
         rows.append(media)
     return rows

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmv.errors import InputError
 from glmv.positions import IMAGE, TEXT, VIDEO, MediaItem, media_of_rows, rope_index
 
 
@@ -84,7 +85,7 @@ def _unique_media(items: list[MediaItem], pixels: dict) -> tuple[list[Media], di
     for item in items:
         source = pixels[item.kind]
         if source is None:
-            raise ValueError(f"{'image' if item.kind == IMAGE else 'video'} placeholders without pixel values")
+            raise InputError(f"{'image' if item.kind == IMAGE else 'video'} placeholders without pixel values")
         rows = source[item.start:item.start + item.rows]
         candidates = by_shape.setdefault((item.kind, item.grid), [])
         match = next((i for i in candidates if torch.equal(media[i].pixels, rows)), None)

@@ -124,7 +124,7 @@ class Predictor:
         if self.cfg.batching.mode == "refill":  # one call per template switch, streamed through the model's slots
             for chunk in ([s for s in seqs if not s.thinking], [s for s in seqs if s.thinking]):
                 out.extend(self._run_batch(chunk) if chunk else [])
-            return pa.Table.from_pylist(out, schema=output.SCHEMA)
+            seqs = []  # nothing left for the static batches below
         seqs.sort(key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
         bs = self.cfg.run.batch_size
         i = 0
