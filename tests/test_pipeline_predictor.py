@@ -123,8 +123,8 @@ def test_per_task_thinking_budget_reaches_the_model(setup, tiny_gqa, monkeypatch
     cfg, decoded, _ = setup
     budget_cfg = config.from_dict({"input": {"uri": cfg.input.uri}, "output": {"uri": cfg.output.uri},
                                    "model": {"path": str(tiny_gqa)},
-                                   "run": {"tasks": ["caption", "reasoning"], "batch_size": 4, "max_new_tokens": 3},
-                                   "tasks": {"reasoning": {"max_thinking_tokens": 2}}})
+                                   "run": {"tasks": ["caption", "ocr"], "batch_size": 4, "max_new_tokens": 3},
+                                   "tasks": {"ocr": {"max_thinking_tokens": 2}}})
     predictor = Predictor(budget_cfg)
     calls = []
     generate = predictor.model.generate
@@ -134,8 +134,6 @@ def test_per_task_thinking_budget_reaches_the_model(setup, tiny_gqa, monkeypatch
         return generate(**inputs)
 
     monkeypatch.setattr(predictor.model, "generate", spy)
-    window = decoded.slice(0, 2)
-    tasks = pa.array([["caption", "reasoning"]] * 2, type=window.schema.field("tasks").type)
-    rows = predictor(window.set_column(window.schema.get_field_index("tasks"), "tasks", tasks)).to_pylist()
-    assert calls == [None, [2, 2]]  # caption rows (no budget), then the reasoning rows (thinking template)
-    assert {r["task"] for r in rows} == {"caption", "reasoning"} and all(r["error"] is None for r in rows)
+    rows = predictor(decoded.slice(0, 2)).to_pylist()
+    assert calls == [[None, 2, None, 2]]  # two items' caption (no budget) and ocr (budget 2) in one refill call
+    assert len(rows) == 4 and all(r["error"] is None for r in rows)
