@@ -14,11 +14,11 @@ limit). Images of mixed sizes around 448x448.
    - glmv refill: all rows in one call, `--batch` slots, a finished row's slot takes the next row;
    - glmv refill + shared prefix: the same, and the tasks of an image encode it once and share its prefix.
    Prints wall seconds, rows/s, generated tokens/s, the ratio to transformers and how many rows' tokens are identical.
-2. Short: `--short-images` small images (112-224 px sides, so that a batched forward takes ~0.2 s as in issue 11's
-   measurement) x 1 prompt, `--short-new-tokens` new tokens (eos ignored), one batch: transformers vs glmv static
-   (goal: >= 1.5x), glmv's time split, and decode ms/step at that batch against its memory roofline (text-decoder
-   weight bytes + the rows' KV bytes, over a read bandwidth measured here). With large images both sides spend most
-   of the time in the same compute-bound float32 matmuls of the vision tower and prefill.
+2. Short: `--short-images` small images (112-224 px sides: ~65 prompt tokens per row) x 1 prompt,
+   `--short-new-tokens` new tokens (eos ignored), one batch: transformers vs glmv static (goal: >= 1.5x), glmv's time
+   split, and decode ms/step at that batch against its memory roofline (text-decoder weight bytes + the rows' KV
+   bytes, over a read bandwidth measured here). With large images both sides spend most of the time in the same
+   compute-bound float32 matmuls of the vision tower and prefill, so the ratio falls towards 1.
 Each configuration runs `--repeats` (short: `--short-repeats`) times, interleaved, and the best time counts (the
 machine is shared).
 """
@@ -162,7 +162,8 @@ def short(ours, ref, processor, args):
     B, n = len(images), args.short_new_tokens
     print(f"\n2. short: {B} small images (112-224 px sides) x 1 prompt, {n} new tokens (eos ignored), one batch")
     print(f"   transformers {ref_s:.2f}s, glmv {our_s:.2f}s: glmv / transformers = {ref_s / our_s:.2f}x "
-          f"(goal >= 1.5x; CPU seconds {ref_cpu:.2f} / {our_cpu:.2f} = {ref_cpu / our_cpu:.2f}x), greedy tokens identical: {torch.equal(out.sequences, ref_out)}")
+          f"(goal >= 1.5x; CPU seconds {ref_cpu:.2f} / {our_cpu:.2f} = {ref_cpu / our_cpu:.2f}x), "
+          f"greedy tokens identical: {torch.equal(out.sequences, ref_out)}")
     row = out.rows[0]
     decode_s = max(r.decode_s for r in out.rows)
     step_ms = 1000 * decode_s / (n - 1)
