@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 
-.PHONY: demo test clean-venv browser
+.PHONY: demo test gpu-check clean-venv browser
 
 demo: $(VENV)/.demo-ready
 	$(PY) jobs/caption.py --config configs/demo.toml
@@ -18,6 +18,13 @@ test: $(VENV)/.test-ready browser
 browser:
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# On a machine with CUDA: the GPU tests (bf16 logits vs transformers, compile on/off, refill/static) and the GPU
+# benchmark (GLM-4.1V-9B shapes, random weights). Fails without CUDA rather than skipping silently.
+gpu-check: $(VENV)/.test-ready
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	$(PY) -m pytest -q -m gpu
+	$(PY) bench/bench_gpu.py
 
 # The run-time environment: the small CPU build of torch from the local wheel cache. A complete test
 # environment is a superset of it, so it is reused as is.

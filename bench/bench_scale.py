@@ -164,7 +164,7 @@ def null_decode(batch: pa.Table, settings) -> pa.Table:
 class NullPredictor:
     """One output row per (item, task), no model: the machinery's cost alone."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, run_tag=""):
         self.cfg = cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:

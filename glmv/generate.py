@@ -1,27 +1,23 @@
-"""Static-batch generation: one left-padded batch, vision once, a prefill per row, then a plain decode loop.
+"""`generate`, transformers-like: a left-padded processor batch in, prompt + new tokens out.
 
-- The vision tower runs once over every image and frame of the batch, packed together.
-- Prefill runs row by row over each row's real tokens, so padding costs nothing.
-- Keys/values live in a preallocated cache (`glmv.text.KVCache`); each step writes one slot in place.
-- 3-D rope: each row's offset (`delta`) is computed once from the prompt; a token generated after n real tokens
-  sits at n + delta on all three axes.
-- Rows stop independently at their eos and leave the batch right away (cache rows included), so short captions
-  stop costing compute while long ones finish.
-- Sampling draws one uniform number per row and step from that row's own generator (seeded by `seed`), so a row
-  gives the same text with the same seed whatever else is in its batch. (Prefill is computed per row; decode steps
-  are batched, so results are batch-independent up to floating-point reduction order: exact in float32 here, while
-  in bfloat16 a near-tie between two tokens can flip.)
+It is a short loop over the model's engine interface (`glmv.engine`): rows wait in a queue, `max_batch_size` decode
+slots take them in turn (default: one slot per row, a plain static batch), each distinct image or video goes through
+the vision tower once, rows that share their media and leading tokens (the tasks of one item) prefill that prefix
+once, and tokens are chosen on the device. Each row's result depends only on its own prompt and seed, not on its
+batch, its slot or the mode (exactly in float32; in bfloat16 different batch shapes round differently, so a near-tie
+between two tokens can flip).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from glmv.model import Glm4vForConditionalGeneration, rope_index
-from glmv.text import KVCache
+from glmv import prompts as prompts_mod
+from glmv.engine import Engine, RunSettings
+from glmv.sampling import SamplingParams
+from glmv.thinking import NO_BUDGET, ThinkingMarkers, markers_for_checkpoint
 
 # Used where neither the call nor generation_config.json says otherwise: transformers' GenerationConfig defaults,
 # except max_new_tokens (transformers stops at a total length of 20, too short for a caption).
@@ -32,35 +28,16 @@ DEFAULTS = dict(max_new_tokens=256, do_sample=False, temperature=1.0, top_k=50, 
 class RowResult:
     num_prompt_tokens: int
     num_generated_tokens: int
-    finish_reason: str  # "eos" or "length"
-    vision_s: float  # the batch's vision tower time (shared by its rows)
-    prefill_s: float  # the batch's prefill time (shared by its rows)
-    decode_s: float  # from the end of prefill until this row finished
+    finish_reason: str  # "eos", "length", or "thinking_budget" (reasoning closed at the budget, then eos)
+    vision_s: float  # vision tower time of the admission round that started this row (shared by its rows)
+    prefill_s: float  # prefill time of that round
+    decode_s: float  # from the end of that prefill until this row was seen finished
 
 
 @dataclass
 class GenerateOutput:
     sequences: torch.Tensor  # (B, T + new): prompt, new tokens, pad after a row finished
     rows: list[RowResult] = field(default_factory=list)
-
-
-@dataclass
-class SamplingParams:
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
-
-    def validate(self):
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 def _setting(name, value, generation_config):
@@ -70,178 +47,112 @@ def _setting(name, value, generation_config):
     return DEFAULTS[name] if configured is None else configured
 
 
+def _per_row(name: str, value, rows: int) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(values) != rows:
+        raise ValueError(f"{name}: got {len(values)} values for a batch of {rows} rows")
+    return values
+
+
 @torch.inference_mode()
-def generate(model: Glm4vForConditionalGeneration, input_ids: torch.Tensor, attention_mask=None,
-             mm_token_type_ids=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-             video_grid_thw=None, *, max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
-             repetition_penalty=None, eos_token_id=None, pad_token_id=None, seed: int | list[int] | None = 0,
-             return_dict_in_generate: bool = False, compile_decode: bool = False):
+def generate(model, input_ids: torch.Tensor, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+             image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None,
+             do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
+             pad_token_id=None, seed: int | list[int] | None = 0, max_batch_size: int | None = None,
+             share_prefix: bool = True, max_thinking_tokens: int | list[int | None] | None = None,
+             thinking_markers: ThinkingMarkers | None = None, return_dict_in_generate: bool = False,
+             compile_decode: bool = False):
     """Generate for a left-padded batch; returns prompt + new tokens (B, T + new), like transformers' generate.
 
-    Settings default to the checkpoint's generation_config.json, then to transformers' defaults. With
-    return_dict_in_generate=True, returns a GenerateOutput whose `.rows` carry token counts, finish reasons and
-    timings. compile_decode=True runs the decode step through torch.compile (dynamic shapes, compiled once per
-    model); off by default until it is measured on a GPU.
+    Settings default to the checkpoint's generation_config.json, then to transformers' defaults.
+    - max_new_tokens: an int, or one per row.
+    - seed: an int for every row, one per row (e.g. `glmv.sampling.row_seed(seed, item_id, task)`), or None for
+      random ones. A row samples the same text with the same seed in any batch and any mode.
+    - max_batch_size: decode slots; rows beyond it wait, and a finished row's slot takes the next one (None: all
+      rows at once).
+    - share_prefix: rows with the same media behind the same leading tokens encode the media once and prefill the
+      common prefix once.
+    - max_thinking_tokens: an int or one per row (None: no budget); a row that has thought that many tokens inside
+      <think> is made to close it and answer (finish_reason "thinking_budget"). thinking_markers default to the
+      checkpoint's tokenizer and family.
+    - compile_decode: torch.compile the decode step, captured in a CUDA graph on CUDA (CPU: needs fast_cpu=False).
+    With return_dict_in_generate=True, returns a GenerateOutput whose `.rows` carry token counts, finish reasons
+    and timings.
     """
-    gen_cfg = model.generation_config
-    max_new_tokens = int(_setting("max_new_tokens", max_new_tokens, gen_cfg))
-    params = SamplingParams(
-        do_sample=bool(_setting("do_sample", do_sample, gen_cfg)),
-        temperature=float(_setting("temperature", temperature, gen_cfg)),
-        top_k=int(_setting("top_k", top_k, gen_cfg)),
-        top_p=float(_setting("top_p", top_p, gen_cfg)),
-        repetition_penalty=float(_setting("repetition_penalty", repetition_penalty, gen_cfg)),
-    )
-    params.validate()
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id", model.config.text.eos_token_id)
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
-    pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.text.pad_token_id)
-    pad = int(pad if pad is not None else eos[0])
-
     device = model.device
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, length) tensor, got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
-    valid = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).bool()
-    n_real = valid.sum(-1)
-    if (n_real == 0).any():
-        raise ValueError(f"rows {(n_real == 0).nonzero().flatten().tolist()} have no tokens (attention_mask all 0)")
-    if not torch.equal(valid, torch.arange(T, device=device)[None, :] >= (T - n_real)[:, None]):
-        raise ValueError("generate needs left-padded rows (attention_mask 0...0 1...1); pad on the left")
+    valid = _left_padded_mask(input_ids, attention_mask)
+    settings = _run_settings(model, B, max_new_tokens, dict(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                             top_p=top_p, repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, seed,
+                             max_batch_size, max_thinking_tokens, thinking_markers, compile_decode)
     types = model.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(device)
-    if seed is None:  # a fresh random seed per row
-        seed = torch.randint(0, 2**62, (B,)).tolist()
-    seeds = [seed] * B if isinstance(seed, int) else list(seed)
-    if len(seeds) != B:
-        raise ValueError(f"seed: got {len(seeds)} seeds for a batch of {B} rows")
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    lm = model.model.language_model
-    decode_step = _compiled(lm) if compile_decode else lm
+    batch = prompts_mod.build(input_ids, valid, types, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw, model.config.vision.spatial_merge_size, share_prefix)
+    engine = Engine(model, batch, settings)
+    timings = engine.run()
 
-    t0 = time.perf_counter()
-    image_features, video_features = model.encode_vision(pixel_values, image_grid_thw,
-                                                         pixel_values_videos, video_grid_thw)
-    _sync(device)
-    t1 = time.perf_counter()
-    x = model.embed(input_ids, types, image_features, video_features)
-    position_ids, deltas = rope_index(types, valid, image_grid_thw, video_grid_thw,
-                                      model.config.vision.spatial_merge_size)
-    cache = KVCache(lm.cfg, B, T + max_new_tokens, model.dtype, device)
-    position_ids = position_ids.to(device)
-    # Prefill row by row over each row's real tokens only: no compute spent on padding, and a row's prefill does
-    # not depend on what else is in the batch. Its keys land in the row's left-padded slots T-n .. T-1.
-    last_hidden = []
-    for row, n in enumerate(n_real.tolist()):
-        hidden = lm(x[row:row + 1, T - n:], position_ids[:, row:row + 1, T - n:], None,
-                    cache.row_view(row, T - n), start=0)
-        last_hidden.append(hidden[:, -1])
-    logits = model.lm_head(torch.cat(last_hidden))  # (B, V)
-    _sync(device)
-    t2 = time.perf_counter()
-    vision_s, prefill_s = t1 - t0, t2 - t1
-
-    out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long)
-    out[:, :T] = input_ids.cpu()
-    active = torch.arange(B)  # original row index of each row still in the batch
-    key_valid = torch.zeros(B, T + max_new_tokens, dtype=torch.bool, device=device)
-    key_valid[:, :T] = valid
-    next_pos = (n_real.cpu() + deltas).to(device)  # (b,) rope position of the next token
-    seen = _seen_tokens(input_ids, valid, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
-    n_generated = torch.zeros(B, dtype=torch.long)
-    finish = ["length"] * B
-    decode_s = [0.0] * B
-    steps = 0
-    for step in range(max_new_tokens):
-        tokens = _choose(logits, params, seen, [generators[i] for i in active.tolist()])  # (b,) on CPU
-        out[active, T + step] = tokens
-        n_generated[active] += 1
-        steps = step + 1
-        if seen is not None:
-            seen[torch.arange(len(active), device=device), tokens.to(device)] = True
-        done = torch.isin(tokens, eos)
-        if done.any() or step == max_new_tokens - 1:
-            now = time.perf_counter() - t2
-            for i in active[done].tolist():
-                finish[i] = "eos"
-            for i in (active if step == max_new_tokens - 1 else active[done]).tolist():
-                decode_s[i] = now
-        if step == max_new_tokens - 1 or done.all():
-            break
-        if done.any():  # finished rows leave the batch
-            keep = (~done).nonzero().flatten()
-            keep_dev = keep.to(device)
-            active, tokens = active[keep], tokens[keep]
-            cache.keep_rows(keep_dev)
-            key_valid, next_pos = key_valid[keep_dev], next_pos[keep_dev]
-            seen = seen[keep_dev] if seen is not None else None
-        # one decode step for the rows still running
-        slot = T + step
-        key_valid[:, slot] = True
-        x = lm.embed_tokens(tokens.to(device)[:, None])  # (b, 1, D)
-        positions = next_pos[None, :, None].expand(3, -1, 1)  # (3, b, 1)
-        mask = key_valid[:, None, None, : slot + 1]  # (b, 1, 1, S)
-        hidden = decode_step(x, positions, mask, cache, start=slot)
-        logits = model.lm_head(hidden[:, -1])
-        next_pos = next_pos + 1
-
-    sequences = out[:, : T + steps]
+    steps = max(t.generated for t in timings)
+    sequences = torch.full((B, T + steps), settings.pad, dtype=torch.long)
+    sequences[:, :T] = input_ids.cpu()
+    sequences[:, T:] = engine.out[:B, :steps].cpu()
     if not return_dict_in_generate:
         return sequences
-    n_prompt = n_real.tolist()
-    rows = [RowResult(n_prompt[i], int(n_generated[i]), finish[i], vision_s, prefill_s, decode_s[i]) for i in range(B)]
+    rows = [RowResult(p.length, t.generated, t.reason, t.vision_s, t.prefill_s, t.decode_s)
+            for p, t in zip(batch.prompts, timings)]
     return GenerateOutput(sequences=sequences, rows=rows)
 
 
-def _seen_tokens(input_ids, valid, vocab_size):
-    """(B, V) bool: which token ids each row's real prompt tokens hold (padding is not a seen token)."""
-    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
-    rows, cols = valid.nonzero(as_tuple=True)
-    seen[rows, input_ids[rows, cols]] = True
-    return seen
+def _left_padded_mask(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
+    T = input_ids.shape[1]
+    valid = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)).bool()
+    n_real = valid.sum(-1)
+    if (n_real == 0).any():
+        raise ValueError(f"rows {(n_real == 0).nonzero().flatten().tolist()} have no tokens (attention_mask all 0)")
+    if not torch.equal(valid, torch.arange(T, device=valid.device)[None, :] >= (T - n_real)[:, None]):
+        raise ValueError("generate needs left-padded rows (attention_mask 0...0 1...1); pad on the left")
+    return valid
 
 
-def _choose(logits: torch.Tensor, p: SamplingParams, seen, generators) -> torch.Tensor:
-    """Next token per row from (b, V) logits: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
-    logits = logits.float()
-    bad = ~torch.isfinite(logits).all(-1)
-    if bad.any():  # e.g. an overflow in half precision: fail loudly rather than emit an arbitrary token
-        raise FloatingPointError(f"non-finite logits in batch rows {bad.nonzero().flatten().tolist()}")
-    if seen is not None:
-        penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if not p.do_sample:
-        return logits.argmax(-1).cpu()
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = logits.topk(p.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)  # ascending
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - p.top_p
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    cdf = logits.softmax(-1).cumsum(-1)  # (b, V), on the model's device
-    # one uniform per row from the row's own CPU generator, so seeding does not depend on the device
-    u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).float().to(cdf.device)
-    u = u * cdf[:, -1:]  # the cdf's last entry is 1 up to rounding
-    return torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1).flatten().cpu()
+def _run_settings(model, B, max_new_tokens, sampling, eos_token_id, pad_token_id, seed, max_batch_size,
+                  max_thinking_tokens, thinking_markers, compile_decode) -> RunSettings:
+    gen_cfg = model.generation_config
+    params = SamplingParams(
+        do_sample=bool(_setting("do_sample", sampling["do_sample"], gen_cfg)),
+        temperature=float(_setting("temperature", sampling["temperature"], gen_cfg)),
+        top_k=int(_setting("top_k", sampling["top_k"], gen_cfg)),
+        top_p=float(_setting("top_p", sampling["top_p"], gen_cfg)),
+        repetition_penalty=float(_setting("repetition_penalty", sampling["repetition_penalty"], gen_cfg)),
+    )
+    params.validate()
+    max_new = [int(n) for n in _per_row("max_new_tokens", _setting("max_new_tokens", max_new_tokens, gen_cfg), B)]
+    if min(max_new) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {min(max_new)}")
+    eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id", model.config.text.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.text.pad_token_id)
+    pad = int(pad if pad is not None else (eos[0] if eos else 0))
+    if seed is None:  # a fresh random seed per row
+        seed = torch.randint(0, 2**62, (B,)).tolist()
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    budgets = None
+    if max_thinking_tokens is not None:
+        budgets = [NO_BUDGET if b is None else int(b) for b in _per_row("max_thinking_tokens", max_thinking_tokens, B)]
+        if min(budgets) < 0:
+            raise ValueError(f"max_thinking_tokens must be >= 0, got {min(budgets)}")
+        thinking_markers = thinking_markers or _checkpoint_markers(model)
+    return RunSettings(params=params, eos=eos, pad=pad, max_new=max_new, seeds=_per_row("seed", seed, B),
+                       budgets=budgets, markers=thinking_markers, slots=min(max_batch_size or B, B),
+                       compile_decode=compile_decode)
 
 
-def _compiled(lm):
-    """torch.compile of the text model, made once per model (batch size and cache length are dynamic)."""
-    from glmv.cpu_kernels import is_packed
-
-    if is_packed(lm):
-        raise ValueError("compile_decode cannot trace oneDNN-packed CPU weights; load with fast_cpu=False")
-    if "_compiled" not in lm.__dict__:  # kept out of the module tree, so it is never a submodule or in state_dict
-        lm.__dict__["_compiled"] = torch.compile(lm, dynamic=True)
-    return lm.__dict__["_compiled"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _checkpoint_markers(model) -> ThinkingMarkers:
+    """The thinking markers of the model's own checkpoint, read once (tokenizer + processor family)."""
+    if "_thinking_markers" not in model.__dict__:
+        if not model.name_or_path:
+            raise ValueError("max_thinking_tokens: pass thinking_markers= (the model was not loaded from a folder)")
+        model.__dict__["_thinking_markers"] = markers_for_checkpoint(model.name_or_path)
+    return model.__dict__["_thinking_markers"]

@@ -1,24 +1,25 @@
 """Glm4vForConditionalGeneration: vision tower + text decoder + the multimodal glue between them.
 
 Module names mirror the checkpoint keys (`model.visual.*`, `model.language_model.*`, `lm_head.*`) so a state dict
-loads with no renaming.
+loads with no renaming. Besides transformers' calls (`from_pretrained`, `forward`, `generate`) the model offers the
+narrow interface generation runs on: `encode_vision`, `embed`, `new_cache`, `prefill`, `decode`.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from glmv.attention import Decode, KVCache, Prefill
 from glmv.config import Glm4vConfig
 from glmv.errors import InputError
+from glmv.generate import generate
+from glmv.positions import IMAGE, TEXT, VIDEO, rope_index  # noqa: F401  (TEXT re-exported)
 from glmv.text import TextModel, attention_mask_4d
 from glmv.vision import VisionTower
-
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values, as the processor writes them
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         self.model = Glm4vModel(config)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_config: dict = {}  # generation_config.json of the checkpoint, set by from_pretrained
+        self.name_or_path = ""  # the checkpoint folder, set by from_pretrained
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
@@ -66,9 +68,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         return self if unchanged else super().to(*args, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, **kwargs):
-        """Static-batch generation; see glmv.generate.generate for the arguments."""
-        from glmv.generate import generate
-
+        """Batched generation, transformers-like; see glmv.generate.generate for the arguments."""
         return generate(self, input_ids, **kwargs)
 
     @property
@@ -114,6 +114,23 @@ class Glm4vForConditionalGeneration(nn.Module):
                 x = x.masked_scatter(slots[..., None], features.to(x.dtype))
         return x
 
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        """An empty static KV cache of `slots` rows of `max_len` positions, in the model's dtype and device."""
+        cfg = self.config.text
+        return KVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
+                       self.device)
+
+    def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, batch: Prefill,
+                last: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Packed rows: embeds (N, D), position_ids (3, N) fill the rows' cache slots. Returns the logits (len(last),
+        V) at the packed indices `last` (each row's last token), or None when only the cache is wanted."""
+        hidden = self.model.language_model.prefill(embeds, position_ids, batch)
+        return None if last is None else self.lm_head(hidden[last])
+
+    def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, batch: Decode) -> torch.Tensor:
+        """One token per cache slot: tokens (B,), rope positions (B,) -> logits (B, V). Static shapes."""
+        return self.lm_head(self.model.language_model.decode_step(tokens, position_ids, batch))
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """mm_token_type_ids from input_ids, for callers that did not pass them: image placeholders inside a
         begin/end_of_video span are video frames (both use the image token id)."""
@@ -144,48 +161,3 @@ class Glm4vForConditionalGeneration(nn.Module):
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return ModelOutput(logits=self.lm_head(hidden))
-
-
-def rope_index(token_types: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
-               spatial_merge_size: int = 2):
-    """3-D M-RoPE positions for a left-padded batch.
-
-    Text tokens count up by one on all three axes. An image, or one frame of a video (frames are separated by
-    timestamp text, so each is its own (1, h, w) grid), starting at position s takes t = s, h = s + row, w = s + col
-    on its merged grid, and the text after it resumes at s + max(h, w) / merge.
-    Returns position_ids (3, B, T) (0 at padding) and deltas (B,): max position + 1 - number of real tokens, so
-    that a token generated after n real tokens sits at n + delta.
-    """
-    B, T = token_types.shape
-    grids = {IMAGE: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
-             VIDEO: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)]
-                         if video_grid_thw is not None else [])}
-    position_ids = torch.zeros(3, B, T, dtype=torch.long)
-    deltas = torch.zeros(B, dtype=torch.long)
-    for row in range(B):
-        valid = attention_mask[row].bool().cpu()
-        types = token_types[row].cpu()[valid].tolist()
-        pieces, pos = [], 0
-        for kind, group in itertools.groupby(types):
-            n = len(list(group))
-            if kind == TEXT:
-                pieces.append(torch.arange(pos, pos + n).expand(3, n))
-                pos += n
-                continue
-            try:
-                t, h, w = next(grids[kind])
-            except StopIteration:
-                raise InputError(f"row {row}: more {'image' if kind == IMAGE else 'video frame'} placeholder "
-                                 f"spans than grids in {'image' if kind == IMAGE else 'video'}_grid_thw") from None
-            h, w = h // spatial_merge_size, w // spatial_merge_size
-            if n != t * h * w:
-                raise InputError(f"row {row}: a placeholder span of {n} tokens does not match its grid "
-                                 f"({t}, {h * spatial_merge_size}, {w * spatial_merge_size})")
-            hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            pieces.append(torch.stack([torch.full((h * w,), pos), pos + hh.flatten(), pos + ww.flatten()]))
-            pos += max(h, w)
-        if pieces:
-            positions = torch.cat(pieces, dim=1)  # (3, n_valid)
-            position_ids[:, row, valid] = positions
-            deltas[row] = positions.max() + 1 - len(types)
-    return position_ids, deltas

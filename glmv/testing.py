@@ -1,6 +1,6 @@
 """Tiny random-weight GLM-V checkpoints in the exact Hugging Face layout, written without transformers.
 
-    python -m glmv.testing make-tiny OUT [--preset gqa|mha|bench] [--family glm41v|glm46v] [--seed N]
+    python -m glmv.testing make-tiny OUT [--preset gqa|mha|bench|bench-longtail] [--family glm41v|glm46v] [--seed N]
 
 No real GLM-V weights can be fetched here, so tests, benchmarks and the demo run on these. The layout is the one of
 the released checkpoints: config.json, sharded safetensors with an index, generation_config.json, tokenizer.json +
@@ -72,6 +72,13 @@ PRESETS = {
     ),
 }
 
+PRESETS["bench-longtail"] = PRESETS["bench"]
+# The long-tail preset scales the lm_head rows of two eos tokens (<|endoftext|>, <|user|>) so that greedy rows stop
+# at scattered lengths, like real captions. Up to 256 new tokens, 8 images x 3 prompts: bench_generate's workload
+# stops at a median of ~27 new tokens (quartiles ~12/130, 3 of 24 at the limit), bench_pipeline's corpus with the
+# caption/ocr/reasoning prompts at ~32 (quartiles ~17/117, 2 of 24 past 250). Same weights for every implementation.
+EOS_SCALES = {"bench-longtail": (1.4, 2.0)}
+
 FAMILIES = {
     "glm41v": dict(template="glm41v_chat_template.jinja", processor="Glm4vProcessor",
                    image_processor="Glm4vImageProcessor", video_processor="Glm4vVideoProcessor"),
@@ -128,6 +135,8 @@ def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str = "glm41v", s
     config.validate()
 
     state = random_state_dict(Glm4vForConditionalGeneration, config, seed)
+    for token, scale in zip(eos, EOS_SCALES.get(preset, ())):
+        state["lm_head.weight"][token] *= scale
     if max_shard_bytes is None:  # always shard (2+ files), like the real checkpoints
         max_shard_bytes = sum(t.numel() * t.element_size() for t in state.values()) // 2 + 1
     save_state_dict(state, out, max_shard_bytes)

@@ -7,6 +7,7 @@ Patch rows are ordered block-major over spatial_merge_size^2 windows, so the fin
 
 Numerics follow the reference implementation on purpose: RMSNorm statistics, rotary embedding and the learned
 position-table resampling run in float32 whatever the model dtype (this is what the checkpoints were made with).
+RMSNorm, the gated MLP and the rotary table are shared with the text decoder (`glmv.layers`).
 """
 
 from __future__ import annotations
@@ -16,32 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glmv.config import VisionConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), used by the vision blocks and the merger."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from glmv.layers import GatedMLP, RMSNorm, RotaryTable
 
 
 class PatchEmbed(nn.Module):
@@ -120,7 +96,7 @@ class VisionEmbeddings(nn.Module):
         return x + pos[0, :, :, 0].T.to(table.dtype)  # (N, D)
 
 
-class VisionTower(nn.Module):
+class VisionTower(RotaryTable, nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
@@ -132,22 +108,13 @@ class VisionTower(nn.Module):
         m = cfg.spatial_merge_size
         self.downsample = nn.Conv2d(cfg.hidden_size, cfg.out_hidden_size, kernel_size=m, stride=m)
         self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 4), persistent=False)
-        self.init_buffers()
+        self.register_rotary_table()
 
-    def init_buffers(self, device="cpu"):
-        """(Re)compute the non-persistent rotary table, e.g. after the model was built on the meta device.
-        An explicit device, because ops on meta tensors import ~150 MB of torch's symbolic machinery."""
-        half = self.cfg.head_dim // 2  # h and w each rotate with head_dim/4 frequencies (see rotary_2d)
-        exponent = torch.arange(0, half, 2, dtype=torch.float, device=device) / half
-        self.inv_freq = 1.0 / (self.cfg.rope_theta ** exponent)
+    def rotary_table_dim(self) -> int:
+        return self.cfg.head_dim // 2  # h and w each rotate with head_dim/4 frequencies (see rotary_2d)
 
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) would round the frequencies (angle errors grow with position): recompute them
-        # in float32 on wherever the module now lives.
-        super()._apply(fn, recurse)
-        self.init_buffers(self.inv_freq.device)
-        return self
+    def rotary_theta(self) -> float:
+        return self.cfg.rope_theta
 
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
@@ -162,8 +129,9 @@ class VisionTower(nn.Module):
         x = self.post_layernorm(x)
 
         m = self.cfg.spatial_merge_size
-        x = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2)  # (N/m^2, D, m, m): rows are block-major
-        x = self.downsample(x).flatten(1)  # (N/m^2, out_hidden)
+        x = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2).flatten(1)  # (N/m^2, D*m*m): rows are block-major
+        # the stride-m convolution over each m x m window as one matmul (several times faster than conv2d on CPU)
+        x = F.linear(x, self.downsample.weight.flatten(1), self.downsample.bias)  # (N/m^2, out_hidden)
         return self.merger(x)
 
     def rotary_2d(self, hw_pos: torch.Tensor):

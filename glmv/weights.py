@@ -167,6 +167,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     model.eval().requires_grad_(False)
     if fast_cpu and cpu_kernels.available(device, dtype):
         cpu_kernels.pack_linears(model)
+    model.name_or_path = str(path)
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
         try:

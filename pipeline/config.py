@@ -89,6 +89,7 @@ class BatchingConfig:
     max_frames: int = 0          # frames per video (evenly thinned from the checkpoint's sampling); 0 = no cap
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
     sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
+    mode: str = "refill"         # refill: stream a window through run.batch_size decode slots | static: fixed batches
     decode_batch_size: int = 32  # items per CPU decode task (fetched concurrently, then decoded)
 
 
@@ -127,6 +128,7 @@ class TaskSpec:
     prompt: str          # may contain {media}: "image" or "video"
     thinking: bool = False
     max_new_tokens: int = 0   # 0 = run.max_new_tokens
+    max_thinking_tokens: int = 0   # 0 = no budget; else a reasoning trace is closed after this many tokens
 
 
 @dataclass
@@ -166,7 +168,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
              "batching": BatchingConfig, "actors": ActorsConfig, "storage": StorageConfig, "ray": RayConfig,
              "demo": DemoConfig}
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
-            "input.format": ("files", "webdataset", "parquet")}
+            "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty",
              "run.stop_failure_rate", "run.stop_failure_window"}
@@ -258,6 +260,8 @@ def _build_task(name: str, values: Any) -> TaskSpec:
     if not 0 <= spec.max_new_tokens <= _AT_MOST["run.max_new_tokens"]:
         raise ConfigError(f"tasks.{name}.max_new_tokens: must be in [0, {_AT_MOST['run.max_new_tokens']}], got "
                           f"{spec.max_new_tokens}")
+    if spec.max_thinking_tokens < 0:
+        raise ConfigError(f"tasks.{name}.max_thinking_tokens: must be >= 0, got {spec.max_thinking_tokens}")
     return spec
 
 

@@ -145,7 +145,7 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
             item.error, item.data = crash_message(item.uri, "decoding", guard.poisoned(str(i))), None
         else:
             guard.at(str(i))
-            inject_crash(item.uri)
+            inject_crash("decode", item.uri)
             decode_one(item, loader, s.opts, source)
     guard.finished()
     return items_mod.to_table(todo, items_mod.extra_columns(batch))

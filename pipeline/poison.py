@@ -63,11 +63,12 @@ def crash_message(uri: str, stage: str, crashes: int) -> str:
             f"segfault or the out-of-memory killer); skipped")
 
 
-def inject_crash(uri: str) -> None:
-    """Test hook: with GLMV_TEST_CRASH_ON set, a URI containing it kills its worker with SIGSEGV, as a native
-    decoder's segfault would."""
-    marker = os.environ.get("GLMV_TEST_CRASH_ON")
-    if marker and marker in uri:
+def inject_crash(stage: str, uri: str) -> None:
+    """Test hook: with GLMV_TEST_CRASH_ON="<stage>:<text>" (stage `decode` or `model`), a URI containing the text
+    kills its worker with SIGSEGV at that stage, as a native decoder's segfault or a CUDA driver crash would."""
+    marker = os.environ.get("GLMV_TEST_CRASH_ON", "")
+    where, _, text = marker.partition(":")
+    if where == stage and text and text in uri:
         import signal
 
         os.kill(os.getpid(), signal.SIGSEGV)

@@ -1,8 +1,10 @@
 """The model actor: loads the checkpoint once, then turns windows of decoded items into one row per (item, task).
 
-Each call gets `run.batch_size * batching.sort_window` sequences' worth of items; sequences are sorted by their
-estimated prompt length and cut into static batches of `run.batch_size`, so rows of similar length share a batch
-and little compute goes to padding.
+Each call gets `run.batch_size * batching.sort_window` sequences' worth of items. `batching.mode = "refill"`: the
+window's sequences (per template switch) go to the model in one call that streams them through `run.batch_size`
+decode slots, a finished row's slot taking the next one, and the tasks of an item share its image encode and
+prompt prefix. `"static"`: sequences are sorted by estimated prompt length and cut into static batches of
+`run.batch_size`. Sampling seeds come from (run.seed, item id, task), so a text does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from glmv.sampling import row_seed
 from pipeline import items as items_mod
 from pipeline import output
 from pipeline.breaker import OUTAGE
 from pipeline.config import Config, TaskSpec
 from pipeline.items import Item
 from pipeline.media import restore
+from pipeline.poison import CrashGuard, crash_message, inject_crash
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ class Sequence:
     prompt: str
     thinking: bool
     max_new_tokens: int
+    max_thinking_tokens: int  # 0: no budget
     media: object        # glmv LoadedImage / LoadedVideo
     est_len: int         # estimated prompt tokens, for sorting
 
@@ -63,14 +68,14 @@ def resolve_device(cfg: Config) -> tuple[str, "object"]:
 class Predictor:
     """Ray Data actor class (`map_batches(Predictor, concurrency=N, num_gpus=G)`)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run_tag: str = ""):
         import torch
 
         from glmv.model import Glm4vForConditionalGeneration
         from glmv.output import parse_output
         from glmv.processor import Glm4vProcessor
 
-        self.cfg = cfg
+        self.cfg, self.run_tag = cfg, run_tag
         self.device, self.dtype = resolve_device(cfg)
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
@@ -106,7 +111,7 @@ class Predictor:
                 spec = self._spec(task, row)
                 prompt = self._prompt(spec, row)
                 seqs.append(Sequence(row, task, prompt, spec.thinking, spec.max_new_tokens or
-                                     self.cfg.run.max_new_tokens, media,
+                                     self.cfg.run.max_new_tokens, spec.max_thinking_tokens, media,
                                      estimated_tokens(item.frames_shape, item.media_type, prompt)))
         return seqs
 
@@ -120,18 +125,46 @@ class Predictor:
         items = items_mod.from_table(batch)
         out: list[dict] = []
         seqs = self._sequences(items, out)
-        seqs.sort(key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
-        bs = self.cfg.run.batch_size
-        i = 0
-        while i < len(seqs):
-            # a static batch shares its template switches and token budget
-            j = i
-            while j < len(seqs) and j - i < bs and (seqs[j].thinking, seqs[j].max_new_tokens) == (
-                    seqs[i].thinking, seqs[i].max_new_tokens):
-                j += 1
-            out.extend(self._run_batch(seqs[i:j]))
-            i = j
+        guard = CrashGuard(self.run_tag, "model", [it.id for it in items])
+        for k, group in enumerate(self._groups(seqs)):
+            out.extend(self._run_guarded(guard, f"call{k}", group))
+        guard.finished()
         return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
+
+    def _groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The generate calls of a window: in refill mode one per template switch (streamed through the slots),
+        in static mode batches of run.batch_size sorted by prompt length, sharing template switches and budget."""
+        if self.cfg.batching.mode == "refill":
+            return [g for g in ([s for s in seqs if not s.thinking], [s for s in seqs if s.thinking]) if g]
+        seqs = sorted(seqs, key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
+        groups, bs = [], self.cfg.run.batch_size
+        for s in seqs:
+            if groups and len(groups[-1]) < bs and (groups[-1][0].thinking, groups[-1][0].max_new_tokens) == (
+                    s.thinking, s.max_new_tokens):
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        return groups
+
+    def _run_guarded(self, guard: CrashGuard, position: str, seqs: list[Sequence]) -> list[dict]:
+        """A call that killed the actor before runs its sequences one by one; one that killed it twice is an
+        error row (pipeline.poison)."""
+        if not guard.poisoned(position):
+            guard.at(position)
+            for s in seqs:
+                inject_crash("model", s.row["uri"])
+            return self._run_batch(seqs)
+        rows = []
+        for s in seqs:
+            alone = f"{s.row['id']}:{s.task}"
+            if guard.gave_up(alone):
+                msg = crash_message(s.row["uri"], "running the model", guard.poisoned(alone))
+                rows.append(output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash))
+                continue
+            guard.at(alone)
+            inject_crash("model", s.row["uri"])
+            rows.extend(self._run_batch([s]))
+        return rows
 
     def _run_batch(self, seqs: list[Sequence]) -> list[dict]:
         try:
@@ -160,13 +193,16 @@ class Predictor:
         if "pixel_values_videos" in inputs:
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
         run = self.cfg.run
-        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k, top_p=run.top_p,
-                        seed=run.seed) if run.do_sample else dict(do_sample=False)
+        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k,
+                        top_p=run.top_p) if run.do_sample else dict(do_sample=False)
+        budgets = [s.max_thinking_tokens or None for s in seqs]
         prompt_len = inputs["input_ids"].shape[1]
         with torch.inference_mode():
-            result = self.model.generate(**inputs, max_new_tokens=seqs[0].max_new_tokens,
-                                         repetition_penalty=run.repetition_penalty, return_dict_in_generate=True,
-                                         **sampling)
+            result = self.model.generate(
+                **inputs, max_new_tokens=[s.max_new_tokens for s in seqs], repetition_penalty=run.repetition_penalty,
+                seed=[row_seed(run.seed, s.row["id"], s.task) for s in seqs], return_dict_in_generate=True,
+                max_batch_size=run.batch_size if self.cfg.batching.mode == "refill" else None,
+                max_thinking_tokens=budgets if any(budgets) else None, **sampling)
         texts = self.processor.batch_decode(result.sequences[:, prompt_len:].cpu(), skip_special_tokens=True)
         now = datetime.now(timezone.utc)
         rows = []

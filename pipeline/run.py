@@ -104,12 +104,13 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
     # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
     # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
-    # A worker that dies (a native decoder's segfault, the OOM killer) is retried a bounded number of times;
-    # pipeline.poison turns the item it died on into an error row within those retries.
+    # A worker that dies (a native decoder's segfault, the OOM killer, a crashing driver) is retried a bounded
+    # number of times, decode tasks and model actors alike; pipeline.poison turns the item it died on into an error
+    # row within those retries.
     ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg, run_tag)},
                         batch_size=block_rows, batch_format="pyarrow",
                         num_cpus=cfg.actors.decode_num_cpus, max_calls=1000, max_retries=poison.MAX_RETRIES)
-    ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg}, batch_size=items_per_call,
+    ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg, "run_tag": run_tag}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
                         num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus,
                         max_restarts=poison.MAX_RETRIES, max_task_retries=poison.MAX_RETRIES)

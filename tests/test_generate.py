@@ -51,27 +51,65 @@ def new_tokens_until_eos(sequences, prompt_len, eos):
     return rows
 
 
+_REFERENCE = {}
+
+
+def transformers_tokens(checkpoint, inputs):
+    """transformers' greedy new tokens (until eos) per row of the mixed batch, computed once per checkpoint."""
+    if checkpoint not in _REFERENCE:
+        ref = transformers.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        eos = set(ref.generation_config.eos_token_id)
+        expected = {}
+        # transformers cannot mix images and videos in one batch: image rows + text row, then video row + text row
+        for rows in ([0, 1, 3], [2, 3]):
+            sub = select_rows(inputs, rows)
+            out = ref.generate(**sub, max_new_tokens=NEW_TOKENS, do_sample=False)
+            for row, tokens in zip(rows, new_tokens_until_eos(out, sub["input_ids"].shape[1], eos)):
+                expected.setdefault(row, tokens)
+        _REFERENCE[checkpoint] = expected
+    return _REFERENCE[checkpoint]
+
+
+def count_admissions(monkeypatch):
+    """Record the prompts each admission round of the engine starts (a round after the first is a refill)."""
+    from glmv.engine import Engine
+
+    rounds, admit = [], Engine._admit
+
+    def spy(self, admitted):
+        rounds.append(sorted(p for _, p in admitted))
+        return admit(self, admitted)
+
+    monkeypatch.setattr(Engine, "_admit", spy)
+    return rounds
+
+
+@pytest.mark.parametrize("mode", ["static", "refill"])
 @pytest.mark.parametrize("preset", ["tiny_gqa", "tiny_mha"])
-def test_greedy_tokens_match_transformers_on_mixed_batch(preset, video_path, request):
+def test_greedy_tokens_match_transformers_on_mixed_batch(preset, mode, video_path, request, monkeypatch):
+    """Rows: two images, one image, a video, text only. In refill mode two slots serve the four rows, and row 1 has
+    a smaller budget, so rows 2 and 3 are admitted into freed slots while row 0 is still decoding."""
     checkpoint = request.getfixturevalue(preset)
-    inputs = mixed_batch(checkpoint, video_path)  # rows: two images, one image, video, text-only
+    inputs = mixed_batch(checkpoint, video_path)
     ours = glmv.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     eos = set(ours.generation_config["eos_token_id"])
-    got = new_tokens_until_eos(ours.generate(**inputs, max_new_tokens=NEW_TOKENS), inputs["input_ids"].shape[1], eos)
-
-    # transformers cannot mix images and videos in one batch: image rows + text row, then video row + text row
-    ref = transformers.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-    expected = {}
-    for rows in ([0, 1, 3], [2, 3]):
-        sub = select_rows(inputs, rows)
-        out = ref.generate(**sub, max_new_tokens=NEW_TOKENS, do_sample=False)
-        for row, tokens in zip(rows, new_tokens_until_eos(out, sub["input_ids"].shape[1], eos)):
-            expected.setdefault(row, tokens)
+    budgets = [NEW_TOKENS, 9, NEW_TOKENS, NEW_TOKENS] if mode == "refill" else NEW_TOKENS
+    rounds = count_admissions(monkeypatch)
+    out = ours.generate(**inputs, max_new_tokens=budgets, max_batch_size=2 if mode == "refill" else None,
+                        return_dict_in_generate=True)
+    T = inputs["input_ids"].shape[1]
+    got = [out.sequences[i, T:T + r.num_generated_tokens].tolist() for i, r in enumerate(out.rows)]
+    expected = transformers_tokens(checkpoint, inputs)
     for row in range(4):
-        print(f"row {row}: {len(got[row])} tokens, ends in eos: {got[row][-1] in eos}")
-        assert got[row] == expected[row], f"row {row} differs"
+        print(f"{mode} row {row}: {len(got[row])} tokens, ends in eos: {got[row][-1] in eos}")
+        want = expected[row][:9] if mode == "refill" and row == 1 else expected[row]
+        assert got[row] == want, f"row {row} differs"
     assert max(len(t) for t in got) >= 32
-    if preset == "tiny_gqa":  # on this checkpoint the video row stops early, so parity covers an eos mid-batch
+    if mode == "refill":
+        assert rounds[0] == [0, 1] and len(rounds) >= 2 and sorted(sum(rounds, [])) == [0, 1, 2, 3]
+    else:
+        assert rounds == [[0, 1, 2, 3]]
+    if preset == "tiny_gqa":  # on this checkpoint a row stops early, so parity covers an eos mid-batch
         assert any(t[-1] in eos and len(t) < NEW_TOKENS for t in got), "a row should stop early at eos"
 
 
@@ -128,7 +166,7 @@ def test_generation_defaults_come_from_generation_config(tiny_gqa):
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
     (dict(top_p=1.5), "top_p must be in"),
-    (dict(seed=[1, 2]), "got 2 seeds for a batch of 1 rows"),
+    (dict(seed=[1, 2]), "seed: got 2 values for a batch of 1 rows"),
     (dict(attention_mask=torch.tensor([[1, 1, 0]])), "needs left-padded rows"),
     (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"rows \[0\] have no tokens"),
 ])
@@ -161,7 +199,7 @@ def test_one_dimensional_ids_and_unseeded_sampling(tiny_gqa):
 
 def test_repetition_penalty_sees_real_prompt_tokens_only():
     """Token id 0 in a real position stays seen even where padding (also scattered at 0 before) sits beside it."""
-    from glmv.generate import _seen_tokens
+    from glmv.sampling import seen_tokens as _seen_tokens
 
     ids = torch.tensor([[9, 9, 0, 5], [0, 7, 7, 7]])
     valid = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]).bool()

@@ -58,6 +58,8 @@ def test_set_overrides_read_toml_values_and_bare_words(tmp_path):
     ("run.temperature=nan", "run.temperature"),
     ("batching.max_frames=1", "batching.max_frames"),
     ('tasks.chart={prompt="Read the chart.", name="other"}', "tasks.chart.name"),
+    ("batching.mode=dynamic", "batching.mode"),
+    ("tasks.reasoning.max_thinking_tokens=-1", "tasks.reasoning.max_thinking_tokens"),
 ])
 def test_bad_keys_and_values_are_rejected_with_the_key_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -2,6 +2,7 @@
 decoder's segfault would) becomes that item's error row; the run goes on and ends."""
 
 import pandas as pd
+import pytest
 
 from pipeline.poison import CRASHES_TO_GIVE_UP, CrashGuard
 from tests.pipeline_helpers import config_text, good_media, run_job, write_local
@@ -22,18 +23,20 @@ def test_crash_guard_counts_deaths_per_position(tmp_path, monkeypatch):
     assert CrashGuard("run1", "decode", ids).poisoned("1") == 0
 
 
-def test_a_worker_killed_by_a_signal_on_one_item_gives_an_error_row_and_the_run_ends(tiny_gqa, tmp_path):
+@pytest.mark.parametrize("stage, doing", [("decode", "decoding"), ("model", "running the model")])
+def test_a_worker_killed_by_a_signal_on_one_item_gives_an_error_row_and_the_run_ends(tiny_gqa, tmp_path, stage,
+                                                                                      doing):
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     files = good_media(num_images=6, num_videos=0)
     write_local(corpus, files)
     (corpus / "images" / "poison.png").write_bytes(next(iter(files.values())))
     cfg = tmp_path / "run.toml"
     cfg.write_text(config_text(str(corpus), str(out), str(tiny_gqa)))
-    result = run_job(cfg, "ray.num_cpus=2", "run.max_new_tokens=3", env={"GLMV_TEST_CRASH_ON": "poison.png"},
+    result = run_job(cfg, "ray.num_cpus=2", "run.max_new_tokens=3", env={"GLMV_TEST_CRASH_ON": f"{stage}:poison.png"},
                      timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     df = pd.read_parquet(out)
     assert len(df) == 7 and not df.duplicated(["id", "task"]).any()
     bad = df[df.uri.str.endswith("poison.png")].error.iloc[0]
-    assert bad.startswith(str(corpus / "images" / "poison.png")) and "worker crashed while decoding" in bad
+    assert bad.startswith(str(corpus / "images" / "poison.png")) and f"worker crashed while {doing}" in bad
     assert df[~df.uri.str.endswith("poison.png")].error.isna().all()

@@ -28,8 +28,9 @@ def setup(tiny_gqa, tmp_path_factory):
     return cfg, decoded, Predictor(cfg)
 
 
-def test_window_is_sorted_into_static_batches(setup):
+def test_window_is_sorted_into_static_batches(setup, monkeypatch):
     cfg, decoded, predictor = setup
+    monkeypatch.setattr(cfg.batching, "mode", "static")
     calls = []
     generate = predictor.model.generate
 
@@ -52,6 +53,26 @@ def test_window_is_sorted_into_static_batches(setup):
     assert lengths == sorted(lengths) and lengths[0] < lengths[-1]   # sorted by prompt length: less padding
     good = [r for r in rows if r["error"] is None]
     assert all(r["num_output_tokens"] >= 1 and r["model"] == cfg.model_name() for r in good)
+
+
+def test_refill_streams_the_window_through_the_slots_with_the_same_texts(setup, monkeypatch):
+    """batching.mode = "refill" (the default): one generate call per window and template switch, run.batch_size
+    slots, seeds from (run.seed, item id, task); greedy texts equal to static batches'."""
+    cfg, decoded, predictor = setup
+    assert cfg.batching.mode == "refill"
+    calls = []
+    generate = predictor.model.generate
+
+    def spy(**inputs):
+        calls.append((inputs["input_ids"].shape[0], inputs["max_batch_size"], len(set(inputs["seed"]))))
+        return generate(**inputs)
+
+    monkeypatch.setattr(predictor.model, "generate", spy)
+    refill = {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()}
+    assert calls == [(12, 3, 12)]
+    monkeypatch.setattr(cfg.batching, "mode", "static")
+    static = {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()}
+    assert refill == static and len(refill) == 14
 
 
 def test_a_failing_batch_is_retried_row_by_row(setup):
@@ -94,3 +115,23 @@ def test_videos_are_read_through_a_handle_not_whole(setup, tmp_path, monkeypatch
     item = Item(item_id(str(path)), str(path), "video", tasks=["caption"])
     row = decode.decode_batch(to_table([item]), DecodeSettings.from_config(cfg)).to_pylist()[0]
     assert row["error"] is None and row["num_frames"] >= 2 and row["duration_s"] == pytest.approx(3.0, abs=0.2)
+
+
+def test_per_task_thinking_budget_reaches_the_model(setup, tiny_gqa, monkeypatch):
+    cfg, decoded, _ = setup
+    budget_cfg = config.from_dict({"input": {"uri": cfg.input.uri}, "output": {"uri": cfg.output.uri},
+                                   "model": {"path": str(tiny_gqa)},
+                                   "run": {"tasks": ["caption", "ocr"], "batch_size": 4, "max_new_tokens": 3},
+                                   "tasks": {"ocr": {"max_thinking_tokens": 2}}})
+    predictor = Predictor(budget_cfg)
+    calls = []
+    generate = predictor.model.generate
+
+    def spy(**inputs):
+        calls.append(inputs["max_thinking_tokens"])
+        return generate(**inputs)
+
+    monkeypatch.setattr(predictor.model, "generate", spy)
+    rows = predictor(decoded.slice(0, 2)).to_pylist()
+    assert calls == [[None, 2, None, 2]]  # two items' caption (no budget) and ocr (budget 2) in one refill call
+    assert len(rows) == 4 and all(r["error"] is None for r in rows)

@@ -1,0 +1,225 @@
+"""glmv on a CUDA GPU: the real GLM-4.1V-9B shapes with random bf16 weights built on the device (no checkpoint).
+
+    .venv/bin/python bench/bench_gpu.py [--batches 1,16,64,128] [--context 1024] [--new-tokens 64] [--images 128]
+    .venv/bin/python bench/bench_gpu.py --smoke   # tiny shapes on whatever device there is: checks the script only
+
+Prints, each beside its roofline:
+- decode ms/step at each batch size (compile_decode on: torch.compile + a CUDA graph) vs the HBM roofline: decoder
+  weight bytes + the batch's KV bytes, over the bandwidth of a device-to-device copy measured here;
+- compile on vs off at one batch: ms/step both ways, and whether the greedy tokens are the same;
+- prefill tokens/s (packed rows) vs the bf16 FLOP roofline (2 x text parameters x tokens + attention, over the
+  throughput of a large bf16 matmul measured here);
+- vision images/s for ~1 MP images (1036 x 756: 3996 patches, 999 tokens each);
+- end to end images/s: `--images` image prompts through vision, prefill and decode with `--new-tokens` new tokens
+  each (eos ignored: random weights), refill over 64 slots, compile on.
+Figures are for random weights, so outputs are meaningless; the shapes and the work are the real model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(config, device=DEVICE, dtype=torch.bfloat16):
+    """Glm4vForConditionalGeneration with random unit-gain weights, made in `dtype` on the device (for the 9B
+    shapes: ~20 GB, no float32 copy)."""
+    import glmv
+    from glmv.weights import build_on_meta
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in dtype (the rotary tables stay float32)
+    try:
+        model = build_on_meta(glmv.Glm4vForConditionalGeneration, config).to_empty(device=device)
+    finally:
+        torch.set_default_dtype(default)
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, device=device, dtype=dtype)
+        if p.dim() == 1:
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
+        else:
+            p.copy_(noise * (1.0 if "embed" in name else 1 / math.sqrt(math.prod(p.shape[1:]))))
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device)
+    model.eval().requires_grad_(False)
+    model.generation_config = {"eos_token_id": [], "pad_token_id": config.text.pad_token_id}
+    return model
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), best of a few."""
+    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=DEVICE)
+    y = torch.empty_like(x)
+    best = min(timed(lambda: y.copy_(x))[0] for _ in range(5))
+    return 2 * x.numel() / best
+
+
+def matmul_flops(n: int = 8192, dtype=torch.bfloat16) -> float:
+    """FLOP/s of a large matmul in the model's dtype, best of a few."""
+    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    best = min(timed(lambda: [a @ b for _ in range(10)])[0] for _ in range(5)) / 10
+    return 2 * n**3 / best
+
+
+def text_prompts(model, rows: int, length: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 100000, (rows, length), generator=g)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": torch.ones_like(ids).to(DEVICE)}
+
+
+def image_prompts(model, images: int, grid=(1, 54, 74), prompt_tokens: int = 12, seed: int = 0):
+    """Image prompts in the GLM-4.1V template's token layout, with random pixels."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    n_image = math.prod(grid) // c.vision.spatial_merge_size ** 2
+    head = [151331, 151333, 151336, 198, c.image_start_token_id]  # [gMASK] <sop> <|user|> \n <|begin_of_image|>
+    rows = []
+    for _ in range(images):
+        prompt = torch.randint(1000, 100000, (prompt_tokens,), generator=g).tolist()
+        rows.append(head + [c.image_token_id] * n_image + [c.image_end_token_id] + prompt + [151337, 198])
+    ids = torch.tensor(rows)
+    patch = 3 * c.vision.temporal_patch_size * c.vision.patch_size ** 2
+    pixels = torch.randn(images * math.prod(grid), patch, generator=g)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": torch.ones_like(ids).to(DEVICE),
+            "pixel_values": pixels.to(DEVICE, model.dtype), "image_grid_thw": torch.tensor([grid] * images)}
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def decode_sweep(model, args, bandwidth):
+    cfg = model.config.text
+    decoder = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
+    decoder += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    kv_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    print(f"\ndecode ({args.context}-token context, {args.new_tokens} new tokens, compile_decode={args.compile}); "
+          f"memory {bandwidth / 1e12:.2f} TB/s (device copy), decoder weights {decoder / 2**30:.2f} GiB")
+    print(f"{'batch':>6} {'ms/step':>8} {'roofline ms':>12} {'of roofline':>12} {'tokens/s':>10}")
+    for batch in args.batches:
+        inputs = text_prompts(model, batch, args.context)
+        model.generate(**inputs, max_new_tokens=4, compile_decode=args.compile)  # compile for this shape
+        out = model.generate(**inputs, max_new_tokens=args.new_tokens, compile_decode=args.compile,
+                             return_dict_in_generate=True)
+        step_s = max(r.decode_s for r in out.rows) / (args.new_tokens - 1)
+        kv = batch * (args.context + args.new_tokens / 2) * kv_token
+        roof = (decoder + kv) / bandwidth
+        print(f"{batch:>6} {1000 * step_s:8.2f} {1000 * roof:12.2f} {roof / step_s:11.0%} {batch / step_s:10.0f}")
+
+
+def compile_on_off(model, args):
+    batch = args.batches[-2] if len(args.batches) > 1 else args.batches[0]
+    inputs = text_prompts(model, batch, args.context, seed=1)
+    results = {}
+    for compiled in (False, True):
+        model.generate(**inputs, max_new_tokens=4, compile_decode=compiled)
+        out = model.generate(**inputs, max_new_tokens=args.new_tokens, compile_decode=compiled,
+                             return_dict_in_generate=True)
+        results[compiled] = (max(r.decode_s for r in out.rows) / (args.new_tokens - 1), out.sequences)
+    (off_s, off_seq), (on_s, on_seq) = results[False], results[True]
+    same = sum(torch.equal(a, b) for a, b in zip(off_seq, on_seq))
+    print(f"\ncompile_decode at batch {batch}: off {1000 * off_s:.2f} ms/step, on {1000 * on_s:.2f} ms/step "
+          f"({off_s / on_s:.2f}x); rows with identical greedy tokens: {same}/{batch} (bf16: near-ties may flip)")
+
+
+def prefill(model, args, flops):
+    cfg = model.config.text
+    params = sum(p.numel() for p in model.model.language_model.layers.parameters()) + model.lm_head.weight.numel()
+    print(f"\nprefill (packed rows); {model.dtype} matmul {flops / 1e12:.1f} TFLOP/s measured")
+    print(f"{'rows x tokens':>14} {'s':>7} {'tokens/s':>10} {'roofline tokens/s':>18} {'of roofline':>12}")
+    for rows, length in args.prefill_shapes:
+        inputs = text_prompts(model, rows, length, seed=2)
+        model.generate(**inputs, max_new_tokens=1)
+        seconds = model.generate(**inputs, max_new_tokens=1, return_dict_in_generate=True).rows[0].prefill_s
+        tokens = rows * length
+        # matmuls + causal attention (QK^T and PV: 2 * 2 * L^2/2 * H * Dh per row and layer)
+        work = 2 * params * tokens + rows * cfg.num_hidden_layers * 2 * length**2 * cfg.hidden_size
+        print(f"{f'{rows} x {length}':>14} {seconds:7.3f} {tokens / seconds:10.0f} {tokens * flops / work:18.0f} "
+              f"{work / flops / seconds:11.0%}")
+
+
+def vision(model, args, images: int = 16):
+    inputs = image_prompts(model, images, grid=args.grid)
+    encode = lambda: model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])  # noqa: E731
+    encode()
+    seconds, _ = timed(encode)
+    _, h, w = args.grid
+    print(f"\nvision: {images} images of {w * 14} x {h * 14} px ({h * w} patches each) in {seconds:.3f}s: "
+          f"{images / seconds:.1f} images/s")
+
+
+def end_to_end(model, args):
+    inputs = image_prompts(model, args.images, grid=args.grid, seed=3)
+    slots = min(64, args.images)
+    kw = dict(max_new_tokens=args.new_tokens, max_batch_size=slots, compile_decode=args.compile)
+    model.generate(**image_prompts(model, 2, grid=args.grid, seed=4), **{**kw, "max_new_tokens": 4})  # warm-up
+    seconds, out = timed(lambda: model.generate(**inputs, **kw))
+    print(f"\nend to end: {args.images} images x {args.new_tokens} new tokens, refill over {slots} slots, "
+          f"compile_decode={args.compile}: "
+          f"{seconds:.1f}s, {args.images / seconds:.2f} images/s, {args.images * args.new_tokens / seconds:.0f} "
+          f"generated tokens/s")
+
+
+def main() -> None:
+    from glmv.config import Glm4vConfig
+    from glmv.testing import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,16,64,128")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,compile,prefill,vision,e2e")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, small sizes: checks that the script runs")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.grid, args.prefill_shapes, config = (1, 54, 74), [(1, 4096), (8, 1024), (16, 2048)], Glm4vConfig()
+    if args.smoke:
+        args.batches, args.context, args.new_tokens, args.images = [1, 4], 48, 6, 4
+        args.grid, args.prefill_shapes, config = (1, 8, 8), [(2, 64)], PRESETS["gqa"]
+    elif DEVICE != "cuda":
+        raise SystemExit("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False); --smoke runs tiny "
+                         "shapes anywhere")
+    args.compile = DEVICE == "cuda"  # on CPU torch.compile cannot trace glmv's default fast path: off there
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    skip = set(args.skip.split(",")) - {""}
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}{' (smoke: tiny shapes)' if args.smoke else ''}")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model = build_model(config, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"{'tiny' if args.smoke else 'GLM-4.1V-9B'} shapes, random {dtype} weights: {params:.2f} B parameters "
+          f"built in {time.perf_counter() - t0:.1f}s")
+    size = 0.0625 if args.smoke else 2.0
+    bandwidth, flops = copy_bandwidth(size), matmul_flops(1024 if args.smoke else 8192, dtype)
+    parts = {"decode": lambda: decode_sweep(model, args, bandwidth), "compile": lambda: compile_on_off(model, args),
+             "prefill": lambda: prefill(model, args, flops), "vision": lambda: vision(model, args),
+             "e2e": lambda: end_to_end(model, args)}
+    for part, run in parts.items():
+        if part not in skip and not (part == "compile" and not args.compile):
+            run()
+    if DEVICE == "cuda":
+        print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Attention for the text decoder: a static per-layer KV cache and the three ways a layer attends.
+
+- `Dense`: a whole (left-padded) batch at once with no cache: `model.forward`, used for logits.
+- `Prefill`: the real tokens of several rows packed into one sequence (no padding compute). Row r's tokens are written
+  to its cache slot at positions start_r.. and attend causally to that slot's first start_r + n_r keys, so a row can
+  continue a prompt prefix already in its slot (a shared prefix copied there).
+- `Decode`: one token per slot, every slot at its own position; shapes never change during a run (CUDA graphs).
+
+The cache is laid out (slots, max_len, H_kv, Dh) per layer, so that flattening it gives the packed (tokens, H_kv, Dh)
+layout of flash attention's variable-length kernel. On CUDA in half precision, prefill and decode run that kernel
+(`torch.nn.attention.varlen.varlen_attn`: no mask, GQA native, causal bottom-right, per-slot key counts); elsewhere
+SDPA: per row with `is_causal` (flash-eligible) or a lower-right causal bias, and for decode the query heads of a
+KV group folded into the query length so that a plain boolean mask works without repeating keys per head.
+GLMV_ATTENTION=sdpa forces SDPA everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.9
+    varlen_attn = None
+
+
+def use_varlen(like: torch.Tensor) -> bool:
+    """Whether prefill/decode over a cache like `like` should use flash attention's variable-length kernel."""
+    return (varlen_attn is not None and like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("GLMV_ATTENTION", "auto") != "sdpa")
+
+
+class KVCache:
+    """Keys and values of every layer: k[layer], v[layer] each (slots, max_len, H_kv, Dh), written in place."""
+
+    def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (slots, max_len, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    def copy_slot(self, dst: int, source: "KVCache", src: int, length: int) -> None:
+        """Copy the first `length` positions of `source`'s slot `src` into our slot `dst` (a shared prefix)."""
+        for mine, theirs in zip(self.k + self.v, source.k + source.v):
+            mine[dst, :length] = theirs[src, :length]
+
+
+class Dense:
+    """A (B, T) batch with no cache; mask (B, 1, T, T) bool, or None for plain causal rows without padding."""
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+
+    def __call__(self, layer: int, q, k, v):
+        """q (B, T, H, Dh), k/v (B, T, H_kv, Dh) -> (B, T, H, Dh)."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None and q.shape[2] > 1,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2)
+
+
+class Prefill:
+    """Packed rows: row r has lengths[r] new tokens for cache slot slots[r], starting at position starts[r]."""
+
+    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int], varlen: bool = False):
+        if sorted(slots) != slots or len(set(slots)) != len(slots):
+            raise ValueError(f"prefill rows must go to distinct cache slots in ascending order, got {slots}")
+        self.cache, self.slots, self.starts, self.lengths, self.varlen = cache, slots, starts, lengths, varlen
+        device = cache.k[0].device
+        self.slot_index = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)  # (N,)
+        self.pos_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)  # (N,)
+        if varlen:  # queries packed back to back; each row's keys are its slot in the flattened cache
+            ends = [s + n for s, n in zip(starts, lengths)]
+            self.cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+            self.cu_k = torch.tensor([s * cache.max_len for s in slots] + [(slots[-1] + 1) * cache.max_len],
+                                     dtype=torch.int32, device=device)
+            self.used_k = torch.tensor(ends, dtype=torch.int32, device=device)
+            self.max_q, self.max_k = max(lengths), max(ends)
+
+    def __call__(self, layer: int, q, k, v):
+        """q (1, N, H, Dh), k/v (1, N, H_kv, Dh) -> (1, N, H, Dh)."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys[self.slot_index, self.pos_index] = k[0]
+        values[self.slot_index, self.pos_index] = v[0]
+        if self.varlen:
+            y = varlen_attn(q[0], keys.flatten(0, 1), values.flatten(0, 1), self.cu_q, self.cu_k, self.max_q,
+                            self.max_k, window_size=(-1, 0), enable_gqa=True, seqused_k=self.used_k)
+            return y[None]
+        out, offset = [], 0
+        for slot, start, n in zip(self.slots, self.starts, self.lengths):
+            q_row = q[:, offset:offset + n].transpose(1, 2)  # (1, H, n, Dh)
+            k_row = keys[slot:slot + 1, :start + n].transpose(1, 2)  # (1, H_kv, start + n, Dh)
+            v_row = values[slot:slot + 1, :start + n].transpose(1, 2)
+            bias = causal_lower_right(n, start + n) if start else None
+            y = F.scaled_dot_product_attention(q_row, k_row, v_row, attn_mask=bias, is_causal=bias is None,
+                                               enable_gqa=q_row.shape[1] != k_row.shape[1])
+            out.append(y.transpose(1, 2))
+            offset += n
+        return torch.cat(out, dim=1)
+
+
+class Decode:
+    """One new token per slot, written at positions[s]; it attends to its slot's keys 0..positions[s].
+
+    kv_len bounds the keys read by SDPA (>= every position + 1); keep it fixed for a static-shape step. varlen: use
+    flash attention's variable-length kernel (see `use_varlen`), which reads each slot's keys up to its position.
+    """
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, kv_len: int, varlen: bool = False):
+        self.cache, self.positions, self.kv_len, self.varlen = cache, positions, kv_len, varlen
+        self.slot_index = torch.arange(cache.slots, device=positions.device)
+        self.mask = None  # built on first use by the SDPA path, then shared by all layers
+        self.used_k = None
+
+    def __call__(self, layer: int, q, k, v):
+        """q (B, 1, H, Dh), k/v (B, 1, H_kv, Dh) -> (B, 1, H, Dh)."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys[self.slot_index, self.positions] = k[:, 0]
+        values[self.slot_index, self.positions] = v[:, 0]
+        B, _, H, Dh = q.shape
+        if self.varlen:
+            return self._varlen(q, keys, values).view(B, 1, H, Dh)
+        if self.mask is None:
+            self.mask = torch.arange(self.kv_len, device=q.device) <= self.positions[:, None]  # (B, S)
+            self.mask = self.mask[:, None, None, :]  # (B, 1, 1, S)
+        kv_heads = keys.shape[2]
+        q = q.view(B, kv_heads, H // kv_heads, Dh)  # the query heads of one KV group as its query rows
+        keys = keys[:, :self.kv_len].transpose(1, 2)  # (B, H_kv, S, Dh)
+        values = values[:, :self.kv_len].transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)  # (B, H_kv, G, Dh)
+        return y.reshape(B, 1, H, Dh)
+
+    def _varlen(self, q, keys, values):
+        B, S = keys.shape[0], keys.shape[1]
+        if self.used_k is None:
+            self.cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+            self.cu_k = self.cu_q * S
+            self.used_k = (self.positions + 1).to(torch.int32)
+        return varlen_attn(q[:, 0], keys.flatten(0, 1), values.flatten(0, 1), self.cu_q, self.cu_k, 1, S,
+                           enable_gqa=True, seqused_k=self.used_k)
+

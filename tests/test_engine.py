@@ -1,0 +1,273 @@
+"""The generation engine: shared prefixes, per-(item, task) seeds in every mode, the thinking budget, the module
+contract of the CPU fast path, and the library's import graph."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import glmv
+from glmv.engine import Engine
+from glmv.sampling import row_seed
+from glmv.thinking import ThinkingMarkers, markers_for_checkpoint
+from test_model_parity import random_image
+
+PROMPTS = ["Describe this image.", "Read all the text in the image.", "Give a short caption."]
+
+
+def conversation(image, prompt):
+    content = [{"type": "image", "image": image}] if image is not None else []
+    return [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+
+
+@pytest.fixture(scope="module")
+def item_batch(tiny_gqa):
+    """Rows: image A x 3 tasks, image B x 1 task, a text-only row, image A's first task again at the end."""
+    processor = glmv.Glm4vProcessor.from_pretrained(tiny_gqa)
+    a, b = random_image(84, 112, 11), random_image(56, 56, 12)
+    conversations = [conversation(a, p) for p in PROMPTS] + [conversation(b, PROMPTS[0]),
+                                                             conversation(None, "Tell me a story."),
+                                                             conversation(a, PROMPTS[1])]
+    batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True, return_tensors="pt", padding=True)
+    alone = [processor.apply_chat_template([c], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", padding=True) for c in conversations]
+    return batch, alone
+
+
+def new_tokens(out, prompt_len):
+    return [out.sequences[i, prompt_len:prompt_len + r.num_generated_tokens].tolist() for i, r in enumerate(out.rows)]
+
+
+def spy(monkeypatch, obj, name, record):
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        record(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapper)
+
+
+def test_shared_prefix_rows_equal_the_same_rows_alone(tiny_gqa, item_batch, monkeypatch):
+    batch, alone = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    settings = dict(max_new_tokens=24, eos_token_id=[], return_dict_in_generate=True)
+    expected = [new_tokens(model.generate(**row, **settings), row["input_ids"].shape[1])[0] for row in alone]
+
+    encoded, prefilled = [], []
+    spy(monkeypatch, model, "encode_vision", lambda pixels=None, grid=None, *rest: encoded.append(
+        0 if grid is None else len(grid)) or None)
+    spy(monkeypatch, model, "prefill", lambda x, *rest, **kw: prefilled.append(x.shape[0]))
+    out = model.generate(**batch, max_batch_size=2, **settings)
+    assert new_tokens(out, batch["input_ids"].shape[1]) == expected
+    assert sum(encoded) == 2, "image A (four rows) and image B are each encoded once"
+    lengths = [r.num_prompt_tokens for r in out.rows]
+    image_tokens = int((batch["mm_token_type_ids"][0] == 1).sum())
+    assert sum(prefilled) <= sum(lengths) - 3 * image_tokens, "A's prefix is prefilled once for its four rows"
+
+
+def test_media_are_shared_only_when_identical(tiny_gqa):
+    from glmv.prompts import build
+
+    processor = glmv.Glm4vProcessor.from_pretrained(tiny_gqa)
+    a, a_copy, c = random_image(56, 84, 3), random_image(56, 84, 3), random_image(56, 84, 4)  # c: same size as a
+    inputs = processor([f"<|begin_of_image|><|image|><|end_of_image|>{t}" for t in ("x y", "x z", "x y")],
+                       images=[a, a_copy, c], return_tensors="pt", padding=True)
+    valid = inputs["attention_mask"].bool()
+    batch = build(inputs["input_ids"], valid, inputs["mm_token_type_ids"], inputs["pixel_values"],
+                  inputs["image_grid_thw"])
+    assert len(batch.media) == 2 and [p.media for p in batch.prompts] == [[0], [0], [1]]
+    assert [g.members for g in batch.groups] == [[0, 1]]
+    first, second = batch.prompts[0], batch.prompts[1]
+    differs = int((first.ids != second.ids).nonzero()[0])  # the last word
+    assert first.media_end < batch.groups[0].length == differs < first.length
+    alone = build(inputs["input_ids"], valid, inputs["mm_token_type_ids"], inputs["pixel_values"],
+                  inputs["image_grid_thw"], share_prefix=False)
+    assert alone.groups == [] and len(alone.media) == 2
+
+
+def test_seeded_samples_depend_on_seed_item_and_task_only(tiny_gqa, item_batch):
+    batch, alone = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    settings = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.98, eos_token_id=[],
+                    repetition_penalty=1.1, return_dict_in_generate=True)
+    items = ["a", "a", "a", "b", "t", "a2"]  # the last row repeats item a's second task as another item
+    tasks = ["caption", "ocr", "short", "caption", "story", "ocr"]
+    seeds = [row_seed(7, item, task) for item, task in zip(items, tasks)]
+    T = batch["input_ids"].shape[1]
+    static = new_tokens(model.generate(**batch, seed=seeds, share_prefix=False, **settings), T)
+    refill = new_tokens(model.generate(**batch, seed=seeds, max_batch_size=2, **settings), T)
+    single = new_tokens(model.generate(**batch, seed=seeds, max_batch_size=1, **settings), T)
+    assert static == refill == single
+    for i in (0, 3, 4):
+        one = model.generate(**alone[i], seed=[seeds[i]], **settings)
+        assert new_tokens(one, alone[i]["input_ids"].shape[1])[0] == static[i]
+    assert static[1] != static[5], "the same prompt of two items must draw different streams"
+    same_item = new_tokens(model.generate(**batch, seed=seeds[:5] + [seeds[1]], **settings), T)
+    assert same_item[5] == same_item[1] == static[1]
+
+
+def test_thinking_budget_closes_the_block_and_the_row_answers(tiny_gqa):
+    processor = glmv.Glm4vProcessor.from_pretrained(tiny_gqa)
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    markers = markers_for_checkpoint(tiny_gqa)
+    tok = processor.tokenizer
+    assert markers == ThinkingMarkers(tok.convert_tokens_to_ids("<think>"),
+                                      (tok.convert_tokens_to_ids("</think>"), tok.convert_tokens_to_ids("<answer>")))
+    prompts = ["<|user|>\nWhy is the sky blue?<|assistant|>\n<think>", "<|user|>\nHello<|assistant|>\n<think>"]
+    inputs = processor(prompts, return_tensors="pt", padding=True)
+    T = inputs["input_ids"].shape[1]
+    free = model.generate(**inputs, max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True)
+    budget = model.generate(**inputs, max_new_tokens=20, eos_token_id=[], max_thinking_tokens=[5, None],
+                            return_dict_in_generate=True)
+    got = new_tokens(budget, T)
+    close = list(markers.close_ids)
+    assert close not in [new_tokens(free, T)[0][i:i + 2] for i in range(19)], "the free row should not close"
+    assert got[0][:5] == new_tokens(free, T)[0][:5] and got[0][5:7] == close
+    assert got[1] == new_tokens(free, T)[1], "a row without a budget is untouched"
+    assert [r.finish_reason for r in budget.rows] == ["length", "length"]
+    # the answer ends at eos: that row's finish_reason tells that its reasoning was cut
+    answer_end = got[0][7]
+    ended = model.generate(**inputs, max_new_tokens=20, eos_token_id=[answer_end], max_thinking_tokens=5,
+                           return_dict_in_generate=True)
+    assert ended.rows[0].finish_reason == "thinking_budget" and ended.rows[0].num_generated_tokens == 8
+
+
+def test_glm46v_answer_follows_a_newline(tiny_glm46v):
+    tok = glmv.Glm4vProcessor.from_pretrained(tiny_glm46v).tokenizer
+    markers = markers_for_checkpoint(tiny_glm46v)
+    assert markers.close_ids == (tok.convert_tokens_to_ids("</think>"), *tok.encode("\n", add_special_tokens=False))
+
+
+def test_fast_cpu_model_lists_and_saves_every_weight(tiny_gqa):
+    from glmv.cpu_kernels import is_packed
+
+    fast = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    plain = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, fast_cpu=False)
+    assert is_packed(fast) and not is_packed(plain)
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    ours, theirs = fast.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    other = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    for p in other.parameters():
+        if p.layout == torch.strided:
+            p.zero_()
+    other.load_state_dict(theirs)
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, fast(ids).logits)
+
+
+def test_generation_arguments_are_checked(tiny_gqa):
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        model.generate(input_ids=ids, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_thinking_tokens must be >= 0"):
+        model.generate(input_ids=ids, max_thinking_tokens=-1)
+    with pytest.raises(ValueError, match="max_new_tokens: got 2 values for a batch of 1 rows"):
+        model.generate(input_ids=ids, max_new_tokens=[3, 4])
+
+
+def test_engine_keeps_static_shapes(tiny_gqa, monkeypatch):
+    """Every decode step of a run sees the same tensor shapes, however rows come and go (CUDA-graph ready)."""
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    shapes = set()
+    spy(monkeypatch, model, "decode", lambda tokens, positions, batch: shapes.add(
+        (tuple(tokens.shape), tuple(positions.shape), tuple(batch.cache.k[0].shape))))
+    ids = torch.tensor([[3, 4, 5, 6], [0, 7, 8, 9], [0, 0, 5, 5]])
+    model.generate(input_ids=ids, attention_mask=(ids > 0).long(), max_new_tokens=[3, 9, 5], max_batch_size=2,
+                   eos_token_id=[])
+    assert len(shapes) == 1 and next(iter(shapes))[0] == (2,)
+    assert Engine.__module__ == "glmv.engine"
+
+
+def test_glmv_has_no_import_cycles():
+    """Imports between glmv modules (top level and inside functions) form no cycle: model -> generate -> engine ...
+    never back to model."""
+    root = Path(glmv.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        name = path.stem
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("glmv"):
+                target = node.module.split(".")[1] if "." in node.module else None
+                deps.update([target] if target else [a.name for a in node.names])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("glmv."))
+        graph[name] = {d for d in deps if (root / f"{d}.py").exists() and d != name}
+    graph.pop("__init__")
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"
+        for dep in graph.get(node, ()):
+            visit(dep, stack + [node])
+
+    for module in graph:
+        visit(module, [])
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False,
+                          seqused_k=None, **_):
+    """torch.nn.attention.varlen.varlen_attn's documented semantics in plain SDPA, for CPU: sequence i has queries
+    cu_seq_q[i]:cu_seq_q[i+1] and its first seqused_k[i] keys from cu_seq_k[i]; window (-1, 0) is causal aligned to
+    the bottom right (the last query sees every key)."""
+    out = torch.empty_like(q)
+    for i in range(len(cu_seq_q) - 1):
+        q0, q1, k0 = int(cu_seq_q[i]), int(cu_seq_q[i + 1]), int(cu_seq_k[i])
+        n_k = int(seqused_k[i]) if seqused_k is not None else int(cu_seq_k[i + 1]) - k0
+        assert q1 - q0 <= max_q and n_k <= max_k
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k0 + n_k], v[k0:k0 + n_k]))
+        mask = None
+        if tuple(window_size) == (-1, 0):
+            mask = torch.arange(n_k)[None, :] <= torch.arange(n_k - (q1 - q0), n_k)[:, None]
+        y = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=enable_gqa)
+        out[q0:q1] = y[0].transpose(0, 1)
+    return out
+
+
+def test_flash_varlen_path_gives_the_same_tokens(tiny_gqa, item_batch, monkeypatch):
+    """The CUDA path's packing (cu_seq offsets into the flattened cache, per-slot key counts, prefix offsets) run on
+    CPU through a reference of the kernel's semantics: the same tokens as the SDPA path."""
+    from glmv import attention, engine
+
+    batch, _ = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    kw = dict(max_new_tokens=12, eos_token_id=[], max_batch_size=3, return_dict_in_generate=True)
+    T = batch["input_ids"].shape[1]
+    expected = new_tokens(model.generate(**batch, **kw), T)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return reference_varlen_attn(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "varlen_attn", counted)
+    monkeypatch.setattr(engine, "use_varlen", lambda like: True)
+    assert new_tokens(model.generate(**batch, **kw), T) == expected
+    assert calls and 3 in calls, "decode steps of 3 slots went through varlen"
+
+
+def test_prefill_and_vision_passes_are_split_to_fit_their_budgets(tiny_gqa, item_batch, monkeypatch):
+    from glmv import engine
+
+    batch, _ = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    kw = dict(max_new_tokens=6, eos_token_id=[], max_batch_size=4, return_dict_in_generate=True)
+    T = batch["input_ids"].shape[1]
+    expected = new_tokens(model.generate(**batch, **kw), T)
+    passes, vision = [], []
+    spy(monkeypatch, model, "encode_vision", lambda *args: vision.append(1))
+    spy(monkeypatch, model, "prefill", lambda x, positions, batch, **kw: passes.append((x.shape[0],
+                                                                                      len(batch.lengths))))
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", 40)
+    monkeypatch.setattr(engine, "VISION_PATCHES", 30)
+    assert new_tokens(model.generate(**batch, **kw), T) == expected
+    assert len(passes) >= 3 and all(tokens <= 40 or rows == 1 for tokens, rows in passes)
+    assert len(vision) >= 2, "image A (48 patches) and B (16) exceed 30 patches together"
+    assert any(rows > 1 for _, rows in passes), "short rows still share a pass"
+    assert engine.chunks([1, 2, 3, 4], [30, 20, 50, 5], 50) == [[1, 2], [3], [4]]
