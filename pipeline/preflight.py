@@ -156,8 +156,8 @@ def _check_bucket(key: str, uri: str, fs, bucket: str, opts: StorageOptions) -> 
 def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool = True) -> list[str]:
     """Warnings about the actors' plan on a cluster with `cluster_resources` (ray.cluster_resources()); raises
     ConfigError for a plan that can never run: more GPUs or CPUs than the cluster has, or actors that leave no CPU
-    for the listing and decode tasks (the run would wait forever at 0%). strict=False (an autoscaling cluster,
-    whose resources appear later) turns those errors into warnings."""
+    for the decode tasks (the run would wait forever at 0%; read tasks hold no CPU). strict=False (an autoscaling
+    cluster, whose resources appear later) turns those errors into warnings."""
     cpus, gpus = float(cluster_resources.get("CPU", 0)), float(cluster_resources.get("GPU", 0))
     need_cpus, need_gpus = actors.count * actors.num_cpus, actors.count * actors.num_gpus
     problems, warnings = [], []
@@ -165,14 +165,11 @@ def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool 
         problems.append(f"actors: {actors.count} actor(s) x actors.num_gpus {actors.num_gpus:g} = {need_gpus:g} "
                         f"GPUs, the cluster has {gpus:g}")
     free = cpus - need_cpus
-    task_cpus = max(1.0, actors.decode_num_cpus)   # the listing read task takes 1 CPU, a decode task its own
+    task_cpus = actors.decode_num_cpus   # read tasks and repartitioning hold no CPU; a decode task holds this
     if free < task_cpus:
         problems.append(f"actors: {actors.count} actor(s) x actors.num_cpus {actors.num_cpus:g} take {need_cpus:g} "
-                        f"of the cluster's {cpus:g} CPUs, leaving {max(free, 0):g}; listing and decoding need "
-                        f"{task_cpus:g}, so no input could ever be read. Lower actors.num_cpus or actors.count")
-    elif free < 1 + actors.decode_num_cpus:
-        warnings.append(f"actors: the model actors leave {free:g} of {cpus:g} CPUs: listing and decoding cannot run "
-                        f"at the same time, so the model waits on them")
+                        f"of the cluster's {cpus:g} CPUs, leaving {max(free, 0):g}; a decode task needs "
+                        f"{task_cpus:g}, so no input could ever be decoded. Lower actors.num_cpus or actors.count")
     if gpus and not need_gpus:
         warnings.append(f"actors.num_gpus is 0 but the cluster has {gpus:g} GPU(s): the model runs on CPU")
     if problems and strict:
