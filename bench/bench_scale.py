@@ -148,8 +148,8 @@ def synth_done_output(root: Path, done: int, pending: int, fingerprint_of) -> tu
         rows = {name: pa.nulls(n, t) for name, t in zip(output.SCHEMA.names, output.SCHEMA.types)}
         rows.update(id=pa.array([item_id(u) for u in uris]), uri=pa.array(uris), task=pa.array(["caption"] * n),
                     text=pa.array(["a caption"] * n), processed_at=pa.repeat(now, n))
-        pq.write_table(pa.Table.from_pydict(rows, schema=output.SCHEMA), out / f"part-synth-{f:06d}.parquet",
-                       compression="zstd")
+        name = f"part-20260101-000000-0000beef-{f:06d}.parquet"   # named as a run of ours names them
+        pq.write_table(pa.Table.from_pydict(rows, schema=output.SCHEMA), out / name, compression="zstd")
         # a finished run's records count every task of the run: manifests may add their rows' own prompts
         ledger.records[f"{path}#0.0"] = ledger.records[str(path)] = {"caption": n, "prompt": 0}
     ledger.fold()

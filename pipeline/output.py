@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -72,6 +73,14 @@ def output_schema(key_column: bool, extra: pa.Schema | None) -> pa.Schema:
             raise ConfigError(f"input.keep_columns: {f.name!r} is already an output column")
         fields.append(f)
     return pa.schema(fields)
+
+
+RESULT_NAME = re.compile(r"part-\d{8}-\d{6}-[0-9a-f]{8}-\d{6}\.parquet")   # part-<run tag>-<n>.parquet
+
+
+def is_ours(name: str) -> bool:
+    """Named as a run of ours names its result files (anything else under the prefix is someone else's)."""
+    return RESULT_NAME.fullmatch(name) is not None
 
 
 def result_files(fs, root: str, opts: StorageOptions) -> list[str]:

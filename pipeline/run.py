@@ -184,6 +184,9 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
         ledger.forget()
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
     existing = output.result_files(writer.fs, writer.root, opts)
+    for name in [n for n in existing if not output.is_ours(n)]:
+        progress.quarantine(state, name, "not a result file of this pipeline (foreign name)")
+        existing.remove(name)
     resume = ledger.load(lambda: existing)
     if resume.scanned and not existing:
         ledger.mark_trusted()   # a new output: the records cover everything from its first row on

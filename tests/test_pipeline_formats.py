@@ -20,7 +20,8 @@ from PIL import Image
 from pipeline import config
 from pipeline.items import item_id
 from pipeline.run import run
-from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, read_output, s3fs_for, wait_for)
+from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, read_output, s3fs_for, wait_for,
+                                    write_local)
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,23 @@ def test_kill_dash_9_mid_shard_then_resume_gives_exactly_once(tiny_gqa, tmp_path
     # and a third run has nothing left to do, without reading the input again
     third = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert "3 of 3 input unit(s) finished" in third.stdout and "done: 0 (item, task) rows" in third.stdout
+
+
+def test_torn_and_foreign_files_in_the_output_are_set_aside_and_the_rerun_completes(local_ray, tiny_gqa, tmp_path,
+                                                                                   caplog):
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, good_media(num_images=12, num_videos=0))
+    input_toml = f'uri = "{corpus}"\n'
+    _run(tmp_path, input_toml, tiny_gqa)
+    files = sorted(out.glob("part-*.parquet"))
+    assert len(pd.read_parquet(out)) == 12 and len(files) >= 2
+    files[0].write_bytes(files[0].read_bytes()[:-50])             # cut short by another tool
+    pq.write_table(pa.table({"x": [1]}), out / "notes.parquet")     # someone else's file
+    (out / "_state" / "progress.json").unlink()                     # as an output of an earlier version: scanned
+    with caplog.at_level("WARNING"):
+        cfg, summary = _run(tmp_path, input_toml, tiny_gqa)
+    assert files[0].name in caplog.text and "notes.parquet" in caplog.text
+    assert sorted(p.name for p in (out / "_state" / "quarantine").iterdir()) == sorted([files[0].name,
+                                                                                         "notes.parquet"])
+    df = pd.read_parquet(out)   # readable again, every item once: the torn file's rows were redone
+    assert len(df) == 12 and not df.duplicated(["id", "task"]).any() and summary.done >= 1
