@@ -27,11 +27,12 @@ gpu-check: $(VENV)/.test-ready
 	$(PY) bench/bench_gpu.py
 
 # The run-time environment: the small CPU build of torch from the local wheel cache. A complete test
-# environment is a superset of it, so it is reused as is.
+# environment is a superset of it, so it is reused as is; a torch already there (a stale test environment's
+# 2.14.1) is kept, since putting 2.13.0 under its torchvision breaks the tests' imports.
 $(VENV)/.demo-ready: pyproject.toml
 	@if [ -f $(VENV)/.test-ready ] && [ $(VENV)/.test-ready -nt pyproject.toml ]; then touch $@; else \
 	  set -e; [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
-	  $(PIP) install -q torch==2.13.0; \
+	  $(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0; \
 	  $(PIP) install -q -e .; \
 	  touch $@; fi
 
