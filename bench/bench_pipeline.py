@@ -9,7 +9,7 @@ pipeline/config.py, as the job's model actor builds them), greedy, up to `--max-
 - transformers: the seed's plain way, transformers' processor + `Glm4vForConditionalGeneration.generate`, one task
   at a time in batches of `--batch-size` images (float32 CPU);
 - direct: glmv called in one process the way the job's model actor calls it: windows of the same items, one
-  `generate` per window and template switch streaming its rows through `--batch-size` decode slots;
+  `generate` per window (template switches mixed) streaming its rows through `--batch-size` decode slots;
 - job: `jobs/caption.py` as a subprocess on the same corpus and model, start-up included (Ray, model load,
   listing, decoding, writing the Parquet and the run report).
 Every side loads the model inside its timed span and runs with the same torch thread count. Each side runs in its
@@ -71,7 +71,8 @@ def job_config(args) -> dict:
         "input": {"uri": args.corpus}, "output": {"uri": args.out, "rows_per_file": 64},
         "model": {"path": args.model, "dtype": "float32", "device": "cpu"},
         "run": {"tasks": TASKS, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens},
-        "batching": {"mode": "refill"},   # the direct side makes the calls the actor makes in this mode
+        # the direct side makes the calls the actor makes in this mode
+        "batching": {"mode": "refill", **({"sort_window": args.sort_window} if args.sort_window else {})},
         "actors": {"count": 1, "num_gpus": 0, "num_cpus": args.threads},
         "ray": {"address": "local", "num_cpus": args.threads + 1},
     }
@@ -141,7 +142,7 @@ def run_transformers(args) -> dict:
     return {"seconds": end - start, "load_s": loaded - start, "peak_rss_mb": peak_rss_mb(), "rows": rows}
 
 
-def windows(paths: list[Path], args) -> list[list[Path]]:
+def windows(paths: list, args) -> list[list]:
     """The job's model-actor calls: `run.batch_size * batching.sort_window` sequences' worth of items each (as
     pipeline/run.py sizes them)."""
     from pipeline import config
@@ -152,8 +153,8 @@ def windows(paths: list[Path], args) -> list[list[Path]]:
 
 
 def run_direct(args) -> dict:
-    """glmv in one process, called as the job's model actor calls it: per window of items and template switch,
-    one generate whose rows (item by item, task by task) stream through `--batch-size` decode slots."""
+    """glmv in one process, called as the job's model actor calls it: per window of items, one generate whose rows
+    (item by item, task by task, template switches mixed) stream through `--batch-size` decode slots."""
     import torch
 
     from glmv.model import Glm4vForConditionalGeneration
@@ -169,22 +170,19 @@ def run_direct(args) -> dict:
     rows = {}
     for window in windows(paths, args):
         images = [processor.load_image(p) for p in window]   # decoded once per item, as the job's decode stage does
-        for thinking in (False, True):
-            work = [(p, img, task, prompt) for p, img in zip(window, images)
-                    for task, prompt, think in specs if think == thinking]
-            if not work:
-                continue
-            convs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": prompt}]}]
-                     for _, img, _, prompt in work]
-            inputs = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                   return_tensors="pt", padding=True, enable_thinking=thinking)
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                     max_batch_size=args.batch_size, return_dict_in_generate=True)
-            texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            for (path, _, task, _), text, info in zip(work, texts, out.rows):
-                rows[f"{path.name}\t{task}"] = {"text": text, "prompt_tokens": int(info.num_prompt_tokens),
-                                                "output_tokens": int(info.num_generated_tokens)}
+        work = [(p, img, task, prompt, thinking) for p, img in zip(window, images) for task, prompt, thinking in specs]
+        convs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": prompt}]}]
+                 for _, img, _, prompt, _ in work]
+        prompts = [processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=thinking)
+                   for conv, (*_, thinking) in zip(convs, work)]
+        inputs = processor.encode_rendered(prompts, convs, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 max_batch_size=args.batch_size, return_dict_in_generate=True)
+        texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for (path, _, task, _, _), text, info in zip(work, texts, out.rows):
+            rows[f"{path.name}\t{task}"] = {"text": text, "prompt_tokens": int(info.num_prompt_tokens),
+                                            "output_tokens": int(info.num_generated_tokens)}
     end = time.perf_counter()
     return {"seconds": end - start, "load_s": loaded - start, "peak_rss_mb": peak_rss_mb(), "rows": rows}
 
@@ -275,8 +273,8 @@ def run_side(side: str, args, tmp: Path, repeat: int) -> dict:
     workdir = tmp / f"{side}-{repeat}"
     workdir.mkdir()
     side_args = ["--items", str(args.items), "--batch-size", str(args.batch_size), "--max-new-tokens",
-                 str(args.max_new_tokens), "--threads", str(args.threads), "--model", str(args.model),
-                 "--corpus", str(args.corpus), "--out", str(workdir / "output")]
+                 str(args.max_new_tokens), "--threads", str(args.threads), "--sort-window", str(args.sort_window),
+                 "--model", str(args.model), "--corpus", str(args.corpus), "--out", str(workdir / "output")]
     if side == "job":
         return run_job(parse_args(side_args), workdir)
     proc = subprocess.run([sys.executable, __file__, *side_args, "--side", side], capture_output=True, text=True,
@@ -290,7 +288,8 @@ def print_sides(args, runs: dict[str, list[dict]], best: dict[str, dict]) -> Non
     pairs = args.items * len(TASKS)
     print(f"work: {args.items} images x {len(TASKS)} tasks ({', '.join(TASKS)}) = {pairs} pairs, bench-longtail "
           f"model, batch {args.batch_size}, up to {args.max_new_tokens} new tokens, greedy, {args.threads} torch "
-          f"thread(s), CPU float32; best of {args.repeats} alternating runs per side")
+          f"thread(s), CPU float32, {len(windows(list(range(args.items)), args))} model call(s) of at most "
+          f"{len(windows(list(range(args.items)), args)[0])} images; best of {args.repeats} alternating runs per side")
     print("all runs (s): " + "; ".join(f"{side} " + ", ".join(f"{r['seconds']:.1f}" for r in rs)
                                        for side, rs in runs.items()))
     print(f"{'side':>13} {'items/s':>8} {'pairs/s':>8} {'wall s':>7} {'load s':>7} {'peak RSS MiB':>13}")
@@ -349,6 +348,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model (every side)")
+    parser.add_argument("--sort-window", type=int, default=0, help="batching.sort_window (default: the config's)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     parser.add_argument("--side", choices=["transformers", "direct"], help=argparse.SUPPRESS)
@@ -371,7 +371,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         tmp = Path(tmp)
         args.model = str(make_checkpoint(tmp / "model"))
-        args.corpus = str(tmp / "corpus")
+        args.corpus, args.out = str(tmp / "corpus"), str(tmp / "output")   # the config's paths (each side its own)
         make_corpus(Path(args.corpus), args.items)
         runs: dict[str, list[dict]] = {side: [] for side in sides}
         # alternate the sides so that a change in the machine's load hits all alike; keep each side's best

@@ -300,6 +300,18 @@ class Glm4vProcessor:
         )
         if not tokenize:
             return prompts if batched else prompts[0]
+        out = self.encode_rendered(prompts, conversations, padding=padding, return_tensors=return_tensors,
+                                   device=device, processor_kwargs=processor_kwargs)
+        return out if return_dict else out["input_ids"]
+
+    def encode_rendered(self, prompts: list[str], conversations: list[list[dict]], *, padding: bool | str = False,
+                        return_tensors: str | None = None, device: torch.device | str | None = None,
+                        processor_kwargs: dict | None = None) -> BatchFeature:
+        """Model inputs for prompts already rendered from these conversations (the second half of
+        `apply_chat_template(tokenize=True)`). Lets one batch hold rows rendered with different template switches,
+        e.g. `enable_thinking` on for some rows and off for others."""
+        if len(prompts) != len(conversations):
+            raise ValueError(f"{len(prompts)} prompts for {len(conversations)} conversations")
         images, videos = [], []
         for conv in conversations:
             conv_images, conv_videos = _media_of(conv)
@@ -308,9 +320,8 @@ class Glm4vProcessor:
         bos = self.tokenizer.bos_token
         kwargs = dict(processor_kwargs or {})
         kwargs.setdefault("add_special_tokens", not (bos and prompts[0].startswith(bos)))
-        out = self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
-                   padding=padding, return_tensors=return_tensors, device=device, **kwargs)
-        return out if return_dict else out["input_ids"]
+        return self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
+                    padding=padding, return_tensors=return_tensors, device=device, **kwargs)
 
     # ---- decoding ---------------------------------------------------------------------------------------------
 

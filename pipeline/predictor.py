@@ -1,7 +1,7 @@
 """The model actor: loads the checkpoint once, then turns windows of decoded items into one row per (item, task).
 
 Each call gets `run.batch_size * batching.sort_window` sequences' worth of items. `batching.mode = "refill"`: the
-window's sequences (per template switch) go to the model in one call that streams them through `run.batch_size`
+window's sequences (template switches mixed) go to the model in one call that streams them through `run.batch_size`
 decode slots, a finished row's slot taking the next one, and the tasks of an item share its image encode and
 prompt prefix. `"static"`: sequences are sorted by estimated prompt length and cut into static batches of
 `run.batch_size`. Sampling seeds come from (run.seed, item id, task), so a text does not depend on its batch.
@@ -132,10 +132,11 @@ class Predictor:
         return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
 
     def _groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """The generate calls of a window: in refill mode one per template switch (streamed through the slots),
-        in static mode batches of run.batch_size sorted by prompt length, sharing template switches and budget."""
+        """The generate calls of a window: in refill mode one (streamed through the slots), in static mode batches
+        of run.batch_size sorted by prompt length, sharing template switches and budget."""
         if self.cfg.batching.mode == "refill":
-            return [g for g in ([s for s in seqs if not s.thinking], [s for s in seqs if s.thinking]) if g]
+            # one call, template switches mixed: every extra call ends with slots idle while its longest rows finish
+            return [seqs] if seqs else []
         seqs = sorted(seqs, key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
         groups, bs = [], self.cfg.run.batch_size
         for s in seqs:
@@ -183,10 +184,15 @@ class Predictor:
 
         conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
                                                         {"type": "text", "text": s.prompt}]}] for s in seqs]
-        inputs = self.processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, return_tensors="pt", padding=True,
-                                                    enable_thinking=seqs[0].thinking,
-                                                    device=self.device)  # patchify the uint8 frames on the GPU
+        prompts = [""] * len(seqs)
+        for thinking in {s.thinking for s in seqs}:
+            rows = [i for i, s in enumerate(seqs) if s.thinking == thinking]
+            rendered = self.processor.apply_chat_template([conversations[i] for i in rows], add_generation_prompt=True,
+                                                          enable_thinking=thinking)
+            for i, text in zip(rows, rendered):
+                prompts[i] = text
+        inputs = self.processor.encode_rendered(prompts, conversations, padding=True, return_tensors="pt",
+                                                device=self.device)  # patchify the uint8 frames on the GPU
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)

@@ -1,6 +1,7 @@
 """The model actor on its own (no Ray): decoded rows in, one row per (item, task) out; windows sorted by prompt
 length into static batches; a failing batch is retried row by row and only the bad row becomes an error row."""
 
+import pyarrow as pa
 import pytest
 
 from pipeline import config, output
@@ -56,7 +57,7 @@ def test_window_is_sorted_into_static_batches(setup, monkeypatch):
 
 
 def test_refill_streams_the_window_through_the_slots_with_the_same_texts(setup, monkeypatch):
-    """batching.mode = "refill" (the default): one generate call per window and template switch, run.batch_size
+    """batching.mode = "refill" (the default): one generate call per window, run.batch_size
     slots, seeds from (run.seed, item id, task); greedy texts equal to static batches'."""
     cfg, decoded, predictor = setup
     assert cfg.batching.mode == "refill"
@@ -135,3 +136,38 @@ def test_per_task_thinking_budget_reaches_the_model(setup, tiny_gqa, monkeypatch
     rows = predictor(decoded.slice(0, 2)).to_pylist()
     assert calls == [[None, 2, None, 2]]  # two items' caption (no budget) and ocr (budget 2) in one refill call
     assert len(rows) == 4 and all(r["error"] is None for r in rows)
+
+
+def test_refill_mixes_template_switches_in_one_call(setup, tiny_glm46v, monkeypatch):
+    """A thinking task (reasoning) and a plain one (caption) share one refill call, so the window drains its slots
+    once; every row's prompt and text equal those of static batches, which render each switch apart."""
+    cfg, decoded, _ = setup
+    mixed_cfg = config.from_dict({"input": {"uri": cfg.input.uri}, "output": {"uri": cfg.output.uri},
+                                  "model": {"path": str(tiny_glm46v)},
+                                  "run": {"tasks": ["caption", "reasoning"], "batch_size": 2, "max_new_tokens": 4}})
+    predictor = Predictor(mixed_cfg)
+    calls = []
+    generate = predictor.model.generate
+
+    def spy(**inputs):
+        calls.append(inputs["input_ids"].shape[0])
+        return generate(**inputs)
+
+    monkeypatch.setattr(predictor.model, "generate", spy)
+
+    window = decoded.slice(0, 3)
+    tasks = window.schema.get_field_index("tasks")
+    window = window.set_column(tasks, window.schema.field(tasks),
+                               pa.array([["caption", "reasoning"]] * 3, window.schema.field(tasks).type))
+
+    def run():
+        rows = predictor(window).to_pylist()
+        return {(r["id"], r["task"]): (r["num_input_tokens"], r["text"]) for r in rows if r["error"] is None}
+
+    refill = run()
+    assert calls == [6]
+    monkeypatch.setattr(mixed_cfg.batching, "mode", "static")
+    calls.clear()
+    static = run()
+    assert calls == [2, 1, 2, 1]   # static batches never mix switches
+    assert refill == static and len(refill) == 6

@@ -101,3 +101,30 @@ def test_batch_decode_accepts_tensors_arrays_and_lists(tiny_gqa):
     assert processor.batch_decode(np.array(ids), skip_special_tokens=True) == expected
     assert processor.batch_decode(ids, skip_special_tokens=True) == expected
     assert processor.post_process_image_text_to_text(torch.tensor(ids)) == expected
+
+
+def test_encode_rendered_batches_rows_rendered_with_different_template_switches(tiny_glm46v):
+    """What the model actor does for a window holding thinking and non-thinking tasks: each row equals the same
+    conversation run through apply_chat_template(tokenize=True) with its own switch (ids unpadded, pixels, grids).
+    The GLM-4.6V template is the one whose text depends on enable_thinking."""
+    processor = Glm46VProcessor.from_pretrained(tiny_glm46v)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((56, 84), (112, 140))]
+    convs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
+             for img in images for text in ("Describe it.", "Think, then answer.")]
+    switches = [False, True, True, False]
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=True, enable_thinking=t)
+               for c, t in zip(convs, switches)]
+    # the switch changes the rendered text, so rows rendered apart really differ in more than their prompt
+    assert processor.apply_chat_template(convs[0], add_generation_prompt=True, enable_thinking=True) != prompts[0]
+    mixed = processor.encode_rendered(prompts, convs, padding=True, return_tensors="pt")
+    for row, (conv, thinking) in enumerate(zip(convs, switches)):
+        alone = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              return_tensors="pt", enable_thinking=thinking)
+        n = int(mixed.attention_mask[row].sum())
+        assert torch.equal(mixed.input_ids[row, -n:], alone.input_ids[0])
+        assert torch.equal(mixed.mm_token_type_ids[row, -n:], alone.mm_token_type_ids[0])
+        start = int(mixed.image_grid_thw[:row].prod(-1).sum())
+        assert torch.equal(mixed.pixel_values[start:start + len(alone.pixel_values)], alone.pixel_values)
+    with pytest.raises(ValueError, match="3 prompts for 4 conversations"):
+        processor.encode_rendered(prompts[:3], convs)
