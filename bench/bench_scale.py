@@ -311,8 +311,9 @@ def main() -> int:
     if not args.skip_ratio:
         print("\n## 4. tiny model: pipeline / direct (bench/bench_pipeline.py)", flush=True)
         proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--items", "48",
-                               "--repeats", "1"], capture_output=True, text=True)
-        print("\n".join("  " + line for line in proc.stdout.strip().splitlines()[-6:]))
+                               "--repeats", "1", "--sides", "direct,job"], capture_output=True, text=True)
+        print("\n".join("  " + line for line in proc.stdout.strip().splitlines()
+                         if line.startswith(("work:", "ratio job/direct", "texts identical"))))
 
     print("\n## extrapolation (2 cores, local disk)")
     first = {r["done"]: r["first_new_s"] for r in resume}
