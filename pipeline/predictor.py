@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from glmv.sampling import row_seed
 from pipeline import items as items_mod
 from pipeline import output
 from pipeline.breaker import OUTAGE
@@ -181,6 +180,8 @@ class Predictor:
 
     def _generate(self, seqs: list[Sequence]) -> list[dict]:
         import torch
+
+        from glmv.sampling import row_seed
 
         conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
                                                         {"type": "text", "text": s.prompt}]}] for s in seqs]
