@@ -11,7 +11,7 @@ def test_packages_import_without_ray_in_glmv():
 
 def test_the_driver_imports_no_torch():
     """The job's driver lists, tracks and writes; torch is for decode tasks and model actors. Importing it there
-    cost ~3 s of every start and ~300 MB of driver memory."""
+    cost ~3.5 s of every start and ~630 MiB of driver memory."""
     import subprocess
 
     code = ("import sys, jobs.caption, pipeline.run, pipeline.report; "
