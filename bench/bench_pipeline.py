@@ -286,10 +286,11 @@ def run_side(side: str, args, tmp: Path, repeat: int) -> dict:
 
 def print_sides(args, runs: dict[str, list[dict]], best: dict[str, dict]) -> None:
     pairs = args.items * len(TASKS)
+    calls = windows(list(range(args.items)), args)
     print(f"work: {args.items} images x {len(TASKS)} tasks ({', '.join(TASKS)}) = {pairs} pairs, bench-longtail "
           f"model, batch {args.batch_size}, up to {args.max_new_tokens} new tokens, greedy, {args.threads} torch "
-          f"thread(s), CPU float32, {len(windows(list(range(args.items)), args))} model call(s) of at most "
-          f"{len(windows(list(range(args.items)), args)[0])} images; best of {args.repeats} alternating runs per side")
+          f"thread(s), CPU float32, {len(calls)} model call(s) of at most {len(calls[0])} images; best of "
+          f"{args.repeats} alternating runs per side")
     print("all runs (s): " + "; ".join(f"{side} " + ", ".join(f"{r['seconds']:.1f}" for r in rs)
                                        for side, rs in runs.items()))
     print(f"{'side':>13} {'items/s':>8} {'pairs/s':>8} {'wall s':>7} {'load s':>7} {'peak RSS MiB':>13}")

@@ -185,13 +185,9 @@ class Predictor:
 
         conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
                                                         {"type": "text", "text": s.prompt}]}] for s in seqs]
-        prompts = [""] * len(seqs)
-        for thinking in {s.thinking for s in seqs}:
-            rows = [i for i, s in enumerate(seqs) if s.thinking == thinking]
-            rendered = self.processor.apply_chat_template([conversations[i] for i in rows], add_generation_prompt=True,
-                                                          enable_thinking=thinking)
-            for i, text in zip(rows, rendered):
-                prompts[i] = text
+        # each row rendered with its own template switch (the compiled template is cached), then one batch
+        prompts = [self.processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=s.thinking)
+                   for conv, s in zip(conversations, seqs)]
         inputs = self.processor.encode_rendered(prompts, conversations, padding=True, return_tensors="pt",
                                                 device=self.device)  # patchify the uint8 frames on the GPU
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
