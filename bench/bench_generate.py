@@ -26,6 +26,7 @@ machine is shared).
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import time
@@ -34,6 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+# Both sides with their weights in huge pages, as glmv sets for itself at import: torch reads this once, at its
+# first CPU allocation, which has not happened yet here.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 PROMPTS = ["Describe this image in detail.", "Extract all text visible in this image, preserving line breaks.",
            "Look at this image carefully, reason step by step about what it shows, then give a short answer."]

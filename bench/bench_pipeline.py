@@ -43,6 +43,8 @@ TASKS = ["caption", "ocr", "reasoning"]
 # other process starve the model actor, while the in-process sides run at nice 0: give the job's workers the same
 # priority so that every side competes for the CPU alike.
 SIDE_ENV = {"transformers": {}, "direct": {}, "job": {"RAY_worker_niceness": "0"}}
+# Every side with its weights in huge pages, as glmv sets for itself at import; a value set by the caller wins.
+BASE_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def make_checkpoint(path: Path) -> Path:
@@ -249,7 +251,7 @@ def run_job(args, workdir: Path) -> dict:
 
     config = workdir / "job.toml"
     config.write_text(to_toml(job_config(args)))
-    env = {**os.environ, **SIDE_ENV["job"], "PYTHONPATH": str(REPO)}
+    env = {**BASE_ENV, **os.environ, **SIDE_ENV["job"], "PYTHONPATH": str(REPO)}
     with open(workdir / "job.log", "w") as log:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "caption.py"), "--config", str(config)],
@@ -278,7 +280,7 @@ def run_side(side: str, args, tmp: Path, repeat: int) -> dict:
     if side == "job":
         return run_job(parse_args(side_args), workdir)
     proc = subprocess.run([sys.executable, __file__, *side_args, "--side", side], capture_output=True, text=True,
-                          env={**os.environ, **SIDE_ENV[side]})
+                          env={**BASE_ENV, **os.environ, **SIDE_ENV[side]})
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
