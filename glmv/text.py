@@ -52,6 +52,8 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    fused_linears = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # packed as one weight on the CPU fast path
+
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
         self.layer = layer  # which cache layer this module reads and writes
@@ -64,9 +66,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rotation, attend: Dense | Prefill | Decode):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if "qkv_proj" in self._modules:  # (B, T, (H + 2 H_kv) * Dh)
+            q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_features, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         y = attend(self.layer, apply_rotary(q, rotation), apply_rotary(k, rotation), v)  # (B, T, H, Dh)
         return self.o_proj(y.reshape(B, T, -1))
 
