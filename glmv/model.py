@@ -124,8 +124,9 @@ class Glm4vForConditionalGeneration(nn.Module):
                 last: torch.Tensor | None = None) -> torch.Tensor | None:
         """Packed rows: embeds (N, D), position_ids (3, N) fill the rows' cache slots. Returns the logits (len(last),
         V) at the packed indices `last` (each row's last token), or None when only the cache is wanted."""
-        hidden = self.model.language_model.prefill(embeds, position_ids, batch)
-        return None if last is None else self.lm_head(hidden[last])
+        keep = last if last is not None else torch.zeros(0, dtype=torch.long, device=embeds.device)
+        hidden = self.model.language_model.prefill(embeds, position_ids, batch, keep)
+        return None if last is None else self.lm_head(hidden)
 
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, batch: Decode) -> torch.Tensor:
         """One token per cache slot: tokens (B,), rope positions (B,) -> logits (B, V). Static shapes."""

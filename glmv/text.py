@@ -64,7 +64,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, rotation, attend: Dense | Prefill | Decode):
+    def forward(self, x, rotation, attend: Dense | Prefill | Decode, keep: torch.Tensor | None = None):
+        """keep: the token indices whose output is wanted (all when None); every token's keys/values are written."""
         B, T, _ = x.shape
         if "qkv_proj" in self._modules:  # (B, T, (H + 2 H_kv) * Dh)
             q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_features, dim=-1)
@@ -74,7 +75,9 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         y = attend(self.layer, apply_rotary(q, rotation), apply_rotary(k, rotation), v)  # (B, T, H, Dh)
-        return self.o_proj(y.reshape(B, T, -1))
+        if keep is not None:
+            y = y[:, keep]  # (B, K, H, Dh)
+        return self.o_proj(y.flatten(2))
 
 
 class DecoderLayer(nn.Module):
@@ -87,8 +90,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rotation, attend):
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), rotation, attend))
+    def forward(self, x, rotation, attend, keep: torch.Tensor | None = None):
+        y = self.self_attn(self.input_layernorm(x), rotation, attend, keep)
+        if keep is not None:
+            x = x[:, keep]
+        x = x + self.post_self_attn_layernorm(y)
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -106,20 +112,22 @@ class TextModel(nn.Module):
         causal rows without padding -> hidden (B, T, D)."""
         return self._run(x, position_ids, Dense(mask))
 
-    def prefill(self, x: torch.Tensor, position_ids: torch.Tensor, batch: Prefill) -> torch.Tensor:
-        """Packed rows: x (N, D), position_ids (3, N) -> hidden (N, D); keys/values land in the rows' slots."""
-        return self._run(x[None], position_ids[:, None], batch)[0]
+    def prefill(self, x: torch.Tensor, position_ids: torch.Tensor, batch: Prefill, keep: torch.Tensor) -> torch.Tensor:
+        """Packed rows: x (N, D), position_ids (3, N) -> hidden (K, D) of the tokens at indices keep (K,); every
+        token's keys/values land in its row's slot. The last layer computes the rest (its output projection and
+        MLP, ~90% of its work) for the kept tokens only: a prompt's logits are wanted at its last token alone."""
+        return self._run(x[None], position_ids[:, None], batch, keep)[0]
 
     def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, batch: Decode) -> torch.Tensor:
         """One token per slot: tokens (B,), rope positions (B,) -> hidden (B, D). Static shapes."""
         x = self.embed_tokens(tokens)[:, None]  # (B, 1, D)
         return self._run(x, position_ids[None, :, None].expand(3, -1, 1), batch)[:, 0]
 
-    def _run(self, x, position_ids, attend) -> torch.Tensor:
+    def _run(self, x, position_ids, attend, keep: torch.Tensor | None = None) -> torch.Tensor:
         rotation = self.rotary(position_ids)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, rotation, attend)
-        return self.norm(x)
+        return self.norm(self.layers[-1](x, rotation, attend, keep))
 
 
 def attention_mask_4d(key_valid: torch.Tensor, query_len: int) -> torch.Tensor:
