@@ -132,9 +132,10 @@ class Decode:
         B, _, H, Dh = q.shape
         if self.varlen:
             return self._varlen(q, keys, values).view(B, 1, H, Dh)
-        if self.mask is None:
-            self.mask = torch.arange(self.kv_len, device=q.device) <= self.positions[:, None]  # (B, S)
-            self.mask = self.mask[:, None, None, :]  # (B, 1, 1, S)
+        if self.mask is None:  # additive: SDPA would turn a boolean mask into this in every layer
+            visible = torch.arange(self.kv_len, device=q.device) <= self.positions[:, None]  # (B, S)
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+            self.mask = bias[:, None, None, :]  # (B, 1, 1, S)
         kv_heads = keys.shape[2]
         q = q.view(B, kv_heads, H // kv_heads, Dh)  # the query heads of one KV group as its query rows
         keys = keys[:, :self.kv_len].transpose(1, 2)  # (B, H_kv, S, Dh)

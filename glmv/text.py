@@ -67,14 +67,16 @@ class Attention(nn.Module):
     def forward(self, x, rotation, attend: Dense | Prefill | Decode, keep: torch.Tensor | None = None):
         """keep: the token indices whose output is wanted (all when None); every token's keys/values are written."""
         B, T, _ = x.shape
-        if "qkv_proj" in self._modules:  # (B, T, (H + 2 H_kv) * Dh)
-            q, k, v = self.qkv_proj(x).split(self.qkv_proj.part_features, dim=-1)
+        H, H_kv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if "qkv_proj" in self._modules:  # one matmul, and q and k rotate together
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, Dh)
+            qk = apply_rotary(qkv[:, :, :H + H_kv], rotation)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        y = attend(self.layer, apply_rotary(q, rotation), apply_rotary(k, rotation), v)  # (B, T, H, Dh)
+            q = apply_rotary(self.q_proj(x).view(B, T, H, Dh), rotation)
+            k = apply_rotary(self.k_proj(x).view(B, T, H_kv, Dh), rotation)
+            v = self.v_proj(x).view(B, T, H_kv, Dh)
+        y = attend(self.layer, q, k, v)  # (B, T, H, Dh)
         if keep is not None:
             y = y[:, keep]  # (B, K, H, Dh)
         return self.o_proj(y.flatten(2))
