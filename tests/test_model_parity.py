@@ -165,3 +165,19 @@ def test_images_never_attend_across_each_other(tiny_gqa):
         alone = model.model.visual(a, grid_a)
         packed = model.model.visual(torch.cat([a, b]), torch.cat([grid_a, grid_b]))
     assert torch.allclose(packed[: alone.shape[0]], alone, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rms_norm_gives_the_reference_formulas_bits(dtype):
+    """glmv's RMSNorm runs F.rms_norm (one op; decode steps run many norms on few rows): it must stay bit for bit
+    the reference's float32 x * rsqrt(mean(x^2) + eps), so a torch that computes it otherwise fails here."""
+    from glmv.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(1024, 1e-5)
+    norm.weight.data = torch.randn(1024).to(dtype)
+    for shape in [(8, 1, 1024), (1, 522, 1024), (3, 1024)]:
+        x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+        as_float = x.float()
+        expected = norm.weight * (as_float * torch.rsqrt(as_float.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert torch.equal(norm(x), expected), (dtype, shape)
