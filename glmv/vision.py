@@ -52,17 +52,19 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frame_groups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frame_runs) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each (N, H, Dh)
         q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
-        out = torch.empty_like(q)
-        # Frames of equal length go through one batched SDPA call; attention never crosses frames.
-        for index, frames, length in frame_groups:
-            qg, kg, vg = (t[index].view(frames, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-            og = F.scaled_dot_product_attention(qg, kg, vg)  # (F, H, L, Dh)
-            out[index] = og.transpose(1, 2).reshape(frames * length, self.num_heads, -1)
-        return self.proj(out.reshape(n, -1))
+        # A run of consecutive frames of equal length is one batched SDPA call over slices (no gather); attention
+        # never crosses frames.
+        out = []
+        for start, frames, length in frame_runs:
+            rows = slice(start, start + frames * length)
+            qr, kr, vr = (t[rows].view(frames, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(qr, kr, vr)  # (F, H, L, Dh)
+            out.append(y.transpose(1, 2).reshape(frames * length, -1))
+        return self.proj(torch.cat(out) if len(out) > 1 else out[0])
 
 
 class VisionBlock(nn.Module):
@@ -73,8 +75,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size)
 
-    def forward(self, x, cos, sin, frame_groups):
-        x = x + self.attn(self.norm1(x), cos, sin, frame_groups)
+    def forward(self, x, cos, sin, frame_runs):
+        x = x + self.attn(self.norm1(x), cos, sin, frame_runs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -119,13 +121,13 @@ class VisionTower(RotaryTable, nn.Module):
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
         device = patches.device
-        hw_pos, frame_hw, frame_groups = _frame_layout(grid_thw, self.cfg.spatial_merge_size, device)
+        hw_pos, frame_hw, frame_runs = _frame_layout(grid_thw, self.cfg.spatial_merge_size, device)
         cos, sin = self.rotary_2d(hw_pos)
 
         x = self.post_conv_layernorm(self.patch_embed(patches))  # (N, D)
         x = self.embeddings(x, hw_pos, frame_hw)
         for block in self.blocks:
-            x = block(x, cos, sin, frame_groups)
+            x = block(x, cos, sin, frame_runs)
         x = self.post_layernorm(x)
 
         m = self.cfg.spatial_merge_size
@@ -152,12 +154,12 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def _frame_layout(grid_thw: torch.Tensor, merge: int, device):
-    """Per patch: its (row, col) in its frame and that frame's (h, w); plus frames grouped by length.
+    """Per patch: its (row, col) in its frame and that frame's (h, w); plus the frames as runs.
 
-    Returns hw_pos (N, 2), frame_hw (N, 2), and frame_groups: a list of (index, num_frames, length) where index
-    holds the patch rows of all frames of that length, frame after frame.
+    Returns hw_pos (N, 2), frame_hw (N, 2), and frame_runs: a list of (first row, num_frames, length), one per run of
+    consecutive frames of equal length (a video's frames, same-size images in a row), covering the N rows in order.
     """
-    hw_pos, frame_hw, starts_by_length = [], [], {}
+    hw_pos, frame_hw, frame_runs = [], [], []
     offset = 0
     for t, h, w in grid_thw.tolist():
         rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
@@ -166,11 +168,10 @@ def _frame_layout(grid_thw: torch.Tensor, merge: int, device):
         pos = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)  # (h*w, 2)
         hw_pos.append(pos.repeat(t, 1))
         frame_hw.append(torch.tensor([h, w]).expand(t * h * w, 2))
-        for _ in range(t):
-            starts_by_length.setdefault(h * w, []).append(offset)
-            offset += h * w
-    frame_groups = []
-    for length, starts in starts_by_length.items():
-        index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).flatten().to(device)
-        frame_groups.append((index, len(starts), length))
-    return torch.cat(hw_pos).to(device), torch.cat(frame_hw).to(device), frame_groups
+        if frame_runs and frame_runs[-1][2] == h * w:
+            start, frames, length = frame_runs[-1]
+            frame_runs[-1] = (start, frames + t, length)
+        else:
+            frame_runs.append((offset, t, h * w))
+        offset += t * h * w
+    return torch.cat(hw_pos).to(device), torch.cat(frame_hw).to(device), frame_runs
