@@ -54,8 +54,9 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frame_runs) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each (N, H, Dh)
-        q, k = apply_rotary_2d(q, cos, sin), apply_rotary_2d(k, cos, sin)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, -1)  # (N, 3, H, Dh)
+        q, k = apply_rotary_2d(qkv[:, :2], cos, sin).unbind(1)  # q and k rotate together: each (N, H, Dh)
+        v = qkv[:, 2]
         # A run of consecutive frames of equal length is one batched SDPA call over slices (no gather); attention
         # never crosses frames.
         out = []
@@ -144,10 +145,12 @@ class VisionTower(RotaryTable, nn.Module):
 
 
 def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX-style rotate-half over the whole head dim, computed in float32 like the reference."""
+    """x (N, ..., Dh), cos/sin (N, Dh): NeoX-style rotate-half over the whole head dim, computed in float32 like the
+    reference."""
     dtype = x.dtype
     x = x.float()
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (N, 1, Dh) broadcast over heads
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)  # broadcast over heads
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(dtype)
