@@ -48,8 +48,12 @@ class CrashGuard:
         self._write(self.note, position)
 
     def finished(self) -> None:
+        """The block got through. Its crash counts stay when it had any: Ray may run a finished block again (a
+        retried streaming task of the actor that died on a later block), and without them that rerun would start
+        from scratch and crash on the same item again, spending the retry budget until the run fails."""
         self.note.unlink(missing_ok=True)
-        self.counts_file.unlink(missing_ok=True)
+        if not self.crashes:
+            self.counts_file.unlink(missing_ok=True)
 
     def _write(self, path: Path, text: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
