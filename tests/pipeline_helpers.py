@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,11 +22,34 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secr
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+_S3_WRITES = threading.Lock()
+
+
+def _atomic_conditional_writes() -> None:
+    """S3 evaluates If-None-Match / If-Match and applies the write as one step; moto's threaded server checks, then
+    writes, so two PUTs with If-None-Match: * that arrive together can both succeed (seen as two holders of the output
+    lease under load). Serialising moto's object writes and deletes gives the tests the store S3 is."""
+    from moto.s3.responses import S3Response
+
+    for name in ("put_object", "delete_object"):
+        method = getattr(S3Response, name)
+        if getattr(method, "_serialised", False):
+            continue
+
+        def serialised(self, *args, _method=method, **kwargs):
+            with _S3_WRITES:
+                return _method(self, *args, **kwargs)
+
+        serialised._serialised = True
+        setattr(S3Response, name, serialised)
+
+
 @contextlib.contextmanager
 def moto_s3():
     """An S3 endpoint URL served by moto in this process; credentials are fake and come from the environment."""
     from moto.server import ThreadedMotoServer
 
+    _atomic_conditional_writes()
     os.environ.update(S3_ENV)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
