@@ -74,5 +74,9 @@ def inject_crash(stage: str, uri: str) -> None:
     where, _, text = marker.partition(":")
     if where == stage and text and text in uri:
         import signal
+        import threading
 
-        os.kill(os.getpid(), signal.SIGSEGV)
+        # A real segfault hits the faulting thread. `os.kill` would hand it to any thread (Ray Data runs the UDF in a
+        # thread of its own and the signal went to the main one), and this thread would go on past its position
+        # until faulthandler's dump finished: the crash was then counted against a later item.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
