@@ -233,22 +233,33 @@ def patchify(
 
 
 def stack_patches(
-    frame_stacks: Sequence[np.ndarray], settings: PatchSettings, device: torch.device | str | None = None
+    frame_stacks: Sequence[np.ndarray], settings: PatchSettings, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Several (T, H, W, C) uint8 stacks -> their rows concatenated (written in place, no extra copy) + grids."""
+    """Several (T, H, W, C) uint8 stacks -> their rows concatenated (written in place, no extra copy) + grids.
+
+    Rows are computed in float32 and stored in `dtype` (the model's: a bfloat16 model never holds a float32 copy of
+    its pixels). A stack that appears again (the same array object: the tasks of one item) is copied from its first
+    rows instead of patchified again."""
     shapes = [s.shape if s.ndim == 4 else (1, *s.shape) for s in frame_stacks]
     grids = [patch_grid(t, h, w, settings) for t, h, w, _ in shapes]
     width = 3 * settings.temporal_patch_size * settings.patch_size ** 2
-    rows = torch.empty(sum(math.prod(g) for g in grids), width, dtype=torch.float32, device=device)
-    start = 0
+    rows = torch.empty(sum(math.prod(g) for g in grids), width, dtype=dtype, device=device)
+    start, first_rows = 0, {}
     for frames, grid in zip(frame_stacks, grids):
-        patchify(frames, settings, device, out=rows[start:start + math.prod(grid)])
-        start += math.prod(grid)
+        span = slice(start, start + math.prod(grid))
+        seen = first_rows.setdefault(id(frames), span)
+        if seen is span:
+            patchify(frames, settings, device, out=rows[span])
+        else:
+            rows[span].copy_(rows[seen])
+        start = span.stop
     return rows, torch.tensor(grids, dtype=torch.long)
 
 
 def images_to_patches(
-    images: Sequence[LoadedImage], settings: PatchSettings, device: torch.device | str | None = None
+    images: Sequence[LoadedImage], settings: PatchSettings, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPU-or-CPU step: a batch of `LoadedImage` -> pixel_values (sum N_i, 1176) float32, image_grid_thw (n, 3)."""
-    return stack_patches([image.pixels for image in images], settings, device)
+    """GPU-or-CPU step: a batch of `LoadedImage` -> pixel_values (sum N_i, 1176) in dtype, image_grid_thw (n, 3)."""
+    return stack_patches([image.pixels for image in images], settings, device, dtype)

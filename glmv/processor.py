@@ -224,10 +224,12 @@ class Glm4vProcessor:
         return_tensors: str | None = None,
         add_special_tokens: bool = True,
         device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
         **_ignored: Any,
     ) -> BatchFeature:
         """Like transformers' processor call. `images` / `videos` may be sources or already loaded objects,
-        flat or nested per sample. Pixel patches are computed on `device` (default CPU)."""
+        flat or nested per sample. Pixel patches are computed on `device` (default CPU) in float32 and stored in
+        `dtype` (pass the model's to skip a float32 copy); the same loaded object given twice is patchified once."""
         if text is None and images is None and videos is None:
             raise ValueError("pass at least one of text, images, videos")
         images, videos = _flatten(images), _flatten(videos)
@@ -260,10 +262,11 @@ class Glm4vProcessor:
             elif return_tensors is not None:
                 raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if loaded_images:
-            data["pixel_values"], data["image_grid_thw"] = images_to_patches(loaded_images, self.image_settings, device)
+            data["pixel_values"], data["image_grid_thw"] = images_to_patches(loaded_images, self.image_settings,
+                                                                               device, dtype)
         if loaded_videos:
             data["pixel_values_videos"], data["video_grid_thw"] = videos_to_patches(
-                loaded_videos, self.video_settings, device)
+                loaded_videos, self.video_settings, device, dtype)
         return data
 
     # ---- chat template ----------------------------------------------------------------------------------------
@@ -306,7 +309,7 @@ class Glm4vProcessor:
 
     def encode_rendered(self, prompts: list[str], conversations: list[list[dict]], *, padding: bool | str = False,
                         return_tensors: str | None = None, device: torch.device | str | None = None,
-                        processor_kwargs: dict | None = None) -> BatchFeature:
+                        dtype: torch.dtype = torch.float32, processor_kwargs: dict | None = None) -> BatchFeature:
         """Model inputs for prompts already rendered from these conversations (the second half of
         `apply_chat_template(tokenize=True)`). Lets one batch hold rows rendered with different template switches,
         e.g. `enable_thinking` on for some rows and off for others."""
@@ -318,7 +321,7 @@ class Glm4vProcessor:
             images.append(conv_images)
             videos.append(conv_videos)
         bos = self.tokenizer.bos_token
-        kwargs = dict(processor_kwargs or {})
+        kwargs = {"dtype": dtype, **(processor_kwargs or {})}
         kwargs.setdefault("add_special_tokens", not (bos and prompts[0].startswith(bos)))
         return self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
                     padding=padding, return_tensors=return_tensors, device=device, **kwargs)

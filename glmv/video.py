@@ -288,7 +288,8 @@ def load_video(source: MediaSource, settings: VideoSettings, *, storage_options:
 
 
 def videos_to_patches(
-    videos: Sequence[LoadedVideo], settings: VideoSettings, device: torch.device | str | None = None
+    videos: Sequence[LoadedVideo], settings: VideoSettings, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixel_values_videos (sum N_i, 1176) float32 and video_grid_thw (n, 3) for a batch of loaded videos."""
-    return stack_patches([video.frames for video in videos], settings, device)
+    """pixel_values_videos (sum N_i, 1176) in dtype and video_grid_thw (n, 3) for a batch of loaded videos."""
+    return stack_patches([video.frames for video in videos], settings, device, dtype)

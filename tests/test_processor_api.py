@@ -126,5 +126,9 @@ def test_encode_rendered_batches_rows_rendered_with_different_template_switches(
         assert torch.equal(mixed.mm_token_type_ids[row, -n:], alone.mm_token_type_ids[0])
         start = int(mixed.image_grid_thw[:row].prod(-1).sum())
         assert torch.equal(mixed.pixel_values[start:start + len(alone.pixel_values)], alone.pixel_values)
+    # the model actor asks for its model's dtype: the same pixels, rounded once
+    bf16 = processor.encode_rendered(prompts, convs, padding=True, return_tensors="pt", dtype=torch.bfloat16)
+    assert torch.equal(bf16.pixel_values, mixed.pixel_values.to(torch.bfloat16))
+    assert torch.equal(bf16.input_ids, mixed.input_ids) and mixed.pixel_values.dtype == torch.float32
     with pytest.raises(ValueError, match="3 prompts for 4 conversations"):
         processor.encode_rendered(prompts[:3], convs)

@@ -332,3 +332,33 @@ def test_http_url_image_and_video(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+
+def test_the_same_frames_in_several_rows_are_patchified_once_and_stored_in_the_asked_dtype(monkeypatch):
+    """The tasks of one item pass the same loaded frames: one patchify, the rows copied; a bfloat16 model gets its
+    pixels in bfloat16, bit for bit the float32 rows rounded (no float32 copy on its device)."""
+    import glmv.image as image_mod
+    from glmv.video import LoadedVideo, videos_to_patches
+
+    rng = np.random.default_rng(0)
+    shared, other = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((112, 168, 3), (56, 112, 3)))
+    real, calls = image_mod.patchify, []
+
+    def counted(frames, *args, **kwargs):
+        calls.append(id(frames))
+        return real(frames, *args, **kwargs)
+
+    monkeypatch.setattr(image_mod, "patchify", counted)
+    rows, grids = image_mod.stack_patches([shared, other, shared], PatchSettings())
+    assert calls == [id(shared), id(other)]
+    separate, separate_grids = image_mod.stack_patches([shared, other, shared.copy()], PatchSettings())
+    assert torch.equal(rows, separate) and torch.equal(grids, separate_grids) and len(calls) == 5
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(image_mod.stack_patches([shared, other, shared], PatchSettings(), dtype=dtype)[0],
+                           rows.to(dtype))
+    clip = LoadedVideo(frames=rng.integers(0, 256, (4, 56, 84, 3), dtype=np.uint8), frame_indices=[0, 1, 2, 3],
+                       fps=2.0, total_frames=4, duration=2.0, orig_height=56, orig_width=84)
+    video_rows = videos_to_patches([clip, clip], VideoSettings(), dtype=torch.bfloat16)[0]
+    half = video_rows.shape[0] // 2
+    assert video_rows.dtype == torch.bfloat16 and torch.equal(video_rows[:half], video_rows[half:])
