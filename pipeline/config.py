@@ -88,7 +88,7 @@ class BatchingConfig:
     max_video_pixels: int = 0    # per video, all sampled frames together; 0 = the checkpoint's own limit
     max_frames: int = 0          # frames per video (evenly thinned from the checkpoint's sampling); 0 = no cap
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
-    sort_window: int = 4         # batches an actor receives at once and sorts by prompt length to cut padding
+    sort_window: int = 8         # batches' worth of sequences per model-actor call (a window; see README)
     mode: str = "refill"         # refill: stream a window through run.batch_size decode slots | static: fixed batches
     decode_batch_size: int = 32  # items per CPU decode task (fetched concurrently, then decoded)
 
