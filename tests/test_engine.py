@@ -88,6 +88,25 @@ def test_media_are_shared_only_when_identical(tiny_gqa):
     assert alone.groups == [] and len(alone.media) == 2
 
 
+def test_many_same_size_images_are_matched_without_comparing_each_with_every_other(tiny_gqa, monkeypatch):
+    """A window of same-size images x 3 tasks: each duplicate is compared in full once (with its own first copy),
+    never with the other images of its size (which was quadratic in the window)."""
+    from glmv.prompts import build
+
+    processor = glmv.Glm4vProcessor.from_pretrained(tiny_gqa)
+    images = [random_image(56, 56, seed) for seed in range(30)]
+    rows = [(img, task) for img in images for task in ("x", "y", "z")]
+    inputs = processor([f"<|begin_of_image|><|image|><|end_of_image|>{task}" for _, task in rows],
+                       images=[img for img, _ in rows], return_tensors="pt", padding=True)
+    compared = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or real_equal(a, b))
+    batch = build(inputs["input_ids"], inputs["attention_mask"].bool(), inputs["mm_token_type_ids"],
+                  inputs["pixel_values"], inputs["image_grid_thw"])
+    assert len(batch.media) == 30 and [p.media[0] for p in batch.prompts] == [i // 3 for i in range(90)]
+    assert len(compared) == 60
+
+
 def test_seeded_samples_depend_on_seed_item_and_task_only(tiny_gqa, item_batch):
     batch, alone = item_batch
     model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
