@@ -55,7 +55,7 @@ class ImageTextToTextPipeline:
             chunk = conversations[start:start + self.batch_size]
             inputs = self.processor.apply_chat_template(
                 chunk, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                padding=True, device=self.model.device, processor_kwargs={"dtype": self.model.dtype},
+                padding=True, device=self.model.device, dtype=self.model.dtype,
                 **(chat_template_kwargs or {}))
             seed = seeds[start:start + self.batch_size] if isinstance(seeds, (list, tuple)) else seeds
             sequences = self.model.generate(**inputs, seed=seed, **settings)

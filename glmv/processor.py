@@ -284,6 +284,7 @@ class Glm4vProcessor:
         tools: list[dict] | None = None,
         documents: list[dict] | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
         processor_kwargs: dict | None = None,
         **template_kwargs: Any,
     ):
@@ -304,7 +305,7 @@ class Glm4vProcessor:
         if not tokenize:
             return prompts if batched else prompts[0]
         out = self.encode_rendered(prompts, conversations, padding=padding, return_tensors=return_tensors,
-                                   device=device, processor_kwargs=processor_kwargs)
+                                   device=device, dtype=dtype, processor_kwargs=processor_kwargs)
         return out if return_dict else out["input_ids"]
 
     def encode_rendered(self, prompts: list[str], conversations: list[list[dict]], *, padding: bool | str = False,
@@ -321,10 +322,10 @@ class Glm4vProcessor:
             images.append(conv_images)
             videos.append(conv_videos)
         bos = self.tokenizer.bos_token
-        kwargs = {"dtype": dtype, **(processor_kwargs or {})}
+        kwargs = dict(processor_kwargs or {})
         kwargs.setdefault("add_special_tokens", not (bos and prompts[0].startswith(bos)))
         return self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
-                    padding=padding, return_tensors=return_tensors, device=device, **kwargs)
+                    padding=padding, return_tensors=return_tensors, device=device, dtype=dtype, **kwargs)
 
     # ---- decoding ---------------------------------------------------------------------------------------------
 
