@@ -188,10 +188,10 @@ class Predictor:
         # each row rendered with its own template switch (the compiled template is cached), then one batch
         prompts = [self.processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=s.thinking)
                    for conv, s in zip(conversations, seqs)]
-        # patchified on the model's device, straight into its dtype; an item's frames once for all its tasks
+        # patchified on the model's device, straight into its dtype; an item's frames once for all its tasks. The
+        # grids stay on the CPU: the model only reads them as lists, which on a GPU would be a sync per read.
         inputs = self.processor.encode_rendered(prompts, conversations, padding=True, return_tensors="pt",
                                                 device=self.device, dtype=self.dtype)
-        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         run = self.cfg.run
         sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k,
                         top_p=run.top_p) if run.do_sample else dict(do_sample=False)
