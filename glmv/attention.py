@@ -11,12 +11,16 @@ layout of flash attention's variable-length kernel. On CUDA in half precision, p
 (`torch.nn.attention.varlen.varlen_attn`: no mask, GQA native, causal bottom-right, per-slot key counts); elsewhere
 SDPA: per row with `is_causal` (flash-eligible) or a lower-right causal bias, and for decode the query heads of a
 KV group folded into the query length so that a plain boolean mask works without repeating keys per head.
-GLMV_ATTENTION=sdpa forces SDPA everywhere.
+GLMV_ATTENTION=sdpa forces SDPA everywhere, as does a torch whose varlen_attn lacks an argument the layout needs
+(`seqused_k`, `enable_gqa`: torch 2.9-2.11).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
+import logging
 import os
 
 import torch
@@ -28,11 +32,38 @@ try:
 except ImportError:  # torch < 2.9
     varlen_attn = None
 
+log = logging.getLogger(__name__)
+# What the cache layout needs from the kernel: per-slot key counts (a slot's keys are followed by its unused
+# positions), native GQA and a bottom-right causal window. torch 2.9-2.11's varlen_attn has none of the first two.
+VARLEN_ARGUMENTS = ("seqused_k", "enable_gqa", "window_size")
+
+
+def varlen_supported(fn) -> bool:
+    """Whether this torch's varlen_attn takes every argument the cache layout needs."""
+    if fn is None:
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in VARLEN_ARGUMENTS)
+
 
 def use_varlen(like: torch.Tensor) -> bool:
     """Whether prefill/decode over a cache like `like` should use flash attention's variable-length kernel."""
-    return (varlen_attn is not None and like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
-            and os.environ.get("GLMV_ATTENTION", "auto") != "sdpa")
+    if not (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("GLMV_ATTENTION", "auto") != "sdpa"):
+        return False
+    if not varlen_supported(varlen_attn):
+        _log_no_varlen()
+        return False
+    return True
+
+
+@functools.cache
+def _log_no_varlen() -> None:
+    log.warning("torch %s has no flash varlen_attn taking %s; prefill and decode use SDPA", torch.__version__,
+                ", ".join(VARLEN_ARGUMENTS))
 
 
 class KVCache:

@@ -275,6 +275,35 @@ def test_flash_varlen_path_gives_the_same_tokens(tiny_gqa, item_batch, monkeypat
     assert calls and 3 in calls, "decode steps of 3 slots went through varlen"
 
 
+def test_a_torch_whose_varlen_lacks_key_counts_or_gqa_runs_sdpa(monkeypatch, caplog):
+    """torch 2.9-2.11's varlen_attn takes neither seqused_k nor enable_gqa (calling it with them fails in every
+    layer on CUDA): such a torch must run SDPA, and say so once."""
+    from types import SimpleNamespace
+
+    from glmv import attention
+
+    def varlen_of_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                             window_size=(-1, -1)):
+        raise AssertionError("never called")
+
+    half_on_cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # all use_varlen looks at
+    monkeypatch.setattr(attention, "varlen_attn", reference_varlen_attn)
+    assert attention.use_varlen(half_on_cuda)
+    assert not attention.use_varlen(SimpleNamespace(is_cuda=True, dtype=torch.float32))
+    monkeypatch.setattr(attention, "varlen_attn", varlen_of_torch_2_11)
+    attention._log_no_varlen.cache_clear()
+    with caplog.at_level("WARNING", logger="glmv.attention"):
+        assert not attention.use_varlen(half_on_cuda)
+        assert not attention.use_varlen(half_on_cuda)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "seqused_k" in caplog.records[0].getMessage()
+    monkeypatch.setattr(attention, "varlen_attn", None)
+    assert not attention.use_varlen(half_on_cuda)
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14):
+        from torch.nn.attention.varlen import varlen_attn
+        assert attention.varlen_supported(varlen_attn), "the pinned test torch's kernel takes them all"
+
+
 def test_prefill_and_vision_passes_are_split_to_fit_their_budgets(tiny_gqa, item_batch, monkeypatch):
     from glmv import engine
 
