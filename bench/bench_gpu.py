@@ -4,14 +4,15 @@
     .venv/bin/python bench/bench_gpu.py --smoke   # tiny shapes on whatever device there is: checks the script only
 
 Prints, each beside its roofline:
-- decode ms/step at each batch size (compile_decode on: torch.compile + a CUDA graph) vs the HBM roofline: decoder
-  weight bytes + the batch's KV bytes, over the bandwidth of a device-to-device copy measured here;
-- compile on vs off at one batch: ms/step both ways, and whether the greedy tokens are the same;
+- decode ms/step at each batch size vs the HBM roofline: decoder weight bytes + the batch's KV bytes, over the
+  bandwidth of a device-to-device copy measured here; first eager, and last (compile takes a while) with
+  compile_decode on (torch.compile + a CUDA graph): its speed-up and how many rows kept the same greedy tokens;
 - prefill tokens/s (packed rows) vs the bf16 FLOP roofline (2 x text parameters x tokens + attention, over the
   throughput of a large bf16 matmul measured here);
 - vision images/s for ~1 MP images (1036 x 756: 3996 patches, 999 tokens each);
 - end to end images/s: `--images` image prompts through vision, prefill and decode with `--new-tokens` new tokens
-  each (eos ignored: random weights), refill over 64 slots, compile on.
+  each (eos ignored: random weights), refill over 64 slots: eager, and last with compile on.
+Each part prints its own wall time; `--skip` leaves parts out.
 Figures are for random weights, so outputs are meaningless; the shapes and the work are the real model's.
 """
 
@@ -106,38 +107,37 @@ def timed(fn):
     return time.perf_counter() - t0, out
 
 
-def decode_sweep(model, args, bandwidth):
+def decode_sweep(model, args, bandwidth, compiled: bool, eager: dict | None = None) -> dict:
+    """ms/step and greedy tokens per batch size; with `eager` (the sweep without compile) also the speed-up and how
+    many rows kept the same tokens."""
     cfg = model.config.text
     decoder = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
     decoder += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     kv_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
-    print(f"\ndecode ({args.context}-token context, {args.new_tokens} new tokens, compile_decode={args.compile}); "
+    print(f"\ndecode ({args.context}-token context, {args.new_tokens} new tokens, compile_decode={compiled}); "
           f"memory {bandwidth / 1e12:.2f} TB/s (device copy), decoder weights {decoder / 2**30:.2f} GiB")
-    print(f"{'batch':>6} {'ms/step':>8} {'roofline ms':>12} {'of roofline':>12} {'tokens/s':>10}")
+    print(f"{'batch':>6} {'ms/step':>8} {'roofline ms':>12} {'of roofline':>12} {'tokens/s':>10}"
+          + (f" {'vs eager':>9} {'same rows':>10}" if eager else ""), flush=True)
+    results = {}
     for batch in args.batches:
         inputs = text_prompts(model, batch, args.context)
-        model.generate(**inputs, max_new_tokens=4, compile_decode=args.compile)  # compile for this shape
-        out = model.generate(**inputs, max_new_tokens=args.new_tokens, compile_decode=args.compile,
-                             return_dict_in_generate=True)
-        step_s = max(r.decode_s for r in out.rows) / (args.new_tokens - 1)
-        kv = batch * (args.context + args.new_tokens / 2) * kv_token
-        roof = (decoder + kv) / bandwidth
-        print(f"{batch:>6} {1000 * step_s:8.2f} {1000 * roof:12.2f} {roof / step_s:11.0%} {batch / step_s:10.0f}")
-
-
-def compile_on_off(model, args):
-    batch = args.batches[-2] if len(args.batches) > 1 else args.batches[0]
-    inputs = text_prompts(model, batch, args.context, seed=1)
-    results = {}
-    for compiled in (False, True):
-        model.generate(**inputs, max_new_tokens=4, compile_decode=compiled)
+        # the same call first: with compile on, any other shape would be compiled again inside the timed run
+        model.generate(**inputs, max_new_tokens=args.new_tokens, compile_decode=compiled)
         out = model.generate(**inputs, max_new_tokens=args.new_tokens, compile_decode=compiled,
                              return_dict_in_generate=True)
-        results[compiled] = (max(r.decode_s for r in out.rows) / (args.new_tokens - 1), out.sequences)
-    (off_s, off_seq), (on_s, on_seq) = results[False], results[True]
-    same = sum(torch.equal(a, b) for a, b in zip(off_seq, on_seq))
-    print(f"\ncompile_decode at batch {batch}: off {1000 * off_s:.2f} ms/step, on {1000 * on_s:.2f} ms/step "
-          f"({off_s / on_s:.2f}x); rows with identical greedy tokens: {same}/{batch} (bf16: near-ties may flip)")
+        step_s = max(r.decode_s for r in out.rows) / (args.new_tokens - 1)
+        results[batch] = (step_s, out.sequences)
+        kv = batch * (args.context + args.new_tokens / 2) * kv_token
+        roof = (decoder + kv) / bandwidth
+        line = f"{batch:>6} {1000 * step_s:8.2f} {1000 * roof:12.2f} {roof / step_s:11.0%} {batch / step_s:10.0f}"
+        if eager:
+            eager_s, eager_seq = eager[batch]
+            same = sum(torch.equal(a, b) for a, b in zip(eager_seq, out.sequences))
+            line += f" {eager_s / step_s:8.2f}x {f'{same}/{batch}':>10}"
+        print(line, flush=True)
+    if eager:
+        print("(same rows: greedy tokens identical to the eager sweep; in bf16 near-ties may flip)")
+    return results
 
 
 def prefill(model, args, flops):
@@ -166,14 +166,14 @@ def vision(model, args, images: int = 16):
           f"{images / seconds:.1f} images/s")
 
 
-def end_to_end(model, args):
+def end_to_end(model, args, compiled: bool):
     inputs = image_prompts(model, args.images, grid=args.grid, seed=3)
     slots = min(64, args.images)
-    kw = dict(max_new_tokens=args.new_tokens, max_batch_size=slots, compile_decode=args.compile)
-    model.generate(**image_prompts(model, 2, grid=args.grid, seed=4), **{**kw, "max_new_tokens": 4})  # warm-up
+    kw = dict(max_new_tokens=args.new_tokens, max_batch_size=slots, compile_decode=compiled)
+    model.generate(**inputs, **kw)  # the same call first, so that the timed one compiles nothing
     seconds, out = timed(lambda: model.generate(**inputs, **kw))
     print(f"\nend to end: {args.images} images x {args.new_tokens} new tokens, refill over {slots} slots, "
-          f"compile_decode={args.compile}: "
+          f"compile_decode={compiled}: "
           f"{seconds:.1f}s, {args.images / seconds:.2f} images/s, {args.images * args.new_tokens / seconds:.0f} "
           f"generated tokens/s")
 
@@ -187,7 +187,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,compile,prefill,vision,e2e")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,prefill,vision,e2e,compile,"
+                        "e2e-compiled")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, small sizes: checks that the script runs")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -211,12 +212,19 @@ def main() -> None:
           f"built in {time.perf_counter() - t0:.1f}s")
     size = 0.0625 if args.smoke else 2.0
     bandwidth, flops = copy_bandwidth(size), matmul_flops(1024 if args.smoke else 8192, dtype)
-    parts = {"decode": lambda: decode_sweep(model, args, bandwidth), "compile": lambda: compile_on_off(model, args),
+    # the cheap, eager figures first: what a compile costs on the 9B shapes is unknown until measured here
+    eager = {}
+    parts = {"decode": lambda: eager.update(decode_sweep(model, args, bandwidth, compiled=False)),
              "prefill": lambda: prefill(model, args, flops), "vision": lambda: vision(model, args),
-             "e2e": lambda: end_to_end(model, args)}
+             "e2e": lambda: end_to_end(model, args, compiled=False),
+             "compile": lambda: decode_sweep(model, args, bandwidth, compiled=True, eager=eager),
+             "e2e-compiled": lambda: end_to_end(model, args, compiled=True)}
     for part, run in parts.items():
-        if part not in skip and not (part == "compile" and not args.compile):
-            run()
+        if part in skip or (part in ("compile", "e2e-compiled") and not args.compile):
+            continue
+        started = time.perf_counter()
+        run()
+        print(f"[{part}: {time.perf_counter() - started:.0f}s]", flush=True)
     if DEVICE == "cuda":
         print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
