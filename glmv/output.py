@@ -16,7 +16,7 @@ NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
 # content that is nothing but numbers, brackets and separators
 COORDS_ONLY_RE = re.compile(r"^[\s\[\]\(\)<>{},;:\-+.\d]*$")
 # end-of-turn tokens that show up when decoding with skip_special_tokens=False
-TRAILING_SPECIALS_RE = re.compile(r"(?:\s*(?:<\|endoftext\|>|<\|user\|>|<\|observation\|>|<\|assistant\|>))+\s*$")
+END_OF_TURN = ("<|endoftext|>", "<|user|>", "<|observation|>", "<|assistant|>")
 
 
 @dataclass
@@ -37,8 +37,17 @@ def _parse_boxes(content: str) -> list[tuple[float, float, float, float]] | None
     return [tuple(numbers[i:i + 4]) for i in range(0, len(numbers), 4)]
 
 
+def _strip_end_of_turn(text: str) -> str:
+    """The text without trailing end-of-turn tokens and the whitespace around them. A loop, not a regex: an
+    anchored pattern with a whitespace run in it backtracks from every start, quadratic in a long whitespace run."""
+    stripped = text.rstrip()
+    while stripped.endswith(END_OF_TURN):
+        stripped = stripped[:stripped.rfind("<|")].rstrip()
+    return stripped if stripped != text.rstrip() else text
+
+
 def parse_output(text: str) -> ParsedOutput:
-    text = TRAILING_SPECIALS_RE.sub("", text)
+    text = _strip_end_of_turn(text)
     out = ParsedOutput()
     rest = text
     if "<think>" in text or "</think>" in text:

@@ -78,3 +78,18 @@ def test_boxes_in_thinking_are_not_reported():
 def test_unclosed_box_marker_at_cut_off():
     out = parse_output("<think>x</think>Here: <|begin_of_box|>[1,2,3,4]")
     assert out.boxes == [(1, 2, 3, 4)] and out.answer == "Here: [1,2,3,4]"
+
+
+def test_trailing_end_of_turn_tokens_are_stripped_in_linear_time():
+    """A model stuck emitting whitespace must not stall the parse: the old anchored regex backtracked from every
+    start of a whitespace run (80k spaces: 6 s)."""
+    import time
+
+    out = parse_output("<think>t</think><answer>a</answer> <|user|>\n <|endoftext|>  ")
+    assert (out.thinking, out.answer, out.complete) == ("t", "a", True)
+    assert parse_output("caption <|observation|>").answer == "caption"
+    assert parse_output("keeps <|user|> inside the text").answer == "keeps <|user|> inside the text"
+    started = time.perf_counter()
+    out = parse_output("<think>ok</think>answer" + " " * 400_000 + ".")
+    assert time.perf_counter() - started < 0.5
+    assert out.answer.startswith("answer") and out.answer.endswith(".")
