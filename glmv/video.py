@@ -84,7 +84,8 @@ def sample_glm46v(total_frames: int, fps: float, duration: float, settings: Vide
     duration = duration or round((total_frames - 1) / fps) + 1
     effective = min(duration, 2400)
     rate = 3 if effective <= 30 else (1 if effective <= 300 else 0.5)
-    wanted = min(int(effective * rate * settings.temporal_patch_size), 640)
+    # at least one: a clip shorter than one step (under 1/6 s) uses its first frame (twice), as glm41v's rule does
+    wanted = max(min(int(effective * rate * settings.temporal_patch_size), 640), 1)
     if total_frames < wanted:
         indices = np.linspace(0, total_frames - 1, wanted, dtype=int).tolist()
     else:

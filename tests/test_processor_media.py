@@ -187,14 +187,16 @@ def test_overshooting_seek_falls_back_to_sequential(tmp_path):
     np.testing.assert_array_equal(np.stack(got), np.stack([truth[120], truth[180]]))
 
 
+@pytest.mark.parametrize("frames", [5, 1])
 @pytest.mark.parametrize("family", ["glm41v", "glm46v"])
-def test_clip_shorter_than_one_sampling_step(tmp_path, family):
-    """The reference loader keeps one copy of a repeated index, then refuses a single frame; we use it twice."""
+def test_clip_shorter_than_one_sampling_step(tmp_path, family, frames):
+    """The reference loader keeps one copy of a repeated index, then refuses a single frame; we use it twice (also
+    under 1/6 s, where glm46v's rule wants no frame at all)."""
     from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
     from transformers.models.glm46v.video_processing_glm46v import Glm46VVideoProcessor
     from transformers.video_utils import load_video as reference_load
 
-    path = make_video(tmp_path / "short.mp4", 5, 30)  # 1/6 s
+    path = make_video(tmp_path / "short.mp4", frames, 30)  # 1/6 s, 1/30 s
     settings = VideoSettings(**TINY_VIDEO, family=family)
     video = load_video(path, settings)
     assert video.frame_indices == [0, 0] and video.frames.shape[0] == 1
@@ -203,8 +205,8 @@ def test_clip_shorter_than_one_sampling_step(tmp_path, family):
 
     cls = Glm4vVideoProcessor if family == "glm41v" else Glm46VVideoProcessor
     reference = cls(size={"shortest_edge": 12544, "longest_edge": 470400})
-    frames, metadata = reference_load(str(path), backend="pyav", sample_indices_fn=reference.sample_frames)
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, IndexError)):  # IndexError: glm46v's rule sampled no frame at all
+        frames, metadata = reference_load(str(path), backend="pyav", sample_indices_fn=reference.sample_frames)
         reference(videos=[frames], video_metadata=[metadata], do_sample_frames=False)
 
 
