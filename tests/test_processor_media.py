@@ -101,6 +101,8 @@ def test_frame_sampling_matches_reference(family):
         for seconds in (0.2, 0.5, 1, 1.7, 3, 10.3, 29.9, 31, 95, 299, 301, 650, 2500):
             total = max(1, int(seconds * fps))
             expected, rate, duration = _reference_indices(cls, total, fps)
+            if not expected:  # on purpose: the reference samples no frame under 1/6 s (glm46v); we use the first
+                expected = [0, 0]
             assert sample_frame_indices(total, rate, duration, settings) == expected, (fps, seconds)
             checked += 1
     assert checked == 8 * 13
