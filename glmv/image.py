@@ -13,7 +13,7 @@ import io
 import math
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -78,11 +78,31 @@ class PatchSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ProcessorConfigError(f"preprocessor setting {name} must be a positive integer, got {value!r}")
-        if self.min_pixels > self.max_pixels:
-            raise ProcessorConfigError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        # min_pixels above max_pixels is allowed, as the reference allows it: smart_resize applies max first
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ProcessorConfigError(
                 f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+
+    def overridden(self, overrides: dict[str, Any]) -> "PatchSettings":
+        """A validated copy with a caller's settings: transformers' `size` ({"shortest_edge": min pixels,
+        "longest_edge": max pixels}), and min_pixels / max_pixels (and a video's fps) by name. Keys these settings
+        do not have are left alone (the caller checks for unknown ones)."""
+        values = {k: v for k, v in overrides.items()
+                  if k in OVERRIDABLE and k in {f.name for f in fields(self)} and v is not None}
+        size = overrides.get("size")
+        if size is not None:
+            if not isinstance(size, dict) or not size or not set(size) <= {"shortest_edge", "longest_edge"}:
+                raise ValueError(f"size must be a dict of shortest_edge and/or longest_edge (pixels), got {size!r}")
+            values.update({name: size[edge] for edge, name in (("shortest_edge", "min_pixels"),
+                                                               ("longest_edge", "max_pixels")) if edge in size})
+        if not values:
+            return self
+        settings = replace(self, **values)
+        settings.validate()
+        return settings
+
+
+OVERRIDABLE = ("min_pixels", "max_pixels", "fps")  # what `PatchSettings.overridden` may change, besides `size`
 
 
 def smart_resize(

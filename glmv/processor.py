@@ -31,6 +31,13 @@ IMAGE_TOKEN, VIDEO_TOKEN = "<|image|>", "<|video|>"
 IMAGE_START, IMAGE_END = "<|begin_of_image|>", "<|end_of_image|>"
 VIDEO_START, VIDEO_END = "<|begin_of_video|>", "<|end_of_video|>"
 IMAGE_KEYS, VIDEO_KEYS = ("image", "url", "path", "base64"), ("video", "url", "path")
+MEDIA_SETTINGS = ("size", "min_pixels", "max_pixels", "fps")  # per call or at load: see PatchSettings.overridden
+# transformers' call arguments that change nothing here, with the values that keep it so (None: any value)
+NO_EFFECT = {"return_mm_token_type_ids": None, "return_attention_mask": (None, True), "padding_side": (None, "left"),
+             "truncation": (None, False), "max_length": (None,), "do_sample_frames": (None, True)}
+# from_pretrained arguments about fetching from the Hub: a local folder needs none of them
+HUB_ARGUMENTS = ("trust_remote_code", "use_fast", "revision", "cache_dir", "local_files_only", "token",
+                 "force_download")
 
 
 class BatchFeature(dict):
@@ -135,9 +142,11 @@ class Glm4vProcessor:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, family: str | None = None, chat_template: str | None = None,
                         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, storage_options: dict | None = None,
-                        **_ignored: Any) -> "Glm4vProcessor":
+                        **settings: Any) -> "Glm4vProcessor":
         """Load from a checkpoint folder holding either preprocessor_config.json + video_preprocessor_config.json
-        (released checkpoints) or one processor_config.json (what transformers 5's save_pretrained writes)."""
+        (released checkpoints) or one processor_config.json (what transformers 5's save_pretrained writes).
+        `size` / `min_pixels` / `max_pixels` (images and videos) and `fps` (videos) override the checkpoint's."""
+        overrides = _media_settings(settings, "Glm4vProcessor.from_pretrained", allowed=HUB_ARGUMENTS)
         path = Path(path)
         if not path.is_dir():
             raise ProcessorConfigError(f"{path}: not a checkpoint folder")
@@ -149,26 +158,26 @@ class Glm4vProcessor:
             raise ProcessorConfigError(f"{path}: no preprocessor_config.json or processor_config.json")
         family = family or cls.forced_family or _family_of(
             processor_config, image_config, video_config or {}, tokenizer.config) or cls.default_family
-        image_settings = PatchSettings.from_dict(image_config)
-        video_settings = VideoSettings.from_dict(video_config or {}, family=family)
+        image_settings = PatchSettings.from_dict(image_config).overridden(overrides)
+        video_settings = VideoSettings.from_dict(video_config or {}, family=family).overridden(overrides)
         template = chat_template or _find_chat_template(path, tokenizer.config, processor_config)
         return cls(tokenizer, image_settings, video_settings, template, family=family,
                    max_image_pixels=max_image_pixels, storage_options=storage_options)
 
     # ---- CPU step: media -> compact uint8 -------------------------------------------------------------------
 
-    def load_image(self, source) -> LoadedImage:
+    def load_image(self, source, settings: PatchSettings | None = None) -> LoadedImage:
         """Decode + resize one image (path, URL, bytes, file object, PIL image, uint8 array). Raises MediaError."""
         if isinstance(source, LoadedImage):
             return source
-        return load_image(source, self.image_settings, max_image_pixels=self.max_image_pixels,
+        return load_image(source, settings or self.image_settings, max_image_pixels=self.max_image_pixels,
                           storage_options=self.storage_options)
 
-    def load_video(self, source) -> LoadedVideo:
+    def load_video(self, source, settings: VideoSettings | None = None) -> LoadedVideo:
         """Sample, decode and resize one video (path, URL, bytes, seekable file object). Raises MediaError."""
         if isinstance(source, LoadedVideo):
             return source
-        return load_video(source, self.video_settings, storage_options=self.storage_options)
+        return load_video(source, settings or self.video_settings, storage_options=self.storage_options)
 
     def load_media(self, conversation: list[dict]) -> tuple[list[LoadedImage], list[LoadedVideo]]:
         """Load every image and video of one conversation, in prompt order."""
@@ -225,11 +234,13 @@ class Glm4vProcessor:
         add_special_tokens: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        **_ignored: Any,
+        **settings: Any,
     ) -> BatchFeature:
         """Like transformers' processor call. `images` / `videos` may be sources or already loaded objects,
         flat or nested per sample. Pixel patches are computed on `device` (default CPU) in float32 and stored in
-        `dtype` (pass the model's to skip a float32 copy); the same loaded object given twice is patchified once."""
+        `dtype` (pass the model's to skip a float32 copy); the same loaded object given twice is patchified once.
+        `size` / `min_pixels` / `max_pixels` / `fps` apply to the media this call loads (not to loaded objects)."""
+        overrides = _media_settings(settings, "processor call")
         if text is None and images is None and videos is None:
             raise ValueError("pass at least one of text, images, videos")
         images, videos = _flatten(images), _flatten(videos)
@@ -242,8 +253,10 @@ class Glm4vProcessor:
                 if found != len(items):
                     raise InputError(
                         f"the prompts hold {found} {token} placeholders but {len(items)} {kind} were given")
-        loaded_images = [self.load_image(i) for i in images]
-        loaded_videos = [self.load_video(v) for v in videos]
+        image_settings = self.image_settings.overridden(overrides)
+        loaded_images = [self.load_image(i, image_settings) for i in images]
+        video_settings = self.video_settings.overridden(overrides)
+        loaded_videos = [self.load_video(v, video_settings) for v in videos]
         data = BatchFeature()
         if texts is not None:
             texts = self.expand_placeholders(texts, loaded_images, loaded_videos)
@@ -322,10 +335,11 @@ class Glm4vProcessor:
             images.append(conv_images)
             videos.append(conv_videos)
         bos = self.tokenizer.bos_token
-        kwargs = dict(processor_kwargs or {})
-        kwargs.setdefault("add_special_tokens", not (bos and prompts[0].startswith(bos)))
+        # transformers takes the processor call's arguments here too (padding, return_tensors ...): they win
+        kwargs = {"padding": padding, "return_tensors": return_tensors, "device": device, "dtype": dtype,
+                  "add_special_tokens": not (bos and prompts[0].startswith(bos)), **(processor_kwargs or {})}
         return self(text=prompts, images=images if any(images) else None, videos=videos if any(videos) else None,
-                    padding=padding, return_tensors=return_tensors, device=device, dtype=dtype, **kwargs)
+                    **kwargs)
 
     # ---- decoding ---------------------------------------------------------------------------------------------
 
@@ -389,3 +403,18 @@ def _media_of(conversation: list[dict]) -> tuple[list, list]:
 
 def _decode_base64(payload: str) -> str:
     return payload if payload.startswith("data:") else "data:;base64," + payload
+
+
+def _media_settings(arguments: dict[str, Any], where: str, allowed: Sequence[str] = ()) -> dict[str, Any]:
+    """The media settings among a caller's extra arguments; one that would be silently dropped is an error."""
+    unknown = []
+    for name, value in arguments.items():
+        if name in MEDIA_SETTINGS or name in allowed:
+            continue
+        if name in NO_EFFECT and (NO_EFFECT[name] is None or value in NO_EFFECT[name]):
+            continue
+        unknown.append(f"{name}={value!r}")
+    if unknown:
+        raise ValueError(f"{where}: unsupported argument(s) {', '.join(unknown)}; glmv's processor takes "
+                         f"{', '.join(MEDIA_SETTINGS)} (left padding, no truncation: it would cut media placeholders)")
+    return {name: value for name, value in arguments.items() if name in MEDIA_SETTINGS}

@@ -24,7 +24,7 @@ import av
 import numpy as np
 import torch
 
-from glmv.errors import MediaError
+from glmv.errors import MediaError, ProcessorConfigError
 from glmv.image import PatchSettings, smart_resize, stack_patches
 from glmv.media_io import MediaSource, describe, open_media
 
@@ -49,6 +49,8 @@ class VideoSettings(PatchSettings):
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.fps, (int, float)) or not self.fps > 0:
+            raise ProcessorConfigError(f"video setting fps must be a positive number, got {self.fps!r}")
         if self.family not in FAMILIES:
             raise ValueError(f"video family must be one of {FAMILIES}, got {self.family!r}")
 

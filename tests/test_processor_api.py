@@ -132,3 +132,58 @@ def test_encode_rendered_batches_rows_rendered_with_different_template_switches(
     assert torch.equal(bf16.input_ids, mixed.input_ids) and mixed.pixel_values.dtype == torch.float32
     with pytest.raises(ValueError, match="3 prompts for 4 conversations"):
         processor.encode_rendered(prompts[:3], convs)
+
+
+def test_media_settings_per_call_and_at_load_match_transformers(tiny_gqa, tmp_path):
+    """size / fps change the grids as they do in transformers (per call, through processor_kwargs and at load);
+    an argument glmv cannot honour is an error, never silently dropped."""
+    import transformers
+
+    from test_processor_media import make_video
+
+    ours, ref = Glm4vProcessor.from_pretrained(tiny_gqa), transformers.AutoProcessor.from_pretrained(tiny_gqa)
+    image = np.random.default_rng(0).integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    text = "<|begin_of_image|><|image|><|end_of_image|>hi"
+    small = {"shortest_edge": 12544, "longest_edge": 56 * 56 * 2}  # min above max: max wins, in both
+    default_grid = ours(text=text, images=[image])["image_grid_thw"].tolist()
+    assert default_grid == ref(text=text, images=[image])["image_grid_thw"].tolist()
+    grid = ours(text=text, images=[image], size=small)["image_grid_thw"].tolist()
+    assert grid == ref(text=text, images=[image], size=small)["image_grid_thw"].tolist() != default_grid
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}]
+    inputs = ours.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt",
+                                      processor_kwargs={"size": small, "padding": True})
+    assert inputs["image_grid_thw"].tolist() == grid and isinstance(inputs["input_ids"], torch.Tensor)
+    loaded = Glm4vProcessor.from_pretrained(tiny_gqa, size=small, trust_remote_code=True)
+    assert loaded(text=text, images=[image])["image_grid_thw"].tolist() == grid
+
+    video = str(make_video(tmp_path / "v.mp4", 60, 10))
+    video_text = "<|begin_of_video|><|video|><|end_of_video|>hi"
+    frames, metadata = transformers.video_utils.load_video(video, backend="pyav")
+    expected = ref(text=video_text, videos=[frames], video_metadata=[metadata], do_sample_frames=True,
+                   fps=0.5)["video_grid_thw"].tolist()
+    assert ours(text=video_text, videos=[video], fps=0.5)["video_grid_thw"].tolist() == expected
+    assert ours(text=video_text, videos=[video])["video_grid_thw"].tolist() != expected
+
+    with pytest.raises(ValueError, match="num_frames=4"):
+        ours(text=video_text, videos=[video], num_frames=4)
+    with pytest.raises(ValueError, match="truncation=True"):
+        ours(text="hi", truncation=True, max_length=4)
+    with pytest.raises(ValueError, match="size must be a dict"):
+        ours(text=text, images=[image], size=448)
+    with pytest.raises(ValueError, match="min_pixel=1"):
+        Glm4vProcessor.from_pretrained(tiny_gqa, min_pixel=1)
+    assert ours(text="hi", padding_side="left", return_mm_token_type_ids=True)["input_ids"]
+
+
+def test_tools_given_as_python_functions_are_refused(tiny_glm46v):
+    """They reached the template as the string "<function>": the model saw no tool and nobody was told."""
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        return city
+
+    processor = Glm46VProcessor.from_pretrained(tiny_glm46v)
+    conversation = [{"role": "user", "content": "Weather in Paris?"}]
+    with pytest.raises(ValueError, match="tools must be JSON-schema dicts"):
+        processor.apply_chat_template(conversation, tools=[get_weather], add_generation_prompt=True)
+    schema = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    assert "get_weather" in processor.apply_chat_template(conversation, tools=[schema], add_generation_prompt=True)
