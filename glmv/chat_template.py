@@ -114,6 +114,10 @@ def render(
 ) -> list[str]:
     """One prompt string per conversation. Keys with value None are dropped from messages (as transformers does)."""
     compiled = compile_template(template)
+    for tool in tools or ():
+        if not isinstance(tool, dict):  # a Python function would reach the template as the string "<function>"
+            raise ValueError(f"tools must be JSON-schema dicts ({{'type': 'function', 'function': {{'name': ..., "
+                             f"'parameters': ...}}}}); glmv does not derive schemas from Python functions, got {tool!r}")
     tools, documents, template_kwargs = plain_data(tools), plain_data(documents), plain_data(template_kwargs)
     prompts = []
     for conversation in conversations:

@@ -58,7 +58,7 @@ def _per_row(name: str, value, rows: int) -> list:
 def generate(model, input_ids: torch.Tensor, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
              image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens=None,
              do_sample=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None, eos_token_id=None,
-             pad_token_id=None, seed: int | list[int] | None = 0, max_batch_size: int | None = None,
+             pad_token_id=None, seed: int | list[int] | None = None, max_batch_size: int | None = None,
              share_prefix: bool = True, max_thinking_tokens: int | list[int | None] | None = None,
              thinking_markers: ThinkingMarkers | None = None, return_dict_in_generate: bool = False,
              compile_decode: bool = False):
@@ -66,8 +66,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask=None, mm_token_type_
 
     Settings default to the checkpoint's generation_config.json, then to transformers' defaults.
     - max_new_tokens: an int, or one per row.
-    - seed: an int for every row, one per row (e.g. `glmv.sampling.row_seed(seed, item_id, task)`), or None for
-      random ones. A row samples the same text with the same seed in any batch and any mode.
+    - seed: one per row (e.g. `glmv.sampling.row_seed(seed, item_id, task)`), an int for every row (rows with the
+      same prompt then sample the same text), or None (default): per-row seeds drawn from torch's global generator,
+      so `torch.manual_seed` reproduces a run, as in transformers. A row samples the same text with the same seed in
+      any batch and any mode.
     - max_batch_size: decode slots; rows beyond it wait, and a finished row's slot takes the next one (None: all
       rows at once).
     - share_prefix: rows with the same media behind the same leading tokens encode the media once and prefill the
@@ -131,6 +133,8 @@ def _run_settings(model, B, max_new_tokens, sampling, eos_token_id, pad_token_id
     if min(max_new) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {min(max_new)}")
     eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id", model.config.text.eos_token_id)
+    if isinstance(eos, torch.Tensor):  # transformers accepts a tensor of ids too
+        eos = eos.flatten().tolist()
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.text.pad_token_id)
     pad = int(pad if pad is not None else (eos[0] if eos else 0))

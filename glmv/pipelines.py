@@ -44,7 +44,7 @@ class ImageTextToTextPipeline:
                 raise ValueError(f"{key}= is not taken here: reference media inside the messages, e.g. "
                                  "{'type': 'image', 'url': ...}")
         settings.pop("return_dict_in_generate", None)  # this API returns text
-        seeds = settings.pop("seed", 0)
+        seeds = settings.pop("seed", None)
         if isinstance(seeds, (list, tuple)) and len(seeds) != len(conversations):
             raise ValueError(f"seed: got {len(seeds)} seeds for {len(conversations)} conversations")
         if max_new_tokens is not None:
@@ -68,11 +68,23 @@ class ImageTextToTextPipeline:
         return results if batched else results[0]
 
 
-def pipeline(task: str, model: str | Path, device: str | torch.device = "cpu", dtype=None,
-             batch_size: int = 8, **processor_kwargs) -> ImageTextToTextPipeline:
-    """Load a checkpoint folder's model and processor for `task` ("image-text-to-text")."""
+def pipeline(task: str, model: str | Path, device: str | torch.device | None = None, dtype=None,
+             batch_size: int = 8, *, torch_dtype=None, device_map: str | torch.device | None = None,
+             model_kwargs: dict | None = None, **processor_kwargs) -> ImageTextToTextPipeline:
+    """Load a checkpoint folder's model and processor for `task` ("image-text-to-text"). transformers' spellings
+    `torch_dtype` and a single-device `device_map` ("cuda:0", not "auto") are taken too; `processor_kwargs` go to
+    `Glm4vProcessor.from_pretrained` (e.g. size=, fps=)."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not supported; glmv runs {TASKS}")
-    loaded = Glm4vForConditionalGeneration.from_pretrained(model, dtype=dtype, device=device)
+    if model_kwargs:
+        raise ValueError(f"model_kwargs {sorted(model_kwargs)}: pass device= and dtype= instead")
+    if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree")
+    if device_map is not None:
+        if device is not None or isinstance(device_map, dict) or device_map in ("auto", "balanced", "sequential"):
+            raise ValueError(f"device_map={device_map!r}: glmv runs on one device; pass device= (e.g. 'cuda:0')")
+        device = device_map
+    loaded = Glm4vForConditionalGeneration.from_pretrained(model, dtype=dtype if dtype is not None else torch_dtype,
+                                                           device=device or "cpu")
     processor = Glm4vProcessor.from_pretrained(model, **processor_kwargs)
     return ImageTextToTextPipeline(loaded, processor, batch_size=batch_size)

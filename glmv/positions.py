@@ -103,5 +103,12 @@ def media_of_rows(token_types: torch.Tensor, attention_mask: torch.Tensor, image
             need[kind] -= len(list(group))
             if need[kind] < 0:
                 raise InputError(f"row {row}: a placeholder span is longer than its grid")
+        if any(need.values()):
+            raise InputError(f"row {row}: its last placeholder span is shorter than its grid")
         rows.append(media)
+    for kind, rest in streams.items():
+        left = sum(1 for _ in rest)
+        if left:  # media the prompts never show: transformers refuses them too ("features and tokens do not match")
+            name = "image" if kind == IMAGE else "video"
+            raise InputError(f"{name}_grid_thw describes {left} more {name}(s) than the prompts have placeholders for")
     return rows

@@ -59,6 +59,12 @@ class PromptBatch:
 def build(input_ids, valid, token_types, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
           video_grid_thw=None, spatial_merge_size: int = 2, share_prefix: bool = True) -> PromptBatch:
     """input_ids, valid (attention mask, bool), token_types: (B, T) left-padded on one device."""
+    for name, pixels, grids in (("pixel_values", pixel_values, image_grid_thw),
+                                ("pixel_values_videos", pixel_values_videos, video_grid_thw)):
+        rows = 0 if grids is None else int(grids.prod(-1).sum())
+        if (pixels is None) != (grids is None) or (pixels is not None and pixels.shape[0] != rows):
+            raise InputError(f"{name}: {'none' if pixels is None else pixels.shape[0]} patch rows where its grid_thw "
+                             f"describes {'none' if grids is None else rows}")
     positions, deltas = rope_index(token_types, valid, image_grid_thw, video_grid_thw, spatial_merge_size)
     items = media_of_rows(token_types, valid, image_grid_thw, video_grid_thw, spatial_merge_size)
     pixels = {IMAGE: pixel_values, VIDEO: pixel_values_videos}

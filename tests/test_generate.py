@@ -197,6 +197,43 @@ def test_one_dimensional_ids_and_unseeded_sampling(tiny_gqa):
     assert out.shape[0] == 1 and 4 <= out.shape[1] <= 7 and torch.equal(out[0, :3], torch.tensor([3, 4, 5]))
 
 
+def test_default_sampling_follows_torch_manual_seed_and_rows_differ(tiny_gqa):
+    """Without seed=, as in transformers: repeated prompts give distinct samples and torch.manual_seed reproduces
+    the run (a default of one fixed seed for every row gave identical rows whatever the global seed)."""
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    ids = torch.tensor([[3, 4, 5, 6]] * 4)
+    kw = dict(do_sample=True, temperature=1.5, max_new_tokens=12, eos_token_id=torch.tensor([]))
+
+    def sample(global_seed):
+        torch.manual_seed(global_seed)
+        return model.generate(input_ids=ids, **kw)
+
+    first = sample(1)
+    assert len({tuple(row.tolist()) for row in first}) == 4, "each row draws its own stream"
+    assert torch.equal(sample(1), first)
+    assert not torch.equal(sample(2), first)
+    same_seed = model.generate(input_ids=ids, seed=5, **kw)
+    assert len({tuple(row.tolist()) for row in same_seed}) == 1, "an int seed is every row's seed"
+
+
+def test_media_the_prompts_do_not_show_are_refused(tiny_gqa, video_path):
+    """Pixels or grids that no placeholder uses, or pixel rows that do not fill their grids, are input errors (they
+    were silently ignored or crashed deep inside); transformers refuses them too."""
+    inputs = mixed_batch(tiny_gqa, video_path)
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    image_rows = int(inputs["image_grid_thw"][0].prod())
+    extra_grid = {**inputs, "image_grid_thw": torch.cat([inputs["image_grid_thw"], inputs["image_grid_thw"][:1]]),
+                  "pixel_values": torch.cat([inputs["pixel_values"], inputs["pixel_values"][:image_rows]])}
+    with pytest.raises(glmv.InputError, match="describes 1 more image"):
+        model.generate(**extra_grid, max_new_tokens=2)
+    short = {**inputs, "pixel_values": inputs["pixel_values"][:-4]}
+    with pytest.raises(glmv.InputError, match="pixel_values: .* patch rows where its grid_thw describes"):
+        model.generate(**short, max_new_tokens=2)
+    no_grid = {k: v for k, v in inputs.items() if k != "image_grid_thw"}
+    with pytest.raises(glmv.InputError, match="pixel_values"):
+        model.generate(**no_grid, max_new_tokens=2)
+
+
 def test_repetition_penalty_sees_real_prompt_tokens_only():
     """Token id 0 in a real position stays seen even where padding (also scattered at 0 before) sits beside it."""
     from glmv.sampling import seen_tokens as _seen_tokens

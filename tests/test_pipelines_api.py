@@ -51,3 +51,16 @@ def test_pipeline_rejects_other_tasks_and_bad_input(tiny_gqa):
     pipe = glmv.pipeline("image-text-to-text", model=tiny_gqa)
     with pytest.raises(ValueError, match="text must be a conversation"):
         pipe(text="just a string")
+
+
+def test_pipeline_takes_transformers_spellings_or_refuses_them(tiny_gqa):
+    """torch_dtype and a one-device device_map work as in transformers; what glmv cannot honour is an error, never
+    silently dropped (they used to fall through to the processor and vanish)."""
+    pipe = glmv.pipeline("image-text-to-text", model=tiny_gqa, torch_dtype=torch.float64, device_map="cpu")
+    assert pipe.model.dtype == torch.float64 and pipe.model.device.type == "cpu"
+    with pytest.raises(ValueError, match="device_map='auto'"):
+        glmv.pipeline("image-text-to-text", model=tiny_gqa, device_map="auto")
+    with pytest.raises(ValueError, match="model_kwargs"):
+        glmv.pipeline("image-text-to-text", model=tiny_gqa, model_kwargs={"attn_implementation": "sdpa"})
+    with pytest.raises(ValueError, match="unsupported argument"):
+        glmv.pipeline("image-text-to-text", model=tiny_gqa, use_cache=True)
