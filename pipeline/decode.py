@@ -60,16 +60,17 @@ def _fetch_pool() -> ThreadPoolExecutor:
 
 def describe_error(uri: str, exc: BaseException) -> str:
     """One readable line naming the input and the cause; storage errors never carry credentials."""
+    uri = storage.redact(uri)
     cause = getattr(exc, "cause", None)
     if cause:   # glmv.MediaError: its own source is '<bytes>', ours is the URI
-        return f"{uri}: {cause}"
+        return f"{uri}: {storage.scrub(cause)}"
     if isinstance(exc, FileNotFoundError):
         return f"{uri}: object not found (deleted after listing?)"
     if isinstance(exc, PermissionError):
         return f"{uri}: permission denied"
     if storage.is_transient(exc):
-        return f"{uri}: storage error after retries ({type(exc).__name__}: {exc})"
-    return f"{uri}: {type(exc).__name__}: {exc}"
+        return f"{uri}: storage error after retries ({storage.describe(exc)})"
+    return f"{uri}: {storage.describe(exc)}"
 
 
 def _source(item: Item, opts: StorageOptions):
@@ -125,7 +126,7 @@ def _load(item: Item, loader: MediaLoader, opts: StorageOptions, source):
             with fs.open(path, "rb") as f:
                 return loader.load("video", f)
 
-        return storage.with_retries(load_video, item.uri, opts)
+        return storage.fetch_with_retries(load_video, item.uri, opts)
     return loader.load(item.media_type, storage.read_bytes(item.uri, opts))
 
 

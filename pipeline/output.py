@@ -180,7 +180,12 @@ class ResultWriter:
                 return KEPT + name
             return "_key" if name == "key" and "_key" in names else name
 
-        return pa.Table.from_arrays([rows[source(f.name)].cast(f.type) for f in self.schema], schema=self.schema)
+        def column(name: str, type_: pa.DataType):
+            values = rows[source(name)].cast(type_)
+            # the one place every written row passes: an item URL's password or signature never lands in a file
+            return storage.redact_column(values) if name in ("uri", "error") else values
+
+        return pa.Table.from_arrays([column(f.name, f.type) for f in self.schema], schema=self.schema)
 
     def _write(self, rows: pa.Table) -> None:
         shards = rows["_shard"] if "_shard" in rows.column_names else None

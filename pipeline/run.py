@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import output, poison, preflight, progress, readers
+from pipeline import output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
@@ -317,7 +317,7 @@ def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summ
         _say(out, line)
     for row in summary.sample:
         text = row["error"] or (row["answer"] or row["text"])
-        _say(out, f"  {row['uri']} [{row['task']}] {text[:100]!r}")
+        _say(out, f"  {storage.redact(row['uri'])} [{row['task']}] {storage.redact(text)[:100]!r}")
     try:   # the results are written: a report that fails must not fail the run
         _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}")
     except Exception as e:  # noqa: BLE001

@@ -196,10 +196,25 @@ def _class_names(exc: BaseException) -> set[str]:
     return {c.__name__ for c in type(exc).__mro__}
 
 
+class WebObjectError(OSError):
+    """A web server's HTTP answer about one of its objects (403, 410, 5xx past the retries ...). Unlike an object
+    store's, such an answer says nothing about the rest of the corpus (a manifest of web URLs spans thousands of
+    hosts, each with its own hotlink rules): that item's error row, never an outage of the run."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+    def __reduce__(self):
+        return (type(self), (self.cause,))
+
+
 def classify(exc: BaseException) -> Fault:
     """TRANSIENT (retry), OUTAGE (the store: denied, credentials, no bucket, disk full) or ITEM (this object)."""
     if isinstance(exc, StorageUnavailable):
         return Fault.OUTAGE
+    if isinstance(exc, WebObjectError):
+        return Fault.ITEM
     code, status = error_code(exc)
     if code in TRANSIENT_CODES or (not code and status in TRANSIENT_STATUS):
         return Fault.TRANSIENT
@@ -239,11 +254,32 @@ def is_transient(exc: BaseException) -> bool:
 
 _QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\"]*")
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# Credentials a URL itself can carry: a user:password@ before the host, and signature or token query parameters
+# (presigned S3/GCS URLs, Azure SAS). Written in the syntax both Python's re and Arrow's RE2 read.
+_USERINFO = (r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#]+@", r"\1***@")
+_SECRET_PARAMS = (r"([?&](?i:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+                  r"x-goog-credential|signature|sig|token|access_token|api_key|apikey)=)[^&\s#'\"]*", r"\1***")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of the URLs in it masked; the rest of each URL (its query too) kept."""
+    for pattern, replacement in (_USERINFO, _SECRET_PARAMS):
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def redact_column(column):
+    """`redact` over an Arrow string column (what the result files hold: their uri and error columns)."""
+    import pyarrow.compute as pc
+
+    for pattern, replacement in (_USERINFO, _SECRET_PARAMS):
+        column = pc.replace_substring_regex(column, pattern, replacement)
+    return column
 
 
 def scrub(text: str) -> str:
-    """One line, no URL query strings (presigned signatures), no credential from the environment."""
-    text = " ".join(str(text).split())
+    """One line, no URL query strings (presigned signatures) or passwords, no credential from the environment."""
+    text = redact(" ".join(str(text).split()))
     text = _QUERY.sub(r"\1?...", text)
     for var in _SECRET_VARS:
         secret = os.environ.get(var)
@@ -299,10 +335,27 @@ def with_retries(fn: Callable[[], T], what: str, opts: StorageOptions, sleep=tim
     raise AssertionError("unreachable")
 
 
+def fetch_with_retries(fn: Callable[[], T], uri: str, opts: StorageOptions) -> T:
+    """`with_retries` for reading one item's object. From a web URL, an HTTP answer that would stop the run
+    (401/403, or 429/5xx past the retries) is a WebObjectError: about that object only. No answer at all (DNS,
+    refused, timeouts) still stops the run: it may be this machine's own network."""
+    try:
+        return with_retries(fn, uri, opts)
+    except Exception as e:
+        answer = e.__cause__ if isinstance(e, StorageUnavailable) else e
+        _, status = error_code(answer) if answer is not None else ("", None)
+        if protocol_of(uri) not in ("http", "https") or status is None:
+            raise
+        reason = getattr(answer, "message", "")  # aiohttp's reason phrase ("Forbidden")
+        tries = f" after {e.attempts} attempts" if isinstance(e, StorageUnavailable) and e.attempts > 1 else ""
+        raise WebObjectError(f"the web server answered HTTP {status}{f' {reason}' if isinstance(reason, str) else ''}"
+                             f"{tries}") from answer
+
+
 def read_bytes(uri: str, opts: StorageOptions) -> bytes:
     """Whole object, with retries for transient errors."""
     fs, path = filesystem(uri, opts)
-    return with_retries(lambda: fs.cat_file(path), uri, opts)
+    return fetch_with_retries(lambda: fs.cat_file(path), uri, opts)
 
 
 def bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str, opts: StorageOptions) -> bool:

@@ -139,6 +139,52 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
     assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in (tmp_path / "out").glob("*.parquet"))
 
 
+def test_web_answers_are_error_rows_and_url_credentials_never_land(local_ray, tiny_gqa, tmp_path):
+    """A manifest of web URLs (img2dataset's case): a 403 (hotlink protection) or a 410 is that item's error row,
+    not an outage that no rerun could ever get past; a password or a signature in a URL is in no written row, file
+    or printed line."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Site(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            for name, status in (("forbidden", 403), ("gone", 410)):
+                if name in self.path:
+                    self.send_error(status)
+                    return None
+            return super().send_head()
+
+    files = good_media(num_images=2, num_videos=0)
+    write_local(tmp_path / "www", files)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Site, directory=str(tmp_path / "www")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://alice:pw-SECRET-1@127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/{rel}?X-Amz-Signature=SIG-SECRET-2&w=1" for rel in files]
+        (tmp_path / "m.csv").write_text("url\n" + "".join(f"{u}\n" for u in urls + [f"{base}/forbidden.jpg",
+                                                                                    f"{base}/gone.jpg"]))
+        text = config_text("", str(tmp_path / "out"), str(tiny_gqa), tasks=("ocr",)).replace(
+            'uri = ""\n', f'manifest = "{tmp_path / "m.csv"}"\nuri_column = "url"\n', 1)
+        printed = io.StringIO()
+        summary = run(_cfg(tmp_path, text), out=printed)
+    finally:
+        server.shutdown()
+        server.server_close()
+    df = pd.read_parquet(tmp_path / "out")
+    assert summary.done == len(df) == 4 and df.error.isna().sum() == 2
+    errors = dict(zip(df.uri.str.rsplit("/", n=1).str[-1], df.error))
+    assert errors["forbidden.jpg"].endswith("the web server answered HTTP 403 Forbidden")
+    assert errors["gone.jpg"].endswith("the web server answered HTTP 410 Gone")
+    assert all(u.startswith("http://***@127.0.0.1:") for u in df.uri) and df.uri.str.contains("&w=1").sum() == 2
+    written = [df.to_csv(), printed.getvalue()] + [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*")
+                                                  if p.is_file() and p.suffix != ".parquet"]
+    assert not [t for t in written if "SECRET" in t]
+
+
 def test_deleted_object_and_unreachable_store_become_error_rows(s3, tiny_gqa):
     fs = s3fs_for(s3)
     fs.mkdir("flaky")

@@ -191,3 +191,51 @@ def test_disk_full_is_an_outage_and_a_local_permission_error_is_about_the_file()
     assert storage.classify(PermissionError(errno.EACCES, "denied", "/data/x.png")) is Fault.ITEM
     assert storage.classify(OSError(errno.EBUSY, "Please reduce your request rate.")) is Fault.TRANSIENT
     assert storage.classify(ValueError("cannot identify image file")) is Fault.ITEM
+
+
+def test_web_answers_are_about_their_object_but_no_answer_stops_the_run():
+    """From a web URL, an HTTP answer (403, 410, a 503 past the retries) is that object's: each web host answers
+    for its own objects. No answer at all may be this machine's network: that still stops the run."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Site(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_head(self):
+            for status in (403, 410, 503):
+                if self.path == f"/{status}":
+                    self.send_error(status)
+                    return None
+            return super().send_head()
+
+    with __import__("tempfile").TemporaryDirectory() as root:
+        (__import__("pathlib").Path(root) / "ok.bin").write_bytes(b"fine")
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Site, directory=root))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        site = f"http://127.0.0.1:{server.server_address[1]}"
+        opts = StorageOptions(retries=1, retry_backoff_s=0.01)
+        try:
+            assert storage.read_bytes(f"{site}/ok.bin", opts) == b"fine"
+            for status, reason in ((403, "Forbidden"), (410, "Gone"), (503, "Service Unavailable after 2 attempts")):
+                with pytest.raises(storage.WebObjectError, match=f"answered HTTP {status} {reason}") as info:
+                    storage.read_bytes(f"{site}/{status}", opts)
+                assert storage.classify(info.value) is Fault.ITEM
+        finally:
+            server.shutdown()
+            server.server_close()
+        with pytest.raises(StorageUnavailable):   # connection refused: nobody answered
+            storage.read_bytes(f"{site}/ok.bin", opts)
+
+
+def test_url_credentials_are_masked_and_the_rest_of_the_url_kept():
+    import pyarrow as pa
+
+    url = "https://bob:hunter22@cdn.example/p/a.jpg?w=100&X-Amz-Signature=abc123&sig=s1g&Token=t0k#frag"
+    expected = "https://***@cdn.example/p/a.jpg?w=100&X-Amz-Signature=***&sig=***&Token=***#frag"
+    assert storage.redact(url) == expected
+    assert storage.redact_column(pa.chunked_array([[url, None, "s3://b/k.jpg?versionId=3"]])).to_pylist() == [
+        expected, None, "s3://b/k.jpg?versionId=3"]
+    assert "hunter22" not in storage.scrub(f"failed: {url}")
