@@ -12,8 +12,9 @@ import glob as globlib
 import logging
 import os
 import tarfile
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -22,11 +23,13 @@ import pyarrow.parquet as pq
 
 from pipeline import listing, storage
 from pipeline.config import ConfigError
+from pipeline.errors import StorageUnavailable
 from pipeline.items import KEPT, canonical_uri, media_type_of, sniff_media_type
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MANIFEST_SHARD_ROWS = 10_000   # manifest rows per shard
 BYTES_SHARD_ROWS = 1_000       # rows of embedded media per shard (Parquet bytes)
@@ -168,6 +171,37 @@ def table_format(uri: str) -> str:
 def _open(uri: str, opts: StorageOptions):
     fs, path = storage.filesystem(uri, opts)
     return storage.with_retries(lambda: fs.open(path, "rb"), uri, opts)
+
+
+def _reread(uri: str, opts: StorageOptions, read: Callable[[object], Iterator[T]], **open_kwargs) -> Iterator[T]:
+    """The items of read(file), with storage errors classified as `storage.with_retries` does. `read` must give
+    the same items in the same order every time: a transient error re-opens the file after a back-off and skips
+    what was already yielded. An outage, or `opts.retries` transient errors without progress, raise
+    StorageUnavailable, so that a half-read unit is never taken for a finished (or corrupt) one. Errors about the
+    object itself (missing, bad data) are raised as they are."""
+    fs, path = storage.filesystem(uri, opts)
+    sent, attempt = 0, 0
+    while True:
+        try:
+            with fs.open(path, "rb", **open_kwargs) as f:
+                for n, item in enumerate(read(f)):
+                    if n >= sent:
+                        yield item
+                        sent, attempt = sent + 1, 0
+            return
+        except StorageUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            fault = storage.classify(e)
+            if fault is storage.Fault.ITEM:
+                raise
+            if fault is storage.Fault.OUTAGE or attempt == opts.retries:
+                raise StorageUnavailable(storage.scrub(uri), storage.describe(e), attempt + 1) from e
+            delay = storage.backoff_s(opts, attempt)
+            attempt += 1
+            log.warning("re-opening %s in %.2fs after a transient error (%s); retry %d/%d, %d items already read",
+                        storage.scrub(uri), delay, storage.describe(e), attempt, opts.retries, sent)
+            time.sleep(delay)
 
 
 def table_schema(uri: str, opts: StorageOptions) -> pa.Schema:
@@ -359,35 +393,23 @@ def _sample_row(shard_uri: str, key: str, members: dict[str, bytes]) -> tuple:
 
 
 def read_tar(unit: Unit, spec: ReadSpec, finished: Callable[[int], bool]) -> Iterator[Piece]:
-    """One shard per tar, streamed (never extracted to disk). A transient storage error re-opens the stream and
-    skips the samples already yielded; a corrupt tar ends the shard with one error row naming it."""
+    """One shard per tar, streamed (never extracted to disk). A corrupt tar ends the shard with one error row naming
+    it; a store that fails past its retries stops the run (StorageUnavailable), leaving the shard unfinished."""
     if finished(0):
         yield Piece(0, None, True, finished=True)
         return
-    sent, attempts, rows = 0, 0, []
-    fs, path = storage.filesystem(unit.uri, spec.opts)
-    while True:
-        try:
-            with fs.open(path, "rb", block_size=8 << 20) as stream:
-                for n, (key, members) in enumerate(_samples(stream)):
-                    if n < sent + len(rows):
-                        continue
-                    rows.append(_sample_row(unit.uri, key, members))
-                    if len(rows) == TAR_PIECE_SAMPLES:
-                        yield Piece(0, _rows_table(rows), False)
-                        sent, rows = sent + len(rows), []
-            break
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            if storage.is_transient(e) and attempts < spec.opts.retries:
-                attempts += 1
-                log.warning("re-opening %s after a transient error (%s); %d samples already read", unit.uri, e,
-                            sent + len(rows))
-                continue
-            if isinstance(e, FileNotFoundError):
-                raise
-            rows.append((unit.uri, "", None, None, f"{unit.uri}: corrupt tar after {sent + len(rows)} samples "
-                                                   f"({type(e).__name__}: {e})"))
-            break
+    sent, rows = 0, []
+    try:
+        for key, members in _reread(unit.uri, spec.opts, _samples, block_size=8 << 20):
+            rows.append(_sample_row(unit.uri, key, members))
+            if len(rows) == TAR_PIECE_SAMPLES:
+                yield Piece(0, _rows_table(rows), False)
+                sent, rows = sent + len(rows), []
+    except FileNotFoundError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        rows.append((unit.uri, "", None, None, f"{unit.uri}: corrupt tar after {sent + len(rows)} samples "
+                                               f"({type(e).__name__}: {e})"))
     yield Piece(0, _rows_table(rows), True)
 
 

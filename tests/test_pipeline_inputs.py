@@ -13,10 +13,12 @@ import pytest
 
 from pipeline import listing, readers, storage
 from pipeline.config import ConfigError
+from pipeline.errors import StorageUnavailable
 from pipeline.items import canonical_uri, item_id, key_hash, media_type_of
 from pipeline.sources import Budget, SeenIds, TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
+from tests.faults import FaultProxy
 from tests.pipeline_helpers import good_media, moto_s3, s3fs_for, write_local
 
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
@@ -46,9 +48,9 @@ def spec_for(out, *, uri="", manifest="", fmt="files", uri_column="uri", keep=()
                             tuple(exclude), opts, StateDir(str(out), opts), keep_schema)
 
 
-def read_all(spec, plan=PLAN, done=None, records=None, budget=None):
+def read_all(spec, plan=PLAN, done=None, records=None, budget=None, tracker=None):
     """Every pending item of every unit, and what the fake tracker heard."""
-    tracker, rows = FakeTracker(), []
+    tracker, rows = tracker or FakeTracker(), []
     done = np.zeros(0, np.uint64) if done is None else done
     for unit in readers.find_units(spec):
         work = UnitWork(unit, (records or {}).get(unit.id, {}))
@@ -294,3 +296,46 @@ def test_parquet_with_embedded_bytes_and_an_hf_image_struct(tmp_path):
     hf, _ = read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "hf.parquet"), fmt="parquet",
                               bytes_column="image"))
     assert hf[0]["data"] == imgs[2] and hf[0]["uri"].endswith("hf.parquet#0")
+
+
+def _store_inputs(fs, bucket: str) -> dict[str, dict]:
+    """One small input of each sharded kind on S3, and the spec arguments that read it."""
+    imgs = [v for k, v in sorted(good_media(num_images=3, num_videos=0).items())]
+    fs.mkdir(bucket)
+    fs.pipe(f"{bucket}/wds/000.tar", _tar([(f"{i:03d}.jpg", imgs[i % 3]) for i in range(6)]))
+    return {"webdataset": dict(uri=f"s3://{bucket}/wds/", fmt="webdataset")}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset"])
+def test_a_store_failing_mid_read_stops_the_read_and_finishes_nothing(s3, tmp_path, fmt):
+    inputs = _store_inputs(s3fs_for(s3), f"outage-{fmt}")
+    with FaultProxy(s3) as proxy:
+        opts = StorageOptions(endpoint_url=proxy.url, retries=2, retry_backoff_s=0.0)
+        spec = spec_for(tmp_path / "out", opts=opts, **inputs[fmt])
+        readers.find_units(spec)
+        proxy.burst("read", 2, "slowdown")        # within the retries: read whole
+        rows, tracker = read_all(spec)
+        assert len(rows) == 6 and all(r["error"] is None for r in rows) and len(tracker.units) == 1
+        for fault in ("denied", "slowdown"):      # an outage, and throttling past the retries
+            proxy.set("read", **{fault: 1.0})
+            tracker = FakeTracker()
+            with pytest.raises(StorageUnavailable, match="AccessDenied|SlowDown|reduce your request rate"):
+                read_all(spec, tracker=tracker)
+            assert not tracker.units and not tracker.shards   # nothing reported finished, no error row
+
+
+def test_a_transient_error_mid_stream_reopens_and_skips_what_was_read(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abcdef")
+    failures = [OSError(16, "Please reduce your request rate.")]
+
+    def read(f):
+        for i, byte in enumerate(iter(lambda: f.read(1), b"")):
+            if i == 3 and failures:
+                raise failures.pop()
+            yield byte
+
+    assert b"".join(readers._reread(str(path), OPTS, read)) == b"abcdef"
+    failures[:] = [OSError(16, "busy")] * 3   # more than OPTS.retries without progress
+    with pytest.raises(StorageUnavailable, match="after 3 attempts"):
+        list(readers._reread(str(path), OPTS, read))
