@@ -168,11 +168,6 @@ def table_format(uri: str) -> str:
     raise ConfigError(f"input.manifest: {uri} must end in .parquet, .csv or .jsonl")
 
 
-def _open(uri: str, opts: StorageOptions):
-    fs, path = storage.filesystem(uri, opts)
-    return storage.with_retries(lambda: fs.open(path, "rb"), uri, opts)
-
-
 def _reread(uri: str, opts: StorageOptions, read: Callable[[object], Iterator[T]], **open_kwargs) -> Iterator[T]:
     """The items of read(file), with storage errors classified as `storage.with_retries` does. `read` must give
     the same items in the same order every time: a transient error re-opens the file after a back-off and skips
@@ -207,21 +202,26 @@ def _reread(uri: str, opts: StorageOptions, read: Callable[[object], Iterator[T]
 def table_schema(uri: str, opts: StorageOptions) -> pa.Schema:
     """The columns of a manifest or Parquet input file (the footer, or the first block of a text file)."""
     fmt = table_format(uri)
-    with _open(uri, opts) as f:
-        if fmt == "parquet":
-            return pq.ParquetFile(f).schema_arrow
-        reader = pacsv.open_csv(f) if fmt == "csv" else pajson.open_json(f)
-        return reader.schema
+    fs, path = storage.filesystem(uri, opts)
+
+    def schema() -> pa.Schema:
+        with fs.open(path, "rb") as f:
+            if fmt == "parquet":
+                return pq.ParquetFile(f).schema_arrow
+            return (pacsv.open_csv(f) if fmt == "csv" else pajson.open_json(f)).schema
+
+    return storage.with_retries(schema, uri, opts)
 
 
 def _batches(uri: str, fmt: str, columns: list[str], opts: StorageOptions) -> Iterator[pa.RecordBatch]:
-    with _open(uri, opts) as f:
+    def read(f) -> Iterator[pa.RecordBatch]:
         if fmt == "csv":
-            reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns))
+            yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns))
         else:
-            reader = pajson.open_json(f)
-        for batch in reader:
-            yield batch.select(columns) if fmt != "csv" else batch
+            for batch in pajson.open_json(f):
+                yield batch.select(columns)
+
+    return _reread(uri, opts, read)
 
 
 def _sharded(batches: Iterator[pa.RecordBatch], shard_rows: int, piece_rows: int) -> Iterator[Piece]:
@@ -242,7 +242,7 @@ def _parquet_pieces(uri: str, columns: list[str], id_columns: list[str], opts: S
                     shard_rows: int, piece_rows: int, finished: Callable[[str], bool]) -> Iterator[Piece]:
     """Shards are row ranges inside each row group ("<group>.<n>"); a row group whose shards are all finished is
     read for its id columns only."""
-    with _open(uri, opts) as f:
+    def read(f) -> Iterator[Piece]:
         pf = pq.ParquetFile(f)
         for group in range(pf.metadata.num_row_groups):
             rows = pf.metadata.row_group(group).num_rows
@@ -252,6 +252,8 @@ def _parquet_pieces(uri: str, columns: list[str], id_columns: list[str], opts: S
             for piece in _sharded(pf.iter_batches(batch_size=piece_rows, row_groups=[group], columns=cols),
                                   shard_rows, piece_rows):
                 yield Piece(f"{group}.{piece.shard}", piece.table, piece.last)
+
+    return _reread(uri, opts, read)
 
 
 def _resolve(uri: str, manifest: str) -> str:

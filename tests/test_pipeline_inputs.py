@@ -303,10 +303,16 @@ def _store_inputs(fs, bucket: str) -> dict[str, dict]:
     imgs = [v for k, v in sorted(good_media(num_images=3, num_videos=0).items())]
     fs.mkdir(bucket)
     fs.pipe(f"{bucket}/wds/000.tar", _tar([(f"{i:03d}.jpg", imgs[i % 3]) for i in range(6)]))
-    return {"webdataset": dict(uri=f"s3://{bucket}/wds/", fmt="webdataset")}
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"jpg": imgs * 2}), sink)
+    fs.pipe(f"{bucket}/pq/x.parquet", sink.getvalue())
+    fs.pipe(f"{bucket}/m/m.csv", b"uri\n" + b"".join(b"%d.jpg\n" % i for i in range(6)))
+    return {"webdataset": dict(uri=f"s3://{bucket}/wds/", fmt="webdataset"),
+            "parquet": dict(uri=f"s3://{bucket}/pq/", fmt="parquet", bytes_column="jpg"),
+            "manifest": dict(manifest=f"s3://{bucket}/m/m.csv")}
 
 
-@pytest.mark.parametrize("fmt", ["webdataset"])
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "manifest"])
 def test_a_store_failing_mid_read_stops_the_read_and_finishes_nothing(s3, tmp_path, fmt):
     inputs = _store_inputs(s3fs_for(s3), f"outage-{fmt}")
     with FaultProxy(s3) as proxy:
