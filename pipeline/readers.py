@@ -342,8 +342,10 @@ def read_parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], boo
         n = piece.table.num_rows
         keys = ([None if k is None else str(k) for k in piece.table[spec.key_column].to_pylist()]
                 if spec.key_column else [str(row + i) for i in range(n)])
+        # a row without a key is still an item, named by its row in a form real keys do not take in practice
+        # (keys are not escaped, so nothing is strictly out of reach): keyless rows merged into one "#None" before
+        uris = [f"{unit.uri}#{k}" if k is not None else f"{unit.uri}#<row {row + i}>" for i, k in enumerate(keys)]
         row += n
-        uris = [f"{unit.uri}#{k}" for k in keys]
         if finished(piece.shard):
             yield Piece(piece.shard, raw_table(uris, [""] * n), piece.last, finished=True)
             continue

@@ -345,3 +345,17 @@ def test_a_transient_error_mid_stream_reopens_and_skips_what_was_read(tmp_path):
     failures[:] = [OSError(16, "busy")] * 3   # more than OPTS.retries without progress
     with pytest.raises(StorageUnavailable, match="after 3 attempts"):
         list(readers._reread(str(path), OPTS, read))
+
+
+def test_parquet_rows_without_a_key_are_items_of_their_own(tmp_path):
+    imgs = [v for k, v in sorted(good_media(num_images=3, num_videos=0).items())]
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"key": ["a", None, None, "None", "2"], "jpg": imgs + imgs[:2]}),
+                   tmp_path / "p" / "x.parquet")
+    rows, _ = read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "p"), fmt="parquet", bytes_column="jpg",
+                                key_column="key"))
+    unit = str(tmp_path / "p" / "x.parquet")
+    assert [(r["uri"], r["key"]) for r in rows] == [(f"{unit}#a", "a"), (f"{unit}#<row 1>", None),
+                                                    (f"{unit}#<row 2>", None), (f"{unit}#None", "None"),
+                                                    (f"{unit}#2", "2")]
+    assert [r["data"] for r in rows] == imgs + imgs[:2]
