@@ -315,20 +315,58 @@ def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> pa.Table | None:
 def _media_bytes(column: pa.ChunkedArray) -> tuple[list, list]:
     """(bytes, file names) of a binary column or of an HF datasets image struct {bytes, path}."""
     if pa.types.is_struct(column.type):
-        names = [f.name for f in column.type]
-        if "bytes" not in names:
-            raise ConfigError(f"input.bytes_column: a struct column needs a 'bytes' field (fields: {names})")
+        names = [f.name for f in column.type]   # has a binary 'bytes' field: _check_bytes_column
         data = column.combine_chunks().field("bytes").to_pylist()
         paths = column.combine_chunks().field("path").to_pylist() if "path" in names else [None] * len(data)
         return data, paths
     return column.to_pylist(), [None] * len(column)
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+
+
+def _check_bytes_column(uri: str, schema: pa.Schema, column: str) -> None:
+    """A column of another type would fail (or be taken for media) row by row; one clear line instead."""
+    t = schema.field(column).type
+    if _is_binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+                         and _is_binary(t.field("bytes").type)):
+        return
+    raise ConfigError(f"input.bytes_column: {uri}: column {column!r} is {t}, not binary or a struct with a binary "
+                      f"'bytes' field")
+
+
 def read_parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
-    names = table_schema(unit.uri, spec.opts).names
+    """A Parquet file whose data is bad (cut short by a writer that died, corrupt pages) ends with one error row
+    naming it, as a corrupt tar does: a rerun would fail on it the same way, so stopping the run helps no one."""
+    shard, closed = "error", True
+    try:
+        for piece in _parquet_bytes(unit, spec, finished):
+            shard, closed = piece.shard, piece.last
+            yield piece
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError) or storage.classify(e) is not storage.Fault.ITEM:
+            raise
+        error = f"{unit.uri}: corrupt Parquet file ({type(e).__name__}: {storage.scrub(str(e))})"
+        yield Piece("error" if closed else shard, raw_table([unit.uri], [""], errors=[error],
+                                                            extra=_null_kept(spec)), True)
+
+
+def _null_kept(spec: ReadSpec) -> pa.Table | None:
+    """Kept columns for a row that has none, so that it fits the blocks around it."""
+    if not spec.keep_columns:
+        return None
+    types = spec.keep_schema.types if spec.keep_schema is not None else [pa.null()] * len(spec.keep_columns)
+    return pa.table({KEPT + c: pa.nulls(1, t) for c, t in zip(spec.keep_columns, types)})
+
+
+def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+    schema = table_schema(unit.uri, spec.opts)
+    names = schema.names
     for col, what in ((spec.bytes_column, "input.bytes_column"), (spec.key_column, "input.key_column")):
         if col and col not in names:
             raise ConfigError(f"{what}: {unit.uri} has no {col!r} column (columns: {', '.join(names[:20])})")
+    _check_bytes_column(unit.uri, schema, spec.bytes_column)
     key_cols = [spec.key_column] if spec.key_column else []
     columns = [spec.bytes_column] + key_cols + list(spec.keep_columns)
     # without a key column, an item is named by its row number, which needs no column at all

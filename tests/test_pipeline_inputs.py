@@ -359,3 +359,23 @@ def test_parquet_rows_without_a_key_are_items_of_their_own(tmp_path):
                                                     (f"{unit}#<row 2>", None), (f"{unit}#None", "None"),
                                                     (f"{unit}#2", "2")]
     assert [r["data"] for r in rows] == imgs + imgs[:2]
+
+
+def test_a_cut_parquet_file_is_an_error_row_and_a_bytes_column_of_another_type_a_config_error(tmp_path):
+    imgs = [v for k, v in sorted(good_media(num_images=3, num_videos=0).items())]
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"jpg": imgs, "n": [1, 2, 3]}), tmp_path / "p" / "000.parquet")
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"jpg": imgs, "n": [4, 5, 6]}), sink)
+    cut = tmp_path / "p" / "001.parquet"
+    cut.write_bytes(sink.getvalue()[: len(sink.getvalue()) // 2])     # a writer that died
+    spec = spec_for(tmp_path / "out", uri=str(tmp_path / "p"), fmt="parquet", bytes_column="jpg", keep=["n"])
+    rows, tracker = read_all(spec)
+    assert [r["error"] for r in rows[:3]] == [None] * 3 and [r["input:n"] for r in rows] == [1, 2, 3, None]
+    assert rows[3]["uri"] == str(cut) and rows[3]["error"].startswith(f"{cut}: corrupt Parquet file (ArrowInvalid")
+    assert f"{cut}#error" in tracker.shards and len(tracker.units) == 2   # finished: a rerun skips the row
+    for values in ([1, 2], ["aGVsbG8="], [[1, 2]], [{"path": "x.png"}]):
+        pq.write_table(pa.table({"jpg": values}), tmp_path / "p" / "000.parquet")
+        with pytest.raises(ConfigError, match=r"input.bytes_column: .*000.parquet: column 'jpg' is .*, not binary"):
+            read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "p" / "000.parquet"), fmt="parquet",
+                              bytes_column="jpg"))
