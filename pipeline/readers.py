@@ -11,6 +11,7 @@ import fnmatch
 import glob as globlib
 import logging
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass
@@ -208,17 +209,26 @@ def table_schema(uri: str, opts: StorageOptions) -> pa.Schema:
         with fs.open(path, "rb") as f:
             if fmt == "parquet":
                 return pq.ParquetFile(f).schema_arrow
+            if not f.read(1):
+                return pa.schema([])   # an empty text file: no rows (pyarrow refuses it)
+            f.seek(0)
             return (pacsv.open_csv(f) if fmt == "csv" else pajson.open_json(f)).schema
 
     return storage.with_retries(schema, uri, opts)
 
 
-def _batches(uri: str, fmt: str, columns: list[str], opts: StorageOptions) -> Iterator[pa.RecordBatch]:
+def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: StorageOptions
+             ) -> Iterator[pa.RecordBatch]:
+    """`text` columns are read as strings: inferred from the first block, a prompt column empty for its first
+    megabyte is typed null, and the first prompt after that fails the whole file."""
+    types = {c: pa.string() for c in text}
+
     def read(f) -> Iterator[pa.RecordBatch]:
         if fmt == "csv":
-            yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns))
+            yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns,
+                                                                              column_types=types))
         else:
-            for batch in pajson.open_json(f):
+            for batch in pajson.open_json(f, parse_options=pajson.ParseOptions(explicit_schema=pa.schema(types))):
                 yield batch.select(columns)
 
     return _reread(uri, opts, read)
@@ -264,18 +274,35 @@ def _resolve(uri: str, manifest: str) -> str:
 
 
 def read_manifest(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+    """A manifest pyarrow cannot parse (a kept column whose values change type far into the file, a JSON array)
+    stops the run with one line naming the file: its rows cannot be trusted, and the owner has to fix it."""
+    try:
+        yield from _manifest_pieces(unit, spec, finished)
+    except pa.ArrowInvalid as e:
+        hint = "; a JSON manifest holds one object per line, not an array" if "to array" in str(e) else ""
+        # the quoted values of pyarrow's messages are row contents (URLs may hold credentials)
+        cause = re.sub(r"'[^']*'", "'...'", storage.scrub(str(e)))
+        raise ConfigError(f"input.manifest: {unit.uri} cannot be read ({cause}){hint}") from None
+
+
+def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
     fmt = table_format(unit.uri)
     schema_names = table_schema(unit.uri, spec.opts).names
+    if not schema_names:
+        log.warning("input.manifest: %s is empty", unit.uri)
+        return
     if spec.uri_column not in schema_names:
         raise ConfigError(f"input.manifest: {unit.uri} has no {spec.uri_column!r} column (columns: "
                           f"{', '.join(schema_names[:20])}); set input.uri_column")
     has_prompt = "prompt" in schema_names
-    columns = [spec.uri_column] + (["prompt"] if has_prompt else []) + list(spec.keep_columns)
+    text = [spec.uri_column] + (["prompt"] if has_prompt else [])
+    columns = list(dict.fromkeys(text + list(spec.keep_columns)))   # keeping the uri column itself: read once
     if fmt == "parquet":
         pieces = _parquet_pieces(unit.uri, columns, [spec.uri_column], spec.opts, MANIFEST_SHARD_ROWS,
                                  MANIFEST_SHARD_ROWS, finished)
     else:
-        pieces = _sharded(_batches(unit.uri, fmt, columns, spec.opts), MANIFEST_SHARD_ROWS, MANIFEST_SHARD_ROWS)
+        pieces = _sharded(_batches(unit.uri, fmt, columns, text, spec.opts), MANIFEST_SHARD_ROWS,
+                          MANIFEST_SHARD_ROWS)
     for piece in pieces:
         if piece.table is None:
             yield piece

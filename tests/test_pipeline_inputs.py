@@ -379,3 +379,33 @@ def test_a_cut_parquet_file_is_an_error_row_and_a_bytes_column_of_another_type_a
         with pytest.raises(ConfigError, match=r"input.bytes_column: .*000.parquet: column 'jpg' is .*, not binary"):
             read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "p" / "000.parquet"), fmt="parquet",
                               bytes_column="jpg"))
+
+
+def test_hostile_manifests_are_read_or_refused_in_one_line(tmp_path):
+    """Types inferred from a text manifest's first block hold for its first megabyte only."""
+    plan = TaskPlan(("caption",), "prompt")
+    late = [{"uri": f"/x/{i:06d}/a-long-enough-file-name.jpg", "prompt": None} for i in range(40_000)]
+    late.append({"uri": "/x/late.jpg", "prompt": "What is shown?"})
+    for fmt in ("csv", "jsonl"):   # a prompt column empty for its first megabyte, then set
+        _manifest(tmp_path / f"late.{fmt}", late, fmt)
+        rows, _ = read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / f"late.{fmt}")), plan)
+        assert len(rows) == len(late) and rows[-1]["prompt"] == "What is shown?"
+        _manifest(tmp_path / f"url.{fmt}", [{"url": "http://h/a.jpg", "prompt": "hi"}], fmt)
+        rows, _ = read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / f"url.{fmt}"), uri_column="url",
+                                    keep=["url", "prompt"]), plan)   # img2dataset's url kept as it is
+        assert [(r["uri"], r["input:url"], r["input:prompt"]) for r in rows] == [("http://h/a.jpg",) * 2 + ("hi",)]
+        (tmp_path / f"empty.{fmt}").write_bytes(b"")
+        assert read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / f"empty.{fmt}")))[0] == []
+    drift = [{"uri": f"/x/{i:06d}/a-long-enough-file-name.jpg", "n": i} for i in range(40_000)]
+    drift.append({"uri": "/x/late.jpg", "n": "SECRET"})
+    (tmp_path / "array.json").write_text(json.dumps([{"uri": "a.jpg"}]))
+    (tmp_path / "mixed.jsonl").write_text('{"uri": 12}\n{"uri": "a.jpg"}\n')
+    for name, keep, match in (("drift.csv", ["n"], "conversion error to int64"),
+                              ("drift.jsonl", ["n"], "changed from number to string"),
+                              ("array.json", [], "one object per line, not an array"),
+                              ("mixed.jsonl", [], "changed from number to string")):
+        if name.startswith("drift"):
+            _manifest(tmp_path / name, drift, name.rsplit(".", 1)[1])
+        with pytest.raises(ConfigError, match=f"input.manifest: {tmp_path / name} cannot be read .*{match}") as e:
+            read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / name), keep=keep))
+        assert "SECRET" not in str(e.value)
