@@ -12,6 +12,7 @@ runs on the same output (see README).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -23,6 +24,8 @@ from pipeline.config import ConfigError
 from pipeline.items import media_type_of
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
+
+log = logging.getLogger(__name__)
 
 PART_ROWS = 10_000       # media keys per snapshot part (shard)
 MAX_PLAN_PAGES = 10      # listing pages spent on planning partitions before falling back to one partition
@@ -44,6 +47,25 @@ def listing_id(uri: str) -> str:
 # --- walking one partition in key order ----------------------------------------------------------------------
 
 
+def _visible(folder: str, entries: list[os.DirEntry]) -> list[os.DirEntry]:
+    """Entries not hidden and named in UTF-8. os.scandir gives another name with surrogate escapes, which no
+    key, URI or Parquet string can hold: one such file stopped the whole run, now it is skipped and counted."""
+    shown = [e for e in entries if not e.name.startswith(".")]
+    named = [e for e in shown if _is_utf8(e.name)]
+    if len(named) < len(shown):
+        odd = [e.name for e in shown if not _is_utf8(e.name)]
+        log.warning("skipped %d name(s) in %s that are not UTF-8, e.g. %s", len(odd), ascii(folder), ascii(odd[0]))
+    return named
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _walk_local(root: str, prefix: str, recursive: bool, after: str) -> Iterator[str]:
     """Relative paths in lexicographic order: a depth-first walk whose children sort by name, folders as
     'name/', so that the order equals the byte order of the keys (as S3 lists them)."""
@@ -52,8 +74,8 @@ def _walk_local(root: str, prefix: str, recursive: bool, after: str) -> Iterator
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return
-    children = sorted((e.name + "/" if e.is_dir(follow_symlinks=True) else e.name, e) for e in entries
-                      if not e.name.startswith("."))
+    children = sorted((e.name + "/" if e.is_dir(follow_symlinks=True) else e.name, e)
+                      for e in _visible(folder, entries))
     for name, _ in children:
         rel = prefix + name
         if name.endswith("/"):
@@ -130,7 +152,7 @@ def _children(uri: str, opts: StorageOptions, prefix: str) -> tuple[list[str], b
         folder = os.path.join(root, prefix) if prefix else root
         if not os.path.isdir(folder):
             raise ConfigError(f"input.uri: {uri} is not a folder")
-        entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+        entries = _visible(folder, list(os.scandir(folder)))
         return (sorted(prefix + e.name + "/" for e in entries if e.is_dir()),
                 any(not e.is_dir() for e in entries))
     entries = storage.with_retries(lambda: fs.ls(f"{root.rstrip('/')}/{prefix}", detail=True), uri, opts)

@@ -3,6 +3,7 @@ with embedded bytes, stable ids, duplicates, and the shard counts the read tasks
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -409,3 +410,19 @@ def test_hostile_manifests_are_read_or_refused_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=f"input.manifest: {tmp_path / name} cannot be read .*{match}") as e:
             read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / name), keep=keep))
         assert "SECRET" not in str(e.value)
+
+
+def test_names_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    files = good_media(num_images=3, num_videos=0)
+    write_local(corpus, files)
+    image = next(iter(files.values()))
+    os.mkdir(os.path.join(os.fsencode(corpus), b"d\xe9j\xe0"))                     # a whole folder, and files
+    for name in (b"caf\xe9.jpg", b"images/\xff.png", b"d\xe9j\xe0/x.png"):
+        with open(os.path.join(os.fsencode(corpus), name), "wb") as f:
+            f.write(image)
+    with caplog.at_level("WARNING"):
+        rows, _ = read_all(spec_for(tmp_path / "out", uri=str(corpus)))
+    assert sorted(r["uri"] for r in rows) == sorted(str(corpus / k) for k in files)
+    assert "skipped 2 name(s) in" in caplog.text                                    # the folder and the file
+    assert "skipped 1 name(s) in" in caplog.text and "e.g. '\\udcff.png'" in caplog.text
