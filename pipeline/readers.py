@@ -93,20 +93,29 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
     """A file, every matching file under a folder/prefix (`in_folder` extensions there), or a glob; sorted
     canonical URIs."""
     fs, path = storage.filesystem(uri, opts)
+    root = path.rstrip("/")
     if globlib.has_magic(path):
         found = storage.with_retries(lambda: fs.glob(path), uri, opts)
+        root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]   # the folder before the pattern
     elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
         found = storage.with_retries(lambda: fs.find(path), uri, opts)
         extensions = in_folder or extensions
     elif storage.with_retries(lambda: fs.exists(path), uri, opts):
-        found = [path]
+        found, root = [path], root.rsplit("/", 1)[0]
     else:
         raise ConfigError(f"{what}: {uri} does not exist")
-    files = sorted(p for p in found if p.lower().endswith(extensions)
-                   and not p.rstrip("/").rsplit("/", 1)[-1].startswith(("_", ".")))
+    files = sorted(p for p in found if p.lower().endswith(extensions) and not _hidden_below(p, root))
     if not files:
         raise ConfigError(f"{what}: no {'/'.join(extensions)} files at {uri}")
     return [canonical_uri(storage.full_uri(fs, p)) for p in files]
+
+
+def _hidden_below(path: str, root: str) -> bool:
+    """Whether a folder or file below the input root starts with '_' or '.': Spark's and img2dataset's side
+    files (_SUCCESS, _temporary/), dot-folders, and this pipeline's own _state/ when the output lies inside the
+    input, whose Parquet snapshots were read as input."""
+    rel = path[len(root):] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+    return any(part.startswith(("_", ".")) for part in rel.strip("/").split("/"))
 
 
 def find_units(spec: ReadSpec) -> list[Unit]:

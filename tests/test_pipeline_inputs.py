@@ -426,3 +426,15 @@ def test_names_that_are_not_utf8_are_skipped_and_counted(tmp_path, caplog):
     assert sorted(r["uri"] for r in rows) == sorted(str(corpus / k) for k in files)
     assert "skipped 2 name(s) in" in caplog.text                                    # the folder and the file
     assert "skipped 1 name(s) in" in caplog.text and "e.g. '\\udcff.png'" in caplog.text
+
+
+def test_inputs_under_underscore_or_dot_folders_are_not_read(tmp_path):
+    table = pa.table({"uri": ["a.jpg"]})
+    for rel in ("p/a.parquet", "p/sub/c.parquet", "p/_state/listing/p0/000000.parquet", "p/out/_state/x.parquet",
+                "p/.cache/b.parquet", "p/sub/_temporary/0/d.parquet", "p/_e.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / rel)
+    for uri in (tmp_path / "p", tmp_path / "p" / "**" / "*.parquet"):
+        spec = spec_for(tmp_path / "out", uri=str(uri), fmt="parquet", bytes_column="jpg")
+        assert [u.uri for u in readers.find_units(spec)] == [str(tmp_path / "p" / "a.parquet"),
+                                                           str(tmp_path / "p" / "sub" / "c.parquet")]
