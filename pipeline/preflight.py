@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline import storage
+from pipeline import readers, storage
 from pipeline.config import ActorsConfig, Config
 from pipeline.errors import ConfigError
+from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
 SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -23,11 +24,15 @@ def check(cfg: Config) -> None:
     """All checks that need no cluster: model checkpoint and context, then input and output locations."""
     check_model(cfg)
     opts = StorageOptions.from_config(cfg.storage)
-    if cfg.input.uri:
-        check_input_prefix(cfg.input.uri, opts)
-    else:
-        check_object("input.manifest", cfg.input.manifest, opts)
+    check_input(cfg, opts)
     check_output(cfg.output.uri, opts)
+
+
+def read_spec(cfg: Config, state: StateDir) -> readers.ReadSpec:
+    i = cfg.input
+    return readers.ReadSpec(i.uri, i.format, i.manifest, i.uri_column, i.bytes_column, i.key_column,
+                            tuple(i.keep_columns), tuple(i.include), tuple(i.exclude),
+                            StorageOptions.from_config(cfg.storage), state)
 
 
 # --- the model ---------------------------------------------------------------------------------------------------
@@ -104,6 +109,20 @@ def check_model(cfg: Config) -> None:
 # --- inputs and outputs ------------------------------------------------------------------------------------------
 
 
+def check_input(cfg: Config, opts: StorageOptions) -> None:
+    """The input exists. Manifests and shard files are found by the readers' own expansion (a file, a folder or
+    prefix, a glob), so preflight accepts exactly the forms the run reads; a listed prefix is only probed (listing
+    it all is the run's work, spread over read tasks)."""
+    if not cfg.input.manifest and cfg.input.format == "files":
+        check_input_prefix(cfg.input.uri, opts)
+        return
+    key, uri = ("input.manifest", cfg.input.manifest) if cfg.input.manifest else ("input.uri", cfg.input.uri)
+    fs, root = storage.filesystem(uri, opts)
+    if storage.protocol_of(uri) in ("s3", "s3a"):
+        _check_bucket(key, uri, fs, root.split("/", 1)[0], opts)   # clearer than "does not exist"
+    readers.find_units(read_spec(cfg, StateDir(cfg.output.uri, opts)))
+
+
 def check_input_prefix(uri: str, opts: StorageOptions) -> None:
     """input.uri is a folder, or a prefix under which the store holds at least one object."""
     fs, root = storage.filesystem(uri, opts)
@@ -123,19 +142,6 @@ def check_input_prefix(uri: str, opts: StorageOptions) -> None:
         return
     if not storage.with_retries(lambda: fs.exists(root), uri, opts):
         raise ConfigError(f"input.uri: {uri} does not exist")
-
-
-def check_object(key: str, uri: str, opts: StorageOptions) -> None:
-    """A single file or object (a manifest) exists."""
-    fs, path = storage.filesystem(uri, opts)
-    if storage.is_local(fs):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{key}: {uri} " + ("is not a file" if os.path.exists(path) else "does not exist"))
-        return
-    try:
-        storage.with_retries(lambda: fs.info(path), uri, opts)
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: {uri} does not exist") from None
 
 
 def check_output(uri: str, opts: StorageOptions) -> None:

@@ -26,6 +26,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.lease import Lease
 from pipeline.predictor import Predictor
+from pipeline.preflight import read_spec
 from pipeline.report import write_report
 from pipeline.sources import PendingItems, TaskPlan, UnitWork
 from pipeline.state import StateDir
@@ -58,13 +59,6 @@ def init_ray(cfg: Config) -> None:
             ray.init(address="auto")
         except ConnectionError:
             ray.init(**local)
-
-
-def read_spec(cfg: Config, state: StateDir) -> readers.ReadSpec:
-    i = cfg.input
-    return readers.ReadSpec(i.uri, i.format, i.manifest, i.uri_column, i.bytes_column, i.key_column,
-                            tuple(i.keep_columns), tuple(i.include), tuple(i.exclude),
-                            StorageOptions.from_config(cfg.storage), state)
 
 
 def task_plan(cfg: Config) -> TaskPlan:

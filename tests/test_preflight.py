@@ -6,8 +6,11 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import config, preflight
@@ -116,6 +119,43 @@ def test_inputs_and_outputs_exist(tmp_path, tiny_gqa, corpus, s3):
         preflight.check(manifest(str(tmp_path / "none.csv")))
 
 
+def _shards(root):
+    """A folder of each documented shard and manifest form: a tar, a Parquet file, a CSV manifest."""
+    (root / "shards").mkdir(parents=True)
+    with tarfile.open(root / "shards" / "000.tar", "w"):
+        pass
+    pq.write_table(pa.table({"jpg": [b"x"]}), root / "shards" / "p.parquet")
+    (root / "m").mkdir()
+    (root / "m" / "a.csv").write_text("uri\na.png\n")
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_every_documented_input_form_passes_and_one_that_matches_nothing_is_named(tmp_path, tiny_gqa, s3, remote):
+    """What readers.find_units reads, preflight accepts: a manifest file, folder or glob; shards as a folder, a glob
+    or one file (it refused all but a local manifest file and a folder of shards)."""
+    _shards(tmp_path)
+    if remote:
+        fs = s3fs_for(s3)
+        fs.put(str(tmp_path / "shards") + "/", "inputs/shards/", recursive=True)
+        fs.put(str(tmp_path / "m") + "/", "inputs/m/", recursive=True)
+    base = "s3://inputs" if remote else str(tmp_path)
+    endpoint = s3 if remote else ""
+    manifest = lambda uri: _cfg(tmp_path, tiny_gqa, "input.uri=", f"input.manifest={uri}", endpoint=endpoint)  # noqa
+    shards = lambda uri, fmt, *more: _cfg(tmp_path, tiny_gqa, f"input.format={fmt}", *more, input_uri=uri,  # noqa
+                                          endpoint=endpoint)
+    for cfg in (manifest(f"{base}/m"), manifest(f"{base}/m/"), manifest(f"{base}/m/*.csv"),
+                manifest(f"{base}/m/a.csv"), shards(f"{base}/shards/*.tar", "webdataset"),
+                shards(f"{base}/shards/000.tar", "webdataset"), shards(f"{base}/shards", "webdataset"),
+                shards(f"{base}/shards/*.parquet", "parquet", "input.bytes_column=jpg")):
+        preflight.check(cfg)
+    with pytest.raises(ConfigError, match=r"^input\.manifest: no .*csv.* files at .*/m/\*\.jsonl$"):
+        preflight.check(manifest(f"{base}/m/*.jsonl"))
+    with pytest.raises(ConfigError, match=r"^input\.uri: .*/shards/nothing\.tar does not exist$"):
+        preflight.check(shards(f"{base}/shards/nothing.tar", "webdataset"))
+    with pytest.raises(ConfigError, match=r"^input\.uri: no \.tar files at .*/m$"):
+        preflight.check(shards(f"{base}/m", "webdataset"))
+
+
 def test_preflight_is_quick_and_rides_out_throttling_but_not_a_denial(tmp_path, tiny_gqa, s3):
     with FaultProxy(s3, seed=2) as proxy:
         cfg = _cfg(tmp_path, tiny_gqa, "storage.retries=10", input_uri="s3://inputs/media/",
@@ -179,6 +219,7 @@ def test_job_exit_codes_for_config_errors_before_ray(tmp_path, tiny_gqa, corpus)
         (["run.max_new_tokens=100000"], "config error: run.max_new_tokens: 100000 new tokens do not fit"),
         ([f"input.uri={tmp_path / 'nowhere'}"], "config error: input.uri: "),
         ([f"model.path={corpus}"], "config error: model.path: "),
+        (["input.uri=", f"input.manifest={tmp_path}/m/*.csv"], "config error: input.manifest: no "),
     ]
     for overrides, prefix in cases:
         result, seconds = _job(tmp_path, tiny_gqa, *overrides)
