@@ -174,8 +174,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
     ledger = progress.Ledger(state, cfg.input.fingerprint())
     if cfg.run.retry_errors:
-        reopened = output.reopen_errors(cfg.output.uri, opts, writer.staging)
-        ledger.forget()
+        reopened = reopen_errors(cfg.output.uri, opts, ledger, writer.staging)
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
     existing = output.result_files(writer.fs, writer.root, opts)
     for name in [n for n in existing if not output.is_ours(n)]:
@@ -212,6 +211,17 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     _finish(cfg, opts, writer, summary, start, out)
     breaker.check_finished()
     return summary
+
+
+def reopen_errors(uri: str, opts: StorageOptions, ledger: progress.Ledger, staging: str) -> int:
+    """`run.retry_errors`: the output's error rows become pending pairs; returns how many."""
+    # The records are dropped before any file is rewritten. A kill anywhere after that leaves an output without
+    # trusted records, which the next run scans whole; as each file is replaced whole, every pair is then either
+    # still in a file (an error row: done, until the next retry_errors run) or in none (pending: redone). In the
+    # other order, a kill between the two left records calling shards finished whose error rows were gone: those
+    # pairs were never run again. (forget() drops the trust marker first, so a kill inside it is safe too.)
+    ledger.forget()
+    return output.reopen_errors(uri, opts, staging)
 
 
 def _start_ray(cfg: Config) -> None:

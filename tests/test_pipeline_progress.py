@@ -113,6 +113,31 @@ def test_retry_errors_reopens_only_error_rows_file_by_file(tmp_path):
     assert not list((out / "_state" / "staging").glob("*"))
 
 
+def test_a_kill_while_retry_errors_reopens_loses_no_pair(tmp_path, monkeypatch):
+    """Killed right after the files were rewritten: the next run must not trust records that call the error's shard
+    finished (it did: reopen_errors ran before ledger.forget, and the error pair was never run again)."""
+    from pipeline import run
+
+    out = tmp_path / "out"
+    writer, ledger, _ = writer_with_ledger(out)
+    writer.add(pa.concat_tables([rows(["a"]), rows(["b"], error="/x/b.png: corrupt")]))
+    writer.flush()
+    ledger.record("u#0", {"caption": 2})
+    ledger.mark_trusted()
+    real = output.reopen_errors
+
+    def killed(*args):
+        real(*args)
+        raise SystemExit(137)
+
+    monkeypatch.setattr(output, "reopen_errors", killed)
+    with pytest.raises(SystemExit):
+        run.reopen_errors(str(out), OPTS, ledger, writer.staging)
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: output.result_files(*_fs(out), OPTS))
+    assert resume.scanned and not resume.records                 # "u#0" is not taken as finished ...
+    assert list(resume.done_keys) == list(key_hash(["a"], ["caption"]))   # ... and only "a" is done: "b" runs again
+
+
 def test_s3_writer_records_and_a_typo_bucket(tmp_path):
     with moto_s3() as endpoint:
         fs = s3fs_for(endpoint)
