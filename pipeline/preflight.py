@@ -7,6 +7,7 @@ with one readable line: a `ConfigError` (exit 2), or `StorageUnavailable` (exit 
 
 from __future__ import annotations
 
+import glob as globlib
 import json
 import os
 
@@ -25,6 +26,7 @@ def check(cfg: Config) -> None:
     check_model(cfg)
     opts = StorageOptions.from_config(cfg.storage)
     check_input(cfg, opts)
+    check_output_outside_input(cfg, opts)
     check_output(cfg.output.uri, opts)
 
 
@@ -142,6 +144,33 @@ def check_input_prefix(uri: str, opts: StorageOptions) -> None:
         return
     if not storage.with_retries(lambda: fs.exists(root), uri, opts):
         raise ConfigError(f"input.uri: {uri} does not exist")
+
+
+def _location(uri: str, opts: StorageOptions) -> str:
+    """Where a path points, comparable between two config keys (a local path resolved; s3a is s3)."""
+    fs, path = storage.filesystem(uri, opts)
+    if storage.is_local(fs):
+        return os.path.realpath(path)
+    protocol = storage.protocol_of(uri)
+    return f"{'s3' if protocol == 's3a' else protocol}://{path.rstrip('/')}"
+
+
+def _read_root(uri: str) -> str:
+    """The folder under which a reader may find input: a glob's fixed leading folders, else the path itself."""
+    if not globlib.has_magic(uri):
+        return uri
+    parts = uri.split("/")
+    root = "/".join(parts[:next(n for n, part in enumerate(parts) if globlib.has_magic(part))])
+    return root or ("/" if uri.startswith("/") else ".")
+
+
+def check_output_outside_input(cfg: Config, opts: StorageOptions) -> None:
+    """output.uri is not inside what the input reads: its result files would be read back as input."""
+    key, uri = ("input.manifest", cfg.input.manifest) if cfg.input.manifest else ("input.uri", cfg.input.uri)
+    root, out = _location(_read_root(uri), opts), _location(cfg.output.uri, opts)
+    if out == root or out.startswith(root.rstrip("/") + "/"):
+        raise ConfigError(f"output.uri: {cfg.output.uri} is inside {key} {uri}: a later run would read its "
+                          f"result files back as input; choose an output outside it")
 
 
 def check_output(uri: str, opts: StorageOptions) -> None:

@@ -156,6 +156,30 @@ def test_every_documented_input_form_passes_and_one_that_matches_nothing_is_name
         preflight.check(shards(f"{base}/m", "webdataset"))
 
 
+def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, corpus, s3):
+    """A later run would read the output's files back as input (format parquet: its result files and _state/ were
+    taken for input shards, and the run failed with a misleading message)."""
+    _shards(tmp_path)
+    inside = [(str(corpus / "captions"), ()),
+              (str(corpus), ()),
+              (str(tmp_path / "shards" / "captions"), ("input.format=parquet", "input.bytes_column=jpg",
+                                                       f"input.uri={tmp_path}/shards/*.parquet")),
+              (str(tmp_path / "m" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m")),
+              (str(tmp_path / "m" / "x" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m/*.csv")),
+              (str(tmp_path / "in" / "." / "images" / "out"), ())]
+    for output_uri, overrides in inside:
+        with pytest.raises(ConfigError, match=r"^output\.uri: .* is inside input\.(uri|manifest) .*: a later run "
+                                              r"would read its result files back as input"):
+            preflight.check(_cfg(tmp_path, tiny_gqa, *overrides, output_uri=output_uri))
+    with pytest.raises(ConfigError, match=r"^output\.uri: s3://inputs/media/out is inside input\.uri"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, input_uri="s3a://inputs/media/", output_uri="s3://inputs/media/out",
+                             endpoint=s3))
+    # beside the input, or beside a manifest file that is read alone, is fine
+    preflight.check(_cfg(tmp_path, tiny_gqa, output_uri=str(tmp_path / "in-captions")))
+    preflight.check(_cfg(tmp_path, tiny_gqa, "input.uri=", f"input.manifest={tmp_path}/m/a.csv",
+                         output_uri=str(tmp_path / "m" / "out")))
+
+
 def test_preflight_is_quick_and_rides_out_throttling_but_not_a_denial(tmp_path, tiny_gqa, s3):
     with FaultProxy(s3, seed=2) as proxy:
         cfg = _cfg(tmp_path, tiny_gqa, "storage.retries=10", input_uri="s3://inputs/media/",
@@ -220,6 +244,7 @@ def test_job_exit_codes_for_config_errors_before_ray(tmp_path, tiny_gqa, corpus)
         ([f"input.uri={tmp_path / 'nowhere'}"], "config error: input.uri: "),
         ([f"model.path={corpus}"], "config error: model.path: "),
         (["input.uri=", f"input.manifest={tmp_path}/m/*.csv"], "config error: input.manifest: no "),
+        ([f"output.uri={corpus}/out"], "config error: output.uri: "),
     ]
     for overrides, prefix in cases:
         result, seconds = _job(tmp_path, tiny_gqa, *overrides)
