@@ -367,6 +367,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:   # a folder, unreadable, not UTF-8 text
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     for assignment in overrides:

@@ -174,10 +174,22 @@ def check_output_outside_input(cfg: Config, opts: StorageOptions) -> None:
 
 
 def check_output(uri: str, opts: StorageOptions) -> None:
-    """An S3 output's bucket exists (it is never created: a typo must not make a new bucket)."""
+    """An S3 output's bucket exists (it is never created: a typo must not make a new bucket); a local output is a
+    folder, or can be made one."""
     fs, root = storage.filesystem(uri, opts)
     if storage.protocol_of(uri) in ("s3", "s3a"):
         _check_bucket("output.uri", uri, fs, root.split("/", 1)[0], opts)
+    elif storage.is_local(fs):
+        _check_local_output(uri, root)
+
+
+def _check_local_output(uri: str, root: str) -> None:
+    path = os.path.abspath(root)
+    while not os.path.exists(path):   # the nearest part that exists must be a folder (the rest is created)
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(root) else f"is under {path}, which is a file"
+        raise ConfigError(f"output.uri: {uri} {where}, not a folder")
 
 
 def _check_bucket(key: str, uri: str, fs, bucket: str, opts: StorageOptions) -> None:

@@ -53,7 +53,10 @@ def init_ray(cfg: Config) -> None:
     elif address == "local":
         ray.init(**local)
     elif address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ValueError as e:   # Ray's "Invalid address format", raised before it connects to anything
+            raise ConfigError(f"ray.address: {address!r} is not a cluster address ({e})") from None
     else:
         try:
             ray.init(address="auto")

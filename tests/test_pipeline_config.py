@@ -73,6 +73,12 @@ def test_structural_errors(tmp_path):
         load(tmp_path, text="[input\n")
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "missing.toml")
+    (tmp_path / "folder.toml").mkdir()   # these were tracebacks, exit 1
+    with pytest.raises(ConfigError, match=r"folder\.toml cannot be read as UTF-8 text: .*Is a directory"):
+        config.load(tmp_path / "folder.toml")
+    (tmp_path / "latin1.toml").write_bytes('[model]\nname = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml cannot be read as UTF-8 text: .*codec can't decode"):
+        config.load(tmp_path / "latin1.toml")
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load(tmp_path, overrides=["run.batch_size"])
 

@@ -180,6 +180,23 @@ def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, co
                          output_uri=str(tmp_path / "m" / "out")))
 
 
+def test_an_output_that_is_a_file_or_under_one_and_a_ray_address_typo_are_one_line(tmp_path, tiny_gqa, corpus,
+                                                                                   monkeypatch):
+    """Each was a traceback and exit 1 (FileExistsError / NotADirectoryError making the output folder; Ray's
+    ValueError for an address it cannot parse)."""
+    from pipeline import run
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"^output\.uri: .*/afile is a file, not a folder$"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, output_uri=str(tmp_path / "afile")))
+    with pytest.raises(ConfigError, match=r"^output\.uri: .*/afile/x/out is under .*/afile, which is a file"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, output_uri=str(tmp_path / "afile" / "x" / "out")))
+    preflight.check(_cfg(tmp_path, tiny_gqa, output_uri=str(tmp_path / "new" / "out")))   # made by the run
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"^ray\.address: 'locla' is not a cluster address \(Invalid address"):
+        run.init_ray(_cfg(tmp_path, tiny_gqa, "ray.address=locla"))
+
+
 def test_preflight_is_quick_and_rides_out_throttling_but_not_a_denial(tmp_path, tiny_gqa, s3):
     with FaultProxy(s3, seed=2) as proxy:
         cfg = _cfg(tmp_path, tiny_gqa, "storage.retries=10", input_uri="s3://inputs/media/",
