@@ -331,8 +331,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("output.uri: required (a local folder or a URL such as s3://bucket/results/)")
     if not cfg.model.path:
         raise ConfigError("model.path: required (a checkpoint folder in the Hugging Face layout)")
-    if not cfg.run.tasks and not cfg.input.manifest:
-        raise ConfigError("run.tasks: at least one task is needed")
+    if not cfg.run.tasks and not (cfg.input.manifest and cfg.input.manifest_prompt_task):
+        raise ConfigError("run.tasks: at least one task is needed (a manifest's own prompts run only when "
+                          "input.manifest_prompt_task names their task)")
     for name in cfg.run.tasks:
         if name not in BUILTIN_TASKS and name not in cfg.tasks:
             raise ConfigError(f"run.tasks: unknown task {name!r} (built-in: {', '.join(BUILTIN_TASKS)}; "

@@ -81,6 +81,10 @@ def test_structural_errors(tmp_path):
         config.load(tmp_path / "latin1.toml")
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load(tmp_path, overrides=["run.batch_size"])
+    manifest = ["input.uri=", "input.manifest=/m.csv", "run.tasks=[]"]
+    assert load(tmp_path, overrides=manifest).input.manifest_prompt_task == "prompt"   # the rows' own prompts
+    with pytest.raises(ConfigError, match=r"run\.tasks: at least one task is needed"):   # ran nothing, exit 0
+        load(tmp_path, overrides=[*manifest, 'input.manifest_prompt_task=""'])
 
 
 def test_custom_tasks_and_result_hash(tmp_path):
