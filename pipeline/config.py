@@ -152,12 +152,14 @@ class Config:
     def model_name(self) -> str:
         return self.model.name or Path(self.model.path.rstrip("/")).name
 
+    def result_settings(self) -> dict[str, Any]:
+        """Everything that changes what the model writes (not where input comes from or output goes)."""
+        return {"model": dataclasses.asdict(self.model), "run": dataclasses.asdict(self.run),
+                "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
+                "tasks": [dataclasses.asdict(t) for t in self.task_specs()]}
+
     def result_hash(self) -> str:
-        """Hash of everything that changes what the model writes (not where input comes from or output goes)."""
-        payload = {"model": dataclasses.asdict(self.model), "run": dataclasses.asdict(self.run),
-                   "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
-                   "tasks": [dataclasses.asdict(t) for t in self.task_specs()]}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.result_settings(), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for logging and the run record; holds no credentials (they never enter the config)."""

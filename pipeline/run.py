@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -69,15 +70,25 @@ def task_plan(cfg: Config) -> TaskPlan:
 
 
 def kept_columns(cfg: Config, spec: readers.ReadSpec, units: list[readers.Unit]) -> pa.Schema | None:
-    """Columns kept from the input, typed as in its first file (the others are cast to these types)."""
+    """Columns kept from the input, typed as in its first readable, non-empty file (the others are cast to these
+    types). A corrupt or empty file is the readers' to report (an error row, zero rows), not a reason to stop."""
     if not cfg.input.keep_columns:
         return None
-    first = readers.table_schema(units[0].uri, spec.opts)
-    missing = [c for c in cfg.input.keep_columns if c not in first.names]
-    if missing:
-        raise ConfigError(f"input.keep_columns: {units[0].uri} has no column(s) {missing} "
-                          f"(columns: {', '.join(first.names[:20])})")
-    return pa.schema([first.field(c) for c in cfg.input.keep_columns])
+    for unit in units:
+        try:
+            first = readers.table_schema(unit.uri, spec.opts)
+        except (pa.ArrowInvalid, OSError) as e:
+            if isinstance(e, FileNotFoundError) or storage.classify(e) is not storage.Fault.ITEM:
+                raise
+            continue
+        if not first.names:
+            continue
+        missing = [c for c in cfg.input.keep_columns if c not in first.names]
+        if missing:
+            raise ConfigError(f"input.keep_columns: {unit.uri} has no column(s) {missing} "
+                              f"(columns: {', '.join(first.names[:20])})")
+        return pa.schema([first.field(c) for c in cfg.input.keep_columns])
+    raise ConfigError(f"input.keep_columns: none of the {len(units)} input file(s) could be read for its columns")
 
 
 def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode=decode_batch,
@@ -184,6 +195,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
         progress.quarantine(state, name, "not a result file of this pipeline (foreign name)")
         existing.remove(name)
     resume = ledger.load(lambda: existing)
+    _note_changed_settings(cfg, state, out)
     if resume.scanned and not existing:
         ledger.mark_trusted()   # a new output: the records cover everything from its first row on
 
@@ -318,7 +330,8 @@ def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summ
             out) -> None:
     summary.seconds = time.monotonic() - start
     summary.files = writer.files
-    writer.write_run_record({"config": cfg.to_dict(), "summary": {k: v for k, v in summary.__dict__.items()
+    writer.write_run_record({"config": cfg.to_dict(), "result_settings": cfg.result_settings(),
+                             "summary": {k: v for k, v in summary.__dict__.items()
                                                                   if k != "sample"}})
     for line in summary.lines(cfg.output.uri):
         _say(out, line)
@@ -329,6 +342,32 @@ def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summ
         _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}")
     except Exception as e:  # noqa: BLE001
         log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
+
+
+# run settings that decide what is done, not what the model writes
+_NOT_RESULTS = {"run.retry_errors", "run.stop_failure_rate", "run.stop_failure_window"}
+
+
+def _note_changed_settings(cfg: Config, state: StateDir, out) -> None:
+    """A rerun with another model, prompt or generation setting skips the pairs already done, which keep the old
+    settings' results: one line says so, rather than letting "skipped as already done" pass for the new ones."""
+    records = [n for n in state.list("runs") if n.endswith(".json")]
+    last = (state.read_json(f"runs/{records[-1]}") or {}).get("result_settings") if records else None
+    if last is None:   # a new output, or a record from before result settings were kept
+        return
+    now = json.loads(json.dumps(cfg.result_settings(), default=str))   # as the record stored them
+    changed = []
+    for section in sorted(set(last) | set(now)):
+        old, new = last.get(section), now.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(section)
+    changed = [c for c in changed if c not in _NOT_RESULTS]
+    if changed:
+        _say(out, f"note: {', '.join(changed)} changed since the last run on this output: the (item, task) pairs it "
+                  f"finished are skipped and keep their results (their run_config_hash differs); write to a new "
+                  f"output.uri to run them with these settings")
 
 
 def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tuple[list[UnitWork], int]:

@@ -96,3 +96,31 @@ def test_custom_tasks_and_result_hash(tmp_path):
     assert load(tmp_path, text, ["input.uri=/elsewhere", "actors.count=4"]).result_hash() == cfg.result_hash()
     assert load(tmp_path, text, ["run.max_new_tokens=9"]).result_hash() != cfg.result_hash()
     assert load(tmp_path, text, ["tasks.chart.prompt=Other"]).result_hash() != cfg.result_hash()
+
+
+def test_a_rerun_with_other_result_settings_says_what_changed(tmp_path):
+    """Pairs done before are skipped whatever the settings: a changed prompt, model or max_new_tokens must not pass
+    silently as "skipped as already done"; settings that change nothing in the results say nothing."""
+    import io
+
+    from pipeline.run import _note_changed_settings
+    from pipeline.state import StateDir
+    from pipeline.storage import StorageOptions
+
+    state = StateDir(str(tmp_path / "out"), StorageOptions())
+
+    def note(cfg):
+        printed = io.StringIO()
+        _note_changed_settings(cfg, state, printed)
+        return printed.getvalue()
+
+    first = load(tmp_path, overrides=["run.max_new_tokens=64"])
+    assert note(first) == ""   # a new output
+    state.write_json("runs/20260101-000000-a.json", {"config": first.to_dict(),
+                                                     "result_settings": first.result_settings()})
+    assert note(load(tmp_path, overrides=["run.max_new_tokens=64", "run.retry_errors=true"])) == ""
+    line = note(load(tmp_path, overrides=["run.max_new_tokens=128", "model.path=/models/other"]))
+    assert "note: model.path, run.max_new_tokens changed since the last run on this output" in line
+    assert "tasks" in note(load(tmp_path, overrides=["run.max_new_tokens=64", "run.tasks=['ocr']"]))
+    state.write_json("runs/20260102-000000-b.json", {"config": {}})   # an older version's record: nothing to compare
+    assert note(load(tmp_path, overrides=["run.max_new_tokens=128"])) == ""

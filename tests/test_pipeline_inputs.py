@@ -438,3 +438,28 @@ def test_inputs_under_underscore_or_dot_folders_are_not_read(tmp_path):
         spec = spec_for(tmp_path / "out", uri=str(uri), fmt="parquet", bytes_column="jpg")
         assert [u.uri for u in readers.find_units(spec)] == [str(tmp_path / "p" / "a.parquet"),
                                                            str(tmp_path / "p" / "sub" / "c.parquet")]
+
+
+def test_kept_column_types_come_from_the_first_readable_file(tmp_path):
+    """A cut first Parquet file or an empty first manifest is the readers' to report (an error row, zero rows);
+    choosing the kept columns' types must not crash the run on it before they can."""
+    from types import SimpleNamespace
+
+    from pipeline.run import kept_columns
+
+    good = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"jpg": [b"x"], "n": pa.array([1], pa.int16())}), good)
+    cut = tmp_path / "a.parquet"
+    cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (tmp_path / "a.csv").write_text("")
+    (tmp_path / "b.csv").write_text("uri,n\nx.jpg,1\n")
+    cfg = SimpleNamespace(input=SimpleNamespace(keep_columns=["n"]))
+    spec = spec_for(tmp_path / "out")
+    for first, second, kind in ((cut, good, "parquet"), (tmp_path / "a.csv", tmp_path / "b.csv", "manifest")):
+        units = [readers.Unit(kind, str(first)), readers.Unit(kind, str(second))]
+        assert kept_columns(cfg, spec, units).names == ["n"]
+    with pytest.raises(ConfigError, match="none of the 1 input file"):
+        kept_columns(cfg, spec, [readers.Unit("parquet", str(cut))])
+    pq.write_table(pa.table({"jpg": [b"x"]}), tmp_path / "c.parquet")
+    with pytest.raises(ConfigError, match=r"c.parquet has no column\(s\) \['n'\]"):
+        kept_columns(cfg, spec, [readers.Unit("parquet", str(p)) for p in (cut, tmp_path / "c.parquet")])
