@@ -275,11 +275,11 @@ class Glm4vProcessor:
             elif return_tensors is not None:
                 raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if loaded_images:
-            data["pixel_values"], data["image_grid_thw"] = images_to_patches(loaded_images, self.image_settings,
+            data["pixel_values"], data["image_grid_thw"] = images_to_patches(loaded_images, image_settings,
                                                                                device, dtype)
         if loaded_videos:
             data["pixel_values_videos"], data["video_grid_thw"] = videos_to_patches(
-                loaded_videos, self.video_settings, device, dtype)
+                loaded_videos, video_settings, device, dtype)
         return data
 
     # ---- chat template ----------------------------------------------------------------------------------------

@@ -113,9 +113,7 @@ def _samples(items: list[MediaItem], pixels: dict) -> list[tuple]:
         which = [i for i, item in enumerate(items) if item.kind == kind]
         if not which:
             continue
-        source = pixels[kind]
-        if source is None:
-            raise InputError(f"{'image' if kind == IMAGE else 'video'} placeholders without pixel values")
+        source = pixels[kind]  # present: build() checked that pixels and grids come together
         k = torch.arange(SAMPLES_PER_ITEM)
         starts = torch.tensor([items[i].start for i in which])[:, None]
         counts = torch.tensor([items[i].rows for i in which])[:, None]

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 
 from pipeline import listing, storage
 from pipeline.config import ConfigError
-from pipeline.errors import StorageUnavailable
 from pipeline.items import KEPT, canonical_uri, media_type_of, sniff_media_type
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -194,15 +193,8 @@ def _reread(uri: str, opts: StorageOptions, read: Callable[[object], Iterator[T]
                         yield item
                         sent, attempt = sent + 1, 0
             return
-        except StorageUnavailable:
-            raise
-        except Exception as e:  # noqa: BLE001 - classified below
-            fault = storage.classify(e)
-            if fault is storage.Fault.ITEM:
-                raise
-            if fault is storage.Fault.OUTAGE or attempt == opts.retries:
-                raise StorageUnavailable(storage.scrub(uri), storage.describe(e), attempt + 1) from e
-            delay = storage.backoff_s(opts, attempt)
+        except Exception as e:  # noqa: BLE001 - classified by retry_delay
+            delay = storage.retry_delay(e, uri, opts, attempt)
             attempt += 1
             log.warning("re-opening %s in %.2fs after a transient error (%s); retry %d/%d, %d items already read",
                         storage.scrub(uri), delay, storage.describe(e), attempt, opts.retries, sent)

@@ -331,8 +331,7 @@ def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summ
     summary.seconds = time.monotonic() - start
     summary.files = writer.files
     writer.write_run_record({"config": cfg.to_dict(), "result_settings": cfg.result_settings(),
-                             "summary": {k: v for k, v in summary.__dict__.items()
-                                                                  if k != "sample"}})
+                             "summary": {k: v for k, v in summary.__dict__.items() if k != "sample"}})
     for line in summary.lines(cfg.output.uri):
         _say(out, line)
     for row in summary.sample:

@@ -320,19 +320,26 @@ def with_retries(fn: Callable[[], T], what: str, opts: StorageOptions, sleep=tim
     for attempt in range(opts.retries + 1):
         try:
             return fn()
-        except StorageUnavailable:
-            raise
-        except Exception as e:  # noqa: BLE001 - classified below
-            fault = classify(e)
-            if fault is Fault.ITEM:
-                raise
-            if fault is Fault.OUTAGE or attempt == opts.retries:
-                raise StorageUnavailable(scrub(what), describe(e), attempt + 1) from e
-            delay = backoff_s(opts, attempt)
+        except Exception as e:  # noqa: BLE001 - classified by retry_delay
+            delay = retry_delay(e, what, opts, attempt)
             log.warning("transient error on %s (%s); retry %d/%d in %.2fs", scrub(what), describe(e), attempt + 1,
                         opts.retries, delay)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+def retry_delay(exc: Exception, what: str, opts: StorageOptions, attempt: int) -> float:
+    """The back-off before retrying a storage call that failed with `exc` on its `attempt`-th retry (0: the first
+    call). Raises instead when a retry is not the answer: `exc` itself when it is about the object, and
+    StorageUnavailable on an outage or when the retries are spent. Called inside the `except` that caught exc."""
+    if isinstance(exc, StorageUnavailable):
+        raise exc
+    fault = classify(exc)
+    if fault is Fault.ITEM:
+        raise exc
+    if fault is Fault.OUTAGE or attempt == opts.retries:
+        raise StorageUnavailable(scrub(what), describe(exc), attempt + 1) from exc
+    return backoff_s(opts, attempt)
 
 
 def fetch_with_retries(fn: Callable[[], T], uri: str, opts: StorageOptions) -> T:
@@ -347,9 +354,9 @@ def fetch_with_retries(fn: Callable[[], T], uri: str, opts: StorageOptions) -> T
         if protocol_of(uri) not in ("http", "https") or status is None:
             raise
         reason = getattr(answer, "message", "")  # aiohttp's reason phrase ("Forbidden")
+        answered = f"HTTP {status} {reason}" if isinstance(reason, str) and reason else f"HTTP {status}"
         tries = f" after {e.attempts} attempts" if isinstance(e, StorageUnavailable) and e.attempts > 1 else ""
-        raise WebObjectError(f"the web server answered HTTP {status}{f' {reason}' if isinstance(reason, str) else ''}"
-                             f"{tries}") from answer
+        raise WebObjectError(f"the web server answered {answered}{tries}") from answer
 
 
 def read_bytes(uri: str, opts: StorageOptions) -> bytes:
