@@ -11,6 +11,7 @@ from pipeline.config import ConfigError
 from pipeline.items import key_hash
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
+from tests.faults import FaultProxy
 from tests.pipeline_helpers import moto_s3, read_output, s3fs_for
 
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
@@ -156,6 +157,24 @@ def test_s3_writer_records_and_a_typo_bucket(tmp_path):
         with pytest.raises(ConfigError, match="bucket 'resluts' does not exist"):   # a typo makes no new bucket
             output.ResultWriter("s3://resluts/run1", opts, rows_per_file=2, flush_seconds=60)
         assert not fs.exists("resluts")
+
+
+def test_a_state_folder_on_s3_is_removed_with_each_request_retried_on_its_own():
+    """A failed delete is retried alone, not with the listing before it: under a 30% fault rate, retrying
+    listing + HEAD + deletes as one call took 11 retries and half a minute of back-off to clear staging/."""
+    with moto_s3() as endpoint:
+        fs = s3fs_for(endpoint)
+        fs.mkdir("state-results")
+        for i in range(5):
+            fs.pipe(f"state-results/run1/_state/records/{i:03d}.json", b"{}")
+        with FaultProxy(endpoint) as proxy:
+            state = StateDir("s3://state-results/run1", StorageOptions(endpoint_url=proxy.url, retries=3,
+                                                                   retry_backoff_s=0.0))
+            proxy.burst("write", 3, "internal")   # the delete fails three times, then goes through
+            state.remove("records", recursive=True)
+            assert proxy.requests["list"] == 1 and proxy.injected("write") == 3, dict(proxy.requests)
+            state.remove("nothing-here", recursive=True)   # no files: no error, no delete
+        assert not fs.find("state-results/run1/_state/records") and proxy.requests["write"] == 4
 
 
 def test_unique_sorted_matches_numpy():
