@@ -87,11 +87,11 @@ def main(argv=None) -> int:
             prepare_demo(cfg)
         from pipeline import preflight
 
-        preflight.check(cfg)        # inputs, checkpoint, context: before Ray starts, in well under a second
+        units = preflight.check(cfg)   # inputs, checkpoint, context: before Ray starts, in well under a second
 
         from pipeline.run import run
 
-        run(cfg)
+        run(cfg, units=units)
     except Exception as e:  # noqa: BLE001 - known kinds become one line and their exit code; the rest a traceback
         known = known_error(e)
         if known is None:

@@ -7,6 +7,7 @@ with one readable line: a `ConfigError` (exit 2), or `StorageUnavailable` (exit 
 
 from __future__ import annotations
 
+import fnmatch
 import glob as globlib
 import json
 import os
@@ -21,13 +22,15 @@ SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.js
 PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def check(cfg: Config) -> None:
-    """All checks that need no cluster: model checkpoint and context, then input and output locations."""
+def check(cfg: Config) -> list[readers.Unit] | None:
+    """All checks that need no cluster: model checkpoint and context, then input and output locations. Returns the
+    manifests or shard files found, for the run to read without listing them again (None for a prefix of files)."""
     check_model(cfg)
     opts = StorageOptions.from_config(cfg.storage)
-    check_input(cfg, opts)
+    units = check_input(cfg, opts)
     check_output_outside_input(cfg, opts)
     check_output(cfg.output.uri, opts)
+    return units
 
 
 def read_spec(cfg: Config, state: StateDir) -> readers.ReadSpec:
@@ -111,18 +114,18 @@ def check_model(cfg: Config) -> None:
 # --- inputs and outputs ------------------------------------------------------------------------------------------
 
 
-def check_input(cfg: Config, opts: StorageOptions) -> None:
+def check_input(cfg: Config, opts: StorageOptions) -> list[readers.Unit] | None:
     """The input exists. Manifests and shard files are found by the readers' own expansion (a file, a folder or
-    prefix, a glob), so preflight accepts exactly the forms the run reads; a listed prefix is only probed (listing
-    it all is the run's work, spread over read tasks)."""
+    prefix, a glob), so preflight accepts exactly the forms the run reads, and returns them; a listed prefix is only
+    probed (listing it all is the run's work, spread over read tasks)."""
     if not cfg.input.manifest and cfg.input.format == "files":
         check_input_prefix(cfg.input.uri, opts)
-        return
+        return None
     key, uri = ("input.manifest", cfg.input.manifest) if cfg.input.manifest else ("input.uri", cfg.input.uri)
     fs, root = storage.filesystem(uri, opts)
     if storage.protocol_of(uri) in ("s3", "s3a"):
         _check_bucket(key, uri, fs, root.split("/", 1)[0], opts)   # clearer than "does not exist"
-    readers.find_units(read_spec(cfg, StateDir(cfg.output.uri, opts)))
+    return readers.find_units(read_spec(cfg, StateDir(cfg.output.uri, opts)))
 
 
 def check_input_prefix(uri: str, opts: StorageOptions) -> None:
@@ -164,11 +167,27 @@ def _read_root(uri: str) -> str:
     return root or ("/" if uri.startswith("/") else ".")
 
 
+def _glob_reaches(pattern: str, folder: str) -> bool:
+    """Whether a glob can match a path inside `folder`, which lies under the glob's fixed root. In fsspec's globs
+    `*`, `?` and `[..]` stay within one folder and `**` (a whole part) crosses any number of them."""
+    pattern_parts, folder_parts = pattern.rstrip("/").split("/"), folder.rstrip("/").split("/")
+    for n, part in enumerate(pattern_parts):
+        if part == "**" or n == len(folder_parts):   # the pattern goes on below the folder
+            return True
+        if not fnmatch.fnmatchcase(folder_parts[n], part):
+            return False
+    return False   # the pattern stops at the folder's depth or above it: it names the folder, not what is in it
+
+
 def check_output_outside_input(cfg: Config, opts: StorageOptions) -> None:
     """output.uri is not inside what the input reads: its result files would be read back as input."""
     key, uri = ("input.manifest", cfg.input.manifest) if cfg.input.manifest else ("input.uri", cfg.input.uri)
-    root, out = _location(_read_root(uri), opts), _location(cfg.output.uri, opts)
-    if out == root or out.startswith(root.rstrip("/") + "/"):
+    fixed = _read_root(uri)
+    root, out = _location(fixed, opts), _location(cfg.output.uri, opts)
+    inside = out == root or out.startswith(root.rstrip("/") + "/")
+    if inside and globlib.has_magic(uri):
+        inside = _glob_reaches(root.rstrip("/") + "/" + uri[len(fixed):].lstrip("/"), out)
+    if inside:
         raise ConfigError(f"output.uri: {cfg.output.uri} is inside {key} {uri}: a later run would read its "
                           f"result files back as input; choose an output outside it")
 

@@ -94,7 +94,10 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
     fs, path = storage.filesystem(uri, opts)
     root = path.rstrip("/")
     if globlib.has_magic(path):
-        found = storage.with_retries(lambda: fs.glob(path), uri, opts)
+        try:
+            found = storage.with_retries(lambda: fs.glob(path), uri, opts)
+        except ValueError as e:   # fsspec refuses the pattern itself ("'**' can only be an entire path component")
+            raise ConfigError(f"{what}: {uri} is not a valid glob ({e})") from None
         root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]   # the folder before the pattern
     elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
         found = storage.with_retries(lambda: fs.find(path), uri, opts)

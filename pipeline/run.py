@@ -166,14 +166,17 @@ class Summary:
                 f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
 
 
-def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch) -> Summary:
+def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch,
+        units: list[readers.Unit] | None = None) -> Summary:
+    """`units`: the input's manifests or shard files as preflight found them (a glob over thousands of S3 shards is
+    listed once per start, not twice); None finds them here."""
     opts = StorageOptions.from_config(cfg.storage)
     start = time.monotonic()
     writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
     # before touching the output's state
     lease = Lease(cfg.output.uri, opts, writer.run_tag, takeover=cfg.output.takeover)
     try:
-        return _run(cfg, opts, writer, lease, start, out, (predictor, decode))
+        return _run(cfg, opts, writer, lease, start, out, (predictor, decode), units)
     finally:
         lease.release()
 
@@ -183,7 +186,7 @@ def _say(out, line: str) -> None:
 
 
 def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: Lease, start: float, out,
-         stages) -> Summary:
+         stages, units: list[readers.Unit] | None) -> Summary:
     state = StateDir(cfg.output.uri, opts)
     state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
     ledger = progress.Ledger(state, cfg.input.fingerprint())
@@ -200,7 +203,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
         ledger.mark_trusted()   # a new output: the records cover everything from its first row on
 
     spec, plan = read_spec(cfg, state), task_plan(cfg)
-    units = readers.find_units(spec)
+    units = readers.find_units(spec) if units is None else units
     spec = dataclasses.replace(spec, keep_schema=kept_columns(cfg, spec, units))
     writer.schema = output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema)
     work, skipped = _open_work(units, resume.records, plan)

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import tarfile
+from unittest import mock
 
 import pandas as pd
 import pyarrow as pa
@@ -17,7 +18,7 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline import config
+from pipeline import config, preflight, readers
 from pipeline.items import item_id
 from pipeline.run import run
 from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, read_output, s3fs_for, wait_for,
@@ -44,7 +45,11 @@ def _run(tmp_path, input_toml: str, tiny, *, tasks=("caption",), endpoint="", ou
     path = tmp_path / "run.toml"
     path.write_text(text)
     cfg = config.load(path)
-    return cfg, run(cfg, out=io.StringIO())
+    units = preflight.check(cfg)   # as jobs/caption.py does: the run reads the units preflight found
+    if units is None:
+        return cfg, run(cfg, out=io.StringIO())
+    with mock.patch.object(readers, "find_units", side_effect=AssertionError("the input was listed twice")):
+        return cfg, run(cfg, out=io.StringIO(), units=units)
 
 
 def _images(n):

@@ -104,7 +104,8 @@ def test_inputs_and_outputs_exist(tmp_path, tiny_gqa, corpus, s3):
     with pytest.raises(ConfigError, match=r"input\.uri: .*/nowhere does not exist"):
         preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(tmp_path / "nowhere")))
     s3_cfg = lambda **kw: _cfg(tmp_path, tiny_gqa, endpoint=s3, **kw)  # noqa: E731
-    preflight.check(s3_cfg(input_uri="s3://inputs/media/", output_uri="s3://outputs/run"))
+    # a prefix of files: the run lists it
+    assert preflight.check(s3_cfg(input_uri="s3://inputs/media/", output_uri="s3://outputs/run")) is None
     with pytest.raises(ConfigError, match=r"input\.uri: s3://inptus/media/: bucket 'inptus' does not exist"):
         preflight.check(s3_cfg(input_uri="s3://inptus/media/"))
     with pytest.raises(ConfigError, match=r"input\.uri: s3://inputs/meida/ holds no objects"):
@@ -147,9 +148,13 @@ def test_every_documented_input_form_passes_and_one_that_matches_nothing_is_name
                 manifest(f"{base}/m/a.csv"), shards(f"{base}/shards/*.tar", "webdataset"),
                 shards(f"{base}/shards/000.tar", "webdataset"), shards(f"{base}/shards", "webdataset"),
                 shards(f"{base}/shards/*.parquet", "parquet", "input.bytes_column=jpg")):
-        preflight.check(cfg)
+        units = preflight.check(cfg)   # what the run reads then, without listing the input again
+        assert [u.uri.rsplit("/", 1)[-1] for u in units] == [
+            "a.csv" if cfg.input.manifest else "000.tar" if cfg.input.format == "webdataset" else "p.parquet"]
     with pytest.raises(ConfigError, match=r"^input\.manifest: no .*csv.* files at .*/m/\*\.jsonl$"):
         preflight.check(manifest(f"{base}/m/*.jsonl"))
+    with pytest.raises(ConfigError, match=r"^input\.manifest: .*/m/\*\*\.csv is not a valid glob \(.*'\*\*' can only"):
+        preflight.check(manifest(f"{base}/m/**.csv"))
     with pytest.raises(ConfigError, match=r"^input\.uri: .*/shards/nothing\.tar does not exist$"):
         preflight.check(shards(f"{base}/shards/nothing.tar", "webdataset"))
     with pytest.raises(ConfigError, match=r"^input\.uri: no \.tar files at .*/m$"):
@@ -160,12 +165,15 @@ def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, co
     """A later run would read the output's files back as input (format parquet: its result files and _state/ were
     taken for input shards, and the run failed with a misleading message)."""
     _shards(tmp_path)
+    (tmp_path / "m" / "sub").mkdir()
+    (tmp_path / "m" / "sub" / "b.csv").write_text("uri\nb.png\n")
     inside = [(str(corpus / "captions"), ()),
               (str(corpus), ()),
               (str(tmp_path / "shards" / "captions"), ("input.format=parquet", "input.bytes_column=jpg",
-                                                       f"input.uri={tmp_path}/shards/*.parquet")),
+                                                       f"input.uri={tmp_path}/shards")),
               (str(tmp_path / "m" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m")),
-              (str(tmp_path / "m" / "x" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m/*.csv")),
+              (str(tmp_path / "m" / "x" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m/**/*.csv")),
+              (str(tmp_path / "m" / "x"), ("input.uri=", f"input.manifest={tmp_path}/m/*/*.csv")),
               (str(tmp_path / "in" / "." / "images" / "out"), ())]
     for output_uri, overrides in inside:
         with pytest.raises(ConfigError, match=r"^output\.uri: .* is inside input\.(uri|manifest) .*: a later run "
@@ -174,10 +182,17 @@ def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, co
     with pytest.raises(ConfigError, match=r"^output\.uri: s3://inputs/media/out is inside input\.uri"):
         preflight.check(_cfg(tmp_path, tiny_gqa, input_uri="s3a://inputs/media/", output_uri="s3://inputs/media/out",
                              endpoint=s3))
-    # beside the input, or beside a manifest file that is read alone, is fine
+    # beside the input, beside a manifest file that is read alone, or where a glob cannot reach, is fine (a glob's
+    # `*` stays within one folder)
     preflight.check(_cfg(tmp_path, tiny_gqa, output_uri=str(tmp_path / "in-captions")))
-    preflight.check(_cfg(tmp_path, tiny_gqa, "input.uri=", f"input.manifest={tmp_path}/m/a.csv",
-                         output_uri=str(tmp_path / "m" / "out")))
+    for output_uri, manifest in ((tmp_path / "m" / "out", f"{tmp_path}/m/a.csv"),
+                                 (tmp_path / "m" / "out", f"{tmp_path}/m/*.csv"),
+                                 (tmp_path / "m" / "x" / "out", f"{tmp_path}/m/*/*.csv"),
+                                 (tmp_path / "m" / "out", f"{tmp_path}/m/[rs]*/*.csv")):
+        preflight.check(_cfg(tmp_path, tiny_gqa, "input.uri=", f"input.manifest={manifest}",
+                             output_uri=str(output_uri)))
+    preflight.check(_cfg(tmp_path, tiny_gqa, "input.format=parquet", "input.bytes_column=jpg",
+                         f"input.uri={tmp_path}/shards/*.parquet", output_uri=str(tmp_path / "shards" / "out")))
 
 
 def test_an_output_that_is_a_file_or_under_one_and_a_ray_address_typo_are_one_line(tmp_path, tiny_gqa, corpus,
