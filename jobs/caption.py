@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo roo
 
 from pipeline import config as config_mod  # noqa: E402
 from pipeline.errors import (ConfigError, LeaseHeld, LeaseLost, PipelineError, RunStopped,  # noqa: E402
-                             StorageUnavailable)
+                             StorageUnavailable, find_error)
 
 # What the first word of the one-line message says, per kind of error; each kind's exit code is its `exit_code`
 # (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use).
@@ -41,19 +41,9 @@ def prepare_demo(cfg) -> None:
 
 
 def known_error(exc: BaseException) -> BaseException | None:
-    """The PipelineError or glmv error behind exc: Ray wraps what a task raised (RayTaskError.cause, __cause__)."""
+    """The PipelineError or glmv error behind exc (Ray wraps what a task raised)."""
     glmv_errors = sys.modules.get("glmv.errors")   # not imported: no glmv error can have been raised
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, BaseException):   # a RayTaskError: its own message is the remote traceback
-            exc = cause
-            continue
-        if isinstance(exc, PipelineError) or (glmv_errors and isinstance(exc, glmv_errors.GlmvError)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return find_error(exc, (PipelineError, glmv_errors.GlmvError) if glmv_errors else PipelineError)
 
 
 def report(exc: BaseException) -> int:

@@ -11,6 +11,9 @@ is raised is about the whole run, and `jobs/caption.py` prints it as one line an
 
 from __future__ import annotations
 
+import logging
+import sys
+
 
 class PipelineError(Exception):
     """Base class of every error the pipeline raises on purpose; the message is one readable line."""
@@ -57,3 +60,32 @@ class LeaseLost(PipelineError):
     """This run's lease was taken over by another run (after a heartbeat gap longer than the lease's TTL)."""
 
     exit_code = 5
+
+
+def find_error(exc: BaseException | None, kinds) -> BaseException | None:
+    """The first exception of `kinds` in exc's chain. Ray wraps what a task raised: a RayTaskError's `cause` is
+    the original (its own message is the remote traceback); otherwise __cause__, then __context__."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        if isinstance(exc, kinds):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class HideOwnErrors(logging.Filter):
+    """For the loggers where Ray Data reports a failed task (its traceback, and a note calling it an internal Ray
+    error) before it re-raises the error: when the error is one of the pipeline's own, the entry point prints it as
+    one line instead. The records still go to Ray Data's log file: its console handler skips records marked
+    `hide`. Some of them carry no exc_info but are logged while the error is being handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if exc is not None and find_error(exc, PipelineError) is not None:
+            record.hide = True
+        return True

@@ -25,6 +25,7 @@ from pipeline import output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.config import Config, ConfigError
 from pipeline.decode import DecodeSettings, decode_batch
+from pipeline.errors import HideOwnErrors
 from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.preflight import read_spec
@@ -34,6 +35,9 @@ from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger("pipeline")
+# where Ray Data logs a failed task's traceback before raising its error (e.g. an outage met by a read task)
+for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+    logging.getLogger(_name).addFilter(HideOwnErrors())
 
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
 TRACKER_POLL_S = 1.0

@@ -2,6 +2,7 @@
 resource plan against the cluster; and the job's one-line message and exit code for each kind of error."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -360,3 +361,25 @@ def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
         err = capsys.readouterr().err
         assert err.startswith(line) and err.count("\n") == 1, err
     assert caption.known_error(RuntimeError("a bug")) is None     # unknown errors keep their traceback
+
+
+def test_ray_datas_report_of_a_pipeline_error_stays_off_the_console(capfd):
+    """Ray Data logs a failed read task's traceback and calls it an internal Ray error before it re-raises; for
+    the pipeline's own errors the job prints one line instead (a denied WebDataset tar printed ~80 lines above
+    it). Other errors keep Ray's report."""
+    import ray.data  # noqa: F401 - sets up Ray Data's console and file handlers
+    import ray.exceptions
+
+    import pipeline.run  # noqa: F401 - installs the filter
+
+    executor = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    for error, shown in ((StorageUnavailable("s3://b/000.tar", "AccessDenied (HTTP 403): Access Denied"), False),
+                         (RuntimeError("a bug in a read task"), True)):
+        try:
+            raise ray.exceptions.RayTaskError("ReadItems", "Traceback (most recent call last): ...",
+                                              error).as_instanceof_cause()
+        except Exception as e:
+            executor.error('An exception was raised from a task of operator "ReadReadItems".', exc_info=e)
+            logging.getLogger("ray.data.exceptions").error("Exception occurred in Ray Data or Ray Core internal code.")
+        err = capfd.readouterr().err
+        assert ("ReadReadItems" in err, "internal code" in err, "Traceback" in err) == (shown,) * 3, err
