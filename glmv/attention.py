@@ -25,14 +25,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
-
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.9
-    varlen_attn = None
 
 log = logging.getLogger(__name__)
+# torch.nn.attention's varlen and bias modules import torch._dynamo (~2 s of every model actor's start-up on CPU):
+# both are imported on first use on CUDA, the only device where their kernels are used.
+_UNLOADED = object()
+varlen_attn = _UNLOADED   # torch's flash varlen kernel once loaded; None where this torch has none (< 2.9)
 # What the cache layout needs from the kernel: per-slot key counts (a slot's keys are followed by its unused
 # positions), native GQA and a bottom-right causal window. torch 2.9-2.11's varlen_attn has none of the first two.
 VARLEN_ARGUMENTS = ("seqused_k", "enable_gqa", "window_size")
@@ -49,12 +47,23 @@ def varlen_supported(fn) -> bool:
     return all(name in params for name in VARLEN_ARGUMENTS)
 
 
+def _load_varlen():
+    global varlen_attn
+    if varlen_attn is _UNLOADED:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as kernel
+        except ImportError:  # torch < 2.9
+            kernel = None
+        varlen_attn = kernel
+    return varlen_attn
+
+
 def use_varlen(like: torch.Tensor) -> bool:
     """Whether prefill/decode over a cache like `like` should use flash attention's variable-length kernel."""
     if not (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
             and os.environ.get("GLMV_ATTENTION", "auto") != "sdpa"):
         return False
-    if not varlen_supported(varlen_attn):
+    if not varlen_supported(_load_varlen()):
         _log_no_varlen()
         return False
     return True
@@ -64,6 +73,16 @@ def use_varlen(like: torch.Tensor) -> bool:
 def _log_no_varlen() -> None:
     log.warning("torch %s has no flash varlen_attn taking %s; prefill and decode use SDPA", torch.__version__,
                 ", ".join(VARLEN_ARGUMENTS))
+
+
+def lower_right_causal(n: int, total: int, device: torch.device):
+    """The mask of n queries that are the last n of `total` positions (a row continuing a prefix in its slot)."""
+    if device.type == "cuda":   # torch's CausalBias runs the flash/efficient kernels' own lower-right variant
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(n, total)
+    # elsewhere CausalBias materialises this same mask, and warns on every call that no fused kernel takes it
+    return torch.ones(n, total, dtype=torch.bool, device=device).tril(total - n)
 
 
 class KVCache:
@@ -134,7 +153,7 @@ class Prefill:
             q_row = q[:, offset:offset + n].transpose(1, 2)  # (1, H, n, Dh)
             k_row = keys[slot:slot + 1, :start + n].transpose(1, 2)  # (1, H_kv, start + n, Dh)
             v_row = values[slot:slot + 1, :start + n].transpose(1, 2)
-            bias = causal_lower_right(n, start + n) if start else None
+            bias = lower_right_causal(n, start + n, q.device) if start else None
             y = F.scaled_dot_product_attention(q_row, k_row, v_row, attn_mask=bias, is_causal=bias is None,
                                                enable_gqa=q_row.shape[1] != k_row.shape[1])
             out.append(y.transpose(1, 2))

@@ -323,3 +323,34 @@ def test_prefill_and_vision_passes_are_split_to_fit_their_budgets(tiny_gqa, item
     assert len(vision) >= 2, "image A (48 patches) and B (16) exceed 30 patches together"
     assert any(rows > 1 for _, rows in passes), "short rows still share a pass"
     assert engine.chunks([1, 2, 3, 4], [30, 20, 50, 5], 50) == [[1, 2], [3], [4]]
+
+
+def test_generating_on_cpu_never_imports_torch_dynamo(tiny_gqa):
+    """torch.nn.attention's bias and varlen modules import torch._dynamo: ~2 s of every model actor's start, for
+    kernels only CUDA uses. A CPU run with a shared prefix (the lower-right causal mask) must not import it, and the
+    mask built instead is the one torch materialises."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+from PIL import Image
+import glmv
+processor = glmv.Glm4vProcessor.from_pretrained({str(tiny_gqa)!r})
+model = glmv.Glm4vForConditionalGeneration.from_pretrained({str(tiny_gqa)!r})
+image = Image.new("RGB", (56, 56), (200, 30, 30))
+convs = [[{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": t}}]}}]
+         for t in ("caption it", "read the text")]
+inputs = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt", padding=True)
+out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+print(len(out.rows), "torch._dynamo" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr[-3000:]
+    from torch.nn.attention.bias import causal_lower_right
+
+    from glmv import attention
+    for n, total in ((1, 1), (3, 7), (5, 5)):
+        expected = causal_lower_right(n, total)._materialize(torch.device("cpu"))
+        assert torch.equal(attention.lower_right_causal(n, total, torch.device("cpu")), expected)
