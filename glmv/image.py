@@ -9,8 +9,11 @@ transparency composited onto white, bicubic resize of the uint8 image), so the p
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
+import os
 import struct
 import warnings
 from dataclasses import dataclass, field, fields, replace
@@ -158,18 +161,56 @@ def composite_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source: MediaSource | Image.Image | np.ndarray, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+def _hwc_uint8(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An in-memory uint8 image as (H, W) or (H, W, 3|4). Channels-first (C, H, W) and one-channel arrays are
+    accepted as transformers reads them: channels first when the first dimension is 1, 3 or 4 and the last is not.
+    Float arrays are refused rather than guessed (0-1 or 0-255?)."""
+    name = f"<{type(array).__name__}>"
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if array.dtype != np.uint8:
+        raise MediaError(name, f"expected uint8 pixels, got {array.dtype} (convert floats explicitly: their range, "
+                               f"0-1 or 0-255, cannot be told from the values)")
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)   # (C, H, W) -> (H, W, C)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
+        raise MediaError(name, f"expected an (H, W), (H, W, 1|3|4) or (1|3|4, H, W) array, got {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _base64_image(source) -> bytes | None:
+    """The bytes of a raw base64 string that encodes an image (transformers' load_image takes those besides paths,
+    URLs and data URIs), else None. A path never decodes: '.' is not in the alphabet, and an existing file wins."""
+    if not isinstance(source, str) or len(source) < 16 or "://" in source or source.startswith("data:"):
+        return None
+    try:
+        data = base64.b64decode(source.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if os.path.exists(source):
+        return None
+    try:
+        Image.open(io.BytesIO(data))   # reads the header only
+    except Exception:   # noqa: BLE001 - whatever Pillow raises, it is not an image: treat the string as a path
+        return None
+    return data
+
+
+def open_image(source: MediaSource | Image.Image | np.ndarray | torch.Tensor, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                storage_options: dict | None = None) -> Image.Image:
     """Decode `source` into an upright RGB Pillow image, or raise `MediaError` naming the input and the cause."""
     if isinstance(source, Image.Image):
         return composite_to_rgb(source)  # an in-memory image is used as given, like transformers does
-    if isinstance(source, np.ndarray):
-        shape_ok = source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4))
-        if source.dtype != np.uint8 or not shape_ok:
-            raise MediaError("<ndarray>", f"expected an (H, W[, 3|4]) uint8 array, got {source.dtype} {source.shape}")
-        return composite_to_rgb(Image.fromarray(source))
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return composite_to_rgb(Image.fromarray(_hwc_uint8(source)))
     name = describe(source)
-    data = read_bytes(source, storage_options)
+    data = _base64_image(source)
+    if data is None:
+        data = read_bytes(source, storage_options)
+    else:
+        name = f"<base64 image: {len(source)} chars>"
     if not data:
         raise MediaError(name, "empty file (0 bytes)")
     try:
@@ -199,11 +240,12 @@ def open_image(source: MediaSource | Image.Image | np.ndarray, *, max_image_pixe
     return composite_to_rgb(img)  # a palette's transparent colour survives convert("RGB") and is blended
 
 
-def load_image(source: MediaSource | Image.Image | np.ndarray, settings: PatchSettings, *,
+def load_image(source: MediaSource | Image.Image | np.ndarray | torch.Tensor, settings: PatchSettings, *,
                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, storage_options: dict | None = None) -> LoadedImage:
     """CPU step: decode + bicubic resize to the grid `smart_resize` picks. Raises `MediaError` on bad input."""
     img = open_image(source, max_image_pixels=max_image_pixels, storage_options=storage_options)
-    name = describe(source) if not isinstance(source, (Image.Image, np.ndarray)) else f"<{type(source).__name__}>"
+    in_memory = isinstance(source, (Image.Image, np.ndarray, torch.Tensor))
+    name = f"<{type(source).__name__}>" if in_memory else describe(source)
     height, width = img.height, img.width
     new_h, new_w = smart_resize(settings.temporal_patch_size, height, width, settings, source=name)
     img = img.resize((new_w, new_h), resample=settings.resample)

@@ -119,6 +119,46 @@ def test_images_match_reference(reference, ours, media):
     assert grid["exif_rot6_150x260.jpg"][1] > grid["exif_rot6_150x260.jpg"][2]  # stored landscape, shown portrait
 
 
+def test_in_memory_arrays_and_tensors_match_reference(reference, ours):
+    """uint8 images as numpy arrays or torch tensors, channels last or first, or one channel: the pixels
+    transformers' processor makes of the same objects. Floats are refused (0-1 or 0-255 cannot be told apart)."""
+    import numpy as np
+
+    import glmv
+
+    hwc = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    cases = {"numpy HWC": hwc, "numpy CHW": hwc.transpose(2, 0, 1).copy(), "numpy HW1": hwc[:, :, :1].copy(),
+             "torch CHW": torch.from_numpy(hwc).permute(2, 0, 1).contiguous(),
+             "torch HWC": torch.from_numpy(hwc)}
+    text = "<|begin_of_image|><|image|><|end_of_image|>Describe this."
+    for name, image in cases.items():
+        expected = reference(text=text, images=[image], return_tensors="pt")
+        got = ours(text=text, images=[image], return_tensors="pt")
+        assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"]), name
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0, msg=name)
+    # a raw base64 string (no data: header), which transformers' load_image also takes
+    import base64
+    import io
+
+    from PIL import Image
+    from transformers.image_utils import load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(hwc).save(buf, "PNG")
+    encoded = base64.b64encode(buf.getvalue()).decode()
+    expected = reference(text=text, images=[load_image(encoded)], return_tensors="pt")
+    got = ours.apply_chat_template(_user({"type": "image", "image": encoded}), add_generation_prompt=True,
+                                   tokenize=True, return_dict=True, return_tensors="pt")
+    torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    for missing in ("imagesAndMoreImages/0001", "abcdefghijklmnop"):   # base64 alphabet, not an image: a path
+        with pytest.raises(glmv.MediaError, match="file not found"):
+            ours(text=text, images=[missing], return_tensors="pt")
+    with pytest.raises(glmv.MediaError, match="expected uint8 pixels, got float32"):
+        ours(text=text, images=[hwc.astype(np.float32) / 255], return_tensors="pt")
+    with pytest.raises(glmv.MediaError, match=r"expected an \(H, W\).* got \(2, 60, 90\)"):
+        ours(text=text, images=[hwc[:, :, :2].transpose(2, 0, 1).copy()], return_tensors="pt")
+
+
 def test_videos_match_reference(reference, ours, media):
     _, videos = media
     conversations = [_user({"type": "video", "path": str(path)}) for path in videos.values()]
