@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 BOX_RE = re.compile(r"<\|begin_of_box\|>(.*?)(?:<\|end_of_box\|>|$)", re.S)
 NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
-# content that is nothing but numbers, brackets and separators
-COORDS_ONLY_RE = re.compile(r"^[\s\[\]\(\)<>{},;:\-+.\d]*$")
+# brackets and separators between the numbers of a box
+SEPARATORS_RE = re.compile(r"[\s\[\]\(\)<>{},;:]+")
 # end-of-turn tokens that show up when decoding with skip_special_tokens=False
 END_OF_TURN = ("<|endoftext|>", "<|user|>", "<|observation|>", "<|assistant|>")
 
@@ -29,11 +29,11 @@ class ParsedOutput:
 
 def _parse_boxes(content: str) -> list[tuple[float, float, float, float]] | None:
     """The quadruples in one box marker, or None when the content is not coordinates."""
-    if not COORDS_ONLY_RE.match(content):
+    tokens = [t for t in SEPARATORS_RE.split(content) if t]
+    # each token one whole number: "[1-2-3-4]" or "[1..2,3,4]" is text, not the box (1, -2, -3, -4) or (1, 2, 3, 4)
+    if not tokens or len(tokens) % 4 or not all(NUMBER_RE.fullmatch(t) for t in tokens):
         return None
-    numbers = [float(n) for n in NUMBER_RE.findall(content)]
-    if not numbers or len(numbers) % 4:
-        return None
+    numbers = [float(t) for t in tokens]
     return [tuple(numbers[i:i + 4]) for i in range(0, len(numbers), 4)]
 
 

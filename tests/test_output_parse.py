@@ -49,6 +49,10 @@ def test_prompt_opened_think_leaves_only_closing_tag():
     ("<5 6 7 8>", [(5, 6, 7, 8)]),
     ("[[1,2,3,4],[5,6,7,8]]", [(1, 2, 3, 4), (5, 6, 7, 8)]),
     ("[[10.5, 20, 30.25, 40]]", [(10.5, 20, 30.25, 40)]),
+    ("[-5,-10,+2000,3000]", [(-5, -10, 2000, 3000)]),
+    # text, not coordinates: numbers glued by signs or dots, a count that is not a multiple of 4, signs alone
+    ("[1-2-3-4]", []), ("[1..2,3,4]", []), ("[1.2.3,4,5,6,7]", []), ("[1,2,3]", []), ("[-,-,-,-]", []),
+    ("C", []), ("", []),
 ])
 def test_box_bracket_styles(inner, expected):
     out = parse_output(f"<think>find it</think><answer>The dog is at <|begin_of_box|>{inner}<|end_of_box|>.</answer>")
