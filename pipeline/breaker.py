@@ -5,6 +5,9 @@ credentials, a CUDA error or a whole batch out of memory say nothing about the i
 done would "complete" a corpus during an outage. Rows marked `_outage` by the stages are therefore never written
 (their shards stay open, so a plain rerun does them), and when they pass `rate` of the last `window` pairs the run
 stops with one line; at the end, any left over make the run exit non-zero too.
+
+A web host whose name DNS says does not exist is a dead link, that item's error row; but when such rows pass the
+same rate, this machine's DNS is the likelier cause, and the run stops too.
 """
 
 from __future__ import annotations
@@ -15,41 +18,62 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import RunStopped
+from pipeline.storage import UNRESOLVED_HOST
 
 OUTAGE = "_outage"
+OK, FAILED, UNRESOLVED = 0, 1, 2   # a pair in the window: done, an outage (not written), a dead web host (written)
 
 
 class Breaker:
     def __init__(self, rate: float, window: int):
         self.rate, self.window = rate, window
-        self.recent: deque[bool] = deque(maxlen=window)
+        self.recent: deque[int] = deque(maxlen=window)
         self.in_window = 0
+        self.unresolved_in_window = 0
         self.total = 0
         self.cause = ""
+        self.unresolved_cause = ""
 
     def admit(self, batch: pa.Table) -> pa.Table:
-        """The rows to write: all but the outage rows, which are counted (and may stop the run)."""
+        """The rows to write: all but the outage rows, which are counted (and may stop the run). Rows of web hosts
+        whose names do not resolve are written as error rows (a dead domain), but counted too: when most hosts
+        fail so, this machine's DNS is the likelier cause."""
+        marks = [OK] * batch.num_rows
+        if "error" in batch.column_names:
+            unresolved = pc.match_substring(batch["error"], UNRESOLVED_HOST).fill_null(False)
+            if pc.any(unresolved).as_py():
+                self.unresolved_cause = batch.filter(unresolved)["error"][0].as_py()
+                marks = [UNRESOLVED if u else OK for u in unresolved.to_pylist()]
         if OUTAGE not in batch.column_names:
-            self._count([False] * batch.num_rows)
+            self._count(marks)
             return batch
         flags = batch[OUTAGE].fill_null(False)
         outage = batch.filter(flags)
         if outage.num_rows:
             self.cause = outage["error"][0].as_py() or self.cause
             self.total += outage.num_rows
-        self._count(flags.to_pylist())
+        self._count([FAILED if flag else mark for flag, mark in zip(flags.to_pylist(), marks)])
         return batch.filter(pc.invert(flags)).drop_columns([OUTAGE])
 
-    def _count(self, flags: list[bool]) -> None:
-        for flag in flags:
+    def _count(self, marks: list[int]) -> None:
+        for mark in marks:
             if len(self.recent) == self.window:
-                self.in_window -= self.recent[0]
-            self.recent.append(flag)
-            self.in_window += flag
-        if self.in_window >= max(1, self.rate * self.window):
-            raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed for a "
-                             f"reason that is not about one item (last: {self.cause}); nothing was recorded for "
-                             f"them, and running the same command again does them once the cause is fixed")
+                self.in_window -= self.recent[0] != OK
+                self.unresolved_in_window -= self.recent[0] == UNRESOLVED
+            self.recent.append(mark)
+            self.in_window += mark != OK
+            self.unresolved_in_window += mark == UNRESOLVED
+        if self.in_window < max(1, self.rate * self.window):
+            return
+        if self.unresolved_in_window:
+            raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed, "
+                             f"{self.unresolved_in_window} of them because a web host name did not resolve (last: "
+                             f"{self.unresolved_cause}): is this machine's DNS working? Those were written as error "
+                             f"rows; once the cause is fixed, run the same command again with "
+                             f"--set run.retry_errors=true")
+        raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed for a "
+                         f"reason that is not about one item (last: {self.cause}); nothing was recorded for "
+                         f"them, and running the same command again does them once the cause is fixed")
 
     def check_finished(self) -> None:
         """At the end of a run: pairs left undone by such failures make it exit non-zero."""

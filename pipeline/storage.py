@@ -22,7 +22,9 @@ import logging
 import os
 import random
 import re
+import socket
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -196,6 +198,9 @@ def _class_names(exc: BaseException) -> set[str]:
     return {c.__name__ for c in type(exc).__mro__}
 
 
+UNRESOLVED_HOST = "does not resolve (DNS: no such name)"   # the end of a dead web host's error message
+
+
 class WebObjectError(OSError):
     """A web server's HTTP answer about one of its objects (403, 410, 5xx past the retries ...). Unlike an object
     store's, such an answer says nothing about the rest of the corpus (a manifest of web URLs spans thousands of
@@ -342,16 +347,35 @@ def retry_delay(exc: Exception, what: str, opts: StorageOptions, attempt: int) -
     return backoff_s(opts, attempt)
 
 
+def unresolved_host(exc: BaseException) -> bool:
+    """Whether DNS answered that the host name does not exist (EAI_NONAME: an NXDOMAIN answer), not that it could
+    not be asked (EAI_AGAIN, timeouts)."""
+    return any(isinstance(e, OSError) and e.errno == socket.EAI_NONAME for e in _chain(exc))
+
+
 def fetch_with_retries(fn: Callable[[], T], uri: str, opts: StorageOptions) -> T:
     """`with_retries` for reading one item's object. From a web URL, an HTTP answer that would stop the run
-    (401/403, or 429/5xx past the retries) is a WebObjectError: about that object only. No answer at all (DNS,
-    refused, timeouts) still stops the run: it may be this machine's own network."""
+    (401/403, or 429/5xx past the retries) is a WebObjectError: about that object only, and so is a host name
+    that DNS says does not exist (dead domains are common in web manifests; the circuit breaker stops the run when
+    most hosts fail so, as when this machine's DNS is broken). No answer at all (DNS unreachable, refused,
+    timeouts) still stops the run: it may be this machine's own network."""
+    web = protocol_of(uri) in ("http", "https")
+
+    def fetch():
+        try:
+            return fn()
+        except Exception as e:
+            if web and unresolved_host(e):
+                host = urllib.parse.urlsplit(uri).hostname
+                raise WebObjectError(f"the host name {host} {UNRESOLVED_HOST}") from None
+            raise
+
     try:
-        return with_retries(fn, uri, opts)
+        return with_retries(fetch, uri, opts)
     except Exception as e:
         answer = e.__cause__ if isinstance(e, StorageUnavailable) else e
         _, status = error_code(answer) if answer is not None else ("", None)
-        if protocol_of(uri) not in ("http", "https") or status is None:
+        if not web or status is None:
             raise
         reason = getattr(answer, "message", "")  # aiohttp's reason phrase ("Forbidden")
         answered = f"HTTP {status} {reason}" if isinstance(reason, str) and reason else f"HTTP {status}"

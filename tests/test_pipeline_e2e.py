@@ -140,8 +140,8 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
 
 
 def test_web_answers_are_error_rows_and_url_credentials_never_land(local_ray, tiny_gqa, tmp_path):
-    """A manifest of web URLs (img2dataset's case): a 403 (hotlink protection) or a 410 is that item's error row,
-    not an outage that no rerun could ever get past; a password or a signature in a URL is in no written row, file
+    """A manifest of web URLs (img2dataset's case): a 403 (hotlink protection), a 410 or a dead domain is that
+    item's error row, not an outage that no rerun could ever get past; a password or a signature in a URL is in no written row, file
     or printed line."""
     import functools
     import threading
@@ -165,8 +165,9 @@ def test_web_answers_are_error_rows_and_url_credentials_never_land(local_ray, ti
     try:
         base = f"http://alice:pw-SECRET-1@127.0.0.1:{server.server_address[1]}"
         urls = [f"{base}/{rel}?X-Amz-Signature=SIG-SECRET-2&w=1" for rel in files]
+        dead = "http://dead-host.invalid/x.jpg"   # a domain that no longer exists: DNS says no such name
         (tmp_path / "m.csv").write_text("url\n" + "".join(f"{u}\n" for u in urls + [f"{base}/forbidden.jpg",
-                                                                                    f"{base}/gone.jpg"]))
+                                                                                    f"{base}/gone.jpg", dead]))
         text = config_text("", str(tmp_path / "out"), str(tiny_gqa), tasks=("ocr",)).replace(
             'uri = ""\n', f'manifest = "{tmp_path / "m.csv"}"\nuri_column = "url"\n', 1)
         printed = io.StringIO()
@@ -175,11 +176,13 @@ def test_web_answers_are_error_rows_and_url_credentials_never_land(local_ray, ti
         server.shutdown()
         server.server_close()
     df = pd.read_parquet(tmp_path / "out")
-    assert summary.done == len(df) == 4 and df.error.isna().sum() == 2
+    assert summary.done == len(df) == 5 and df.error.isna().sum() == 2
     errors = dict(zip(df.uri.str.rsplit("/", n=1).str[-1], df.error))
     assert errors["forbidden.jpg"].endswith("the web server answered HTTP 403 Forbidden")
     assert errors["gone.jpg"].endswith("the web server answered HTTP 410 Gone")
-    assert all(u.startswith("http://***@127.0.0.1:") for u in df.uri) and df.uri.str.contains("&w=1").sum() == 2
+    assert errors["x.jpg"].endswith("the host name dead-host.invalid does not resolve (DNS: no such name)")
+    web = df[df.uri != dead]
+    assert all(u.startswith("http://***@127.0.0.1:") for u in web.uri) and web.uri.str.contains("&w=1").sum() == 2
     written = [df.to_csv(), printed.getvalue()] + [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*")
                                                   if p.is_file() and p.suffix != ".parquet"]
     assert not [t for t in written if "SECRET" in t]

@@ -230,6 +230,36 @@ def test_web_answers_are_about_their_object_but_no_answer_stops_the_run():
             storage.read_bytes(f"{site}/ok.bin", opts)
 
 
+def test_a_web_host_that_dns_says_does_not_exist_is_a_dead_link_unless_most_are():
+    """A web manifest holds dead domains (img2dataset's corpora: a few percent): DNS answering 'no such name' is
+    that item's error row, at once, not an outage that stops every rerun at the same link. DNS that cannot be
+    asked (EAI_AGAIN) still stops the run; and when dead hosts pass the breaker's rate, this machine's DNS is the
+    likelier cause: the run stops and says so."""
+    import socket
+
+    import pyarrow as pa
+
+    from pipeline.breaker import Breaker
+    from pipeline.errors import RunStopped
+
+    opts = StorageOptions(retries=3, retry_backoff_s=5.0)   # a retry would take seconds: there must be none
+    with pytest.raises(storage.WebObjectError, match=r"^the host name dead-host\.invalid does not resolve"):
+        storage.read_bytes("http://user:pw@dead-host.invalid/a.jpg", opts)   # .invalid never resolves (RFC 6761)
+    assert storage.unresolved_host(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    assert not storage.unresolved_host(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+    dead = f"http://dead-host.invalid/a.jpg: the host name dead-host.invalid {storage.UNRESOLVED_HOST}"
+
+    def rows(errors):
+        return pa.table({"error": pa.array(errors, pa.string()), "_outage": [False] * len(errors)})
+
+    breaker = Breaker(rate=0.5, window=10)
+    assert breaker.admit(rows([dead, None, None, dead, None])).num_rows == 5   # dead links: written
+    with pytest.raises(RunStopped, match=r"5 of the last 10 .* 5 of them because a web host name did not resolve "
+                                         r".*is this machine's DNS working.*run\.retry_errors=true"):
+        breaker.admit(rows([dead, dead, dead, None, "http://x/b.jpg: corrupt image"]))   # the corrupt one: not
+    assert breaker.total == 0   # nothing held back: every row was an error row of its item
+
+
 def test_url_credentials_are_masked_and_the_rest_of_the_url_kept():
     import pyarrow as pa
 
