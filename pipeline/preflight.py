@@ -158,35 +158,39 @@ def _location(uri: str, opts: StorageOptions) -> str:
     return f"{'s3' if protocol == 's3a' else protocol}://{path.rstrip('/')}"
 
 
-def _read_root(uri: str) -> str:
-    """The folder under which a reader may find input: a glob's fixed leading folders, else the path itself."""
+def _read_root(uri: str) -> tuple[str, str]:
+    """(the folder under which a reader may find input, the glob below it): a glob's fixed leading folders and the
+    rest of the pattern, else the path itself and ""."""
     if not globlib.has_magic(uri):
-        return uri
+        return uri, ""
     parts = uri.split("/")
-    root = "/".join(parts[:next(n for n, part in enumerate(parts) if globlib.has_magic(part))])
-    return root or ("/" if uri.startswith("/") else ".")
+    first = next(n for n, part in enumerate(parts) if globlib.has_magic(part))
+    root = "/".join(parts[:first])
+    return root or ("/" if uri.startswith("/") else "."), "/".join(parts[first:])
 
 
 def _glob_reaches(pattern: str, folder: str) -> bool:
-    """Whether a glob can match a path inside `folder`, which lies under the glob's fixed root. In fsspec's globs
-    `*`, `?` and `[..]` stay within one folder and `**` (a whole part) crosses any number of them."""
+    """Whether a glob can match `folder` or a path inside it (`folder` lies under the glob's fixed root). In
+    fsspec's globs `*`, `?` and `[..]` stay within one folder and `**` (a whole part) crosses any number of them."""
     pattern_parts, folder_parts = pattern.rstrip("/").split("/"), folder.rstrip("/").split("/")
     for n, part in enumerate(pattern_parts):
         if part == "**" or n == len(folder_parts):   # the pattern goes on below the folder
             return True
         if not fnmatch.fnmatchcase(folder_parts[n], part):
             return False
-    return False   # the pattern stops at the folder's depth or above it: it names the folder, not what is in it
+    # the pattern stops at the folder's depth (it names the folder itself, say a Spark-style `out.parquet/`) or
+    # above it (it names a folder the output is in, whose files are read but not its subfolders)
+    return len(pattern_parts) == len(folder_parts)
 
 
 def check_output_outside_input(cfg: Config, opts: StorageOptions) -> None:
     """output.uri is not inside what the input reads: its result files would be read back as input."""
     key, uri = ("input.manifest", cfg.input.manifest) if cfg.input.manifest else ("input.uri", cfg.input.uri)
-    fixed = _read_root(uri)
+    fixed, pattern = _read_root(uri)
     root, out = _location(fixed, opts), _location(cfg.output.uri, opts)
     inside = out == root or out.startswith(root.rstrip("/") + "/")
-    if inside and globlib.has_magic(uri):
-        inside = _glob_reaches(root.rstrip("/") + "/" + uri[len(fixed):].lstrip("/"), out)
+    if inside and pattern:
+        inside = _glob_reaches(root.rstrip("/") + "/" + pattern, out)
     if inside:
         raise ConfigError(f"output.uri: {cfg.output.uri} is inside {key} {uri}: a later run would read its "
                           f"result files back as input; choose an output outside it")

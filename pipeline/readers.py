@@ -95,9 +95,11 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
     root = path.rstrip("/")
     if globlib.has_magic(path):
         try:
-            found = storage.with_retries(lambda: fs.glob(path), uri, opts)
+            matches = storage.with_retries(lambda: fs.glob(path, detail=True), uri, opts)
         except ValueError as e:   # fsspec refuses the pattern itself ("'**' can only be an entire path component")
             raise ConfigError(f"{what}: {uri} is not a valid glob ({e})") from None
+        # folders matched by name (Spark writes `x.parquet/` folders) are not files to read
+        found = [p for p, info in matches.items() if info.get("type") != "directory"]
         root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]   # the folder before the pattern
     elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
         found = storage.with_retries(lambda: fs.find(path), uri, opts)

@@ -163,12 +163,13 @@ def test_every_documented_input_form_passes_and_one_that_matches_nothing_is_name
         preflight.check(shards(f"{base}/m", "webdataset"))
 
 
-def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, corpus, s3):
+def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, corpus, s3, monkeypatch):
     """A later run would read the output's files back as input (format parquet: its result files and _state/ were
     taken for input shards, and the run failed with a misleading message)."""
     _shards(tmp_path)
     (tmp_path / "m" / "sub").mkdir()
     (tmp_path / "m" / "sub" / "b.csv").write_text("uri\nb.png\n")
+    monkeypatch.chdir(tmp_path)   # for the relative glob below
     inside = [(str(corpus / "captions"), ()),
               (str(corpus), ()),
               (str(tmp_path / "shards" / "captions"), ("input.format=parquet", "input.bytes_column=jpg",
@@ -176,6 +177,8 @@ def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, co
               (str(tmp_path / "m" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m")),
               (str(tmp_path / "m" / "x" / "out"), ("input.uri=", f"input.manifest={tmp_path}/m/**/*.csv")),
               (str(tmp_path / "m" / "x"), ("input.uri=", f"input.manifest={tmp_path}/m/*/*.csv")),
+              ("captions", ("input.uri=", "input.manifest=*/*.csv")),   # relative, a wildcard first
+              (str(tmp_path / "m" / "res.csv"), ("input.uri=", f"input.manifest={tmp_path}/m/*.csv")),  # named by it
               (str(tmp_path / "in" / "." / "images" / "out"), ())]
     for output_uri, overrides in inside:
         with pytest.raises(ConfigError, match=r"^output\.uri: .* is inside input\.(uri|manifest) .*: a later run "
@@ -195,6 +198,10 @@ def test_an_output_inside_what_the_input_reads_is_refused(tmp_path, tiny_gqa, co
                              output_uri=str(output_uri)))
     preflight.check(_cfg(tmp_path, tiny_gqa, "input.format=parquet", "input.bytes_column=jpg",
                          f"input.uri={tmp_path}/shards/*.parquet", output_uri=str(tmp_path / "shards" / "out")))
+    # a folder the glob names (a Spark-style `x.csv/` output of another tool) is not a file to read
+    (tmp_path / "m" / "spark.csv").mkdir()
+    units = preflight.check(_cfg(tmp_path, tiny_gqa, "input.uri=", f"input.manifest={tmp_path}/m/*.csv"))
+    assert [u.uri.rsplit("/", 1)[-1] for u in units] == ["a.csv"]
 
 
 def test_an_output_that_is_a_file_or_under_one_and_a_ray_address_typo_are_one_line(tmp_path, tiny_gqa, corpus,
