@@ -66,17 +66,24 @@ class Breaker:
         if self.in_window < max(1, self.rate * self.window):
             return
         if self.unresolved_in_window:
-            raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed, "
-                             f"{self.unresolved_in_window} of them because a web host name did not resolve (last: "
-                             f"{self.unresolved_cause}): is this machine's DNS working? Those were written as error "
-                             f"rows; once the cause is fixed, run the same command again with "
-                             f"--set run.retry_errors=true")
+            self._stop_for_dns()
         raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed for a "
                          f"reason that is not about one item (last: {self.cause}); nothing was recorded for "
                          f"them, and running the same command again does them once the cause is fixed")
 
+    def _stop_for_dns(self) -> None:
+        raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed, "
+                         f"{self.unresolved_in_window} of them because a web host name did not resolve (last: "
+                         f"{self.unresolved_cause}): is this machine's DNS working? Those already written are error "
+                         f"rows; once the cause is fixed, run the same command again with "
+                         f"--set run.retry_errors=true")
+
     def check_finished(self) -> None:
-        """At the end of a run: pairs left undone by such failures make it exit non-zero."""
+        """At the end of a run: pairs left undone by such failures make it exit non-zero, and so do dead web hosts
+        past the rate of the pairs seen (a run shorter than the window, on a machine whose DNS answers 'no such
+        name' for every host, would otherwise end with exit 0 and every row an error)."""
+        if self.unresolved_in_window and self.in_window >= max(1, self.rate * len(self.recent)):
+            self._stop_for_dns()
         if self.total:
             raise RunStopped(f"{self.total} (item, task) pair(s) were not done because of failures that are not "
                              f"about one item (last: {self.cause}); they were not recorded: run the same command "

@@ -258,6 +258,15 @@ def test_a_web_host_that_dns_says_does_not_exist_is_a_dead_link_unless_most_are(
                                          r".*is this machine's DNS working.*run\.retry_errors=true"):
         breaker.admit(rows([dead, dead, dead, None, "http://x/b.jpg: corrupt image"]))   # the corrupt one: not
     assert breaker.total == 0   # nothing held back: every row was an error row of its item
+    # a run shorter than the window: judged at its end on the pairs it saw
+    for errors, stops in (([dead, None, None, None, None], False), ([dead, dead, None], True)):
+        short = Breaker(rate=0.5, window=100)
+        short.admit(rows(errors))
+        if stops:
+            with pytest.raises(RunStopped, match="is this machine's DNS working"):
+                short.check_finished()
+        else:
+            short.check_finished()
 
 
 def test_url_credentials_are_masked_and_the_rest_of_the_url_kept():
