@@ -163,15 +163,15 @@ def composite_to_rgb(img: Image.Image) -> Image.Image:
 
 def _hwc_uint8(array: np.ndarray | torch.Tensor) -> np.ndarray:
     """An in-memory uint8 image as (H, W) or (H, W, 3|4). Channels-first (C, H, W) and one-channel arrays are
-    accepted as transformers reads them: channels first when the first dimension is 1, 3 or 4 and the last is not.
-    Float arrays are refused rather than guessed (0-1 or 0-255?)."""
+    read as transformers reads them: channels first when the first dimension is 1 or 3 (even if the last is too,
+    as in (3, 40, 3)), or 4 and the last is not. Float arrays are refused rather than guessed (0-1 or 0-255?)."""
     name = f"<{type(array).__name__}>"
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     if array.dtype != np.uint8:
         raise MediaError(name, f"expected uint8 pixels, got {array.dtype} (convert floats explicitly: their range, "
                                f"0-1 or 0-255, cannot be told from the values)")
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+    if array.ndim == 3 and (array.shape[0] in (1, 3) or (array.shape[0] == 4 and array.shape[2] not in (1, 3, 4))):
         array = array.transpose(1, 2, 0)   # (C, H, W) -> (H, W, C)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
@@ -181,18 +181,26 @@ def _hwc_uint8(array: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _base64_image(source) -> bytes | None:
-    """The bytes of a raw base64 string that encodes an image (transformers' load_image takes those besides paths,
-    URLs and data URIs), else None. A path never decodes: '.' is not in the alphabet, and an existing file wins."""
+    """The bytes of a raw base64 string (transformers' load_image takes those besides paths, URLs and data URIs;
+    line breaks allowed, as the `base64` tool writes them), else None. A path never decodes: '.' is not in the
+    alphabet, and an existing file wins. A short string counts only when it decodes to an image header, so that a
+    missing file named in base64's alphabet still says "file not found"; a long one is an image's data, and a bad
+    one gets the image decoder's error."""
     if not isinstance(source, str) or len(source) < 16 or "://" in source or source.startswith("data:"):
         return None
+    compact = "".join(source.split())
     try:
-        data = base64.b64decode(source.strip(), validate=True)
+        data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         return None
-    if os.path.exists(source):
+    if len(source) <= 4096 and os.path.exists(source):
         return None
+    if len(compact) > 1024:
+        return data
     try:
         Image.open(io.BytesIO(data))   # reads the header only
+    except Image.DecompressionBombError:
+        return data   # an image, one to refuse: open_image says why
     except Exception:   # noqa: BLE001 - whatever Pillow raises, it is not an image: treat the string as a path
         return None
     return data

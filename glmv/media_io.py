@@ -62,7 +62,8 @@ def _os_error(source: Any, exc: OSError) -> MediaError:
         return MediaError(describe(source), "is a directory, not a file")
     if isinstance(exc, PermissionError):
         return MediaError(describe(source), "permission denied")
-    return MediaError(describe(source), f"cannot read ({type(exc).__name__}: {exc})")
+    # strerror, not str(exc): the latter repeats the file name, which the message already names (shortened)
+    return MediaError(describe(source), f"cannot read ({type(exc).__name__}: {exc.strerror or exc})")
 
 
 def _http_get(url: str, timeout: float) -> bytes:

@@ -129,7 +129,7 @@ def test_in_memory_arrays_and_tensors_match_reference(reference, ours):
     hwc = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
     cases = {"numpy HWC": hwc, "numpy CHW": hwc.transpose(2, 0, 1).copy(), "numpy HW1": hwc[:, :, :1].copy(),
              "torch CHW": torch.from_numpy(hwc).permute(2, 0, 1).contiguous(),
-             "torch HWC": torch.from_numpy(hwc)}
+             "torch HWC": torch.from_numpy(hwc), "numpy (3, 60, 3): channels first, as transformers": hwc[:3].copy()}
     text = "<|begin_of_image|><|image|><|end_of_image|>Describe this."
     for name, image in cases.items():
         expected = reference(text=text, images=[image], return_tensors="pt")
@@ -139,6 +139,7 @@ def test_in_memory_arrays_and_tensors_match_reference(reference, ours):
     # a raw base64 string (no data: header), which transformers' load_image also takes
     import base64
     import io
+    import zlib
 
     from PIL import Image
     from transformers.image_utils import load_image
@@ -147,9 +148,21 @@ def test_in_memory_arrays_and_tensors_match_reference(reference, ours):
     Image.fromarray(hwc).save(buf, "PNG")
     encoded = base64.b64encode(buf.getvalue()).decode()
     expected = reference(text=text, images=[load_image(encoded)], return_tensors="pt")
-    got = ours.apply_chat_template(_user({"type": "image", "image": encoded}), add_generation_prompt=True,
-                                   tokenize=True, return_dict=True, return_tensors="pt")
-    torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    wrapped = base64.encodebytes(buf.getvalue()).decode()   # a line break every 76 characters, as `base64` writes
+    for source in (encoded, wrapped):
+        got = ours.apply_chat_template(_user({"type": "image", "image": source}), add_generation_prompt=True,
+                                       tokenize=True, return_dict=True, return_tensors="pt")
+        torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], atol=1e-5, rtol=0)
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (20000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])) + \
+        chunk(b"IEND", b"")
+    with pytest.raises(glmv.MediaError, match=r"^<base64 image: \d+ chars>: decompression bomb"):
+        ours(text=text, images=[base64.b64encode(header).decode()], return_tensors="pt")
+    with pytest.raises(glmv.MediaError, match=r"^<base64 image: \d+ chars>: not a decodable image") as info:
+        ours(text=text, images=[base64.b64encode(b"\xff\xd8\xff" + bytes(4000)).decode()], return_tensors="pt")
+    assert len(str(info.value)) < 200   # never the payload itself
     for missing in ("imagesAndMoreImages/0001", "abcdefghijklmnop"):   # base64 alphabet, not an image: a path
         with pytest.raises(glmv.MediaError, match="file not found"):
             ours(text=text, images=[missing], return_tensors="pt")
