@@ -128,6 +128,8 @@ class Prefill:
         if sorted(slots) != slots or len(set(slots)) != len(slots):
             raise ValueError(f"prefill rows must go to distinct cache slots in ascending order, got {slots}")
         self.cache, self.slots, self.starts, self.lengths, self.varlen = cache, slots, starts, lengths, varlen
+        if varlen and _load_varlen() is None:   # callers normally ask use_varlen() first
+            raise ValueError("varlen=True, but this torch has no varlen_attn")
         device = cache.k[0].device
         self.slot_index = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)  # (N,)
         self.pos_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)  # (N,)
@@ -170,6 +172,8 @@ class Decode:
 
     def __init__(self, cache: KVCache, positions: torch.Tensor, kv_len: int, varlen: bool = False):
         self.cache, self.positions, self.kv_len, self.varlen = cache, positions, kv_len, varlen
+        if varlen and _load_varlen() is None:   # callers normally ask use_varlen() first
+            raise ValueError("varlen=True, but this torch has no varlen_attn")
         self.slot_index = torch.arange(cache.slots, device=positions.device)
         self.mask = None  # built on first use by the SDPA path, then shared by all layers
         self.used_k = None

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 BOX_RE = re.compile(r"<\|begin_of_box\|>(.*?)(?:<\|end_of_box\|>|$)", re.S)
-NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
+NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")   # 12, 12.5, 12. and .5
 # brackets and separators between the numbers of a box
 SEPARATORS_RE = re.compile(r"[\s\[\]\(\)<>{},;:]+")
 # end-of-turn tokens that show up when decoding with skip_special_tokens=False
@@ -29,7 +29,7 @@ class ParsedOutput:
 
 def _parse_boxes(content: str) -> list[tuple[float, float, float, float]] | None:
     """The quadruples in one box marker, or None when the content is not coordinates."""
-    tokens = [t for t in SEPARATORS_RE.split(content) if t]
+    tokens = [t for t in SEPARATORS_RE.split(content.strip().rstrip(".。")) if t]   # "[1,2,3,4]." ends a sentence
     # each token one whole number: "[1-2-3-4]" or "[1..2,3,4]" is text, not the box (1, -2, -3, -4) or (1, 2, 3, 4)
     if not tokens or len(tokens) % 4 or not all(NUMBER_RE.fullmatch(t) for t in tokens):
         return None

@@ -64,7 +64,8 @@ class LeaseLost(PipelineError):
 
 def find_error(exc: BaseException | None, kinds) -> BaseException | None:
     """The first exception of `kinds` in exc's chain. Ray wraps what a task raised: a RayTaskError's `cause` is
-    the original (its own message is the remote traceback); otherwise __cause__, then __context__."""
+    the original (its own message is the remote traceback); otherwise __cause__, then __context__ unless the
+    exception was raised `from None`."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -74,7 +75,7 @@ def find_error(exc: BaseException | None, kinds) -> BaseException | None:
             continue
         if isinstance(exc, kinds):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 
