@@ -369,6 +369,13 @@ def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
         err = capsys.readouterr().err
         assert err.startswith(line) and err.count("\n") == 1, err
     assert caption.known_error(RuntimeError("a bug")) is None     # unknown errors keep their traceback
+    try:
+        try:
+            raise StorageUnavailable("s3://b/k.jpg", "SlowDown")
+        except StorageUnavailable:
+            raise TypeError("a bug met while handling it") from None
+    except TypeError as e:
+        assert caption.known_error(e) is None   # raised `from None`: not the storage error it replaced
 
 
 def test_ray_datas_report_of_a_pipeline_error_stays_off_the_console():
