@@ -4,6 +4,7 @@ of its leading underscore, so readers of the results never see it."""
 
 from __future__ import annotations
 
+import glob as globlib
 import io
 import json
 
@@ -77,18 +78,36 @@ class StateDir:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self._call(ls, rel))
 
     def remove(self, rel: str, recursive: bool = False) -> None:
-        def rm(paths, recursive=False):
+        target = self.full(rel)
+        if not recursive:
+            self._call(lambda: self._remove_files([target]), rel)
+        elif storage.is_local(self.fs):
+            def rmtree():
+                try:
+                    self.fs.rm(target, recursive=True)
+                except FileNotFoundError:
+                    pass
+
+            self._call(rmtree, rel)
+        else:
+            # The files are listed, then deleted in batches, each request retried on its own: s3fs's recursive rm is
+            # a listing, a HEAD and the deletes in one call, which a retry has to pass all at once (at 30% faulty
+            # requests it took 11 retries and half a minute of back-off).
+            files = self._call(lambda: self.fs.find(target), rel)
+            for start in range(0, len(files), 1000):
+                self._call(lambda: self._remove_files(files[start:start + 1000]), rel)
+
+    def _remove_files(self, paths: list[str]) -> None:
+        """Delete these files, taken literally: fsspec's rm globs, so on a store the state of an output named
+        `exp[1]` would delete `exp1`'s files of the same names. Names with glob characters go one request each."""
+        literal = [p for p in paths if not globlib.has_magic(p)]
+        if literal:
             try:
-                self.fs.rm(paths, recursive=recursive)
+                self.fs.rm(literal)   # one request per 1000 keys on S3
             except FileNotFoundError:
                 pass
-
-        if not recursive or storage.is_local(self.fs):
-            self._call(lambda: rm(self.full(rel), recursive), rel)
-            return
-        # On a store, the files are listed and then deleted in batches, each request retried on its own: s3fs's
-        # recursive rm is a listing, a HEAD and the deletes in one call, which a retry has to pass all at once
-        # (at 30% faulty requests it took 11 retries and half a minute of back-off).
-        files = self._call(lambda: self.fs.find(self.full(rel)), rel)
-        for start in range(0, len(files), 1000):
-            self._call(lambda: rm(files[start:start + 1000]), rel)
+        for path in (p for p in paths if globlib.has_magic(p)):
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass

@@ -175,6 +175,14 @@ def test_a_state_folder_on_s3_is_removed_with_each_request_retried_on_its_own():
             assert proxy.requests["list"] == 1 and proxy.injected("write") == 3, dict(proxy.requests)
             state.remove("nothing-here", recursive=True)   # no files: no error, no delete
         assert not fs.find("state-results/run1/_state/records") and proxy.requests["write"] == 4
+        # an output named with glob characters removes its own state files, never those of `exp1` beside it
+        for out in ("exp[1]", "exp1"):
+            fs.pipe({f"state-results/{out}/_state/records/a.json": b"{}", f"state-results/{out}/_state/m.json": b"{}"})
+        state = StateDir("s3://state-results/exp[1]", StorageOptions(endpoint_url=endpoint))
+        state.remove("records", recursive=True)
+        state.remove("m.json")
+        assert not fs.find("state-results/exp[1]/_state")
+        assert len(fs.find("state-results/exp1/_state")) == 2
 
 
 def test_unique_sorted_matches_numpy():
