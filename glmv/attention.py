@@ -58,6 +58,12 @@ def _load_varlen():
     return varlen_attn
 
 
+def _require_varlen() -> None:
+    """For Prefill/Decode built with varlen=True: callers normally ask use_varlen() first, which loads the kernel."""
+    if _load_varlen() is None:
+        raise ValueError("varlen=True, but this torch has no varlen_attn")
+
+
 def use_varlen(like: torch.Tensor) -> bool:
     """Whether prefill/decode over a cache like `like` should use flash attention's variable-length kernel."""
     if not (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16)
@@ -128,8 +134,8 @@ class Prefill:
         if sorted(slots) != slots or len(set(slots)) != len(slots):
             raise ValueError(f"prefill rows must go to distinct cache slots in ascending order, got {slots}")
         self.cache, self.slots, self.starts, self.lengths, self.varlen = cache, slots, starts, lengths, varlen
-        if varlen and _load_varlen() is None:   # callers normally ask use_varlen() first
-            raise ValueError("varlen=True, but this torch has no varlen_attn")
+        if varlen:
+            _require_varlen()
         device = cache.k[0].device
         self.slot_index = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)  # (N,)
         self.pos_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)  # (N,)
@@ -172,8 +178,8 @@ class Decode:
 
     def __init__(self, cache: KVCache, positions: torch.Tensor, kv_len: int, varlen: bool = False):
         self.cache, self.positions, self.kv_len, self.varlen = cache, positions, kv_len, varlen
-        if varlen and _load_varlen() is None:   # callers normally ask use_varlen() first
-            raise ValueError("varlen=True, but this torch has no varlen_attn")
+        if varlen:
+            _require_varlen()
         self.slot_index = torch.arange(cache.slots, device=positions.device)
         self.mask = None  # built on first use by the SDPA path, then shared by all layers
         self.used_k = None

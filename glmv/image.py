@@ -206,8 +206,8 @@ def _base64_image(source) -> bytes | None:
     return data
 
 
-def open_image(source: MediaSource | Image.Image | np.ndarray | torch.Tensor, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               storage_options: dict | None = None) -> Image.Image:
+def open_image(source: MediaSource | Image.Image | np.ndarray | torch.Tensor, *,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, storage_options: dict | None = None) -> Image.Image:
     """Decode `source` into an upright RGB Pillow image, or raise `MediaError` naming the input and the cause."""
     if isinstance(source, Image.Image):
         return composite_to_rgb(source)  # an in-memory image is used as given, like transformers does

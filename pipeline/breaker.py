@@ -63,13 +63,16 @@ class Breaker:
             self.recent.append(mark)
             self.in_window += mark != OK
             self.unresolved_in_window += mark == UNRESOLVED
-        if self.in_window < max(1, self.rate * self.window):
+        if not self._over_rate(self.window):
             return
         if self.unresolved_in_window:
             self._stop_for_dns()
         raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed for a "
                          f"reason that is not about one item (last: {self.cause}); nothing was recorded for "
                          f"them, and running the same command again does them once the cause is fixed")
+
+    def _over_rate(self, pairs: int) -> bool:
+        return self.in_window >= max(1, self.rate * pairs)
 
     def _stop_for_dns(self) -> None:
         raise RunStopped(f"{self.in_window} of the last {len(self.recent)} (item, task) pairs failed, "
@@ -82,7 +85,7 @@ class Breaker:
         """At the end of a run: pairs left undone by such failures make it exit non-zero, and so do dead web hosts
         past the rate of the pairs seen (a run shorter than the window, on a machine whose DNS answers 'no such
         name' for every host, would otherwise end with exit 0 and every row an error)."""
-        if self.unresolved_in_window and self.in_window >= max(1, self.rate * len(self.recent)):
+        if self.unresolved_in_window and self._over_rate(len(self.recent)):
             self._stop_for_dns()
         if self.total:
             raise RunStopped(f"{self.total} (item, task) pair(s) were not done because of failures that are not "

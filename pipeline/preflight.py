@@ -163,10 +163,8 @@ def _read_root(uri: str) -> tuple[str, str]:
     rest of the pattern, else the path itself and ""."""
     if not globlib.has_magic(uri):
         return uri, ""
-    parts = uri.split("/")
-    first = next(n for n, part in enumerate(parts) if globlib.has_magic(part))
-    root = "/".join(parts[:first])
-    return root or ("/" if uri.startswith("/") else "."), "/".join(parts[first:])
+    root, pattern = readers.split_glob(uri)
+    return root or ("/" if uri.startswith("/") else "."), pattern
 
 
 def _glob_reaches(pattern: str, folder: str) -> bool:

@@ -87,6 +87,13 @@ class Piece:
 # --- finding the units ---------------------------------------------------------------------------------------
 
 
+def split_glob(path: str) -> tuple[str, str]:
+    """(the folders before a glob's first part with a wildcard, the pattern from that part on)."""
+    parts = path.split("/")
+    first = next(n for n, part in enumerate(parts) if globlib.has_magic(part))
+    return "/".join(parts[:first]), "/".join(parts[first:])
+
+
 def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, what: str,
                  in_folder: tuple[str, ...] | None = None) -> list[str]:
     """A file, every matching file under a folder/prefix (`in_folder` extensions there), or a glob; sorted
@@ -100,7 +107,7 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
             raise ConfigError(f"{what}: {uri} is not a valid glob ({e})") from None
         # folders matched by name (Spark writes `x.parquet/` folders) are not files to read
         found = [p for p, info in matches.items() if info.get("type") != "directory"]
-        root = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]   # the folder before the pattern
+        root = split_glob(path)[0]
     elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
         found = storage.with_retries(lambda: fs.find(path), uri, opts)
         extensions = in_folder or extensions

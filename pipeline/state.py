@@ -82,13 +82,7 @@ class StateDir:
         if not recursive:
             self._call(lambda: self._remove_files([target]), rel)
         elif storage.is_local(self.fs):
-            def rmtree():
-                try:
-                    self.fs.rm(target, recursive=True)
-                except FileNotFoundError:
-                    pass
-
-            self._call(rmtree, rel)
+            self._call(lambda: _missing_ok(self.fs.rm, target, recursive=True), rel)
         else:
             # The files are listed, then deleted in batches, each request retried on its own: s3fs's recursive rm is
             # a listing, a HEAD and the deletes in one call, which a retry has to pass all at once (at 30% faulty
@@ -102,12 +96,14 @@ class StateDir:
         `exp[1]` would delete `exp1`'s files of the same names. Names with glob characters go one request each."""
         literal = [p for p in paths if not globlib.has_magic(p)]
         if literal:
-            try:
-                self.fs.rm(literal)   # one request per 1000 keys on S3
-            except FileNotFoundError:
-                pass
-        for path in (p for p in paths if globlib.has_magic(p)):
-            try:
-                self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
+            _missing_ok(self.fs.rm, literal)   # one request per 1000 keys on S3
+        for path in paths:
+            if globlib.has_magic(path):
+                _missing_ok(self.fs.rm_file, path)
+
+
+def _missing_ok(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except FileNotFoundError:
+        pass
