@@ -93,10 +93,13 @@ class BatchingConfig:
     decode_batch_size: int = 32  # items per CPU decode task (fetched concurrently, then decoded)
 
 
+AUTO = "auto"   # actors.count / actors.num_gpus: sized to the cluster once Ray is up (pipeline.preflight.plan_actors)
+
+
 @dataclass
 class ActorsConfig:
-    count: int = 1
-    num_gpus: float = 0.0        # GPUs per model actor; 0 on CPU-only machines
+    count: int | str = AUTO      # model actors; auto: one per GPU of the cluster (per actors.num_gpus), 1 on CPU
+    num_gpus: float | str = AUTO  # GPUs per model actor; auto: 1 when the cluster has GPUs (and model.device allows)
     num_cpus: float = 1.0        # CPUs per model actor
     decode_num_cpus: float = 1.0  # CPUs per decode task
 
@@ -171,6 +174,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
              "demo": DemoConfig}
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
             "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
+_AUTO_KEYS = {"actors.count", "actors.num_gpus"}   # may also be the string "auto"
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty",
              "run.stop_failure_rate", "run.stop_failure_window"}
@@ -234,7 +238,14 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
         dotted = f"{name}.{key}"
         if key not in fields:
             raise ConfigError(f"unknown config key {dotted!r} (known in [{name}]: {', '.join(fields)})")
-        value = _check_type(dotted, value, fields[key].type)
+        if dotted in _AUTO_KEYS and value == AUTO:
+            kwargs[key] = value
+            continue
+        annotation = fields[key].type.removesuffix(" | str") if dotted in _AUTO_KEYS else fields[key].type
+        try:
+            value = _check_type(dotted, value, annotation)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (or {AUTO!r})" if dotted in _AUTO_KEYS else str(e)) from None
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(_CHOICES[dotted])}")
         if dotted in _POSITIVE and value <= 0:

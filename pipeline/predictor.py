@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipeline import items as items_mod
 from pipeline import output
 from pipeline.breaker import OUTAGE
-from pipeline.config import Config, TaskSpec
+from pipeline.config import AUTO, Config, TaskSpec
 from pipeline.items import Item
 from pipeline.media import restore
 from pipeline.poison import CrashGuard, crash_message, inject_crash
@@ -53,9 +53,10 @@ def resolve_device(cfg: Config) -> tuple[str, "object"]:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("model.device = 'cuda' but this actor sees no CUDA device (torch.cuda.is_available() "
                            "is False: a CPU-only torch build, or actors.num_gpus = 0)")
-    if device == "auto":
-        device = "cuda" if cfg.actors.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if cfg.actors.num_gpus > 0 and device == "cpu":
+    if device == "auto":   # num_gpus is sized by the run before actors start; "auto" here: used outside a run
+        wants_gpu = cfg.actors.num_gpus == AUTO or cfg.actors.num_gpus > 0
+        device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+        if cfg.actors.num_gpus != AUTO and cfg.actors.num_gpus > 0 and device == "cpu":
             log.warning("actors.num_gpus = %s but this actor sees no CUDA device; running the model on the CPU",
                         cfg.actors.num_gpus)
     dtype = cfg.model.dtype

@@ -7,13 +7,14 @@ with one readable line: a `ConfigError` (exit 2), or `StorageUnavailable` (exit 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob as globlib
 import json
 import os
 
 from pipeline import readers, storage
-from pipeline.config import ActorsConfig, Config
+from pipeline.config import AUTO, ActorsConfig, Config
 from pipeline.errors import ConfigError
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -221,8 +222,25 @@ def _check_bucket(key: str, uri: str, fs, bucket: str, opts: StorageOptions) -> 
 # --- the resource plan, against the cluster ----------------------------------------------------------------------
 
 
+def plan_actors(cluster_resources: dict, actors: ActorsConfig, device: str) -> ActorsConfig:
+    """`actors` with "auto" values sized to the cluster: a GPU per actor where the cluster has GPUs (unless
+    model.device is cpu), and one actor per GPU, as many as leave a CPU slot for decoding; on CPU, one actor (each
+    holds the whole model in float32). Set values stay as they are."""
+    cpus, gpus = float(cluster_resources.get("CPU", 0)), float(cluster_resources.get("GPU", 0))
+    num_gpus = actors.num_gpus
+    if num_gpus == AUTO:
+        num_gpus = 1.0 if device == "cuda" or (gpus and device == "auto") else 0.0
+    count = actors.count
+    if count == AUTO:
+        count = 1
+        if num_gpus:
+            by_cpu = (cpus - actors.decode_num_cpus) // actors.num_cpus if actors.num_cpus else gpus
+            count = max(1, int(min(gpus // num_gpus, by_cpu)))
+    return dataclasses.replace(actors, count=count, num_gpus=num_gpus)
+
+
 def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool = True) -> list[str]:
-    """Warnings about the actors' plan on a cluster with `cluster_resources` (ray.cluster_resources()); raises
+    """Warnings about the actors' plan (sized: plan_actors) on a cluster with `cluster_resources`; raises
     ConfigError for a plan that can never run: more GPUs or CPUs than the cluster has, or actors that leave no CPU
     for the decode tasks (the run would wait forever at 0%; read tasks hold no CPU). strict=False (an autoscaling
     cluster, whose resources appear later) turns those errors into warnings."""

@@ -220,7 +220,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     summary = Summary(skipped=skipped)
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
-        _start_ray(cfg)
+        cfg = _start_ray(cfg, out)
         tracker = progress.Tracker.remote()
         source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
         try:
@@ -246,10 +246,17 @@ def reopen_errors(uri: str, opts: StorageOptions, ledger: progress.Ledger, stagi
     return output.reopen_errors(uri, opts, staging)
 
 
-def _start_ray(cfg: Config) -> None:
+def _start_ray(cfg: Config, out) -> Config:
+    """Ray up, and `cfg` with its "auto" actor settings sized to the cluster."""
     init_ray(cfg)
-    for warning in preflight.check_resources(ray.cluster_resources(), cfg.actors):   # raises for plans that hang
+    resources = ray.cluster_resources()
+    actors = preflight.plan_actors(resources, cfg.actors, cfg.model.device)
+    for warning in preflight.check_resources(resources, actors):   # raises for plans that hang
         log.warning("%s", warning)
+    gpus = f"{actors.num_gpus:g} GPU and " if actors.num_gpus else ""
+    _say(out, f"model actors: {actors.count}, {gpus}{actors.num_cpus:g} CPU each (cluster: "
+              f"{resources.get('GPU', 0):g} GPU, {resources.get('CPU', 0):g} CPU)")
+    return dataclasses.replace(cfg, actors=actors)
 
 
 @dataclass

@@ -23,7 +23,9 @@ def load(tmp_path, text=BASE, overrides=()):
 
 def test_defaults_and_shipped_configs_load(tmp_path):
     cfg = load(tmp_path)
-    assert cfg.run.tasks == ["caption"] and cfg.run.batch_size == 8 and cfg.actors.num_gpus == 0
+    assert cfg.run.tasks == ["caption"] and cfg.run.batch_size == 8
+    assert cfg.actors.count == cfg.actors.num_gpus == "auto"   # sized to the cluster once Ray is up
+    assert load(tmp_path, overrides=["actors.count=auto", "actors.num_gpus=0.5"]).actors.num_gpus == 0.5
     assert [t.name for t in cfg.task_specs()] == ["caption"]
     for name in ("configs/demo.toml", "configs/s3_example.toml"):
         assert config.load(name).task_specs()
@@ -49,6 +51,8 @@ def test_set_overrides_read_toml_values_and_bare_words(tmp_path):
     ("model.dtype=float8", "model.dtype"),
     ("run.tasks=[\"caption\", \"nope\"]", "run.tasks"),
     ("actors.num_gpus=-1", "actors.num_gpus"),
+    ("actors.count=all", r"actors.count: expected an integer, got 'all' \(or 'auto'\)"),
+    ("actors.count=0", "actors.count"),
     ("storage.endpoint_url=localhost:9000", "storage.endpoint_url"),
     ("bogus.key=1", "bogus"),
     ("run.max_new_tokens=true", "run.max_new_tokens"),

@@ -1,5 +1,5 @@
 """`ray job submit --working-dir . -- python jobs/caption.py --config configs/demo.toml` against a cluster started
-with `ray start --head` on 127.0.0.1 (its own temp dir and ports), stopped afterwards by ending its process group
+with `ray start --head` on 127.0.0.1 with two (logical) GPUs (its own temp dir and ports), stopped afterwards by ending its process group
 (`ray stop` would stop every Ray on the machine, not just this one)."""
 
 import os
@@ -35,7 +35,8 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=3",
+           "--num-gpus=2",   # logical GPUs: the demo config's "auto" actors take one each (and run on CPU here)
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
@@ -74,6 +75,7 @@ def test_ray_job_submit_runs_the_demo_config_on_the_cluster(ray_head, tiny_gqa, 
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in (result.stdout + result.stderr)
     assert "done: 6 (item, task) rows" in result.stdout
+    assert "model actors: 2, 1 GPU and 1 CPU each (cluster: 2 GPU, 3 CPU)" in result.stdout
     assert "Started a local Ray instance" not in result.stdout + result.stderr   # it used the cluster
     df = pd.read_parquet(out)
     assert len(df) == 6 and df.error.isna().all() and set(df.media_type) == {"image", "video"}

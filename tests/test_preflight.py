@@ -238,9 +238,9 @@ def test_preflight_is_quick_and_rides_out_throttling_but_not_a_denial(tmp_path, 
 
 
 @pytest.mark.parametrize("cluster, actors, message", [
-    ({"CPU": 4.0}, ActorsConfig(count=1, num_cpus=4), r"take 4 of the cluster's 4 CPUs, leaving 0"),
-    ({"CPU": 8.0}, ActorsConfig(count=4, num_cpus=2), r"take 8 of the cluster's 8 CPUs"),
-    ({"CPU": 4.0}, ActorsConfig(count=1, num_cpus=2, decode_num_cpus=3), r"leaving 2; a decode task needs 3"),
+    ({"CPU": 4.0}, ActorsConfig(count=1, num_gpus=0, num_cpus=4), r"take 4 of the cluster's 4 CPUs, leaving 0"),
+    ({"CPU": 8.0}, ActorsConfig(count=4, num_gpus=0, num_cpus=2), r"take 8 of the cluster's 8 CPUs"),
+    ({"CPU": 4.0}, ActorsConfig(count=1, num_gpus=0, num_cpus=2, decode_num_cpus=3), r"leaving 2; a decode task needs 3"),
     ({"CPU": 16.0, "GPU": 2.0}, ActorsConfig(count=4, num_gpus=1), r"= 4 GPUs, the cluster has 2"),
     ({"CPU": 16.0}, ActorsConfig(count=1, num_gpus=1), r"the cluster has 0"),
 ])
@@ -252,11 +252,34 @@ def test_resource_plans_that_can_never_run(cluster, actors, message):
 
 
 def test_resource_plans_that_run():
-    assert preflight.check_resources({"CPU": 8.0}, ActorsConfig(count=2, num_cpus=2)) == []
+    assert preflight.check_resources({"CPU": 8.0}, ActorsConfig(count=2, num_gpus=0, num_cpus=2)) == []
     # read tasks hold no CPU: one actor and one decode task fill a 2-CPU machine and run
-    assert preflight.check_resources({"CPU": 2.0}, ActorsConfig(count=1, num_cpus=1)) == []
-    cpu_only = preflight.check_resources({"CPU": 8.0, "GPU": 1.0}, ActorsConfig())
+    assert preflight.check_resources({"CPU": 2.0}, ActorsConfig(count=1, num_gpus=0, num_cpus=1)) == []
+    cpu_only = preflight.check_resources({"CPU": 8.0, "GPU": 1.0}, ActorsConfig(count=1, num_gpus=0))
     assert cpu_only == ["actors.num_gpus is 0 but the cluster has 1 GPU(s): the model runs on CPU"]
+
+
+@pytest.mark.parametrize("cluster, actors, device, count, num_gpus", [
+    ({"CPU": 2.0}, ActorsConfig(), "auto", 1, 0),                           # a laptop: one CPU actor
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(), "auto", 8, 1),               # one actor per GPU
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(), "cpu", 1, 0),                # model.device = cpu keeps off GPUs
+    ({"CPU": 4.0, "GPU": 8.0}, ActorsConfig(), "auto", 3, 1),                # leaves a CPU for decode tasks
+    ({"CPU": 4.0, "GPU": 8.0}, ActorsConfig(num_cpus=0), "auto", 8, 1),
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(num_gpus=2), "auto", 4, 2),      # a model split over 2 GPUs
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(num_gpus=0.5), "auto", 16, 0.5),
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(count=2), "auto", 2, 1),         # set values stay
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(num_gpus=0), "auto", 1, 0),
+    ({"CPU": 16.0}, ActorsConfig(), "cuda", 1, 1),                           # refused by check_resources below
+])
+def test_auto_actors_are_sized_to_the_cluster(cluster, actors, device, count, num_gpus):
+    plan = preflight.plan_actors(cluster, actors, device)
+    assert (plan.count, plan.num_gpus) == (count, num_gpus)
+    assert plan.num_cpus == actors.num_cpus and plan.decode_num_cpus == actors.decode_num_cpus
+    if device == "cuda":
+        with pytest.raises(ConfigError, match="1 actor.s. x actors.num_gpus 1 = 1 GPUs, the cluster has 0"):
+            preflight.check_resources(cluster, plan)
+    else:
+        assert not [w for w in preflight.check_resources(cluster, plan) if "num_gpus is 0" not in w]
 
 
 # --- the job: one line and an exit code per kind of error, before Ray starts ---------------------------------------
