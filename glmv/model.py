@@ -120,6 +120,11 @@ class Glm4vForConditionalGeneration(nn.Module):
         return KVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
                        self.device)
 
+    def cache_bytes(self, slots: int, max_len: int) -> int:
+        """Memory of `new_cache(slots, max_len)`."""
+        cfg = self.config.text
+        return 2 * cfg.num_hidden_layers * slots * max_len * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+
     def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, batch: Prefill,
                 last: torch.Tensor | None = None) -> torch.Tensor | None:
         """Packed rows: embeds (N, D), position_ids (3, N) fill the rows' cache slots. Returns the logits (len(last),

@@ -20,6 +20,9 @@ from pipeline.errors import ConfigError  # noqa: F401 - also imported from here 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi")
 
+AUTO = "auto"   # run.batch_size (decode_slots), actors.count / actors.num_gpus (pipeline.preflight.plan_actors)
+GPU_SLOTS, CPU_SLOTS = 64, 8   # run.batch_size "auto"
+
 # Built-in tasks. `thinking` asks 4.6V-family templates for a reasoning trace (4.1V models always think).
 BUILTIN_TASKS = {
     "caption": ("Describe this {media} in detail.", False),
@@ -69,7 +72,7 @@ class ModelConfig:
 @dataclass
 class RunConfig:
     tasks: list[str] = field(default_factory=lambda: ["caption"])
-    batch_size: int = 8          # sequences per generate() call (static batch)
+    batch_size: int | str = AUTO  # decode slots per model actor (see decode_slots)
     max_new_tokens: int = 256
     do_sample: bool = False
     temperature: float = 1.0
@@ -93,7 +96,13 @@ class BatchingConfig:
     decode_batch_size: int = 32  # items per CPU decode task (fetched concurrently, then decoded)
 
 
-AUTO = "auto"   # actors.count / actors.num_gpus: sized to the cluster once Ray is up (pipeline.preflight.plan_actors)
+def decode_slots(batch_size: int | str, on_gpu: bool) -> int:
+    """run.batch_size as a number. "auto": 64 for a model on a GPU, where a decode step reads every weight once
+    whatever its rows (more rows are nearly free until the KV cache fills the memory, which the model actor checks
+    per call); 8 on CPU, where a step's time grows with its rows."""
+    if batch_size != AUTO:
+        return batch_size
+    return GPU_SLOTS if on_gpu else CPU_SLOTS
 
 
 @dataclass
@@ -102,6 +111,11 @@ class ActorsConfig:
     num_gpus: float | str = AUTO  # GPUs per model actor; auto: 1 when the cluster has GPUs (and model.device allows)
     num_cpus: float = 1.0        # CPUs per model actor
     decode_num_cpus: float = 1.0  # CPUs per decode task
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the actors hold GPUs (False while num_gpus is still "auto": before the run sizes it)."""
+        return self.num_gpus != AUTO and self.num_gpus > 0
 
 
 @dataclass
@@ -174,7 +188,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
              "demo": DemoConfig}
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
             "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
-_AUTO_KEYS = {"actors.count", "actors.num_gpus"}   # may also be the string "auto"
+_AUTO_KEYS = {"run.batch_size", "actors.count", "actors.num_gpus"}   # may also be the string "auto"
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty",
              "run.stop_failure_rate", "run.stop_failure_window"}
@@ -365,7 +379,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run.temperature: must be > 0, got {cfg.run.temperature}")
     if cfg.model.device == "cuda" and cfg.actors.num_gpus == 0:
         raise ConfigError("model.device: 'cuda' needs actors.num_gpus > 0")
-    window = cfg.run.batch_size * cfg.batching.sort_window
+    window = decode_slots(cfg.run.batch_size, on_gpu=True) * cfg.batching.sort_window
     if window > 65536:
         raise ConfigError(f"run.batch_size x batching.sort_window: {window} sequences in one actor call is more "
                           f"than can work (65536)")

@@ -19,12 +19,15 @@ import pyarrow as pa
 from pipeline import items as items_mod
 from pipeline import output
 from pipeline.breaker import OUTAGE
-from pipeline.config import AUTO, Config, TaskSpec
+from pipeline.config import AUTO, Config, TaskSpec, decode_slots
 from pipeline.items import Item
 from pipeline.media import restore
 from pipeline.poison import CrashGuard, crash_message, inject_crash
 
 log = logging.getLogger(__name__)
+
+KV_SHARE = 0.5   # of a GPU's free memory at a call's start, for its KV cache (the rest: activations, vision, cache
+#                  fragmentation); a call whose slots would need more runs with fewer
 
 
 @dataclass
@@ -54,9 +57,9 @@ def resolve_device(cfg: Config) -> tuple[str, "object"]:
         raise RuntimeError("model.device = 'cuda' but this actor sees no CUDA device (torch.cuda.is_available() "
                            "is False: a CPU-only torch build, or actors.num_gpus = 0)")
     if device == "auto":   # num_gpus is sized by the run before actors start; "auto" here: used outside a run
-        wants_gpu = cfg.actors.num_gpus == AUTO or cfg.actors.num_gpus > 0
+        wants_gpu = cfg.actors.num_gpus == AUTO or cfg.actors.on_gpu
         device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
-        if cfg.actors.num_gpus != AUTO and cfg.actors.num_gpus > 0 and device == "cpu":
+        if cfg.actors.on_gpu and device == "cpu":
             log.warning("actors.num_gpus = %s but this actor sees no CUDA device; running the model on the CPU",
                         cfg.actors.num_gpus)
     dtype = cfg.model.dtype
@@ -83,6 +86,8 @@ class Predictor:
         self.model = Glm4vForConditionalGeneration.from_pretrained(cfg.model.path, dtype=self.dtype,
                                                                    device=self.device)
         self.model.eval()
+        self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
+        self.capped = False   # said once that a call ran with fewer slots than run.batch_size
         self.parse_output = parse_output
         self.specs = {spec.name: spec for spec in cfg.task_specs()}
         self.model_name = cfg.model_name()
@@ -138,7 +143,7 @@ class Predictor:
             # one call, template switches mixed: every extra call ends with slots idle while its longest rows finish
             return [seqs] if seqs else []
         seqs = sorted(seqs, key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
-        groups, bs = [], self.cfg.run.batch_size
+        groups, bs = [], self.slots
         for s in seqs:
             if groups and len(groups[-1]) < bs and (groups[-1][0].thinking, groups[-1][0].max_new_tokens) == (
                     s.thinking, s.max_new_tokens):
@@ -198,11 +203,12 @@ class Predictor:
                         top_p=run.top_p) if run.do_sample else dict(do_sample=False)
         budgets = [s.max_thinking_tokens or None for s in seqs]
         prompt_len = inputs["input_ids"].shape[1]
+        slots = self._slots_that_fit(len(seqs), prompt_len + max(s.max_new_tokens for s in seqs))
         with torch.inference_mode():
             result = self.model.generate(
                 **inputs, max_new_tokens=[s.max_new_tokens for s in seqs], repetition_penalty=run.repetition_penalty,
                 seed=[row_seed(run.seed, s.row["id"], s.task) for s in seqs], return_dict_in_generate=True,
-                max_batch_size=run.batch_size if self.cfg.batching.mode == "refill" else None,
+                max_batch_size=slots if slots < len(seqs) else None,
                 max_thinking_tokens=budgets if any(budgets) else None, **sampling)
         texts = self.processor.batch_decode(result.sequences[:, prompt_len:].cpu(), skip_special_tokens=True)
         now = datetime.now(timezone.utc)
@@ -220,6 +226,34 @@ class Predictor:
                 "processed_at": now})
         return rows
 
+
+    def _slots_that_fit(self, rows: int, longest: int) -> int:
+        """Decode slots for a call of `rows` sequences up to `longest` tokens: run.batch_size (static mode: the
+        batch's rows), fewer where their KV cache would take more than KV_SHARE of the device's free memory (long
+        videos), so that a window of them runs with fewer slots instead of failing out of memory."""
+        from glmv.engine import LENGTH_ROUNDING
+
+        slots = min(rows, self.slots)
+        free = free_device_bytes(self.model.device)
+        if free is None:
+            return slots
+        longest = -(-longest // LENGTH_ROUNDING) * LENGTH_ROUNDING   # as the engine sizes its cache
+        fit = max(1, min(slots, int(free * KV_SHARE // self.model.cache_bytes(1, longest))))
+        if fit < slots and not self.capped:
+            self.capped = True
+            log.warning("a call of %d sequences up to %d tokens runs with %d decode slots, not %d: their KV cache "
+                        "would take more than %.0f%% of the %.1f GiB free on %s (said once per actor)", rows,
+                        longest, fit, slots, 100 * KV_SHARE, free / 2**30, self.model.device)
+        return fit
+
+
+def free_device_bytes(device) -> int | None:
+    """Free memory of a CUDA device; None elsewhere (a CPU actor's cache sits in host memory, sized by the user)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def _row_of(item: Item) -> dict:

@@ -23,7 +23,7 @@ import ray
 
 from pipeline import output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, decode_slots
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.errors import HideOwnErrors
 from pipeline.lease import Lease
@@ -98,7 +98,8 @@ def kept_columns(cfg: Config, spec: readers.ReadSpec, units: list[readers.Unit])
 def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode=decode_batch,
                   run_tag: str = "") -> ray.data.Dataset:
     """`predictor` / `decode`: the stages (benchmarks swap in zero-cost stand-ins to time the machinery)."""
-    items_per_call = max(1, cfg.run.batch_size * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
+    slots = decode_slots(cfg.run.batch_size, cfg.actors.on_gpu)
+    items_per_call = max(1, slots * cfg.batching.sort_window // max(1, len(cfg.run.tasks)))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.target_max_block_size = BLOCK_BYTES

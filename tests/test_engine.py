@@ -354,3 +354,11 @@ print(len(out.rows), "torch._dynamo" in sys.modules)
     for n, total in ((1, 1), (3, 7), (5, 5)):
         expected = causal_lower_right(n, total)._materialize(torch.device("cpu"))
         assert torch.equal(attention.lower_right_causal(n, total, torch.device("cpu")), expected)
+
+
+def test_cache_bytes_is_what_new_cache_allocates(tiny_gqa):
+    """The pipeline sizes a call's decode slots on a GPU by cache_bytes: it must be the cache's real size."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=dtype)
+        cache = model.new_cache(3, 512)
+        assert model.cache_bytes(3, 512) == sum(t.numel() * t.element_size() for t in cache.k + cache.v)

@@ -23,8 +23,9 @@ def load(tmp_path, text=BASE, overrides=()):
 
 def test_defaults_and_shipped_configs_load(tmp_path):
     cfg = load(tmp_path)
-    assert cfg.run.tasks == ["caption"] and cfg.run.batch_size == 8
-    assert cfg.actors.count == cfg.actors.num_gpus == "auto"   # sized to the cluster once Ray is up
+    assert cfg.run.tasks == ["caption"]
+    # sized once Ray is up: actors to the cluster, decode slots to where the model runs (64 on a GPU, 8 on CPU)
+    assert cfg.actors.count == cfg.actors.num_gpus == cfg.run.batch_size == "auto"
     assert load(tmp_path, overrides=["actors.count=auto", "actors.num_gpus=0.5"]).actors.num_gpus == 0.5
     assert [t.name for t in cfg.task_specs()] == ["caption"]
     for name in ("configs/demo.toml", "configs/s3_example.toml"):

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import config, output
+from pipeline import predictor as predictor_mod
 from pipeline.corpus import image_bytes
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.items import ITEM_SCHEMA, Item, item_id, to_table
@@ -74,6 +75,40 @@ def test_refill_streams_the_window_through_the_slots_with_the_same_texts(setup, 
     monkeypatch.setattr(cfg.batching, "mode", "static")
     static = {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()}
     assert refill == static and len(refill) == 14
+
+
+@pytest.mark.parametrize("mode", ["refill", "static"])
+def test_a_call_whose_kv_cache_would_not_fit_runs_with_fewer_slots(setup, monkeypatch, caplog, mode):
+    """On a GPU a call's slots are capped by the free device memory (faked here): the same texts, fewer slots,
+    said once per actor."""
+    cfg, decoded, predictor = setup
+    monkeypatch.setattr(cfg.batching, "mode", mode)
+    expected = {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()}
+    calls = []
+    generate = predictor.model.generate
+
+    def spy(**inputs):
+        calls.append((inputs["input_ids"].shape[0], inputs["max_batch_size"]))
+        return generate(**inputs)
+
+    monkeypatch.setattr(predictor.model, "generate", spy)
+    two_slots = predictor.model.cache_bytes(2, 256) / predictor_mod.KV_SHARE   # every call here fits in 256
+    monkeypatch.setattr(predictor_mod, "free_device_bytes", lambda device: two_slots + 1)
+    monkeypatch.setattr(predictor, "capped", False)
+    with caplog.at_level("WARNING", logger="pipeline.predictor"):
+        capped = {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()}
+    assert capped == expected
+    assert calls == ([(12, 2)] if mode == "refill" else [(3, 2)] * 4)
+    warned = [r.getMessage() for r in caplog.records if "decode slots" in r.getMessage()]
+    assert len(warned) == 1 and "runs with 2 decode slots, not 3" in warned[0]
+
+
+def test_batch_size_auto_is_64_slots_on_a_gpu_and_8_on_cpu(tiny_gqa, tmp_path):
+    assert config.decode_slots("auto", on_gpu=True) == 64 and config.decode_slots("auto", on_gpu=False) == 8
+    assert config.decode_slots(5, on_gpu=True) == 5
+    cfg = config.from_dict({"input": {"uri": str(tmp_path)}, "output": {"uri": str(tmp_path / "out")},
+                            "model": {"path": str(tiny_gqa)}})
+    assert cfg.run.batch_size == "auto" and Predictor(cfg).slots == 8   # this machine has no GPU
 
 
 def test_a_failing_batch_is_retried_row_by_row(setup):
