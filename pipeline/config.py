@@ -195,6 +195,7 @@ _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "ac
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
                  "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed"}
+_RAY_RESOURCES = {"actors.num_gpus", "actors.num_cpus", "actors.decode_num_cpus"}
 # Upper bounds of values that cannot work (memory, time, the hardware); the model's context is checked against
 # run.max_new_tokens in pipeline/preflight.py, where the checkpoint is read.
 _AT_MOST = {
@@ -266,6 +267,9 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
             raise ConfigError(f"{dotted}: must be > 0, got {value!r}")
         if dotted in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{dotted}: must be >= 0, got {value!r}")
+        if dotted in _RAY_RESOURCES and 0 < value < 1e-4:
+            raise ConfigError(f"{dotted}: must be 0 or at least 0.0001 (Ray counts resources in units of 1e-4), "
+                              f"got {value!r}")
         if dotted in _AT_MOST and value > _AT_MOST[dotted]:
             raise ConfigError(f"{dotted}: {value!r} is above the most that can work ({_AT_MOST[dotted]!r})")
         kwargs[key] = value

@@ -234,9 +234,15 @@ def plan_actors(cluster_resources: dict, actors: ActorsConfig, device: str) -> A
     if count == AUTO:
         count = 1
         if num_gpus:
-            by_cpu = (cpus - actors.decode_num_cpus) // actors.num_cpus if actors.num_cpus else gpus
-            count = max(1, int(min(gpus // num_gpus, by_cpu)))
+            by_cpu = _fits(cpus - actors.decode_num_cpus, actors.num_cpus) if actors.num_cpus else gpus
+            count = max(1, min(_fits(gpus, num_gpus), by_cpu))
     return dataclasses.replace(actors, count=count, num_gpus=num_gpus)
+
+
+def _fits(total: float, each: float) -> int:
+    """How many of `each` fit in `total`; 1 / 0.2 is 4.999... in floating point, and Ray counts resources in
+    units of 1e-4, so round to those first."""
+    return int(round(total / each, 4))
 
 
 def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool = True) -> list[str]:

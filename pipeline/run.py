@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -58,6 +59,7 @@ def init_ray(cfg: Config) -> None:
     elif address == "local":
         ray.init(**local)
     elif address:
+        _probe_cluster(address)
         try:
             ray.init(address=address)
         except ValueError as e:   # Ray's "Invalid address format", raised before it connects to anything
@@ -67,6 +69,19 @@ def init_ray(cfg: Config) -> None:
             ray.init(address="auto")
         except ConnectionError:
             ray.init(**local)
+
+
+def _probe_cluster(address: str, timeout_s: float = 10.0) -> None:
+    """A `host:port` where nothing answers is a config error at once: ray.init would retry it for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return   # not host:port: Ray reports what it makes of it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConfigError(f"ray.address: no Ray cluster answers at {address} ({reason}); start it, or set "
+                          f"ray.address = \"\" to start a local one") from None
 
 
 def task_plan(cfg: Config) -> TaskPlan:

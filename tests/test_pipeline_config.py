@@ -54,6 +54,8 @@ def test_set_overrides_read_toml_values_and_bare_words(tmp_path):
     ("actors.num_gpus=-1", "actors.num_gpus"),
     ("actors.count=all", r"actors.count: expected an integer, got 'all' \(or 'auto'\)"),
     ("actors.count=0", "actors.count"),
+    ("actors.decode_num_cpus=0.00001", r"actors.decode_num_cpus: must be 0 or at least 0.0001"),
+    ("actors.num_gpus=0.00005", "actors.num_gpus"),
     ("storage.endpoint_url=localhost:9000", "storage.endpoint_url"),
     ("bogus.key=1", "bogus"),
     ("run.max_new_tokens=true", "run.max_new_tokens"),

@@ -270,6 +270,8 @@ def test_resource_plans_that_run():
     ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(count=2), "auto", 2, 1),         # set values stay
     ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(num_gpus=0), "auto", 1, 0),
     ({"CPU": 16.0}, ActorsConfig(), "cuda", 1, 1),                           # refused by check_resources below
+    ({"CPU": 64.0, "GPU": 1.0}, ActorsConfig(num_gpus=0.2), "auto", 5, 0.2),  # 1 / 0.2 is 4.999... in floats
+    ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(num_gpus=0.1), "auto", 63, 0.1),  # 80 fit, 63 leave a CPU free
 ])
 def test_auto_actors_are_sized_to_the_cluster(cluster, actors, device, count, num_gpus):
     plan = preflight.plan_actors(cluster, actors, device)
@@ -343,6 +345,15 @@ def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa
                                 "CPUs, leaving 0"), result.stderr[-3000:]
     assert seconds < 90
     assert not (tmp_path / "out" / "_state" / "lease.json").exists()    # released on the way out
+
+
+def test_a_cluster_address_where_nothing_answers_is_a_config_error_at_once(tmp_path, tiny_gqa, corpus):
+    result, seconds = _job(tmp_path, tiny_gqa, "ray.address=127.0.0.1:1")   # ray.init would retry for minutes
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == ("config error: ray.address: no Ray cluster answers at 127.0.0.1:1 (Connection refused); "
+                         "start it, or set ray.address = \"\" to start a local one"), result.stderr[-3000:]
+    assert seconds < 30 and "Traceback" not in result.stderr
 
 
 def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa):
