@@ -132,6 +132,8 @@ class RayConfig:
     address: str = ""    # "" = a Ray running on this machine, else start one; "local" = always start one.
     #                      RAY_ADDRESS (set by `ray job submit`) overrides both.
     num_cpus: int = 0    # for a Ray started here; 0 = all cores
+    autoscaling: bool = False   # the cluster adds nodes on demand: a plan above what is up now is a warning, not
+    #                             an error, and actors.count / actors.num_gpus must be set (not "auto")
 
 
 @dataclass
@@ -381,6 +383,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"run.stop_failure_rate: must be in (0, 1], got {cfg.run.stop_failure_rate}")
     if cfg.run.temperature <= 0:
         raise ConfigError(f"run.temperature: must be > 0, got {cfg.run.temperature}")
+    if cfg.ray.autoscaling and AUTO in (cfg.actors.count, cfg.actors.num_gpus):
+        raise ConfigError("ray.autoscaling: set actors.count and actors.num_gpus (not \"auto\"): an autoscaling "
+                          "cluster's GPU nodes may not be up when the run sizes its actors")
     if cfg.model.device == "cuda" and cfg.actors.num_gpus == 0:
         raise ConfigError("model.device: 'cuda' needs actors.num_gpus > 0")
     window = decode_slots(cfg.run.batch_size, on_gpu=True) * cfg.batching.sort_window

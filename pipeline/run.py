@@ -267,7 +267,8 @@ def _start_ray(cfg: Config, out) -> Config:
     init_ray(cfg)
     resources = ray.cluster_resources()
     actors = preflight.plan_actors(resources, cfg.actors, cfg.model.device)
-    for warning in preflight.check_resources(resources, actors):   # raises for plans that hang
+    # raises for plans that would wait forever, unless the cluster grows on demand
+    for warning in preflight.check_resources(resources, actors, strict=not cfg.ray.autoscaling):
         log.warning("%s", warning)
     gpus = f"{actors.num_gpus:g} GPU and " if actors.num_gpus else ""
     _say(out, f"model actors: {actors.count}, {gpus}{actors.num_cpus:g} CPU each (cluster: "

@@ -1,6 +1,7 @@
 """Before anything starts: config bounds, the checkpoint and its context, inputs and outputs that exist, the
 resource plan against the cluster; and the job's one-line message and exit code for each kind of error."""
 
+import io
 import json
 import logging
 import logging.handlers
@@ -345,6 +346,23 @@ def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa
                                 "CPUs, leaving 0"), result.stderr[-3000:]
     assert seconds < 90
     assert not (tmp_path / "out" / "_state" / "lease.json").exists()    # released on the way out
+
+
+def test_an_autoscaling_cluster_gets_a_warning_for_gpus_not_up_yet(tmp_path, tiny_gqa, monkeypatch, caplog):
+    from pipeline import run
+
+    monkeypatch.setattr(run, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(run.ray, "cluster_resources", lambda: {"CPU": 4.0})   # the GPU nodes are not up yet
+    with pytest.raises(ConfigError, match=r"ray\.autoscaling: set actors\.count and actors\.num_gpus"):
+        _cfg(tmp_path, tiny_gqa, "ray.autoscaling=true")
+    cfg = _cfg(tmp_path, tiny_gqa, "ray.autoscaling=true", "actors.count=2", "actors.num_gpus=1")
+    out = io.StringIO()
+    with caplog.at_level("WARNING", logger="pipeline.run"):
+        assert run._start_ray(cfg, out).actors == cfg.actors
+    assert "2 GPUs, the cluster has 0" in caplog.text
+    assert out.getvalue() == "model actors: 2, 1 GPU and 1 CPU each (cluster: 0 GPU, 4 CPU)\n"
+    with pytest.raises(ConfigError, match="2 GPUs, the cluster has 0"):   # a fixed cluster: it would wait forever
+        run._start_ray(_cfg(tmp_path, tiny_gqa, "actors.count=2", "actors.num_gpus=1"), out)
 
 
 def test_a_cluster_address_where_nothing_answers_is_a_config_error_at_once(tmp_path, tiny_gqa, corpus):
