@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -191,13 +192,24 @@ class ListingSnapshot:
 
     def partitions(self, opts: StorageOptions) -> list[Partition]:
         """The saved plan, or a new one (saved before any part is written, so part numbers stay meaningful)."""
-        plan = self.state.read_json(f"{self.dir}/plan.json")
+        plan = self._plan()
         if plan is None or plan.get("uri") != self.uri:
             parts = plan_partitions(self.uri, opts)
-            self.state.write_json(f"{self.dir}/plan.json", {"uri": self.uri, "partitions": [
-                {"prefix": p.prefix, "recursive": p.recursive} for p in parts]})
+            self.state.write_json(f"{self.dir}/plan.json", {"uri": self.uri, "snapshot": uuid.uuid4().hex,
+                                                            "partitions": [{"prefix": p.prefix,
+                                                                            "recursive": p.recursive} for p in parts]})
             return parts
         return [Partition(p["prefix"], p["recursive"]) for p in plan["partitions"]]
+
+    def identity(self) -> str:
+        """A new value whenever the prefix is listed afresh (a deleted snapshot): the parts of a new listing hold
+        other keys under the same numbers, so completion records made over an earlier one must not be trusted.
+        "" for a snapshot from before this was kept."""
+        plan = self._plan()
+        return (plan or {}).get("snapshot", "")
+
+    def _plan(self) -> dict | None:
+        return self.state.read_json(f"{self.dir}/plan.json")
 
     def parts(self, index: int) -> tuple[list[int], bool]:
         """(numbers of the parts written so far, whether the partition is listed to its end)."""

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import output, poison, preflight, progress, readers, storage
+from pipeline import listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.config import Config, ConfigError, decode_slots
 from pipeline.decode import DecodeSettings, decode_batch
@@ -82,6 +82,15 @@ def _probe_cluster(address: str, timeout_s: float = 10.0) -> None:
         reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise ConfigError(f"ray.address: no Ray cluster answers at {address} ({reason}); start it, or set "
                           f"ray.address = \"\" to start a local one") from None
+
+
+def input_fingerprint(cfg: Config, spec: readers.ReadSpec) -> str:
+    """What the output's completion records are trusted for: the input settings and, for a listed prefix, its
+    listing snapshot (listed afresh after `_state/listing/` was deleted, its shards hold other keys)."""
+    fingerprint = cfg.input.fingerprint()
+    listed = cfg.input.format == "files" and not cfg.input.manifest
+    snapshot = listing.ListingSnapshot(spec.state, spec.input_uri).identity() if listed else ""
+    return f"{fingerprint}-{snapshot}" if snapshot else fingerprint
 
 
 def task_plan(cfg: Config) -> TaskPlan:
@@ -209,7 +218,9 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
          stages, units: list[readers.Unit] | None) -> Summary:
     state = StateDir(cfg.output.uri, opts)
     state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
-    ledger = progress.Ledger(state, cfg.input.fingerprint())
+    spec, plan = read_spec(cfg, state), task_plan(cfg)
+    units = readers.find_units(spec) if units is None else units
+    ledger = progress.Ledger(state, input_fingerprint(cfg, spec))
     if cfg.run.retry_errors:
         reopened = reopen_errors(cfg.output.uri, opts, ledger, writer.staging)
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
@@ -222,8 +233,6 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     if resume.scanned and not existing:
         ledger.mark_trusted()   # a new output: the records cover everything from its first row on
 
-    spec, plan = read_spec(cfg, state), task_plan(cfg)
-    units = readers.find_units(spec) if units is None else units
     spec = dataclasses.replace(spec, keep_schema=kept_columns(cfg, spec, units))
     writer.schema = output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema)
     work, skipped = _open_work(units, resume.records, plan)

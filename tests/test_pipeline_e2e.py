@@ -3,6 +3,7 @@ kind of bad file, the real tiny glmv model, results written back to S3 and check
 skips everything, a manifest run, and bad inputs at the storage level."""
 
 import io
+import shutil
 import json
 
 import pandas as pd
@@ -137,6 +138,29 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
     assert "not found" in missing and missing.startswith(str(corpus / "images" / "missing.png"))
     assert "unsupported file type" in df[df.uri.str.endswith("readme.pdf")].error.iloc[0]
     assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in (tmp_path / "out").glob("*.parquet"))
+
+
+def test_listing_again_after_deleting_the_snapshot_runs_new_objects_once(local_ray, tiny_gqa, tmp_path):
+    """The README's way to pick up objects added to a listed prefix: delete `_state/listing/` and rerun. The new
+    listing numbers its partitions and parts afresh (here b/ lands where c/ was), so the completion records made
+    over the old one are not trusted: the output is scanned once, and each pair stays in it exactly once."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    files = good_media(num_images=4, num_videos=0)
+    for folder, rel in zip(("a", "a", "c", ""), files):
+        write_local(corpus / folder, {rel.rsplit("/", 1)[-1]: files[rel]})
+    cfg = _cfg(tmp_path, config_text(str(corpus), str(out), str(tiny_gqa), tasks=("caption",)))
+    assert run(cfg, out=io.StringIO()).done == 4
+    write_local(corpus / "b", {"new.png": files[next(iter(files))]})   # a new partition, sorting before c/
+    shutil.rmtree(out / "_state" / "listing")
+    printed = io.StringIO()
+    summary = run(cfg, out=printed)
+    assert (summary.done, summary.skipped) == (1, 4), printed.getvalue()
+    assert "whole output scanned" in printed.getvalue()
+    df = pd.read_parquet(out)
+    assert len(df) == 5 and not df.duplicated(["id", "task"]).any() and df.uri.str.endswith("b/new.png").any()
+    printed = io.StringIO()
+    assert (run(cfg, out=printed).done, run(cfg, out=io.StringIO()).skipped) == (0, 5)   # records trusted again
+    assert "4 of 4 input unit(s) finished" in printed.getvalue()
 
 
 def test_web_answers_are_error_rows_and_url_credentials_never_land(local_ray, tiny_gqa, tmp_path):
