@@ -391,7 +391,9 @@ def _note_changed_settings(cfg: Config, state: StateDir, out) -> None:
     """A rerun with another model, prompt or generation setting skips the pairs already done, which keep the old
     settings' results: one line says so, rather than letting "skipped as already done" pass for the new ones."""
     records = [n for n in state.list("runs") if n.endswith(".json")]
-    last = (state.read_json(f"runs/{records[-1]}") or {}).get("result_settings") if records else None
+    record = (state.read_json(f"runs/{records[-1]}") or {}) if records else {}
+    _note_changed_columns(cfg, record.get("config", {}).get("input", {}).get("keep_columns"), out)
+    last = record.get("result_settings")
     if last is None:   # a new output, or a record from before result settings were kept
         return
     now = json.loads(json.dumps(cfg.result_settings(), default=str))   # as the record stored them
@@ -407,6 +409,16 @@ def _note_changed_settings(cfg: Config, state: StateDir, out) -> None:
         _say(out, f"note: {', '.join(changed)} changed since the last run on this output: the (item, task) pairs it "
                   f"finished are skipped and keep their results (their run_config_hash differs); write to a new "
                   f"output.uri to run them with these settings")
+
+
+def _note_changed_columns(cfg: Config, last: list[str] | None, out) -> None:
+    """Result files with other kept columns than the earlier ones make a mixed-schema output, and readers that take
+    the schema from one file (pandas.read_parquet, pyarrow.dataset) silently drop the new columns."""
+    if last is None or last == cfg.input.keep_columns:
+        return
+    _say(out, f"note: input.keep_columns is {cfg.input.keep_columns} where the last run on this output kept {last}: "
+              f"its files and this run's will have different columns, and readers that take the schema from one "
+              f"file drop the others (pass pyarrow.dataset a schema, or write to a new output.uri)")
 
 
 def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tuple[list[UnitWork], int]:

@@ -129,5 +129,8 @@ def test_a_rerun_with_other_result_settings_says_what_changed(tmp_path):
     line = note(load(tmp_path, overrides=["run.max_new_tokens=128", "model.path=/models/other"]))
     assert "note: model.path, run.max_new_tokens changed since the last run on this output" in line
     assert "tasks" in note(load(tmp_path, overrides=["run.max_new_tokens=64", "run.tasks=['ocr']"]))
+    kept = note(load(tmp_path, overrides=["run.max_new_tokens=64", "input.manifest=m.csv", "input.uri=''",
+                                          "input.keep_columns=['score']"]))
+    assert kept.startswith("note: input.keep_columns is ['score'] where the last run on this output kept []")
     state.write_json("runs/20260102-000000-b.json", {"config": {}})   # an older version's record: nothing to compare
     assert note(load(tmp_path, overrides=["run.max_new_tokens=128"])) == ""
