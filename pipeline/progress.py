@@ -210,6 +210,7 @@ class Tracker:
         self.shards: dict[str, tuple[dict[str, int], int]] = {}
         self.units: dict[str, list[str]] = {}
         self.skipped = 0
+        self.cut: set[str] = set()
 
     def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int) -> None:
         """counts: the shard's pairs per task (done or not) that no earlier record holds; pending: how many of
@@ -217,6 +218,12 @@ class Tracker:
         if name not in self.shards:   # a retried read task reports the same shard again
             self.skipped += skipped
         self.shards[name] = (counts, pending)
+
+    def cut_short(self, name: str, skipped: int) -> None:
+        """A shard read only in part (input.max_items): skipped, its pairs found done so far; it stays open."""
+        if name not in self.cut and name not in self.shards:
+            self.cut.add(name)
+            self.skipped += skipped
 
     def unit(self, name: str, shards: list[str]) -> None:
         self.units[name] = shards

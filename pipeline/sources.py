@@ -124,7 +124,8 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
                     yield block
         elif piece.finished:
             count.skipped += _finished_pairs(work.records.get(str(piece.shard)), plan)
-        if budget.spent:
+        if budget.spent:   # the shard stays open (never recorded finished); its pairs found done still count
+            tracker.cut_short.remote(name, count.skipped)
             return
         if piece.last:
             tracker.shard.remote(name, count.counts, count.pending, count.skipped)

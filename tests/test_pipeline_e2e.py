@@ -163,6 +163,19 @@ def test_listing_again_after_deleting_the_snapshot_runs_new_objects_once(local_r
     assert "4 of 4 input unit(s) finished" in printed.getvalue()
 
 
+def test_max_items_counts_items_already_done_and_says_so(local_ray, tiny_gqa, tmp_path):
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, good_media(num_images=6, num_videos=0))
+    text = config_text(str(corpus), str(out), str(tiny_gqa), tasks=("caption",))
+    assert run(_cfg(tmp_path, text, "input.max_items=3"), out=io.StringIO()).done == 3
+    again = run(_cfg(tmp_path, text, "input.max_items=3"), out=io.StringIO())
+    assert (again.done, again.skipped) == (0, 3)   # the same first 3 items, found done (it said "skipped: 0")
+    rest = run(_cfg(tmp_path, text), out=io.StringIO())
+    assert (rest.done, rest.skipped) == (3, 3)
+    df = pd.read_parquet(out)
+    assert len(df) == 6 and not df.duplicated(["id", "task"]).any()
+
+
 def test_web_answers_are_error_rows_and_url_credentials_never_land(local_ray, tiny_gqa, tmp_path):
     """A manifest of web URLs (img2dataset's case): a 403 (hotlink protection), a 410 or a dead domain is that
     item's error row, not an outage that no rerun could ever get past; a password or a signature in a URL is in no written row, file
