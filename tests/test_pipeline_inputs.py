@@ -30,7 +30,7 @@ class FakeTracker:
     """Stands in for the Ray actor: `tracker.shard.remote(...)` records the call."""
 
     def __init__(self):
-        self.shards, self.units = {}, {}
+        self.shards, self.units, self.cut = {}, {}, {}
         tracker = self
 
         class Method:
@@ -40,7 +40,7 @@ class FakeTracker:
             def remote(self, name, *args):
                 self.store[name] = args
 
-        self.shard, self.unit = Method(tracker.shards), Method(tracker.units)
+        self.shard, self.unit, self.cut_short = Method(tracker.shards), Method(tracker.units), Method(tracker.cut)
 
 
 def spec_for(out, *, uri="", manifest="", fmt="files", uri_column="uri", keep=(), bytes_column="", key_column="",
@@ -234,8 +234,9 @@ def test_done_keys_and_budget(tmp_path):
     again, tracker = read_all(spec, done=done)
     assert [r["tasks"] for r in again[:3]] == [["caption"], ["caption"], ["caption", "ocr"]]
     assert sum(args[2] for args in tracker.shards.values()) == 2
-    cut, tracker = read_all(spec, budget=Budget(4))
-    assert len(cut) == 4 and not tracker.units     # a shard cut short is never reported finished
+    cut, tracker = read_all(spec, done=done, budget=Budget(4))
+    assert len(cut) == 4 and not tracker.units and not tracker.shards   # a shard cut short is never finished
+    assert sum(args[0] for args in tracker.cut.values()) == 2   # but its pairs found done are counted
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:
