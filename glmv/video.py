@@ -81,6 +81,41 @@ def sample_glm41v(total_frames: int, fps: float, duration: float, settings: Vide
     return _dedupe_even(indices)
 
 
+def _first_frame_at(second: float, frame_time: float, start: int, end: int) -> int | None:
+    """The smallest index i in [start, end) with `i * frame_time >= second`, compared in floats as the reference's
+    walk compares it; None when there is none."""
+    if not frame_time > 0:  # nan, or times that never grow: `start` is the only candidate
+        return start if start < end and start * frame_time >= second else None
+    quotient = second / frame_time
+    i = min(max(math.ceil(quotient), start), end) if quotient < end else end
+    # the division can round to the other side of the product: settle on the comparison the reference makes
+    while i > start and (i - 1) * frame_time >= second:
+        i -= 1
+    while i < end and not i * frame_time >= second:
+        i += 1
+    return i if i < end else None
+
+
+def _stepped_frames(total_frames: int, frame_time: float, step: float, stop: int, limit: int) -> list[int]:
+    """The reference's walk (each frame in turn; take it when its time reaches the next step; stop at `stop` s),
+    computed one step at a time so its cost does not grow with a header's frame count, which a file can inflate
+    at will. Returns at most limit + 1 indices: past `limit` the caller spreads its frames evenly anyway.
+    """
+    indices: list[int] = []
+    next_second, start = 0, 0
+    while len(indices) <= limit:
+        index = _first_frame_at(next_second, frame_time, start, total_frames)
+        if index is None:
+            break
+        # the step is accumulated like the reference does, so float rounding picks the same frames
+        next_second += step
+        indices.append(index)
+        if next_second >= stop:
+            break
+        start = index + 1  # the walk goes on from the next frame: a frame is taken at most once
+    return indices
+
+
 def sample_glm46v(total_frames: int, fps: float, duration: float, settings: VideoSettings) -> list[int]:
     """Glm46VVideoProcessor's rule: 3 fps up to 30 s, 1 fps up to 300 s, else 0.5 fps; at most 640 frames."""
     duration = duration or round((total_frames - 1) / fps) + 1
@@ -91,16 +126,8 @@ def sample_glm46v(total_frames: int, fps: float, duration: float, settings: Vide
     if total_frames < wanted:
         indices = np.linspace(0, total_frames - 1, wanted, dtype=int).tolist()
     else:
-        # walk the frames, taking the first one at or after each step (the step is accumulated like the
-        # reference does, so float rounding picks the same frames)
-        indices, next_second, step, stop = [], 0, 1 / (settings.temporal_patch_size * rate), int(duration)
-        frame_time = 1 / fps
-        for i in range(total_frames):
-            if i * frame_time >= next_second:
-                next_second += step
-                indices.append(i)
-                if next_second >= stop:
-                    break
+        step = 1 / (settings.temporal_patch_size * rate)
+        indices = _stepped_frames(total_frames, 1 / fps, step, int(duration), wanted)
     if len(indices) < wanted:
         first, last = (indices[0], indices[-1]) if indices else (0, max(total_frames - 1, 0))
         indices = np.linspace(first, last, wanted, dtype=int).tolist()

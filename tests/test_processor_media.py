@@ -7,6 +7,7 @@ import fractions
 import io
 import math
 import pathlib
+import time
 
 import av
 import numpy as np
@@ -106,6 +107,38 @@ def test_frame_sampling_matches_reference(family):
             assert sample_frame_indices(total, rate, duration, settings) == expected, (fps, seconds)
             checked += 1
     assert checked == 8 * 13
+
+
+def test_glm46v_sampling_matches_reference_when_header_fields_disagree():
+    """The frame walk is computed per step, not per frame: same indices as the reference's walk, including headers
+    whose duration disagrees with their frame count, odd rates and clips around the rule's thresholds."""
+    from transformers.models.glm46v.video_processing_glm46v import Glm46VVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    rng = np.random.default_rng(3)
+    rates = [0.1, 1 / 3, 1, 2, 3, 5.994, 6, 24000 / 1001, 25, 30000 / 1001, 59.94, 240, *rng.uniform(0.2, 120, 6)]
+    for patch in (1, 2):
+        reference = Glm46VVideoProcessor(temporal_patch_size=patch)
+        settings = VideoSettings(family="glm46v", temporal_patch_size=patch)
+        for fps in rates:
+            for total in [1, 2, 5, 6, 7, 179, 180, 181, 640, 641, 1500, *rng.integers(1, 9000, 3).tolist()]:
+                for duration in [0, 0.1, 1, 1.5, 29.9, 30, 30.1, 300, 301, 2500, 1e5, total / fps, (total - 1) / fps]:
+                    metadata = VideoMetadata(total_num_frames=total, fps=fps, duration=duration)
+                    expected = reference.sample_frames(metadata).tolist() or [0, 0]  # none: we use the first frame
+                    got = sample_frame_indices(total, fps, duration, settings)
+                    assert got == expected, (patch, fps, total, duration)
+
+
+@pytest.mark.parametrize("seconds", [1e7, 1e9])
+def test_glm46v_sampling_of_a_header_that_lies_about_length_is_fast(seconds):
+    """A file can claim any length; sampling must not cost time or memory in proportion to the claim."""
+    start = time.perf_counter()
+    indices = sample_frame_indices(int(seconds * 10), 10.0, seconds, VideoSettings(family="glm46v"))
+    assert time.perf_counter() - start < 1
+    assert len(indices) == 640 and indices[0] == 0 and indices[-1] == int(seconds * 10) - 1
+    # a billion frames claimed over one second: one frame per 1/6 s (float rounding may move one a frame earlier)
+    indices = sample_frame_indices(10**9, 1e9, 1.0, VideoSettings(family="glm46v"))
+    assert len(indices) == 6 and all(abs(i - k * 10**9 / 6) <= 1 for k, i in enumerate(indices)), indices
 
 
 def test_smart_resize_matches_reference():
