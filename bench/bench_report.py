@@ -71,16 +71,21 @@ def make_output(out: Path, media: Path, rows: int, text_chars: int) -> None:
         item_id = hashlib.sha256(uri.encode()).hexdigest()[:32]
         second = item >= rows // 6 // len(TASKS)   # a second (resumed) run, two hours later
         if buffer and second and item == rows // 6 // len(TASKS):
-            _write(out / f"part-run1-{n_file:06d}.parquet", buffer)
+            _write(out / _name(1, n_file), buffer)
             buffer, n_file = [], n_file + 1
         at = start + timedelta(seconds=7200 * second + item * 0.05 + float(rng.random()))
         for task in TASKS:
             buffer.append(_row(rng, item_id, uri, kind, task, at, text_chars))
         if len(buffer) >= 512:
-            _write(out / f"part-run{1 + second}-{n_file:06d}.parquet", buffer)
+            _write(out / _name(1 + second, n_file), buffer)
             buffer, n_file = [], n_file + 1
     if buffer:
-        _write(out / f"part-run2-{n_file:06d}.parquet", buffer)
+        _write(out / _name(2, n_file), buffer)
+
+
+def _name(run: int, n: int) -> str:
+    """Named as a run names its result files (`part-<date>-<time>-<8 hex>-<n>`): the report reads only those."""
+    return f"part-20260101-000000-{run:08x}-{n:06d}.parquet"
 
 
 def _write(path: Path, rows: list[dict]) -> None:

@@ -75,12 +75,26 @@ def output_schema(key_column: bool, extra: pa.Schema | None) -> pa.Schema:
     return pa.schema(fields)
 
 
+NOT_OURS = "not a result file of this pipeline"
+FOREIGN_NAME = f"{NOT_OURS} (foreign name)"
 RESULT_NAME = re.compile(r"part-\d{8}-\d{6}-[0-9a-f]{8}-\d{6}\.parquet")   # part-<run tag>-<n>.parquet
 
 
 def is_ours(name: str) -> bool:
     """Named as a run of ours names its result files (anything else under the prefix is someone else's)."""
     return RESULT_NAME.fullmatch(name) is not None
+
+
+def schema_mismatch(schema: pa.Schema) -> str:
+    """Why a file with this schema is not a result file of ours ('' when it has every output column, typed as
+    written): a file of someone else's named like ours must not be read as ours."""
+    for f in SCHEMA:
+        i = schema.get_field_index(f.name)
+        if i < 0:
+            return f"no column {f.name!r}"
+        if not schema.field(i).type.equals(f.type):
+            return f"column {f.name!r} is {schema.field(i).type}, not {f.type}"
+    return ""
 
 
 def result_files(fs, root: str, opts: StorageOptions) -> list[str]:

@@ -226,7 +226,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
     existing = output.result_files(writer.fs, writer.root, opts)
     for name in [n for n in existing if not output.is_ours(n)]:
-        progress.quarantine(state, name, "not a result file of this pipeline (foreign name)")
+        progress.quarantine(state, name, output.FOREIGN_NAME)
         existing.remove(name)
     resume = ledger.load(lambda: existing)
     _note_changed_settings(cfg, state, out)

@@ -14,13 +14,14 @@ import subprocess
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline import config, output
+from pipeline import config, output, storage
 from pipeline.corpus import image_bytes
 from pipeline.report import build_report, scan, write_report
 from pipeline.run import run
@@ -79,7 +80,8 @@ def _inject(out_dir, items) -> None:
                                {"x1": math.nan, "y1": 0.0, "x2": 1.0, "y2": 1.0}],
                      "processed_at": datetime.now(timezone.utc)})
     table = pa.Table.from_pylist(rows, schema=output.SCHEMA).append_column("key", pa.array([EXTRA] * len(rows)))
-    pq.write_table(table, out_dir / "part-zz-injected-000000.parquet")   # sorts last: not the dataset's schema
+    # named as a run names its files (the report reads no others); sorts last, its `key` column in no other file
+    pq.write_table(table, out_dir / "part-99991231-235959-ffffffff-000000.parquet")
 
 
 class Page(HTMLParser):
@@ -184,10 +186,15 @@ def _script(html: str) -> str:
     return html[html.index("<script>"): html.index("</script>")]
 
 
+def _scan(out, sample: int) -> tuple[scan.Scan, list]:
+    opts = StorageOptions()
+    dataset, foreign = scan.open_dataset(*storage.filesystem(str(out), opts), opts)
+    return scan.scan(dataset, sample), foreign
+
+
 def test_the_sample_covers_every_stratum(made):
-    dataset, notes = scan.open_dataset(str(made["out"]), None)
-    scanned = scan.scan(dataset, sample=2)
-    assert not notes and scanned.rows == len(pd.read_parquet(made["out"]))
+    scanned, foreign = _scan(made["out"], sample=2)
+    assert not foreign and not scanned.left_out and scanned.rows == len(pd.read_parquet(made["out"]))
     strata = set(scanned.strata)
     assert ("caption", "image", "error") in strata and ("ocr", "video", "ok") in strata
     picked = set(scan.pick_sample(scanned.candidates, len(strata)))
@@ -196,6 +203,32 @@ def test_the_sample_covers_every_stratum(made):
         assert picked & set(ids), stratum
     html = build_report(str(made["out"]), StorageOptions(), sample=3)
     assert len(Page(html).cards) == 3
+
+
+STRAYS = {   # someone else's Parquet files next to the results: sorting first or last, or named as ours
+    "0-notes.parquet": (pa.table({"x": [1, 2]}), "foreign name"),
+    "0-ids.parquet": (pa.table({"id": ["0" * 32]}), "foreign name"),
+    "zz-notes.parquet": (pa.table({"id": [1, 2], "uri": ["a", "b"]}), "foreign name"),
+    "part-00000000-000000-00000000-000001.parquet": (pa.table({"id": [1, 2], "task": ["caption", "ocr"]}),
+                                                     "column 'id' is int64, not string"),
+}
+
+
+def test_other_parquet_files_are_left_out_and_named(made, tmp_path):
+    out = tmp_path / "strays"
+    shutil.copytree(made["out"], out)
+    for name, (table, _) in STRAYS.items():
+        pq.write_table(table, out / name)
+    scanned, _ = _scan(out, sample=100)
+    clean, _ = _scan(made["out"], sample=100)
+    assert (scanned.rows, scanned.items(), scanned.strata, scanned.finish) == (
+        clean.rows, clean.items(), clean.strata, clean.finish)
+    assert all(np.array_equal(scanned.out_tokens[t], h) for t, h in clean.out_tokens.items())
+    page = Page(build_report(str(out), StorageOptions(), sample=100))
+    text = "".join(page.text)
+    assert len(page.cards) == made["items"] and f"{len(STRAYS)} file(s) under the prefix were left out" in text
+    for name, (_, why) in STRAYS.items():
+        assert f"{out / name}: not a result file of this pipeline ({why})" in text
 
 
 def test_report_over_s3(made):
@@ -223,7 +256,8 @@ def test_cli_on_a_killed_runs_output(made, tmp_path):
                                                            "heartbeat": 0}))
     (out / "_state" / "staging").mkdir(exist_ok=True)
     (out / "_state" / "staging" / "half.tmp").write_bytes(b"PAR1 half a file")
-    (out / "part-000-broken-000000.parquet").write_bytes(b"not parquet at all")   # sorts first
+    broken = out / "part-00000000-000000-00000000-000000.parquet"   # named as ours, sorts first
+    broken.write_bytes(b"not parquet at all")
     target = tmp_path / "r.html"
     proc = subprocess.run([PY, str(REPO / "jobs" / "report.py"), "--output", str(out), "--out", str(target),
                            "--sample", "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -231,7 +265,7 @@ def test_cli_on_a_killed_runs_output(made, tmp_path):
     assert proc.stdout.strip() == f"report: {target}"
     page = Page(target.read_text())
     text = "".join(page.text)
-    assert len(page.cards) == 5 and "r-killed" in text and "not valid Parquet" in text
+    assert len(page.cards) == 5 and "r-killed" in text and f"{broken}: ArrowInvalid" in text
     assert "no run record" in text
     missing = subprocess.run([PY, str(REPO / "jobs" / "report.py"), "--output", str(tmp_path / "nothing")],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -272,3 +306,4 @@ def test_report_renders_in_headless_chromium(made, tmp_path):
 def test_error_kind_is_the_cause_without_its_details(message, kind):
     uri = "s3://bucket/a: b (1).png"   # the URI itself holds the separators
     assert scan.error_kind(uri, message.format(u=uri)) == kind
+

@@ -14,7 +14,6 @@ import logging
 import time
 
 import fsspec
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline import storage
 from pipeline.state import STATE_DIR
@@ -35,12 +34,14 @@ def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SA
     root = root.rstrip("/")
     if not storage.with_retries(lambda: fs.exists(root), output_uri, opts):
         raise FileNotFoundError(f"{output_uri}: no such output (nothing written yet?)")
-    dataset, banners = scan.open_dataset(root, None if storage.is_local(fs) else PyFileSystem(FSSpecHandler(fs)))
+    dataset, foreign = scan.open_dataset(fs, root, opts)
     scanned = scan.scan(dataset, sample)
+    scanned.left_out[:0] = foreign
     by_id = rows.fetch_rows(dataset, scanned, scan.pick_sample(scanned.candidates, sample))
-    banners += _lease_banner(fs, root, opts, current_run)
-    if scanned.unreadable:
-        banners.append(f"{len(scanned.unreadable)} result file(s) could not be read (listed at the end).")
+    banners = _lease_banner(fs, root, opts, current_run)
+    if scanned.left_out:
+        banners.append(f"{len(scanned.left_out)} file(s) under the prefix were left out: not result files of this "
+                       f"pipeline, or unreadable (listed at the end with why).")
     items = [r for r in by_id.values() if r]
     pictures = thumbs.thumbnails([(str(r[0].get("uri") or ""), str(r[0].get("media_type") or "")) for r in items],
                                  opts)

@@ -55,7 +55,7 @@ def render(output_uri: str, scanned: Scan, records: list[tuple[str, dict]], gall
         strata=_strata(scanned), models=[(m, h, n) for (m, h), n in scanned.models.most_common()],
         run_columns=RUN_COLUMNS, runs=_runs(scanned, records), configs=_configs(records),
         plots=_plots(scanned), errors=_errors(scanned), gallery=gallery,
-        unreadable=scanned.unreadable, css=Markup(CSS), js=Markup(JS), csp=CSP)
+        left_out=scanned.left_out, css=Markup(CSS), js=Markup(JS), csp=CSP)
 
 
 def _num(v, digits: int = 1) -> str:

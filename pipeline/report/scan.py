@@ -1,10 +1,12 @@
 """One pass over an output's light columns: counts, histograms, throughput, error kinds and a stratified sample.
 
-The output is read as a user reads it (pyarrow.dataset over the prefix, so `_state/` is skipped and a run in
-progress or a killed one reads as it stands). Only the columns named in LIGHT are read, a few result files per
-thread at a time, and only aggregates are kept: per (task, media type, ok/error) stratum the N smallest item ids
-(ids are SHA-256 hex, so that is a uniform sample that stays the same as the output grows), and a 12-byte id
-prefix per row so that the sampled items' rows can be found again without a second pass.
+The output is read as it stands (also a run in progress or a killed one), but only its result files: those named
+as a run names them, directly under the prefix, holding the output columns; any other Parquet file there is left
+out and named (a user's notes file must neither stop the report nor be read as results). Only the columns named
+in LIGHT are read, a few result files per thread at a time, and only aggregates are kept: per (task, media type,
+ok/error) stratum the N smallest item ids (ids are SHA-256 hex, so that is a uniform sample that stays the same as
+the output grows), and a 12-byte id prefix per row so that the sampled items' rows can be found again without a
+second pass.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+from pipeline import output, storage
+from pipeline.storage import StorageOptions
 
 LIGHT = ["id", "uri", "task", "media_type", "error", "finish_reason", "num_input_tokens", "num_output_tokens",
          "width", "height", "processed_at", "model", "run_config_hash"]
@@ -45,7 +51,7 @@ class Scan:
     times: dict = field(default_factory=dict)                # run -> [(seconds, rows, items) arrays]
     candidates: dict = field(default_factory=dict)           # stratum -> sorted smallest ids
     keys: dict = field(default_factory=dict)                 # fragment index -> (rows,) S12 id prefixes
-    unreadable: list = field(default_factory=list)           # (path, message)
+    left_out: list = field(default_factory=list)             # (path, why): not result files, or unreadable
     files: int = 0
 
     def items(self) -> int:
@@ -59,15 +65,16 @@ def task_colors(scanned: Scan) -> dict[str, int]:
     return {task: k for k, task in enumerate(sorted({t for t, _, _ in scanned.strata}))}
 
 
-def open_dataset(path: str, filesystem) -> tuple[pads.Dataset, list[str]]:
-    """pyarrow's own discovery (files and folders starting with '_' or '.' skipped), as a user would read it, and
-    notes. pyarrow takes the schema from the first file; when that one is not valid Parquet, every file is
-    inspected instead and the invalid ones are left out."""
-    try:
-        return pads.dataset(path, format="parquet", filesystem=filesystem), []
-    except (pa.ArrowInvalid, OSError) as e:
-        dataset = pads.dataset(path, format="parquet", filesystem=filesystem, exclude_invalid_files=True)
-        return dataset, [f"Files under the prefix that are not valid Parquet were left out ({e})."]
+def open_dataset(fs, root: str, opts: StorageOptions) -> tuple[pads.FileSystemDataset, list[tuple[str, str]]]:
+    """The result files under `root` (named as a run names them) as a dataset with the output schema, and the
+    other Parquet files there with why they are left out. The schema is given, not taken from the first file as
+    pyarrow's discovery would: someone else's file sorting first would make every result file misread."""
+    names = output.result_files(fs, root, opts)
+    foreign = [(f"{root}/{n}", output.FOREIGN_NAME) for n in names if not output.is_ours(n)]
+    paths = [f"{root}/{n}" for n in names if output.is_ours(n)]
+    filesystem = LocalFileSystem() if storage.is_local(fs) else PyFileSystem(FSSpecHandler(fs))
+    return pads.FileSystemDataset.from_paths(paths, schema=output.SCHEMA, format=pads.ParquetFileFormat(),
+                                             filesystem=filesystem), foreign
 
 
 def run_of(path: str) -> str:
@@ -102,14 +109,26 @@ def _read_chunk(dataset, fragments, chunk, columns, part: Scan) -> pa.Table | No
     tables = []
     for i in chunk:
         path = fragments[i].path
-        try:   # a file replaced or removed since listing (run.retry_errors), or not Parquet: noted, not fatal
-            t = fragments[i].to_table(columns=columns, schema=dataset.schema)
-        except (OSError, pa.ArrowException) as e:
-            part.unreadable.append((path, f"{type(e).__name__}: {e}"))
+        t, why = _read_file(dataset, path, columns)
+        if t is None:
+            part.left_out.append((path, why))
             continue
         part.keys[i] = _prefixes(t["id"]) if "id" in columns else np.zeros(len(t), f"S{PREFIX}")
         tables.append(t.append_column("run", pa.array([run_of(path)] * len(t), pa.string())))
     return pa.concat_tables(tables) if tables else None
+
+
+def _read_file(dataset, path: str, columns) -> tuple[pa.Table | None, str]:
+    """(its light columns, "") for a result file, else (None, why it is left out)."""
+    # a fragment of its own, so that the footer read for the schema check is freed with it
+    fragment = dataset.format.make_fragment(path, dataset.filesystem)
+    try:   # a file replaced or removed since listing (run.retry_errors), or not Parquet: noted, not fatal
+        mismatch = output.schema_mismatch(fragment.physical_schema)
+        if mismatch:
+            return None, f"{output.NOT_OURS} ({mismatch})"
+        return fragment.to_table(columns=columns, schema=dataset.schema), ""
+    except (OSError, pa.ArrowException) as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _prefixes(ids: pa.ChunkedArray) -> np.ndarray:
@@ -250,7 +269,7 @@ def _merge(total: Scan, part: Scan, sample: int) -> None:
     for stratum, ids in part.candidates.items():
         total.candidates[stratum] = sorted(set(total.candidates.get(stratum, [])) | set(ids))[:sample]
     total.keys.update(part.keys)
-    total.unreadable.extend(part.unreadable)
+    total.left_out.extend(part.left_out)
 
 
 def pick_sample(candidates: dict, n: int) -> list[str]:
