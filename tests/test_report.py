@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from html.parser import HTMLParser
 
 import numpy as np
+import av
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +24,7 @@ import ray
 
 from pipeline import config, output, storage
 from pipeline.corpus import image_bytes
-from pipeline.report import build_report, scan, write_report
+from pipeline.report import build_report, scan, thumbs, write_report
 from pipeline.run import run
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import PY, REPO, bad_media, config_text, good_media, moto_s3, s3fs_for, write_local
@@ -307,3 +308,19 @@ def test_error_kind_is_the_cause_without_its_details(message, kind):
     uri = "s3://bucket/a: b (1).png"   # the URI itself holds the separators
     assert scan.error_kind(uri, message.format(u=uri)) == kind
 
+
+def _audio_only_mp4(path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+
+
+def test_a_video_without_a_preview_says_why(tmp_path):
+    _audio_only_mp4(tmp_path / "audio_only.mp4")
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    notes = [thumbs.thumbnail(str(tmp_path / name), "video", StorageOptions()).note
+             for name in ("audio_only.mp4", "zero.mp4")]
+    assert notes == ["no preview: no video stream in the file (audio)", "no preview: empty file (0 bytes)"]

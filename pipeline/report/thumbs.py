@@ -69,9 +69,14 @@ def _image(handle) -> Image.Image:
 def _video_strip(handle) -> Thumb:
     import av
 
+    if _is_empty(handle):   # av.open would fail with a bare "Invalid argument"
+        return Thumb(note="no preview: empty file (0 bytes)")
     frames: list[str] = []
     note = ""
     with av.open(handle, mode="r", metadata_errors="ignore") as container:
+        if not container.streams.video:
+            held = ", ".join(sorted({s.type for s in container.streams})) or "no stream at all"
+            return Thumb(note=f"no preview: no video stream in the file ({held})")
         stream = container.streams.video[0]
         duration = _duration(container, stream)
         for k in range(STRIP_FRAMES):
@@ -91,6 +96,16 @@ def _video_strip(handle) -> Thumb:
     if not frames and not note:
         note = "no frame could be decoded"
     return Thumb(frames, note)
+
+
+def _is_empty(handle) -> bool:
+    try:
+        here = handle.tell()
+        empty = handle.seek(0, io.SEEK_END) == 0
+        handle.seek(here)
+        return empty
+    except (OSError, AttributeError, ValueError):   # not seekable: av.open says what is wrong
+        return False
 
 
 def _duration(container, stream) -> float:
