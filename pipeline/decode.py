@@ -58,14 +58,15 @@ def _fetch_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="fetch")
 
 
-def describe_error(uri: str, exc: BaseException) -> str:
-    """One readable line naming the input and the cause; storage errors never carry credentials."""
+def describe_error(uri: str, exc: BaseException, listed: bool) -> str:
+    """One readable line naming the input and the cause; storage errors never carry credentials. `listed`: the
+    item was found by listing, so a missing object was deleted since (a manifest may name one that never was)."""
     uri = storage.redact(uri)
     cause = getattr(exc, "cause", None)
     if cause:   # glmv.MediaError: its own source is '<bytes>', ours is the URI
         return f"{uri}: {storage.scrub(cause)}"
     if isinstance(exc, FileNotFoundError):
-        return f"{uri}: object not found (deleted after listing?)"
+        return f"{uri}: object not found" + (" (deleted after listing?)" if listed else "")
     if isinstance(exc, PermissionError):
         return f"{uri}: permission denied"
     if storage.is_transient(exc):
@@ -92,7 +93,7 @@ def _fetch(item: Item, opts: StorageOptions):
 
 def fail(item: Item, exc: BaseException) -> Item:
     """Record why the item failed; a storage outage is flagged so that it is never recorded as done."""
-    item.error, item.data = describe_error(item.uri, exc), None
+    item.error, item.data = describe_error(item.uri, exc, item.listed()), None
     item.outage = isinstance(exc, StorageUnavailable) or storage.classify(exc) is storage.Fault.OUTAGE
     return item
 

@@ -42,6 +42,7 @@ ITEM_SCHEMA = pa.schema([
 ])
 FIELDS = tuple(ITEM_SCHEMA.names)
 KEPT = "input:"   # kept input columns travel as "input:<name>", so no input column can shadow an item field
+LISTED = "listing:"   # the shards of a listed prefix start so (readers.Unit.id), those of a named file never
 
 
 @dataclass
@@ -63,6 +64,10 @@ class Item:
     frames: bytes | None = None
     frames_shape: list[int] | None = None
     meta: str | None = None
+
+    def listed(self) -> bool:
+        """Found by listing a prefix, rather than named by a manifest or held in a shard."""
+        return self.shard.startswith(LISTED)
 
     def frames_array(self) -> np.ndarray:
         """The (T, H, W, 3) uint8 frames of a decoded item."""

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import listing, storage
 from pipeline.config import ConfigError
-from pipeline.items import KEPT, canonical_uri, media_type_of, sniff_media_type
+from pipeline.items import KEPT, LISTED, canonical_uri, media_type_of, sniff_media_type
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
@@ -55,7 +55,7 @@ class Unit:
     @property
     def id(self) -> str:
         if self.kind == "listing":
-            return f"listing:{listing.listing_id(self.uri)}/p{self.partition}"
+            return f"{LISTED}{listing.listing_id(self.uri)}/p{self.partition}"
         return self.uri
 
 

@@ -16,6 +16,7 @@ from pipeline import config, output
 from pipeline.decode import decode_one
 from pipeline.items import Item, item_id
 from pipeline.media import MediaLoader
+from pipeline.readers import Unit
 from pipeline.run import run
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import (S3_ENV, bad_media, config_text, good_media, moto_s3, read_output, s3fs_for,
@@ -124,7 +125,7 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
     files = good_media(num_images=4, num_videos=1)
     write_local(corpus, files)
     rows = [{"uri": rel, "prompt": "What shape is largest?" if i == 0 else ""} for i, rel in enumerate(files)]
-    rows.append({"uri": "images/missing.png", "prompt": ""})      # listed, but gone by the time it is read
+    rows.append({"uri": "images/missing.png", "prompt": ""})      # named, but not there (nothing was listed)
     rows.append({"uri": "docs/readme.pdf", "prompt": ""})          # not an image or video
     (corpus / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = config_text("", str(tmp_path / "out"), str(tiny_gqa), tasks=("ocr",)).replace(
@@ -135,7 +136,7 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
     own = df[df.task == "prompt"]
     assert len(own) == 1 and own.prompt.iloc[0] == "What shape is largest?" and pd.isna(own.error.iloc[0])
     missing = df[df.uri.str.endswith("missing.png")].error.iloc[0]
-    assert "not found" in missing and missing.startswith(str(corpus / "images" / "missing.png"))
+    assert missing == f"{corpus / 'images' / 'missing.png'}: object not found"
     assert "unsupported file type" in df[df.uri.str.endswith("readme.pdf")].error.iloc[0]
     assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in (tmp_path / "out").glob("*.parquet"))
 
@@ -231,8 +232,10 @@ def test_deleted_object_and_unreachable_store_become_error_rows(s3, tiny_gqa):
     fs.pipe("flaky/a.png", good_media(1, 0)["images/sub/img_00.jpg"])
     loader = MediaLoader(str(tiny_gqa))
     opts = StorageOptions(endpoint_url=s3, retries=1, retry_backoff_s=0.0)
+    listed = f"{Unit('listing', 's3://flaky/', 0).id}#0"   # the shard of an item found by listing the prefix
+
     def item():
-        return Item("x", "s3://flaky/a.png", "image", tasks=["caption"])
+        return Item("x", "s3://flaky/a.png", "image", tasks=["caption"], shard=listed)
 
     assert decode_one(item(), loader, opts).error is None
     fs.rm("flaky/a.png")   # deleted between listing and reading
