@@ -222,8 +222,8 @@ def test_other_parquet_files_are_left_out_and_named(made, tmp_path):
         pq.write_table(table, out / name)
     scanned, _ = _scan(out, sample=100)
     clean, _ = _scan(made["out"], sample=100)
-    assert (scanned.rows, scanned.items(), scanned.strata, scanned.finish) == (
-        clean.rows, clean.items(), clean.strata, clean.finish)
+    assert (scanned.files, scanned.rows, scanned.items(), scanned.strata, scanned.finish) == (
+        clean.files, clean.rows, clean.items(), clean.strata, clean.finish)
     assert all(np.array_equal(scanned.out_tokens[t], h) for t, h in clean.out_tokens.items())
     page = Page(build_report(str(out), StorageOptions(), sample=100))
     text = "".join(page.text)

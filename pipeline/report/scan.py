@@ -52,7 +52,7 @@ class Scan:
     candidates: dict = field(default_factory=dict)           # stratum -> sorted smallest ids
     keys: dict = field(default_factory=dict)                 # fragment index -> (rows,) S12 id prefixes
     left_out: list = field(default_factory=list)             # (path, why): not result files, or unreadable
-    files: int = 0
+    files: int = 0                                           # result files read (the left out ones are not)
 
     def items(self) -> int:
         """Distinct items (by id prefix)."""
@@ -98,7 +98,7 @@ def scan(dataset: pads.Dataset, sample: int, threads: int = 8) -> Scan:
     columns = [c for c in LIGHT if c in dataset.schema.names]
     chunks = [list(range(i, min(i + FILES_PER_CHUNK, len(fragments))))
               for i in range(0, len(fragments), FILES_PER_CHUNK)]
-    total = Scan(files=len(fragments))
+    total = Scan()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for part in pool.map(lambda c: _scan_chunk(dataset, fragments, c, columns, sample), chunks):
             _merge(total, part, sample)
@@ -115,6 +115,7 @@ def _read_chunk(dataset, fragments, chunk, columns, part: Scan) -> pa.Table | No
             continue
         part.keys[i] = _prefixes(t["id"]) if "id" in columns else np.zeros(len(t), f"S{PREFIX}")
         tables.append(t.append_column("run", pa.array([run_of(path)] * len(t), pa.string())))
+    part.files = len(tables)
     return pa.concat_tables(tables) if tables else None
 
 
@@ -252,6 +253,7 @@ def _candidates(part: Scan, t: pa.Table, sample: int) -> None:
 
 def _merge(total: Scan, part: Scan, sample: int) -> None:
     total.rows += part.rows
+    total.files += part.files
     total.strata.update(part.strata)
     total.finish.update(part.finish)
     total.models.update(part.models)
