@@ -199,7 +199,11 @@ class ResultWriter:
             # the one place every written row passes: an item URL's password or signature never lands in a file
             return storage.redact_column(values) if name in ("uri", "error") else values
 
-        return pa.Table.from_arrays([column(f.name, f.type) for f in self.schema], schema=self.schema)
+        table = pa.Table.from_arrays([column(f.name, f.type) for f in self.schema], schema=self.schema)
+        # pyarrow writes invalid strings (text that is not UTF-8) as they are, and then no reader can open the file;
+        # the readers mend input text, so this is a bug: stop before the output is spoiled
+        table.validate(full=True)
+        return table
 
     def _write(self, rows: pa.Table) -> None:
         shards = rows["_shard"] if "_shard" in rows.column_names else None

@@ -8,6 +8,7 @@ Raw rows: `uri`, `media_type`, `prompt`, `key`, `data` (embedded bytes), `error`
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob as globlib
 import logging
 import os
@@ -329,6 +330,7 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
             continue
         prompts = None
         if has_prompt:
+            table = _utf8(table, ["prompt"], unit)
             prompts = [p if isinstance(p, str) else "" for p in table["prompt"].to_pylist()]
         extra = _kept(table, spec, unit)
         yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
@@ -349,7 +351,38 @@ def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> pa.Table | None:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise ConfigError(f"input.keep_columns: {unit.uri} has other column types than the first input file "
                               f"({e})") from None
-    return kept.rename_columns([KEPT + c for c in kept.column_names])
+    return _utf8(kept, kept.column_names, unit).rename_columns([KEPT + c for c in kept.column_names])
+
+
+def _utf8(table: pa.Table, names: list[str], unit: Unit) -> pa.Table:
+    """The table with valid text in the named columns. pyarrow's Parquet and JSON readers do not check that
+    strings are UTF-8 (a Latin-1 caption), and invalid string data written to the output makes it unreadable, so
+    the bad bytes of a string column become U+FFFD: one value is damaged, never the run or the output. Text that
+    is not UTF-8 inside another type (a list, a struct) cannot be mended in place: one line refuses the file."""
+    for name in [n for n in names if not _valid(table[n])]:
+        column = table[name]
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise ConfigError(f"input: {unit.uri}: column {name!r} holds text that is not UTF-8 inside "
+                              f"{column.type} values (only string columns are mended)")
+        binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        values = [None if v is None else v.decode("utf-8", "replace") for v in column.cast(binary).to_pylist()]
+        table = table.set_column(table.column_names.index(name), name, pa.array(values, column.type))
+        _warn_replaced(unit.uri, name)
+    return table
+
+
+def _valid(column: pa.ChunkedArray) -> bool:
+    try:
+        column.validate(full=True)   # checks UTF-8, at memory speed
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1024)   # once per file and column: a Parquet file of media has a piece per 64 rows
+def _warn_replaced(uri: str, column: str) -> None:
+    log.warning("%s: column %r holds text that is not UTF-8; its bad bytes are written as U+FFFD",
+                storage.scrub(uri), column)
 
 
 def _media_bytes(column: pa.ChunkedArray) -> tuple[list, list]:

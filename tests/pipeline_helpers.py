@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.corpus import image_bytes, video_bytes
@@ -158,3 +160,10 @@ def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+def unchecked_strings(values: list[bytes]) -> pa.Array:
+    """A string array of the bytes as they are, not UTF-8 ones included, as a writer that does not check makes."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers)

@@ -20,7 +20,7 @@ from pipeline.sources import Budget, SeenIds, TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.faults import FaultProxy
-from tests.pipeline_helpers import good_media, moto_s3, s3fs_for, write_local
+from tests.pipeline_helpers import good_media, moto_s3, s3fs_for, unchecked_strings, write_local
 
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
 PLAN = TaskPlan(("caption", "ocr"), "")
@@ -464,3 +464,32 @@ def test_kept_column_types_come_from_the_first_readable_file(tmp_path):
     pq.write_table(pa.table({"jpg": [b"x"]}), tmp_path / "c.parquet")
     with pytest.raises(ConfigError, match=r"c.parquet has no column\(s\) \['n'\]"):
         kept_columns(cfg, spec, [readers.Unit("parquet", str(p)) for p in (cut, tmp_path / "c.parquet")])
+
+
+def test_kept_text_that_is_not_utf8_is_mended_with_one_warning_per_file_and_column(tmp_path, caplog):
+    """Latin-1 bytes in a kept column or a prompt reached the output as they were, and no reader could open it."""
+    (tmp_path / "m.jsonl").write_bytes(b'{"uri": "/x/a.jpg", "prompt": "caf\xe9?", "title": "caf\xe9"}\n'
+                                       b'{"uri": "/x/b.jpg", "prompt": "ok", "title": "na\xefve"}\n')
+    pq.write_table(pa.table({"uri": ["/x/a.jpg", "/x/b.jpg"], "prompt": unchecked_strings([b"caf\xe9?", b"ok"]),
+                             "title": unchecked_strings([b"caf\xe9", b"na\xefve"])}), tmp_path / "m.parquet")
+    pq.write_table(pa.table({"jpg": [b"x", b"y"], "title": unchecked_strings([b"caf\xe9", b"na\xefve"])}),
+                   tmp_path / "media.parquet")
+    plan = TaskPlan(("caption",), "prompt")
+    for name in ("m.jsonl", "m.parquet", "media.parquet"):
+        caplog.clear()
+        fmt = "parquet" if name == "media.parquet" else "files"
+        manifest, uri = ("", str(tmp_path / name)) if fmt == "parquet" else (str(tmp_path / name), "")
+        with caplog.at_level("WARNING"):
+            rows, _ = read_all(spec_for(tmp_path / "out", manifest=manifest, uri=uri, fmt=fmt, bytes_column="jpg",
+                                        keep=["title"]), plan)
+        assert [r["input:title"] for r in rows] == ["caf\ufffd", "na\ufffdve"], name
+        if fmt == "files":
+            assert [r["prompt"] for r in rows] == ["caf\ufffd?", "ok"], name
+        warned = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+        assert warned[-1] == f"{tmp_path / name}: column 'title' holds text that is not UTF-8; its bad bytes are " \
+                            f"written as U+FFFD", name
+        assert len(warned) == (2 if fmt == "files" else 1), name             # once per column, 'prompt' the other
+    nested = pa.ListArray.from_arrays(pa.array([0, 1], pa.int32()), unchecked_strings([b"caf\xe9"]))
+    pq.write_table(pa.table({"uri": ["/x/a.jpg"], "tags": nested}), tmp_path / "nested.parquet")
+    with pytest.raises(ConfigError, match=r"nested.parquet: column 'tags' holds text that is not UTF-8 inside list"):
+        read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / "nested.parquet"), keep=["tags"]))

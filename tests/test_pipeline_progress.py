@@ -12,7 +12,7 @@ from pipeline.items import key_hash
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.faults import FaultProxy
-from tests.pipeline_helpers import moto_s3, read_output, s3fs_for
+from tests.pipeline_helpers import moto_s3, read_output, s3fs_for, unchecked_strings
 
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
 
@@ -52,6 +52,16 @@ def test_writer_files_are_whole_with_a_sidecar_written_first(tmp_path):
     assert pq.ParquetFile(files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
     assert len(pd.read_parquet(out)) == 4 and list((out / "_state" / "runs").glob("*.json"))
     assert not list((out / "_state" / "staging").glob("*"))   # staged files were renamed into place
+
+
+
+def test_the_writer_refuses_text_that_is_not_utf8_rather_than_spoil_the_output(tmp_path):
+    """pyarrow writes such strings as they are, and then no reader can open the file."""
+    schema = output.output_schema(False, pa.schema([("title", pa.string())]))
+    writer = output.ResultWriter(str(tmp_path / "out"), OPTS, rows_per_file=2, flush_seconds=60, schema=schema)
+    with pytest.raises(pa.ArrowInvalid, match="UTF8"):
+        writer.add(rows(["a", "b"]).append_column("input:title", unchecked_strings([b"ok", b"caf\xe9"])))
+    assert not list((tmp_path / "out").glob("*.parquet"))
 
 
 def test_a_shard_is_recorded_once_all_its_rows_landed_and_a_restart_reads_only_open_shards(tmp_path):
