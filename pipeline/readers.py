@@ -42,6 +42,9 @@ MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json", ".ndjson")
 # in a folder, a .json file is usually metadata (img2dataset's *_stats.json); name it or glob it to read it
 FOLDER_MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".ndjson")
 TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+# CSV text is read unchecked, as the Parquet and JSON readers read theirs, and mended row by row (_texts, _utf8):
+# checked, one Latin-1 value failed the whole file, or typed its column binary when in the first block
+CSV_CONVERT = {"check_utf8": False}
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,9 @@ def table_schema(uri: str, opts: StorageOptions) -> pa.Schema:
             if not f.read(1):
                 return pa.schema([])   # an empty text file: no rows (pyarrow refuses it)
             f.seek(0)
-            return (pacsv.open_csv(f) if fmt == "csv" else pajson.open_json(f)).schema
+            if fmt == "csv":
+                return pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(**CSV_CONVERT)).schema
+            return pajson.open_json(f).schema
 
     return storage.with_retries(schema, uri, opts)
 
@@ -240,7 +245,7 @@ def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: Stor
     def read(f) -> Iterator[pa.RecordBatch]:
         if fmt == "csv":
             yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns,
-                                                                              column_types=types))
+                                                                              column_types=types, **CSV_CONVERT))
         else:
             for batch in pajson.open_json(f, parse_options=pajson.ParseOptions(explicit_schema=pa.schema(types))):
                 yield batch.select(columns)
@@ -321,7 +326,7 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
         if piece.table is None:
             yield piece
             continue
-        raw = piece.table[spec.uri_column].cast(pa.string()).to_pylist()
+        raw, bad = _texts(piece.table[spec.uri_column])
         kept = [i for i, u in enumerate(raw) if u is not None and u.strip()]
         table = piece.table.take(kept) if len(kept) < len(raw) else piece.table
         uris = [_resolve(raw[i].strip(), unit.uri) for i in kept]
@@ -333,8 +338,26 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
             table = _utf8(table, ["prompt"], unit)
             prompts = [p if isinstance(p, str) else "" for p in table["prompt"].to_pylist()]
         extra = _kept(table, spec, unit)
+        errors = [f"{u}: the URI is not UTF-8 (its bad bytes are shown as \\xNN)" if i in bad else None
+                  for i, u in zip(kept, uris)]
         yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
-                                           extra=extra), piece.last)
+                                           errors=errors, extra=extra), piece.last)
+
+
+def _texts(column: pa.ChunkedArray) -> tuple[list[str | None], set[int]]:
+    """A column's values as text, and the rows whose bytes are not UTF-8 (pyarrow's Parquet and JSON readers do
+    not check). Those are decoded with the bad bytes escaped (caf\\xe9.jpg): lossless, readable and the same in
+    every run, so that the item keeps one id and its error row lands once."""
+    if not _is_binary(column.type):
+        column = column.cast(pa.string()).cast(pa.large_binary())   # the bytes as they are, never checked
+    texts, bad = [], set()
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            texts.append(None if value is None else value.decode())
+        except UnicodeDecodeError:
+            texts.append(value.decode("utf-8", "backslashreplace"))
+            bad.add(row)
+    return texts, bad
 
 
 def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> pa.Table | None:

@@ -212,3 +212,16 @@ def test_torn_and_foreign_files_in_the_output_are_set_aside_and_the_rerun_comple
                                                                                          "notes.parquet"])
     df = pd.read_parquet(out)   # readable again, every item once: the torn file's rows were redone
     assert len(df) == 12 and not df.duplicated(["id", "task"]).any() and summary.done >= 1
+
+
+def test_a_manifest_with_text_that_is_not_utf8_runs_to_the_end(local_ray, tiny_gqa, tmp_path):
+    """A Latin-1 file name is that item's error row, a Latin-1 kept value is mended: the run ends, the output
+    reads back."""
+    (tmp_path / "0.png").write_bytes(_images(1)[0])
+    (tmp_path / "m.jsonl").write_bytes(b'{"uri": "0.png", "title": "caf\xe9"}\n{"uri": "caf\xe9.png", "title": "b"}\n')
+    _, summary = _run(tmp_path, f'manifest = "{tmp_path / "m.jsonl"}"\nkeep_columns = ["title"]\n', tiny_gqa)
+    df = pd.read_parquet(tmp_path / "out").sort_values("title")
+    assert summary.done == 2 and list(df.title) == ["b", "caf\ufffd"]
+    bad = df.iloc[0]
+    assert bad.uri == str(tmp_path / "caf\\xe9.png") and bad.error.startswith(f"{bad.uri}: the URI is not UTF-8")
+    assert bad.finish_reason == "error" and pd.isna(df.iloc[1].error)

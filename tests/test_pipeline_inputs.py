@@ -470,12 +470,13 @@ def test_kept_text_that_is_not_utf8_is_mended_with_one_warning_per_file_and_colu
     """Latin-1 bytes in a kept column or a prompt reached the output as they were, and no reader could open it."""
     (tmp_path / "m.jsonl").write_bytes(b'{"uri": "/x/a.jpg", "prompt": "caf\xe9?", "title": "caf\xe9"}\n'
                                        b'{"uri": "/x/b.jpg", "prompt": "ok", "title": "na\xefve"}\n')
+    (tmp_path / "m.csv").write_bytes(b"uri,prompt,title\n/x/a.jpg,caf\xe9?,caf\xe9\n/x/b.jpg,ok,na\xefve\n")
     pq.write_table(pa.table({"uri": ["/x/a.jpg", "/x/b.jpg"], "prompt": unchecked_strings([b"caf\xe9?", b"ok"]),
                              "title": unchecked_strings([b"caf\xe9", b"na\xefve"])}), tmp_path / "m.parquet")
     pq.write_table(pa.table({"jpg": [b"x", b"y"], "title": unchecked_strings([b"caf\xe9", b"na\xefve"])}),
                    tmp_path / "media.parquet")
     plan = TaskPlan(("caption",), "prompt")
-    for name in ("m.jsonl", "m.parquet", "media.parquet"):
+    for name in ("m.jsonl", "m.csv", "m.parquet", "media.parquet"):
         caplog.clear()
         fmt = "parquet" if name == "media.parquet" else "files"
         manifest, uri = ("", str(tmp_path / name)) if fmt == "parquet" else (str(tmp_path / name), "")
@@ -493,3 +494,18 @@ def test_kept_text_that_is_not_utf8_is_mended_with_one_warning_per_file_and_colu
     pq.write_table(pa.table({"uri": ["/x/a.jpg"], "tags": nested}), tmp_path / "nested.parquet")
     with pytest.raises(ConfigError, match=r"nested.parquet: column 'tags' holds text that is not UTF-8 inside list"):
         read_all(spec_for(tmp_path / "out", manifest=str(tmp_path / "nested.parquet"), keep=["tags"]))
+
+
+def test_a_manifest_uri_that_is_not_utf8_is_an_error_row_under_a_stable_escaped_uri(tmp_path):
+    """One Latin-1 file name in a manifest stopped the whole run (a UnicodeDecodeError; a config error for CSV)."""
+    good, bad = b"/x/a.jpg", b"/x/caf\xe9.jpg"
+    (tmp_path / "m.csv").write_bytes(b"uri\n" + good + b"\n" + bad + b"\n")
+    (tmp_path / "m.jsonl").write_bytes(b'{"uri": "%s"}\n{"uri": "%s"}\n' % (good, bad))
+    pq.write_table(pa.table({"uri": unchecked_strings([good, bad])}), tmp_path / "m.parquet")
+    pq.write_table(pa.table({"uri": [good, bad]}), tmp_path / "b.parquet")          # a binary uri column
+    for name in ("m.csv", "m.jsonl", "m.parquet", "b.parquet"):
+        spec = spec_for(tmp_path / "out", manifest=str(tmp_path / name))
+        rows, _ = read_all(spec)
+        error = "/x/caf\\xe9.jpg: the URI is not UTF-8 (its bad bytes are shown as \\xNN)"
+        assert [(r["uri"], r["error"]) for r in rows] == [("/x/a.jpg", None), ("/x/caf\\xe9.jpg", error)], name
+        assert rows[1]["id"] == item_id("/x/caf\\xe9.jpg") == read_all(spec)[0][1]["id"]   # the same in every run
