@@ -338,13 +338,16 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
             table = _utf8(table, ["prompt"], unit)
             prompts = [p if isinstance(p, str) else "" for p in table["prompt"].to_pylist()]
         extra = _kept(table, spec, unit)
-        errors = [f"{u}: the URI is not UTF-8 (its bad bytes are shown as \\xNN)" if i in bad else None
-                  for i, u in zip(kept, uris)]
+        errors = [_not_utf8(u, "URI") if i in bad else None for i, u in zip(kept, uris)]
         yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
                                            errors=errors, extra=extra), piece.last)
 
 
-def _texts(column: pa.ChunkedArray) -> tuple[list[str | None], set[int]]:
+def _not_utf8(uri: str, what: str) -> str:
+    return f"{uri}: the {what} is not UTF-8 (its bad bytes are shown as \\xNN)"
+
+
+def _texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], set[int]]:
     """A column's values as text, and the rows whose bytes are not UTF-8 (pyarrow's Parquet and JSON readers do
     not check). Those are decoded with the bad bytes escaped (caf\\xe9.jpg): lossless, readable and the same in
     every run, so that the item keeps one id and its error row lands once."""
@@ -413,7 +416,7 @@ def _media_bytes(column: pa.ChunkedArray) -> tuple[list, list]:
     if pa.types.is_struct(column.type):
         names = [f.name for f in column.type]   # has a binary 'bytes' field: _check_bytes_column
         data = column.combine_chunks().field("bytes").to_pylist()
-        paths = column.combine_chunks().field("path").to_pylist() if "path" in names else [None] * len(data)
+        paths = _texts(column.combine_chunks().field("path"))[0] if "path" in names else [None] * len(data)
         return data, paths
     return column.to_pylist(), [None] * len(column)
 
@@ -474,8 +477,9 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
             yield piece
             continue
         n = piece.table.num_rows
-        keys = ([None if k is None else str(k) for k in piece.table[spec.key_column].to_pylist()]
-                if spec.key_column else [str(row + i) for i in range(n)])
+        keys, bad = [str(row + i) for i in range(n)], set()
+        if spec.key_column:
+            keys, bad = _keys(piece.table[spec.key_column])
         # a row without a key is still an item, named by its row in a form real keys do not take in practice
         # (keys are not escaped, so nothing is strictly out of reach): keyless rows merged into one "#None" before
         uris = [f"{unit.uri}#{k}" if k is not None else f"{unit.uri}#<row {row + i}>" for i, k in enumerate(keys)]
@@ -485,12 +489,21 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
             continue
         data, paths = _media_bytes(piece.table[spec.bytes_column])
         types, errors = [], []
-        for uri, blob, path in zip(uris, data, paths):
+        for i, (uri, blob, path) in enumerate(zip(uris, data, paths)):
             types.append((path and media_type_of(path)) or (sniff_media_type(blob) if blob else "image"))
-            errors.append(None if blob else f"{uri}: no media bytes in column {spec.bytes_column!r}")
+            error = None if blob else f"{uri}: no media bytes in column {spec.bytes_column!r}"
+            errors.append(_not_utf8(uri, "key") if i in bad else error)
         extra = _kept(piece.table, spec, unit)
         yield Piece(piece.shard, raw_table(uris, types, keys=keys, data=data, errors=errors, extra=extra),
                     piece.last)
+
+
+def _keys(column: pa.ChunkedArray) -> tuple[list[str | None], set[int]]:
+    """Sample keys as text, and the rows whose string key is not UTF-8 (see _texts). Keys of other types keep
+    their str(): it names their items in outputs already written."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return _texts(column)
+    return [None if k is None else str(k) for k in column.to_pylist()], set()
 
 
 # --- WebDataset tar shards -----------------------------------------------------------------------------------

@@ -509,3 +509,21 @@ def test_a_manifest_uri_that_is_not_utf8_is_an_error_row_under_a_stable_escaped_
         error = "/x/caf\\xe9.jpg: the URI is not UTF-8 (its bad bytes are shown as \\xNN)"
         assert [(r["uri"], r["error"]) for r in rows] == [("/x/a.jpg", None), ("/x/caf\\xe9.jpg", error)], name
         assert rows[1]["id"] == item_id("/x/caf\\xe9.jpg") == read_all(spec)[0][1]["id"]   # the same in every run
+
+
+def test_a_parquet_key_or_image_path_that_is_not_utf8_is_that_rows_business(tmp_path):
+    """Embedded media named by a Latin-1 key crashed the read task (UnicodeDecodeError), as a manifest URI did."""
+    image = next(iter(good_media(num_images=1, num_videos=0).values()))
+    pq.write_table(pa.table({"key": unchecked_strings([b"a", b"caf\xe9"]), "jpg": [image, image]}),
+                   tmp_path / "k.parquet")
+    struct = pa.StructArray.from_arrays([pa.array([image]), unchecked_strings([b"caf\xe9.png"])], ["bytes", "path"])
+    pq.write_table(pa.table({"image": struct}), tmp_path / "hf.parquet")
+    unit = tmp_path / "k.parquet"
+    spec = spec_for(tmp_path / "out", uri=str(unit), fmt="parquet", bytes_column="jpg", key_column="key")
+    rows, _ = read_all(spec)
+    assert [(r["uri"], r["key"], r["error"]) for r in rows] == [
+        (f"{unit}#a", "a", None),
+        (f"{unit}#caf\\xe9", "caf\\xe9", f"{unit}#caf\\xe9: the key is not UTF-8 (its bad bytes are shown as \\xNN)")]
+    hf, _ = read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "hf.parquet"), fmt="parquet",
+                              bytes_column="image"))
+    assert hf[0]["media_type"] == "image" and hf[0]["error"] is None
