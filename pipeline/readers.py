@@ -351,6 +351,12 @@ def _texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], set[in
     """A column's values as text, and the rows whose bytes are not UTF-8 (pyarrow's Parquet and JSON readers do
     not check). Those are decoded with the bad bytes escaped (caf\\xe9.jpg): lossless, readable and the same in
     every run, so that the item keeps one id and its error row lands once."""
+    try:   # the common case at memory speed: a binary column is checked by the cast, a string one by validate
+        text = column.cast(pa.string())
+        text.validate(full=True)
+        return text.to_pylist(), set()
+    except pa.ArrowInvalid:
+        pass
     if not _is_binary(column.type):
         column = column.cast(pa.string()).cast(pa.large_binary())   # the bytes as they are, never checked
     texts, bad = [], set()
