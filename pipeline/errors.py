@@ -16,9 +16,23 @@ import sys
 
 
 class PipelineError(Exception):
-    """Base class of every error the pipeline raises on purpose; the message is one readable line."""
+    """Base class of every error the pipeline raises on purpose; the message is one readable line.
+
+    The message is kept apart from `args`: Ray Data appends lines of retry advice to the args of an exception raised
+    in a task ("Failed to apply UDF transform after 1/1 attempts ... configure DataContext"), which would then end
+    the one line the user reads. The message is also what crosses process boundaries."""
 
     exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):   # Ray ships exceptions between processes by pickling
+        return (type(self), (self.message,))
 
 
 class ConfigError(PipelineError, ValueError):

@@ -395,6 +395,24 @@ def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa):
     assert not lease.exists(), err[-3000:]
 
 
+def test_ray_datas_retry_advice_never_ends_the_line(capsys):
+    """Ray Data appends its retry advice to the args of an exception raised in a task (as its
+    _annotate_exception_with_retry_context does) before shipping it: our one line stays ours."""
+    import pickle
+
+    from jobs import caption
+
+    for error in (ConfigError("input.manifest: m.csv has no 'uri' column (columns: path); set input.uri_column"),
+                  StorageUnavailable("s3://b/m.csv", "AccessDenied (HTTP 403)")):
+        line = str(error)
+        error.args = (f"{error.args[0]}\nFailed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+                      f"To change retry attempts, configure `ray.data.DataContext.get_current()`",)
+        shipped = pickle.loads(pickle.dumps(error))
+        assert str(error) == str(shipped) == line and type(shipped) is type(error)
+        caption.report(caption.known_error(shipped))
+        assert capsys.readouterr().err.split(": ", 1)[1] == line + "\n"
+
+
 def test_errors_raised_inside_ray_tasks_map_to_their_line_and_code(capsys):
     import ray.exceptions
 
