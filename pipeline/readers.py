@@ -496,7 +496,7 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
         data, paths = _media_bytes(piece.table[spec.bytes_column])
         types, errors = [], []
         for i, (uri, blob, path) in enumerate(zip(uris, data, paths)):
-            types.append((path and media_type_of(path)) or (sniff_media_type(blob) if blob else "image"))
+            types.append((path and media_type_of(path)) or (sniff_media_type(blob) if blob else ""))
             error = None if blob else f"{uri}: no media bytes in column {spec.bytes_column!r}"
             errors.append(_not_utf8(uri, "key") if i in bad else error)
         extra = _kept(piece.table, spec, unit)

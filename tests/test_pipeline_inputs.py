@@ -293,7 +293,7 @@ def test_parquet_with_embedded_bytes_and_an_hf_image_struct(tmp_path):
     unit = str(tmp_path / "p" / "part-0.parquet")
     assert [(r["uri"], r["key"], r["input:caption"]) for r in rows] == [
         (f"{unit}#k0", "k0", "a"), (f"{unit}#k1", "k1", "b"), (f"{unit}#k2", "k2", "c"), (f"{unit}#k3", "k3", "d")]
-    assert [r["media_type"] for r in rows] == ["image", "image", "image", "video"]   # sniffed from the bytes
+    assert [r["media_type"] for r in rows] == ["image", "image", "", "video"]   # sniffed from the bytes (none: "")
     assert rows[2]["error"] == f"{unit}#k2: no media bytes in column 'jpg'" and rows[1]["error"] is None
     hf, _ = read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "hf.parquet"), fmt="parquet",
                               bytes_column="image"))
