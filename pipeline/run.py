@@ -235,7 +235,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
 
     spec = dataclasses.replace(spec, keep_schema=kept_columns(cfg, spec, units))
     writer.schema = output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema)
-    work, skipped = _open_work(units, resume.records, plan)
+    work, skipped = _open_work(units, resume.records, plan, keep_finished=bool(cfg.input.max_items))
     _say(out, f"output {cfg.output.uri}: {len(units) - len(work)} of {len(units)} input unit(s) finished, "
               f"{len(resume.done_keys)} (item, task) rows of unfinished shards" +
               (" (whole output scanned: no completion records yet)" if resume.scanned and existing else ""))
@@ -421,8 +421,11 @@ def _note_changed_columns(cfg: Config, last: list[str] | None, out) -> None:
               f"file drop the others (pass pyarrow.dataset a schema, or write to a new output.uri)")
 
 
-def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tuple[list[UnitWork], int]:
-    """The units still to read, each with its shards' records; and the pairs of finished units."""
+def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan,
+               keep_finished: bool = False) -> tuple[list[UnitWork], int]:
+    """The units still to read, each with its shards' records; and the pairs of finished units. keep_finished
+    (input.max_items, which counts the first items of the input, done or not): finished units are read too, their
+    shards skipped unread."""
     by_unit: dict[str, dict[str, dict[str, int]]] = {}
     for name, counts in records.items():
         if "#" in name:
@@ -431,7 +434,7 @@ def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan) -> tupl
     work, skipped = [], 0
     for unit in units:
         counts = records.get(unit.id)
-        if progress.covers(counts, plan.all()):
+        if progress.covers(counts, plan.all()) and not keep_finished:
             skipped += sum(counts.get(t, 0) for t in plan.all())
         else:
             work.append(UnitWork(unit, by_unit.get(unit.id, {})))

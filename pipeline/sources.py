@@ -82,7 +82,9 @@ class ShardCount:
 
 
 class Budget:
-    """`input.max_items`: items left to take (done or not), shared by the units of one read task."""
+    """`input.max_items`: the first items of the input, done or not, shared by the units of one read task (which
+    then reads every unit, finished ones too, in input order), so that a rerun with the same limit finds the same
+    items done."""
 
     def __init__(self, limit: int):
         self.limit, self.left = limit, limit
@@ -92,6 +94,11 @@ class Budget:
             fresh = fresh & (np.cumsum(fresh) <= self.left)
             self.left -= int(fresh.sum())
         return fresh
+
+    def take_finished(self, record: dict[str, int] | None) -> None:
+        """A finished shard skipped unread: its items, as its record counts them (one pair per item and task)."""
+        if self.limit:
+            self.left -= max((record or {}).values(), default=0)
 
     @property
     def spent(self) -> bool:
@@ -110,20 +117,21 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
 
     for piece in readers.read_unit(unit, spec, finished):
         name = f"{unit.id}#{piece.shard}"
-        count = open_count.setdefault(name, ShardCount(plan.all()))
+        # only tasks its record lacks: a finished shard reported again must not zero its record's counts
+        record = work.records.get(str(piece.shard)) or {}
+        count = open_count.setdefault(name, ShardCount(tuple(t for t in plan.all() if t not in record)))
         if piece.table is not None and piece.table.num_rows:
             ids = [item_id(u) for u in piece.table["uri"].to_pylist()]
-            fresh = seen.first(ids)
+            fresh = budget.take(seen.first(ids))
             if piece.finished:
-                count.skipped += _finished_pairs(work.records.get(str(piece.shard)), plan)
+                count.skipped += _finished_pairs(record, plan)
             else:
-                fresh = budget.take(fresh)
-                block = _items_block(piece, name, ids, fresh, work.records.get(str(piece.shard)), plan, done,
-                                     count)
+                block = _items_block(piece, name, ids, fresh, record, plan, done, count)
                 if block.num_rows:
                     yield block
         elif piece.finished:
-            count.skipped += _finished_pairs(work.records.get(str(piece.shard)), plan)
+            count.skipped += _finished_pairs(record, plan)
+            budget.take_finished(record)
         if budget.spent:   # the shard stays open (never recorded finished); its pairs found done still count
             tracker.cut_short.remote(name, count.skipped)
             return

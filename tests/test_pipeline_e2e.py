@@ -165,14 +165,19 @@ def test_listing_again_after_deleting_the_snapshot_runs_new_objects_once(local_r
 
 
 def test_max_items_counts_items_already_done_and_says_so(local_ray, tiny_gqa, tmp_path):
+    """The first max_items items of the input, done or not: a rerun with the same limit finds them done, also
+    where they filled a whole unit (a/, finished and recorded) and part of the next (b/, cut short)."""
     corpus, out = tmp_path / "corpus", tmp_path / "out"
-    write_local(corpus, good_media(num_images=6, num_videos=0))
+    files = good_media(num_images=6, num_videos=0)
+    for i, rel in enumerate(files):
+        write_local(corpus / ("a" if i < 3 else "b"), {rel.rsplit("/", 1)[-1]: files[rel]})
     text = config_text(str(corpus), str(out), str(tiny_gqa), tasks=("caption",))
-    assert run(_cfg(tmp_path, text, "input.max_items=3"), out=io.StringIO()).done == 3
-    again = run(_cfg(tmp_path, text, "input.max_items=3"), out=io.StringIO())
-    assert (again.done, again.skipped) == (0, 3)   # the same first 3 items, found done (it said "skipped: 0")
+    assert run(_cfg(tmp_path, text, "input.max_items=4"), out=io.StringIO()).done == 4
+    again = run(_cfg(tmp_path, text, "input.max_items=4"), out=io.StringIO())
+    assert (again.done, again.skipped) == (0, 4)   # it said "skipped: 0", and a/'s record let it run 2 more of b/
     rest = run(_cfg(tmp_path, text), out=io.StringIO())
-    assert (rest.done, rest.skipped) == (3, 3)
+    assert (rest.done, rest.skipped) == (2, 4)
+    assert run(_cfg(tmp_path, text), out=io.StringIO()).skipped == 6   # the records kept their counts
     df = pd.read_parquet(out)
     assert len(df) == 6 and not df.duplicated(["id", "task"]).any()
 
