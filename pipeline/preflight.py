@@ -234,8 +234,10 @@ def plan_actors(cluster_resources: dict, actors: ActorsConfig, device: str) -> A
     if count == AUTO:
         count = 1
         if num_gpus:
-            by_cpu = _fits(cpus - actors.decode_num_cpus, actors.num_cpus) if actors.num_cpus else gpus
-            count = max(1, min(_fits(gpus, num_gpus), by_cpu))
+            count = _fits(gpus, num_gpus)
+            if actors.num_cpus:
+                count = min(count, _fits(cpus - actors.decode_num_cpus, actors.num_cpus))
+            count = max(1, count)
     return dataclasses.replace(actors, count=count, num_gpus=num_gpus)
 
 
@@ -251,12 +253,13 @@ def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool 
     for the decode tasks (the run would wait forever at 0%; read tasks hold no CPU). strict=False (an autoscaling
     cluster, whose resources appear later) turns those errors into warnings."""
     cpus, gpus = float(cluster_resources.get("CPU", 0)), float(cluster_resources.get("GPU", 0))
-    need_cpus, need_gpus = actors.count * actors.num_cpus, actors.count * actors.num_gpus
+    # in Ray's units of 1e-4, as it counts them: 50 x 0.14 GPUs is 7.000000000000001 in floats
+    need_cpus, need_gpus = round(actors.count * actors.num_cpus, 4), round(actors.count * actors.num_gpus, 4)
     problems, warnings = [], []
     if need_gpus > gpus:
         problems.append(f"actors: {actors.count} actor(s) x actors.num_gpus {actors.num_gpus:g} = {need_gpus:g} "
                         f"GPUs, the cluster has {gpus:g}")
-    free = cpus - need_cpus
+    free = round(cpus - need_cpus, 4)
     task_cpus = actors.decode_num_cpus   # read tasks and repartitioning hold no CPU; a decode task holds this
     if free < task_cpus:
         problems.append(f"actors: {actors.count} actor(s) x actors.num_cpus {actors.num_cpus:g} take {need_cpus:g} "

@@ -74,8 +74,8 @@ def init_ray(cfg: Config) -> None:
 def _probe_cluster(address: str, timeout_s: float = 10.0) -> None:
     """A `host:port` where nothing answers is a config error at once: ray.init would retry it for minutes."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return   # not host:port: Ray reports what it makes of it
+    if not host or not port.isdigit() or "/" in host:
+        return   # not host:port (e.g. a dashboard's http:// URL): Ray reports what it makes of it
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
@@ -414,7 +414,7 @@ def _note_changed_settings(cfg: Config, state: StateDir, out) -> None:
 def _note_changed_columns(cfg: Config, last: list[str] | None, out) -> None:
     """Result files with other kept columns than the earlier ones make a mixed-schema output, and readers that take
     the schema from one file (pandas.read_parquet, pyarrow.dataset) silently drop the new columns."""
-    if last is None or last == cfg.input.keep_columns:
+    if last is None or sorted(last) == sorted(cfg.input.keep_columns):   # readers match columns by name
         return
     _say(out, f"note: input.keep_columns is {cfg.input.keep_columns} where the last run on this output kept {last}: "
               f"its files and this run's will have different columns, and readers that take the schema from one "

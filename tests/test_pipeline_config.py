@@ -132,5 +132,9 @@ def test_a_rerun_with_other_result_settings_says_what_changed(tmp_path):
     kept = note(load(tmp_path, overrides=["run.max_new_tokens=64", "input.manifest=m.csv", "input.uri=''",
                                           "input.keep_columns=['score']"]))
     assert kept.startswith("note: input.keep_columns is ['score'] where the last run on this output kept []")
+    state.write_json("runs/20260101-000001-a.json", {"config": load(tmp_path, overrides=[
+        "input.manifest=m.csv", "input.uri=''", "input.keep_columns=['a', 'b']"]).to_dict()})
+    assert note(load(tmp_path, overrides=["input.manifest=m.csv", "input.uri=''",
+                                          "input.keep_columns=['b', 'a']"])) == ""   # the same columns
     state.write_json("runs/20260102-000000-b.json", {"config": {}})   # an older version's record: nothing to compare
     assert note(load(tmp_path, overrides=["run.max_new_tokens=128"])) == ""

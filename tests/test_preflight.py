@@ -273,10 +273,12 @@ def test_resource_plans_that_run():
     ({"CPU": 16.0}, ActorsConfig(), "cuda", 1, 1),                           # refused by check_resources below
     ({"CPU": 64.0, "GPU": 1.0}, ActorsConfig(num_gpus=0.2), "auto", 5, 0.2),  # 1 / 0.2 is 4.999... in floats
     ({"CPU": 64.0, "GPU": 8.0}, ActorsConfig(num_gpus=0.1), "auto", 63, 0.1),  # 80 fit, 63 leave a CPU free
+    ({"CPU": 2.0, "GPU": 2.0}, ActorsConfig(num_gpus=0.5, num_cpus=0), "auto", 4, 0.5),   # an int, not 2.0 GPUs
+    ({"CPU": 64.0, "GPU": 7.0}, ActorsConfig(num_gpus=0.14), "auto", 50, 0.14),  # 50 x 0.14 = 7.000000000000001
 ])
 def test_auto_actors_are_sized_to_the_cluster(cluster, actors, device, count, num_gpus):
     plan = preflight.plan_actors(cluster, actors, device)
-    assert (plan.count, plan.num_gpus) == (count, num_gpus)
+    assert (plan.count, plan.num_gpus) == (count, num_gpus) and type(plan.count) is int
     assert plan.num_cpus == actors.num_cpus and plan.decode_num_cpus == actors.decode_num_cpus
     if device == "cuda":
         with pytest.raises(ConfigError, match="1 actor.s. x actors.num_gpus 1 = 1 GPUs, the cluster has 0"):
@@ -372,6 +374,8 @@ def test_a_cluster_address_where_nothing_answers_is_a_config_error_at_once(tmp_p
     assert lines[-1] == ("config error: ray.address: no Ray cluster answers at 127.0.0.1:1 (Connection refused); "
                          "start it, or set ray.address = \"\" to start a local one"), result.stderr[-3000:]
     assert seconds < 30 and "Traceback" not in result.stderr
+    from pipeline.run import _probe_cluster
+    _probe_cluster("http://127.0.0.1:1")   # a dashboard URL is no host:port: Ray's own message says what is wrong
 
 
 def test_a_terminated_job_releases_its_lease(tmp_path, tiny_gqa):
