@@ -27,7 +27,8 @@ from pipeline.poison import CrashGuard, crash_message, inject_crash
 log = logging.getLogger(__name__)
 
 KV_SHARE = 0.5   # of a GPU's free memory at a call's start, for its KV cache (the rest: activations, vision, cache
-#                  fragmentation); a call whose slots would need more runs with fewer
+#                  fragmentation); a call whose slots would need more runs with fewer. An actor holding a fraction
+#                  of a GPU (actors.num_gpus < 1) takes that fraction of it: its neighbours see the same free memory
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Predictor:
                                                                    device=self.device)
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
+        self.kv_share = KV_SHARE * (min(1.0, cfg.actors.num_gpus) if cfg.actors.on_gpu else 1.0)
         self.capped = False   # said once that a call ran with fewer slots than run.batch_size
         self.parse_output = parse_output
         self.specs = {spec.name: spec for spec in cfg.task_specs()}
@@ -238,12 +240,12 @@ class Predictor:
         if free is None:
             return slots
         longest = -(-longest // LENGTH_ROUNDING) * LENGTH_ROUNDING   # as the engine sizes its cache
-        fit = max(1, min(slots, int(free * KV_SHARE // self.model.cache_bytes(1, longest))))
+        fit = max(1, min(slots, int(free * self.kv_share // self.model.cache_bytes(1, longest))))
         if fit < slots and not self.capped:
             self.capped = True
             log.warning("a call of %d sequences up to %d tokens runs with %d decode slots, not %d: their KV cache "
                         "would take more than %.0f%% of the %.1f GiB free on %s (said once per actor)", rows,
-                        longest, fit, slots, 100 * KV_SHARE, free / 2**30, self.model.device)
+                        longest, fit, slots, 100 * self.kv_share, free / 2**30, self.model.device)
         return fit
 
 
@@ -253,7 +255,10 @@ def free_device_bytes(device) -> int | None:
 
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0]
+    # what this process's caching allocator holds but no tensor uses (the last call's cache and activations) is
+    # free for this call too; the driver counts it as taken
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + unused
 
 
 def _row_of(item: Item) -> dict:

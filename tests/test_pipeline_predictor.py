@@ -1,6 +1,8 @@
 """The model actor on its own (no Ray): decoded rows in, one row per (item, task) out; windows sorted by prompt
 length into static batches; a failing batch is retried row by row and only the bad row becomes an error row."""
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 
@@ -101,6 +103,10 @@ def test_a_call_whose_kv_cache_would_not_fit_runs_with_fewer_slots(setup, monkey
     assert calls == ([(12, 2)] if mode == "refill" else [(3, 2)] * 4)
     warned = [r.getMessage() for r in caplog.records if "decode slots" in r.getMessage()]
     assert len(warned) == 1 and "runs with 2 decode slots, not 3" in warned[0]
+    calls.clear()   # an actor on half a GPU takes half the share: its neighbour sees the same free memory
+    monkeypatch.setattr(predictor, "kv_share", predictor_mod.KV_SHARE * 0.5)
+    assert {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()} == expected
+    assert calls == ([(12, 1)] if mode == "refill" else [(3, 1)] * 4)
 
 
 def test_batch_size_auto_is_64_slots_on_a_gpu_and_8_on_cpu(tiny_gqa, tmp_path):
@@ -109,6 +115,8 @@ def test_batch_size_auto_is_64_slots_on_a_gpu_and_8_on_cpu(tiny_gqa, tmp_path):
     cfg = config.from_dict({"input": {"uri": str(tmp_path)}, "output": {"uri": str(tmp_path / "out")},
                             "model": {"path": str(tiny_gqa)}})
     assert cfg.run.batch_size == "auto" and Predictor(cfg).slots == 8   # this machine has no GPU
+    half = dataclasses.replace(cfg, actors=dataclasses.replace(cfg.actors, num_gpus=0.5))
+    assert Predictor(half).kv_share == predictor_mod.KV_SHARE * 0.5
 
 
 def test_a_failing_batch_is_retried_row_by_row(setup):
