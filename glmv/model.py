@@ -123,7 +123,8 @@ class Glm4vForConditionalGeneration(nn.Module):
     def cache_bytes(self, slots: int, max_len: int) -> int:
         """Memory of `new_cache(slots, max_len)`."""
         cfg = self.config.text
-        return 2 * cfg.num_hidden_layers * slots * max_len * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim   # keys and values
+        return per_position * slots * max_len * self.dtype.itemsize
 
     def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, batch: Prefill,
                 last: torch.Tensor | None = None) -> torch.Tensor | None:

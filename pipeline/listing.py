@@ -52,14 +52,14 @@ def _visible(folder: str, entries: list[os.DirEntry]) -> list[os.DirEntry]:
     """Entries not hidden and named in UTF-8. os.scandir gives another name with surrogate escapes, which no
     key, URI or Parquet string can hold: one such file stopped the whole run, now it is skipped and counted."""
     shown = [e for e in entries if not e.name.startswith(".")]
-    named = [e for e in shown if _is_utf8(e.name)]
+    named = [e for e in shown if is_utf8(e.name)]
     if len(named) < len(shown):
-        odd = [e.name for e in shown if not _is_utf8(e.name)]
+        odd = [e.name for e in shown if not is_utf8(e.name)]
         log.warning("skipped %d name(s) in %s that are not UTF-8, e.g. %s", len(odd), ascii(folder), ascii(odd[0]))
     return named
 
 
-def _is_utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
     try:
         name.encode()
     except UnicodeEncodeError:

@@ -540,6 +540,9 @@ def _samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _sample_row(shard_uri: str, key: str, members: dict[str, bytes]) -> tuple:
+    if not listing.is_utf8(key):   # tarfile decodes a name that is not UTF-8 with surrogate escapes: no string holds
+        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return f"{shard_uri}#{key}", "", key, None, _not_utf8(f"{shard_uri}#{key}", "member name")
     uri = f"{shard_uri}#{key}"
     for ext, blob in members.items():
         kind = media_type_of(f"x.{ext}")

@@ -251,6 +251,21 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def test_a_tar_member_name_that_is_not_utf8_is_its_samples_error_row(tmp_path):
+    media = good_media(num_images=2, num_videos=0)
+    imgs = [v for k, v in sorted(media.items()) if k.startswith("images/")]
+    (tmp_path / "w").mkdir()
+    with tarfile.open(tmp_path / "w" / "000.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name, data in (("good.png", imgs[0]), ("caf\xe9.png", imgs[1])):   # written as the byte 0xE9
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rows, _ = read_all(spec_for(tmp_path / "out", uri=str(tmp_path / "w"), fmt="webdataset"))
+    shard = str(tmp_path / "w" / "000.tar")
+    bad = f"{shard}#caf\\xe9: the member name is not UTF-8 (its bad bytes are shown as \\xNN)"
+    assert [(r["key"], r["error"]) for r in rows] == [("good", None), ("caf\\xe9", bad)]
+
+
 def test_webdataset_shards_on_s3(s3, tmp_path):
     fs = s3fs_for(s3)
     fs.mkdir("wds-inputs")

@@ -1,6 +1,6 @@
 """`ray job submit --working-dir . -- python jobs/caption.py --config configs/demo.toml` against a cluster started
-with `ray start --head` on 127.0.0.1 with two (logical) GPUs (its own temp dir and ports), stopped afterwards by ending its process group
-(`ray stop` would stop every Ray on the machine, not just this one)."""
+with `ray start --head` on 127.0.0.1 with two (logical) GPUs (its own temp dir and ports), stopped afterwards by
+ending its process group (`ray stop` would stop every Ray on the machine, not just this one)."""
 
 import os
 import signal

@@ -241,7 +241,8 @@ def test_preflight_is_quick_and_rides_out_throttling_but_not_a_denial(tmp_path, 
 @pytest.mark.parametrize("cluster, actors, message", [
     ({"CPU": 4.0}, ActorsConfig(count=1, num_gpus=0, num_cpus=4), r"take 4 of the cluster's 4 CPUs, leaving 0"),
     ({"CPU": 8.0}, ActorsConfig(count=4, num_gpus=0, num_cpus=2), r"take 8 of the cluster's 8 CPUs"),
-    ({"CPU": 4.0}, ActorsConfig(count=1, num_gpus=0, num_cpus=2, decode_num_cpus=3), r"leaving 2; a decode task needs 3"),
+    ({"CPU": 4.0}, ActorsConfig(count=1, num_gpus=0, num_cpus=2, decode_num_cpus=3),
+     r"leaving 2; a decode task needs 3"),
     ({"CPU": 16.0, "GPU": 2.0}, ActorsConfig(count=4, num_gpus=1), r"= 4 GPUs, the cluster has 2"),
     ({"CPU": 16.0}, ActorsConfig(count=1, num_gpus=1), r"the cluster has 0"),
 ])
