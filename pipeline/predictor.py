@@ -228,7 +228,6 @@ class Predictor:
                 "processed_at": now})
         return rows
 
-
     def _slots_that_fit(self, rows: int, longest: int) -> int:
         """Decode slots for a call of `rows` sequences up to `longest` tokens: run.batch_size (static mode: the
         batch's rows), fewer where their KV cache would take more than KV_SHARE of the device's free memory (long
