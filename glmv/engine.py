@@ -32,6 +32,11 @@ PREFILL_TOKENS = 16384  # tokens per packed prefill pass (activation memory; a l
 VISION_PATCHES = 65536  # patches per vision tower pass
 
 
+def cache_length(tokens: int) -> int:
+    """The KV cache length of a run whose longest row reaches `tokens` positions."""
+    return -(-tokens // LENGTH_ROUNDING) * LENGTH_ROUNDING
+
+
 def chunks(items: list, sizes: list[int], budget: int) -> list[list]:
     """Consecutive runs of items whose sizes sum to at most budget (an item larger than budget alone)."""
     out, total = [], budget + 1
@@ -95,7 +100,7 @@ class Engine:
         self.device = model.device
         n_prompts, slots = len(batch.prompts), settings.slots
         max_len = max(p.length + n for p, n in zip(batch.prompts, settings.max_new))
-        self.cache = model.new_cache(slots, -(-max_len // LENGTH_ROUNDING) * LENGTH_ROUNDING)
+        self.cache = model.new_cache(slots, cache_length(max_len))
         self.varlen = use_varlen(self.cache.k[0])
         self.state = Slots.empty(slots, n_prompts, self.device)
         self.out = torch.full((n_prompts + 1, max(settings.max_new)), settings.pad, device=self.device)

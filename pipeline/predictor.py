@@ -232,13 +232,13 @@ class Predictor:
         """Decode slots for a call of `rows` sequences up to `longest` tokens: run.batch_size (static mode: the
         batch's rows), fewer where their KV cache would take more than KV_SHARE of the device's free memory (long
         videos), so that a window of them runs with fewer slots instead of failing out of memory."""
-        from glmv.engine import LENGTH_ROUNDING
+        from glmv.engine import cache_length
 
         slots = min(rows, self.slots)
         free = free_device_bytes(self.model.device)
         if free is None:
             return slots
-        longest = -(-longest // LENGTH_ROUNDING) * LENGTH_ROUNDING   # as the engine sizes its cache
+        longest = cache_length(longest)   # as the engine sizes its cache
         fit = max(1, min(slots, int(free * self.kv_share // self.model.cache_bytes(1, longest))))
         if fit < slots and not self.capped:
             self.capped = True

@@ -393,7 +393,7 @@ def _utf8(table: pa.Table, names: list[str], unit: Unit) -> pa.Table:
     is not UTF-8 inside another type (a list, a struct) cannot be mended in place: one line refuses the file."""
     for name in [n for n in names if not _valid(table[n])]:
         column = table[name]
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if not _is_text(column.type):
             raise ConfigError(f"input: {unit.uri}: column {name!r} holds text that is not UTF-8 inside "
                               f"{column.type} values (only string columns are mended)")
         binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
@@ -425,6 +425,10 @@ def _media_bytes(column: pa.ChunkedArray) -> tuple[list, list]:
         paths = _texts(column.combine_chunks().field("path"))[0] if "path" in names else [None] * len(data)
         return data, paths
     return column.to_pylist(), [None] * len(column)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _is_binary(t: pa.DataType) -> bool:
@@ -507,7 +511,7 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
 def _keys(column: pa.ChunkedArray) -> tuple[list[str | None], set[int]]:
     """Sample keys as text, and the rows whose string key is not UTF-8 (see _texts). Keys of other types keep
     their str(): it names their items in outputs already written."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    if _is_text(column.type):
         return _texts(column)
     return [None if k is None else str(k) for k in column.to_pylist()], set()
 
