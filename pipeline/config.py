@@ -262,7 +262,9 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
         try:
             value = _check_type(dotted, value, annotation)
         except ConfigError as e:
-            raise ConfigError(f"{e} (or {AUTO!r})" if dotted in _AUTO_KEYS else str(e)) from None
+            if dotted not in _AUTO_KEYS:
+                raise
+            raise ConfigError(f"{e} (or {AUTO!r})") from None
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(_CHOICES[dotted])}")
         if dotted in _POSITIVE and value <= 0:

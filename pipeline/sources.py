@@ -95,10 +95,10 @@ class Budget:
             self.left -= int(fresh.sum())
         return fresh
 
-    def take_finished(self, record: dict[str, int] | None) -> None:
+    def take_finished(self, record: dict[str, int]) -> None:
         """A finished shard skipped unread: its items, as its record counts them (one pair per item and task)."""
         if self.limit:
-            self.left -= max((record or {}).values(), default=0)
+            self.left -= max(record.values(), default=0)
 
     @property
     def spent(self) -> bool:
