@@ -198,31 +198,38 @@ def _stream_info(container: av.container.InputContainer, stream: av.VideoStream,
 def _iter_wanted_frames(
     container: av.container.InputContainer, stream: av.VideoStream, wanted: list[int], fps: float, seekable: bool
 ) -> Iterator[tuple[int, av.VideoFrame]]:
-    """Yield (k, frame) for each `wanted[k]` (sorted, distinct): the first frame at or after that index.
+    """Yield (k, frame) for each `wanted[k]` (sorted, distinct): the frame of that index, frames counted in
+    presentation order from the first, as the reference counts them.
 
-    Frame indices come from presentation timestamps; long gaps are crossed with a keyframe seek. A seek that lands
-    after its target (imprecise index) switches to plain sequential decoding from the start.
+    While presentation timestamps count frames too (each one frame period after the last: a constant frame rate),
+    indices come from them and long gaps are crossed with a keyframe seek. The first frame that breaks that rule (a
+    variable frame rate, a dropped frame, a seek landing after its target) means timestamps cannot be trusted here:
+    decoding starts over from the first frame, counting, and every frame is yielded again by its count.
     """
     time_base, start = stream.time_base, stream.start_time or 0
     seek_gap, pos, k = MIN_SEEK_GAP, -1, 0
+    counting = not seekable   # indices from counting decoded frames (what the reference does) or from timestamps
     while k < len(wanted):
         target, sought = wanted[k], False
-        if seekable and target - pos > seek_gap:
+        if seekable and not counting and target - pos > seek_gap:
             container.seek(start + int(Fraction(target) / Fraction(fps) / time_base), stream=stream, backward=True)
             sought = True
-        counter = pos
         for frame in container.decode(stream):
-            counter += 1
-            index = round(float((frame.pts - start) * time_base) * fps) if frame.pts is not None else counter
+            if counting:
+                index = pos + 1
+            elif frame.pts is None:
+                index = -1   # no timestamp: count instead
+            else:
+                index = round(float((frame.pts - start) * time_base) * fps)
+            if not counting and (index > target if sought else index != pos + 1):
+                counting, seekable, pos, k = True, False, -1, 0   # start over: count every frame from the first
+                container.seek(0)
+                break
             if sought:
                 sought = False
-                if index > target or frame.pts is None:
-                    seekable, pos = False, -1  # cannot trust seeking here: start over and count frames
-                    container.seek(0)
-                    break
                 if index <= pos:  # landed behind frames already decoded: keyframes are further apart
                     seek_gap = max(seek_gap, target - index + 1)
-            pos = counter = index
+            pos = index
             reached = k
             while k < len(wanted) and wanted[k] <= index:
                 yield k, frame
@@ -231,7 +238,7 @@ def _iter_wanted_frames(
                 break
             # consider the next seek only once this one's target is reached: a seek may land on a keyframe
             # further back than seek_gap, and seeking again from there would land on it again
-            if k > reached and seekable and wanted[k] - pos > seek_gap:
+            if k > reached and seekable and not counting and wanted[k] - pos > seek_gap:
                 break
         else:
             return  # end of stream

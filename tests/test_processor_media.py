@@ -23,8 +23,10 @@ TINY_IMAGE = dict(min_pixels=12544, max_pixels=401408)
 TINY_VIDEO = dict(min_pixels=12544, max_pixels=470400)
 
 
-def make_video(path, n_frames, fps, size=(72, 128), codec="libx264", gop=None, fmt=None, faststart=False):
-    """A clip whose frames all differ (moving gradients), so picking a wrong frame changes the pixels."""
+def make_video(path, n_frames, fps, size=(72, 128), codec="libx264", gop=None, fmt=None, faststart=False,
+               pts_ms=None):
+    """A clip whose frames all differ (moving gradients), so picking a wrong frame changes the pixels.
+    `pts_ms`: each frame's presentation time in milliseconds (a variable frame rate); default every 1/fps s."""
     h, w = size
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", format=fmt, options=options) as container:
@@ -32,10 +34,15 @@ def make_video(path, n_frames, fps, size=(72, 128), codec="libx264", gop=None, f
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if gop:
             stream.codec_context.gop_size = gop
+        if pts_ms is not None:
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
         yy, xx = np.mgrid[0:h, 0:w]
         for i in range(n_frames):
             img = np.stack([(xx * 3 + i * 5) % 256, (yy * 2 + i * 11) % 256, (xx + yy + i * 7) % 256], -1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[i], fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -208,6 +215,26 @@ def test_seek_landing_far_before_its_target_decodes_forward(tmp_path):
         got = [f.to_ndarray(format="rgb24") for _, f in _iter_wanted_frames(spy, stream, wanted, 25.0, True)]
     assert len(spy.seeks) == 1, "landing on keyframe 250 for frame 320 must decode forward, not seek again"
     np.testing.assert_array_equal(np.stack(got), np.stack([truth[i] for i in wanted]))
+
+
+def bursty_pts_ms(n_frames):
+    """A phone screen recording's timing: bursts of 5 frames 20 ms apart, then 5 frames 300 ms apart, ..."""
+    return np.cumsum([0] + [20 if (i // 5) % 2 == 0 else 300 for i in range(n_frames - 1)]).tolist()
+
+
+def test_variable_frame_rate_takes_frames_by_count_as_the_reference_does(tmp_path):
+    """Timestamps of a variable-frame-rate clip are not frame numbers: the reference takes the i-th decoded frame,
+    so the first frame whose timestamp breaks the frame period turns seeking off and frames are counted."""
+    path = make_video(tmp_path / "vfr.mp4", 400, 10, gop=20, pts_ms=bursty_pts_ms(400))
+    truth = _decode_all(path)
+    wanted = [0, 3, 90, 91, 200, 250, 251, 330, 399]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        got = {k: f.to_ndarray(format="rgb24") for k, f in _iter_wanted_frames(container, stream, wanted,
+                                                                               float(stream.average_rate), True)}
+    assert sorted(got) == list(range(len(wanted)))
+    for k, index in enumerate(wanted):
+        np.testing.assert_array_equal(got[k], truth[index])
 
 
 def test_overshooting_seek_falls_back_to_sequential(tmp_path):

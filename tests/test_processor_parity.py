@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_processor_media import make_images, make_video
+from test_processor_media import bursty_pts_ms, make_images, make_video
 
 from glmv.processor import Glm4vProcessor
 
@@ -60,6 +60,7 @@ def media(tmp_path_factory):
         "17f_7.5fps_gop4": make_video(folder / "c.mp4", 17, 7.5, gop=4),
         "3s_30fps_gop10": make_video(folder / "d.mp4", 91, 30, size=(100, 150), gop=10),
         "320s_over_max_duration": make_video(folder / "e.mp4", 640, 2, size=(28, 42), gop=30),
+        "variable_frame_rate": make_video(folder / "f.mp4", 40, 10, pts_ms=bursty_pts_ms(40)),
     }
     return make_images(folder), videos
 
