@@ -67,9 +67,16 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ProcessorConfigError(f"{path}: invalid JSON ({exc})") from None
+    return _object(config, str(path))
+
+
+def _object(config: Any, where: str) -> dict | None:
+    if config is not None and not isinstance(config, dict):
+        raise ProcessorConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _find_chat_template(path: Path, tokenizer_config: dict, processor_config: dict) -> str | None:
@@ -152,8 +159,13 @@ class Glm4vProcessor:
             raise ProcessorConfigError(f"{path}: not a checkpoint folder")
         tokenizer = GlmTokenizer.from_pretrained(path)
         processor_config = _read_json(path / "processor_config.json") or {}
-        image_config = _read_json(path / "preprocessor_config.json") or processor_config.get("image_processor")
-        video_config = _read_json(path / "video_preprocessor_config.json") or processor_config.get("video_processor")
+        nested = {key: _object(processor_config.get(key), f"{path / 'processor_config.json'}: {key}")
+                  for key in ("image_processor", "video_processor")}
+        # transformers' order: processor_config.json's nested settings, then the older separate files; a video
+        # processor without its own file takes the image processor's (GLM-4.1V-9B-Base ships only that one)
+        image_config = nested["image_processor"] or _read_json(path / "preprocessor_config.json")
+        video_config = nested["video_processor"] or _read_json(path / "video_preprocessor_config.json") \
+            or _read_json(path / "preprocessor_config.json")
         if image_config is None:
             raise ProcessorConfigError(f"{path}: no preprocessor_config.json or processor_config.json")
         family = family or cls.forced_family or _family_of(

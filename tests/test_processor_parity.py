@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_processor_media import bursty_pts_ms, make_images, make_video
 
+from glmv.errors import ProcessorConfigError
 from glmv.processor import Glm4vProcessor
 
 FAMILY_FIXTURE = {"glm41v": "tiny_gqa", "glm46v": "tiny_glm46v"}
@@ -281,6 +282,53 @@ def test_processor_config_layout_from_save_pretrained(reference, ours, media, tm
     b = reloaded.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
                                      return_tensors="pt")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _processor_files_only(checkpoint, folder, **edits):
+    """The checkpoint's processor and tokenizer files in `folder`, with `edits`: file name -> dict (written) or
+    None (removed)."""
+    import shutil
+
+    shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    for name, content in edits.items():
+        if content is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_text(json.dumps(content))
+    return folder
+
+
+def test_settings_files_are_looked_up_in_the_reference_order(reference, checkpoint, media, tmp_path, family):
+    """A video processor without video_preprocessor_config.json takes preprocessor_config.json's settings (not
+    the class defaults: a 5x larger pixel budget), and processor_config.json's nested settings win over both."""
+    from transformers import AutoProcessor
+
+    image_config = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    image_config["size"] = {"shortest_edge": 12544, "longest_edge": 200704}   # unlike the video file's
+    only_image = _processor_files_only(checkpoint, tmp_path / "only_image", **{
+        "preprocessor_config.json": image_config, "video_preprocessor_config.json": None})
+    expected_ref = AutoProcessor.from_pretrained(only_image)
+    expected_ref.image_processor = type(reference.image_processor).from_pretrained(only_image)
+    ours = Glm4vProcessor.from_pretrained(only_image)
+    assert ours.video_settings.max_pixels == expected_ref.video_processor.size["longest_edge"] == 200704
+    _, videos = media
+    conversation = [_user({"type": "video", "path": str(videos["3s_30fps_gop10"])})]
+    _assert_same_inputs(_reference_inputs(expected_ref, conversation), ours.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"))
+
+    nested = {"image_processor": {**image_config, "size": {"shortest_edge": 12544, "longest_edge": 100352}}}
+    both = _processor_files_only(checkpoint, tmp_path / "both", **{
+        "preprocessor_config.json": image_config, "processor_config.json": nested})
+    assert AutoProcessor.from_pretrained(both).image_processor.size["longest_edge"] == 100352
+    assert Glm4vProcessor.from_pretrained(both).image_settings.max_pixels == 100352
+
+
+@pytest.mark.parametrize("name, content", [("preprocessor_config.json", []),
+                                           ("processor_config.json", {"video_processor": "x"})])
+def test_settings_that_are_not_json_objects_are_refused(checkpoint, tmp_path, name, content):
+    folder = _processor_files_only(checkpoint, tmp_path / "bad", **{name: content})
+    with pytest.raises(ProcessorConfigError, match="expected a JSON object"):
+        Glm4vProcessor.from_pretrained(folder)
 
 
 def test_video_timestamps_in_prompt(ours, media, family):
