@@ -97,6 +97,7 @@ class Glm4vConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "Glm4vConfig":
+        raw = _dict(raw, "the file", source)
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             hint = " (the MoE GLM-4.5V/4.6V models are not supported)" if model_type == "glm4v_moe" else ""
@@ -105,8 +106,8 @@ class Glm4vConfig:
             )
         # Older revisions keep text fields at top level; text_config wins where both exist.
         text_raw = {**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},
-                    **(raw.get("text_config") or {})}
-        vision_raw = raw.get("vision_config") or {}
+                    **_dict(raw.get("text_config"), "text_config", source)}
+        vision_raw = _dict(raw.get("vision_config"), "vision_config", source)
         dtype = raw.get("dtype") or raw.get("torch_dtype") or text_raw.get("dtype") or text_raw.get("torch_dtype")
         ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                                    "video_start_token_id", "video_end_token_id") if k in raw}
@@ -186,15 +187,19 @@ class Glm4vConfig:
 
 
 def _parse_text(raw: dict, source: str) -> TextConfig:
-    rope = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
+    rope = _dict(raw.get("rope_parameters"), "text_config.rope_parameters", source)
+    scaling = _dict(raw.get("rope_scaling"), "text_config.rope_scaling", source)
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type not in ("default", "mrope"):
         raise ConfigError(f"{source}: text_config rope_type {rope_type!r} is not supported (default M-RoPE only)")
     mrope = rope.get("mrope_section") or scaling.get("mrope_section") or [8, 12, 12]
+    if not isinstance(mrope, (list, tuple)):
+        raise ConfigError(f"{source}: text_config mrope_section must be a list of 3 integers, got {mrope!r}")
     defaults = TextConfig()
     eos = raw.get("eos_token_id", defaults.eos_token_id)
-    eos = (eos,) if isinstance(eos, int) else tuple(eos or ())
+    eos = (eos,) if isinstance(eos, int) else tuple(eos or ()) if isinstance(eos, (list, tuple, type(None))) else eos
+    if not isinstance(eos, tuple):
+        raise ConfigError(f"{source}: eos_token_id must be an integer or a list of them, got {eos!r}")
     return TextConfig(
         vocab_size=_int(raw.get("vocab_size", defaults.vocab_size), "vocab_size", source),
         hidden_size=_int(raw.get("hidden_size", defaults.hidden_size), "hidden_size", source),
@@ -204,10 +209,11 @@ def _parse_text(raw: dict, source: str) -> TextConfig:
                                  source),
         num_key_value_heads=_int(raw.get("num_key_value_heads") or raw.get("num_attention_heads")
                                  or defaults.num_key_value_heads, "num_key_value_heads", source),
-        rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
-        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", defaults.rope_theta))),
+        rms_norm_eps=_float(raw.get("rms_norm_eps", defaults.rms_norm_eps), "text_config.rms_norm_eps", source),
+        rope_theta=_float(rope.get("rope_theta", raw.get("rope_theta", defaults.rope_theta)), "rope_theta", source),
         # transformers treats a missing factor as 1.0 (full rotation); the released files always set 0.5
-        partial_rotary_factor=float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+        partial_rotary_factor=_float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)),
+                                     "partial_rotary_factor", source),
         mrope_section=tuple(_int(x, "mrope_section", source) for x in mrope),
         max_position_embeddings=_int(raw.get("max_position_embeddings", defaults.max_position_embeddings),
                                      "max_position_embeddings", source),
@@ -220,7 +226,7 @@ def _parse_text(raw: dict, source: str) -> TextConfig:
 
 def _parse_vision(raw: dict, source: str) -> VisionConfig:
     d = VisionConfig()
-    rope = raw.get("rope_parameters") or {}
+    rope = _dict(raw.get("rope_parameters"), "vision_config.rope_parameters", source)
 
     def get(key, conv=int):
         value = raw.get(key, getattr(d, key))
@@ -228,7 +234,8 @@ def _parse_vision(raw: dict, source: str) -> VisionConfig:
             if len(set(value)) != 1:
                 raise ConfigError(f"{source}: vision_config.{key} {value} must be square")
             value = value[0]
-        return _int(value, f"vision_config.{key}", source) if conv is int else conv(value)
+        return _int(value, f"vision_config.{key}", source) if conv is int else conv(value, f"vision_config.{key}",
+                                                                                    source)
 
     return VisionConfig(
         hidden_size=get("hidden_size"),
@@ -241,14 +248,29 @@ def _parse_vision(raw: dict, source: str) -> VisionConfig:
         spatial_merge_size=get("spatial_merge_size"),
         in_channels=get("in_channels"),
         image_size=get("image_size"),
-        rms_norm_eps=get("rms_norm_eps", float),
+        rms_norm_eps=get("rms_norm_eps", _float),
         hidden_act=raw.get("hidden_act", d.hidden_act),
         attention_bias=bool(raw.get("attention_bias", d.attention_bias)),
-        rope_theta=float(rope.get("rope_theta", d.rope_theta)),
+        rope_theta=_float(rope.get("rope_theta", d.rope_theta), "vision_config.rope_theta", source),
     )
 
 
 def _int(value, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{source}: {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _float(value, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise ConfigError(f"{source}: {key} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def _dict(value, key: str, source: str) -> dict:
+    """A JSON object of the config (absent or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a JSON object, got {type(value).__name__} {str(value)[:80]!r}")
     return value

@@ -13,7 +13,6 @@ placeholders, tokenize, normalise + patchify, optionally on a GPU).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +23,7 @@ import torch
 from glmv.chat_template import render as render_template
 from glmv.errors import InputError, ProcessorConfigError
 from glmv.image import DEFAULT_MAX_IMAGE_PIXELS, LoadedImage, PatchSettings, images_to_patches, load_image
-from glmv.tokenizer import GlmTokenizer
+from glmv.tokenizer import GlmTokenizer, config_object, read_config_json
 from glmv.video import LoadedVideo, VideoSettings, load_video, videos_to_patches
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image|>", "<|video|>"
@@ -63,26 +62,10 @@ class BatchFeature(dict):
         return self
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProcessorConfigError(f"{path}: invalid JSON ({exc})") from None
-    return _object(config, str(path))
-
-
-def _object(config: Any, where: str) -> dict | None:
-    if config is not None and not isinstance(config, dict):
-        raise ProcessorConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    return config
-
-
 def _find_chat_template(path: Path, tokenizer_config: dict, processor_config: dict) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
-    for source in (_read_json(path / "chat_template.json") or {}, processor_config, tokenizer_config):
+    for source in (read_config_json(path / "chat_template.json") or {}, processor_config, tokenizer_config):
         template = source.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
             template = {t["name"]: t["template"] for t in template}.get("default")
@@ -158,14 +141,14 @@ class Glm4vProcessor:
         if not path.is_dir():
             raise ProcessorConfigError(f"{path}: not a checkpoint folder")
         tokenizer = GlmTokenizer.from_pretrained(path)
-        processor_config = _read_json(path / "processor_config.json") or {}
-        nested = {key: _object(processor_config.get(key), f"{path / 'processor_config.json'}: {key}")
+        processor_config = read_config_json(path / "processor_config.json") or {}
+        nested = {key: config_object(processor_config.get(key), f"{path / 'processor_config.json'}: {key}")
                   for key in ("image_processor", "video_processor")}
         # transformers' order: processor_config.json's nested settings, then the older separate files; a video
         # processor without its own file takes the image processor's (GLM-4.1V-9B-Base ships only that one)
-        image_config = nested["image_processor"] or _read_json(path / "preprocessor_config.json")
-        video_config = nested["video_processor"] or _read_json(path / "video_preprocessor_config.json") \
-            or _read_json(path / "preprocessor_config.json")
+        image_config = nested["image_processor"] or read_config_json(path / "preprocessor_config.json")
+        video_config = nested["video_processor"] or read_config_json(path / "video_preprocessor_config.json") \
+            or read_config_json(path / "preprocessor_config.json")
         if image_config is None:
             raise ProcessorConfigError(f"{path}: no preprocessor_config.json or processor_config.json")
         family = family or cls.forced_family or _family_of(

@@ -25,6 +25,23 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def read_config_json(path: Path) -> dict | None:
+    """A processor-side settings file (tokenizer, pre-processor, template): its JSON object, None if absent."""
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProcessorConfigError(f"{path}: invalid JSON ({exc})") from None
+    return config_object(config, str(path))
+
+
+def config_object(config, where: str) -> dict | None:
+    if config is not None and not isinstance(config, dict):
+        raise ProcessorConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 class GlmTokenizer:
     def __init__(self, tokenizer: Tokenizer, config: dict | None = None):
         self.backend = tokenizer
@@ -60,9 +77,7 @@ class GlmTokenizer:
             backend = Tokenizer.from_file(str(file))
         except Exception as exc:  # the tokenizers library raises plain Exception subclasses
             raise ProcessorConfigError(f"{file}: cannot load ({exc})") from None
-        config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(backend, config)
+        return cls(backend, read_config_json(path / "tokenizer_config.json") or {})
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

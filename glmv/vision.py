@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glmv.config import VisionConfig
+from glmv.errors import InputError
 from glmv.layers import GatedMLP, RMSNorm, RotaryTable
 
 
@@ -121,6 +122,13 @@ class VisionTower(RotaryTable, nn.Module):
 
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
+        cfg = self.cfg
+        if patches.shape[-1] != cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2:
+            raise InputError(
+                f"patch rows of {patches.shape[-1]} values, but this vision tower takes {cfg.in_channels} x "
+                f"{cfg.temporal_patch_size} x {cfg.patch_size}^2 (config.json's vision_config in_channels x "
+                f"temporal_patch_size x patch_size^2): the processor's patch_size or temporal_patch_size is not the "
+                f"model's")
         device = patches.device
         hw_pos, frame_hw, frame_runs = _frame_layout(grid_thw, self.cfg.spatial_merge_size, device)
         cos, sin = self.rotary_2d(hw_pos)

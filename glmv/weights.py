@@ -57,10 +57,14 @@ class SafetensorsFile:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
         self.entries = header
         for key, entry in header.items():
+            if not _well_formed(entry):
+                raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: {str(entry)[:200]}")
             begin, end = entry["data_offsets"]
             if entry["dtype"] not in _DTYPES or not (0 <= begin <= end <= size - self.data_start):
                 raise CheckpointError(f"{path}: tensor {key!r} has an unsupported dtype or offsets out of the file")
@@ -93,6 +97,15 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, start, length)
 
 
+def _well_formed(entry) -> bool:
+    """A header entry {"dtype": str, "shape": [int, ...], "data_offsets": [int, int]}."""
+    def ints(value, count=None):
+        return (isinstance(value, list) and (count is None or len(value) == count)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape"))
+            and ints(entry.get("data_offsets"), 2))
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the file holding it, from the index or the single file."""
     index = path / INDEX_FILE
@@ -101,6 +114,14 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files, got a "
+                                  f"{type(weight_map).__name__}")
+        # a shard is a file of this folder: never a path elsewhere on the machine
+        odd = sorted({repr(f) for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f})
+        if odd:
+            raise CheckpointError(f"{index}: weight_map names shards that are not file names in the checkpoint "
+                                  f"folder: {', '.join(odd[:5])}")
         files = {name: path / file for name, file in weight_map.items()}
         missing = sorted({str(f) for f in files.values() if not f.is_file()})
         if missing:
@@ -170,11 +191,39 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     model.name_or_path = str(path)
     generation_file = path / "generation_config.json"
     if generation_file.is_file():
-        try:
-            model.generation_config = json.loads(generation_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{generation_file}: not valid JSON ({e})") from None
+        model.generation_config = read_generation_config(generation_file)
     return model
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "integer" if isinstance(value, int) else "number"
+    if isinstance(value, list) and all(_json_kind(v) == "integer" for v in value):
+        return "integers"
+    return type(value).__name__
+
+
+# generation_config.json keys that generate reads: what each must be, and the JSON kinds that fit
+_NUMBER, _INTEGER = ("a number", {"integer", "number"}), ("an integer", {"integer"})
+_GENERATION_KEYS = {"do_sample": ("true or false", {"boolean"}), "temperature": _NUMBER, "top_p": _NUMBER,
+                    "repetition_penalty": _NUMBER, "top_k": _INTEGER, "max_new_tokens": _INTEGER,
+                    "pad_token_id": _INTEGER, "eos_token_id": ("an integer or a list of them", {"integer", "integers"})}
+
+
+def read_generation_config(file: Path) -> dict:
+    """The file's settings, checked here so that a wrong one names its key instead of failing inside generate."""
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    for key, (wanted, kinds) in _GENERATION_KEYS.items():
+        if config.get(key) is not None and _json_kind(config[key]) not in kinds:
+            raise CheckpointError(f"{file}: {key} must be {wanted}, got {config[key]!r}")
+    return config
 
 
 def build_on_meta(cls, config):

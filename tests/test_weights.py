@@ -197,3 +197,86 @@ def test_zero_heads_is_a_config_error_not_a_crash(tiny_gqa):
     raw["text_config"]["num_attention_heads"] = 0
     with pytest.raises(ConfigError, match="text_config.num_attention_heads must be > 0"):
         Glm4vConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: [c], "the file must be a JSON object, got list"),
+    (lambda c: {**c, "text_config": [1]}, "text_config must be a JSON object, got list"),
+    (lambda c: {**c, "vision_config": "x"}, "vision_config must be a JSON object, got str"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "rms_norm_eps": None}}, "rms_norm_eps must be a non-neg"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "rope_theta": "big"}}, "rope_theta must be a non-negative"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "rope_scaling": [1]}}, "rope_scaling must be a JSON obj"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "rope_scaling": {"mrope_section": 8}}}, "mrope_section must"),
+    (lambda c: {**c, "text_config": {**c["text_config"], "eos_token_id": {"a": 1}}}, "eos_token_id must be an int"),
+])
+def test_config_of_the_wrong_json_shape_is_a_config_error(tiny_gqa, edit, message):
+    """Not a TypeError or AttributeError from deep inside the parser: callers catch glmv's errors."""
+    with pytest.raises(ConfigError, match=message):
+        Glm4vConfig.from_dict(edit(json.loads((tiny_gqa / "config.json").read_text())))
+
+
+def _header_file(path, header: bytes):
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    return path
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"[]", "a JSON list, not an object"),
+    (b'{"x": {"dtype": "F32", "shape": [1]}}', "corrupt safetensors header entry for 'x'"),
+    (b'{"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}', "corrupt safetensors header entry"),
+    (b'{"x": "F32"}', "corrupt safetensors header entry"),
+])
+def test_malformed_safetensors_header_is_a_checkpoint_error(tmp_path, header, message):
+    from glmv.weights import SafetensorsFile
+
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsFile(_header_file(tmp_path / "bad.safetensors", header))
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ([], "weight_map must map tensor names to shard files, got a list"),
+    ({"a": 1}, "not file names in the checkpoint folder: 1"),
+    ({"a": "../other/model.safetensors"}, "not file names in the checkpoint folder: '../other/model.safetensors'"),
+    ({"a": "/etc/passwd"}, "not file names in the checkpoint folder: '/etc/passwd'"),
+])
+def test_index_naming_odd_shards_is_refused_before_any_file_is_opened(tiny_gqa, tmp_path, weight_map, message):
+    dst = config_only(tiny_gqa, tmp_path / "ckpt")
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "expected a JSON object, got list"),
+    ({"eos_token_id": "<|user|>"}, "eos_token_id must be an integer or a list of them, got '<|user|>'"),
+    ({"eos_token_id": [1, "2"]}, "eos_token_id must be an integer or a list of them"),
+    ({"do_sample": "yes"}, "do_sample must be true or false"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"top_k": 2.5}, "top_k must be an integer"),
+])
+def test_generation_config_of_the_wrong_shape_is_named_at_load(tiny_gqa, tmp_path, content, message):
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    (dst / "generation_config.json").write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=message):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+
+
+def test_processor_patch_size_unlike_the_vision_tower_is_an_input_error(tiny_gqa, tmp_path):
+    from PIL import Image
+
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    config = json.loads((dst / "preprocessor_config.json").read_text())
+    (dst / "preprocessor_config.json").write_text(json.dumps({**config, "patch_size": 16}))
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
+    processor = glmv.Glm4vProcessor.from_pretrained(dst)
+    inputs = processor(text="<|begin_of_image|><|image|><|end_of_image|>Describe.",
+                       images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    with pytest.raises(glmv.InputError, match=r"patch rows of 1536 values, but this vision tower takes 3 x 2 x 14"):
+        model.generate(**inputs, max_new_tokens=2)
+
+
+def test_tokenizer_config_that_is_not_json_is_a_processor_config_error(tiny_gqa, tmp_path):
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    (dst / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(glmv.ProcessorConfigError, match="tokenizer_config.json: invalid JSON"):
+        glmv.Glm4vProcessor.from_pretrained(dst)
