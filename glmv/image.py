@@ -59,7 +59,14 @@ class PatchSettings:
     def from_dict(cls, cfg: dict, **defaults: Any) -> "PatchSettings":
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         values = {k: v for k, v in defaults.items()}
+        for switch in UNSUPPORTED_OFF:   # the reference skips that step; here it always runs
+            if cfg.get(switch) is False:
+                raise ProcessorConfigError(f"preprocessor setting {switch}: false is not supported (GLM-V checkpoints "
+                                           f"leave it true)")
         size = cfg.get("size") or {}
+        if not isinstance(size, dict):
+            raise ProcessorConfigError(f"preprocessor setting size must be an object of shortest_edge and/or "
+                                       f"longest_edge (pixels), got {size!r}")
         if "shortest_edge" in size:
             values["min_pixels"] = size["shortest_edge"]
         if "longest_edge" in size:
@@ -70,8 +77,9 @@ class PatchSettings:
         for key in known - {"min_pixels", "max_pixels"}:
             if cfg.get(key) is not None:
                 values[key] = cfg[key]
-        values["image_mean"] = tuple(values.get("image_mean", CLIP_MEAN))
-        values["image_std"] = tuple(values.get("image_std", CLIP_STD))
+        for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+            value = values.get(key, default)
+            values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
         settings = cls(**values, extra={k: v for k, v in cfg.items() if k not in known and k != "size"})
         settings.validate()
         return settings
@@ -82,9 +90,20 @@ class PatchSettings:
             if not isinstance(value, int) or value <= 0:
                 raise ProcessorConfigError(f"preprocessor setting {name} must be a positive integer, got {value!r}")
         # min_pixels above max_pixels is allowed, as the reference allows it: smart_resize applies max first
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+        def numbers(value, count):
+            return isinstance(value, tuple) and len(value) == count and all(_is_number(v) for v in value)
+        if not numbers(self.image_mean, 3) or not numbers(self.image_std, 3) or min(self.image_std) <= 0:
             raise ProcessorConfigError(
-                f"image_mean/image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+                f"image_mean/image_std need 3 numbers (std > 0), got {self.image_mean!r}, {self.image_std!r}")
+        if not _is_number(self.rescale_factor) or self.rescale_factor <= 0:
+            raise ProcessorConfigError(f"preprocessor setting rescale_factor must be a positive number, "
+                                       f"got {self.rescale_factor!r}")
+        if not isinstance(self.do_rescale, bool) or not isinstance(self.do_normalize, bool):
+            raise ProcessorConfigError(f"preprocessor settings do_rescale/do_normalize must be true or false, got "
+                                       f"{self.do_rescale!r}, {self.do_normalize!r}")
+        if self.resample not in set(Image.Resampling):
+            raise ProcessorConfigError(f"preprocessor setting resample must be one of Pillow's filters "
+                                       f"{sorted(int(r) for r in Image.Resampling)}, got {self.resample!r}")
 
     def overridden(self, overrides: dict[str, Any]) -> "PatchSettings":
         """A validated copy with a caller's settings: transformers' `size` ({"shortest_edge": min pixels,
@@ -105,6 +124,11 @@ class PatchSettings:
         return settings
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+UNSUPPORTED_OFF = ("do_resize", "do_convert_rgb", "do_sample_frames")
 OVERRIDABLE = ("min_pixels", "max_pixels", "fps")  # what `PatchSettings.overridden` may change, besides `size`
 
 

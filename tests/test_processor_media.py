@@ -426,3 +426,23 @@ def test_the_same_frames_in_several_rows_are_patchified_once_and_stored_in_the_a
     video_rows = videos_to_patches([clip, clip], VideoSettings(), dtype=torch.bfloat16)[0]
     half = video_rows.shape[0] // 2
     assert video_rows.dtype == torch.bfloat16 and torch.equal(video_rows[:half], video_rows[half:])
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"do_resize": False}, "do_resize: false is not supported"),
+    ({"do_sample_frames": False}, "do_sample_frames: false is not supported"),
+    ({"size": "big"}, "size must be an object of shortest_edge"),
+    ({"image_std": "abc"}, "image_mean/image_std need 3 numbers"),
+    ({"image_mean": [0.5, "a", 0.5]}, "image_mean/image_std need 3 numbers"),
+    ({"rescale_factor": "x"}, "rescale_factor must be a positive number"),
+    ({"resample": "bicubic"}, "resample must be one of Pillow's filters"),
+    ({"do_normalize": "no"}, "do_rescale/do_normalize must be true or false"),
+])
+def test_preprocessor_settings_glmv_would_not_apply_are_refused(config, message):
+    """A key the reference honours but glmv would ignore (or a value of the wrong type) is an error, never a
+    silently different preprocessing."""
+    from glmv.errors import ProcessorConfigError
+
+    for settings in (PatchSettings, VideoSettings):
+        with pytest.raises(ProcessorConfigError, match=message):
+            settings.from_dict(config)
