@@ -11,8 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-BOX_RE = re.compile(r"<\|begin_of_box\|>(.*?)(?:<\|end_of_box\|>|$)", re.S)
-NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")   # 12, 12.5, 12. and .5
+BOX_BEGIN, BOX_END = "<|begin_of_box|>", "<|end_of_box|>"
+BOX_MARKER_RE = re.compile(r"(<\|begin_of_box\|>|<\|end_of_box\|>)")
+# 12, 12.5, 12. and .5; the digits after the point only after a point, else a long digit run that fails to match
+# ("1111x") is retried at every split of the run (quadratic)
+NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 # brackets and separators between the numbers of a box
 SEPARATORS_RE = re.compile(r"[\s\[\]\(\)<>{},;:]+")
 # end-of-turn tokens that show up when decoding with skip_special_tokens=False
@@ -46,29 +49,49 @@ def _strip_end_of_turn(text: str) -> str:
     return stripped if stripped != text.rstrip() else text
 
 
+def _unwrap_boxes(text: str, boxes: list) -> str:
+    """The text without box markers; the coordinates of each innermost box (one holding no other) go to `boxes`.
+    A box cut off by the token limit runs to the end; a stray end marker is dropped. Linear in the text."""
+    kept: list[str] = []
+    open_boxes: list[list] = []   # [where its content starts in `kept`, whether another box opened inside it]
+    for part in BOX_MARKER_RE.split(text):
+        if part == BOX_BEGIN:
+            if open_boxes:
+                open_boxes[-1][1] = True
+            open_boxes.append([len(kept), False])
+        elif part == BOX_END:
+            if open_boxes:
+                _add_boxes(kept, *open_boxes.pop(), boxes)
+        else:
+            kept.append(part)
+    while open_boxes:
+        _add_boxes(kept, *open_boxes.pop(), boxes)
+    return "".join(kept)
+
+
+def _add_boxes(kept: list[str], start: int, nested: bool, boxes: list) -> None:
+    found = None if nested else _parse_boxes("".join(kept[start:]))
+    if found is not None:
+        boxes.extend(found)
+
+
 def parse_output(text: str) -> ParsedOutput:
     text = _strip_end_of_turn(text)
     out = ParsedOutput()
     rest = text
     if "<think>" in text or "</think>" in text:
         before, opened, after = text.partition("<think>")
-        body = after if opened else before  # a prompt that already opened <think> leaves only </think> here
-        thinking, closed, rest = body.partition("</think>")
-        out.thinking = thinking.strip()
-        if not closed:  # cut off while thinking: no answer yet
-            out.complete = False
+        if not opened:   # a prompt that already opened <think> leaves only </think> here
+            before, after = "", before
+        thinking, closed, after = after.partition("</think>")
+        out.thinking, out.complete = thinking.strip(), bool(closed)
+        rest = before + after   # text outside the reasoning, on either side of it
+        if not rest.strip():   # cut off while thinking: no answer yet
             return out
     if "<answer>" in rest:
         answer, closed, _ = rest.partition("<answer>")[2].partition("</answer>")
-        out.complete = bool(closed)
+        out.complete = out.complete and bool(closed)
     else:
         answer = rest.replace("</answer>", "")
-
-    def unwrap(match: re.Match) -> str:
-        boxes = _parse_boxes(match.group(1))
-        if boxes is not None:
-            out.boxes.extend(boxes)
-        return match.group(1)
-
-    out.answer = BOX_RE.sub(unwrap, answer).replace("<|end_of_box|>", "").strip()
+    out.answer = _unwrap_boxes(answer, out.boxes).strip()
     return out

@@ -98,3 +98,30 @@ def test_trailing_end_of_turn_tokens_are_stripped_in_linear_time():
     out = parse_output("<think>ok</think>answer" + " " * 400_000 + ".")
     assert time.perf_counter() - started < 0.5
     assert out.answer.startswith("answer") and out.answer.endswith(".")
+
+
+def test_nested_box_markers_give_the_inner_box_and_leave_no_marker():
+    out = parse_output("<answer>See <|begin_of_box|>the dog <|begin_of_box|>[1,2,3,4]<|end_of_box|><|end_of_box|>"
+                       " and <|begin_of_box|>(5,6,7,8)<|end_of_box|></answer>")
+    assert out.boxes == [(1, 2, 3, 4), (5, 6, 7, 8)]
+    assert out.answer == "See the dog [1,2,3,4] and (5,6,7,8)" and out.complete
+    cut = parse_output("<|begin_of_box|>a <|begin_of_box|>[1,2,3,4]")   # both cut off by the token limit
+    assert cut.boxes == [(1, 2, 3, 4)] and cut.answer == "a [1,2,3,4]"
+
+
+def test_answer_written_before_a_late_think_block_is_kept():
+    out = parse_output("<answer>A cat.</answer><think>double-check</think>")
+    assert (out.thinking, out.answer, out.complete) == ("double-check", "A cat.", True)
+    out = parse_output("A cat. <think>more thoughts")   # cut off inside the late block
+    assert (out.thinking, out.answer, out.complete) == ("more thoughts", "A cat.", False)
+
+
+def test_hostile_boxes_parse_in_linear_time():
+    """A long digit run that is not a number, deep nesting, many boxes: each well under a second."""
+    import time
+
+    started = time.perf_counter()
+    assert parse_output("<|begin_of_box|>" + "1" * 200_000 + "x 2 3 4<|end_of_box|>").boxes == []
+    assert len(parse_output("<|begin_of_box|>" * 50_000 + "[1,2,3,4]" + "<|end_of_box|>" * 50_000).boxes) == 1
+    assert len(parse_output("<|begin_of_box|>[1,2,3,4]<|end_of_box|>" * 50_000).boxes) == 50_000
+    assert time.perf_counter() - started < 1.0
