@@ -170,6 +170,9 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
         if st.shape(name) != expected[name]:
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
                                   f"({path / 'config.json'}) needs {list(expected[name])}")
+        if not _DTYPES[st.entries[name]["dtype"]].is_floating_point:   # quantized or corrupt: never cast silently
+            raise CheckpointError(f"{file.name}: tensor {name!r} is stored as {st.entries[name]['dtype']}; GLM-V "
+                                  f"weights are floating point (BF16, F16 or F32)")
     started, loaded_bytes = time.perf_counter(), 0
     for i, (file, st) in enumerate(opened.items(), 1):
         for name in names_in[file]:

@@ -280,3 +280,15 @@ def test_tokenizer_config_that_is_not_json_is_a_processor_config_error(tiny_gqa,
     (dst / "tokenizer_config.json").write_text("{oops")
     with pytest.raises(glmv.ProcessorConfigError, match="tokenizer_config.json: invalid JSON"):
         glmv.Glm4vProcessor.from_pretrained(dst)
+
+
+def test_integer_weights_are_refused_not_cast(tiny_gqa, tmp_path):
+    """A quantized or corrupt checkpoint storing a weight as integers or booleans would load as a wrong model."""
+    dst = copy_checkpoint(tiny_gqa, tmp_path / "ckpt")
+    shard = sorted(dst.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' is stored as I32"):
+        glmv.Glm4vForConditionalGeneration.from_pretrained(dst)
