@@ -103,16 +103,58 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
     return out
 
 
+# appended to the text being continued, so that the rendered prompt can be cut right after it
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: list[dict], field: str, template: str) -> str:
+    """Append CONTINUE_TAG to the final message's `field` (its last text block, for a list of blocks); the text
+    being continued. transformers' rules and messages."""
+    if not messages:
+        raise ValueError("continue_final_message is set but the conversation is empty")
+    final = messages[-1].get(field)
+    if final is None:
+        raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue')
+    fields = [k for k in REASONING_KEYS if messages[-1].get(k) == final] if field in REASONING_KEYS else [field]
+    if not any(f in template for f in fields):
+        raise ValueError(f'continue_final_message is set to "{field}", which this chat template never reads')
+    if isinstance(final, list):
+        block = next((b for b in reversed(final) if isinstance(b, dict) and "text" in b), None)
+        if block is None:
+            raise ValueError("continue_final_message is set but the final message holds no text to continue")
+        final, block["text"] = block["text"], block["text"] + CONTINUE_TAG
+        return final
+    for f in fields:
+        messages[-1][f] = final + CONTINUE_TAG
+    return final
+
+
+def _cut_after_final_message(rendered: str, final: str) -> str:
+    tag = CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message is set but the chat template drops part of the final message")
+    at = rendered.rindex(tag)
+    # a template that trims the message's trailing space trimmed the tag's too
+    return rendered[:at] if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else rendered[:at].rstrip()
+
+
 def render(
     template: str,
     conversations: list[list[dict]],
     *,
     add_generation_prompt: bool = False,
+    continue_final_message: bool | str = False,
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
     **template_kwargs: Any,
 ) -> list[str]:
-    """One prompt string per conversation. Keys with value None are dropped from messages (as transformers does)."""
+    """One prompt string per conversation. Keys with value None are dropped from messages (as transformers does).
+    continue_final_message (True: "content", or another field): the prompt ends inside the final message, right
+    after its text, so that generation continues it."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot be used together: one continues "
+                         "the final message, the other opens a new assistant message")
+    field = continue_final_message if isinstance(continue_final_message, str) else "content"
     compiled = compile_template(template)
     for tool in tools or ():
         if not isinstance(tool, dict):  # a Python function would reach the template as the string "<function>"
@@ -125,6 +167,9 @@ def render(
         for m in messages:
             if not isinstance(m, dict):
                 raise TypeError(f"chat messages must be dicts, got {m!r}")
-        prompts.append(compiled.render(messages=_alias_reasoning(messages), tools=tools, documents=documents,
-                                       add_generation_prompt=add_generation_prompt, **template_kwargs))
+        messages = _alias_reasoning(messages)
+        final = _tag_final_message(messages, field, template) if continue_final_message else None
+        prompt = compiled.render(messages=messages, tools=tools, documents=documents,
+                                 add_generation_prompt=add_generation_prompt, **template_kwargs)
+        prompts.append(prompt if final is None else _cut_after_final_message(prompt, final))
     return prompts

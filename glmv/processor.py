@@ -299,7 +299,7 @@ class Glm4vProcessor:
         """Render one conversation or a batch with the checkpoint's template; with tokenize=True also load the
         media and return model inputs (a BatchFeature when return_dict=True, else input_ids).
         Extra keyword arguments (e.g. enable_thinking=False) are passed to the template."""
-        for unsupported in ("continue_final_message", "return_assistant_tokens_mask", "sanitize_control_tokens"):
+        for unsupported in ("return_assistant_tokens_mask", "sanitize_control_tokens"):
             if template_kwargs.pop(unsupported, False):
                 raise ValueError(f"apply_chat_template: {unsupported} is not supported by glmv")
         template = chat_template or self.chat_template

@@ -233,6 +233,43 @@ def test_chat_template_renders_identically(reference, ours, case, template_kwarg
     assert ours.apply_chat_template([conversation], **template_kwargs) == expected
 
 
+CONTINUE_CASES = {
+    "string": ("content", [{"role": "user", "content": "Count the dogs."},
+                           {"role": "assistant", "content": "<think>Two dogs.</think><answer>There are "}]),
+    "text_blocks": ("content", [{"role": "user", "content": [{"type": "image", "url": "a.png"},
+                                                            {"type": "text", "text": "Read it."}]},
+                                {"role": "assistant", "content": [{"type": "text", "text": "It says: "}]}]),
+    "trailing_space_trimmed": (True, [{"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello there   "}]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTINUE_CASES))
+def test_continue_final_message_renders_identically(reference, ours, case):
+    """The prompt ends inside the final assistant message, right after its text (prefilling an answer)."""
+    field, conversation = CONTINUE_CASES[case]
+    try:
+        expected = reference.apply_chat_template(conversation, continue_final_message=field)
+    except ValueError:   # GLM-4.6V's template drops <think> from history: nothing to continue, both refuse
+        with pytest.raises(ValueError, match="drops part of the final message"):
+            ours.apply_chat_template(conversation, continue_final_message=field)
+        return
+    got = ours.apply_chat_template(conversation, continue_final_message=field)
+    assert got == expected and not got.endswith("<|user|>")
+    assert "CONTINUE_FINAL_MESSAGE_TAG" not in got
+
+
+def test_continue_final_message_errors(ours):
+    with pytest.raises(ValueError, match="cannot be used together"):
+        ours.apply_chat_template([{"role": "assistant", "content": "x"}], continue_final_message=True,
+                                 add_generation_prompt=True)
+    with pytest.raises(ValueError, match="holds no text to continue"):
+        ours.apply_chat_template([{"role": "assistant", "content": [{"type": "image", "url": "a.png"}]}],
+                                 continue_final_message=True)
+    with pytest.raises(ValueError, match="never reads"):
+        ours.apply_chat_template([{"role": "assistant", "content": "x", "extra": "y"}], continue_final_message="extra")
+
+
 def test_tools_render_identically(reference, ours, family):
     parameters = {"type": "object", "properties": {"box": {"type": "array"}}}
     tools = [{"type": "function",
