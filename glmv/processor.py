@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from glmv.chat_template import render as render_template
 from glmv.errors import InputError, ProcessorConfigError
@@ -239,6 +240,10 @@ class Glm4vProcessor:
         if text is None and images is None and videos is None:
             raise ValueError("pass at least one of text, images, videos")
         images, videos = _flatten(images), _flatten(videos)
+        frames = next((v for v in videos if isinstance(v, (Image.Image, np.ndarray, torch.Tensor))), None)
+        if frames is not None:
+            raise InputError(f"videos given as decoded frames ({type(frames).__name__}) are not supported: pass each "
+                             f"video as a path, URL, bytes or file object (or a glmv.LoadedVideo)")
         texts = [text] if isinstance(text, str) else (None if text is None else list(text))
         if texts is not None:
             if not all(isinstance(t, str) for t in texts):

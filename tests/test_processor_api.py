@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from glmv.chat_template import render
-from glmv.errors import ProcessorConfigError
+from glmv.errors import InputError, ProcessorConfigError
 from glmv.processor import Glm4vProcessor, Glm46VProcessor
 
 CONVERSATION = [{"role": "system", "content": "Be brief."},
@@ -87,8 +87,11 @@ def test_call_forms_and_placeholder_count_check(tiny_gqa):
     assert isinstance(unpadded["input_ids"], list) and len(unpadded["input_ids"][1]) < len(unpadded["input_ids"][0])
     with pytest.raises(ValueError, match="padding=True"):
         processor(text=[prompt, "short"], images=[image], return_tensors="pt")
-    with pytest.raises(ValueError, match="continue_final_message is not supported"):
-        processor.apply_chat_template(CONVERSATION, continue_final_message=True)
+    with pytest.raises(ValueError, match="return_assistant_tokens_mask is not supported"):
+        processor.apply_chat_template(CONVERSATION, return_assistant_tokens_mask=True)
+    frames = [Image.new("RGB", (56, 56))] * 4
+    with pytest.raises(InputError, match=r"videos given as decoded frames \(Image\) are not supported"):
+        processor(text="<|begin_of_video|><|video|><|end_of_video|>x", videos=[frames])
     ids = processor.apply_chat_template(CONVERSATION[:1], tokenize=True)  # ids only, lists
     assert isinstance(ids, list) and processor.decode(ids[0]).startswith("[gMASK]<sop><|system|>")
 
