@@ -10,7 +10,18 @@ plain ValueError / TypeError, as in transformers.
 
 
 class GlmvError(Exception):
-    """Base class of every error glmv raises on purpose."""
+    """Base class of every error glmv raises on purpose. The message is kept apart from `args`, which frameworks
+    that re-raise an error edit (Ray Data appends lines of retry advice to them): str() is the message alone."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):   # Ray ships exceptions between processes by pickling
+        return (type(self), (self.message,))
 
 
 class MediaError(GlmvError, ValueError):

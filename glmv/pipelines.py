@@ -24,6 +24,7 @@ class ImageTextToTextPipeline:
     def __init__(self, model: Glm4vForConditionalGeneration, processor: Glm4vProcessor, batch_size: int = 8):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        processor.check_model(model.config)
         self.model, self.processor, self.batch_size = model, processor, batch_size
         self.processor.tokenizer.padding_side = "left"  # static batches are left-padded for generation
 

@@ -162,6 +162,18 @@ class Glm4vProcessor:
 
     # ---- CPU step: media -> compact uint8 -------------------------------------------------------------------
 
+    def check_model(self, config) -> None:
+        """Raise ProcessorConfigError where this processor's patches cannot feed a model of `config` (a
+        Glm4vConfig): every item would fail at the vision tower otherwise."""
+        v = config.vision
+        model = (v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+        for kind, s in (("image", self.image_settings), ("video", self.video_settings)):
+            if (s.patch_size, s.temporal_patch_size, s.merge_size) != model:
+                raise ProcessorConfigError(
+                    f"the {kind} processor's patch_size, temporal_patch_size, merge_size "
+                    f"{s.patch_size, s.temporal_patch_size, s.merge_size} are not the model's {model} (config.json "
+                    f"vision_config patch_size, temporal_patch_size, spatial_merge_size)")
+
     def load_image(self, source, settings: PatchSettings | None = None) -> LoadedImage:
         """Decode + resize one image (path, URL, bytes, file object, PIL image, uint8 array). Raises MediaError."""
         if isinstance(source, LoadedImage):

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo roo
 
 from pipeline import config as config_mod  # noqa: E402
 from pipeline.errors import (ConfigError, LeaseHeld, LeaseLost, PipelineError, RunStopped,  # noqa: E402
-                             StorageUnavailable, find_error)
+                             StorageUnavailable, find_error, own_errors)
 
 # What the first word of the one-line message says, per kind of error; each kind's exit code is its `exit_code`
 # (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use).
@@ -42,8 +42,7 @@ def prepare_demo(cfg) -> None:
 
 def known_error(exc: BaseException) -> BaseException | None:
     """The PipelineError or glmv error behind exc (Ray wraps what a task raised)."""
-    glmv_errors = sys.modules.get("glmv.errors")   # not imported: no glmv error can have been raised
-    return find_error(exc, (PipelineError, glmv_errors.GlmvError) if glmv_errors else PipelineError)
+    return find_error(exc, own_errors())
 
 
 def report(exc: BaseException) -> int:

@@ -93,6 +93,13 @@ def find_error(exc: BaseException | None, kinds) -> BaseException | None:
     return None
 
 
+def own_errors() -> tuple[type, ...]:
+    """The kinds said in one line at the entry point: PipelineError, and glmv's errors (a checkpoint the model
+    cannot use) once glmv is loaded; importing it only to look would import torch."""
+    glmv_errors = sys.modules.get("glmv.errors")
+    return (PipelineError, glmv_errors.GlmvError) if glmv_errors else (PipelineError,)
+
+
 class HideOwnErrors(logging.Filter):
     """For the loggers where Ray Data reports a failed task (its traceback, and a note calling it an internal Ray
     error) before it re-raises the error: when the error is one of the pipeline's own, the entry point prints it as
@@ -101,6 +108,6 @@ class HideOwnErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        if exc is not None and find_error(exc, PipelineError) is not None:
+        if exc is not None and find_error(exc, own_errors()) is not None:
             record.hide = True
         return True

@@ -20,6 +20,7 @@ from pipeline import items as items_mod
 from pipeline import output
 from pipeline.breaker import OUTAGE
 from pipeline.config import AUTO, Config, TaskSpec, decode_slots
+from pipeline.errors import PipelineError
 from pipeline.items import Item
 from pipeline.media import restore
 from pipeline.poison import CrashGuard, crash_message, inject_crash
@@ -73,6 +74,18 @@ class Predictor:
     """Ray Data actor class (`map_batches(Predictor, concurrency=N, num_gpus=G)`)."""
 
     def __init__(self, cfg: Config, run_tag: str = ""):
+        from glmv.errors import GlmvError
+
+        self.load_error: Exception | None = None
+        try:
+            self._load(cfg, run_tag)
+        except (GlmvError, PipelineError) as e:
+            # Ray reports an actor that fails to start by the text of its traceback only (ActorDiedError), and the
+            # run would end in that traceback with exit 1. Raised by the first call instead, the error reaches the
+            # driver as itself: one line and its exit code (a checkpoint missing on this node, a bad config value).
+            self.load_error = e
+
+    def _load(self, cfg: Config, run_tag: str) -> None:
         import torch
 
         from glmv.model import Glm4vForConditionalGeneration
@@ -86,6 +99,7 @@ class Predictor:
         self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
         self.model = Glm4vForConditionalGeneration.from_pretrained(cfg.model.path, dtype=self.dtype,
                                                                    device=self.device)
+        self.processor.check_model(self.model.config)
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
         self.kv_share = KV_SHARE * (min(1.0, cfg.actors.num_gpus) if cfg.actors.on_gpu else 1.0)
@@ -129,6 +143,8 @@ class Predictor:
     # -- running the model ----------------------------------------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.load_error is not None:
+            raise self.load_error
         items = items_mod.from_table(batch)
         out: list[dict] = []
         seqs = self._sequences(items, out)

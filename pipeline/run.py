@@ -127,6 +127,9 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.target_max_block_size = BLOCK_BYTES
+    # A stage's own error (a model actor that could not load its checkpoint) must reach the driver as itself, to be
+    # said in one line with its exit code: Ray Data's wrapper (UserCodeException) loses it on its way to the driver.
+    ctx.raise_original_map_exception = True
     # Read tasks mostly wait on storage: they hold no CPU, so a long listing never keeps decoding from starting.
     # One output block stream per read task: without override_num_blocks, Ray Data cuts every block into ~200
     # slivers to reach its default read parallelism, and each sliver then costs a task downstream.

@@ -19,8 +19,8 @@ from pipeline.media import MediaLoader
 from pipeline.readers import Unit
 from pipeline.run import run
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import (S3_ENV, bad_media, config_text, good_media, moto_s3, read_output, s3fs_for,
-                                    write_local)
+from tests.pipeline_helpers import (S3_ENV, bad_media, config_text, good_media, moto_s3, read_output, run_job,
+                                    s3fs_for, write_local)
 
 TASKS = ("caption", "reasoning")
 
@@ -251,3 +251,23 @@ def test_deleted_object_and_unreachable_store_become_error_rows(s3, tiny_gqa):
     assert unreachable.error.startswith("s3://flaky/a.png: ") and "EndpointConnectionError" in unreachable.error
     assert unreachable.outage      # not about the item: never recorded as its result (the circuit breaker's)
     assert S3_ENV["AWS_SECRET_ACCESS_KEY"] not in unreachable.error
+
+
+def test_a_model_actor_that_cannot_load_stops_the_run_in_one_line(tiny_gqa, tmp_path):
+    """What only the model actor's load finds (here a processor patch size the vision tower cannot take; on a
+    cluster, a checkpoint missing on the actor's node) ends the run as itself: one line, exit 2, no traceback, and
+    no item recorded as failed. Ray reports an actor that dies in its constructor by traceback text only."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_gqa, checkpoint)
+    settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    (checkpoint / "preprocessor_config.json").write_text(json.dumps({**settings, "patch_size": 16}))
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, good_media(num_images=3, num_videos=0))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(config_text(str(corpus), str(out), str(checkpoint)))
+    result = run_job(cfg, "ray.num_cpus=2", "run.max_new_tokens=2")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("model error: the image processor's patch_size") and last.endswith("spatial_merge_size)")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(out.glob("*.parquet"))

@@ -273,6 +273,10 @@ def test_processor_patch_size_unlike_the_vision_tower_is_an_input_error(tiny_gqa
                        images=[Image.new("RGB", (64, 64))], return_tensors="pt")
     with pytest.raises(glmv.InputError, match=r"patch rows of 1536 values, but this vision tower takes 3 x 2 x 14"):
         model.generate(**inputs, max_new_tokens=2)
+    # where both are loaded together (glmv.pipeline, the pipeline's model actor) it is said at load, once
+    with pytest.raises(glmv.ProcessorConfigError, match=r"image processor's patch_size.* \(16, 2, 2\) are not the "
+                                                        r"model's \(14, 2, 2\)"):
+        glmv.pipeline("image-text-to-text", model=str(dst))
 
 
 def test_tokenizer_config_that_is_not_json_is_a_processor_config_error(tiny_gqa, tmp_path):
