@@ -116,14 +116,15 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
     moment leaves every pair either still recorded (as an error, retried by the next such run) or pending, never
     twice."""
     fs, root = storage.filesystem(uri, opts)
-    reopened = 0
+    reopened, arrow_fs = 0, storage.arrow_filesystem(fs)
     for name in result_files(fs, root, opts):
         path = f"{root.rstrip('/')}/{name}"
-        errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=fs), path, opts)
+        errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=arrow_fs), path,
+                                      opts)
         n = len(errors) - errors["error"].null_count
         if not n:
             continue
-        table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), path, opts)
+        table = storage.with_retries(lambda: pq.read_table(path, filesystem=arrow_fs), path, opts)
         kept = table.filter(table["error"].is_null())
         if len(kept):
             sink = io.BytesIO()

@@ -153,7 +153,7 @@ def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
     """Sorted, unique uint64 keys of the (id, task) rows in these result files (names under the output root).
     A file that is gone (its write never happened) holds none; a torn or foreign one is set aside under
     `_state/quarantine/` with a warning, and its pairs are pending again, never a crash."""
-    fs, root, opts = state.fs, state.root, state.opts
+    fs, root, opts = storage.arrow_filesystem(state.fs), state.root, state.opts
 
     def keys_of(name: str) -> np.ndarray:
         path = f"{root}/{name}"

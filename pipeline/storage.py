@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import fsspec
+import pyarrow
+import pyarrow.fs
 
 from pipeline.errors import StorageUnavailable
 
@@ -118,6 +120,22 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def is_object_store(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return not is_local(fs) and protocol_of(fs.unstrip_protocol(path)) in ("s3", "s3a", "gs", "gcs", "az", "abfs")
+
+
+class _OpenWithoutAsking(pyarrow.fs.FSSpecHandler):
+    """pyarrow's view of an fsspec filesystem, minus the fs.isfile() it asks before opening a file: fsspec's
+    isfile() answers False for any error, so a throttled or dropped HEAD made a result file that exists read as
+    missing (its rows as never written: they ran again). fs.open raises the real error, which is classified."""
+
+    def open_input_file(self, path):
+        return pyarrow.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    open_input_stream = open_input_file
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """fs for pyarrow's readers (`pq.read_table(path, filesystem=...)`, datasets)."""
+    return pyarrow.fs.LocalFileSystem() if is_local(fs) else pyarrow.fs.PyFileSystem(_OpenWithoutAsking(fs))
 
 
 # --- classifying failures ----------------------------------------------------------------------------------------

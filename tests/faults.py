@@ -15,6 +15,7 @@ Faults:
         proxy.set("read", slowdown=0.2, internal=0.1, drop=0.05, cut=0.05)
         proxy.set("read", prefix="/media/", slowdown=1.0)   # only requests whose path starts with /media/
         proxy.burst("head", 2, "slowdown")                   # the next 2 HEADs, whatever the rates say
+        proxy.burst("head", 1, "drop", after=1)              # the HEAD after the next one
         ... point the client at proxy.url ...
         proxy.injected()   # {("read", "slowdown"): 31, ...}
 """
@@ -74,11 +75,11 @@ class FaultProxy:
             self.rates[kind], self.prefixes[kind] = dict(rates), prefix
         return self
 
-    def burst(self, kind: str, n: int, fault: str) -> "FaultProxy":
-        """The next n requests of a kind get `fault`."""
+    def burst(self, kind: str, n: int, fault: str, after: int = 0) -> "FaultProxy":
+        """The next n requests of a kind get `fault` (after `after` more of them pass untouched)."""
         assert kind in KINDS and fault in FAULTS
         with self._lock:
-            self.bursts[kind] += [fault] * n
+            self.bursts[kind] += [None] * after + [fault] * n
         return self
 
     def heal(self) -> None:

@@ -278,3 +278,33 @@ def test_url_credentials_are_masked_and_the_rest_of_the_url_kept():
     assert storage.redact_column(pa.chunked_array([[url, None, "s3://b/k.jpg?versionId=3"]])).to_pylist() == [
         expected, None, "s3://b/k.jpg?versionId=3"]
     assert "hunter22" not in storage.scrub(f"failed: {url}")
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "drop", "internal"])
+def test_a_failed_head_never_makes_a_result_file_read_as_missing(proxied, tmp_path, fault):
+    """pyarrow's fsspec handler asks fs.isfile() before opening (the second HEAD of a read: the first asks what the
+    path is), and fsspec's isfile() answers False for any error: one throttled HEAD made a result file's rows read
+    as never written, and a resumed run wrote them again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.output import reopen_errors
+    from pipeline.progress import read_keys
+    from pipeline.state import StateDir
+
+    endpoint, proxy = proxied
+    proxy.heal()
+    fs = s3fs_for(endpoint)
+    fs.makedirs("results", exist_ok=True)
+    table = pa.table({"id": ["a", "b"], "task": ["caption", "caption"], "error": [None, "x: corrupt"]})
+    with fs.open(f"results/{fault}/part-1.parquet", "wb") as f:
+        pq.write_table(table, f)
+    state = StateDir(f"s3://results/{fault}", _s3(proxy, retries=3))
+    try:
+        proxy.burst("head", 1, fault, after=1)
+        assert len(read_keys(state, ["part-1.parquet"])) == 2
+        proxy.burst("head", 1, fault, after=1)
+        assert reopen_errors(f"s3://results/{fault}", _s3(proxy, retries=3), str(tmp_path)) == 1
+    finally:
+        proxy.heal()
+    assert fs.cat_file(f"results/{fault}/part-1.parquet") and len(read_keys(state, ["part-1.parquet"])) == 1

@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
 from pipeline import output, storage
 from pipeline.storage import StorageOptions
@@ -72,9 +71,8 @@ def open_dataset(fs, root: str, opts: StorageOptions) -> tuple[pads.FileSystemDa
     names = output.result_files(fs, root, opts)
     foreign = [(f"{root}/{n}", output.FOREIGN_NAME) for n in names if not output.is_ours(n)]
     paths = [f"{root}/{n}" for n in names if output.is_ours(n)]
-    filesystem = LocalFileSystem() if storage.is_local(fs) else PyFileSystem(FSSpecHandler(fs))
     return pads.FileSystemDataset.from_paths(paths, schema=output.SCHEMA, format=pads.ParquetFileFormat(),
-                                             filesystem=filesystem), foreign
+                                             filesystem=storage.arrow_filesystem(fs)), foreign
 
 
 def run_of(path: str) -> str:
