@@ -17,6 +17,7 @@ keys count as done, and the marker is written when a run has finished every shar
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -183,7 +184,14 @@ def quarantine(state: StateDir, name: str, reason: str) -> None:
 
     def move():
         state.fs.makedirs(state.full(QUARANTINE), exist_ok=True)
-        state.fs.mv(source, target)
+        try:
+            state.fs.mv(source, target)
+        except FileNotFoundError:
+            try:
+                state.fs.info(source)   # not fs.exists(), which answers False for any error
+            except FileNotFoundError:
+                return   # gone: an earlier try moved it and only the answer to its delete was lost
+            raise OSError(errno.EAGAIN, f"moving {source} failed: it is still there") from None
 
     storage.with_retries(move, source, state.opts)
 

@@ -308,3 +308,24 @@ def test_a_failed_head_never_makes_a_result_file_read_as_missing(proxied, tmp_pa
     finally:
         proxy.heal()
     assert fs.cat_file(f"results/{fault}/part-1.parquet") and len(read_keys(state, ["part-1.parquet"])) == 1
+
+
+def test_quarantine_move_whose_delete_answer_is_lost_counts_as_done(proxied):
+    """The move is a copy then a delete: when the delete happened but its answer was lost, the retried move finds
+    the source gone. That is the move done, not an error that ends the run."""
+    from pipeline.progress import read_keys
+    from pipeline.state import StateDir
+
+    endpoint, proxy = proxied
+    proxy.heal()
+    fs = s3fs_for(endpoint)
+    fs.makedirs("results", exist_ok=True)
+    fs.pipe("results/torn/part-1.parquet", b"PAR1 cut short")
+    state = StateDir("s3://results/torn", _s3(proxy, retries=3))
+    try:
+        proxy.set("write", prefix="/results?delete", lost_reply=1.0)
+        assert len(read_keys(state, ["part-1.parquet"])) == 0
+        assert proxy.injected("write") >= 1
+    finally:
+        proxy.heal()
+    assert fs.find("results/torn") == ["results/torn/_state/quarantine/part-1.parquet"]
