@@ -254,7 +254,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
         try:
             _stream(cfg, source, Drain(writer, lease, shards, breaker, summary, tracker, start), stages)
         finally:
-            _flush_what_is_done(writer)
+            _flush_what_is_done(writer, lease)
     if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
         ledger.mark_trusted()   # every shard of the input now has its record
     ledger.fold()
@@ -361,8 +361,12 @@ class Watchdog:
                             "lines show which stage waits: 'pending' resources, 'backpressured')", idle, have)
 
 
-def _flush_what_is_done(writer: output.ResultWriter) -> None:
-    """Rows that finished before a stop are written, so a rerun does not redo them."""
+def _flush_what_is_done(writer: output.ResultWriter, lease: Lease) -> None:
+    """Rows that finished before a stop are written, so a rerun does not redo them; unless another run took the
+    output over, which may be running the same pairs."""
+    if lease.lost:
+        log.warning("%d finished result rows not written: another run holds the output now", writer.buffered)
+        return
     try:
         writer.flush()
     except Exception as e:  # noqa: BLE001 - the error that stopped the run is the one to report

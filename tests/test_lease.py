@@ -118,6 +118,20 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place):
         a.check()
     a.release()                                             # must not remove b's lease
     assert p.read()["run"] == "run-b"
+    # the run that lost its lease must not write its buffered rows on the way out: b may be running the same pairs
+    from pipeline.run import _flush_what_is_done
+
+    class Buffered:
+        buffered, flushed = 3, False
+
+        def flush(self):
+            self.flushed = True
+
+    writer = Buffered()
+    _flush_what_is_done(writer, a)
+    assert not writer.flushed
+    _flush_what_is_done(writer, b)
+    assert writer.flushed
     b.release()
     assert p.read() is None
 
