@@ -171,13 +171,14 @@ class _StreamInfo:
     total_frames: int
     fps: float
     duration: float
+    counted: bool = True   # total_frames is a count of frames, not an estimate from the duration
 
 
 def _stream_info(container: av.container.InputContainer, stream: av.VideoStream, name: str) -> _StreamInfo:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
         raise MediaError(name, "video frame rate is unknown")
-    total = stream.frames
+    total, counted = stream.frames, True
     if not total:
         # some containers (webm, mkv, ...) store no frame count: estimate it from the duration, else count packets
         if stream.duration and stream.time_base:
@@ -186,17 +187,18 @@ def _stream_info(container: av.container.InputContainer, stream: av.VideoStream,
             seconds = Fraction(container.duration, av.time_base)
         else:
             seconds = 0
-        total = round(seconds * rate)
+        total, counted = round(seconds * rate), False
         if not total:
-            total = sum(1 for packet in container.demux(stream) if packet.size)
+            total, counted = sum(1 for packet in container.demux(stream) if packet.size), True
             container.seek(0)
     if total <= 0:
         raise MediaError(name, "video stream holds no frames")
-    return _StreamInfo(total_frames=int(total), fps=float(rate), duration=float(total / rate))
+    return _StreamInfo(total_frames=int(total), fps=float(rate), duration=float(total / rate), counted=counted)
 
 
 def _iter_wanted_frames(
-    container: av.container.InputContainer, stream: av.VideoStream, wanted: list[int], fps: float, seekable: bool
+    container: av.container.InputContainer, stream: av.VideoStream, wanted: list[int], fps: float, seekable: bool,
+    counted: bool = True,
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     """Yield (k, frame) for each `wanted[k]` (sorted, distinct): the frame of that index, frames counted in
     presentation order from the first, as the reference counts them.
@@ -205,24 +207,24 @@ def _iter_wanted_frames(
     indices come from them and long gaps are crossed with a keyframe seek. The first frame that breaks that rule (a
     variable frame rate, a dropped frame, a seek landing after its target) means timestamps cannot be trusted here:
     decoding starts over from the first frame, counting, and every frame is yielded again by its count.
+    `counted=False` (a container with no frame count, whose indices were sampled from its duration): indices are
+    times x fps throughout, the first frame at or after each; counting there would run out of frames early.
     """
     time_base, start = stream.time_base, stream.start_time or 0
     seek_gap, pos, k = MIN_SEEK_GAP, -1, 0
-    counting = not seekable   # indices from counting decoded frames (what the reference does) or from timestamps
+    counting = counted and not seekable   # indices from counting decoded frames (as the reference) or timestamps
     while k < len(wanted):
         target, sought = wanted[k], False
         if seekable and not counting and target - pos > seek_gap:
             container.seek(start + int(Fraction(target) / Fraction(fps) / time_base), stream=stream, backward=True)
             sought = True
         for frame in container.decode(stream):
-            if counting:
+            if counting or frame.pts is None:
                 index = pos + 1
-            elif frame.pts is None:
-                index = -1   # no timestamp: count instead
             else:
                 index = round(float((frame.pts - start) * time_base) * fps)
-            if not counting and (index > target if sought else index != pos + 1):
-                counting, seekable, pos, k = True, False, -1, 0   # start over: count every frame from the first
+            if not counting and ((sought and index > target) or (counted and not sought and index != pos + 1)):
+                counting, seekable, pos, k = counted, False, -1, 0   # start over from the first frame
                 container.seek(0)
                 break
             if sought:
@@ -288,7 +290,7 @@ def _decode(handle: IO[bytes], name: str, settings: VideoSettings) -> LoadedVide
         got = 0
         seekable = getattr(handle, "seekable", lambda: True)()
         try:
-            for k, frame in _iter_wanted_frames(container, stream, wanted, info.fps, seekable):
+            for k, frame in _iter_wanted_frames(container, stream, wanted, info.fps, seekable, info.counted):
                 rgb = frame.to_ndarray(format="rgb24")
                 if frames is None:
                     orig_h, orig_w = rgb.shape[:2]

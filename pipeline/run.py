@@ -329,6 +329,7 @@ def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
             drain.take(batch)
     finally:
         watchdog.stop()
+    drain.lease.check()   # taken over since the last block: its buffered rows are not ours to write
     drain.writer.flush()
     drain.poll()
 

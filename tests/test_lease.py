@@ -106,7 +106,7 @@ def test_an_unreadable_lease_is_an_error_not_absent(place):
         assert p.read()["run"] == "run-1"
 
 
-def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place):
+def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place, monkeypatch):
     p = place("heartbeat")
     a = Lease(p.uri, p.opts, "run-a", heartbeat_s=0.1)
     first = p.read()["heartbeat"]
@@ -129,6 +129,20 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place):
 
     writer = Buffered()
     _flush_what_is_done(writer, a)
+    assert not writer.flushed
+    # nor at the end of a stream that ran out after the takeover
+    import types
+
+    from pipeline import run as run_mod
+
+    class NoMoreBlocks:
+        def iter_batches(self, **kwargs):
+            return iter(())
+
+    monkeypatch.setattr(run_mod, "build_dataset", lambda *args, **kwargs: NoMoreBlocks())
+    writer.run_tag = "run-a"
+    with pytest.raises(LeaseLost):
+        run_mod._stream(None, None, types.SimpleNamespace(writer=writer, lease=a), ())
     assert not writer.flushed
     _flush_what_is_done(writer, b)
     assert writer.flushed

@@ -446,3 +446,14 @@ def test_preprocessor_settings_glmv_would_not_apply_are_refused(config, message)
     for settings in (PatchSettings, VideoSettings):
         with pytest.raises(ProcessorConfigError, match=message):
             settings.from_dict(config)
+
+
+def test_variable_frame_rate_without_a_frame_count_still_loads(tmp_path):
+    """Matroska/WebM store no frame count: indices are sampled from the duration x the average rate, which for a
+    screen recording (30 fps, then 2 fps on a still screen) is far above the frames there are. Frames are then
+    found by time, as before: counting would run out of frames and call the file truncated."""
+    pts = [round(i * 1000 / 30) for i in range(300)] + [10_000 + i * 500 for i in range(100)]
+    path = make_video(tmp_path / "screen.mkv", len(pts), 30, size=(32, 32), gop=30, fmt="matroska", pts_ms=pts)
+    for family in ("glm41v", "glm46v"):
+        video = load_video(path, VideoSettings(family=family, **TINY_VIDEO))
+        assert video.total_frames > len(pts) and video.frames.shape[0] > 100
