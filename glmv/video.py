@@ -223,7 +223,9 @@ def _iter_wanted_frames(
                 index = pos + 1
             else:
                 index = round(float((frame.pts - start) * time_base) * fps)
-            if not counting and ((sought and index > target) or (counted and not sought and index != pos + 1)):
+            lost = sought and (frame.pts is None or index > target)   # where a seek landed is unknown or too far
+            irregular = counted and not sought and index != pos + 1
+            if not counting and (lost or irregular):
                 counting, seekable, pos, k = counted, False, -1, 0   # start over from the first frame
                 container.seek(0)
                 break

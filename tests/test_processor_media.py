@@ -177,8 +177,9 @@ def _decode_all(path):
 class _Spy:
     """Wraps a PyAV container to count seeks and decoded frames (optionally corrupting seek targets)."""
 
-    def __init__(self, container, seek_shift=0):
+    def __init__(self, container, seek_shift=0, no_pts_after_seek=False):
         self.container, self.seek_shift, self.seeks, self.decoded = container, seek_shift, [], 0
+        self.no_pts_after_seek = no_pts_after_seek
 
     def seek(self, offset, *args, **kwargs):
         self.seeks.append(offset)
@@ -187,6 +188,8 @@ class _Spy:
     def decode(self, stream):
         for frame in self.container.decode(stream):
             self.decoded += 1
+            if self.no_pts_after_seek and self.seeks and self.seeks[-1]:
+                frame.pts = None   # a demuxer that gives no timestamps after a seek
             yield frame
 
 
@@ -235,6 +238,18 @@ def test_variable_frame_rate_takes_frames_by_count_as_the_reference_does(tmp_pat
     assert sorted(got) == list(range(len(wanted)))
     for k, index in enumerate(wanted):
         np.testing.assert_array_equal(got[k], truth[index])
+
+
+def test_frames_without_timestamps_after_a_seek_fall_back_to_counting(tmp_path):
+    path = make_video(tmp_path / "gop.mp4", 200, 25, gop=20)
+    truth = _decode_all(path)
+    wanted = [0, 120, 180]
+    with av.open(str(path)) as container:
+        spy = _Spy(container, no_pts_after_seek=True)
+        got = {k: f.to_ndarray(format="rgb24")   # a restart yields each k again: the last one counts
+               for k, f in _iter_wanted_frames(spy, container.streams.video[0], wanted, 25.0, True)}
+    assert spy.seeks[-1] == 0   # could not place the landing frame: restarted from the beginning, counting
+    np.testing.assert_array_equal(np.stack([got[k] for k in range(len(wanted))]), np.stack([truth[i] for i in wanted]))
 
 
 def test_overshooting_seek_falls_back_to_sequential(tmp_path):
