@@ -197,8 +197,8 @@ def _parse_text(raw: dict, source: str) -> TextConfig:
         raise ConfigError(f"{source}: text_config mrope_section must be a list of 3 integers, got {mrope!r}")
     defaults = TextConfig()
     eos = raw.get("eos_token_id", defaults.eos_token_id)
-    eos = (eos,) if isinstance(eos, int) else tuple(eos or ()) if isinstance(eos, (list, tuple, type(None))) else eos
-    if not isinstance(eos, tuple):
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else eos
+    if not isinstance(eos, (list, tuple)):
         raise ConfigError(f"{source}: eos_token_id must be an integer or a list of them, got {eos!r}")
     return TextConfig(
         vocab_size=_int(raw.get("vocab_size", defaults.vocab_size), "vocab_size", source),
