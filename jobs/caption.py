@@ -17,12 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo root, when not pip-installed
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.errors import (ConfigError, LeaseHeld, LeaseLost, PipelineError, RunStopped,  # noqa: E402
-                             StorageUnavailable, find_error, own_errors)
+from pipeline.errors import (ConfigError, Interrupted, LeaseHeld, LeaseLost, PipelineError,  # noqa: E402
+                             RunStopped, StorageUnavailable, find_error, own_errors)
 
 # What the first word of the one-line message says, per kind of error; each kind's exit code is its `exit_code`
-# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use).
+# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use, 143 SIGTERM).
 LABELS = ((ConfigError, "config error"), (StorageUnavailable, "storage error"), (RunStopped, "run stopped"),
+          (Interrupted, "stopped"),
           ((LeaseHeld, LeaseLost), "output in use"), (PipelineError, "error"))
 
 
@@ -58,7 +59,10 @@ def report(exc: BaseException) -> int:
 
 
 def _stop_on_sigterm(signum, frame):
-    # a plain `kill` runs the `finally` blocks (the output lease is released) instead of dying mid-write
+    # a plain `kill` runs the `finally` blocks (the output lease is released) instead of dying mid-write; while
+    # results stream, pipeline.cluster.GracefulStop takes SIGTERM instead and drains what is in flight
+    print("stopped: SIGTERM before any work was in flight; rerun the same command to go on", file=sys.stderr,
+          flush=True)
     raise SystemExit(128 + signum)
 
 

@@ -83,6 +83,7 @@ class RunConfig:
     retry_errors: bool = False   # at start, take error rows out of the output so their (item, task) runs again
     stop_failure_rate: float = 0.5    # stop when this share of the last `stop_failure_window` pairs failed for a
     stop_failure_window: int = 100    # reason that is not about one item (storage unavailable, CUDA errors)
+    drain_s: float = 30.0        # after a SIGTERM: let in-flight work finish this long, write it, then exit
 
 
 @dataclass
@@ -111,6 +112,7 @@ class ActorsConfig:
     num_gpus: float | str = AUTO  # GPUs per model actor; auto: 1 when the cluster has GPUs (and model.device allows)
     num_cpus: float = 1.0        # CPUs per model actor
     decode_num_cpus: float = 1.0  # CPUs per decode task
+    max_restarts: int = 8        # datasets restarted in one run after cluster faults (lost nodes) before it stops
 
     @property
     def on_gpu(self) -> bool:
@@ -173,7 +175,8 @@ class Config:
 
     def result_settings(self) -> dict[str, Any]:
         """Everything that changes what the model writes (not where input comes from or output goes)."""
-        return {"model": dataclasses.asdict(self.model), "run": dataclasses.asdict(self.run),
+        run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "drain_s"}   # how a run stops
+        return {"model": dataclasses.asdict(self.model), "run": run,
                 "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
                 "tasks": [dataclasses.asdict(t) for t in self.task_specs()]}
 
@@ -196,7 +199,8 @@ _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "ac
              "run.stop_failure_rate", "run.stop_failure_window"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
-                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed"}
+                 "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed", "run.drain_s",
+                 "actors.max_restarts"}
 _RAY_RESOURCES = {"actors.num_gpus", "actors.num_cpus", "actors.decode_num_cpus"}
 # Upper bounds of values that cannot work (memory, time, the hardware); the model's context is checked against
 # run.max_new_tokens in pipeline/preflight.py, where the checkpoint is read.
@@ -216,6 +220,8 @@ _AT_MOST = {
     "batching.max_frames": 100_000,
     "batching.max_input_pixels": 1 << 40,
     "run.seed": (1 << 63) - 1,               # torch's generator seed range
+    "run.drain_s": 86400.0,
+    "actors.max_restarts": 10_000,
 }
 
 

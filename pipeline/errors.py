@@ -7,6 +7,7 @@ is raised is about the whole run, and `jobs/caption.py` prints it as one line an
     3  StorageUnavailable  storage unreachable, throttling past `storage.retries`, denied, bad credentials
     4  RunStopped          the run's circuit breaker: too many failures that are not about one item
     5  LeaseHeld/LeaseLost another run holds the output prefix (or took it over from this one)
+  143  Interrupted         SIGTERM: in-flight work drained and written, lease released
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ class RunStopped(PipelineError):
     Nothing was recorded as done for them, so a plain rerun picks them up."""
 
     exit_code = 4
+
+
+class Interrupted(PipelineError):
+    """SIGTERM (spot preemption, `ray job stop`): what was in flight finished within run.drain_s and was written, the
+    lease released; the rest is pending for a plain rerun. 143 = 128 + SIGTERM, as a shell reports such an end."""
+
+    exit_code = 143
 
 
 class LeaseHeld(PipelineError):

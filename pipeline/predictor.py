@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from pipeline import items as items_mod
-from pipeline import output
+from pipeline import output, progress
 from pipeline.breaker import OUTAGE
 from pipeline.config import AUTO, Config, TaskSpec, decode_slots
 from pipeline.errors import PipelineError
@@ -147,6 +147,9 @@ class Predictor:
             raise self.load_error
         items = items_mod.from_table(batch)
         out: list[dict] = []
+        if progress.stopping(self.run_tag):
+            # the run is draining after a SIGTERM: this window's pairs stay pending for the rerun
+            return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
         seqs = self._sequences(items, out)
         guard = CrashGuard(self.run_tag, "model", [it.id for it in items])
         for k, group in enumerate(self._groups(seqs)):

@@ -210,15 +210,30 @@ def unique_sorted(keys: np.ndarray) -> np.ndarray:
 # --- the count of open shards --------------------------------------------------------------------------------
 
 
+def tracker_name(run_tag: str) -> str:
+    return f"glmv-tracker-{run_tag}"
+
+
 @ray.remote(num_cpus=0)
 class Tracker:
-    """Read tasks report here what each shard held once they have read it; the driver drains the reports."""
+    """Read tasks report here what each shard held once they have read it; the driver drains the reports. It also
+    holds the run's stop flag (a SIGTERM's drain): read tasks and model actors look it up by name.
+
+    One per dataset attempt, on the driver's node (pipeline.cluster): a restarted dataset starts from fresh counts,
+    and a lost worker node never takes the reports with it."""
 
     def __init__(self):
         self.shards: dict[str, tuple[dict[str, int], int]] = {}
         self.units: dict[str, list[str]] = {}
         self.skipped = 0
         self.cut: set[str] = set()
+        self.stop_requested = False
+
+    def stop(self) -> None:
+        self.stop_requested = True
+
+    def stopping(self) -> bool:
+        return self.stop_requested
 
     def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int) -> None:
         """counts: the shard's pairs per task (done or not) that no earlier record holds; pending: how many of
@@ -240,6 +255,15 @@ class Tracker:
         out = (self.shards, self.units, self.skipped)
         self.shards, self.units, self.skipped = {}, {}, 0
         return out
+
+
+def stopping(run_tag: str) -> bool:
+    """Whether the run asked its stages to stop admitting work (a SIGTERM's drain). A tracker that cannot be found
+    or asked (a run without one: benchmarks, tests) means no."""
+    try:
+        return bool(ray.get(ray.get_actor(tracker_name(run_tag)).stopping.remote(), timeout=10))
+    except Exception:  # noqa: BLE001 - the flag is advisory: the worst case is a window run in vain
+        return False
 
 
 @dataclass
@@ -276,6 +300,10 @@ class OpenShards:
                         total[t] = total.get(t, 0) + n
                 self.ledger.record(unit, total)
                 del self.units[unit]
+
+    def pending_pairs(self) -> int:
+        """Pairs of reported shards still waiting for their rows."""
+        return sum(max(0, pending - self.landed.get(shard, 0)) for shard, (_, pending) in self.expected.items())
 
     @property
     def open(self) -> int:

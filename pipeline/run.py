@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -24,9 +25,10 @@ import ray
 
 from pipeline import listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
-from pipeline.config import Config, ConfigError, decode_slots
+from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
+from pipeline.config import AUTO, Config, ConfigError, decode_slots
 from pipeline.decode import DecodeSettings, decode_batch
-from pipeline.errors import HideOwnErrors
+from pipeline.errors import HideOwnErrors, Interrupted, RunStopped
 from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.preflight import read_spec
@@ -175,6 +177,8 @@ class Summary:
     seconds: float = 0.0
     first_result_s: float = 0.0   # start-up: listing, Ray Data, actors loading the model, the first window
     files: int = 0
+    restarts: int = 0      # datasets restarted after a cluster fault (a lost node, a model actor gone)
+    redone: int = 0        # pairs in flight at those faults, read and run again
     sample: list = field(default_factory=list)
 
     def count(self, batch: pa.Table) -> None:
@@ -195,7 +199,9 @@ class Summary:
                 f"errors: {self.errors}",
                 f"items/s: {self.items / s:.3f}",
                 f"generated tokens/s: {self.generated_tokens / s:.1f}",
-                f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
+                f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"
+                ] + ([f"restarts after cluster faults: {self.restarts} ({self.redone} (item, task) pairs redone)"]
+                     if self.restarts else [])
 
 
 def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch,
@@ -249,18 +255,113 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
         cfg = _start_ray(cfg, out)
-        tracker = progress.Tracker.remote()
-        source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
-        try:
-            _stream(cfg, source, Drain(writer, lease, shards, breaker, summary, tracker, start), stages)
-        finally:
-            _flush_what_is_done(writer, lease)
+        parts = Parts(cfg, spec, plan, units, ledger, writer, lease, breaker, summary, start, out, stages)
+        resume, shards = _process(parts, work, resume, shards)
     if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
         ledger.mark_trusted()   # every shard of the input now has its record
     ledger.fold()
     _finish(cfg, opts, writer, summary, start, out)
     breaker.check_finished()
     return summary
+
+
+@dataclass
+class Parts:
+    """What every dataset attempt of a run shares."""
+    cfg: Config
+    spec: readers.ReadSpec
+    plan: TaskPlan
+    units: list
+    ledger: progress.Ledger
+    writer: output.ResultWriter
+    lease: Lease
+    breaker: Breaker
+    summary: "Summary"
+    start: float
+    out: object
+    stages: tuple
+
+
+def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
+             shards: progress.OpenShards) -> tuple[progress.Resume, progress.OpenShards]:
+    """Stream the pending work through a dataset; when the cluster loses what Ray Data cannot recover by itself
+    (pipeline.cluster), write what finished and start a new dataset from the completion records, in this process,
+    up to actors.max_restarts times. Returns the last attempt's resume point and open-shard count."""
+    cfg, summary, restarts = parts.cfg, parts.summary, 0
+    with GracefulStop(cfg.run.drain_s) as stop:
+        while True:
+            tracker = _new_tracker(parts.writer.run_tag)
+            source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
+                                  cfg.input.max_items)
+            drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop)
+            written_before, skipped_before = summary.done, summary.skipped
+            try:
+                _stream(cfg, source, drain, parts.stages)
+                _end_attempt(summary, skipped_before, written_before)
+                break
+            except Exception as e:  # noqa: BLE001 - only cluster faults are retried; the rest re-raised as they are
+                fault = cluster_fault(e)
+                if fault is None:
+                    raise
+                _flush_what_is_done(parts.writer, parts.lease)
+                lost = drain.lost_pairs()
+                _end_attempt(summary, skipped_before, written_before)
+                restarts += 1
+                summary.restarts, summary.redone = restarts, summary.redone + lost
+                if restarts > cfg.actors.max_restarts:
+                    raise RunStopped(f"the cluster failed {restarts} times (last: {describe(fault)}), more than "
+                                     f"actors.max_restarts = {cfg.actors.max_restarts}; what finished is written: "
+                                     f"rerun the same command to go on") from None
+                _say(parts.out, f"cluster fault: {describe(fault)}; {lost} (item, task) pairs in flight go back to "
+                                f"the queue; restarting the dataset from the completion records (restart {restarts}"
+                                f" of at most {cfg.actors.max_restarts})")
+            finally:
+                _flush_what_is_done(parts.writer, parts.lease)
+                _kill_quietly(tracker)
+            cfg = parts.cfg = _replan_actors(cfg, parts.out)
+            resume = parts.ledger.load(lambda: output.result_files(parts.writer.fs, parts.writer.root,
+                                                                   parts.writer.opts))
+            work, summary.skipped = _open_work(parts.units, resume.records, parts.plan,
+                                               keep_finished=bool(cfg.input.max_items))
+            shards = progress.OpenShards(parts.ledger, parts.plan.all())
+            parts.writer.landed = shards.wrote
+            if not work:
+                break
+    if stop.requested:
+        raise Interrupted(f"stopped by SIGTERM after a drain of {time.monotonic() - stop.requested_at:.0f}s "
+                          f"(run.drain_s = {cfg.run.drain_s:g}): {summary.done} (item, task) rows written, the rest "
+                          f"pending; rerun the same command to go on")
+    return resume, shards
+
+
+def _end_attempt(summary: "Summary", skipped_before: int, written_before: int) -> None:
+    """After a restart the read tasks also find this run's own rows done: those are not 'skipped'."""
+    summary.skipped = max(skipped_before, summary.skipped - written_before)
+
+
+def _new_tracker(run_tag: str):
+    # on the driver's node: a lost worker node must not take the run's bookkeeping with it
+    return progress.Tracker.options(name=progress.tracker_name(run_tag),
+                                    scheduling_strategy=on_driver_node()).remote()
+
+
+def _kill_quietly(actor) -> None:
+    try:
+        ray.kill(actor)
+    except Exception as e:  # noqa: BLE001 - a tracker already gone is what we wanted
+        log.debug("tracker: %s", e)
+
+
+def _replan_actors(cfg: Config, out) -> Config:
+    """After a lost node: as many model actors as the cluster now has room for (at least one), so a dataset does not
+    wait forever for the GPUs of a node that is gone; the next restart plans again."""
+    resources = ray.cluster_resources()
+    fits = preflight.plan_actors(resources, dataclasses.replace(cfg.actors, count=AUTO), cfg.model.device).count
+    count = max(1, min(cfg.actors.count, fits))
+    if count != cfg.actors.count:
+        _say(out, f"model actors: {count} (was {cfg.actors.count}) while the cluster has "
+                  f"{resources.get('GPU', 0):g} GPU, {resources.get('CPU', 0):g} CPU")
+    return dataclasses.replace(cfg, actors=dataclasses.replace(cfg.actors, count=count))
 
 
 def reopen_errors(uri: str, opts: StorageOptions, ledger: progress.Ledger, staging: str) -> int:
@@ -299,6 +400,7 @@ class Drain:
     summary: "Summary"
     tracker: object
     start: float
+    stop: GracefulStop | None = None
     polled: float = 0.0
 
     def take(self, batch: pa.Table) -> None:
@@ -317,21 +419,73 @@ class Drain:
         self.summary.skipped += skipped
         self.polled = time.monotonic()
 
+    def lost_pairs(self) -> int:
+        """After a failed attempt: the pairs its read tasks handed on that never landed (they are read again)."""
+        try:
+            self.poll()
+        except Exception as e:  # noqa: BLE001 - the count is for the user; the records stay exact without it
+            log.warning("could not ask the tracker for the last shard reports: %s", e)
+        return self.shards.pending_pairs()
+
 
 def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
-    """The Ray Data graph, drained into the writer as its result blocks arrive."""
+    """The Ray Data graph, drained into the writer as its result blocks arrive; after a SIGTERM, until what was in
+    flight has come out or `run.drain_s` has passed."""
     ds = build_dataset(cfg, source, *stages, run_tag=drain.writer.run_tag)
     watchdog = Watchdog(STALL_S)
+    feed = BlockFeed(ds)
+    stop, told = drain.stop, False
     try:
-        # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            watchdog.progress()
-            drain.take(batch)
+        while (batch := feed.next(timeout=0.5)) is not BlockFeed.END:
+            if batch is not None:
+                watchdog.progress()
+                drain.take(batch)
+            if stop is not None and stop.requested and not told:
+                drain.tracker.stop.remote()   # read tasks and model actors take no new work
+                told = True
+            if stop is not None and stop.expired():
+                break
     finally:
         watchdog.stop()
     drain.lease.check()   # taken over since the last block: its buffered rows are not ours to write
     drain.writer.flush()
     drain.poll()
+
+
+class BlockFeed:
+    """Result blocks from a thread that iterates the dataset, so that the driver can stop waiting for them (a
+    SIGTERM's drain) without waiting for the next block. A block goes into the driver only when taken: no
+    prefetching, or a window's rows would reach the writer only once the next window is done too."""
+
+    END = object()
+
+    def __init__(self, ds: ray.data.Dataset):
+        self._blocks: queue.Queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._iterate, args=(ds,), daemon=True, name="result-blocks")
+        self._thread.start()
+
+    def _iterate(self, ds: ray.data.Dataset) -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                self._blocks.put(batch)
+            self._blocks.put(self.END)
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            self._blocks.put(_Failed(e))
+
+    def next(self, timeout: float):
+        """The next block, END after the last one, or None when none came within `timeout` seconds."""
+        try:
+            item = self._blocks.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 class Watchdog:

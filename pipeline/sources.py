@@ -8,6 +8,7 @@ tracker when the shard ends. Finished shards are not read and finished units are
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -105,10 +106,24 @@ class Budget:
         return bool(self.limit) and self.left <= 0
 
 
+class StopFlag:
+    """The tracker's stop flag (a SIGTERM's drain), asked at most once per `every_s` seconds."""
+
+    def __init__(self, tracker, every_s: float = 1.0):
+        self.tracker, self.every_s, self.asked_at, self.set = tracker, every_s, 0.0, False
+
+    def __call__(self) -> bool:
+        if not self.set and time.monotonic() - self.asked_at >= self.every_s:
+            self.asked_at = time.monotonic()
+            self.set = bool(ray.get(self.tracker.stopping.remote()))
+        return self.set
+
+
 def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarray, tracker,
-                  budget: Budget | None = None) -> Iterator[pa.Table]:
+                  budget: Budget | None = None, stop=None) -> Iterator[pa.Table]:
     """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends.
-    Once the budget is spent it stops, and a shard cut short is never reported, so never recorded finished."""
+    Once the budget is spent it stops, and a shard cut short is never reported, so never recorded finished; so does
+    a read stopped by `stop()` (the run drains after a SIGTERM), and then the unit is not reported either."""
     unit, seen, shards, open_count = work.unit, SeenIds(), [], {}
     budget = budget or Budget(0)
 
@@ -129,6 +144,8 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
                 block = _items_block(piece, name, ids, fresh, record, plan, done, count)
                 if block.num_rows:
                     yield block
+                    if stop is not None and stop():
+                        return
         elif piece.finished:
             count.skipped += _finished_pairs(record, plan)
             budget.take_finished(record)
@@ -209,10 +226,10 @@ class PendingItems(Datasource):
 
         def make(chunk: list[UnitWork]):
             def read():
-                done, budget = ray.get(done_ref), Budget(max_items)
+                done, budget, stop = ray.get(done_ref), Budget(max_items), StopFlag(tracker)
                 for work in chunk:
-                    yield from pending_items(work, spec, plan, done, tracker, budget)
-                    if budget.spent:
+                    yield from pending_items(work, spec, plan, done, tracker, budget, stop)
+                    if budget.spent or stop():
                         return
             return read
 

@@ -1,0 +1,87 @@
+"""Lost nodes and preemption: what the driver treats as a cluster fault, where the run's own actors live, and the
+stop a SIGTERM asks for.
+
+A corpus run spends days on spot or preemptible nodes, so losing one is routine. The run's bookkeeping actor (the
+read tasks' shard reports and the stop flag) lives on the driver's node, which the run cannot outlive anyway. What
+Ray Data cannot recover from by itself (a model actor whose node is gone and whose restarts and task retries are
+spent, a block lost with its node) ends the dataset with one of Ray's system errors: the driver then restarts the
+dataset from the completion records in the same process (pipeline.run), up to `actors.max_restarts` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import ray
+import ray.exceptions as rex
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipeline.errors import find_error, own_errors
+
+log = logging.getLogger(__name__)
+
+# Errors that mean a process or node of the cluster went away, not that an item or the run's settings are bad.
+# (A worker killed by one poison item is retried in its task first: see pipeline.poison.)
+CLUSTER_FAULTS = (rex.RayActorError, rex.ObjectLostError, rex.WorkerCrashedError, rex.NodeDiedError,
+                  rex.ObjectFetchTimedOutError, rex.RaySystemError)
+
+
+def cluster_fault(exc: BaseException) -> BaseException | None:
+    """The cluster fault behind exc, or None when exc is one of the pipeline's own errors or a bug."""
+    if find_error(exc, own_errors()) is not None:
+        return None
+    return find_error(exc, CLUSTER_FAULTS)
+
+
+def describe(fault: BaseException) -> str:
+    """One line for a cluster fault: its kind and the first line of Ray's message."""
+    first = next((line.strip() for line in str(fault).splitlines() if line.strip()), "")
+    return f"{type(fault).__name__}: {first[:300]}"
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Pin an actor to the driver's node: it then lives exactly as long as the run can."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+class GracefulStop:
+    """SIGTERM (a spot manager, `ray job stop`, `kill`) while results stream: stop admitting work, let what is in
+    flight finish for up to `drain_s` seconds, then end the stream; the run writes what finished, releases the lease
+    and exits 143. A second SIGTERM stops at once (the `finally` blocks still write what finished).
+
+    Installed only around the stream, from the main thread (where Python delivers signals); elsewhere the entry
+    point's handler ends the run at once, as nothing is in flight then."""
+
+    def __init__(self, drain_s: float):
+        self.drain_s = drain_s
+        self.requested_at: float | None = None
+        self._previous = None
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.requested_at is not None:
+            raise SystemExit(128 + signum)
+        self.requested_at = time.monotonic()
+
+    def request(self) -> None:
+        """As a SIGTERM would (tests, and callers that stop a run from another thread)."""
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def expired(self) -> bool:
+        return self.requested_at is not None and time.monotonic() - self.requested_at >= self.drain_s
