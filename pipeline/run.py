@@ -328,7 +328,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
             if not work:
                 break
     if stop.requested:
-        raise Interrupted(f"stopped by SIGTERM after a drain of {time.monotonic() - stop.requested_at:.0f}s "
+        raise Interrupted(f"SIGTERM received; in-flight work drained for {time.monotonic() - stop.requested_at:.0f}s "
                           f"(run.drain_s = {cfg.run.drain_s:g}): {summary.done} (item, task) rows written, the rest "
                           f"pending; rerun the same command to go on")
     return resume, shards
