@@ -78,6 +78,18 @@ def test_generation_budget_above_the_models_context(tmp_path, tiny_gqa, corpus):
                                      "max_position_embeddings": 4096}) == 131072
 
 
+def _model_type(model, model_type):
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = model_type
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def test_preflight_knows_the_model_types_glmv_runs():
+    from glmv.config import SUPPORTED_MODEL_TYPES
+
+    assert preflight.MODEL_TYPES == SUPPORTED_MODEL_TYPES
+
+
 def _broken(tmp_path, tiny_gqa, damage):
     model = tmp_path / "model"
     if not model.exists():
@@ -96,6 +108,11 @@ def _broken(tmp_path, tiny_gqa, damage):
     (lambda m: next(m.glob("model-0*.safetensors")).unlink(), "names shard files that do not exist"),
     (lambda m: (m / "tokenizer.json").unlink(), "no tokenizer.json"),
     (lambda m: (m / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
+    # another architecture: the model actors refused it too, but only once Ray was up and each had loaded it
+    (lambda m: _model_type(m, "qwen2_vl"), r"config\.json: model_type 'qwen2_vl' is not supported; this pipeline "
+                                           r"runs GLM-V checkpoints .*\(model_type glm4v or glm46v\)$"),
+    (lambda m: _model_type(m, "glm4v_moe"), r"'glm4v_moe' is not supported \(the MoE GLM-4.5V/4.6V models"),
+    (lambda m: _model_type(m, None), r"model_type None is not supported"),
 ])
 def test_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_gqa, corpus, damage, message):
     model = _broken(tmp_path, tiny_gqa, damage)
@@ -106,6 +123,16 @@ def test_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_gqa, corpus, damage, m
 def test_inputs_and_outputs_exist(tmp_path, tiny_gqa, corpus, s3):
     with pytest.raises(ConfigError, match=r"input\.uri: .*/nowhere does not exist"):
         preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(tmp_path / "nowhere")))
+    # an empty folder, as an empty S3 prefix: the run found nothing to do and said only "done: 0"
+    empty = tmp_path / "empty"
+    (empty / "sub" / ".git").mkdir(parents=True)
+    (empty / ".DS_Store").write_bytes(b"x")              # hidden names are not listed
+    (empty / "sub" / ".git" / "HEAD").write_bytes(b"x")
+    (empty / "sub" / "loop").symlink_to(empty)           # the listing follows links: so does the check, once
+    with pytest.raises(ConfigError, match=r"^input\.uri: .*/empty holds no files$"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(empty)))
+    (empty / "sub" / "a.png").write_bytes(b"x")
+    assert preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(empty))) is None
     s3_cfg = lambda **kw: _cfg(tmp_path, tiny_gqa, endpoint=s3, **kw)  # noqa: E731
     # a prefix of files: the run lists it
     assert preflight.check(s3_cfg(input_uri="s3://inputs/media/", output_uri="s3://outputs/run")) is None
