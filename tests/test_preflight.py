@@ -1,6 +1,7 @@
 """Before anything starts: config bounds, the checkpoint and its context, inputs and outputs that exist, the
 resource plan against the cluster; and the job's one-line message and exit code for each kind of error."""
 
+import errno
 import io
 import json
 import logging
@@ -366,6 +367,36 @@ def test_job_exit_codes_for_a_held_output_and_a_storage_outage(tmp_path, tiny_gq
     assert result.returncode == 3, result.stderr[-2000:]
     line = _one_line(result, "storage error: storage unavailable: s3://inputs: 403")
     assert "testing-secret-value" not in result.stderr + result.stdout and len(line) < 300
+
+
+def test_an_output_folder_that_cannot_be_made_or_written_is_a_storage_error_in_one_line(tmp_path, tiny_gqa, corpus):
+    """It was a traceback (PermissionError making the folder, exit 1). sysfs refuses every mkdir, also root's."""
+    result, seconds = _job(tmp_path, tiny_gqa, output_uri="/sys/glmv-test-out")
+    assert result.returncode == 3, result.stderr[-2000:]
+    _one_line(result, "storage error: storage unavailable: /sys/glmv-test-out: the output folder cannot be created "
+                      "or written (PermissionError: ")
+    assert seconds < 15   # before Ray starts
+
+
+@pytest.mark.parametrize("method, error", [
+    ("makedirs", PermissionError(errno.EACCES, "Permission denied")),       # a folder of another user's
+    ("pipe_file", OSError(errno.EROFS, "Read-only file system")),           # exists, on a read-only mount
+])
+def test_an_output_folder_denied_or_read_only_stops_before_anything_starts(tmp_path, monkeypatch, method, error):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.output import ResultWriter
+
+    (tmp_path / "out").mkdir()
+
+    def refuse(self, path, *args, **kwargs):
+        raise type(error)(error.errno, error.strerror, path)
+
+    monkeypatch.setattr(LocalFileSystem, method, refuse)
+    with pytest.raises(StorageUnavailable, match=rf"^storage unavailable: {tmp_path}/out: the output folder cannot "
+                                                 rf"be created or written \({type(error).__name__}: "
+                                                 rf"\[Errno {error.errno}\] {error.strerror}"):
+        ResultWriter(str(tmp_path / "out"), preflight.StorageOptions(retries=1, retry_backoff_s=0), 10, 30.0)
 
 
 def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa, corpus):
