@@ -7,6 +7,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import config, preflight
+from pipeline import config, preflight, storage
 from pipeline.config import ActorsConfig
 from pipeline.errors import ConfigError, StorageUnavailable
 from tests.faults import FaultProxy
@@ -397,6 +398,32 @@ def test_an_output_folder_denied_or_read_only_stops_before_anything_starts(tmp_p
                                                  rf"be created or written \({type(error).__name__}: "
                                                  rf"\[Errno {error.errno}\] {error.strerror}"):
         ResultWriter(str(tmp_path / "out"), preflight.StorageOptions(retries=1, retry_backoff_s=0), 10, 30.0)
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    """The README's exit-code table: code -> its kinds and meaning."""
+    rows = re.findall(r"^\| (\d) \| (.*) \|$", (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    return {int(code): rest for code, rest in rows}
+
+
+def test_a_missing_bucket_exits_with_the_code_the_readme_gives(tmp_path, tiny_gqa, corpus, s3):
+    """A bucket named in the config that does not exist is a typo to fix, not an outage to wait out: exit 2, as for
+    any other input or output that does not exist (the README's table said 3, the job gave 2)."""
+    codes = _readme_exit_codes()
+    for where in ({"output_uri": "s3://otuputs/run"}, {"input_uri": "s3://inptus/media/"}):
+        result, _ = _job(tmp_path, tiny_gqa, endpoint=s3, **where)
+        line = _one_line(result, "config error: ")
+        assert "bucket 'otuputs' does not exist" in line or "bucket 'inptus' does not exist" in line
+        assert result.returncode == 2 and "bucket" in codes[2] and "that does not exist at start" in codes[2], codes
+    assert "bucket deleted during the run" in codes[3]   # mid-run the store lost it: an outage, as NoSuchBucket is
+    assert storage.classify(_client_error("NoSuchBucket", 404)) is storage.Fault.OUTAGE
+
+
+def _client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
 
 
 def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa, corpus):
