@@ -31,7 +31,7 @@ from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.preflight import read_spec
 from pipeline.report import write_report
-from pipeline.sources import PendingItems, TaskPlan, UnitWork
+from pipeline.sources import PendingItems, RepeatCounter, TaskPlan, UnitWork
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
@@ -175,6 +175,8 @@ class Summary:
     seconds: float = 0.0
     first_result_s: float = 0.0   # start-up: listing, Ray Data, actors loading the model, the first window
     files: int = 0
+    repeated_items: int = 0      # items read again from another manifest file (so written again): see Repeats
+    repeats_exact: bool = True   # False: more items than Repeats keeps; repeated_items is then a lower bound
     sample: list = field(default_factory=list)
 
     def count(self, batch: pa.Table) -> None:
@@ -189,13 +191,18 @@ class Summary:
 
     def lines(self, output_uri: str) -> list[str]:
         s = max(self.seconds, 1e-9)
-        return [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s "
+        lines = [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s "
                 f"(first result after {self.first_result_s:.1f}s)",
                 f"skipped as already done: {self.skipped}",
                 f"errors: {self.errors}",
                 f"items/s: {self.items / s:.3f}",
                 f"generated tokens/s: {self.generated_tokens / s:.1f}",
                 f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
+        if self.repeated_items or not self.repeats_exact:
+            at_least = "" if self.repeats_exact else "at least "
+            lines.insert(3, f"duplicates: {at_least}{self.repeated_items} item(s) named in more than one manifest "
+                            f"file, read once per file (their rows repeat in the output: same id and task)")
+        return lines
 
 
 def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch,
@@ -250,11 +257,15 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     if work:
         cfg = _start_ray(cfg, out)
         tracker = progress.Tracker.remote()
-        source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items)
+        # only manifests can name one item in two units (a listing's partitions and shard files' items are disjoint)
+        repeats = RepeatCounter.remote() if cfg.input.manifest and len(work) > 1 else None
+        source = PendingItems(work, spec, plan, ray.put(resume.done_keys), tracker, cfg.input.max_items, repeats)
         try:
             _stream(cfg, source, Drain(writer, lease, shards, breaker, summary, tracker, start), stages)
         finally:
             _flush_what_is_done(writer, lease)
+        if repeats is not None:
+            summary.repeated_items, summary.repeats_exact = ray.get(repeats.result.remote())
     if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
         ledger.mark_trusted()   # every shard of the input now has its record
     ledger.fold()
