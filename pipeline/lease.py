@@ -2,9 +2,10 @@
 pairs twice (and the second would clear the first's staging files).
 
 `<output>/_state/lease.json` names the holder (host, pid, run) and a heartbeat refreshed every `heartbeat_s`. A
-lease is alive when its holder is a live process on this host, or, from another host, when its heartbeat is
-younger than `ttl_s`. So a run killed with -9 is taken over at once from the same machine, and after `ttl_s` from
-another; `takeover=True` overrides a lease that only looks alive.
+lease is alive when its heartbeat is younger than `ttl_s` and, on this host, its holder's pid is a live process.
+So a run killed with -9 is taken over at once from the same machine, and after `ttl_s` from another (also from the
+same machine when its pid was reused by another process since); `takeover=True` overrides a lease that only looks
+alive.
 
 Every change is atomic, so two runs started at the same instant never both hold it:
 - taking a free lease is an exclusive create: `O_CREAT | O_EXCL` locally, a PUT with `If-None-Match: *` on S3;
@@ -47,6 +48,27 @@ def _pid_namespace() -> str:
         return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         return ""
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        pid = int(pid)
+        if pid <= 0:   # kill(0 or -1, 0) asks about a group or every process, not one run
+            return False
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, ValueError, OverflowError, TypeError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+
+
+def _age(held: dict) -> float:
+    """Seconds since the holder's last heartbeat (infinite when the record has none that can be read)."""
+    try:
+        return time.time() - float(held.get("heartbeat"))
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 # --- where the lease lives: one atomic create, read, compare-and-swap and compare-and-delete per kind of store ---
@@ -285,19 +307,16 @@ class Lease:
     def _alive(self, held: dict) -> bool:
         if held.get("unreadable"):
             return False
+        fresh = _age(held) < self.ttl_s
         # same host and pid namespace (a record without one, from an older version, is taken as the same)
         if held.get("host") == self.me["host"] and held.get("pidns") in ("", None, self.me["pidns"]):
-            try:
-                os.kill(int(held.get("pid", -1)), 0)
-                return True
-            except (ProcessLookupError, ValueError, OverflowError):
+            if not _pid_alive(held.get("pid")):
                 return False
-            except PermissionError:  # exists, owned by someone else
-                return True
-        try:
-            return time.time() - float(held.get("heartbeat", 0)) < self.ttl_s
-        except (TypeError, ValueError):
-            return False
+            if not fresh:   # a live run beats every heartbeat_s: that pid is another process now (reused)
+                log.warning("%s: pid %s of run %s is alive on this host, but the lease's heartbeat is %.0fs old "
+                            "(over %.0fs): taken as a dead run whose pid was reused", self.where, held.get("pid"),
+                            held.get("run"), _age(held), self.ttl_s)
+        return fresh
 
     def _acquire(self):
         for _ in range(self.ACQUIRE_ATTEMPTS):
@@ -311,10 +330,9 @@ class Lease:
             if held.get("run") == self.me["run"]:
                 return token   # our own create, whose answer was lost and retried
             if self._alive(held) and not self.takeover:
-                age = time.time() - float(held.get("heartbeat", 0) or 0)
                 raise LeaseHeld(
                     f"output {self.uri} is in use by run {held.get('run')} (host {held.get('host')}, pid "
-                    f"{held.get('pid')}, heartbeat {age:.0f}s ago); two runs on one output would write pairs "
+                    f"{held.get('pid')}, heartbeat {_age(held):.0f}s ago); two runs on one output would write pairs "
                     f"twice. If that run is gone, wait {self.ttl_s:.0f}s or pass --set output.takeover=true")
             log.warning("%s: taking over the lease of run %s (host %s, pid %s)", self.where, held.get("run"),
                         held.get("host"), held.get("pid"))

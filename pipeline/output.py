@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.errors import StorageUnavailable
 from pipeline.items import KEPT
 from pipeline.state import STATE_DIR
 from pipeline.storage import StorageOptions
@@ -150,20 +151,43 @@ class ResultWriter:
         self.uri, self.opts, self.schema = uri, opts, schema
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
         self.note_file, self.landed = note_file, landed
+        self.staging = f"{self.root.rstrip('/')}/{STATE_DIR}/staging"
         if storage.is_object_store(self.fs, self.root):
             # makedirs on an object store would create a missing bucket: a typo must not make a new bucket
             bucket = self.root.strip("/").split("/")[0]
             if not storage.bucket_exists(self.fs, bucket, opts):
                 raise ConfigError(f"output.uri {uri}: bucket {bucket!r} does not exist or is not accessible")
         else:
-            self.fs.makedirs(self.root, exist_ok=True)
-        self.staging = f"{self.root.rstrip('/')}/{STATE_DIR}/staging"
+            self._check_writable()
         self.run_tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.oldest = 0.0
         self.files = 0
         self.rows = 0
+
+    def _check_writable(self) -> None:
+        """Make the output folder and write a file in it, before anything starts: a read-only file system or a
+        folder of another user's (EACCES) stops the run in one line, not in a traceback from its first write."""
+        probe = f"{self.staging}/{uuid.uuid4().hex}.probe"   # the staging folder is emptied at every start
+
+        def write_probe():
+            self.fs.makedirs(self.staging, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+
+        try:
+            storage.with_retries(write_probe, self.uri, self.opts)
+        except (OSError, StorageUnavailable) as e:
+            cause = e.cause if isinstance(e, StorageUnavailable) else storage.describe(e)
+            raise StorageUnavailable(storage.scrub(self.uri), f"the output folder cannot be created or written "
+                                                              f"({cause})") from None
+
+    def _store(self, path: str, data: bytes) -> None:
+        try:
+            storage.with_retries(lambda: storage.write_atomic(self.fs, path, data, self.staging), path, self.opts)
+        except OSError as e:   # denied (EACCES is "about one file" when reading input): here it is the output's
+            raise StorageUnavailable(storage.scrub(path), storage.describe(e)) from e
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -218,8 +242,7 @@ class ResultWriter:
             counts = {c["values"]: c["counts"] for c in pc.value_counts(shards).to_pylist()}
         if self.note_file is not None:
             self.note_file(name, list(counts), pc.unique(table["task"]).to_pylist())
-        data = sink.getvalue()
-        storage.with_retries(lambda: storage.write_atomic(self.fs, path, data, self.staging), path, self.opts)
+        self._store(path, sink.getvalue())
         self.files += 1
         self.rows += table.num_rows
         if self.landed is not None:
@@ -228,5 +251,4 @@ class ResultWriter:
     def write_run_record(self, record: dict) -> None:
         """Provenance of this run (config without credentials, counts) under _state/runs/."""
         path = f"{self.root.rstrip('/')}/{STATE_DIR}/runs/{self.run_tag}.json"
-        data = json.dumps(record, indent=2, default=str).encode()
-        storage.with_retries(lambda: storage.write_atomic(self.fs, path, data, self.staging), path, self.opts)
+        self._store(path, json.dumps(record, indent=2, default=str).encode())

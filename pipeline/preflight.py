@@ -20,6 +20,8 @@ from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
 SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# glmv.config.SUPPORTED_MODEL_TYPES (a test keeps them equal): importing glmv here would import torch
+MODEL_TYPES = ("glm4v", "glm46v")
 PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -72,6 +74,16 @@ def _check_weights(path: str) -> None:
     raise ConfigError(f"model.path: {path} is not a checkpoint: no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}{hint}")
 
 
+def _check_model_type(config: dict, source: str) -> None:
+    """The model actors would refuse any other architecture, but only once Ray is up and the checkpoint loads."""
+    model_type = config.get("model_type")
+    if model_type in MODEL_TYPES:
+        return
+    hint = " (the MoE GLM-4.5V/4.6V models are not supported)" if model_type == "glm4v_moe" else ""
+    raise ConfigError(f"model.path: {source}: model_type {model_type!r} is not supported{hint}; this pipeline runs "
+                      f"GLM-V checkpoints of the GLM-4.1V architecture (model_type {' or '.join(MODEL_TYPES)})")
+
+
 def context_length(config: dict) -> int | None:
     """The model's context in tokens: text_config.max_position_embeddings (released and transformers-5 layouts),
     else the top-level field of older revisions."""
@@ -94,6 +106,7 @@ def check_model(cfg: Config) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"model.path: {path} is not a checkpoint: no config.json")
     config = _read_json(os.path.join(path, "config.json"), "a model config")
+    _check_model_type(config, os.path.join(path, "config.json"))
     _check_weights(path)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise ConfigError(f"model.path: {path} is not a checkpoint: no tokenizer.json")
@@ -136,6 +149,8 @@ def check_input_prefix(uri: str, opts: StorageOptions) -> None:
         if not os.path.isdir(root):
             raise ConfigError(f"input.uri: {uri} " + ("is not a folder" if os.path.exists(root) else
                                                       "does not exist"))
+        if not _holds_a_file(root):
+            raise ConfigError(f"input.uri: {uri} holds no files")
         return
     if storage.protocol_of(uri) in ("s3", "s3a"):
         bucket, _, key = root.partition("/")
@@ -148,6 +163,19 @@ def check_input_prefix(uri: str, opts: StorageOptions) -> None:
         return
     if not storage.with_retries(lambda: fs.exists(root), uri, opts):
         raise ConfigError(f"input.uri: {uri} does not exist")
+
+
+def _holds_a_file(folder: str) -> bool:
+    """Whether the listing would find a file under the folder (it follows links and skips hidden names); stops at
+    the first one."""
+    seen = set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if any(not f.startswith(".") for f in files):
+            return True
+        folders[:] = [] if (st.st_dev, st.st_ino) in seen else [f for f in folders if not f.startswith(".")]
+        seen.add((st.st_dev, st.st_ino))
+    return False
 
 
 def _location(uri: str, opts: StorageOptions) -> str:

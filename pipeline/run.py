@@ -33,7 +33,7 @@ from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.preflight import read_spec
 from pipeline.report import write_report
-from pipeline.sources import PendingItems, TaskPlan, UnitWork
+from pipeline.sources import PendingItems, RepeatCounter, TaskPlan, UnitWork
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 
@@ -179,6 +179,8 @@ class Summary:
     files: int = 0
     restarts: int = 0      # datasets restarted after a cluster fault (a lost node, a model actor gone)
     redone: int = 0        # pairs in flight at those faults, read and run again
+    repeated_items: int = 0      # items read again from another manifest file (so written again): see Repeats
+    repeats_exact: bool = True   # False: more items than Repeats keeps; repeated_items is then a lower bound
     sample: list = field(default_factory=list)
 
     def count(self, batch: pa.Table) -> None:
@@ -193,15 +195,20 @@ class Summary:
 
     def lines(self, output_uri: str) -> list[str]:
         s = max(self.seconds, 1e-9)
-        return [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s "
+        lines = [f"done: {self.done} (item, task) rows ({self.items} items) in {self.seconds:.1f}s "
                 f"(first result after {self.first_result_s:.1f}s)",
                 f"skipped as already done: {self.skipped}",
                 f"errors: {self.errors}",
                 f"items/s: {self.items / s:.3f}",
                 f"generated tokens/s: {self.generated_tokens / s:.1f}",
-                f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"
-                ] + ([f"restarts after cluster faults: {self.restarts} ({self.redone} (item, task) pairs redone)"]
-                     if self.restarts else [])
+                f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
+        if self.repeated_items or not self.repeats_exact:
+            at_least = "" if self.repeats_exact else "at least "
+            lines.insert(3, f"duplicates: {at_least}{self.repeated_items} item(s) named in more than one manifest "
+                            f"file, read once per file (their rows repeat in the output: same id and task)")
+        if self.restarts:
+            lines.append(f"restarts after cluster faults: {self.restarts} ({self.redone} (item, task) pairs redone)")
+        return lines
 
 
 def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch,
@@ -255,8 +262,13 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
         cfg = _start_ray(cfg, out)
-        parts = Parts(cfg, spec, plan, units, ledger, writer, lease, breaker, summary, start, out, stages)
+        # only manifests can name one item in two units (a listing's partitions and shard files' items are disjoint)
+        repeats = (RepeatCounter.options(scheduling_strategy=on_driver_node()).remote()
+                   if cfg.input.manifest and len(work) > 1 else None)
+        parts = Parts(cfg, spec, plan, units, ledger, writer, lease, breaker, summary, start, out, stages, repeats)
         resume, shards = _process(parts, work, resume, shards)
+        if repeats is not None:
+            summary.repeated_items, summary.repeats_exact = ray.get(repeats.result.remote())
     if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
         ledger.mark_trusted()   # every shard of the input now has its record
     ledger.fold()
@@ -280,6 +292,7 @@ class Parts:
     start: float
     out: object
     stages: tuple
+    repeats: object = None   # a RepeatCounter for inputs of several manifests, kept across attempts
 
 
 def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
@@ -292,7 +305,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
         while True:
             tracker = _new_tracker(parts.writer.run_tag)
             source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
-                                  cfg.input.max_items)
+                                  cfg.input.max_items, parts.repeats)
             drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop)
             written_before, skipped_before = summary.done, summary.skipped
             try:

@@ -44,22 +44,66 @@ class SeenIds:
 
     def __init__(self):
         self.runs: list[np.ndarray] = []
+        self.size = 0
 
     def first(self, ids: list[str]) -> np.ndarray:
         """Mask of the ids not met before (the first of repeats within `ids` included); remembers them."""
         keys = np.array([int(i[:16], 16) for i in ids], dtype=np.uint64)
         mask = np.zeros(len(keys), bool)
         mask[np.unique(keys, return_index=True)[1]] = True
+        mask &= ~self.known(keys)
+        self.add(keys[mask])
+        return mask
+
+    def known(self, keys: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(keys), bool)
         for run in self.runs:
             pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
-            mask &= run[pos] != keys
-        fresh = np.sort(keys[mask])
-        if len(fresh):
-            self.runs.append(fresh)
+            mask |= run[pos] == keys
+        return mask
+
+    def add(self, keys: np.ndarray) -> None:
+        """Remember keys that are not known yet and not repeated among themselves."""
+        if len(keys):
+            self.runs.append(np.sort(keys))
+            self.size += len(keys)
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()
             self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]))
-        return mask
+
+    def keys(self) -> np.ndarray:
+        return np.concatenate(self.runs) if self.runs else np.zeros(0, np.uint64)
+
+
+class Repeats:
+    """Items met in more than one read unit (the same URI in two manifest files is read, and written, once per
+    file), counted from each unit's distinct ids as its read task reports them. Exact while the ids kept fit in
+    `max_ids` (8 bytes each); past that, new ids are still looked up but no longer kept, so a repeat of an item
+    first met after the cap is missed and the count is a lower bound (`exact` False)."""
+
+    MAX_IDS = 1 << 25   # 256 MiB of ids in the actor, whatever the corpus size
+
+    def __init__(self, max_ids: int = MAX_IDS):
+        self.max_ids, self.seen, self.units = max_ids, SeenIds(), set()
+        self.repeats, self.exact = 0, True
+
+    def add(self, unit: str, keys: np.ndarray) -> None:
+        if unit in self.units:   # a retried read task reports its unit again
+            return
+        self.units.add(unit)
+        known = self.seen.known(keys)
+        self.repeats += int(known.sum())
+        fresh = keys[~known]
+        room = self.max_ids - self.seen.size
+        if len(fresh) > room:
+            fresh, self.exact = fresh[:max(room, 0)], False
+        self.seen.add(fresh)
+
+    def result(self) -> tuple[int, bool]:
+        return self.repeats, self.exact
+
+
+RepeatCounter = ray.remote(num_cpus=0)(Repeats)
 
 
 def is_done(keys: np.ndarray, done: np.ndarray) -> np.ndarray:
@@ -120,8 +164,9 @@ class StopFlag:
 
 
 def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarray, tracker,
-                  budget: Budget | None = None, stop=None) -> Iterator[pa.Table]:
-    """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends.
+                  budget: Budget | None = None, repeats=None, stop=None) -> Iterator[pa.Table]:
+    """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends, and the
+    unit's distinct ids to `repeats` (a RepeatCounter, or None) once it is read.
     Once the budget is spent it stops, and a shard cut short is never reported, so never recorded finished; so does
     a read stopped by `stop()` (the run drains after a SIGTERM), and then the unit is not reported either."""
     unit, seen, shards, open_count = work.unit, SeenIds(), [], {}
@@ -151,12 +196,20 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
             budget.take_finished(record)
         if budget.spent:   # the shard stays open (never recorded finished); its pairs found done still count
             tracker.cut_short.remote(name, count.skipped)
+            _report_ids(repeats, unit, seen)
             return
         if piece.last:
             tracker.shard.remote(name, count.counts, count.pending, count.skipped)
             shards.append(name)
             del open_count[name]
     tracker.unit.remote(unit.id, shards)
+    _report_ids(repeats, unit, seen)
+
+
+def _report_ids(repeats, unit: Unit, seen: SeenIds) -> None:
+    # waited for: once the last read task ends, the driver's count holds every unit
+    if repeats is not None:
+        ray.get(repeats.add.remote(unit.id, seen.keys()))
 
 
 def covers_tasks(counts: dict[str, int] | None, tasks) -> bool:
@@ -205,10 +258,11 @@ def _items_block(piece: Piece, shard: str, ids: list[str], fresh: np.ndarray, re
 class PendingItems(Datasource):
     """Ray Data source: one read task per group of units (at most MAX_READ_TASKS groups, in input order)."""
 
-    def __init__(self, work: list[UnitWork], spec: ReadSpec, plan: TaskPlan, done_ref, tracker, max_items: int):
+    def __init__(self, work: list[UnitWork], spec: ReadSpec, plan: TaskPlan, done_ref, tracker, max_items: int,
+                 repeats=None):
         super().__init__()
         self.work, self.spec, self.plan, self.done_ref, self.tracker = work, spec, plan, done_ref, tracker
-        self.max_items = max_items
+        self.max_items, self.repeats = max_items, repeats
 
     def get_name(self) -> str:
         return "ReadItems"
@@ -222,13 +276,14 @@ class PendingItems(Datasource):
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         spec, plan, done_ref, tracker, max_items = self.spec, self.plan, self.done_ref, self.tracker, self.max_items
+        repeats = self.repeats
         size = -(-len(self.work) // self.num_tasks())
 
         def make(chunk: list[UnitWork]):
             def read():
                 done, budget, stop = ray.get(done_ref), Budget(max_items), StopFlag(tracker)
                 for work in chunk:
-                    yield from pending_items(work, spec, plan, done, tracker, budget, stop)
+                    yield from pending_items(work, spec, plan, done, tracker, budget, repeats, stop)
                     if budget.spent or stop():
                         return
             return read

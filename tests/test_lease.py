@@ -96,6 +96,22 @@ def test_one_run_at_a_time_and_takeover_rules(place):
         Lease(p.uri, p.opts, "run-6")
 
 
+def test_a_lease_whose_pid_was_reused_on_this_host_does_not_block_forever(place, caplog):
+    """A run that died long ago left its lease; its pid now belongs to another live process (here: this test's).
+    The pid alone said "alive" forever; a heartbeat older than the TTL says the run is gone."""
+    p = place("reused-pid")
+    p.write(stale_lease(pid=os.getpid()))                  # alive and beating: held, and the message says what to do
+    with pytest.raises(LeaseHeld, match=r"pid \d+, heartbeat \d+s ago\).*If that run is gone, wait 90s or pass "
+                                        r"--set output.takeover=true"):
+        Lease(p.uri, p.opts, "run-1")
+    p.write(stale_lease(pid=os.getpid(), heartbeat=time.time() - 600))
+    with caplog.at_level(logging.WARNING, "pipeline.lease"), Lease(p.uri, p.opts, "run-2"):
+        assert p.read()["run"] == "run-2"
+    assert "heartbeat is 600s old (over 90s): taken as a dead run whose pid was reused" in caplog.text
+    p.write(stale_lease(pid=0))                             # kill(0, 0) asks about a process group: not a holder
+    Lease(p.uri, p.opts, "run-3").release()
+
+
 def test_an_unreadable_lease_is_an_error_not_absent(place):
     p = place("unreadable")
     p.write(b'{"host": "h", "pid": 1, "ru')                  # torn by another tool

@@ -4,6 +4,7 @@ with embedded bytes; each output checked row by row. Then kill -9 mid-run and a 
 every (item, task) exactly once."""
 
 import io
+import json
 import os
 import re
 import signal
@@ -97,12 +98,18 @@ def test_csv_and_jsonl_manifests_by_glob(local_ray, tiny_gqa, tmp_path):
     for i, data in enumerate(images):
         (tmp_path / f"{i}.png").write_bytes(data)
     (tmp_path / "a.csv").write_text("uri,prompt\n0.png,\n1.png,Count the shapes.\n")
-    (tmp_path / "b.jsonl").write_text('{"uri": "2.png"}\n{"uri": "3.png"}\n{"uri": "2.png"}\n')   # 2.png twice
+    # 2.png twice in one file runs once; 0.png, named again by another file, runs once per file, and is counted
+    (tmp_path / "b.jsonl").write_text('{"uri": "2.png"}\n{"uri": "3.png"}\n{"uri": "2.png"}\n{"uri": "./0.png"}\n')
     cfg, summary = _run(tmp_path, f'manifest = "{tmp_path}/*.*"\n', tiny_gqa)
     df = pd.read_parquet(tmp_path / "out")
     assert sorted(zip(df.uri.str.rsplit("/", n=1).str[-1], df.task)) == [
-        ("0.png", "caption"), ("1.png", "caption"), ("1.png", "prompt"), ("2.png", "caption"), ("3.png", "caption")]
+        ("0.png", "caption"), ("0.png", "caption"), ("1.png", "caption"), ("1.png", "prompt"), ("2.png", "caption"),
+        ("3.png", "caption")]
     assert df[df.task == "prompt"].prompt.iloc[0] == "Count the shapes." and df.error.isna().all()
+    assert (summary.repeated_items, summary.repeats_exact) == (1, True)
+    assert "duplicates: 1 item(s) named in more than one manifest file" in "\n".join(summary.lines("out"))
+    record = json.loads(next((tmp_path / "out" / "_state" / "runs").glob("*.json")).read_text())
+    assert record["summary"]["repeated_items"] == 1
 
 
 def test_webdataset_shards_on_s3(s3, local_ray, tiny_gqa, tmp_path):

@@ -16,7 +16,7 @@ from pipeline import listing, readers, storage
 from pipeline.config import ConfigError
 from pipeline.errors import StorageUnavailable
 from pipeline.items import canonical_uri, item_id, key_hash, media_type_of
-from pipeline.sources import Budget, SeenIds, TaskPlan, UnitWork, pending_items
+from pipeline.sources import Budget, Repeats, SeenIds, TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.faults import FaultProxy
@@ -82,6 +82,19 @@ def test_seen_ids_finds_repeats_across_many_runs():
     assert all(m.all() for m in firsts) and len(seen.runs) <= 8            # merged, not one run per call
     again = seen.first(ids[::7] + ["f" * 32, "f" * 32])
     assert not again[:-2].any() and again[-2] and not again[-1]          # repeats within one call too
+
+
+def test_repeats_across_units_are_counted_exactly_until_the_cap_then_as_a_lower_bound():
+    keys = lambda *v: np.array(v, np.uint64)  # noqa: E731 - a unit's distinct ids, as its read task reports them
+    repeats = Repeats(max_ids=5)
+    repeats.add("m/a.csv", keys(1, 2, 3))
+    repeats.add("m/b.csv", keys(3, 4))
+    repeats.add("m/b.csv", keys(3, 4))               # a retried read task reports its unit again: once
+    repeats.add("m/c.csv", keys(1, 3, 5))            # 1 and 3 again: 3 is now in three files, read three times
+    assert repeats.result() == (3, True) and repeats.seen.size == 5
+    repeats.add("m/d.csv", keys(6, 7, 2))            # full: 6 and 7 are not kept, 2 is still found
+    repeats.add("m/e.csv", keys(6))                  # a repeat of an id past the cap is missed
+    assert repeats.result() == (4, False) and repeats.seen.size == 5
 
 
 def test_local_listing_is_snapshotted_in_key_order_and_resumes_after_the_last_part(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """Before anything starts: config bounds, the checkpoint and its context, inputs and outputs that exist, the
 resource plan against the cluster; and the job's one-line message and exit code for each kind of error."""
 
+import errno
 import io
 import json
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import config, preflight
+from pipeline import config, preflight, storage
 from pipeline.config import ActorsConfig
 from pipeline.errors import ConfigError, StorageUnavailable
 from tests.faults import FaultProxy
@@ -78,6 +80,18 @@ def test_generation_budget_above_the_models_context(tmp_path, tiny_gqa, corpus):
                                      "max_position_embeddings": 4096}) == 131072
 
 
+def _model_type(model, model_type):
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = model_type
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def test_preflight_knows_the_model_types_glmv_runs():
+    from glmv.config import SUPPORTED_MODEL_TYPES
+
+    assert preflight.MODEL_TYPES == SUPPORTED_MODEL_TYPES
+
+
 def _broken(tmp_path, tiny_gqa, damage):
     model = tmp_path / "model"
     if not model.exists():
@@ -96,6 +110,11 @@ def _broken(tmp_path, tiny_gqa, damage):
     (lambda m: next(m.glob("model-0*.safetensors")).unlink(), "names shard files that do not exist"),
     (lambda m: (m / "tokenizer.json").unlink(), "no tokenizer.json"),
     (lambda m: (m / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
+    # another architecture: the model actors refused it too, but only once Ray was up and each had loaded it
+    (lambda m: _model_type(m, "qwen2_vl"), r"config\.json: model_type 'qwen2_vl' is not supported; this pipeline "
+                                           r"runs GLM-V checkpoints .*\(model_type glm4v or glm46v\)$"),
+    (lambda m: _model_type(m, "glm4v_moe"), r"'glm4v_moe' is not supported \(the MoE GLM-4.5V/4.6V models"),
+    (lambda m: _model_type(m, None), r"model_type None is not supported"),
 ])
 def test_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_gqa, corpus, damage, message):
     model = _broken(tmp_path, tiny_gqa, damage)
@@ -106,6 +125,16 @@ def test_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_gqa, corpus, damage, m
 def test_inputs_and_outputs_exist(tmp_path, tiny_gqa, corpus, s3):
     with pytest.raises(ConfigError, match=r"input\.uri: .*/nowhere does not exist"):
         preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(tmp_path / "nowhere")))
+    # an empty folder, as an empty S3 prefix: the run found nothing to do and said only "done: 0"
+    empty = tmp_path / "empty"
+    (empty / "sub" / ".git").mkdir(parents=True)
+    (empty / ".DS_Store").write_bytes(b"x")              # hidden names are not listed
+    (empty / "sub" / ".git" / "HEAD").write_bytes(b"x")
+    (empty / "sub" / "loop").symlink_to(empty)           # the listing follows links: so does the check, once
+    with pytest.raises(ConfigError, match=r"^input\.uri: .*/empty holds no files$"):
+        preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(empty)))
+    (empty / "sub" / "a.png").write_bytes(b"x")
+    assert preflight.check(_cfg(tmp_path, tiny_gqa, input_uri=str(empty))) is None
     s3_cfg = lambda **kw: _cfg(tmp_path, tiny_gqa, endpoint=s3, **kw)  # noqa: E731
     # a prefix of files: the run lists it
     assert preflight.check(s3_cfg(input_uri="s3://inputs/media/", output_uri="s3://outputs/run")) is None
@@ -339,6 +368,62 @@ def test_job_exit_codes_for_a_held_output_and_a_storage_outage(tmp_path, tiny_gq
     assert result.returncode == 3, result.stderr[-2000:]
     line = _one_line(result, "storage error: storage unavailable: s3://inputs: 403")
     assert "testing-secret-value" not in result.stderr + result.stdout and len(line) < 300
+
+
+def test_an_output_folder_that_cannot_be_made_or_written_is_a_storage_error_in_one_line(tmp_path, tiny_gqa, corpus):
+    """It was a traceback (PermissionError making the folder, exit 1). sysfs refuses every mkdir, also root's."""
+    result, seconds = _job(tmp_path, tiny_gqa, output_uri="/sys/glmv-test-out")
+    assert result.returncode == 3, result.stderr[-2000:]
+    _one_line(result, "storage error: storage unavailable: /sys/glmv-test-out: the output folder cannot be created "
+                      "or written (PermissionError: ")
+    assert seconds < 15   # before Ray starts
+
+
+@pytest.mark.parametrize("method, error", [
+    ("makedirs", PermissionError(errno.EACCES, "Permission denied")),       # a folder of another user's
+    ("pipe_file", OSError(errno.EROFS, "Read-only file system")),           # exists, on a read-only mount
+])
+def test_an_output_folder_denied_or_read_only_stops_before_anything_starts(tmp_path, monkeypatch, method, error):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.output import ResultWriter
+
+    (tmp_path / "out").mkdir()
+
+    def refuse(self, path, *args, **kwargs):
+        raise type(error)(error.errno, error.strerror, path)
+
+    monkeypatch.setattr(LocalFileSystem, method, refuse)
+    with pytest.raises(StorageUnavailable, match=rf"^storage unavailable: {tmp_path}/out: the output folder cannot "
+                                                 rf"be created or written \({type(error).__name__}: "
+                                                 rf"\[Errno {error.errno}\] {error.strerror}"):
+        ResultWriter(str(tmp_path / "out"), preflight.StorageOptions(retries=1, retry_backoff_s=0), 10, 30.0)
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    """The README's exit-code table: code -> its kinds and meaning."""
+    rows = re.findall(r"^\| (\d) \| (.*) \|$", (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    return {int(code): rest for code, rest in rows}
+
+
+def test_a_missing_bucket_exits_with_the_code_the_readme_gives(tmp_path, tiny_gqa, corpus, s3):
+    """A bucket named in the config that does not exist is a typo to fix, not an outage to wait out: exit 2, as for
+    any other input or output that does not exist (the README's table said 3, the job gave 2)."""
+    codes = _readme_exit_codes()
+    for where in ({"output_uri": "s3://otuputs/run"}, {"input_uri": "s3://inptus/media/"}):
+        result, _ = _job(tmp_path, tiny_gqa, endpoint=s3, **where)
+        line = _one_line(result, "config error: ")
+        assert "bucket 'otuputs' does not exist" in line or "bucket 'inptus' does not exist" in line
+        assert result.returncode == 2 and "bucket" in codes[2] and "that does not exist at start" in codes[2], codes
+    assert "bucket deleted during the run" in codes[3]   # mid-run the store lost it: an outage, as NoSuchBucket is
+    assert storage.classify(_client_error("NoSuchBucket", 404)) is storage.Fault.OUTAGE
+
+
+def _client_error(code: str, status: int) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
 
 
 def test_job_whose_actors_take_every_cpu_stops_with_a_message(tmp_path, tiny_gqa, corpus):
