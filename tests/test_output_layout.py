@@ -166,3 +166,18 @@ def test_polars_scans_the_output_by_the_readmes_glob(run_output, s3, where):
             "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"], "aws_region": "us-east-1",
             "aws_allow_http": "true"}).collect()
     assert frame.height == len(truth) and _keys(frame) == _keys(truth)
+
+
+def test_a_run_over_kept_columns_of_unified_and_conflicting_types_finishes(run_output):
+    """int then float manifests, a first manifest whose columns are all null, and one whose score is a string: the
+    run exits 0 (the fixture checks), scores are doubles, notes strings, and the string file's item is an error row
+    naming the column and both types."""
+    out, truth = run_output
+    assert truth.schema.field("note").type == pa.string() and truth.schema.field("empty").type == pa.null()
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in truth.to_pylist()}
+    assert {name: (r["score"], r["note"]) for name, r in rows.items()} == {
+        "img_01.png": (1.0, None), "img_02.webp": (2.0, None), "missing.png": (3.0, None),   # manifest 0
+        "img_00.jpg": (0.5, "x"), "img_03.bmp": (None, "y")}                                 # 1, 2
+    assert rows["img_01.png"]["error"] is None and rows["img_00.jpg"]["error"] is None
+    assert "input.keep_columns: column 'score' is string in " in rows["img_03.bmp"]["error"]
+    assert rows["img_03.bmp"]["error"].endswith("2.parquet and double in the other input files: no one type holds both")
