@@ -55,7 +55,7 @@ def test_listing_parts_snapshotted_by_an_earlier_version_are_read_then_renamed(t
 
 # --- the readers, on a real run's output ---------------------------------------------------------------------
 
-S3_OUT = "s3://results/layout"
+S3_OUT = "s3://readers-layout/out"   # a bucket of its own: moto keeps buckets across servers in one process
 
 
 @pytest.fixture(scope="module")
