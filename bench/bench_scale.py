@@ -319,7 +319,7 @@ def main() -> int:
     first = {r["done"]: r["first_new_s"] for r in resume}
     print(f"  resume: first new row after {', '.join(f'{s:.1f}s ({d:,} done)' for d, s in first.items())}. What "
           f"start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few MB of "
-          f"done.parquet) plus the sidecars of shards open at the kill, so 1e8 and 1e9 resume in about the same "
+          f"done.pq.state) plus the sidecars of shards open at the kill, so 1e8 and 1e9 resume in about the same "
           f"time; the previous design's pre-work grew linearly (x10 per decade above): ~10 min at 1e8, ~1.5 h at "
           f"1e9 locally, before re-listing an S3 prefix")
     print(f"  driver memory: +{m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items, most of it "

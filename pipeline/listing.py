@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.items import media_type_of
-from pipeline.state import StateDir
+from pipeline.state import OLD_TABLE, TABLE, StateDir
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def plan_partitions(uri: str, opts: StorageOptions, max_depth: int = 8) -> list[
 
 
 class ListingSnapshot:
-    """`_state/listing/<id>/`: plan.json (the partitions), then per partition p<i>/<n>.parquet parts and a
+    """`_state/listing/<id>/`: plan.json (the partitions), then per partition p<i>/<n>.pq.state parts and a
     p<i>/complete.json once the partition is listed to its end."""
 
     def __init__(self, state: StateDir, uri: str):
@@ -212,20 +212,30 @@ class ListingSnapshot:
         return self.state.read_json(f"{self.dir}/plan.json")
 
     def parts(self, index: int) -> tuple[list[int], bool]:
-        """(numbers of the parts written so far, whether the partition is listed to its end)."""
+        """(numbers of the parts written so far, whether the partition is listed to its end). Parts an earlier
+        version named `<n>.parquet` are renamed first: a snapshot is never written again, and under that name
+        readers globbing the output for `**/*.parquet` took them for results."""
         names = self.state.list(f"{self.dir}/p{index}")
-        numbers = sorted(int(n.split(".")[0]) for n in names if n.endswith(".parquet") and n.split(".")[0].isdigit())
-        return numbers, "complete.json" in names
+        numbers = set()
+        for name in names:
+            number, suffix = name.split(".", 1)[0], "." + name.split(".", 1)[-1]
+            if number.isdigit() and suffix in (TABLE, OLD_TABLE):
+                numbers.add(int(number))
+                if suffix == OLD_TABLE:
+                    self.state.rename_old_table(self._part(index, int(number)))
+        return sorted(numbers), "complete.json" in names
+
+    def _part(self, index: int, number: int) -> str:
+        return f"{self.dir}/p{index}/{number:06d}"
 
     def read_part(self, index: int, number: int) -> list[str]:
-        table = self.state.read_table(f"{self.dir}/p{index}/{number:06d}.parquet")
+        table = self.state.read_table(self._part(index, number))
         if table is None:
             raise FileNotFoundError(f"listing snapshot part p{index}/{number} is missing")
         return table["path"].to_pylist()
 
     def write_part(self, index: int, number: int, paths: list[str]) -> None:
-        self.state.write_table(f"{self.dir}/p{index}/{number:06d}.parquet",
-                               pa.table({"path": pa.array(paths, pa.string())}))
+        self.state.write_table(self._part(index, number), pa.table({"path": pa.array(paths, pa.string())}))
 
     def mark_complete(self, index: int, parts: int) -> None:
         self.state.write_json(f"{self.dir}/p{index}/complete.json", {"parts": parts})

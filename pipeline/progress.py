@@ -2,7 +2,9 @@
 
 Shards (a listing part, a manifest row range, a tar, a Parquet row range) and read units (a partition, a file)
 get a completion record once every (item, task) pair of theirs is in a result file:
-`_state/done/<hash>.json` = {"name", "counts": {task: pairs}}, folded now and then into `_state/done.parquet`.
+`_state/done/<hash>.json` = {"name", "counts": {task: pairs}}, folded now and then into `_state/done.pq.state`
+(Parquet, named so that no reader takes it for results; an earlier version's `done.parquet` is read until the next
+fold replaces it).
 A rerun skips finished units without opening them and finished shards without reading them.
 
 Rows of shards still open live in result files named by a sidecar written just before each file:
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "progress.json"
 RECORDS = "done"
-FOLDED = "done.parquet"
+FOLDED = "done"            # a state table: _state/done.pq.state
 INFLIGHT = "inflight"
 QUARANTINE = "quarantine"
 FOLD_EVERY = 256          # new records between folds
@@ -120,7 +122,7 @@ class Ledger:
             self.fold()
 
     def fold(self) -> None:
-        """All records into done.parquet, then the record files removed. Shard records stay beside their unit's:
+        """All records into done.pq.state, then the record files removed. Shard records stay beside their unit's:
         a task added later reopens the unit, and its shards' records then say which tasks each has done."""
         self.state.write_table(FOLDED, pa.table({
             "name": list(self.records), "tasks": [list(c) for c in self.records.values()],
@@ -142,7 +144,7 @@ class Ledger:
         """Distrust every record (e.g. after `run.retry_errors` reopened rows): the next run scans the output."""
         self.state.remove(MARKER)
         self.state.remove(RECORDS, recursive=True)
-        self.state.remove(FOLDED)
+        self.state.remove_table(FOLDED)
         self.state.remove(INFLIGHT, recursive=True)
 
 

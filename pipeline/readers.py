@@ -15,6 +15,7 @@ import os
 import re
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -77,7 +78,7 @@ class ReadSpec:
     exclude: tuple[str, ...]
     opts: StorageOptions
     state: StateDir
-    keep_schema: pa.Schema | None = None   # types of the kept columns (from the first input file)
+    keep_schema: pa.Schema | None = None   # types of the kept columns (kept_schema)
 
 
 @dataclass
@@ -236,6 +237,54 @@ def table_schema(uri: str, opts: StorageOptions) -> pa.Schema:
     return storage.with_retries(schema, uri, opts)
 
 
+def kept_schema(units: list[Unit], names: list[str], opts: StorageOptions) -> pa.Schema:
+    """The kept columns' types, from every input file's schema (Parquet footers, text files' first block), read
+    concurrently: each column takes the type all files' fit (unified_type). A file whose type fits none of the files
+    before it keeps theirs, and its items become error rows (_kept); a file without a kept column stops the run now
+    rather than hours in. A corrupt or empty file is the readers' to report (an error row, zero rows)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(lambda unit: _schema_if_readable(unit.uri, opts), units))
+    types: dict[str, pa.DataType] = {}
+    readable = [(unit, schema) for unit, schema in zip(units, schemas) if schema is not None and schema.names]
+    for unit, schema in readable:
+        missing = [c for c in names if c not in schema.names]
+        if missing:
+            raise ConfigError(f"input.keep_columns: {unit.uri} has no column(s) {missing} "
+                              f"(columns: {', '.join(schema.names[:20])})")
+        for name in names:
+            found = schema.field(name).type
+            unified = unified_type(types.get(name, pa.null()), found)
+            if unified is None:
+                log.warning("input.keep_columns: column %r is %s in %s, %s in the files before it: its items become "
+                            "error rows", name, found, storage.scrub(unit.uri), types[name])
+            else:
+                types[name] = unified
+    if not readable:
+        raise ConfigError(f"input.keep_columns: none of the {len(units)} input file(s) could be read for its columns")
+    return pa.schema([(name, types[name]) for name in names])
+
+
+def _schema_if_readable(uri: str, opts: StorageOptions) -> pa.Schema | None:
+    try:
+        return table_schema(uri, opts)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError) or storage.classify(e) is not storage.Fault.ITEM:
+            raise
+        return None
+
+
+def unified_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type values of both types fit, by Arrow's permissive promotion: null gives way to the other, integers and
+    floats make double, narrower numbers wider ones; None when there is none (string and int64, struct and list).
+    Dictionary-encoded columns count as their values (pandas writes categoricals so)."""
+    a, b = (t.value_type if pa.types.is_dictionary(t) else t for t in (a, b))
+    try:
+        merged = pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return merged.field("c").type
+
+
 def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: StorageOptions
              ) -> Iterator[pa.RecordBatch]:
     """`text` columns are read as strings: inferred from the first block, a prompt column empty for its first
@@ -337,8 +386,8 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
         if has_prompt:
             table = _utf8(table, ["prompt"], unit)
             prompts = [p if isinstance(p, str) else "" for p in table["prompt"].to_pylist()]
-        extra = _kept(table, spec, unit)
-        errors = [_not_utf8(u, "URI") if i in bad else None for i, u in zip(kept, uris)]
+        extra, conflict = _kept(table, spec, unit)
+        errors = _errors_with([_not_utf8(u, "URI") if i in bad else None for i, u in zip(kept, uris)], uris, conflict)
         yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
                                            errors=errors, extra=extra), piece.last)
 
@@ -369,21 +418,45 @@ def _texts(column: pa.Array | pa.ChunkedArray) -> tuple[list[str | None], set[in
     return texts, bad
 
 
-def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> pa.Table | None:
-    """The kept columns, cast to the types of the first input file."""
+def _kept(table: pa.Table, spec: ReadSpec, unit: Unit) -> tuple[pa.Table | None, str | None]:
+    """The kept columns, cast to the types chosen for all input files (kept_schema); and why not, when one of this
+    file's cannot be (a string column where the other files hold numbers): then that column is null, and the
+    reason becomes the error of every item in the table."""
     if not spec.keep_columns:
-        return None
+        return None, None
     missing = [c for c in spec.keep_columns if c not in table.column_names]
     if missing:
         raise ConfigError(f"input.keep_columns: {unit.uri} has no column(s) {missing}")
-    kept = table.select(list(spec.keep_columns))
-    if spec.keep_schema is not None and not kept.schema.equals(spec.keep_schema):
-        try:
-            kept = kept.cast(spec.keep_schema)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise ConfigError(f"input.keep_columns: {unit.uri} has other column types than the first input file "
-                              f"({e})") from None
-    return _utf8(kept, kept.column_names, unit).rename_columns([KEPT + c for c in kept.column_names])
+    kept, conflict = table.select(list(spec.keep_columns)), None
+    for i, target in enumerate(spec.keep_schema or []):
+        column = kept.column(i)
+        cast = _cast_kept(column, target.type)
+        if cast is None:
+            conflict = conflict or (f"input.keep_columns: column {target.name!r} is {column.type} in {unit.uri} and "
+                                    f"{target.type} in the other input files: no one type holds both")
+            cast = pa.nulls(len(kept), target.type)
+        kept = kept.set_column(i, target.name, cast)
+    kept = _utf8(kept, kept.column_names, unit).rename_columns([KEPT + c for c in kept.column_names])
+    return kept, conflict
+
+
+def _cast_kept(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray | None:
+    """The column as `target`, if its type promotes to it and its values fit (a uint64 past int64's range does not)."""
+    if column.type.equals(target):
+        return column
+    if unified_type(column.type, target) != target:
+        return None
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _errors_with(errors: list[str | None], uris: list[str], conflict: str | None) -> list[str | None]:
+    """Each item's error, or the kept columns' conflict (see _kept) for items without one."""
+    if conflict is None:
+        return errors
+    return [error or f"{uri}: {conflict}" for error, uri in zip(errors, uris)]
 
 
 def _utf8(table: pa.Table, names: list[str], unit: Unit) -> pa.Table:
@@ -503,7 +576,8 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
             types.append((path and media_type_of(path)) or (sniff_media_type(blob) if blob else ""))
             error = None if blob else f"{uri}: no media bytes in column {spec.bytes_column!r}"
             errors.append(_not_utf8(uri, "key") if i in bad else error)
-        extra = _kept(piece.table, spec, unit)
+        extra, conflict = _kept(piece.table, spec, unit)
+        errors = _errors_with(errors, uris, conflict)
         yield Piece(piece.shard, raw_table(uris, types, keys=keys, data=data, errors=errors, extra=extra),
                     piece.last)
 

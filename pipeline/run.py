@@ -100,25 +100,11 @@ def task_plan(cfg: Config) -> TaskPlan:
 
 
 def kept_columns(cfg: Config, spec: readers.ReadSpec, units: list[readers.Unit]) -> pa.Schema | None:
-    """Columns kept from the input, typed as in its first readable, non-empty file (the others are cast to these
-    types). A corrupt or empty file is the readers' to report (an error row, zero rows), not a reason to stop."""
+    """Columns kept from the input, typed so that every input file's fit (readers.kept_schema): decided here, before
+    the first result file is written, as result files share one schema."""
     if not cfg.input.keep_columns:
         return None
-    for unit in units:
-        try:
-            first = readers.table_schema(unit.uri, spec.opts)
-        except (pa.ArrowInvalid, OSError) as e:
-            if isinstance(e, FileNotFoundError) or storage.classify(e) is not storage.Fault.ITEM:
-                raise
-            continue
-        if not first.names:
-            continue
-        missing = [c for c in cfg.input.keep_columns if c not in first.names]
-        if missing:
-            raise ConfigError(f"input.keep_columns: {unit.uri} has no column(s) {missing} "
-                              f"(columns: {', '.join(first.names[:20])})")
-        return pa.schema([first.field(c) for c in cfg.input.keep_columns])
-    raise ConfigError(f"input.keep_columns: none of the {len(units)} input file(s) could be read for its columns")
+    return readers.kept_schema(units, list(cfg.input.keep_columns), spec.opts)
 
 
 def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode=decode_batch,

@@ -1,6 +1,8 @@
 """Run state under the output's `_state/` folder: small JSON and Parquet files, each written whole (staged and
-renamed, or one object upload) with storage retries. pandas, duckdb and pyarrow.dataset skip the folder because
-of its leading underscore, so readers of the results never see it."""
+renamed, or one object upload) with storage retries. pandas, pyarrow.dataset and Spark skip the folder because of
+its leading underscore; globs such as duckdb's and polars' `OUT/**/*.parquet` do not, so no state file is named
+`*.parquet`: state tables are Parquet named `*.pq.state` (TABLE), and those an earlier version named `*.parquet`
+are read where the new name is missing and renamed when next written."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pipeline import storage
 from pipeline.storage import StorageOptions
 
 STATE_DIR = "_state"
+TABLE = ".pq.state"        # the suffix of state tables
+OLD_TABLE = ".parquet"     # theirs before: taken for result files by readers globbing OUT/**/*.parquet
 
 
 class StateDir:
@@ -56,14 +60,30 @@ class StateDir:
         data = self.read_bytes(rel)
         return None if data is None else json.loads(data)
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
+    def write_table(self, stem: str, table: pa.Table) -> None:
+        """`<stem>.pq.state`; an earlier version's `<stem>.parquet` goes once the new file is whole."""
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
-        self.write_bytes(rel, sink.getvalue())
+        self.write_bytes(stem + TABLE, sink.getvalue())
+        self.remove(stem + OLD_TABLE)
 
-    def read_table(self, rel: str) -> pa.Table | None:
-        data = self.read_bytes(rel)
+    def read_table(self, stem: str) -> pa.Table | None:
+        """The table at `stem` (an earlier version's file where there is no new one), None when there is none."""
+        data = self.read_bytes(stem + TABLE)
+        if data is None:
+            data = self.read_bytes(stem + OLD_TABLE)
         return None if data is None else pq.read_table(io.BytesIO(data))
+
+    def rename_old_table(self, stem: str) -> None:
+        """An earlier version's `<stem>.parquet` to `<stem>.pq.state`, as it is (for tables never written again)."""
+        data = self.read_bytes(stem + OLD_TABLE)
+        if data is not None:
+            self.write_bytes(stem + TABLE, data)
+            self.remove(stem + OLD_TABLE)
+
+    def remove_table(self, stem: str) -> None:
+        self.remove(stem + TABLE)
+        self.remove(stem + OLD_TABLE)
 
     def list(self, rel: str) -> list[str]:
         """Names of the files directly in a state folder (sorted; [] when it does not exist)."""

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -471,9 +472,10 @@ def test_inputs_under_underscore_or_dot_folders_are_not_read(tmp_path):
                                                            str(tmp_path / "p" / "sub" / "c.parquet")]
 
 
-def test_kept_column_types_come_from_the_first_readable_file(tmp_path):
+def test_kept_column_types_skip_unreadable_files_and_a_missing_column_stops_at_start(tmp_path):
     """A cut first Parquet file or an empty first manifest is the readers' to report (an error row, zero rows);
-    choosing the kept columns' types must not crash the run on it before they can."""
+    choosing the kept columns' types must not crash the run on it before they can. A file without a kept column
+    stops the run before it starts, not when a read task reaches it hours in."""
     from types import SimpleNamespace
 
     from pipeline.run import kept_columns
@@ -492,8 +494,64 @@ def test_kept_column_types_come_from_the_first_readable_file(tmp_path):
     with pytest.raises(ConfigError, match="none of the 1 input file"):
         kept_columns(cfg, spec, [readers.Unit("parquet", str(cut))])
     pq.write_table(pa.table({"jpg": [b"x"]}), tmp_path / "c.parquet")
-    with pytest.raises(ConfigError, match=r"c.parquet has no column\(s\) \['n'\]"):
-        kept_columns(cfg, spec, [readers.Unit("parquet", str(p)) for p in (cut, tmp_path / "c.parquet")])
+    for files in ((cut, tmp_path / "c.parquet"), (good, tmp_path / "c.parquet")):
+        with pytest.raises(ConfigError, match=r"c.parquet has no column\(s\) \['n'\]"):
+            kept_columns(cfg, spec, [readers.Unit("parquet", str(p)) for p in files])
+
+
+def _kept_manifests(tmp_path, columns: list[dict]) -> list[str]:
+    """One Parquet manifest per dict of kept columns (two rows each), in name order."""
+    paths = []
+    for n, kept in enumerate(columns):
+        path = tmp_path / "m" / f"{n}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(pa.table({"uri": [f"/x/{n}-a.jpg", f"/x/{n}-b.jpg"], "jpg": [b"x", b"y"], **kept}), path)
+        paths.append(str(path))
+    return paths
+
+
+def test_kept_column_types_are_unified_across_input_files(tmp_path, caplog):
+    """A later manifest whose score is a float where the first one's is an int, or a first manifest whose column
+    is all null, stopped the run when a read task reached it (its values did not cast to the first file's type)."""
+    from types import SimpleNamespace
+
+    from pipeline.run import kept_columns
+
+    _kept_manifests(tmp_path, [{"score": pa.array([1, 2]), "note": pa.nulls(2)},
+                               {"score": pa.array([0.5, 1.5]), "note": pa.array(["x", None])}])
+    spec = spec_for(tmp_path / "out", manifest=str(tmp_path / "m"), keep=["score", "note"])
+    cfg = SimpleNamespace(input=SimpleNamespace(keep_columns=["score", "note"]))
+    schema = kept_columns(cfg, spec, readers.find_units(spec))
+    assert schema == pa.schema([("score", pa.float64()), ("note", pa.string())])
+    rows, _ = read_all(replace(spec, keep_schema=schema), TaskPlan(("caption",), ""))
+    assert [(r["input:score"], r["input:note"], r["error"]) for r in rows] == [
+        (1.0, None, None), (2.0, None, None), (0.5, "x", None), (1.5, None, None)]
+
+
+def test_a_kept_column_whose_types_cannot_be_unified_makes_error_rows_of_that_files_items(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from pipeline.run import kept_columns
+
+    paths = _kept_manifests(tmp_path, [{"score": pa.array([1, 2])}, {"score": pa.array(["high", "low"])},
+                                       {"score": pa.array([3.5, 4.0])}])
+    spec = spec_for(tmp_path / "out", manifest=str(tmp_path / "m"), keep=["score"])
+    cfg = SimpleNamespace(input=SimpleNamespace(keep_columns=["score"]))
+    with caplog.at_level("WARNING"):
+        schema = kept_columns(cfg, spec, readers.find_units(spec))
+    assert schema == pa.schema([("score", pa.float64())])
+    assert f"column 'score' is string in {paths[1]}, int64 in the files before it" in caplog.text
+    rows, tracker = read_all(replace(spec, keep_schema=schema), TaskPlan(("caption",), ""))
+    assert [r["input:score"] for r in rows] == [1.0, 2.0, None, None, 3.5, 4.0]
+    conflict = f"input.keep_columns: column 'score' is string in {paths[1]} and double in the other input files"
+    assert [r["error"] for r in rows] == [None, None, f"/x/1-a.jpg: {conflict}: no one type holds both",
+                                          f"/x/1-b.jpg: {conflict}: no one type holds both", None, None]
+    assert sum(args[1] for args in tracker.shards.values()) == 6   # the error rows are written, and count as done
+    # the same for Parquet files of embedded media
+    spec = spec_for(tmp_path / "out", uri=str(tmp_path / "m"), fmt="parquet", bytes_column="jpg", keep=["score"])
+    rows, _ = read_all(replace(spec, keep_schema=schema), TaskPlan(("caption",), ""))
+    assert [r["error"] for r in rows] == [None, None, f"{paths[1]}#0: {conflict}: no one type holds both",
+                                          f"{paths[1]}#1: {conflict}: no one type holds both", None, None]
 
 
 def test_kept_text_that_is_not_utf8_is_mended_with_one_warning_per_file_and_column(tmp_path, caplog):
