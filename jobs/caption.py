@@ -17,13 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo root, when not pip-installed
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.errors import (ConfigError, LeaseHeld, LeaseLost, PipelineError, RunStopped,  # noqa: E402
-                             StorageUnavailable, find_error, own_errors)
+from pipeline.errors import (ConfigError, LeaseHeld, LeaseLost, OutputChanged, PipelineError,  # noqa: E402
+                             RunStopped, StorageUnavailable, find_error, own_errors)
 
 # What the first word of the one-line message says, per kind of error; each kind's exit code is its `exit_code`
-# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use).
+# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use, 6 output changed).
 LABELS = ((ConfigError, "config error"), (StorageUnavailable, "storage error"), (RunStopped, "run stopped"),
-          ((LeaseHeld, LeaseLost), "output in use"), (PipelineError, "error"))
+          ((LeaseHeld, LeaseLost), "output in use"), (OutputChanged, "output changed"), (PipelineError, "error"))
 
 
 def prepare_demo(cfg) -> None:
