@@ -118,6 +118,8 @@ class Ledger:
                 self._save()
 
     def _is_open(self, row: dict) -> bool:
+        if row["shards"] is None:   # from an earlier version, whose sidecars named the files of open shards
+            return False
         return not all(covers(self.records.get(s), row["tasks"]) for s in row["shards"])
 
     def _scan(self, listed: dict[str, int]) -> Resume:
