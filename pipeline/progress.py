@@ -5,10 +5,11 @@ get a completion record once every (item, task) pair of theirs is in a result fi
 `_state/done/<hash>.json` = {"name", "counts": {task: pairs}}, folded now and then into `_state/done.parquet`.
 A rerun skips finished units without opening them and finished shards without reading them.
 
-Rows of shards still open live in result files named by a sidecar written just before each file:
-`_state/inflight/<file>.json` = {"file", "shards", "tasks"}. A rerun reads the (item, task) keys of those files
-only: the work that was in flight when a run stopped, never the finished corpus. A sidecar goes once every shard
-in it is recorded for every task in it.
+Which result file holds which shards' rows is the manifest's (`pipeline.manifest`, `_state/files.pq.state`): a
+sidecar written just before each file, `_state/inflight/<file>.json` = {"file", "size", "rows", "digest",
+"shards", "tasks"}, becomes its manifest row at the next fold (and goes then). A rerun lists the output once,
+checks it against the manifest (a damaged file's shards are open again), and reads the (item, task) keys of only
+the files that hold rows of open shards: the work that was in flight when a run stopped, never the finished corpus.
 
 `_state/progress.json` says the records can be trusted for this input. An output without it (written by an
 earlier version, or with `run.retry_errors`, or for another input) is scanned whole once: every result file's
@@ -212,6 +213,7 @@ class Ledger:
         self.state.remove(FOLDED)
         self.state.remove(INFLIGHT, recursive=True)
         self.state.remove(manifest.MANIFEST)
+        self.records, self.sidecars, self.files = {}, {}, {}   # or the next fold would write them back
 
 
 def _merged(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
