@@ -167,8 +167,14 @@ def test_s3_writer_records_and_a_typo_bucket(tmp_path):
         assert len([p for p in fs.ls("results/run1") if p.endswith(".parquet")]) == 3   # 2 + 2 + 1 rows
         assert len(read_output("s3://results/run1", endpoint)) == 5
         ledger.mark_trusted()
-        resume = progress.Ledger(StateDir("s3://results/run1", opts), "fp").load({})
-        assert len(resume.done_keys) == 5 and len(fs.ls("results/run1/_state/inflight")) == 3
+        from pipeline import manifest, storage
+
+        state = StateDir("s3://results/run1", opts)
+        resume = progress.Ledger(state, "fp").load(output.listed_files(*storage.filesystem(state.output_uri, opts),
+                                                                        opts))
+        # the sidecars of the landed files are their manifest rows now
+        assert len(resume.done_keys) == 5 and not fs.exists("results/run1/_state/inflight")
+        assert sorted(r["rows"] for r in manifest.read(state).values()) == [1, 2, 2]
         with pytest.raises(ConfigError, match="bucket 'resluts' does not exist"):   # a typo makes no new bucket
             output.ResultWriter("s3://resluts/run1", opts, rows_per_file=2, flush_seconds=60)
         assert not fs.exists("resluts")
