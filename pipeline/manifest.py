@@ -75,6 +75,7 @@ class Check:
     reopen: set[str] = field(default_factory=set)   # shards whose pairs must be looked for again
     scan: bool = False                         # a damaged file's shards are unknown: scan the output whole
     changed: bool = False                      # the manifest must be written again
+    moved: set[str] = field(default_factory=set)   # listed files set aside
 
     built: bool = False                        # the manifest was just made from the listing (no manifest yet)
 
@@ -104,6 +105,10 @@ class Check:
             if name in self.files:
                 self._lost(name, "it is gone", move=False)
 
+    def _move(self, name: str) -> None:
+        quarantine(self.state, name)
+        self.moved.add(name)
+
     def _landed(self, name: str, size: int) -> None:
         row = sidecar_entry(self.sidecars[name], size)
         self.files[name], self.changed = row, True
@@ -124,7 +129,7 @@ class Check:
             log.warning("result file %s/%s is damaged (%s): its pairs are redone", self.state.root, name, why)
             self.reopen.update(row["shards"])
         if move:
-            quarantine(self.state, name)
+            self._move(name)
 
     def unknown(self, names: list[str]) -> dict[str, np.ndarray]:
         """Files the manifest does not know: those with our schema are returned with their keys; the others are
@@ -141,7 +146,7 @@ class Check:
                         ": left where it is (readers of the output's *.parquet will read it too; move it away, or "
                         "set output.quarantine = true to have runs move such files aside)")
             if move:
-                quarantine(self.state, name)
+                self._move(name)
         return candidates
 
     def _adopt(self, candidates: dict[str, np.ndarray], missing: list[str]) -> bool:
@@ -183,7 +188,7 @@ class Check:
         for name in candidates:
             log.warning("output file %s/%s holds result rows the manifest does not know: moved to %s/",
                         self.state.root, name, self.state.full(QUARANTINE))
-            quarantine(self.state, name)
+            self._move(name)
 
 
 def _not_ours(state: StateDir, name: str) -> str:

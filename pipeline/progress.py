@@ -86,6 +86,7 @@ class Ledger:
                     self._save()
                 return Resume(dict(self.records), self._open_keys(), False)
             self.forget()
+            listed = {n: size for n, size in listed.items() if n not in check.moved}
         return self._scan(listed)
 
     def _check(self, listed: dict[str, int]) -> manifest.Check:
@@ -222,8 +223,8 @@ def _merged(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
 
 def read_keys(state: StateDir, files: list[str], lost: list[str] | None = None) -> np.ndarray:
     """Sorted, unique uint64 keys of the (id, task) rows in these result files (names under the output root).
-    A file that is gone (its write never happened) holds none; a torn or foreign one is set aside under
-    `_state/quarantine/` with a warning (and added to `lost`), and its pairs are pending again, never a crash."""
+    A file that is gone holds none; a torn or foreign one is set aside under `_state/quarantine/` with a warning;
+    both are added to `lost`, and their pairs are pending again, never a crash."""
     fs, root, opts = storage.arrow_filesystem(state.fs), state.root, state.opts
 
     def keys_of(name: str) -> np.ndarray:
@@ -231,7 +232,9 @@ def read_keys(state: StateDir, files: list[str], lost: list[str] | None = None) 
         try:
             table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs),
                                          path, opts)
-        except FileNotFoundError:
+        except FileNotFoundError:   # gone since the listing: its pairs are not done
+            if lost is not None:
+                lost.append(name)
             return np.zeros(0, np.uint64)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, OSError) as e:
             if storage.is_transient(e):
