@@ -6,7 +6,6 @@ redone exactly once, nothing else is touched; a merge of the parts is adopted. T
 import io
 from unittest import mock
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
