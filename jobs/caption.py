@@ -17,14 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo root, when not pip-installed
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.errors import (ConfigError, Interrupted, LeaseHeld, LeaseLost, PipelineError,  # noqa: E402
-                             RunStopped, StorageUnavailable, find_error, own_errors)
+from pipeline.errors import (ConfigError, Interrupted, LeaseHeld, LeaseLost, OutputChanged,  # noqa: E402
+                             PipelineError, RunStopped, StorageUnavailable, find_error, own_errors)
 
 # What the first word of the one-line message says, per kind of error; each kind's exit code is its `exit_code`
-# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use, 143 SIGTERM).
+# (2 config or input, 3 storage unavailable, 4 run stopped by its circuit breaker, 5 output in use, 6 output changed,
+# 143 SIGTERM).
 LABELS = ((ConfigError, "config error"), (StorageUnavailable, "storage error"), (RunStopped, "run stopped"),
-          (Interrupted, "stopped"),
-          ((LeaseHeld, LeaseLost), "output in use"), (PipelineError, "error"))
+          (Interrupted, "stopped"), ((LeaseHeld, LeaseLost), "output in use"), (OutputChanged, "output changed"),
+          (PipelineError, "error"))
 
 
 def prepare_demo(cfg) -> None:

@@ -59,6 +59,7 @@ class OutputConfig:
     rows_per_file: int = 512    # a result file is written once this many rows are waiting ...
     flush_seconds: float = 30.0  # ... or once the oldest waiting row is this old
     takeover: bool = False      # start even though another run's lease on this output looks alive
+    quarantine: bool = False    # move files under the prefix that are not ours aside instead of leaving them
 
 
 @dataclass

@@ -7,6 +7,7 @@ is raised is about the whole run, and `jobs/caption.py` prints it as one line an
     3  StorageUnavailable  storage unreachable, throttling past `storage.retries`, denied, bad credentials
     4  RunStopped          the run's circuit breaker: too many failures that are not about one item
     5  LeaseHeld/LeaseLost another run holds the output prefix (or took it over from this one)
+    6  OutputChanged       the output holds result rows its manifest cannot account for (pipeline.manifest)
   143  Interrupted         SIGTERM: in-flight work drained and written, lease released
 """
 
@@ -82,6 +83,13 @@ class LeaseLost(PipelineError):
     """This run's lease was taken over by another run (after a heartbeat gap longer than the lease's TTL)."""
 
     exit_code = 5
+
+
+class OutputChanged(PipelineError):
+    """A file under the output holds result rows that are not exactly those of the result files gone since the
+    last run: counting them as done or ignoring them could lose or duplicate pairs, so the user decides."""
+
+    exit_code = 6
 
 
 def find_error(exc: BaseException | None, kinds) -> BaseException | None:

@@ -15,6 +15,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.errors import StorageUnavailable
-from pipeline.items import KEPT
+from pipeline.items import KEPT, key_hash
 from pipeline.state import STATE_DIR
 from pipeline.storage import StorageOptions
 
@@ -100,14 +101,36 @@ def schema_mismatch(schema: pa.Schema) -> str:
 
 def result_files(fs, root: str, opts: StorageOptions) -> list[str]:
     """Names of the result files directly under the output prefix (state and hidden files excluded)."""
-    def ls() -> list[str]:
+    return sorted(listed_files(fs, root, opts))
+
+
+def listed_files(fs, root: str, opts: StorageOptions) -> dict[str, int]:
+    """The result files directly under the output prefix and their sizes, from one listing (one LIST request
+    per 1,000 files on S3)."""
+    def ls() -> list[dict]:
         try:
-            return fs.ls(root, detail=False)
+            return fs.ls(root, detail=True)
         except FileNotFoundError:
             return []
 
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in storage.with_retries(ls, root, opts))
-    return sorted(n for n in names if n.endswith(".parquet") and not n.startswith(("_", ".")))
+    found = {}
+    for info in storage.with_retries(ls, root, opts):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") != "directory" and name.endswith(".parquet") and not name.startswith(("_", ".")):
+            found[name] = int(info["size"])
+    return found
+
+
+def digest(keys: np.ndarray) -> int:
+    """Order-free digest of (id, task) keys: a merge of files has the sum of theirs (mod 2**64)."""
+    return int(np.sum(keys, dtype=np.uint64))
+
+
+def manifest_row(table: pa.Table, size: int, shards: list[str]) -> dict:
+    """What `pipeline.manifest` keeps of a result file about to be written (its bytes are `size` long)."""
+    keys = key_hash(table["id"].to_pylist(), table["task"].to_pylist())
+    return {"size": size, "rows": table.num_rows, "digest": digest(keys), "shards": sorted(shards),
+            "tasks": sorted(pc.unique(table["task"]).to_pylist())}
 
 
 def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
@@ -143,14 +166,15 @@ class ResultWriter:
     the driver), so no two workers ever race on one (item, task).
 
     Blocks carry a `_shard` column (where each row's item was read from), which is not written: before each file
-    `note_file(name, shards, tasks)` is called (the ledger's sidecar), after it `landed({shard: rows})`."""
+    `note_file(name, manifest_row)` is called (the ledger's sidecar), after it `committed(name)` and
+    `landed({shard: rows})`."""
 
     def __init__(self, uri: str, opts: StorageOptions, rows_per_file: int, flush_seconds: float,
-                 schema: pa.Schema = SCHEMA, note_file=None, landed=None):
+                 schema: pa.Schema = SCHEMA, note_file=None, landed=None, committed=None):
         self.fs, self.root = storage.filesystem(uri, opts)
         self.uri, self.opts, self.schema = uri, opts, schema
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
-        self.note_file, self.landed = note_file, landed
+        self.note_file, self.landed, self.committed = note_file, landed, committed
         self.staging = f"{self.root.rstrip('/')}/{STATE_DIR}/staging"
         if storage.is_object_store(self.fs, self.root):
             # makedirs on an object store would create a missing bucket: a typo must not make a new bucket
@@ -240,9 +264,12 @@ class ResultWriter:
         counts = {}
         if shards is not None:
             counts = {c["values"]: c["counts"] for c in pc.value_counts(shards).to_pylist()}
+        data = sink.getvalue()
         if self.note_file is not None:
-            self.note_file(name, list(counts), pc.unique(table["task"]).to_pylist())
-        self._store(path, sink.getvalue())
+            self.note_file(name, manifest_row(table, len(data), list(counts)))
+        self._store(path, data)
+        if self.committed is not None:
+            self.committed(name)
         self.files += 1
         self.rows += table.num_rows
         if self.landed is not None:

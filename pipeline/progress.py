@@ -7,10 +7,11 @@ get a completion record once every (item, task) pair of theirs is in a result fi
 fold replaces it).
 A rerun skips finished units without opening them and finished shards without reading them.
 
-Rows of shards still open live in result files named by a sidecar written just before each file:
-`_state/inflight/<file>.json` = {"file", "shards", "tasks"}. A rerun reads the (item, task) keys of those files
-only: the work that was in flight when a run stopped, never the finished corpus. A sidecar goes once every shard
-in it is recorded for every task in it.
+Which result file holds which shards' rows is the manifest's (`pipeline.manifest`, `_state/files.pq.state`): a
+sidecar written just before each file, `_state/inflight/<file>.json` = {"file", "size", "rows", "digest",
+"shards", "tasks"}, becomes its manifest row at the next fold (and goes then). A rerun lists the output once,
+checks it against the manifest (a damaged file's shards are open again), and reads the (item, task) keys of only
+the files that hold rows of open shards: the work that was in flight when a run stopped, never the finished corpus.
 
 `_state/progress.json` says the records can be trusted for this input. An output without it (written by an
 earlier version, or with `run.retry_errors`, or for another input) is scanned whole once: every result file's
@@ -19,7 +20,6 @@ keys count as done, and the marker is written when a run has finished every shar
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import storage
+from pipeline import manifest, output, storage
 from pipeline.items import key_hash
 from pipeline.state import StateDir
 
@@ -40,7 +40,6 @@ MARKER = "progress.json"
 RECORDS = "done"
 FOLDED = "done"            # a state table: _state/done.pq.state
 INFLIGHT = "inflight"
-QUARANTINE = "quarantine"
 FOLD_EVERY = 256          # new records between folds
 FOLDED_SCHEMA = pa.schema([("name", pa.string()), ("tasks", pa.list_(pa.string())),
                            ("pairs", pa.list_(pa.int64()))])
@@ -65,32 +64,88 @@ class Resume:
 class Ledger:
     """The driver's view of `_state/`: completion records and sidecars."""
 
-    def __init__(self, state: StateDir, fingerprint: str):
-        self.state, self.fingerprint = state, fingerprint
+    def __init__(self, state: StateDir, fingerprint: str, move_foreign: bool = False):
+        self.state, self.fingerprint, self.move_foreign = state, fingerprint, move_foreign
         self.records: dict[str, dict[str, int]] = {}
-        self.sidecars: dict[str, dict] = {}        # sidecar file name -> {"file", "shards", "tasks"}
+        self.sidecars: dict[str, dict] = {}        # sidecar file name -> {"file", manifest row}
+        self.files: dict[str, dict] = {}           # the manifest: result file -> row
+        self.landed: set[str] = set()              # files landed since the last fold
         self.unfolded = 0
 
     # -- start ----------------------------------------------------------------------------------------------
 
-    def load(self, result_files) -> Resume:
-        """`result_files()` lists every result file: called only when the output must be scanned whole."""
+    def load(self, listed: dict[str, int]) -> Resume:
+        """`listed`: the output's result files and their sizes (one listing), checked against the manifest."""
         marker = self.state.read_json(MARKER)
         trusted = bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
-        if not trusted:
-            files = result_files()
-            if files:
-                log.info("no completion records for this input: scanning %d result files once", len(files))
-            return Resume({}, read_keys(self.state, files), True)
-        self._load_records()
+        if trusted:
+            self._load_records()
+            self._load_sidecars()
+            check = self._check(listed)
+            if not check.scan:
+                self._reopen(check.reopen)
+                if check.changed or check.reopen:
+                    self._save()
+                return Resume(dict(self.records), self._open_keys(), False)
+            self.forget()
+            listed = {n: size for n, size in listed.items() if n not in check.moved}
+        return self._scan(listed)
+
+    def _check(self, listed: dict[str, int]) -> manifest.Check:
+        files = manifest.read(self.state)
+        self.files = files or {}
+        pending = {s["file"]: s for s in self.sidecars.values() if s["file"] not in self.files}
+        check = manifest.Check(self.state, listed, self.files, pending, self.move_foreign, built=files is None)
+        check.run()
+        return check
+
+    def _reopen(self, shards: set[str]) -> None:
+        """These shards' pairs must be looked for again: their records, and their units', go."""
+        for shard in shards:
+            self.records.pop(shard, None)
+            self.records.pop(shard.rsplit("#", 1)[0], None)
+
+    def _open_keys(self) -> np.ndarray:
+        """Keys of the files holding rows of open shards; a file found torn there loses its row, and the shards
+        it held are open again (which may add files to read)."""
+        keys, read = [], set()
+        while True:
+            names = [n for n, row in self.files.items() if n not in read and self._is_open(row)]
+            if not names:
+                return unique_sorted(np.concatenate(keys)) if keys else np.zeros(0, np.uint64)
+            lost: list[str] = []
+            keys.append(read_keys(self.state, names, lost))
+            read.update(names)
+            for name in lost:
+                self._reopen(set(self.files.pop(name)["shards"]))
+            if lost:
+                self._save()
+
+    def _is_open(self, row: dict) -> bool:
+        if row["shards"] is None:   # from an earlier version, whose sidecars named the files of open shards
+            return False
+        return not all(covers(self.records.get(s), row["tasks"]) for s in row["shards"])
+
+    def _scan(self, listed: dict[str, int]) -> Resume:
+        """No trusted records: every result file's keys count as done, and the manifest starts again from the
+        files (their shards unknown)."""
+        check = manifest.Check(self.state, {}, {}, {}, self.move_foreign)
+        candidates = check.unknown([n for n in listed if not output.is_ours(n)])
+        names = [n for n in listed if output.is_ours(n)] + sorted(candidates)
+        if names:
+            log.info("no completion records for this input: scanning %d result files once", len(names))
+        lost: list[str] = []
+        keys = read_keys(self.state, names, lost)
+        self.files = {n: {**manifest.UNKNOWN, "size": listed[n]} for n in names if n not in lost}
+        manifest.write(self.state, self.files)
+        return Resume({}, keys, True)
+
+    def _load_sidecars(self) -> None:
         for name in self.state.list(INFLIGHT):
             if name.endswith(".json"):
                 sidecar = self.state.read_json(f"{INFLIGHT}/{name}")
                 if sidecar is not None:
                     self.sidecars[name] = sidecar
-        self._drop_settled_sidecars()
-        files = sorted({s["file"] for s in self.sidecars.values()})
-        return Resume(dict(self.records), read_keys(self.state, files), False)
 
     def _load_records(self) -> None:
         folded = self.state.read_table(FOLDED)
@@ -106,12 +161,16 @@ class Ledger:
 
     # -- while running --------------------------------------------------------------------------------------
 
-    def note_file(self, file_name: str, shards: list[str], tasks: list[str]) -> None:
-        """Before a result file is written: it will hold rows of these shards."""
-        sidecar = {"file": file_name, "shards": sorted(shards), "tasks": sorted(tasks)}
+    def note_file(self, file_name: str, entry: dict) -> None:
+        """Before a result file is written: its manifest row (size, rows, digest, shards, tasks)."""
+        sidecar = {"file": file_name, **entry}
         name = file_name.rsplit(".", 1)[0] + ".json"
         self.state.write_json(f"{INFLIGHT}/{name}", sidecar)
         self.sidecars[name] = sidecar
+
+    def committed(self, file_name: str) -> None:
+        """The file has landed: its row goes into the manifest at the next fold."""
+        self.landed.add(file_name)
 
     def record(self, name: str, counts: dict[str, int]) -> None:
         counts = _merged(self.records.get(name), counts)
@@ -123,17 +182,27 @@ class Ledger:
 
     def fold(self) -> None:
         """All records into done.pq.state, then the record files removed. Shard records stay beside their unit's:
-        a task added later reopens the unit, and its shards' records then say which tasks each has done."""
+        a task added later reopens the unit, and its shards' records then say which tasks each has done. The files
+        landed since the last fold get their manifest rows."""
+        for sidecar in list(self.sidecars.values()):
+            if sidecar["file"] in self.landed:
+                self.files[sidecar["file"]] = manifest.sidecar_entry(sidecar, sidecar["size"])
+        self._save(write_manifest=bool(self.landed))
+        self.landed.clear()
+
+    def _save(self, write_manifest: bool = True) -> None:
+        """Records first, then the manifest, then the sidecars it now holds: a kill between any two leaves a
+        manifest row dropped for a damaged file only once its shards' records are gone (they are read again), and
+        a landed file's sidecar until its row is in."""
         self.state.write_table(FOLDED, pa.table({
             "name": list(self.records), "tasks": [list(c) for c in self.records.values()],
             "pairs": [list(c.values()) for c in self.records.values()]}, schema=FOLDED_SCHEMA))
         self.state.remove(RECORDS, recursive=True)
         self.unfolded = 0
-        self._drop_settled_sidecars()
-
-    def _drop_settled_sidecars(self) -> None:
+        if write_manifest:
+            manifest.write(self.state, self.files)
         for name, sidecar in list(self.sidecars.items()):
-            if all(covers(self.records.get(s), sidecar["tasks"]) for s in sidecar["shards"]):
+            if sidecar["file"] in self.files or sidecar["file"] not in self.landed:
                 self.state.remove(f"{INFLIGHT}/{name}")
                 del self.sidecars[name]
 
@@ -146,16 +215,18 @@ class Ledger:
         self.state.remove(RECORDS, recursive=True)
         self.state.remove_table(FOLDED)
         self.state.remove(INFLIGHT, recursive=True)
+        self.state.remove_table(manifest.MANIFEST)
+        self.records, self.sidecars, self.files = {}, {}, {}   # or the next fold would write them back
 
 
 def _merged(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
     return {**(old or {}), **new}
 
 
-def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
+def read_keys(state: StateDir, files: list[str], lost: list[str] | None = None) -> np.ndarray:
     """Sorted, unique uint64 keys of the (id, task) rows in these result files (names under the output root).
-    A file that is gone (its write never happened) holds none; a torn or foreign one is set aside under
-    `_state/quarantine/` with a warning, and its pairs are pending again, never a crash."""
+    A file that is gone holds none; a torn or foreign one is set aside under `_state/quarantine/` with a warning;
+    both are added to `lost`, and their pairs are pending again, never a crash."""
     fs, root, opts = storage.arrow_filesystem(state.fs), state.root, state.opts
 
     def keys_of(name: str) -> np.ndarray:
@@ -163,12 +234,16 @@ def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
         try:
             table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs),
                                          path, opts)
-        except FileNotFoundError:
+        except FileNotFoundError:   # gone since the listing: its pairs are not done
+            if lost is not None:
+                lost.append(name)
             return np.zeros(0, np.uint64)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, OSError) as e:
             if storage.is_transient(e):
                 raise
             quarantine(state, name, f"{type(e).__name__}: {e}")
+            if lost is not None:
+                lost.append(name)
             return np.zeros(0, np.uint64)
         return key_hash(table["id"].to_pylist(), table["task"].to_pylist())
 
@@ -180,22 +255,9 @@ def read_keys(state: StateDir, files: list[str]) -> np.ndarray:
 
 def quarantine(state: StateDir, name: str, reason: str) -> None:
     """Move a result-prefix file that is not a whole result file of ours out of the readers' way."""
-    source, target = f"{state.root}/{name}", state.full(f"{QUARANTINE}/{name}")
-    log.warning("output file %s is not a readable result file (%s): moved to %s; its rows will be redone",
-                source, reason.splitlines()[0][:200], target)
-
-    def move():
-        state.fs.makedirs(state.full(QUARANTINE), exist_ok=True)
-        try:
-            state.fs.mv(source, target)
-        except FileNotFoundError:
-            try:
-                state.fs.info(source)   # not fs.exists(), which answers False for any error
-            except FileNotFoundError:
-                return   # gone: an earlier try moved it and only the answer to its delete was lost
-            raise OSError(errno.EAGAIN, f"moving {source} failed: it is still there") from None
-
-    storage.with_retries(move, source, state.opts)
+    log.warning("output file %s/%s is not a readable result file (%s): moved to %s/; its rows will be redone",
+                state.root, name, reason.splitlines()[0][:200], state.full(manifest.QUARANTINE))
+    manifest.quarantine(state, name)
 
 
 def unique_sorted(keys: np.ndarray) -> np.ndarray:

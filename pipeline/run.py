@@ -222,15 +222,12 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
     spec, plan = read_spec(cfg, state), task_plan(cfg)
     units = readers.find_units(spec) if units is None else units
-    ledger = progress.Ledger(state, input_fingerprint(cfg, spec))
+    ledger = progress.Ledger(state, input_fingerprint(cfg, spec), move_foreign=cfg.output.quarantine)
     if cfg.run.retry_errors:
         reopened = reopen_errors(cfg.output.uri, opts, ledger, writer.staging)
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
-    existing = output.result_files(writer.fs, writer.root, opts)
-    for name in [n for n in existing if not output.is_ours(n)]:
-        progress.quarantine(state, name, output.FOREIGN_NAME)
-        existing.remove(name)
-    resume = ledger.load(lambda: existing)
+    existing = output.listed_files(writer.fs, writer.root, opts)
+    resume = ledger.load(existing)
     _note_changed_settings(cfg, state, out)
     if resume.scanned and not existing:
         ledger.mark_trusted()   # a new output: the records cover everything from its first row on
@@ -243,7 +240,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
               (" (whole output scanned: no completion records yet)" if resume.scanned and existing else ""))
 
     shards = progress.OpenShards(ledger, plan.all())
-    writer.note_file, writer.landed = ledger.note_file, shards.wrote
+    writer.note_file, writer.committed, writer.landed = ledger.note_file, ledger.committed, shards.wrote
     summary = Summary(skipped=skipped)
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
@@ -318,8 +315,9 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
                 _flush_what_is_done(parts.writer, parts.lease)
                 _kill_quietly(tracker)
             cfg = parts.cfg = _replan_actors(cfg, parts.out)
-            resume = parts.ledger.load(lambda: output.result_files(parts.writer.fs, parts.writer.root,
-                                                                   parts.writer.opts))
+            parts.ledger.fold()   # what landed is in the manifest before the output is checked against it
+            w = parts.writer
+            resume = parts.ledger.load(output.listed_files(w.fs, w.root, w.opts))
             work, summary.skipped = _open_work(parts.units, resume.records, parts.plan,
                                                keep_finished=bool(cfg.input.max_items))
             shards = progress.OpenShards(parts.ledger, parts.plan.all())

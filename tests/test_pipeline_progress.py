@@ -28,7 +28,7 @@ def writer_with_ledger(out, rows_per_file=3):
     ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
     shards = progress.OpenShards(ledger, ("caption",))
     writer = output.ResultWriter(str(out), OPTS, rows_per_file=rows_per_file, flush_seconds=60,
-                                 note_file=ledger.note_file, landed=shards.wrote)
+                                 note_file=ledger.note_file, landed=shards.wrote, committed=ledger.committed)
     return writer, ledger, shards
 
 
@@ -75,7 +75,7 @@ def test_a_shard_is_recorded_once_all_its_rows_landed_and_a_restart_reads_only_o
     assert ledger.records["u#0"] == {"caption": 3} and "u#1" not in ledger.records
     assert (out / "_state" / "done").exists()
     # killed here: a restart trusts the records and reads only the file that holds rows of the open shard
-    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: pytest.fail("no full scan"))
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
     assert not resume.scanned and resume.records == {"u#0": {"caption": 3}}
     assert sorted(resume.done_keys) == sorted(key_hash(["c", "d"], ["caption"] * 2))
     # the run goes on: u#1 finishes, then the unit; the fold drops the sidecars nobody needs any more
@@ -84,10 +84,10 @@ def test_a_shard_is_recorded_once_all_its_rows_landed_and_a_restart_reads_only_o
     assert ledger.records["u#1"] == {"caption": 2} and ledger.records["u"] == {"caption": 5}
     ledger.fold()
     assert not list((out / "_state" / "inflight").glob("*")) and not (out / "_state" / "done").exists()
-    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: pytest.fail("no full scan"))
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
     assert resume.records["u"] == {"caption": 5} and len(resume.done_keys) == 0
     # another input on the same output: the records do not count, the output is scanned once
-    scan = progress.Ledger(StateDir(str(out), OPTS), "other").load(lambda: output.result_files(*_fs(out), OPTS))
+    scan = progress.Ledger(StateDir(str(out), OPTS), "other").load(_listed(out))
     assert scan.scanned and not scan.records and len(scan.done_keys) == 5
 
 
@@ -97,12 +97,17 @@ def _fs(out):
     return storage.filesystem(str(out), OPTS)
 
 
+def _listed(out):
+    return output.listed_files(*_fs(out), OPTS)
+
+
 def test_a_sidecar_whose_file_never_landed_is_harmless(tmp_path):
     out = tmp_path / "out"
     ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
     ledger.mark_trusted()
-    ledger.note_file("part-x-000000.parquet", ["u#0"], ["caption"])   # killed before the file was written
-    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: [])
+    ledger.note_file("part-x-000000.parquet", {"size": 10, "rows": 1, "digest": 0, "shards": ["u#0"],
+                                               "tasks": ["caption"]})   # killed before the file was written
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load({})
     assert len(resume.done_keys) == 0
 
 
@@ -144,7 +149,7 @@ def test_a_kill_while_retry_errors_reopens_loses_no_pair(tmp_path, monkeypatch):
     monkeypatch.setattr(output, "reopen_errors", killed)
     with pytest.raises(SystemExit):
         run.reopen_errors(str(out), OPTS, ledger, writer.staging)
-    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: output.result_files(*_fs(out), OPTS))
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
     assert resume.scanned and not resume.records                 # "u#0" is not taken as finished ...
     assert list(resume.done_keys) == list(key_hash(["a"], ["caption"]))   # ... and only "a" is done: "b" runs again
 
@@ -162,8 +167,14 @@ def test_s3_writer_records_and_a_typo_bucket(tmp_path):
         assert len([p for p in fs.ls("results/run1") if p.endswith(".parquet")]) == 3   # 2 + 2 + 1 rows
         assert len(read_output("s3://results/run1", endpoint)) == 5
         ledger.mark_trusted()
-        resume = progress.Ledger(StateDir("s3://results/run1", opts), "fp").load(lambda: [])
-        assert len(resume.done_keys) == 5 and len(fs.ls("results/run1/_state/inflight")) == 3
+        from pipeline import manifest, storage
+
+        state = StateDir("s3://results/run1", opts)
+        resume = progress.Ledger(state, "fp").load(output.listed_files(*storage.filesystem(state.output_uri, opts),
+                                                                        opts))
+        # the sidecars of the landed files are their manifest rows now
+        assert len(resume.done_keys) == 5 and not fs.exists("results/run1/_state/inflight")
+        assert sorted(r["rows"] for r in manifest.read(state).values()) == [1, 2, 2]
         with pytest.raises(ConfigError, match="bucket 'resluts' does not exist"):   # a typo makes no new bucket
             output.ResultWriter("s3://resluts/run1", opts, rows_per_file=2, flush_seconds=60)
         assert not fs.exists("resluts")
@@ -202,7 +213,7 @@ def test_unique_sorted_matches_numpy():
     assert np.array_equal(progress.unique_sorted(keys.copy()), np.unique(keys))
 
 
-def test_torn_and_foreign_files_are_set_aside_and_their_rows_redone(tmp_path, caplog):
+def test_a_scan_sets_torn_files_aside_and_names_foreign_ones_where_they_are(tmp_path, caplog):
     out = tmp_path / "out"
     writer = output.ResultWriter(str(out), OPTS, rows_per_file=2, flush_seconds=60)
     writer.add(rows(["a", "b", "c", "d"]))
@@ -210,9 +221,10 @@ def test_torn_and_foreign_files_are_set_aside_and_their_rows_redone(tmp_path, ca
     torn.write_bytes(torn.read_bytes()[:-40])                      # cut short, as a crash without fsync would
     pq.write_table(pa.table({"x": [1]}), out / "notes.parquet")     # someone else's file
     with caplog.at_level("WARNING"):
-        resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: output.result_files(*_fs(out), OPTS))
+        resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
     assert resume.scanned and sorted(resume.done_keys) == sorted(key_hash(["a", "b"], ["caption"] * 2))
-    assert sorted(p.name for p in (out / "_state" / "quarantine").iterdir()) == sorted([torn.name, "notes.parquet"])
-    assert sorted(p.name for p in out.glob("*.parquet")) == [good.name]
+    # the torn file no longer matches *.parquet anywhere; someone else's file stays where it is
+    assert [p.name for p in (out / "_state" / "quarantine").iterdir()] == [torn.name + ".quarantined"]
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted([good.name, "notes.parquet"])
     assert torn.name in caplog.text and "notes.parquet" in caplog.text
-    assert len(pd.read_parquet(out)) == 2                           # readers see only whole result files again
+    assert len(pd.read_parquet(good)) == 2

@@ -328,4 +328,4 @@ def test_quarantine_move_whose_delete_answer_is_lost_counts_as_done(proxied):
         assert proxy.injected("write") >= 1
     finally:
         proxy.heal()
-    assert fs.find("results/torn") == ["results/torn/_state/quarantine/part-1.parquet"]
+    assert fs.find("results/torn") == ["results/torn/_state/quarantine/part-1.parquet.quarantined"]
