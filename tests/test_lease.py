@@ -158,7 +158,7 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place, monkeypatch):
     monkeypatch.setattr(run_mod, "build_dataset", lambda *args, **kwargs: NoMoreBlocks())
     writer.run_tag = "run-a"
     with pytest.raises(LeaseLost):
-        run_mod._stream(None, None, types.SimpleNamespace(writer=writer, lease=a), ())
+        run_mod._stream(None, None, types.SimpleNamespace(writer=writer, lease=a, stop=None), ())
     assert not writer.flushed
     _flush_what_is_done(writer, b)
     assert writer.flushed
