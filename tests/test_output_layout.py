@@ -26,11 +26,11 @@ def test_completion_records_folded_by_an_earlier_version_are_resumed_then_rename
     pq.write_table(pa.table({"name": ["u#0", "u"], "tasks": [["caption"], ["caption"]], "pairs": [[3], [3]]},
                             schema=progress.FOLDED_SCHEMA), out / "_state" / "done.parquet")   # as 0.1 folded them
     ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
-    assert ledger.load(lambda: []).records == {"u#0": {"caption": 3}, "u": {"caption": 3}}
+    assert ledger.load({}).records == {"u#0": {"caption": 3}, "u": {"caption": 3}}
     ledger.record("v#0", {"caption": 1})
     ledger.fold()
     assert _state_parquet(out) == [] and (out / "_state" / "done.pq.state").is_file()
-    again = progress.Ledger(StateDir(str(out), OPTS), "fp").load(lambda: [])
+    again = progress.Ledger(StateDir(str(out), OPTS), "fp").load({})
     assert again.records == {"u#0": {"caption": 3}, "u": {"caption": 3}, "v#0": {"caption": 1}}
     ledger.forget()
     assert not list((out / "_state").glob("done.*"))
