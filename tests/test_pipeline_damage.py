@@ -15,7 +15,7 @@ from pipeline import config, manifest, output, preflight, progress, readers
 from pipeline.errors import OutputChanged
 from pipeline.items import key_hash
 from pipeline.run import run
-from pipeline.state import StateDir
+from pipeline.state import TABLE, StateDir
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import config_text, good_media, moto_s3, s3fs_for, write_local
 
@@ -195,7 +195,7 @@ def test_a_file_landed_before_a_kill_is_kept_and_a_sidecar_without_its_file_cost
 def test_an_output_of_an_earlier_version_resumes_and_its_damage_means_one_scan(tmp_path, caplog):
     out = tmp_path / "out"
     _write(out, {"u#0": list("abcd")})
-    (out / "_state" / manifest.MANIFEST).unlink()               # as the version before the manifest left it
+    (out / "_state" / f"{manifest.MANIFEST}{TABLE}").unlink()   # as the version before the manifest left it
     with mock.patch.object(progress, "read_keys", side_effect=AssertionError("a result file was opened")):
         resume = _load(out)
     assert not resume.scanned and resume.records["u"] == {"caption": 4}
