@@ -74,11 +74,6 @@ class GracefulStop:
             raise SystemExit(128 + signum)
         self.requested_at = time.monotonic()
 
-    def request(self) -> None:
-        """As a SIGTERM would (tests, and callers that stop a run from another thread)."""
-        if self.requested_at is None:
-            self.requested_at = time.monotonic()
-
     @property
     def requested(self) -> bool:
         return self.requested_at is not None

@@ -284,16 +284,18 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
     (pipeline.cluster), write what finished and start a new dataset from the completion records, in this process,
     up to actors.max_restarts times. Returns the last attempt's resume point and open-shard count."""
     cfg, summary, restarts = parts.cfg, parts.summary, 0
+    # pairs found done by the attempts so far: after a restart the read tasks also find this run's own rows done,
+    # and those are not "skipped"
+    counted = 0
     with GracefulStop(cfg.run.drain_s) as stop:
         while True:
             tracker = _new_tracker(parts.writer.run_tag)
             source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
                                   cfg.input.max_items, parts.repeats)
             drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop)
-            written_before, skipped_before = summary.done, summary.skipped
+            written_before = summary.done
             try:
                 _stream(cfg, source, drain, parts.stages)
-                _end_attempt(summary, skipped_before, written_before)
                 break
             except Exception as e:  # noqa: BLE001 - only cluster faults are retried; the rest re-raised as they are
                 fault = cluster_fault(e)
@@ -301,7 +303,6 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
                     raise
                 _flush_what_is_done(parts.writer, parts.lease)
                 lost = drain.lost_pairs()
-                _end_attempt(summary, skipped_before, written_before)
                 restarts += 1
                 summary.restarts, summary.redone = restarts, summary.redone + lost
                 if restarts > cfg.actors.max_restarts:
@@ -314,6 +315,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
             finally:
                 _flush_what_is_done(parts.writer, parts.lease)
                 _kill_quietly(tracker)
+                counted = max(counted, summary.skipped - written_before)
             cfg = parts.cfg = _replan_actors(cfg, parts.out)
             parts.ledger.fold()   # what landed is in the manifest before the output is checked against it
             w = parts.writer
@@ -323,17 +325,14 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
             shards = progress.OpenShards(parts.ledger, parts.plan.all())
             parts.writer.landed = shards.wrote
             if not work:
+                counted = max(counted, summary.skipped - summary.done)
                 break
+    summary.skipped = counted
     if stop.requested:
         raise Interrupted(f"SIGTERM received; in-flight work drained for {time.monotonic() - stop.requested_at:.0f}s "
                           f"(run.drain_s = {cfg.run.drain_s:g}): {summary.done} (item, task) rows written, the rest "
                           f"pending; rerun the same command to go on")
     return resume, shards
-
-
-def _end_attempt(summary: "Summary", skipped_before: int, written_before: int) -> None:
-    """After a restart the read tasks also find this run's own rows done: those are not 'skipped'."""
-    summary.skipped = max(skipped_before, summary.skipped - written_before)
 
 
 def _new_tracker(run_tag: str):
@@ -443,6 +442,7 @@ def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
             if stop is not None and stop.expired():
                 break
     finally:
+        feed.close()
         watchdog.stop()
     drain.lease.check()   # taken over since the last block: its buffered rows are not ours to write
     drain.writer.flush()
@@ -458,16 +458,35 @@ class BlockFeed:
 
     def __init__(self, ds: ray.data.Dataset):
         self._blocks: queue.Queue = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._iterate, args=(ds,), daemon=True, name="result-blocks")
         self._thread.start()
 
     def _iterate(self, ds: ray.data.Dataset) -> None:
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                self._blocks.put(batch)
-            self._blocks.put(self.END)
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(self.END)
         except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
-            self._blocks.put(_Failed(e))
+            self._put(_Failed(e))
+        finally:
+            batches.close()   # a stream left early shuts its executor down, as the driver's loop used to
+
+    def _put(self, item) -> bool:
+        """Hand an item over unless the driver stopped taking them; False then."""
+        while not self._closed.is_set():
+            try:
+                self._blocks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """The driver takes no more blocks (the stream ended, failed, or a drain ran out)."""
+        self._closed.set()
 
     def next(self, timeout: float):
         """The next block, END after the last one, or None when none came within `timeout` seconds."""

@@ -153,7 +153,7 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place, monkeypatch):
 
     class NoMoreBlocks:
         def iter_batches(self, **kwargs):
-            return iter(())
+            return (batch for batch in ())   # a generator, as Ray Data's iterator is
 
     monkeypatch.setattr(run_mod, "build_dataset", lambda *args, **kwargs: NoMoreBlocks())
     writer.run_tag = "run-a"
