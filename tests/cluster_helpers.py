@@ -45,7 +45,7 @@ def _node_ports(ip: str) -> list[str]:
     manager, store, metrics, agent, agent_grpc, env_agent = free_ports(6, ip)
     return [f"--node-manager-port={manager}", f"--object-manager-port={store}", f"--metrics-export-port={metrics}",
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={env_agent}", f"--min-worker-port=0", f"--max-worker-port=0"]
+            f"--runtime-env-agent-port={env_agent}", "--min-worker-port=0", "--max-worker-port=0"]
 
 
 @dataclass

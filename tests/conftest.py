@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny random-weight checkpoints, written once per test session."""
+"""Shared fixtures: tiny random-weight checkpoints, written once per test session; an S3 endpoint and a local Ray
+per test module that asks for them (a module with its own bucket set-up defines its own `s3`)."""
 
 import pytest
 import torch
 
 from glmv.testing import make_tiny_checkpoint
+from tests.pipeline_helpers import moto_s3
 
 torch.set_num_threads(2)
 
@@ -24,3 +26,19 @@ def tiny_mha(tmp_path_factory):
 def tiny_glm46v(tmp_path_factory):
     """GLM-4.6V-Flash family: its chat template candidate and Glm46V processor configs."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-46v"), preset="gqa", family="glm46v", seed=2)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    import ray
+
+    # after moto_s3 so that workers inherit the (fake) credentials from the environment
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

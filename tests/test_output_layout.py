@@ -9,7 +9,7 @@ import pytest
 from pipeline import listing, progress
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import S3_ENV, config_text, good_media, moto_s3, run_job, s3fs_for, write_local
+from tests.pipeline_helpers import S3_ENV, config_text, good_media, run_job, s3fs_for, write_local
 
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
 
@@ -56,12 +56,6 @@ def test_listing_parts_snapshotted_by_an_earlier_version_are_read_then_renamed(t
 # --- the readers, on a real run's output ---------------------------------------------------------------------
 
 S3_OUT = "s3://readers-layout/out"   # a bucket of its own: moto keeps buckets across servers in one process
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipeline import config, manifest, output, preflight, progress, readers
 from pipeline.errors import OutputChanged
@@ -17,25 +16,11 @@ from pipeline.items import key_hash
 from pipeline.run import run
 from pipeline.state import TABLE, StateDir
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import config_text, good_media, moto_s3, s3fs_for, write_local
+from tests.pipeline_helpers import config_text, good_media, s3fs_for, write_local
 
 TASKS = ("caption", "ocr")
 N_IMAGES = 12
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    # after moto_s3 so that workers inherit the (fake) credentials from the environment
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _run(tmp_path, corpus, out, tiny, endpoint="", extra=""):

@@ -8,8 +8,6 @@ import json
 
 import pandas as pd
 import pyarrow.parquet as pq
-import pytest
-import ray
 from PIL import Image
 
 from pipeline import config, output
@@ -19,24 +17,10 @@ from pipeline.media import MediaLoader
 from pipeline.readers import Unit
 from pipeline.run import run
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import (S3_ENV, bad_media, config_text, good_media, moto_s3, read_output, run_job,
+from tests.pipeline_helpers import (S3_ENV, bad_media, config_text, good_media, read_output, run_job,
                                     s3fs_for, write_local)
 
 TASKS = ("caption", "reasoning")
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    # after moto_s3 so that workers inherit the (fake) credentials from the environment
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _cfg(tmp_path, text, *overrides):

@@ -16,28 +16,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline import config, preflight, readers
 from pipeline.items import item_id
 from pipeline.run import run
-from tests.pipeline_helpers import (PY, REPO, config_text, good_media, moto_s3, read_output, s3fs_for, wait_for,
+from tests.pipeline_helpers import (PY, REPO, config_text, good_media, read_output, s3fs_for, wait_for,
                                     write_local)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3):
-    # after moto_s3 so that workers inherit the (fake) credentials from the environment
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _run(tmp_path, input_toml: str, tiny, *, tasks=("caption",), endpoint="", out=None):

@@ -4,37 +4,21 @@ ending its process group (`ray stop` would stop every Ray on the machine, not ju
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
 import pandas as pd
 import pytest
 
-from tests.pipeline_helpers import PY, REPO, good_media, wait_for, write_local
-
-RAY = str(REPO / ".venv" / "bin" / "ray") if (REPO / ".venv" / "bin" / "ray").exists() else "ray"
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from tests.cluster_helpers import RAY, free_ports, ray_env
+from tests.pipeline_helpers import REPO, good_media, wait_for, write_local
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
-    gcs, dash, agent, agent_grpc, env_agent, metrics = _free_ports(6)
-    # the job's `python` must be this environment's; Ray turns token auth on for new clusters, and the CLI only
-    # sends the token when told to
-    env = {**os.environ, "PATH": f"{os.path.dirname(PY)}:{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    gcs, dash, agent, agent_grpc, env_agent, metrics = free_ports(6)
+    env = ray_env()
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=3",
            "--num-gpus=2",   # logical GPUs: the demo config's "auto" actors take one each (and run on CPU here)
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
