@@ -24,9 +24,10 @@ from pipeline.errors import find_error, own_errors
 log = logging.getLogger(__name__)
 
 # Errors that mean a process or node of the cluster went away, not that an item or the run's settings are bad.
-# (A worker killed by one poison item is retried in its task first: see pipeline.poison.)
+# (A worker killed by one poison item is retried in its task first: see pipeline.poison.) Not RaySystemError: Ray
+# also raises it for code a worker cannot load (a module missing on a node), which no restart mends.
 CLUSTER_FAULTS = (rex.RayActorError, rex.ObjectLostError, rex.WorkerCrashedError, rex.NodeDiedError,
-                  rex.ObjectFetchTimedOutError, rex.RaySystemError)
+                  rex.ObjectFetchTimedOutError)
 
 
 def cluster_fault(exc: BaseException) -> BaseException | None:
