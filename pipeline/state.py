@@ -30,6 +30,7 @@ class StateDir:
         self.root = root.rstrip("/")
         self.path = f"{self.root}/{STATE_DIR}"
         self.staging = f"{self.path}/staging"
+        self.old_tables: set[str] = set()   # tables read from an earlier version's name: removed when rewritten
 
     def __getstate__(self):
         return {"output_uri": self.output_uri, "opts": self.opts}
@@ -61,17 +62,22 @@ class StateDir:
         return None if data is None else json.loads(data)
 
     def write_table(self, stem: str, table: pa.Table) -> None:
-        """`<stem>.pq.state`; an earlier version's `<stem>.parquet` goes once the new file is whole."""
+        """`<stem>.pq.state`; an earlier version's `<stem>.parquet`, when it was read, goes once the new file is
+        whole (only then: a delete per write would double a listing snapshot's requests on S3)."""
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         self.write_bytes(stem + TABLE, sink.getvalue())
-        self.remove(stem + OLD_TABLE)
+        if stem in self.old_tables:
+            self.remove(stem + OLD_TABLE)
+            self.old_tables.discard(stem)
 
     def read_table(self, stem: str) -> pa.Table | None:
         """The table at `stem` (an earlier version's file where there is no new one), None when there is none."""
         data = self.read_bytes(stem + TABLE)
         if data is None:
             data = self.read_bytes(stem + OLD_TABLE)
+            if data is not None:
+                self.old_tables.add(stem)
         return None if data is None else pq.read_table(io.BytesIO(data))
 
     def rename_old_table(self, stem: str) -> None:
