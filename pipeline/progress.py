@@ -323,7 +323,10 @@ class Tracker:
 
 def stopping(run_tag: str) -> bool:
     """Whether the run asked its stages to stop admitting work (a SIGTERM's drain). A tracker that cannot be found
-    or asked (a run without one: benchmarks, tests) means no."""
+    or asked (a run without one: benchmarks, tests) means no, and so does a process outside Ray (a Predictor used
+    directly), where asking would start a Ray of its own."""
+    if not ray.is_initialized():
+        return False
     try:
         return bool(ray.get(ray.get_actor(tracker_name(run_tag)).stopping.remote(), timeout=10))
     except Exception:  # noqa: BLE001 - the flag is advisory: the worst case is a window run in vain

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import queue
 import socket
 import sys
 import threading
@@ -290,6 +289,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
     with GracefulStop(cfg.run.drain_s) as stop:
         while True:
             tracker = _new_tracker(parts.writer.run_tag)
+            stop.watch(tracker)
             source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
                                   cfg.input.max_items, parts.repeats)
             drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop)
@@ -324,7 +324,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
                                                keep_finished=bool(cfg.input.max_items))
             shards = progress.OpenShards(parts.ledger, parts.plan.all())
             parts.writer.landed = shards.wrote
-            if not work:
+            if not work or stop.requested:   # nothing left, or a SIGTERM came while the cluster failed
                 counted = max(counted, summary.skipped - summary.done)
                 break
     summary.skipped = counted
@@ -429,79 +429,20 @@ def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
     flight has come out or `run.drain_s` has passed."""
     ds = build_dataset(cfg, source, *stages, run_tag=drain.writer.run_tag)
     watchdog = Watchdog(STALL_S)
-    feed = BlockFeed(ds)
-    stop, told = drain.stop, False
+    # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    stop = drain.stop or GracefulStop(0.0)   # not entered: no signal handlers, never requested
     try:
-        while (batch := feed.next(timeout=0.5)) is not BlockFeed.END:
-            if batch is not None:
-                watchdog.progress()
-                drain.take(batch)
-            if stop is not None and stop.requested and not told:
-                drain.tracker.stop.remote()   # read tasks and model actors take no new work
-                told = True
-            if stop is not None and stop.expired():
-                break
+        for batch in stop.blocks(batches):
+            watchdog.progress()
+            drain.take(batch)
     finally:
-        feed.close()
+        stop.disarm()
+        batches.close()   # a stream left early shuts its executor down
         watchdog.stop()
     drain.lease.check()   # taken over since the last block: its buffered rows are not ours to write
     drain.writer.flush()
     drain.poll()
-
-
-class BlockFeed:
-    """Result blocks from a thread that iterates the dataset, so that the driver can stop waiting for them (a
-    SIGTERM's drain) without waiting for the next block. A block goes into the driver only when taken: no
-    prefetching, or a window's rows would reach the writer only once the next window is done too."""
-
-    END = object()
-
-    def __init__(self, ds: ray.data.Dataset):
-        self._blocks: queue.Queue = queue.Queue(maxsize=1)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._iterate, args=(ds,), daemon=True, name="result-blocks")
-        self._thread.start()
-
-    def _iterate(self, ds: ray.data.Dataset) -> None:
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
-        try:
-            for batch in batches:
-                if not self._put(batch):
-                    return
-            self._put(self.END)
-        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
-            self._put(_Failed(e))
-        finally:
-            batches.close()   # a stream left early shuts its executor down, as the driver's loop used to
-
-    def _put(self, item) -> bool:
-        """Hand an item over unless the driver stopped taking them; False then."""
-        while not self._closed.is_set():
-            try:
-                self._blocks.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def close(self) -> None:
-        """The driver takes no more blocks (the stream ended, failed, or a drain ran out)."""
-        self._closed.set()
-
-    def next(self, timeout: float):
-        """The next block, END after the last one, or None when none came within `timeout` seconds."""
-        try:
-            item = self._blocks.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, _Failed):
-            raise item.error
-        return item
-
-
-@dataclass
-class _Failed:
-    error: BaseException
 
 
 class Watchdog:
