@@ -60,6 +60,8 @@ class OutputConfig:
     flush_seconds: float = 30.0  # ... or once the oldest waiting row is this old
     takeover: bool = False      # start even though another run's lease on this output looks alive
     quarantine: bool = False    # move files under the prefix that are not ours aside instead of leaving them
+    compact: bool = True        # merge the small files of finished shards into files of target_file_mb
+    target_file_mb: float = 256.0
 
 
 @dataclass
@@ -195,7 +197,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
             "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
 _AUTO_KEYS = {"run.batch_size", "actors.count", "actors.num_gpus"}   # may also be the string "auto"
-_POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "actors.count", "batching.sort_window",
+_POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "output.target_file_mb", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty",
              "run.stop_failure_rate", "run.stop_failure_window"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
@@ -212,6 +214,7 @@ _AT_MOST = {
     "run.max_new_tokens": 1 << 20,           # above any GLM-V context (64K-128K)
     "output.rows_per_file": 10_000_000,      # buffered in the driver before a file is written
     "output.flush_seconds": 7 * 86400.0,
+    "output.target_file_mb": 64 * 1024.0,    # one merge's file, written by one task
     "storage.retries": 100,
     "storage.retry_backoff_s": 600.0,
     "actors.count": 100_000,

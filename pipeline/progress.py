@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline import manifest, output, storage
+from pipeline import compact, manifest, output, storage
 from pipeline.items import key_hash
 from pipeline.state import StateDir
 
@@ -76,6 +76,7 @@ class Ledger:
 
     def load(self, listed: dict[str, int]) -> Resume:
         """`listed`: the output's result files and their sizes (one listing), checked against the manifest."""
+        listed = compact.recover(self.state, manifest.read(self.state), listed)
         marker = self.state.read_json(MARKER)
         trusted = bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
         if trusted:
@@ -160,6 +161,20 @@ class Ledger:
         self.unfolded = len(names)
 
     # -- while running --------------------------------------------------------------------------------------
+
+    def closed_files(self, open_too: bool = False) -> list[str]:
+        """Result files in the manifest whose every shard is finished (all of them with `open_too`): no run writes
+        their pairs again, so they may be merged (pipeline.compact). Files of an earlier version (shards and rows
+        unknown) are left alone."""
+        return [n for n, row in self.files.items() if row["shards"] is not None and row["rows"] >= 0
+                and (open_too or not self._is_open(row))]
+
+    def replace(self, sources: list[str], targets: dict[str, dict]) -> None:
+        """A merge's switch: the manifest drops `sources` and takes `targets` (name -> row), in one write."""
+        for name in sources:
+            del self.files[name]
+        self.files.update(targets)
+        manifest.write(self.state, self.files)
 
     def note_file(self, file_name: str, entry: dict) -> None:
         """Before a result file is written: its manifest row (size, rows, digest, shards, tasks)."""

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import listing, output, poison, preflight, progress, readers, storage
+from pipeline import compact, listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
 from pipeline.config import AUTO, Config, ConfigError, decode_slots
@@ -44,6 +44,7 @@ for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
 TRACKER_POLL_S = 1.0
 STALL_S = 120.0           # no result for this long: say what the cluster has free
+COMPACT_EVERY_S = 30.0    # how often a run looks for finished small files to merge
 
 
 def init_ray(cfg: Config) -> None:
@@ -166,6 +167,8 @@ class Summary:
     redone: int = 0        # pairs in flight at those faults, read and run again
     repeated_items: int = 0      # items read again from another manifest file (so written again): see Repeats
     repeats_exact: bool = True   # False: more items than Repeats keeps; repeated_items is then a lower bound
+    compacted: int = 0           # small result files merged ...
+    compacted_into: int = 0      # ... into this many
     sample: list = field(default_factory=list)
 
     def count(self, batch: pa.Table) -> None:
@@ -191,6 +194,8 @@ class Summary:
             at_least = "" if self.repeats_exact else "at least "
             lines.insert(3, f"duplicates: {at_least}{self.repeated_items} item(s) named in more than one manifest "
                             f"file, read once per file (their rows repeat in the output: same id and task)")
+        if self.compacted:
+            lines.append(f"compacted: {self.compacted} result files of finished shards into {self.compacted_into}")
         if self.restarts:
             lines.append(f"restarts after cluster faults: {self.restarts} ({self.redone} (item, task) pairs redone)")
         return lines
@@ -242,18 +247,26 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
     writer.note_file, writer.committed, writer.landed = ledger.note_file, ledger.committed, shards.wrote
     summary = Summary(skipped=skipped)
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
+    compactor = (compact.Compactor(ledger, cfg.output.uri, opts, int(cfg.output.target_file_mb * 2**20))
+                 if cfg.output.compact else None)
     if work:
         cfg = _start_ray(cfg, out)
+        if compactor is not None:
+            compactor.submit, compactor.ready = compact.on_ray()
         # only manifests can name one item in two units (a listing's partitions and shard files' items are disjoint)
         repeats = (RepeatCounter.options(scheduling_strategy=on_driver_node()).remote()
                    if cfg.input.manifest and len(work) > 1 else None)
-        parts = Parts(cfg, spec, plan, units, ledger, writer, lease, breaker, summary, start, out, stages, repeats)
+        parts = Parts(cfg, spec, plan, units, ledger, writer, lease, breaker, summary, start, out, stages, repeats,
+                      compactor)
         resume, shards = _process(parts, work, resume, shards)
         if repeats is not None:
             summary.repeated_items, summary.repeats_exact = ray.get(repeats.result.remote())
     if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
         ledger.mark_trusted()   # every shard of the input now has its record
     ledger.fold()
+    if compactor is not None:
+        compactor.finish()   # the run's own small files too, now that their shards are finished
+        summary.compacted, summary.compacted_into = compactor.merged_files, compactor.written_files
     _finish(cfg, opts, writer, summary, start, out)
     breaker.check_finished()
     return summary
@@ -275,6 +288,7 @@ class Parts:
     out: object
     stages: tuple
     repeats: object = None   # a RepeatCounter for inputs of several manifests, kept across attempts
+    compactor: compact.Compactor | None = None
 
 
 def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
@@ -292,7 +306,8 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
             stop.watch(tracker)
             source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
                                   cfg.input.max_items, parts.repeats)
-            drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop)
+            drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop,
+                          parts.compactor)
             written_before = summary.done
             try:
                 _stream(cfg, source, drain, parts.stages)
@@ -317,6 +332,8 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
                 _kill_quietly(tracker)
                 counted = max(counted, summary.skipped - written_before)
             cfg = parts.cfg = _replan_actors(cfg, parts.out)
+            if parts.compactor is not None:
+                parts.compactor.settle()   # a merge still running must not be taken for one a killed run left
             parts.ledger.fold()   # what landed is in the manifest before the output is checked against it
             w = parts.writer
             resume = parts.ledger.load(output.listed_files(w.fs, w.root, w.opts))
@@ -397,7 +414,9 @@ class Drain:
     tracker: object
     start: float
     stop: GracefulStop | None = None
+    compactor: compact.Compactor | None = None
     polled: float = 0.0
+    compacted: float = 0.0
 
     def take(self, batch: pa.Table) -> None:
         if not self.summary.first_result_s:
@@ -414,6 +433,10 @@ class Drain:
         self.shards.listed(reported, units)
         self.summary.skipped += skipped
         self.polled = time.monotonic()
+        stopping = self.stop is not None and self.stop.requested
+        if self.compactor is not None and not stopping and self.polled - self.compacted >= COMPACT_EVERY_S:
+            self.compactor.step()
+            self.compacted = time.monotonic()
 
     def lost_pairs(self) -> int:
         """After a failed attempt: the pairs its read tasks handed on that never landed (they are read again)."""

@@ -113,18 +113,22 @@ class StateDir:
             # The files are listed, then deleted in batches, each request retried on its own: s3fs's recursive rm is
             # a listing, a HEAD and the deletes in one call, which a retry has to pass all at once (at 30% faulty
             # requests it took 11 retries and half a minute of back-off).
-            files = self._call(lambda: self.fs.find(target), rel)
-            for start in range(0, len(files), 1000):
-                self._call(lambda: self._remove_files(files[start:start + 1000]), rel)
+            self.remove_paths(self._call(lambda: self.fs.find(target), rel))
+
+    def remove_paths(self, paths: list[str]) -> None:
+        """Delete these full paths (any under the output), in batches of 1000, each batch retried on its own."""
+        for start in range(0, len(paths), 1000):
+            self._call(lambda: self._remove_files(paths[start:start + 1000]), "..")
 
     def _remove_files(self, paths: list[str]) -> None:
         """Delete these files, taken literally: fsspec's rm globs, so on a store the state of an output named
         `exp[1]` would delete `exp1`'s files of the same names. Names with glob characters go one request each."""
         literal = [p for p in paths if not globlib.has_magic(p)]
-        if literal:
+        if literal and not storage.is_local(self.fs):
             _missing_ok(self.fs.rm, literal)   # one request per 1000 keys on S3
         for path in paths:
-            if globlib.has_magic(path):
+            # locally, fsspec's rm of a list stops at the first file missing: one at a time
+            if globlib.has_magic(path) or storage.is_local(self.fs):
                 _missing_ok(self.fs.rm_file, path)
 
 

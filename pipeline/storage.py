@@ -457,6 +457,27 @@ def write_local_atomic(path: str, data: bytes, staging_dir: str) -> None:
         _fsync_dir(staging_dir)
 
 
+def put_file_atomic(fs: fsspec.AbstractFileSystem, local_path: str, path: str, staging_dir: str) -> None:
+    """`write_atomic` for a file on this machine's disk (too big to hold in memory): an object store publishes the
+    upload (multipart for a big file) only when it completes; a local file in the staging folder is renamed into
+    place, anything else is copied to the staging folder first."""
+    if is_object_store(fs, path):
+        fs.put_file(local_path, path)
+        return
+    if is_local(fs) and os.path.dirname(os.path.abspath(local_path)) == os.path.abspath(staging_dir):
+        with open(local_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.replace(local_path, path)
+        _fsync_dir(os.path.dirname(path) or ".")
+        return
+    fs.makedirs(staging_dir, exist_ok=True)
+    tmp = f"{staging_dir.rstrip('/')}/{uuid.uuid4().hex}.tmp"
+    fs.put_file(local_path, tmp)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(tmp, path)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, staging_dir: str) -> None:
     """Make `path` appear only whole. Object stores publish an object when its upload completes, so a direct
     write is already atomic there; elsewhere write to a staging file in `staging_dir` and rename it into place
