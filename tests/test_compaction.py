@@ -254,3 +254,48 @@ def test_a_job_with_nothing_to_merge_and_a_folder_that_is_no_output(tmp_path):
     (tmp_path / "empty").mkdir()
     code, text = _compact_job(tmp_path / "empty", tmp_path)
     assert code == 2 and "config error" in text and "is this a run's output.uri" in text
+
+
+# --- in a run ---------------------------------------------------------------------------------------------------
+
+
+def _pipeline_run(tmp_path, corpus, out, tiny, target_mb: float):
+    import io
+
+    from pipeline import config, preflight
+    from pipeline.run import run
+    from tests.pipeline_helpers import config_text
+
+    path = tmp_path / "run.toml"
+    text = config_text(str(corpus), str(out), str(tiny), tasks=("caption", "ocr"))
+    path.write_text(text.replace("rows_per_file = 8", f"rows_per_file = 2\ntarget_file_mb = {target_mb}"))
+    cfg = config.load(path)
+    preflight.check(cfg)
+    printed = io.StringIO()
+    return run(cfg, out=printed), printed.getvalue()
+
+
+def test_a_run_merges_in_the_background_and_at_its_end_and_its_rerun_skips_every_pair(local_ray, tiny_gqa, tmp_path,
+                                                                                      monkeypatch):
+    import pandas as pd
+
+    from pipeline import run as run_mod
+    from tests.pipeline_helpers import good_media, write_local
+
+    monkeypatch.setattr(run_mod, "COMPACT_EVERY_S", 0.0)   # look for merges at every poll, not every 30 s
+    started = []
+    real = compact.Compactor._start
+    monkeypatch.setattr(compact.Compactor, "_start", lambda self, sources: started.append(
+        (self.submit is not None, len(sources))) or real(self, sources))
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, good_media(num_images=16, num_videos=0))
+    summary, printed = _pipeline_run(tmp_path, corpus, out, tiny_gqa, target_mb=0.02)
+    assert summary.done == 32 and summary.compacted > 0 and "compacted:" in printed
+    assert started and all(on_ray for on_ray, _ in started)   # Ray tasks, not the driver
+    assert len(_listed(out)) < 16   # 32 rows were written as 16 files of 2
+    _settled(out, 32)
+    frame = pd.read_parquet(out)    # a glob reader after the run: exact too
+    assert len(frame) == 32 and len(frame.groupby(["id", "task"])) == 32
+    with mock.patch.object(progress, "read_keys", side_effect=AssertionError("a result file was opened")):
+        again, _ = _pipeline_run(tmp_path, corpus, out, tiny_gqa, target_mb=0.02)
+    assert again.done == 0 and again.skipped == 32

@@ -26,7 +26,8 @@ OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
 def _run(tmp_path, corpus, out, tiny, endpoint="", extra=""):
     path = tmp_path / "run.toml"
     text = config_text(str(corpus), out, str(tiny), tasks=TASKS, endpoint=endpoint, extra=extra)
-    path.write_text(text.replace("rows_per_file = 8", "rows_per_file = 4"))   # several files to damage
+    # several files to damage, left small
+    path.write_text(text.replace("rows_per_file = 8", "rows_per_file = 4\ncompact = false"))
     cfg = config.load(path)
     units = preflight.check(cfg)
     if units is None:   # a listed prefix: its units are found by the run
