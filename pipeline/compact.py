@@ -63,9 +63,13 @@ def groups(files: dict[str, dict], closed: list[str], target_bytes: int, final: 
     footer the merge writes once). Only a group that reaches the target is returned, unless `final` (the end of a
     run), when the rest of at least two files goes too."""
     out, group, size = [], [], 0.0
-    for name in sorted(closed):
+    for name in sorted(closed):   # a hive folder's files are neighbours: a group never mixes folders
         if files[name]["size"] >= BIG_ENOUGH * target_bytes:
             continue
+        if group and _folder(group[-1]) != _folder(name):
+            if final and len(group) >= 2:
+                out.append(group)
+            group, size = [], 0.0
         group.append(name)
         size += files[name]["size"] * shrink
         if size >= target_bytes:
@@ -74,6 +78,10 @@ def groups(files: dict[str, dict], closed: list[str], target_bytes: int, final: 
     if final and len(group) >= 2:
         out.append(group)
     return out
+
+
+def _folder(name: str) -> str:
+    return name.rpartition("/")[0]
 
 
 # --- the merge (runs in a Ray task or in jobs/compact.py) ------------------------------------------------------
@@ -93,7 +101,8 @@ def merge(uri: str, opts: StorageOptions, sources: list[str], tag: str) -> list[
         by_schema.setdefault(schema, []).append(name)
     written = []
     for n, (schema, names) in enumerate(by_schema.items()):
-        target = f"part-{tag}-{n:06d}.parquet"
+        folder = _folder(names[0])
+        target = f"{folder}/part-{tag}-{n:06d}.parquet" if folder else f"part-{tag}-{n:06d}.parquet"
         rows, digest = _write_merged(fs, arrow_fs, root, opts, schema, names, target)
         size = storage.with_retries(lambda: fs.size(f"{root}/{target}"), target, opts)
         written.append({"file": target, "size": int(size), "rows": rows, "digest": digest, "sources": names})
@@ -117,8 +126,9 @@ def _write_merged(fs, arrow_fs, root: str, opts: StorageOptions, schema: pa.Sche
                 path = f"{root}/{name}"
                 table = storage.with_retries(lambda: pq.read_table(path, filesystem=arrow_fs), path, opts)
                 rows += table.num_rows
-                digest = (digest + output.digest(key_hash(table["id"].to_pylist(), table["task"].to_pylist()))) \
-                    % (1 << 64)
+                keyed = output.with_partitions(table, name)   # a partitioned file's task is its folder's
+                keys = key_hash(keyed["id"].to_pylist(), keyed["task"].to_pylist())
+                digest = (digest + output.digest(keys)) % (1 << 64)
                 pending.append(table)
                 buffered += table.num_rows
                 if buffered >= ROW_GROUP_ROWS:

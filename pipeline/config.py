@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class OutputConfig:
     quarantine: bool = False    # move files under the prefix that are not ours aside instead of leaving them
     compact: bool = True        # merge the small files of finished shards into files of target_file_mb
     target_file_mb: float = 256.0
+    partition_by: list[str] = field(default_factory=list)   # [] | ["task"]: hive folders task=caption/
 
 
 @dataclass
@@ -370,8 +372,27 @@ def _validate_input(i: InputConfig) -> None:
         raise ConfigError("input.uri_column: must not be empty")
 
 
+PARTITION_COLUMNS = ("task",)           # what output.partition_by may name
+FOLDER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")   # a value that can be a folder's name on every store and reader
+
+
+def _validate_partitions(cfg: Config) -> None:
+    by = cfg.output.partition_by
+    unknown = [c for c in by if c not in PARTITION_COLUMNS]
+    if unknown or len(set(by)) != len(by):
+        raise ConfigError(f"output.partition_by: expected a list of distinct columns among {list(PARTITION_COLUMNS)}, "
+                          f"got {by}")
+    if "task" in by:
+        names = list(cfg.run.tasks) + ([cfg.input.manifest_prompt_task] if cfg.input.manifest else [])
+        bad = [n for n in names if not FOLDER_VALUE.fullmatch(n) or n in (".", "..")]
+        if bad:
+            raise ConfigError(f"output.partition_by = [\"task\"]: task name(s) {bad} cannot be folder names "
+                              f"(task=NAME/); use letters, digits, '_', '.', '-'")
+
+
 def _validate(cfg: Config) -> None:
     _validate_input(cfg.input)
+    _validate_partitions(cfg)
     if not cfg.output.uri:
         raise ConfigError("output.uri: required (a local folder or a URL such as s3://bucket/results/)")
     if not cfg.model.path:

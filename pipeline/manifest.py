@@ -193,10 +193,9 @@ class Check:
 
 def _not_ours(state: StateDir, name: str) -> str:
     """'' for a file with every output column; else why it is not a result file of ours."""
-    path = f"{state.root}/{name}"
     fs = storage.arrow_filesystem(state.fs)
     try:
-        schema = storage.with_retries(lambda: pq.read_schema(path, filesystem=fs), path, state.opts)
+        schema = output.read_result_schema(fs, state.root, name, state.opts)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         if storage.is_transient(e) or isinstance(e, FileNotFoundError):
             raise
@@ -206,10 +205,8 @@ def _not_ours(state: StateDir, name: str) -> str:
 
 
 def _keys(state: StateDir, name: str) -> np.ndarray:
-    path = f"{state.root}/{name}"
     fs = storage.arrow_filesystem(state.fs)
-    table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs), path,
-                                 state.opts)
+    table = output.read_result(fs, state.root, name, state.opts, columns=["id", "task"])
     return key_hash(table["id"].to_pylist(), table["task"].to_pylist())
 
 
@@ -221,7 +218,8 @@ def quarantine(state: StateDir, name: str) -> None:
     """Move an output file out of the readers' way: under `_state/quarantine/`, its name ending in `.quarantined`
     so that no `**/*.parquet` glob picks it up. The move is a copy then a delete; a retry that finds the source
     gone is the move done (only the answer to its delete was lost)."""
-    source, target = f"{state.root}/{name}", state.full(f"{QUARANTINE}/{name}{SUFFIX}")
+    # one folder: task=caption/part-... is task=caption@part-...quarantined there
+    source, target = f"{state.root}/{name}", state.full(f"{QUARANTINE}/{name.replace('/', '@')}{SUFFIX}")
 
     def move():
         state.fs.makedirs(state.full(QUARANTINE), exist_ok=True)

@@ -82,9 +82,48 @@ FOREIGN_NAME = f"{NOT_OURS} (foreign name)"
 RESULT_NAME = re.compile(r"part-\d{8}-\d{6}-[0-9a-f]{8}-\d{6}\.parquet")   # part-<run tag>-<n>.parquet
 
 
+PARTITION = re.compile(r"([A-Za-z0-9_]+)=([A-Za-z0-9_.-]*)")    # a hive folder: task=caption
+
+
 def is_ours(name: str) -> bool:
     """Named as a run of ours names its result files (anything else under the prefix is someone else's)."""
-    return RESULT_NAME.fullmatch(name) is not None
+    *folders, base = name.split("/")
+    return RESULT_NAME.fullmatch(base) is not None and all(PARTITION.fullmatch(f) for f in folders)
+
+
+def partition_values(name: str) -> dict[str, str]:
+    """The hive folders a result file's name is in ({"task": "caption"} for task=caption/part-...)."""
+    return dict(m.groups() for m in map(PARTITION.fullmatch, name.split("/")[:-1]) if m)
+
+
+def partition_folder(table: pa.Table, columns: tuple[str, ...]) -> str:
+    """'task=caption/' for rows of one task when partitioned by task ('' when not partitioned)."""
+    return "".join(f"{c}={table[c][0].as_py()}/" for c in columns)
+
+
+def with_partitions(table: pa.Table, name: str) -> pa.Table:
+    """A result file's rows with the columns its folders hold (written as folders, not in the file)."""
+    for column, value in partition_values(name).items():
+        if column not in table.column_names:
+            table = table.append_column(column, pa.array([value] * table.num_rows, pa.string()))
+    return table
+
+
+def read_result(fs, root: str, name: str, opts: StorageOptions, columns: list[str] | None = None) -> pa.Table:
+    """A result file's rows (these columns), partition columns included; storage errors retried."""
+    path = f"{root.rstrip('/')}/{name}"
+    held = [c for c in columns if c not in partition_values(name)] if columns is not None else None
+    table = storage.with_retries(lambda: pq.read_table(path, columns=held, filesystem=fs), path, opts)
+    return with_partitions(table, name)
+
+
+def read_result_schema(fs, root: str, name: str, opts: StorageOptions) -> pa.Schema:
+    path = f"{root.rstrip('/')}/{name}"
+    schema = storage.with_retries(lambda: pq.read_schema(path, filesystem=fs), path, opts)
+    for column in partition_values(name):
+        if schema.get_field_index(column) < 0:
+            schema = schema.append(pa.field(column, pa.string()))
+    return schema
 
 
 def schema_mismatch(schema: pa.Schema) -> str:
@@ -100,24 +139,31 @@ def schema_mismatch(schema: pa.Schema) -> str:
 
 
 def result_files(fs, root: str, opts: StorageOptions) -> list[str]:
-    """Names of the result files directly under the output prefix (state and hidden files excluded)."""
+    """Names of the result files under the output prefix (state and hidden files excluded)."""
     return sorted(listed_files(fs, root, opts))
 
 
 def listed_files(fs, root: str, opts: StorageOptions) -> dict[str, int]:
-    """The result files directly under the output prefix and their sizes, from one listing (one LIST request
-    per 1,000 files on S3)."""
-    def ls() -> list[dict]:
+    """The result files under the output prefix (directly, or in hive folders `task=caption/`) and their sizes,
+    by name relative to the prefix, from one listing per folder (one LIST request per 1,000 files on S3)."""
+    def ls(folder: str) -> list[dict]:
         try:
-            return fs.ls(root, detail=True)
+            return fs.ls(folder, detail=True)
         except FileNotFoundError:
             return []
 
-    found = {}
-    for info in storage.with_retries(ls, root, opts):
-        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") != "directory" and name.endswith(".parquet") and not name.startswith(("_", ".")):
-            found[name] = int(info["size"])
+    found, folders = {}, [""]
+    while folders:
+        folder = folders.pop()
+        for info in storage.with_retries(lambda: ls(f"{root.rstrip('/')}/{folder}".rstrip("/")), root, opts):
+            base = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith(("_", ".")):
+                continue
+            if info.get("type") == "directory":
+                if PARTITION.fullmatch(base):
+                    folders.append(f"{folder}{base}/")
+            elif base.endswith(".parquet"):
+                found[f"{folder}{base}"] = int(info["size"])
     return found
 
 
@@ -170,9 +216,11 @@ class ResultWriter:
     `landed({shard: rows})`."""
 
     def __init__(self, uri: str, opts: StorageOptions, rows_per_file: int, flush_seconds: float,
-                 schema: pa.Schema = SCHEMA, note_file=None, landed=None, committed=None):
+                 schema: pa.Schema = SCHEMA, note_file=None, landed=None, committed=None,
+                 partition_by: tuple[str, ...] = ()):
         self.fs, self.root = storage.filesystem(uri, opts)
         self.uri, self.opts, self.schema = uri, opts, schema
+        self.partition_by = tuple(partition_by)
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
         self.note_file, self.landed, self.committed = note_file, landed, committed
         self.staging = f"{self.root.rstrip('/')}/{STATE_DIR}/staging"
@@ -255,11 +303,25 @@ class ResultWriter:
         return table
 
     def _write(self, rows: pa.Table) -> None:
+        """One file, or with `partition_by` one file per hive folder the rows fall in."""
         shards = rows["_shard"] if "_shard" in rows.column_names else None
         table = self._project(rows)
+        if not self.partition_by:
+            self._write_file(table, shards)
+            return
+        for values in table.group_by(list(self.partition_by)).aggregate([]).to_pylist():
+            mask = None
+            for column, value in values.items():
+                equal = pc.equal(table[column], value)
+                mask = equal if mask is None else pc.and_(mask, equal)
+            self._write_file(table.filter(mask), shards.filter(mask) if shards is not None else None)
+
+    def _write_file(self, table: pa.Table, shards: pa.ChunkedArray | None) -> None:
+        """Partition columns are in the folder's name, not in the file (readers add them from the folder, and
+        refuse a column that is in both)."""
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
-        name = f"part-{self.run_tag}-{self.files:06d}.parquet"
+        pq.write_table(table.drop_columns(list(self.partition_by)), sink, compression="zstd")
+        name = f"{partition_folder(table, self.partition_by)}part-{self.run_tag}-{self.files:06d}.parquet"
         path = f"{self.root.rstrip('/')}/{name}"
         counts = {}
         if shards is not None:

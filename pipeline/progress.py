@@ -179,7 +179,7 @@ class Ledger:
     def note_file(self, file_name: str, entry: dict) -> None:
         """Before a result file is written: its manifest row (size, rows, digest, shards, tasks)."""
         sidecar = {"file": file_name, **entry}
-        name = file_name.rsplit(".", 1)[0] + ".json"
+        name = file_name.rsplit(".", 1)[0].replace("/", "@") + ".json"   # one folder of sidecars
         self.state.write_json(f"{INFLIGHT}/{name}", sidecar)
         self.sidecars[name] = sidecar
 
@@ -245,10 +245,8 @@ def read_keys(state: StateDir, files: list[str], lost: list[str] | None = None) 
     fs, root, opts = storage.arrow_filesystem(state.fs), state.root, state.opts
 
     def keys_of(name: str) -> np.ndarray:
-        path = f"{root}/{name}"
         try:
-            table = storage.with_retries(lambda: pq.read_table(path, columns=["id", "task"], filesystem=fs),
-                                         path, opts)
+            table = output.read_result(fs, root, name, opts, columns=["id", "task"])
         except FileNotFoundError:   # gone since the listing: its pairs are not done
             if lost is not None:
                 lost.append(name)

@@ -207,7 +207,8 @@ def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch,
     listed once per start, not twice); None finds them here."""
     opts = StorageOptions.from_config(cfg.storage)
     start = time.monotonic()
-    writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds)
+    writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds,
+                                 partition_by=tuple(cfg.output.partition_by))
     # before touching the output's state
     lease = Lease(cfg.output.uri, opts, writer.run_tag, takeover=cfg.output.takeover)
     try:
@@ -231,6 +232,7 @@ def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: 
         reopened = reopen_errors(cfg.output.uri, opts, ledger, writer.staging)
         _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
     existing = output.listed_files(writer.fs, writer.root, opts)
+    _check_layout(cfg, existing)
     resume = ledger.load(existing)
     _note_changed_settings(cfg, state, out)
     if resume.scanned and not existing:
@@ -523,6 +525,17 @@ def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summ
         _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}")
     except Exception as e:  # noqa: BLE001
         log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
+
+
+def _check_layout(cfg: Config, existing: dict[str, int]) -> None:
+    """Result files in hive folders and result files directly under the prefix do not mix: a reader that finds
+    folders named task=... takes `task` from them and refuses files that hold it as a column."""
+    layouts = {"/" in name for name in existing if output.is_ours(name)}
+    if layouts and layouts != {bool(cfg.output.partition_by)}:
+        held = "in hive folders (task=NAME/)" if True in layouts else "directly under it"
+        raise ConfigError(f"output.partition_by is {cfg.output.partition_by} but {cfg.output.uri} holds result files "
+                          f"{held}: readers cannot take both layouts in one output; set output.partition_by as the "
+                          f"output was written, or write to a new output.uri")
 
 
 # run settings that decide what is done, not what the model writes

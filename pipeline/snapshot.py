@@ -44,13 +44,18 @@ def read_table(uri: str, opts: StorageOptions | None = None, columns: list[str] 
                attempts: int = 5) -> pa.Table:
     """Every result row of the output, read from one snapshot (a new one when a merge deleted a file of it)."""
     opts = opts or StorageOptions()
-    fs = storage.arrow_filesystem(storage.filesystem(uri, opts)[0])
+    fsspec_fs, root = storage.filesystem(uri, opts)
+    fs = storage.arrow_filesystem(fsspec_fs)
     for attempt in range(attempts):
         paths = [p.split("://", 1)[-1] for p in files(uri, opts)]
         if not paths:
             return output.SCHEMA.empty_table().select(columns or output.SCHEMA.names)
         try:
-            return pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=columns)
+            # output.partition_by: `task` from the hive folders (string, as in unpartitioned files)
+            partitioning = pads.partitioning(pa.schema([("task", pa.string())]), flavor="hive")
+            dataset = pads.dataset(paths, format="parquet", filesystem=fs, partitioning=partitioning,
+                                   partition_base_dir=root.rstrip("/"))
+            return dataset.to_table(columns=columns)
         except FileNotFoundError:
             if attempt == attempts - 1:
                 raise

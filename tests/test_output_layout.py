@@ -1,12 +1,12 @@
 """The output as standard readers take it: results are the only `*.parquet` files under the output, so pandas,
 pyarrow.dataset, duckdb and polars, pointed at the folder or at `OUT/**/*.parquet`, each read exactly its rows,
-locally and on S3. State an earlier version wrote under `*.parquet` names is still resumed from, and renamed."""
+locally and on S3, with the files directly under the prefix or in hive folders (`output.partition_by = ["task"]`). State an earlier version wrote under `*.parquet` names is still resumed from, and renamed."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import listing, progress
+from pipeline import listing, output, progress
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import S3_ENV, config_text, good_media, run_job, s3fs_for, write_local
@@ -55,15 +55,17 @@ def test_listing_parts_snapshotted_by_an_earlier_version_are_read_then_renamed(t
 
 # --- the readers, on a real run's output ---------------------------------------------------------------------
 
-S3_OUT = "s3://readers-layout/out"   # a bucket of its own: moto keeps buckets across servers in one process
+S3_BUCKET = "s3://readers-layout"   # a bucket of its own: moto keeps buckets across servers in one process
+LAYOUTS = {"flat": [], "by_task": ["task"]}
 
 
-@pytest.fixture(scope="module")
-def run_output(tiny_gqa, tmp_path_factory, s3):
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def run_output(request, tiny_gqa, tmp_path_factory, s3):
     """A real run's output with files of only error rows (rows_per_file 1), kept columns all null in some files
     or in all, and every kind of state: folded completion records, run records, the report and a listing snapshot
     (written by the listing code as a listed run leaves it). Copied as it is to S3 too. -> (local path, the rows
-    of its result files, read one by one)."""
+    of its result files, read one by one, the output's URL on S3)."""
+    layout = LAYOUTS[request.param]
     root = tmp_path_factory.mktemp("layout")
     write_local(root / "media", good_media(num_images=4, num_videos=0))
     images = sorted(str(p) for p in (root / "media").rglob("*.*"))
@@ -76,21 +78,26 @@ def run_output(tiny_gqa, tmp_path_factory, s3):
         pq.write_table(pa.table({"uri": uris, **columns}), root / "m" / f"{n}.parquet")
     out = root / "out"
     config = root / "run.toml"
-    config.write_text(config_text("", str(out), str(tiny_gqa)).replace(
-        'uri = ""\n', f'manifest = "{root / "m"}"\nkeep_columns = ["score", "note", "empty"]\n', 1))
-    result = run_job(config, "output.rows_per_file=1", "output.compact=false")   # files of one row each
+    config.write_text(config_text("", str(out), str(tiny_gqa), tasks=("caption", "ocr") if layout else ("caption",))
+                      .replace('uri = ""\n', f'manifest = "{root / "m"}"\nkeep_columns = ["score", "note", "empty"]\n',
+                               1))
+    result = run_job(config, "output.rows_per_file=1", "output.compact=false",   # files of one row each
+                     f"output.partition_by={layout}".replace("'", '"'))
     assert result.returncode == 0, result.stderr[-3000:]
     snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(root / "media"))
     for index, part in enumerate(snapshot.partitions(OPTS)):
         list(listing.partition_parts(str(root / "media"), OPTS, snapshot, index, part, lambda n: False))
     state = {p.relative_to(out / "_state").parts[0] for p in (out / "_state").rglob("*") if p.is_file()}
     assert {"done.pq.state", "runs", "report.html", "listing", "progress.json"} <= state, state
-    files = sorted(out.glob("part-*.parquet"))
-    truth = pa.concat_tables([pq.read_table(p) for p in files])
+    files = sorted(out.glob("**/part-*.parquet"))
+    assert all(("/task=" in str(p)) == bool(layout) for p in files)
+    truth = pa.concat_tables([output.with_partitions(pq.read_table(p), str(p.relative_to(out))) for p in files],
+                             promote_options="permissive")
     assert any(pq.read_table(p)["error"].null_count == 0 for p in files)           # files of only error rows
     assert truth["empty"].null_count == len(truth) and truth.schema.field("score").type == pa.float64()
-    s3fs_for(s3).put(str(out), S3_OUT[len("s3://"):], recursive=True)
-    return out, truth
+    s3_out = f"{S3_BUCKET}/{request.param}"
+    s3fs_for(s3).put(str(out), s3_out[len("s3://"):], recursive=True)
+    return out, truth, s3_out
 
 
 def _keys(table) -> list[tuple[str, str]]:
@@ -108,9 +115,9 @@ def _s3_options(endpoint: str) -> dict:
 def test_pandas_reads_the_output_folder(run_output, s3, where):
     import pandas as pd
 
-    out, truth = run_output
+    out, truth, s3_out = run_output
     df = (pd.read_parquet(str(out)) if where == "local" else
-          pd.read_parquet(S3_OUT, storage_options=_s3_options(s3)))
+          pd.read_parquet(s3_out, storage_options=_s3_options(s3)))
     assert len(df) == len(truth) and _keys(df) == _keys(truth)
 
 
@@ -119,13 +126,13 @@ def test_pyarrow_dataset_reads_the_output_folder(run_output, s3, where):
     import pyarrow.dataset as pads
     from pyarrow import fs as pafs
 
-    out, truth = run_output
+    out, truth, s3_out = run_output
     if where == "local":
-        table = pads.dataset(str(out), format="parquet").to_table()
+        table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
     else:
         s3_fs = pafs.S3FileSystem(endpoint_override=s3, access_key=S3_ENV["AWS_ACCESS_KEY_ID"],
                                   secret_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
-        table = pads.dataset(S3_OUT[len("s3://"):], format="parquet", filesystem=s3_fs).to_table()
+        table = pads.dataset(s3_out[len("s3://"):], format="parquet", filesystem=s3_fs, partitioning="hive").to_table()
     assert table.num_rows == len(truth) and _keys(table) == _keys(truth)
 
 
@@ -136,11 +143,14 @@ def test_duckdb_reads_the_output_by_glob(run_output, s3, where, glob):
     which globs as httpfs does."""
     import duckdb
 
-    out, truth = run_output
+    out, truth, s3_out = run_output
     con = duckdb.connect()
     if where == "s3":
         con.register_filesystem(s3fs_for(s3))
-    base = str(out) if where == "local" else S3_OUT
+    base = str(out) if where == "local" else s3_out
+    if glob == "*.parquet" and "by_task" in s3_out:
+        assert con.sql(f"select count(*) from read_parquet('{base}/**/*.parquet')").fetchone()[0] == len(truth)
+        return   # in hive folders: nothing directly under the prefix
     rows = con.sql(f"select id, task from read_parquet('{base}/{glob}')").fetchall()
     assert len(rows) == len(truth) and sorted(rows) == _keys(truth)
 
@@ -151,11 +161,11 @@ def test_polars_scans_the_output_by_the_readmes_glob(run_output, s3, where):
     gives it the glob."""
     import polars as pl
 
-    out, truth = run_output
+    out, truth, s3_out = run_output
     if where == "local":
-        frame = pl.scan_parquet(f"{out}/**/*.parquet").collect()
+        frame = pl.scan_parquet(f"{out}/**/*.parquet", hive_partitioning=True).collect()
     else:
-        frame = pl.scan_parquet(f"{S3_OUT}/**/*.parquet", storage_options={
+        frame = pl.scan_parquet(f"{s3_out}/**/*.parquet", hive_partitioning=True, storage_options={
             "aws_endpoint_url": s3, "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
             "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"], "aws_region": "us-east-1",
             "aws_allow_http": "true"}).collect()
@@ -166,7 +176,7 @@ def test_a_run_over_kept_columns_of_unified_and_conflicting_types_finishes(run_o
     """int then float manifests, a first manifest whose columns are all null, and one whose score is a string: the
     run exits 0 (the fixture checks), scores are doubles, notes strings, and the string file's item is an error row
     naming the column and both types."""
-    out, truth = run_output
+    out, truth, s3_out = run_output
     assert truth.schema.field("note").type == pa.string() and truth.schema.field("empty").type == pa.null()
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in truth.to_pylist()}
     assert {name: (r["score"], r["note"]) for name, r in rows.items()} == {

@@ -25,9 +25,10 @@ from tests.pipeline_helpers import (PY, REPO, config_text, good_media, read_outp
                                     write_local)
 
 
-def _run(tmp_path, input_toml: str, tiny, *, tasks=("caption",), endpoint="", out=None):
+def _run(tmp_path, input_toml: str, tiny, *, tasks=("caption",), endpoint="", out=None, output_toml=""):
     out = out or str(tmp_path / "out")
     text = config_text("", out, str(tiny), tasks=tasks, endpoint=endpoint).replace('uri = ""\n', input_toml, 1)
+    text = text.replace("rows_per_file = 8\n", f"rows_per_file = 8\n{output_toml}", 1)
     path = tmp_path / "run.toml"
     path.write_text(text)
     cfg = config.load(path)
@@ -191,7 +192,7 @@ def test_torn_files_in_the_output_are_set_aside_and_the_rerun_completes(local_ra
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     write_local(corpus, good_media(num_images=12, num_videos=0))
     input_toml = f'uri = "{corpus}"\n'
-    _run(tmp_path, input_toml, tiny_gqa)
+    _run(tmp_path, input_toml, tiny_gqa, output_toml="compact = false\n")   # several files, one to tear
     files = sorted(out.glob("part-*.parquet"))
     assert len(pd.read_parquet(out)) == 12 and len(files) >= 2
     files[0].write_bytes(files[0].read_bytes()[:-50])             # cut short by another tool
