@@ -299,3 +299,53 @@ def test_a_run_merges_in_the_background_and_at_its_end_and_its_rerun_skips_every
     with mock.patch.object(progress, "read_keys", side_effect=AssertionError("a result file was opened")):
         again, _ = _pipeline_run(tmp_path, corpus, out, tiny_gqa, target_mb=0.02)
     assert again.done == 0 and again.skipped == 32
+
+
+# --- in hive folders (output.partition_by) ----------------------------------------------------------------------
+
+
+def test_merges_stay_in_their_hive_folder_and_a_run_cannot_switch_layouts(tmp_path, tiny_gqa):
+    import io
+
+    import pandas as pd
+
+    from pipeline import config, output
+    from pipeline.errors import ConfigError
+    from pipeline.run import run
+    from tests.pipeline_helpers import config_text, good_media, write_local
+
+    out = tmp_path / "out"
+    ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
+    ledger.load({})
+    ledger.mark_trusted()
+    shards = progress.OpenShards(ledger, ("caption", "ocr"))
+    writer = output.ResultWriter(str(out), OPTS, rows_per_file=6, flush_seconds=60, note_file=ledger.note_file,
+                                 committed=ledger.committed, landed=shards.wrote, partition_by=("task",))
+    ids = [f"i{k:03d}" for k in range(60)]
+    shards.listed({f"u#{j}": ({"caption": 10, "ocr": 10}, 20) for j in range(6)}, {"u": [f"u#{j}" for j in range(6)]})
+    for j in range(6):
+        writer.add(pa.concat_tables([_rows(ids[j * 10:(j + 1) * 10], f"u#{j}", task) for task in ("caption", "ocr")]))
+    writer.flush()
+    ledger.fold()
+    small = _listed(out)
+    assert all(n.startswith(("task=caption/part-", "task=ocr/part-")) for n in small) and len(small) > 4
+    assert "task" not in pq.read_schema(out / sorted(small)[0]).names   # the folder holds it
+    compact.Compactor(ledger, str(out), OPTS, 1 << 20).finish()
+    merged = sorted(_listed(out))
+    assert [n.split("/")[0] for n in merged] == ["task=caption", "task=ocr"]   # one merged file per folder
+    _settled(out, 120)
+    frame = pd.read_parquet(out)
+    assert len(frame) == 120 and frame.groupby("task", observed=True).size().to_dict() == {"caption": 60, "ocr": 60}
+    resume = _load(out)
+    assert len(resume.done_keys) == 0 and "u" in resume.records
+
+    corpus = tmp_path / "corpus"
+    write_local(corpus, good_media(num_images=2, num_videos=0))
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(str(corpus), str(out), str(tiny_gqa)))   # partition_by left at []
+    with pytest.raises(ConfigError, match=r"holds result files in hive folders .* new output.uri"):
+        run(config.load(path), out=io.StringIO())
+    with pytest.raises(ConfigError, match="cannot be folder names"):
+        config.load(path, ['output.partition_by=["task"]', 'tasks.a/b.prompt="x"', 'run.tasks=["a/b"]'])
+    with pytest.raises(ConfigError, match="output.partition_by: expected a list of distinct columns"):
+        config.load(path, ['output.partition_by=["model"]'])
