@@ -87,9 +87,10 @@ def reference(out: str) -> float:
 
 
 def compact_job(out: str, target_mb: float) -> subprocess.Popen:
-    code = ("import resource, sys; sys.path.insert(0, %r); from jobs.compact import main; rc = main(sys.argv[1:]); "
-            "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024); sys.exit(rc)"
-            % str(REPO))
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child started from this big process reports ours
+    code = ("import re, sys; sys.path.insert(0, %r); from jobs.compact import main; rc = main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print('peak_rss_mb', int(hwm) // 1024); sys.exit(rc)" % str(REPO))
     return subprocess.Popen([sys.executable, "-c", code, "--output", out, "--target-file-mb", str(target_mb)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -131,7 +132,7 @@ def main() -> None:
         t = time.monotonic()
         for _ in range(args.kills):
             proc = compact_job(out, args.target_mb)
-            time.sleep(rng.uniform(1.0, max(1.5, ref * 1.5)))
+            time.sleep(rng.uniform(1.5, max(2.0, ref * 0.6)))   # start-up ~1 s: the kill lands among merges
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         proc = compact_job(out, args.target_mb)
