@@ -22,18 +22,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import compact, listing, output, poison, preflight, progress, readers, storage
+from pipeline import listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
 from pipeline.config import AUTO, Config, ConfigError, decode_slots
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.errors import HideOwnErrors, Interrupted, RunStopped
-from pipeline.lease import Lease
 from pipeline.predictor import Predictor
 from pipeline.preflight import read_spec
 from pipeline.report import write_report
 from pipeline.sources import PendingItems, RepeatCounter, TaskPlan, UnitWork
 from pipeline.state import StateDir
+from pipeline.store import OutputSettings, OutputStore
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger("pipeline")
@@ -44,7 +44,6 @@ for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
 TRACKER_POLL_S = 1.0
 STALL_S = 120.0           # no result for this long: say what the cluster has free
-COMPACT_EVERY_S = 30.0    # how often a run looks for finished small files to merge
 
 
 def init_ray(cfg: Config) -> None:
@@ -207,69 +206,47 @@ def run(cfg: Config, out=sys.stdout, predictor=Predictor, decode=decode_batch,
     listed once per start, not twice); None finds them here."""
     opts = StorageOptions.from_config(cfg.storage)
     start = time.monotonic()
-    writer = output.ResultWriter(cfg.output.uri, opts, cfg.output.rows_per_file, cfg.output.flush_seconds,
-                                 partition_by=tuple(cfg.output.partition_by))
-    # before touching the output's state
-    lease = Lease(cfg.output.uri, opts, writer.run_tag, takeover=cfg.output.takeover)
+    store = OutputStore(OutputSettings.from_config(cfg), opts)
     try:
-        return _run(cfg, opts, writer, lease, start, out, (predictor, decode), units)
+        return _run(cfg, opts, store, start, out, (predictor, decode), units)
     finally:
-        lease.release()
+        store.close()
 
 
 def _say(out, line: str) -> None:
     print(line, file=out, flush=True)
 
 
-def _run(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, lease: Lease, start: float, out,
-         stages, units: list[readers.Unit] | None) -> Summary:
-    state = StateDir(cfg.output.uri, opts)
-    state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
-    spec, plan = read_spec(cfg, state), task_plan(cfg)
+def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, out, stages,
+         units: list[readers.Unit] | None) -> Summary:
+    spec, plan = read_spec(cfg, store.state), task_plan(cfg)
     units = readers.find_units(spec) if units is None else units
-    ledger = progress.Ledger(state, input_fingerprint(cfg, spec), move_foreign=cfg.output.quarantine)
-    if cfg.run.retry_errors:
-        reopened = reopen_errors(cfg.output.uri, opts, ledger, writer.staging)
-        _say(out, f"output {cfg.output.uri}: {reopened} error row(s) reopened to run again")
-    existing = output.listed_files(writer.fs, writer.root, opts)
-    _check_layout(cfg, existing)
-    resume = ledger.load(existing)
-    _note_changed_settings(cfg, state, out)
-    if resume.scanned and not existing:
-        ledger.mark_trusted()   # a new output: the records cover everything from its first row on
+    resume = store.open(input_fingerprint(cfg, spec), plan.all(), cfg.run.retry_errors, lambda s: _say(out, s))
+    _note_changed_settings(cfg, store.state, out)
 
     spec = dataclasses.replace(spec, keep_schema=kept_columns(cfg, spec, units))
-    writer.schema = output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema)
+    store.set_schema(output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema))
     work, skipped = _open_work(units, resume.records, plan, keep_finished=bool(cfg.input.max_items))
     _say(out, f"output {cfg.output.uri}: {len(units) - len(work)} of {len(units)} input unit(s) finished, "
               f"{len(resume.done_keys)} (item, task) rows of unfinished shards" +
-              (" (whole output scanned: no completion records yet)" if resume.scanned and existing else ""))
+              (" (whole output scanned: no completion records yet)" if store.scanned_existing else ""))
 
-    shards = progress.OpenShards(ledger, plan.all())
-    writer.note_file, writer.committed, writer.landed = ledger.note_file, ledger.committed, shards.wrote
     summary = Summary(skipped=skipped)
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
-    compactor = (compact.Compactor(ledger, cfg.output.uri, opts, int(cfg.output.target_file_mb * 2**20))
-                 if cfg.output.compact else None)
     if work:
         cfg = _start_ray(cfg, out)
-        if compactor is not None:
-            compactor.submit, compactor.ready = compact.on_ray()
+        store.use_ray()
         # only manifests can name one item in two units (a listing's partitions and shard files' items are disjoint)
         repeats = (RepeatCounter.options(scheduling_strategy=on_driver_node()).remote()
                    if cfg.input.manifest and len(work) > 1 else None)
-        parts = Parts(cfg, spec, plan, units, ledger, writer, lease, breaker, summary, start, out, stages, repeats,
-                      compactor)
-        resume, shards = _process(parts, work, resume, shards)
+        parts = Parts(cfg, spec, plan, units, store, breaker, summary, start, out, stages, repeats)
+        resume = _process(parts, work, resume)
         if repeats is not None:
             summary.repeated_items, summary.repeats_exact = ray.get(repeats.result.remote())
-    if resume.scanned and not shards.open and not breaker.total and not cfg.input.max_items:
-        ledger.mark_trusted()   # every shard of the input now has its record
-    ledger.fold()
-    if compactor is not None:
-        compactor.finish()   # the run's own small files too, now that their shards are finished
-        summary.compacted, summary.compacted_into = compactor.merged_files, compactor.written_files
-    _finish(cfg, opts, writer, summary, start, out)
+    # every shard of the input has its record: the records are trusted for this input from now on
+    store.commit(complete=resume.scanned and not store.shards.open and not breaker.total and not cfg.input.max_items)
+    summary.compacted, summary.compacted_into = store.compacted
+    _finish(cfg, opts, store, summary, start, out)
     breaker.check_finished()
     return summary
 
@@ -281,35 +258,30 @@ class Parts:
     spec: readers.ReadSpec
     plan: TaskPlan
     units: list
-    ledger: progress.Ledger
-    writer: output.ResultWriter
-    lease: Lease
+    store: OutputStore
     breaker: Breaker
     summary: "Summary"
     start: float
     out: object
     stages: tuple
     repeats: object = None   # a RepeatCounter for inputs of several manifests, kept across attempts
-    compactor: compact.Compactor | None = None
 
 
-def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
-             shards: progress.OpenShards) -> tuple[progress.Resume, progress.OpenShards]:
+def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume) -> progress.Resume:
     """Stream the pending work through a dataset; when the cluster loses what Ray Data cannot recover by itself
     (pipeline.cluster), write what finished and start a new dataset from the completion records, in this process,
-    up to actors.max_restarts times. Returns the last attempt's resume point and open-shard count."""
+    up to actors.max_restarts times. Returns the last attempt's resume point."""
     cfg, summary, restarts = parts.cfg, parts.summary, 0
     # pairs found done by the attempts so far: after a restart the read tasks also find this run's own rows done,
     # and those are not "skipped"
     counted = 0
     with GracefulStop(cfg.run.drain_s) as stop:
         while True:
-            tracker = _new_tracker(parts.writer.run_tag)
+            tracker = _new_tracker(parts.store.run_tag)
             stop.watch(tracker)
             source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
                                   cfg.input.max_items, parts.repeats)
-            drain = Drain(parts.writer, parts.lease, shards, parts.breaker, summary, tracker, parts.start, stop,
-                          parts.compactor)
+            drain = Drain(parts.store, parts.breaker, summary, tracker, parts.start, stop)
             written_before = summary.done
             try:
                 _stream(cfg, source, drain, parts.stages)
@@ -318,7 +290,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
                 fault = cluster_fault(e)
                 if fault is None:
                     raise
-                _flush_what_is_done(parts.writer, parts.lease)
+                parts.store.flush_what_is_done()
                 lost = drain.lost_pairs()
                 restarts += 1
                 summary.restarts, summary.redone = restarts, summary.redone + lost
@@ -330,19 +302,13 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
                                 f"the queue; restarting the dataset from the completion records (restart {restarts}"
                                 f" of at most {cfg.actors.max_restarts})")
             finally:
-                _flush_what_is_done(parts.writer, parts.lease)
+                parts.store.flush_what_is_done()
                 _kill_quietly(tracker)
                 counted = max(counted, summary.skipped - written_before)
             cfg = parts.cfg = _replan_actors(cfg, parts.out)
-            if parts.compactor is not None:
-                parts.compactor.settle()   # a merge still running must not be taken for one a killed run left
-            parts.ledger.fold()   # what landed is in the manifest before the output is checked against it
-            w = parts.writer
-            resume = parts.ledger.load(output.listed_files(w.fs, w.root, w.opts))
+            resume = parts.store.reopen()
             work, summary.skipped = _open_work(parts.units, resume.records, parts.plan,
                                                keep_finished=bool(cfg.input.max_items))
-            shards = progress.OpenShards(parts.ledger, parts.plan.all())
-            parts.writer.landed = shards.wrote
             if not work or stop.requested:   # nothing left, or a SIGTERM came while the cluster failed
                 counted = max(counted, summary.skipped - summary.done)
                 break
@@ -351,7 +317,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume,
         raise Interrupted(f"SIGTERM received; in-flight work drained for {time.monotonic() - stop.requested_at:.0f}s "
                           f"(run.drain_s = {cfg.run.drain_s:g}): {summary.done} (item, task) rows written, the rest "
                           f"pending; rerun the same command to go on")
-    return resume, shards
+    return resume
 
 
 def _new_tracker(run_tag: str):
@@ -379,17 +345,6 @@ def _replan_actors(cfg: Config, out) -> Config:
     return dataclasses.replace(cfg, actors=dataclasses.replace(cfg.actors, count=count))
 
 
-def reopen_errors(uri: str, opts: StorageOptions, ledger: progress.Ledger, staging: str) -> int:
-    """`run.retry_errors`: the output's error rows become pending pairs; returns how many."""
-    # The records are dropped before any file is rewritten. A kill anywhere after that leaves an output without
-    # trusted records, which the next run scans whole; as each file is replaced whole, every pair is then either
-    # still in a file (an error row: done, until the next retry_errors run) or in none (pending: redone). In the
-    # other order, a kill between the two left records calling shards finished whose error rows were gone: those
-    # pairs were never run again. (forget() drops the trust marker first, so a kill inside it is safe too.)
-    ledger.forget()
-    return output.reopen_errors(uri, opts, staging)
-
-
 def _start_ray(cfg: Config, out) -> Config:
     """Ray up, and `cfg` with its "auto" actor settings sized to the cluster."""
     init_ray(cfg)
@@ -406,39 +361,33 @@ def _start_ray(cfg: Config, out) -> Config:
 
 @dataclass
 class Drain:
-    """Where result blocks go in the driver: past the lease and the circuit breaker, counted, written; and the
-    read tasks' shard reports handed to the count of open shards now and then."""
-    writer: output.ResultWriter
-    lease: Lease
-    shards: progress.OpenShards
+    """Where result blocks go in the driver: past the circuit breaker, counted, into the output store; and the read
+    tasks' shard reports handed to the store now and then."""
+    store: OutputStore
     breaker: Breaker
     summary: "Summary"
     tracker: object
     start: float
     stop: GracefulStop | None = None
-    compactor: compact.Compactor | None = None
     polled: float = 0.0
-    compacted: float = 0.0
 
     def take(self, batch: pa.Table) -> None:
         if not self.summary.first_result_s:
             self.summary.first_result_s = time.monotonic() - self.start
-        self.lease.check()   # another run took the output over: stop before writing anything more
+        self.store.check()   # taken over: stop before the breaker counts rows another run may be writing
         batch = self.breaker.admit(batch)
         self.summary.count(batch)
-        self.writer.add(batch)
+        self.store.write(batch)
         if time.monotonic() - self.polled > TRACKER_POLL_S:
             self.poll()
 
     def poll(self) -> None:
         reported, units, skipped = ray.get(self.tracker.drain.remote())
-        self.shards.listed(reported, units)
+        self.store.shards_read(reported, units)
         self.summary.skipped += skipped
         self.polled = time.monotonic()
-        stopping = self.stop is not None and self.stop.requested
-        if self.compactor is not None and not stopping and self.polled - self.compacted >= COMPACT_EVERY_S:
-            self.compactor.step()
-            self.compacted = time.monotonic()
+        if self.stop is None or not self.stop.requested:
+            self.store.maintain()
 
     def lost_pairs(self) -> int:
         """After a failed attempt: the pairs its read tasks handed on that never landed (they are read again)."""
@@ -446,13 +395,13 @@ class Drain:
             self.poll()
         except Exception as e:  # noqa: BLE001 - the count is for the user; the records stay exact without it
             log.warning("could not ask the tracker for the last shard reports: %s", e)
-        return self.shards.pending_pairs()
+        return self.store.pending_pairs()
 
 
 def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
     """The Ray Data graph, drained into the writer as its result blocks arrive; after a SIGTERM, until what was in
     flight has come out or `run.drain_s` has passed."""
-    ds = build_dataset(cfg, source, *stages, run_tag=drain.writer.run_tag)
+    ds = build_dataset(cfg, source, *stages, run_tag=drain.store.run_tag)
     watchdog = Watchdog(STALL_S)
     # No prefetching: with it, a window's rows reach the writer only once the next window is done too.
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
@@ -465,8 +414,7 @@ def _stream(cfg: Config, source: PendingItems, drain: Drain, stages) -> None:
         stop.disarm()
         batches.close()   # a stream left early shuts its executor down
         watchdog.stop()
-    drain.lease.check()   # taken over since the last block: its buffered rows are not ours to write
-    drain.writer.flush()
+    drain.store.flush()
     drain.poll()
 
 
@@ -498,23 +446,10 @@ class Watchdog:
                             "lines show which stage waits: 'pending' resources, 'backpressured')", idle, have)
 
 
-def _flush_what_is_done(writer: output.ResultWriter, lease: Lease) -> None:
-    """Rows that finished before a stop are written, so a rerun does not redo them; unless another run took the
-    output over, which may be running the same pairs."""
-    if lease.lost:
-        log.warning("%d finished result rows not written: another run holds the output now", writer.buffered)
-        return
-    try:
-        writer.flush()
-    except Exception as e:  # noqa: BLE001 - the error that stopped the run is the one to report
-        log.warning("could not write the last %d result rows: %s", writer.buffered, e)
-
-
-def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summary: Summary, start: float,
-            out) -> None:
+def _finish(cfg: Config, opts: StorageOptions, store: OutputStore, summary: Summary, start: float, out) -> None:
     summary.seconds = time.monotonic() - start
-    summary.files = writer.files
-    writer.write_run_record({"config": cfg.to_dict(), "result_settings": cfg.result_settings(),
+    summary.files = store.writer.files
+    store.write_run_record({"config": cfg.to_dict(), "result_settings": cfg.result_settings(),
                              "summary": {k: v for k, v in summary.__dict__.items() if k != "sample"}})
     for line in summary.lines(cfg.output.uri):
         _say(out, line)
@@ -522,20 +457,9 @@ def _finish(cfg: Config, opts: StorageOptions, writer: output.ResultWriter, summ
         text = row["error"] or (row["answer"] or row["text"])
         _say(out, f"  {storage.redact(row['uri'])} [{row['task']}] {storage.redact(text)[:100]!r}")
     try:   # the results are written: a report that fails must not fail the run
-        _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=writer.run_tag)}")
+        _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=store.run_tag)}")
     except Exception as e:  # noqa: BLE001
         log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
-
-
-def _check_layout(cfg: Config, existing: dict[str, int]) -> None:
-    """Result files in hive folders and result files directly under the prefix do not mix: a reader that finds
-    folders named task=... takes `task` from them and refuses files that hold it as a column."""
-    layouts = {"/" in name for name in existing if output.is_ours(name)}
-    if layouts and layouts != {bool(cfg.output.partition_by)}:
-        held = "in hive folders (task=NAME/)" if True in layouts else "directly under it"
-        raise ConfigError(f"output.partition_by is {cfg.output.partition_by} but {cfg.output.uri} holds result files "
-                          f"{held}: readers cannot take both layouts in one output; set output.partition_by as the "
-                          f"output was written, or write to a new output.uri")
 
 
 # run settings that decide what is done, not what the model writes

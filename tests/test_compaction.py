@@ -279,10 +279,10 @@ def test_a_run_merges_in_the_background_and_at_its_end_and_its_rerun_skips_every
                                                                                       monkeypatch):
     import pandas as pd
 
-    from pipeline import run as run_mod
+    from pipeline import store
     from tests.pipeline_helpers import good_media, write_local
 
-    monkeypatch.setattr(run_mod, "COMPACT_EVERY_S", 0.0)   # look for merges at every poll, not every 30 s
+    monkeypatch.setattr(store, "COMPACT_EVERY_S", 0.0)   # look for merges at every poll, not every 30 s
     started = []
     real = compact.Compactor._start
     monkeypatch.setattr(compact.Compactor, "_start", lambda self, sources: started.append(

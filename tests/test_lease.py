@@ -135,7 +135,7 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place, monkeypatch):
     a.release()                                             # must not remove b's lease
     assert p.read()["run"] == "run-b"
     # the run that lost its lease must not write its buffered rows on the way out: b may be running the same pairs
-    from pipeline.run import _flush_what_is_done
+    from pipeline.store import OutputStore, flush_what_is_done
 
     class Buffered:
         buffered, flushed = 3, False
@@ -144,7 +144,7 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place, monkeypatch):
             self.flushed = True
 
     writer = Buffered()
-    _flush_what_is_done(writer, a)
+    flush_what_is_done(writer, a)
     assert not writer.flushed
     # nor at the end of a stream that ran out after the takeover
     import types
@@ -156,11 +156,12 @@ def test_heartbeat_refreshes_and_a_taken_over_lease_is_lost(place, monkeypatch):
             return (batch for batch in ())   # a generator, as Ray Data's iterator is
 
     monkeypatch.setattr(run_mod, "build_dataset", lambda *args, **kwargs: NoMoreBlocks())
-    writer.run_tag = "run-a"
+    store = OutputStore.__new__(OutputStore)   # the store of the run that lost its lease, past its open()
+    store.writer, store.lease, store.run_tag = writer, a, "run-a"
     with pytest.raises(LeaseLost):
-        run_mod._stream(None, None, types.SimpleNamespace(writer=writer, lease=a, stop=None), ())
+        run_mod._stream(None, None, types.SimpleNamespace(store=store, stop=None), ())
     assert not writer.flushed
-    _flush_what_is_done(writer, b)
+    flush_what_is_done(writer, b)
     assert writer.flushed
     b.release()
     assert p.read() is None

@@ -132,7 +132,7 @@ def test_retry_errors_reopens_only_error_rows_file_by_file(tmp_path):
 def test_a_kill_while_retry_errors_reopens_loses_no_pair(tmp_path, monkeypatch):
     """Killed right after the files were rewritten: the next run must not trust records that call the error's shard
     finished (it did: reopen_errors ran before ledger.forget, and the error pair was never run again)."""
-    from pipeline import run
+    from pipeline import store
 
     out = tmp_path / "out"
     writer, ledger, _ = writer_with_ledger(out)
@@ -148,7 +148,7 @@ def test_a_kill_while_retry_errors_reopens_loses_no_pair(tmp_path, monkeypatch):
 
     monkeypatch.setattr(output, "reopen_errors", killed)
     with pytest.raises(SystemExit):
-        run.reopen_errors(str(out), OPTS, ledger, writer.staging)
+        store.reopen_errors(str(out), OPTS, ledger, writer.staging)
     resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
     assert resume.scanned and not resume.records                 # "u#0" is not taken as finished ...
     assert list(resume.done_keys) == list(key_hash(["a"], ["caption"]))   # ... and only "a" is done: "b" runs again
