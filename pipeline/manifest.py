@@ -82,7 +82,11 @@ class Check:
         unknown = []
         for name, size in self.listed.items():
             if name in self.files:
-                if self.files[name]["size"] != size:
+                if self.files[name]["size"] == size:
+                    continue
+                if self.sidecars.get(name, {}).get("size") == size:
+                    self._landed(name, size)   # rewritten whole (run.retry_errors) and killed before the manifest
+                else:
                     self._damaged(name, f"its size is {size} bytes, not the {self.files[name]['size']} written")
             elif name in self.sidecars:
                 self._landed(name, size)
@@ -92,7 +96,9 @@ class Check:
             else:
                 unknown.append(name)
         for name, sidecar in self.sidecars.items():
-            if name not in self.listed and name not in self.files:
+            if name not in self.listed and name in self.files and sidecar["rows"] == 0:
+                self._reopen_shards(self.files.pop(name))   # deleted by run.retry_errors: all its rows were errors
+            elif name not in self.listed and name not in self.files:
                 # never landed (a kill between sidecar and file), or deleted before its row was folded in
                 log.info("result file %s named by a sidecar is not in the output: its shards are read again", name)
                 self.reopen.update(sidecar["shards"])
@@ -116,6 +122,10 @@ class Check:
 
     def _damaged(self, name: str, why: str) -> None:
         self._lost(name, why, move=True)
+
+    def _reopen_shards(self, row: dict) -> None:
+        self.changed = True
+        self.reopen.update(row["shards"])
 
     def _lost(self, name: str, why: str, move: bool) -> None:
         row = self.files.pop(name)

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -179,15 +180,32 @@ def manifest_row(table: pa.Table, size: int, shards: list[str]) -> dict:
             "tasks": sorted(pc.unique(table["task"]).to_pylist())}
 
 
-def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
-    """Remove the error rows from the result files so those (item, task) pairs are pending again; returns how many.
+def files_with_errors(uri: str, opts: StorageOptions, names: list[str]) -> list[str]:
+    """Which of these result files hold error rows (their `error` column read, 16 at a time)."""
+    fs, root = storage.filesystem(uri, opts)
+    arrow_fs = storage.arrow_filesystem(fs)
+
+    def has_errors(name: str) -> bool:
+        path = f"{root.rstrip('/')}/{name}"
+        errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=arrow_fs), path,
+                                      opts)
+        return errors["error"].null_count < len(errors)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [n for n, has in zip(names, pool.map(has_errors, names)) if has]
+
+
+def reopen_errors(uri: str, opts: StorageOptions, staging: str, names: list[str] | None = None,
+                  before_rewrite=None) -> int:
+    """Remove the error rows from these result files (all, by default) so those (item, task) pairs are pending
+    again; returns how many.
 
     Each file is replaced whole by its rows without errors (or deleted when nothing is left), so a kill at any
     moment leaves every pair either still recorded (as an error, retried by the next such run) or pending, never
-    twice."""
+    twice. `before_rewrite(name, kept)` is called before a file changes (kept: its rows left, None when it goes)."""
     fs, root = storage.filesystem(uri, opts)
     reopened, arrow_fs = 0, storage.arrow_filesystem(fs)
-    for name in result_files(fs, root, opts):
+    for name in result_files(fs, root, opts) if names is None else names:
         path = f"{root.rstrip('/')}/{name}"
         errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=arrow_fs), path,
                                       opts)
@@ -196,10 +214,14 @@ def reopen_errors(uri: str, opts: StorageOptions, staging: str) -> int:
             continue
         table = storage.with_retries(lambda: pq.read_table(path, filesystem=arrow_fs), path, opts)
         kept = table.filter(table["error"].is_null())
+        data = None
         if len(kept):
             sink = io.BytesIO()
             pq.write_table(kept, sink, compression="zstd")
             data = sink.getvalue()
+        if before_rewrite is not None:
+            before_rewrite(name, None if data is None else (with_partitions(kept, name), len(data)))
+        if data is not None:
             storage.with_retries(lambda: storage.write_atomic(fs, path, data, staging), path, opts)
         else:
             storage.with_retries(lambda: fs.rm(path), path, opts)

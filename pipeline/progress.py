@@ -76,9 +76,7 @@ class Ledger:
     def load(self, listed: dict[str, int]) -> Resume:
         """`listed`: the output's result files and their sizes (one listing), checked against the manifest."""
         listed = compact.recover(self.state, manifest.read(self.state), listed)
-        marker = self.state.read_json(MARKER)
-        trusted = bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
-        if trusted:
+        if self.trusted():
             self._load_records()
             self._load_sidecars()
             check = self._check(listed)
@@ -91,10 +89,15 @@ class Ledger:
             listed = {n: size for n, size in listed.items() if n not in check.moved}
         return self._scan(listed)
 
+    def trusted(self) -> bool:
+        """The records were written for this input (else the output is scanned whole)."""
+        marker = self.state.read_json(MARKER)
+        return bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
+
     def _check(self, listed: dict[str, int]) -> manifest.Check:
         files = manifest.read(self.state)
         self.files = files or {}
-        pending = {s["file"]: s for s in self.sidecars.values() if s["file"] not in self.files}
+        pending = {s["file"]: s for s in self.sidecars.values()}
         check = manifest.Check(self.state, listed, self.files, pending, self.move_foreign, built=files is None)
         check.run()
         return check
@@ -219,6 +222,38 @@ class Ledger:
             if sidecar["file"] in self.files or sidecar["file"] not in self.landed:
                 self.state.remove(f"{INFLIGHT}/{name}")
                 del self.sidecars[name]
+
+    def retry_errors(self, uri: str, opts, staging: str) -> int | None:
+        """`run.retry_errors` with trusted records: the files holding error rows lose them, and only their shards
+        are open again (a restart reads the keys of their files, not of the whole output). None when some file's
+        shards are unknown (an earlier version's output): the caller drops the records and rewrites every file.
+
+        Order, safe at each kill: the shards' records go first; then each file's new manifest row is noted in a
+        sidecar before the file is replaced (or deleted), so a start takes a replaced file's new size as landed,
+        not as damage; then the manifest takes the new rows."""
+        if any(row["shards"] is None or row["rows"] < 0 for row in self.files.values()):
+            return None
+        names = output.files_with_errors(uri, opts, sorted(self.files))
+        self._reopen({s for n in names for s in self.files[n]["shards"]})
+        self._save(write_manifest=False)
+        rows = {}
+
+        def before_rewrite(name: str, kept) -> None:
+            old = self.files[name]
+            if kept is None:
+                rows[name] = {**old, "size": 0, "rows": 0, "digest": 0}   # a sidecar of a file that goes
+            else:
+                rows[name] = output.manifest_row(kept[0], kept[1], old["shards"])
+            self.note_file(name, rows[name])
+
+        reopened = output.reopen_errors(uri, opts, staging, names, before_rewrite)
+        for name, row in rows.items():
+            if row["rows"]:
+                self.files[name] = row
+            else:
+                del self.files[name]
+        self._save()
+        return reopened
 
     def mark_trusted(self) -> None:
         self.state.write_json(MARKER, {"version": 1, "input": self.fingerprint})

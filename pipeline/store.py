@@ -69,11 +69,14 @@ class OutputStore:
         self.state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
         self.ledger = progress.Ledger(self.state, fingerprint, move_foreign=self.settings.quarantine)
         self.tasks = tasks
-        if retry_errors:
+        trusted = self.ledger.trusted()
+        if retry_errors and not trusted:   # the output is scanned whole anyway: every file loses its error rows
             say(f"output {self.settings.uri}: {self._reopen_errors()} error row(s) reopened to run again")
         existing = self.listed()
         self._check_layout(existing)
         resume = self.ledger.load(existing)
+        if retry_errors and trusted:
+            resume, existing = self._retry_errors(resume, say)
         if resume.scanned and not existing:
             self.ledger.mark_trusted()   # a new output: the records cover everything from its first row on
         self.scanned_existing = resume.scanned and bool(existing)
@@ -96,6 +99,16 @@ class OutputStore:
 
     def _reopen_errors(self) -> int:
         return reopen_errors(self.settings.uri, self.opts, self.ledger, self.writer.staging)
+
+    def _retry_errors(self, resume: progress.Resume, say) -> tuple[progress.Resume, dict[str, int]]:
+        """`run.retry_errors` on trusted records: only the files with error rows change and only their shards open
+        again (the output is not scanned); an earlier version's files (shards unknown) mean the whole way."""
+        reopened = self.ledger.retry_errors(self.settings.uri, self.opts, self.writer.staging)
+        if reopened is None:
+            reopened = self._reopen_errors()
+        say(f"output {self.settings.uri}: {reopened} error row(s) reopened to run again")
+        existing = self.listed()
+        return self.ledger.load(existing), existing
 
     def _check_layout(self, existing: dict[str, int]) -> None:
         """Result files in hive folders and result files directly under the prefix do not mix: a reader that finds

@@ -154,6 +154,88 @@ def test_a_kill_while_retry_errors_reopens_loses_no_pair(tmp_path, monkeypatch):
     assert list(resume.done_keys) == list(key_hash(["a"], ["caption"]))   # ... and only "a" is done: "b" runs again
 
 
+def _finished_with_errors(out):
+    """Three shards, all recorded, in files of 2 rows: u#0 = a b | c (b an error), u#1 = d e | f g (none),
+    u#2 = h i (both errors)."""
+    writer, ledger, shards = writer_with_ledger(out, rows_per_file=2)
+    ledger.load({})
+    ledger.mark_trusted()
+    shards.listed({"u#0": ({"caption": 3}, 3), "u#1": ({"caption": 4}, 4), "u#2": ({"caption": 2}, 2)},
+                  {"u": ["u#0", "u#1", "u#2"]})
+    writer.add(pa.concat_tables([rows(["a"]), rows(["b"], error="/x/b.png: OOM"), rows(["c"])]))
+    writer.flush()
+    writer.add(rows(["d", "e", "f", "g"], shard="u#1"))
+    writer.add(rows(["h", "i"], shard="u#2", error="/x: storage outage"))
+    writer.flush()
+    ledger.fold()
+    assert ledger.records["u"] == {"caption": 9}
+
+
+def test_retry_errors_on_trusted_records_opens_only_the_shards_of_files_with_errors(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _finished_with_errors(out)
+    ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
+    ledger.load(_listed(out))
+    opened = []
+    real = progress.read_keys
+    monkeypatch.setattr(progress, "read_keys", lambda s, names, lost=None: opened.extend(names) or real(s, names, lost))
+    assert ledger.retry_errors(str(out), OPTS, f"{out}/_state/staging") == 3
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
+    # trusted still: u#1 stays finished and its files are never opened; u#0 is open, its good rows count as done
+    assert not resume.scanned and set(resume.records) == {"u#1"}
+    assert sorted(resume.done_keys) == sorted(key_hash(["a", "c"], ["caption"] * 2))
+    manifest_rows = progress.manifest.read(StateDir(str(out), OPTS))
+    assert sorted(manifest_rows) == sorted(_listed(out)) and sum(r["rows"] for r in manifest_rows.values()) == 6
+    assert len(set(opened)) == 2   # u#0's two files (one rewritten without b), never u#1's
+    assert not list((out / "_state" / "inflight").iterdir())
+
+
+@pytest.mark.parametrize("kill_at", ["rewrite", "delete", "manifest"])
+def test_a_kill_in_retry_errors_on_trusted_records_loses_no_pair_and_warns_of_nothing(tmp_path, monkeypatch, caplog,
+                                                                                     kill_at):
+    """Killed after the first file with errors was rewritten (or deleted), or before the manifest took the new
+    rows: the next start takes the new file from its sidecar, with no damage warning, and no pair is lost."""
+    out = tmp_path / "out"
+    _finished_with_errors(out)
+    ledger = progress.Ledger(StateDir(str(out), OPTS), "fp")
+    ledger.load(_listed(out))
+    if kill_at == "manifest":
+        monkeypatch.setattr(progress.manifest, "write", lambda *a: (_ for _ in ()).throw(SystemExit(137)))
+    else:
+        real_write = output.storage.write_atomic
+        if kill_at == "rewrite":
+            def write_then_die(fs, path, *args):
+                real_write(fs, path, *args)
+                if "/_state/" not in path:   # a result file rewritten, not a state file
+                    raise SystemExit(137)
+            monkeypatch.setattr(output.storage, "write_atomic", write_then_die)
+        else:
+            fs = output.storage.filesystem(str(out), OPTS)[0]
+            real_rm = type(fs).rm
+
+            def rm_then_die(self, path, *args, **kwargs):
+                real_rm(self, path, *args, **kwargs)
+                raise SystemExit(137)
+            monkeypatch.setattr(type(fs), "rm", rm_then_die)
+    with pytest.raises(SystemExit):
+        ledger.retry_errors(str(out), OPTS, f"{out}/_state/staging")
+    monkeypatch.undo()
+    assert list((out / "_state" / "inflight").iterdir()) or kill_at == "manifest"   # the new rows' sidecars
+    with caplog.at_level("WARNING"):
+        resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
+    assert "damaged" not in caplog.text and "OutputChanged" not in caplog.text
+    done = set(resume.done_keys.tolist())
+    remaining = read_output(str(out))
+    # every pair is in a file exactly once or pending; whatever a file holds is done, nothing done is missing
+    assert len(remaining) == len(set(remaining["id"].to_pylist()))
+    held = set(key_hash(remaining["id"].to_pylist(), remaining["task"].to_pylist()).tolist())
+    finished = {"u#1": {"d", "e", "f", "g"}}
+    for shard, ids in finished.items():
+        if shard in resume.records:
+            assert set(key_hash(sorted(ids), ["caption"] * len(ids)).tolist()) <= held
+    assert done <= held
+
+
 def test_s3_writer_records_and_a_typo_bucket(tmp_path):
     with moto_s3() as endpoint:
         fs = s3fs_for(endpoint)
