@@ -101,6 +101,33 @@ def test_a_merge_of_all_parts_by_the_user_is_adopted(local_ray, tiny_gqa, tmp_pa
     assert "compacted-000.parquet" not in caplog.text
 
 
+def test_retry_errors_reruns_only_the_error_pairs_without_scanning_the_output(local_ray, tiny_gqa, tmp_path):
+    out = tmp_path / "out"
+    corpus = tmp_path / "corpus"
+    write_local(corpus, {**good_media(num_images=N_IMAGES - 1, num_videos=0),
+                         "bad/corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2})
+    first = _run(tmp_path, corpus, str(out), tiny_gqa)
+    assert first.done == N_IMAGES * len(TASKS) and first.errors == len(TASKS)
+    opened = []
+    real = progress.read_keys
+    with mock.patch.object(progress, "read_keys", lambda s, names, lost=None: opened.extend(names) or
+                           real(s, names, lost)):
+        again = _run_retry(tmp_path, corpus, str(out), tiny_gqa)
+    # the two error pairs ran again (and failed again: the file is still corrupt); the good pairs were skipped
+    # from the trusted records, reading only the files that held rows of the corrupt item's shards
+    assert again.done == len(TASKS) and again.errors == len(TASKS) and again.skipped == (N_IMAGES - 1) * len(TASKS)
+    assert 0 < len(set(opened)) < len(list(out.glob("part-*.parquet"))) + 1
+    _exactly_once(pa.concat_tables(pq.read_table(f) for f in out.glob("part-*.parquet")))
+
+
+def _run_retry(tmp_path, corpus, out, tiny):
+    path = tmp_path / "run.toml"
+    text = config_text(str(corpus), out, str(tiny), tasks=TASKS)
+    path.write_text(text.replace("rows_per_file = 8", "rows_per_file = 4\ncompact = false").replace(
+        "max_new_tokens = 6", "max_new_tokens = 6\nretry_errors = true"))
+    return run(config.load(path), out=io.StringIO())
+
+
 def test_damage_on_s3_is_redone_once(local_ray, tiny_gqa, tmp_path, s3, caplog):
     fs = s3fs_for(s3)
     fs.mkdir("damage")
