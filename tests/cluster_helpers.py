@@ -5,6 +5,7 @@ is lost as a preempted machine is: its raylet killed with SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -36,9 +37,28 @@ def ray_env() -> dict:
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            # a lost node is found in ~3 s instead of ~15 s, so that a short test run sees it
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-           "RAY_health_check_failure_threshold": "3"}
+           "RAY_health_check_failure_threshold": "3",
+           # `ray start --block` stops at once on SIGTERM instead of first draining its node for up to 30 s (it waits
+           # that long whenever an actor lives there: Ray Data's detached ones always do on the head)
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --block` started in a process group of its own: SIGTERM to it alone, which stops its
+    node's processes in a second or two (sent to the whole group, the processes it is stopping die under it and it
+    hangs for over 30 s), then SIGKILL to whatever is left of the group (a lost node's agents, say)."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
 
 
 def _node_ports(ip: str) -> list[str]:
@@ -83,6 +103,14 @@ class Cluster:
         probe = subprocess.run([PY, "-c", _COUNT_NODES, self.address], env=self.env, capture_output=True, text=True)
         return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
 
+    def actors(self) -> list[dict]:
+        """Every live actor of the cluster: {"class", "name", "ip"} (the IP of the node it runs on). Read from the
+        GCS's actor table (these clusters have no dashboard for ray.util.state to ask)."""
+        probe = subprocess.run([PY, "-c", _LIST_ACTORS, self.address], env=self.env, capture_output=True, text=True,
+                               timeout=120)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        return json.loads(probe.stdout.strip().splitlines()[-1])
+
     def raylet_pid(self, name: str = "worker") -> int | None:
         """The raylet started by that node's `ray start`."""
         parent = self.procs[name][0].pid
@@ -110,16 +138,7 @@ class Cluster:
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             proc, log = self.procs[name]
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_node(proc)
             log.close()
         # a killed raylet's workers may linger in the group's session; the groups are gone by now
         time.sleep(1)
@@ -129,4 +148,13 @@ _COUNT_NODES = """
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 print(sum(1 for n in ray.nodes() if n["Alive"]))
+"""
+
+_LIST_ACTORS = """
+import json, sys, ray
+import ray._private.state as state
+ray.init(address=sys.argv[1], logging_level="ERROR")
+ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+print(json.dumps([{"class": a["ActorClassName"], "name": a["Name"], "ip": ips.get(a["Address"]["NodeID"], "?")}
+                  for a in state.actors().values() if a["State"] == "ALIVE"]))
 """
