@@ -38,6 +38,9 @@ def ray_env() -> dict:
            # a lost node is found in ~3 s instead of ~15 s, so that a short test run sees it
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3",
+           # every node's log lines reach the driver as they are (tests look for a model actor's line from the worker:
+           # deduplicated, it shows only as "[repeated 2x across cluster]")
+           "RAY_DEDUP_LOGS": "0",
            # `ray start --block` stops at once on SIGTERM instead of first draining its node for up to 30 s (it waits
            # that long whenever an actor lives there: Ray Data's detached ones always do on the head)
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -73,30 +76,41 @@ class Cluster:
     temp: Path
     env: dict = field(default_factory=ray_env)
     gcs: int = 0
+    dashboard: int = 0
     procs: dict = field(default_factory=dict)
 
     @property
     def address(self) -> str:
         return f"{HEAD_IP}:{self.gcs}"
 
-    def start(self, head: dict, worker: dict) -> "Cluster":
-        """head / worker: {"cpus": n, "gpus": n} (logical GPUs: the model actors ask for them and run on CPU)."""
+    @property
+    def dashboard_address(self) -> str:
+        return f"http://{HEAD_IP}:{self.dashboard}"
+
+    def start(self, head: dict, worker: dict, dashboard: bool = False) -> "Cluster":
+        """head / worker: {"cpus": n, "gpus": n} (logical GPUs: the model actors ask for them and run on CPU), and
+        optionally "ray" (the `ray` command that starts the node, from another environment) and "env".
+        dashboard: the head serves `ray job submit` at dashboard_address."""
         (self.gcs,) = free_ports(1)
-        # no dashboard: these clusters take jobs by their GCS address, and its modules sometimes fail to start on a
-        # busy machine (MetricsHead: "Received EOF from pipe"), which fails the whole `ray start`
-        self._start("head", ["--head", f"--port={self.gcs}", "--include-dashboard=false"], HEAD_IP, head)
+        # no dashboard unless asked: these clusters take jobs by their GCS address, and its modules sometimes fail to
+        # start on a busy machine (MetricsHead: "Received EOF from pipe"), which fails the whole `ray start`
+        args = ["--head", f"--port={self.gcs}", "--include-dashboard=false"]
+        if dashboard:
+            (self.dashboard,) = free_ports(1)
+            args[-1:] = ["--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={self.dashboard}"]
+        self._start("head", args, HEAD_IP, head)
         assert wait_for(lambda: self.nodes() >= 1, timeout=120, interval=1.0), self.logs()
         self._start("worker", [f"--address={self.address}"], WORKER_IP, worker)
         assert wait_for(lambda: self.nodes() >= 2, timeout=120, interval=1.0), self.logs()
         return self
 
     def _start(self, name: str, args: list[str], ip: str, res: dict) -> None:
-        cmd = [RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={res['cpus']}",
+        cmd = [res.get("ray", RAY), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={res['cpus']}",
                f"--num-gpus={res.get('gpus', 0)}", "--disable-usage-stats", *_node_ports(ip), *args]
         if name == "head":
             cmd.append(f"--temp-dir={self.temp}")
         log = open(self.temp / f"{name}.log", "w")
-        self.procs[name] = (subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.procs[name] = (subprocess.Popen(cmd, env=res.get("env", self.env), stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True), log)
 
     def nodes(self) -> int:
@@ -104,8 +118,8 @@ class Cluster:
         return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
 
     def actors(self) -> list[dict]:
-        """Every live actor of the cluster: {"class", "name", "ip"} (the IP of the node it runs on). Read from the
-        GCS's actor table (these clusters have no dashboard for ray.util.state to ask)."""
+        """Every actor of the cluster not dead: {"class", "name", "ip", "state"} (ip: of the node it runs on, "?"
+        before it has one). Read from the GCS's actor table (these clusters have no dashboard for ray.util.state)."""
         probe = subprocess.run([PY, "-c", _LIST_ACTORS, self.address], env=self.env, capture_output=True, text=True,
                                timeout=120)
         assert probe.returncode == 0, probe.stderr[-3000:]
@@ -155,6 +169,6 @@ import json, sys, ray
 import ray._private.state as state
 ray.init(address=sys.argv[1], logging_level="ERROR")
 ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-print(json.dumps([{"class": a["ActorClassName"], "name": a["Name"], "ip": ips.get(a["Address"]["NodeID"], "?")}
-                  for a in state.actors().values() if a["State"] == "ALIVE"]))
+print(json.dumps([{"class": a["ActorClassName"], "name": a["Name"], "ip": ips.get(a["Address"]["NodeID"], "?"),
+                   "state": a["State"]} for a in state.actors().values() if a["State"] != "DEAD"]))
 """
