@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,7 @@ class Cluster:
     gcs: int = 0
     dashboard: int = 0
     procs: dict = field(default_factory=dict)
+    node_temps: list = field(default_factory=list)   # the temp dirs of nodes other than the head
 
     @property
     def address(self) -> str:
@@ -97,7 +100,8 @@ class Cluster:
         args = ["--head", f"--port={self.gcs}", "--include-dashboard=false"]
         if dashboard:
             (self.dashboard,) = free_ports(1)
-            args[-1:] = ["--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={self.dashboard}"]
+            args[-1:] = ["--include-dashboard=true", f"--dashboard-host={HEAD_IP}",
+                         f"--dashboard-port={self.dashboard}"]
         self._start("head", args, HEAD_IP, head)
         assert wait_for(lambda: self.nodes() >= 1, timeout=120, interval=1.0), self.logs()
         self._start("worker", [f"--address={self.address}"], WORKER_IP, worker)
@@ -107,8 +111,15 @@ class Cluster:
     def _start(self, name: str, args: list[str], ip: str, res: dict) -> None:
         cmd = [res.get("ray", RAY), "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={res['cpus']}",
                f"--num-gpus={res.get('gpus', 0)}", "--disable-usage-stats", *_node_ports(ip), *args]
+        # a temp dir per node, as separate machines have: left to Ray, the worker's session folder would be the
+        # head's, and with it the folder of each job's runtime environment (two nodes building one pip env in the
+        # same place delete each other's). Short: Ray's sockets live under it (107 bytes at most)
         if name == "head":
-            cmd.append(f"--temp-dir={self.temp}")
+            temp = self.temp
+        else:
+            temp = Path(tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp"))
+            self.node_temps.append(temp)
+        cmd.append(f"--temp-dir={temp}")
         log = open(self.temp / f"{name}.log", "w")
         self.procs[name] = (subprocess.Popen(cmd, env=res.get("env", self.env), stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True), log)
@@ -154,6 +165,8 @@ class Cluster:
             proc, log = self.procs[name]
             stop_node(proc)
             log.close()
+        for temp in self.node_temps:
+            shutil.rmtree(temp, ignore_errors=True)
         # a killed raylet's workers may linger in the group's session; the groups are gone by now
         time.sleep(1)
 
