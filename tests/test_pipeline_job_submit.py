@@ -2,15 +2,12 @@
 with `ray start --head` on 127.0.0.1 with two (logical) GPUs (its own temp dir and ports), stopped afterwards by
 ending its process group (`ray stop` would stop every Ray on the machine, not just this one)."""
 
-import os
-import signal
 import subprocess
-import time
 
 import pandas as pd
 import pytest
 
-from tests.cluster_helpers import RAY, free_ports, ray_env
+from tests.cluster_helpers import RAY, free_ports, ray_env, stop_node
 from tests.pipeline_helpers import REPO, good_media, wait_for, write_local
 
 
@@ -37,13 +34,7 @@ def ray_head(tmp_path_factory):
         assert wait_for(ready, timeout=120, interval=1.0) and head.poll() is None, (temp / "head.log").read_text()
         yield address, env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            time.sleep(3)
-        head.wait(timeout=30)
+        stop_node(head)
         log.close()
 
 

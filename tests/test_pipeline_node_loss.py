@@ -9,6 +9,7 @@ one (the actors still run on the CPU)."""
 
 import io
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,7 +23,7 @@ from pipeline import config
 from pipeline import run as run_mod
 from pipeline.errors import RunStopped
 from pipeline.run import run
-from tests.cluster_helpers import Cluster
+from tests.cluster_helpers import WORKER_IP, Cluster
 from tests.pipeline_helpers import PY, REPO, config_text, good_media, read_output, wait_for, write_local
 
 TASKS = ("caption", "ocr")
@@ -46,10 +47,12 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _config(tmp_path, corpus, model, cluster, actors: str, drain_s: float = 30.0):
+def _config(tmp_path, corpus, model, cluster, actors: str, drain_s: float = 30.0, manifest: str = ""):
     extra = (f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
              f"[batching]\nsort_window = 1\ndecode_batch_size = 4\n")
     text = config_text(str(corpus), str(tmp_path / "out"), str(model), tasks=TASKS, extra=extra)
+    if manifest:   # the corpus named by manifests instead of listed
+        text = text.replace(f'[input]\nuri = "{corpus}"', f'[input]\nmanifest = "{manifest}"')
     # the helper's [batching] section is replaced by ours (a TOML table may appear once)
     text = text.replace("[batching]\nmax_input_pixels = 80000\n", "")
     text = text.replace("max_new_tokens = 6", f"max_new_tokens = 48\ndrain_s = {drain_s}")
@@ -97,13 +100,15 @@ def _assert_exactly_once(out):
     assert table["error"].null_count == len(pairs), table.filter(table["error"].is_valid())["error"].to_pylist()[:3]
 
 
-def _kill_worker_mid_run(cluster, job, out, after_rows: int, worker_hosts_model: bool):
+def _kill_worker_mid_run(cluster, job, out, after_rows: int, worker_hosts_model: bool, before_kill=None):
     def ready():
         # a model actor says at load that it sees no CUDA device; from the worker node the line carries its IP
-        loaded = not worker_hosts_model or "Predictor)) pid=" in job.text() and "ip=127.0.0.2)" in job.text()
+        loaded = not worker_hosts_model or re.search(r"Predictor\)\) pid=\d+, ip=127\.0\.0\.2\)", job.text())
         return (loaded and _rows_landed(out) >= after_rows) or job.proc.poll() is not None
 
     assert wait_for(ready, timeout=240), "no rows landed"
+    if before_kill is not None:
+        before_kill()
     assert job.proc.poll() is None, "the run ended before the node could be lost"
     cluster.kill_node("worker")
 
@@ -133,6 +138,52 @@ def test_a_lost_worker_node_costs_its_work_not_the_run(cluster, actors, worker_h
     _assert_exactly_once(out)
     if "restarts after cluster faults" in stdout:   # Ray Data could not recover by itself: the run restarted it
         assert "restarting the dataset from the completion records" in stdout
+
+
+# Ray Data's actor pool runs each model actor as one of these; every other actor is a non-model actor
+MODEL_ACTOR_CLASSES = {"MapWorker(MapBatches(Predictor))"}
+
+
+# The worker has the most room (4 CPUs and a GPU to the head's 2 and 1): whatever Ray may place where it likes would
+# likely go there. The input is two manifests, so that the run has its duplicate counter besides its tracker.
+@pytest.mark.parametrize("cluster", [({"cpus": 2, "gpus": 1}, {"cpus": 4, "gpus": 1})], indirect=True)
+def test_the_worker_hosts_no_non_model_actor_so_its_loss_takes_none(cluster, corpus, tiny_gqa, tmp_path):
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    media = sorted(str(p) for p in corpus.rglob("*") if p.is_file())
+    for name, part in (("a.csv", media[::2]), ("b.csv", media[1::2])):
+        (manifests / name).write_text("uri\n" + "".join(f"{uri}\n" for uri in part))
+    out = tmp_path / "out"
+    config = _config(tmp_path, corpus, tiny_gqa, cluster, "count = 2\nnum_gpus = 1", manifest=f"{manifests}/*.csv")
+    job = Job(config, cluster, tmp_path)
+    seen = []
+
+    def list_actors():   # mid-run, rows landing, the worker's model actor up: every actor not dead by then
+        def worker_model_listed():
+            seen[:] = cluster.actors()
+            return any(a["ip"] == WORKER_IP and a["class"] in MODEL_ACTOR_CLASSES for a in seen)
+
+        assert wait_for(worker_model_listed, timeout=30, interval=0.5), seen
+
+    _kill_worker_mid_run(cluster, job, out, after_rows=8, worker_hosts_model=True, before_kill=list_actors)
+    where = sorted((a["ip"], a["class"], a["name"], a["state"]) for a in seen)
+    print("actors alive mid-run:", *where, sep="\n  ")
+    on_worker = [a for a in seen if a["ip"] == WORKER_IP]
+    assert [a for a in on_worker if a["class"] not in MODEL_ACTOR_CLASSES] == [], where
+    on_head = {a["class"] for a in seen if a["ip"] not in (WORKER_IP, "?")}   # (Ray names the head by its own IP)
+    assert {"Tracker", "Repeats"} <= on_head, where   # the run's own, pinned to the driver's node
+    # Ray Data's own (its stats actor and the like) exist too, all of them on the driver's node
+    assert on_head - MODEL_ACTOR_CLASSES - {"Tracker", "Repeats"}, where
+
+    stdout, stderr = job.wait(timeout=420)
+    print("\n".join(line for line in (stdout + stderr).splitlines()
+                    if any(w in line for w in ("cluster fault", "restarts", "done:", "model actors", "Error"))))
+    assert job.proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert cluster.procs["worker"][0].poll() is not None and cluster.nodes() == 1, "the worker node was not lost"
+    assert "Traceback" not in stderr, stderr[-5000:]
+    _assert_exactly_once(out)
+    if "restarts after cluster faults" in stdout:
+        assert re.search(r"restarts after cluster faults: \d+ \(\d+ \(item, task\) pairs redone\)", stdout)
 
 
 @pytest.mark.parametrize("cluster", [SCENARIOS["decode_tasks"][0]], indirect=True)
