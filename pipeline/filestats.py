@@ -285,22 +285,18 @@ class Merged:
 
     def add_times(self, run: str, width: int, bins: dict[int, list]) -> None:
         mine = self.times.setdefault(run, [width, {}])
-        wide = max(mine[0], width)
-        merged: dict[int, list] = {}
-        for w, source in ((mine[0], mine[1]), (width, bins)):
-            for b, (rows, items) in source.items():
-                slot = merged.setdefault(b * w // wide, [0, 0])
+        if width > mine[0]:
+            mine[1], mine[0] = _coarsen(mine[1], width // mine[0]), width
+        factor, target = mine[0] // width, mine[1]
+        for b, (rows, items) in bins.items():
+            slot = target.get(b // factor)
+            if slot is None:
+                target[b // factor] = [rows, items]
+            else:
                 slot[0] += rows
                 slot[1] += items
-        while len(merged) > self.max_time_bins:
-            wide *= 2
-            coarse: dict[int, list] = {}
-            for b, (rows, items) in merged.items():
-                slot = coarse.setdefault(b // 2, [0, 0])
-                slot[0] += rows
-                slot[1] += items
-            merged = coarse
-        mine[0], mine[1] = wide, merged
+        while len(mine[1]) > self.max_time_bins:
+            mine[1], mine[0] = _coarsen(mine[1], 2), 2 * mine[0]
 
     # reading -------------------------------------------------------------------------------------------------
     def items(self) -> int:
@@ -324,6 +320,16 @@ class Merged:
             "at": self.at,
             "ids": _encode_regs(self.regs) if self.regs is not None else None,
         }
+
+
+def _coarsen(bins: dict[int, list], factor: int) -> dict[int, list]:
+    """Time bins (bin -> [rows, items]) as bins `factor` times wider."""
+    out: dict[int, list] = {}
+    for b, (rows, items) in bins.items():
+        slot = out.setdefault(b // factor, [0, 0])
+        slot[0] += rows
+        slot[1] += items
+    return out
 
 
 def _rebin(counts: np.ndarray, width: int, wide: int) -> np.ndarray:

@@ -21,6 +21,7 @@ candidates. An output of at most that many files is read whole this way, and the
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import re
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline import filestats, manifest, output, storage
 from pipeline.filestats import OTHER, error_kind  # noqa: F401 - part of this module's interface
-from pipeline.state import StateDir
+from pipeline.state import OLD_TABLE, TABLE, StateDir
 from pipeline.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,6 @@ def collect(fs, root: str, state: StateDir, opts: StorageOptions, persist: bool 
     scanned = Scan()
     scanned.left_out = [(f"{root}/{n}", output.FOREIGN_NAME) for n in sorted(listed) if not output.is_ours(n)]
     ours = {n: size for n, size in listed.items() if output.is_ours(n)}
-    known, in_manifest = _summaries(state, ours)
     merged = filestats.Merged()
     strata_of: dict[str, frozenset] = {}
     rows_of: dict[str, int] = {}
@@ -119,11 +119,18 @@ def collect(fs, root: str, state: StateDir, opts: StorageOptions, persist: bool 
         held = frozenset((t, m, s) for t, m, s, _ in stats.get("strata", ()))
         strata_of[name] = interned.setdefault(held, held)
 
-    for name in sorted(ours):
-        text = known.pop(name, None)
-        stats = _loads(text, name)
-        if stats is not None:
-            add(name, stats)
+    in_manifest: set[str] = set()
+    for name, size, text in _manifest_rows(state):   # streamed: the summaries are merged, not kept
+        if name in ours:
+            in_manifest.add(name)
+            stats = _loads(text, name) if text and size == ours[name] else None
+            if stats is not None:
+                add(name, stats)
+    if any(n not in in_manifest for n in ours):
+        for name, text in _sidecar_summaries(state, ours, in_manifest):
+            stats = _loads(text, name)
+            if stats is not None:
+                add(name, stats)
     missing = sorted(n for n in ours if n not in strata_of)
     computed: dict[str, tuple[int, str]] = {}
     if missing:
@@ -156,37 +163,38 @@ def _loads(text: str | None, name: str) -> dict | None:
         return None
 
 
-def _summaries(state: StateDir, ours: dict[str, int]) -> tuple[dict[str, str], set[str]]:
-    """{file: summary JSON} for the listed files whose manifest row (or, landed since the last fold, sidecar) has
-    one and their listed size; and the names the manifest has a row for."""
-    known: dict[str, str] = {}
-    rows: set[str] = set()
+def _manifest_rows(state: StateDir, batch: int = 8192):
+    """(file, size, summary JSON or None) of every manifest row, read a batch at a time (its summaries are not
+    all held at once); nothing when the manifest is missing or unreadable."""
+    data = state.read_bytes(manifest.MANIFEST + TABLE)
+    if data is None:
+        data = state.read_bytes(manifest.MANIFEST + OLD_TABLE)
+    if data is None:
+        return
     try:
-        table = state.read_table(manifest.MANIFEST)
-    except (OSError, pa.ArrowException) as e:
-        log.warning("report: the manifest is unreadable (%s: %s): every file is read", type(e).__name__, e)
-        table = None
-    if table is not None:
-        names, sizes = table["file"].to_pylist(), table["size"].to_pylist()
-        texts = table["stats"].to_pylist() if "stats" in table.column_names else [None] * len(names)
-        for name, size, text in zip(names, sizes, texts):
-            if name in ours:
-                rows.add(name)
-                if text and size == ours[name]:
-                    known[name] = text
-        del table, names, sizes, texts
-    if any(n not in rows for n in ours):
-        for sidecar_name in state.list(INFLIGHT):
-            if not sidecar_name.endswith(".json"):
-                continue
-            try:
-                sidecar = state.read_json(f"{INFLIGHT}/{sidecar_name}")
-            except (OSError, ValueError):
-                continue
-            name = sidecar.get("file") if isinstance(sidecar, dict) else None
-            if name in ours and name not in rows and sidecar.get("stats") and sidecar.get("size") == ours[name]:
-                known[name] = sidecar["stats"]
-    return known, rows
+        pf = pq.ParquetFile(io.BytesIO(data))
+        columns = [c for c in ("file", "size", "stats") if c in pf.schema_arrow.names]
+        for part in pf.iter_batches(batch_size=batch, columns=columns):
+            names, sizes = part.column("file").to_pylist(), part.column("size").to_pylist()
+            texts = part.column("stats").to_pylist() if "stats" in columns else [None] * len(names)
+            yield from zip(names, sizes, texts)
+    except (OSError, pa.ArrowException, KeyError) as e:
+        log.warning("report: the manifest is unreadable (%s: %s): its files are read", type(e).__name__, e)
+
+
+def _sidecar_summaries(state: StateDir, ours: dict[str, int], in_manifest: set[str]):
+    """(file, summary JSON) from the sidecars of files landed since the last fold (not in the manifest yet)."""
+    for sidecar_name in state.list(INFLIGHT):
+        if not sidecar_name.endswith(".json"):
+            continue
+        try:
+            sidecar = state.read_json(f"{INFLIGHT}/{sidecar_name}")
+        except (OSError, ValueError):
+            continue
+        name = sidecar.get("file") if isinstance(sidecar, dict) else None
+        if (name in ours and name not in in_manifest and sidecar.get("stats")
+                and sidecar.get("size") == ours[name]):
+            yield name, sidecar["stats"]
 
 
 def _summarize_file(fs, root: str, name: str, opts: StorageOptions) -> tuple[dict | None, str]:
