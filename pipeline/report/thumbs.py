@@ -162,6 +162,8 @@ def _serve() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, request["threads"])) as pool:
         list(pool.map(one, request["items"]))
+    answers.flush()
+    os._exit(0)   # no interpreter teardown to wait for (native decoders' libraries take a while)
 
 
 def thumbnail(uri: str, media_type: str, opts: StorageOptions) -> Thumb:
