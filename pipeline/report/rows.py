@@ -1,5 +1,6 @@
 """The sampled items' rows, all columns, read from only the result files that hold them (those the sample was drawn
-from, and the files written just before and after each by the same run, where an item's other rows may be)."""
+from, and the files written just before and after each by the same run, where an item's other rows may be: a block
+of results is cut into files at output.rows_per_file wherever its rows fall)."""
 
 from __future__ import annotations
 
@@ -53,11 +54,8 @@ def fetch_rows(fs, root: str, opts: StorageOptions, ids: list[str], holders: dic
 
 
 def _matching(pf: pq.ParquetFile, id_set: pa.Array) -> list[dict]:
-    """The rows whose id is in id_set: a file of one row group read whole, a larger one only in the row groups
-    that hold such ids (the id column is read first)."""
-    if pf.metadata.num_row_groups <= 1:
-        table = pf.read()
-        return table.filter(pc.is_in(pc.cast(table["id"], pa.string()), value_set=id_set)).to_pylist()
+    """The rows whose id is in id_set: the id column is read first, then only the row groups that hold such ids
+    (most neighbouring files hold none)."""
     out = []
     for k in range(pf.metadata.num_row_groups):
         ids = pc.cast(pf.read_row_group(k, columns=["id"])["id"], pa.string())
