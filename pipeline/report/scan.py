@@ -163,7 +163,7 @@ def _loads(text: str | None, name: str) -> dict | None:
         return None
 
 
-def _manifest_rows(state: StateDir, batch: int = 8192):
+def _manifest_rows(state: StateDir, batch: int = 1024):
     """(file, size, summary JSON or None) of every manifest row, read a batch at a time (its summaries are not
     all held at once); nothing when the manifest is missing or unreadable."""
     data = state.read_bytes(manifest.MANIFEST + TABLE)
@@ -172,7 +172,8 @@ def _manifest_rows(state: StateDir, batch: int = 8192):
     if data is None:
         return
     try:
-        pf = pq.ParquetFile(io.BytesIO(data))
+        # a buffered stream: a page at a time decompressed, not the whole column of summaries
+        pf = pq.ParquetFile(io.BytesIO(data), buffer_size=1 << 20, pre_buffer=False)
         columns = [c for c in ("file", "size", "stats") if c in pf.schema_arrow.names]
         for part in pf.iter_batches(batch_size=batch, columns=columns):
             names, sizes = part.column("file").to_pylist(), part.column("size").to_pylist()
