@@ -2,9 +2,10 @@
 
 `_state/files.pq.state` has one row per result file: its name, size, rows, a digest of its (id, task) keys (their
 uint64 hashes summed), the shards whose rows it holds, its tasks and a summary of its rows for the run report
-(`pipeline.filestats`; null for a file written before summaries existed, filled in by the next run's report). A file's row is folded in from its sidecar
-(written before the file, already with the size, rows and digest) once the file has landed, so at a kill -9 a
-landed file has a sidecar or a row, and a file that never landed has at most a sidecar.
+(`pipeline.filestats`; null for a file written before summaries existed, filled in by the next run's report). A
+file's row is folded in from its sidecar (written before the file, already with the size, rows and digest) once the
+file has landed, so at a kill -9 a landed file has a sidecar or a row, and a file that never landed has at most a
+sidecar.
 
 A start lists the output once and compares it with the manifest; it opens no result file unless something differs:
 - a file gone, or of another size (cut short, garbage appended, rewritten): named in a warning, a resized one moved
@@ -245,10 +246,9 @@ def set_stats(state: StateDir, stats: dict[str, tuple[int, str]]) -> int:
     the report from the files (written by an earlier version, or after a restart without trusted records). Only rows
     still of that size and without stats are changed; returns how many. The manifest is read and written again
     here: call it only where nothing else writes it (the run's end, under its lease, after the ledger's last fold)."""
-    table = state.read_table(MANIFEST)
-    if table is None or not stats:
+    files = read(state) if stats else None
+    if not files:
         return 0
-    files = read(state)
     changed = 0
     for name, (size, text) in stats.items():
         row = files.get(name)
