@@ -220,7 +220,7 @@ def measure_scaled(side: str, out: str, sample: int) -> dict:
     import pyarrow.parquet  # noqa: F401
     from PIL import Image  # noqa: F401
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _vm("VmRSS")
     parts = {}
     if side == "new":
         real = report.scan.collect
@@ -235,9 +235,19 @@ def measure_scaled(side: str, out: str, sample: int) -> dict:
     t0 = time.perf_counter()
     where = report.write_report(out, StorageOptions(), sample=sample, out=f"{out}-{side}.html")
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _vm("VmHWM")
     return {"seconds": seconds, "added_mib": (peak - before) / 1024, "peak_mib": peak / 1024,
-            "bytes": os.path.getsize(where), **parts}
+            "bytes": os.path.getsize(where), "code": report.__file__, **parts}
+
+
+def _vm(field: str) -> int:
+    """KiB from /proc/self/status: VmHWM is this process image's peak RSS (ru_maxrss is not: it keeps the peak of
+    the parent it was forked from, the bench that has just written a large output)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def scale(args) -> None:
@@ -300,6 +310,8 @@ def main() -> None:
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side_scaled:
+        if args.side_scaled == "old":   # the old code from PYTHONPATH, not this checkout's (put first above)
+            sys.path.remove(str(Path(__file__).resolve().parent.parent))
         print(json.dumps(measure_scaled(args.side_scaled, args.output, args.sample)))
         return
     if args.scale:
