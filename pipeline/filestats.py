@@ -6,7 +6,7 @@
     items(stats)           -> int     # distinct item ids (an estimate: see below)
 
 The report then costs O(files), never O(rows): it reads the manifest's summaries and merges them. A summary is a
-JSON-able dict (about 1-2 KB for a 512-row file; bounded whatever the file's size):
+JSON-able dict (about 2.5 KB for a 512-row file; bounded whatever the file's size):
 
     v         1 (the format's version; a summary of another version is recomputed from its file)
     rows      rows in the file
@@ -27,8 +27,8 @@ merge() is pure (its inputs are left as they are), associative and order-free in
 error kinds keep examples may depend on the order. A histogram or time axis of coarser bins than another's is
 merged at the coarser width, so merge(summaries of parts) has the exact counts of summarize(all rows), binned at
 least as coarsely. items() counts exactly-ish: the registers of a union are the element-wise maximum, and the
-estimate is HyperLogLog's (linear counting below ~10k items, where it is within a few items of the truth; about
-1.6% standard error above).
+estimate is HyperLogLog's with 2**14 registers (linear counting below ~40k items, where it is within a few tenths of
+a percent of the truth; about 0.8% standard error above).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ EXAMPLES_PER_KIND = 3
 MAX_MESSAGE = 500            # characters of an example error message
 MAX_TOKENS = 1_000_000       # a larger (corrupt) token count is left out of the histogram
 OTHER = "(other kinds)"
-HLL_P = 12
+HLL_P = 14
 HLL_M = 1 << HLL_P
 
 
@@ -122,7 +122,7 @@ def summarize(table: pa.Table, run: str = "") -> dict:
         rows = ok if key == "in" else ok.filter(pc.greater(ok["px"], 0))
         binned = pa.table({"media": rows["media"], "bin": _log2_bins(rows[column])})
         for media, b, k in _groups(binned, ["media", "bin"]):
-            _add_log(acc.log[key], media, b, k)
+            _add_log(acc.log[key], media, b, np.array([k], np.int64))
     _errors(acc, t.filter(pc.equal(t["status"], "error")))
     _times(acc, t, run)
     acc.regs = _registers(pc.unique(t["id"]).to_pylist()) if n else None
@@ -228,7 +228,7 @@ class Merged:
         self.finish: Counter = Counter()
         self.models: Counter = Counter()
         self.out: dict[str, list] = {}            # task -> [width, sum, counts array]
-        self.log: dict[str, dict[str, list]] = {"in": {}, "px": {}}   # media -> [lo, counts array]
+        self.log: dict[str, dict[str, np.ndarray]] = {"in": {}, "px": {}}   # media -> counts per log2 bin
         self.errors: dict[str, list] = {}         # kind -> [rows, [message, ...]]
         self.times: dict[str, list] = {}          # run -> [width, {bin: [rows, items]}]
         self.at: list | None = None
@@ -236,7 +236,9 @@ class Merged:
 
     # adding ------------------------------------------------------------------------------------------------
     def add(self, s: dict) -> None:
-        """Add a summary (left unchanged)."""
+        """Add a summary (left unchanged). Its registers are decoded first: a summary whose sketch is damaged raises
+        ValueError before anything is added."""
+        regs = _decode_regs(s["ids"]) if s.get("ids") else None
         self.rows += int(s["rows"])
         for task, media, status, n in s.get("strata", ()):
             self.strata[(task, media, status)] += n
@@ -248,9 +250,7 @@ class Merged:
             self.add_out(task, int(width), int(total), np.asarray(counts, np.int64))
         for key in ("in", "px"):
             for media, (lo, counts) in s.get(key, {}).items():
-                for k, n in enumerate(counts):
-                    if n:
-                        _add_log(self.log[key], media, int(lo) + k, int(n))
+                _add_log(self.log[key], media, int(lo), np.asarray(counts, np.int64))
         for kind, (n, examples) in s.get("errors", {}).items():
             self.add_error(kind, int(n), [str(e) for e in examples])
         for run, (width, bins) in s.get("times", {}).items():
@@ -258,14 +258,17 @@ class Merged:
         if s.get("at"):
             lo, hi = s["at"]
             self.at = [lo, hi] if self.at is None else [min(self.at[0], lo), max(self.at[1], hi)]
-        if s.get("ids"):
-            regs = _decode_regs(s["ids"])
+        if regs is not None:
             self.regs = regs.copy() if self.regs is None else np.maximum(self.regs, regs)
 
     def add_out(self, task: str, width: int, total: int, counts: np.ndarray) -> None:
         mine = self.out.get(task)
         if mine is None:
             self.out[task] = mine = [width, 0, np.zeros(0, np.int64)]
+        if width == mine[0] and len(counts) <= len(mine[2]):   # the common case: in place (the array is ours)
+            mine[1] += total
+            mine[2][: len(counts)] += counts
+            return
         wide = max(mine[0], width)
         a, b = _rebin(mine[2], mine[0], wide), _rebin(counts, width, wide)
         size = max(len(a), len(b))
@@ -312,8 +315,7 @@ class Merged:
             "finish": [[*k, n] for k, n in sorted(self.finish.items())],
             "models": [[*k, n] for k, n in sorted(self.models.items())],
             "out": {t: [w, total, counts.tolist()] for t, (w, total, counts) in sorted(self.out.items())},
-            **{key: {m: [lo, counts.tolist()] for m, (lo, counts) in sorted(hists.items())}
-               for key, hists in self.log.items()},
+            **{key: {m: _log_summary(h) for m, h in sorted(hists.items())} for key, hists in self.log.items()},
             "errors": errors,
             "times": {run: [w, sorted([b, *v] for b, v in bins.items())] for run, (w, bins) in
                       sorted(self.times.items())},
@@ -342,21 +344,25 @@ def _rebin(counts: np.ndarray, width: int, wide: int) -> np.ndarray:
     return padded.reshape(-1, factor).sum(axis=1)
 
 
-def _add_log(hists: dict, key, index: int, n: int) -> None:
-    if index < 0 or index > 64:
-        return
+LOG_BINS = 65   # floor(log2) of a positive int64: 0..63 (64: room to spare)
+
+
+def _add_log(hists: dict, key, lo: int, counts: np.ndarray) -> None:
+    """Add counts of log2 bins lo, lo + 1, ... (bins outside 0..64 are left out)."""
     h = hists.get(key)
     if h is None:
-        hists[key] = [index, np.array([n], np.int64)]
-        return
-    lo, counts = h
-    if index < lo:
-        counts = np.concatenate([np.zeros(lo - index, np.int64), counts])
-        lo = index
-    if index - lo >= len(counts):
-        counts = np.concatenate([counts, np.zeros(index - lo + 1 - len(counts), np.int64)])
-    counts[index - lo] += n
-    h[0], h[1] = lo, counts
+        hists[key] = h = np.zeros(LOG_BINS, np.int64)
+    index = np.arange(lo, lo + len(counts))
+    keep = (index >= 0) & (index < LOG_BINS)
+    np.add.at(h, index[keep], counts[keep])
+
+
+def _log_summary(h: np.ndarray) -> list:
+    """[lo, counts from lo to the last non-zero bin]."""
+    used = np.flatnonzero(h)
+    if not len(used):
+        return [0, []]
+    return [int(used[0]), h[used[0]: used[-1] + 1].tolist()]
 
 
 def accumulate(stats: Iterable[dict]) -> Merged:

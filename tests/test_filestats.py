@@ -108,4 +108,4 @@ def test_items_is_the_number_of_distinct_ids(n):
     ids = [f"{k:032x}" for k in range(n)]
     regs = filestats._registers(ids + ids[: n // 2])   # repeats count once
     estimate = filestats._estimate(regs)
-    assert abs(estimate - n) <= max(1, 0.03 * n), (estimate, n)
+    assert abs(estimate - n) <= max(1, 0.02 * n), (estimate, n)

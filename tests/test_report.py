@@ -240,7 +240,7 @@ def _assert_counts_of_the_rows(scanned: scan.Scan, out, exact_items: bool = True
     if exact_items:
         assert scanned.exact and scanned.items() == df.id.nunique()
     else:
-        assert not scanned.exact and abs(scanned.items() - df.id.nunique()) <= 0.03 * df.id.nunique()
+        assert not scanned.exact and abs(scanned.items() - df.id.nunique()) <= 0.02 * df.id.nunique()
 
 
 def test_the_reports_counts_are_those_of_the_rows_and_come_from_the_manifest(made):
