@@ -2,6 +2,7 @@
 
     summarize(table, run)  -> stats   # of a result file's rows, computed once, when the file is written
     merge(stats_list)      -> stats   # of several files' rows together (a compacted file's row; the report)
+    merge_json(texts)      -> text    # the same on the manifest's `stats` column values
     dumps(stats) / loads(text)        # the manifest's `stats` column holds dumps(stats)
     items(stats)           -> int     # distinct item ids (an estimate: see below)
 
@@ -384,6 +385,18 @@ def merge(stats_list: Iterable[dict | None]) -> dict | None:
             return None
         acc.add(s)
     return acc.summary()
+
+
+def merge_json(texts: Iterable[str | None]) -> str | None:
+    """merge() on the manifest's `stats` texts: the new file's `stats` when a compaction writes the rows of the
+    files whose `stats` these are into one file; None when any is unknown (the report then computes it, once)."""
+    stats = []
+    for text in texts:
+        s = loads(text)
+        if s is None:
+            return None
+        stats.append(s)
+    return dumps(merge(stats)) if stats else None
 
 
 def items(stats: dict) -> int:

@@ -74,6 +74,9 @@ def test_merge_is_pure_and_needs_every_summary():
     assert summaries == before
     assert set(merged["times"]) == {"run-0", "run-1", "run-2"} and merged["rows"] == 180
     assert filestats.merge(summaries + [None]) is None
+    texts = [filestats.dumps(s) for s in summaries]
+    assert filestats.loads(filestats.merge_json(texts)) == json.loads(filestats.dumps(merged))
+    assert filestats.merge_json(texts + [None]) is None and filestats.merge_json([]) is None
     assert filestats.merge([{**summaries[0], "v": 0}]) is None   # another version's: unknown
     assert filestats.loads(json.dumps({**summaries[0], "v": 99})) is None and filestats.loads(None) is None
 
