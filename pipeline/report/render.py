@@ -66,7 +66,8 @@ def _num(v, digits: int = 1) -> str:
 
 def _stats(scanned: Scan, records: list[tuple[str, dict]]) -> list[tuple[str, str]]:
     errors = sum(n for (_, _, status), n in scanned.strata.items() if status == "error")
-    items = ("items", _num(scanned.items())) if scanned.exact else ("items (estimated, ±1.5%)", _num(scanned.items()))
+    label = "items" if scanned.exact else "items (estimated: ±0.8% std. error)"
+    items = (label, _num(scanned.items()))
     out = [("rows (item, task)", _num(scanned.rows)), items,
            ("error rows", f"{_num(errors)} ({100 * errors / max(1, scanned.rows):.1f}%)"),
            ("result files", _num(scanned.files))]
