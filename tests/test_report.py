@@ -463,3 +463,5 @@ def test_a_decoder_crash_while_reporting_leaves_the_run_whole(tiny_gqa, tmp_path
     crashed = page.card(str(corpus / "images/crash-me.png"))
     assert not crashed["imgs"] and "no preview: the decoder crashed (SIGSEGV)" in _text_of(crashed)
     assert len(page.card(str(corpus / "images/fine.png"))["imgs"]) == 1
+    # every result file was summarized when it was written: a report (a resume's with nothing to do) reads none
+    assert survey(str(out), StorageOptions(), sample=0).read == 0
