@@ -1,9 +1,11 @@
 """Which result files the output holds: the source of truth a start checks the output against.
 
 `_state/files.pq.state` has one row per result file: its name, size, rows, a digest of its (id, task) keys (their
-uint64 hashes summed), the shards whose rows it holds and its tasks. A file's row is folded in from its sidecar
-(written before the file, already with the size, rows and digest) once the file has landed, so at a kill -9 a
-landed file has a sidecar or a row, and a file that never landed has at most a sidecar.
+uint64 hashes summed), the shards whose rows it holds, its tasks and a summary of its rows for the run report
+(`pipeline.filestats`; null for a file written before summaries existed, filled in by the next run's report). A
+file's row is folded in from its sidecar (written before the file, already with the size, rows and digest) once the
+file has landed, so at a kill -9 a landed file has a sidecar or a row, and a file that never landed has at most a
+sidecar.
 
 A start lists the output once and compares it with the manifest; it opens no result file unless something differs:
 - a file gone, or of another size (cut short, garbage appended, rewritten): named in a warning, a resized one moved
@@ -38,8 +40,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "files"   # a state table: _state/files.pq.state
 SCHEMA = pa.schema([("file", pa.string()), ("size", pa.int64()), ("rows", pa.int64()), ("digest", pa.uint64()),
-                    ("shards", pa.list_(pa.string())), ("tasks", pa.list_(pa.string()))])
-UNKNOWN = {"rows": -1, "digest": 0, "shards": None, "tasks": []}   # a file written before the manifest existed
+                    ("shards", pa.list_(pa.string())), ("tasks", pa.list_(pa.string())),
+                    ("stats", pa.string())])   # pipeline.filestats' summary of its rows (JSON), null when unknown
+UNKNOWN = {"rows": -1, "digest": 0, "shards": None, "tasks": [], "stats": None}   # written before the manifest
 
 
 def read(state: StateDir) -> dict[str, dict] | None:
@@ -47,12 +50,13 @@ def read(state: StateDir) -> dict[str, dict] | None:
     table = state.read_table(MANIFEST)
     if table is None:
         return None
-    columns = {c: table[c].to_pylist() for c in SCHEMA.names}
+    # a manifest of an earlier version lacks the later columns (stats): unknown, None
+    columns = {c: table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in SCHEMA.names}
     return {name: {c: columns[c][i] for c in SCHEMA.names[1:]} for i, name in enumerate(columns["file"])}
 
 
 def write(state: StateDir, files: dict[str, dict]) -> None:
-    rows = {c: [e[c] for e in files.values()] for c in SCHEMA.names[1:]}
+    rows = {c: [e.get(c) for e in files.values()] for c in SCHEMA.names[1:]}
     state.write_table(MANIFEST, pa.table({"file": list(files), **rows}, schema=SCHEMA))
 
 
@@ -60,7 +64,7 @@ def sidecar_entry(sidecar: dict, size: int) -> dict:
     """A landed file's row from its sidecar (one written by an earlier version has no size: unknown rows)."""
     if "size" not in sidecar:
         return {**UNKNOWN, "size": size, "shards": sidecar["shards"], "tasks": sidecar["tasks"]}
-    return {c: sidecar[c] for c in SCHEMA.names[1:]}
+    return {c: sidecar.get(c) for c in SCHEMA.names[1:]}   # an earlier version's sidecar has no stats
 
 
 @dataclass
@@ -242,3 +246,22 @@ def quarantine(state: StateDir, name: str) -> None:
             raise OSError(errno.EAGAIN, f"moving {source} failed: it is still there") from None
 
     storage.with_retries(move, source, state.opts)
+
+
+def set_stats(state: StateDir, stats: dict[str, tuple[int, str]]) -> int:
+    """Fill in the `stats` of manifest rows that have none: {file: (its size, summary JSON)}, summaries computed by
+    the report from the files (written by an earlier version, or after a restart without trusted records). Only rows
+    still of that size and without stats are changed; returns how many. The manifest is read and written again
+    here: call it only where nothing else writes it (the run's end, under its lease, after the ledger's last fold)."""
+    files = read(state) if stats else None
+    if not files:
+        return 0
+    changed = 0
+    for name, (size, text) in stats.items():
+        row = files.get(name)
+        if row is not None and row["size"] == size and row.get("stats") is None:
+            row["stats"] = text
+            changed += 1
+    if changed:
+        write(state, files)
+    return changed

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import filestats, storage
 from pipeline.config import ConfigError
 from pipeline.errors import StorageUnavailable
 from pipeline.items import KEPT, key_hash
@@ -173,11 +173,13 @@ def digest(keys: np.ndarray) -> int:
     return int(np.sum(keys, dtype=np.uint64))
 
 
-def manifest_row(table: pa.Table, size: int, shards: list[str]) -> dict:
-    """What `pipeline.manifest` keeps of a result file about to be written (its bytes are `size` long)."""
+def manifest_row(table: pa.Table, size: int, shards: list[str], run: str = "") -> dict:
+    """What `pipeline.manifest` keeps of a result file about to be written (its bytes are `size` long), with the
+    summary of its rows the run report reads instead of the rows (`pipeline.filestats`; `run`: the writing run)."""
     keys = key_hash(table["id"].to_pylist(), table["task"].to_pylist())
     return {"size": size, "rows": table.num_rows, "digest": digest(keys), "shards": sorted(shards),
-            "tasks": sorted(pc.unique(table["task"]).to_pylist())}
+            "tasks": sorted(pc.unique(table["task"]).to_pylist()),
+            "stats": filestats.dumps(filestats.summarize(table, run))}
 
 
 def files_with_errors(uri: str, opts: StorageOptions, names: list[str]) -> list[str]:
@@ -350,7 +352,7 @@ class ResultWriter:
             counts = {c["values"]: c["counts"] for c in pc.value_counts(shards).to_pylist()}
         data = sink.getvalue()
         if self.note_file is not None:
-            self.note_file(name, manifest_row(table, len(data), list(counts)))
+            self.note_file(name, manifest_row(table, len(data), list(counts), self.run_tag))
         self._store(path, data)
         if self.committed is not None:
             self.committed(name)

@@ -11,7 +11,7 @@ import math
 import re
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 
 import numpy as np
@@ -22,12 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline import config, output, storage
+from pipeline import config, filestats, manifest, output, storage
 from pipeline.corpus import image_bytes
-from pipeline.report import build_report, scan, thumbs, write_report
+from pipeline.report import build_report, rows, scan, survey, thumbs, write_report
 from pipeline.run import run
+from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import PY, REPO, bad_media, config_text, good_media, moto_s3, s3fs_for, write_local
+from tests.pipeline_helpers import (PY, REPO, bad_media, config_text, good_media, moto_s3, run_job, s3fs_for,
+                                    write_local)
 from tests.report_browser import chromium, console_messages, render_page, screenshot_is_blank
 
 HOSTILE_NAME = 'images/<img src=x onerror=alert(1)> & "q".png'
@@ -188,9 +190,8 @@ def _script(html: str) -> str:
 
 
 def _scan(out, sample: int) -> tuple[scan.Scan, list]:
-    opts = StorageOptions()
-    dataset, foreign = scan.open_dataset(*storage.filesystem(str(out), opts), opts)
-    return scan.scan(dataset, sample), foreign
+    scanned = survey(str(out), StorageOptions(), sample)
+    return scanned, [(path, why) for path, why in scanned.left_out if why == output.FOREIGN_NAME]
 
 
 def test_the_sample_covers_every_stratum(made):
@@ -215,6 +216,116 @@ STRAYS = {   # someone else's Parquet files next to the results: sorting first o
 }
 
 
+def _assert_counts_of_the_rows(scanned: scan.Scan, out, exact_items: bool = True) -> None:
+    """The report's numbers are those of a direct pandas read of the output."""
+    df = pd.read_parquet(out)
+    df["media_type"] = df.media_type.fillna("")
+    df["status"] = np.where(df.error.isna(), "ok", "error")
+    assert scanned.rows == len(df) and scanned.files == len(list(out.glob("*.parquet")))
+    assert dict(scanned.strata) == df.groupby(["task", "media_type", "status"]).size().to_dict()
+    assert dict(scanned.finish) == df.groupby(["task", df.finish_reason.fillna("")]).size().to_dict()
+    assert dict(scanned.models) == df.groupby(["model", "run_config_hash"]).size().to_dict()
+    errors = df[df.status == "error"]
+    kinds = [filestats.error_kind(u, e) for u, e in zip(errors.uri, errors.error)]
+    assert {k: n for k, (n, _) in scanned.errors.items()} == dict(pd.Series(kinds, dtype=object).value_counts())
+    ok = df[df.status == "ok"]
+    for task, group in ok.groupby("task"):
+        width, total, hist = scanned.out_tokens[task]
+        assert total == group.num_output_tokens.sum()
+        assert np.array_equal(hist, np.bincount(group.num_output_tokens // width, minlength=len(hist)))
+    for media, group in ok.groupby("media_type"):
+        bins = np.floor(np.log2(group.num_input_tokens.clip(lower=1))).astype(int)
+        assert np.array_equal(scanned.in_tokens[media], np.bincount(bins))
+    assert sum(r for _, points in scanned.times.values() for _, r, _ in points) == df.processed_at.notna().sum()
+    if exact_items:
+        assert scanned.exact and scanned.items() == df.id.nunique()
+    else:
+        assert not scanned.exact and abs(scanned.items() - df.id.nunique()) <= 0.02 * df.id.nunique()
+
+
+def test_the_reports_counts_are_those_of_the_rows_and_come_from_the_manifest(made):
+    scanned = survey(str(made["out"]), StorageOptions(), sample=100)
+    _assert_counts_of_the_rows(scanned, made["out"])
+    # the run's files were summarized when written; only the file injected since (not in the manifest) was read
+    assert scanned.read == 1 and scanned.files > 2
+    held = manifest.read(StateDir(str(made["out"]), StorageOptions()))
+    assert len(held) == scanned.files - 1 and all(filestats.loads(row["stats"]) for row in held.values())
+
+
+def test_a_manifest_of_an_earlier_version_without_summaries(made, tmp_path):
+    """Its files are read for the report (the same counts); a run's report keeps their summaries in the manifest,
+    so the next report reads none of them."""
+    out = tmp_path / "old-manifest"
+    shutil.copytree(made["out"], out)
+    state = StateDir(str(out), StorageOptions())
+    old = state.read_table(manifest.MANIFEST).drop_columns(["stats"])
+    state.write_table(manifest.MANIFEST, old)
+    assert all(row["stats"] is None for row in manifest.read(state).values())
+    scanned = survey(str(out), StorageOptions(), sample=100)
+    _assert_counts_of_the_rows(scanned, out)
+    assert scanned.read == scanned.files
+    before = build_report(str(out), StorageOptions(), sample=100)
+    assert all(row["stats"] is None for row in manifest.read(state).values())   # not a run's: the manifest untouched
+    write_report(str(out), StorageOptions(), sample=100, current_run="r-now")   # as the run's end does
+    assert all(filestats.loads(row["stats"]) for row in manifest.read(state).values())
+    again = survey(str(out), StorageOptions(), sample=100)
+    assert again.read == 1   # the injected file, which the manifest does not hold
+    _assert_counts_of_the_rows(again, out)
+    assert len(Page(before).cards) == made["items"]
+
+
+def _synthetic_output(out, files: int, rows_per_file: int) -> None:
+    """Result files and their manifest (summaries included) as a run leaves them, written here directly."""
+    rng = np.random.default_rng(7)
+    state = StateDir(str(out), StorageOptions())
+    held, item = {}, 0
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for k in range(files):
+        rows = []
+        for r in range(rows_per_file):
+            task = TASKS[r % 2]
+            uri = f"/nowhere/{item}.{'mp4' if item % 9 == 0 else 'jpg'}"
+            failed = rng.random() < 0.05
+            rows.append({**output.error_row({"id": _item_id(uri), "uri": uri,
+                                             "media_type": "video" if item % 9 == 0 else "image"}, task, "p",
+                                            f"{uri}: empty file (0 bytes)" if failed else None, "tiny", "h"),
+                         "finish_reason": "error" if failed else "eos", "num_input_tokens": int(rng.integers(1, 900)),
+                         "num_output_tokens": 0 if failed else int(rng.integers(1, 300)),
+                         "processed_at": start + timedelta(seconds=k * 3 + r * 0.01)})
+            item += r % 2
+        table = pa.Table.from_pylist(rows, schema=output.SCHEMA)
+        name = f"part-20260101-000000-0000000a-{k:06d}.parquet"
+        pq.write_table(table, out / name, compression="zstd")
+        held[name] = output.manifest_row(table, (out / name).stat().st_size, [f"s{k}"], "20260101-000000-0000000a")
+    manifest.write(state, held)
+
+
+def test_a_large_output_is_reported_from_its_summaries_and_a_few_files(tmp_path, monkeypatch):
+    out = tmp_path / "large"
+    out.mkdir()
+    _synthetic_output(out, files=3 * scan.MAX_SAMPLE_FILES, rows_per_file=63)   # odd: items straddle files
+    opened = []
+    real = scan.read_sample
+    monkeypatch.setattr(scan, "read_sample", lambda fs, root, opts, files, *a, **k: opened.extend(files) or
+                        real(fs, root, opts, files, *a, **k))
+    scanned = survey(str(out), StorageOptions(), sample=6)
+    assert scanned.read == 0 and len(opened) <= scan.MAX_SAMPLE_FILES
+    _assert_counts_of_the_rows(scanned, out, exact_items=False)
+    # every stratum, the rare error ones included, has candidates from the few files read
+    assert set(scanned.candidates) == set(scanned.strata)
+    page = Page(build_report(str(out), StorageOptions(), sample=6))
+    assert len(page.cards) == 6 and "items (estimated" in "".join(page.text)
+    for c in page.cards:   # both tasks of a sampled item, found in the file read or the one beside it
+        assert _text_of(c).count("no preview") == 1 and "caption" in _text_of(c) and "ocr" in _text_of(c)
+    # an item whose caption row ends one file and whose ocr row starts the next: seen in the first, found in both
+    first = pq.read_table(out / "part-20260101-000000-0000000a-000005.parquet")
+    straddling = first["id"][-1].as_py()
+    found = rows.fetch_rows(*storage.filesystem(str(out), StorageOptions()), StorageOptions(), [straddling],
+                            {straddling: ["part-20260101-000000-0000000a-000005.parquet"]},
+                            {p.name for p in out.glob("*.parquet")}, set())
+    assert [r["task"] for r in found[straddling]] == ["caption", "ocr"]
+
+
 def test_other_parquet_files_are_left_out_and_named(made, tmp_path):
     out = tmp_path / "strays"
     shutil.copytree(made["out"], out)
@@ -224,7 +335,8 @@ def test_other_parquet_files_are_left_out_and_named(made, tmp_path):
     clean, _ = _scan(made["out"], sample=100)
     assert (scanned.files, scanned.rows, scanned.items(), scanned.strata, scanned.finish) == (
         clean.files, clean.rows, clean.items(), clean.strata, clean.finish)
-    assert all(np.array_equal(scanned.out_tokens[t], h) for t, h in clean.out_tokens.items())
+    assert all(scanned.out_tokens[t][:2] == h[:2] and np.array_equal(scanned.out_tokens[t][2], h[2])
+               for t, h in clean.out_tokens.items())
     page = Page(build_report(str(out), StorageOptions(), sample=100))
     text = "".join(page.text)
     assert len(page.cards) == made["items"] and f"{len(STRAYS)} file(s) under the prefix were left out" in text
@@ -324,3 +436,32 @@ def test_a_video_without_a_preview_says_why(tmp_path):
     notes = [thumbs.thumbnail(str(tmp_path / name), "video", StorageOptions()).note
              for name in ("audio_only.mp4", "zero.mp4")]
     assert notes == ["no preview: no video stream in the file (audio)", "no preview: empty file (0 bytes)"]
+
+
+def test_a_decoder_that_crashes_costs_its_thumbnail_only(tmp_path, monkeypatch):
+    """Thumbnails are decoded in a child process: one whose decoder segfaults (a test hook makes it) gets a note,
+    the others their pictures, and the caller lives on."""
+    for name, seed in (("a.png", 1), ("crash-me.png", 2), ("b.png", 3)):
+        (tmp_path / name).write_bytes(image_bytes(64, 48, seed=seed, ext="png"))
+    monkeypatch.setenv(thumbs.FAULT_ENV, "crash-me")
+    items = [(str(tmp_path / n), "image") for n in ("a.png", "crash-me.png", "b.png")] + [("x.txt", "")]
+    made = thumbs.thumbnails(items, StorageOptions(), threads=2)
+    assert [len(t.frames) for t in made] == [1, 0, 1, 0]
+    assert made[1].note == "no preview: the decoder crashed (SIGSEGV)" and made[3].note == "not an image or video"
+
+
+def test_a_decoder_crash_while_reporting_leaves_the_run_whole(tiny_gqa, tmp_path):
+    """The end of a real run: the report is written (with a note on the crashed item's card) and the job exits 0."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, {"images/fine.png": image_bytes(64, 48, seed=1, ext="png"),
+                         "images/crash-me.png": image_bytes(64, 48, seed=2, ext="png")})
+    (tmp_path / "run.toml").write_text(config_text(str(corpus), str(out), str(tiny_gqa)))
+    proc = run_job(tmp_path / "run.toml", env={thumbs.FAULT_ENV: "crash-me"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report: {out / '_state' / 'report.html'}" in proc.stdout
+    page = Page((out / "_state" / "report.html").read_text())
+    crashed = page.card(str(corpus / "images/crash-me.png"))
+    assert not crashed["imgs"] and "no preview: the decoder crashed (SIGSEGV)" in _text_of(crashed)
+    assert len(page.card(str(corpus / "images/fine.png"))["imgs"]) == 1
+    # every result file was summarized when it was written: a report (a resume's with nothing to do) reads none
+    assert survey(str(out), StorageOptions(), sample=0).read == 0

@@ -3,8 +3,10 @@
     build_report(output_uri, opts)  -> the HTML (str)
     write_report(output_uri, opts)  -> writes <output>/_state/report.html (or `out`), returns where it went
 
-Steps: scan the light columns of every result file (counts, histograms, throughput, error kinds, a stratified
-sample of item ids; see scan.py), read only the sampled items' rows, open only their media for thumbnails, render.
+Steps: merge the result files' summaries kept in the manifest (counts, histograms, throughput, error kinds; see
+scan.py and pipeline/filestats.py: O(files), no row is read unless a file has no summary yet), draw a stratified
+sample of item ids from a few files, read only the sampled items' rows, make their thumbnails in a child process
+(thumbs.py: a decoder that crashes costs that thumbnail, not the caller), render.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import fsspec
 
 from pipeline import storage
-from pipeline.state import STATE_DIR
+from pipeline.state import STATE_DIR, StateDir
 from pipeline.report import cards, render, rows, scan, thumbs
 from pipeline.storage import StorageOptions
 
@@ -29,15 +31,13 @@ MAX_RECORDS = 200   # newest run records read
 
 def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE,
                  current_run: str = "") -> str:
-    """The report's HTML. `current_run`: the run making it (its own lease is not news)."""
+    """The report's HTML. `current_run`: the run making it, under its lease (its own lease is not news, and the
+    summaries it computes for files without one are kept in the manifest)."""
     fs, root = storage.filesystem(output_uri, opts)
     root = root.rstrip("/")
-    if not storage.with_retries(lambda: fs.exists(root), output_uri, opts):
-        raise FileNotFoundError(f"{output_uri}: no such output (nothing written yet?)")
-    dataset, foreign = scan.open_dataset(fs, root, opts)
-    scanned = scan.scan(dataset, sample)
-    scanned.left_out[:0] = foreign
-    by_id = rows.fetch_rows(dataset, scanned, scan.pick_sample(scanned.candidates, sample))
+    scanned = survey(output_uri, opts, sample, persist=bool(current_run))
+    by_id = rows.fetch_rows(fs, root, opts, scan.pick_sample(scanned.candidates, sample), scanned.holders,
+                            set(scanned.names), scanned.read_whole)
     banners = _lease_banner(fs, root, opts, current_run)
     if scanned.left_out:
         banners.append(f"{len(scanned.left_out)} file(s) under the prefix were left out: not result files of this "
@@ -47,6 +47,23 @@ def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SA
                                  opts)
     gallery = [cards.card(r, p, scan.task_colors(scanned)) for r, p in zip(items, pictures)]
     return render.render(output_uri, scanned, read_records(fs, root, opts), gallery, banners)
+
+
+def survey(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, persist: bool = False) -> scan.Scan:
+    """The output's statistics (from the files' summaries) and the gallery's candidate ids (from a few files).
+    `persist`: keep summaries computed from files without one in the manifest (see scan.collect)."""
+    fs, root = storage.filesystem(output_uri, opts)
+    root = root.rstrip("/")
+    if not storage.with_retries(lambda: fs.exists(root), output_uri, opts):
+        raise FileNotFoundError(f"{output_uri}: no such output (nothing written yet?)")
+    scanned, strata_of, rows_of = scan.collect(fs, root, StateDir(output_uri, opts), opts, persist=persist)
+    files = scan.sample_files(scanned, strata_of, sample, rows_of)
+    scanned.candidates, scanned.holders, seen = scan.read_sample(fs, root, opts, files, sample)
+    if seen is not None:
+        scanned.read_whole = set(files)
+        if len(files) == scanned.files:   # every file read whole: items counted, not estimated
+            scanned.distinct, scanned.exact = len(seen), True
+    return scanned
 
 
 def write_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, out: str = "",

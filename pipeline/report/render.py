@@ -66,7 +66,9 @@ def _num(v, digits: int = 1) -> str:
 
 def _stats(scanned: Scan, records: list[tuple[str, dict]]) -> list[tuple[str, str]]:
     errors = sum(n for (_, _, status), n in scanned.strata.items() if status == "error")
-    out = [("rows (item, task)", _num(scanned.rows)), ("items", _num(scanned.items())),
+    label = "items" if scanned.exact else "items (estimated: ±0.8% std. error)"
+    items = (label, _num(scanned.items()))
+    out = [("rows (item, task)", _num(scanned.rows)), items,
            ("error rows", f"{_num(errors)} ({100 * errors / max(1, scanned.rows):.1f}%)"),
            ("result files", _num(scanned.files))]
     if records:
@@ -98,7 +100,7 @@ RUN_COLUMNS = ["run", "rows in output", "done", "skipped", "errors", "items", "s
 
 def _runs(scanned: Scan, records: list[tuple[str, dict]]) -> list[list[str]]:
     """One line per run record, plus runs that left result files but no record (still running, or killed)."""
-    rows_per_run = {run: sum(p[1] for p in points) for run, points in scanned.times.items()}
+    rows_per_run = {run: sum(p[1] for p in points) for run, (_, points) in scanned.times.items()}
     out = []
     for tag, record in records:
         s = record.get("summary") if isinstance(record.get("summary"), dict) else {}
@@ -140,10 +142,10 @@ def _errors(scanned: Scan) -> list[tuple]:
 def _plots(scanned: Scan) -> list[tuple[str, Markup]]:
     out = _throughput_plot(scanned) + _finish_plot(scanned)
     colors = task_colors(scanned)
-    for task, hist in sorted(scanned.out_tokens.items()):
-        labels, counts = _linear_bins(hist)
+    for task, (width, total, hist) in sorted(scanned.out_tokens.items()):
+        labels, counts = _linear_bins(hist, width)
         rows = int(hist.sum())
-        mean = float((np.arange(len(hist)) * hist).sum()) / max(1, rows)
+        mean = total / max(1, rows)
         out.append((f"output tokens: {task} ({rows:,} ok rows, mean {mean:.1f})",
                     plots.histogram(f"output tokens, {task}", labels, [(task, counts)], "generated tokens",
                                     colors.get(task, 0))))
@@ -159,7 +161,7 @@ def _throughput_plot(scanned: Scan) -> list[tuple[str, Markup]]:
     runs = sorted(scanned.times)[-MAX_RUN_LINES:]
     if not runs:
         return []
-    curves = [(run, *throughput(scanned.times[run])) for run in runs]
+    curves = [(run, *throughput(scanned.times[run][1], scanned.times[run][0])) for run in runs]
     span = max(float(xs[-1] + width) for _, xs, _, width in curves)
     unit, scale = next((u, s) for u, s, limit in (("seconds", 1, 180), ("minutes", 60, 3 * 3600),
                                                   ("hours", 3600, math.inf)) if span <= limit)
@@ -185,11 +187,13 @@ def _finish_plot(scanned: Scan) -> list[tuple[str, Markup]]:
              plots.stacked_bars("finish reasons", sorted(per_task.items()), keys))]
 
 
-def _linear_bins(hist: np.ndarray, max_bins: int = 40) -> tuple[list[str], list[float]]:
+def _linear_bins(hist: np.ndarray, base: int = 1, max_bins: int = 40) -> tuple[list[str], list[float]]:
+    """At most max_bins bins from counts in bins of `base` tokens (bin k: [k * base, (k + 1) * base))."""
     last = int(np.flatnonzero(hist)[-1]) + 1 if hist.any() else 1
-    width = max(1, math.ceil(last / max_bins))
-    counts = np.add.reduceat(hist[:last], np.arange(0, last, width))
-    labels = [str(k) if width == 1 else f"{k}-{k + width - 1}" for k in range(0, last, width)]
+    group = max(1, math.ceil(last / max_bins))
+    counts = np.add.reduceat(hist[:last], np.arange(0, last, group))
+    width = group * base
+    labels = [str(k) if width == 1 else f"{k}-{k + width - 1}" for k in range(0, last * base, width)]
     return labels, [float(c) for c in counts]
 
 

@@ -1,4 +1,6 @@
-"""The sampled items' rows, all columns, read from only the result files that hold them."""
+"""The sampled items' rows, all columns, read from only the result files that hold them (those the sample was drawn
+from, and the files written just before and after each by the same run, where an item's other rows may be: a block
+of results is cut into files at output.rows_per_file wherever its rows fall)."""
 
 from __future__ import annotations
 
@@ -7,41 +9,57 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from pipeline.report.scan import PREFIX, Scan
+from pipeline import storage
+from pipeline.report.scan import neighbours
+from pipeline.storage import StorageOptions
 
 
-def fetch_rows(dataset: pads.Dataset, scanned: Scan, ids: list[str], threads: int = 8) -> dict[str, list[dict]]:
-    """id -> its rows (every task), for the sampled ids; rows keep every column, extra ones included."""
+def fetch_rows(fs, root: str, opts: StorageOptions, ids: list[str], holders: dict[str, list[str]],
+               listed: set[str], read: set[str], threads: int = 8) -> dict[str, list[dict]]:
+    """id -> its rows (every task found), for the sampled ids; rows keep every column, extra ones included.
+    `holders`: the files the sample saw each id in; `listed`: the result files; `read`: the files the sample read
+    whole (their neighbours are not looked at again)."""
     if not ids:
         return {}
-    wanted = np.asarray([i.encode()[:PREFIX] for i in ids], dtype=f"S{PREFIX}")
-    fragments = list(dataset.get_fragments())
-    hits = {i: np.flatnonzero(np.isin(keys, wanted)) for i, keys in scanned.keys.items()}
-    hits = {i: rows for i, rows in hits.items() if len(rows) and i < len(fragments)}
+    files: set[str] = set()
+    for i in ids:
+        for name in holders.get(i, ()):
+            files.add(name)
+            files.update(n for n in neighbours(name) if n in listed and n not in read)
     id_set = pa.array(ids, pa.string())
+    arrow_fs = storage.arrow_filesystem(fs)
 
-    def read(i: int) -> list[dict]:
+    def rows_of(name: str) -> list[dict]:
+        path = f"{root}/{name}"
         try:
-            table = fragments[i].take(pa.array(hits[i]))
-        except (OSError, pa.ArrowException, IndexError):   # replaced since the scan: read it whole instead
-            try:
-                table = fragments[i].to_table()
-            except (OSError, pa.ArrowException):
-                return []
-        # a 12-byte prefix can collide, and the file may have been rewritten since the scan: check the full id
-        return table.filter(pc.is_in(pc.cast(table["id"], pa.string()), value_set=id_set)).to_pylist()
+            return storage.with_retries(lambda: _matching(pq.ParquetFile(path, filesystem=arrow_fs), id_set),
+                                        path, opts)
+        except (OSError, pa.ArrowException):   # replaced or removed since the listing
+            return []
 
     by_id: dict[str, list[dict]] = {i: [] for i in ids}
     seen = set()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for rows in pool.map(read, sorted(hits)):
+        for rows in pool.map(rows_of, sorted(files)):
             for row in rows:
                 key = (row["id"], row.get("task"))
-                if key not in seen:   # an (item, task) pair written twice shows once
+                if row["id"] in by_id and key not in seen:   # an (item, task) pair written twice shows once
                     seen.add(key)
                     by_id[row["id"]].append(row)
     for rows in by_id.values():
         rows.sort(key=lambda r: str(r.get("task")))
     return {i: rows for i, rows in by_id.items() if rows}
+
+
+def _matching(pf: pq.ParquetFile, id_set: pa.Array) -> list[dict]:
+    """The rows whose id is in id_set: the id column is read first, then only the row groups that hold such ids
+    (most neighbouring files hold none)."""
+    out = []
+    for k in range(pf.metadata.num_row_groups):
+        ids = pc.cast(pf.read_row_group(k, columns=["id"])["id"], pa.string())
+        hits = np.flatnonzero(pc.is_in(ids, value_set=id_set).fill_null(False).to_numpy(zero_copy_only=False))
+        if len(hits):
+            out += pf.read_row_group(k).take(pa.array(hits)).to_pylist()
+    return out
