@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import output, storage
+from pipeline import filestats, output, storage
 from pipeline.items import key_hash
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -253,7 +253,9 @@ class Compactor:
             held = [files[s] for s in w["sources"]]
             targets[w["file"]] = {"size": w["size"], "rows": w["rows"], "digest": w["digest"],
                                   "shards": sorted({s for r in held for s in r["shards"]}),
-                                  "tasks": sorted({t for r in held for t in r["tasks"]})}
+                                  "tasks": sorted({t for r in held for t in r["tasks"]}),
+                                  # the report's summary: the sources' merged (None if one is unknown)
+                                  "stats": filestats.merge_json([r.get("stats") for r in held])}
         self.ledger.replace(sources, targets)                 # the switch: readers of the manifest move over
         _delete(self.ledger.state, sources)
         self.ledger.state.remove(f"{PLANS}/{tag}.json")

@@ -120,7 +120,11 @@ def read_result(fs, root: str, name: str, opts: StorageOptions, columns: list[st
 
 def read_result_schema(fs, root: str, name: str, opts: StorageOptions) -> pa.Schema:
     path = f"{root.rstrip('/')}/{name}"
-    schema = storage.with_retries(lambda: pq.read_schema(path, filesystem=fs), path, opts)
+    return schema_with_partitions(storage.with_retries(lambda: pq.read_schema(path, filesystem=fs), path, opts), name)
+
+
+def schema_with_partitions(schema: pa.Schema, name: str) -> pa.Schema:
+    """A result file's schema with the columns its folders hold."""
     for column in partition_values(name):
         if schema.get_field_index(column) < 0:
             schema = schema.append(pa.field(column, pa.string()))

@@ -243,7 +243,7 @@ class Ledger:
             if kept is None:
                 rows[name] = {**old, "size": 0, "rows": 0, "digest": 0}   # a sidecar of a file that goes
             else:
-                rows[name] = output.manifest_row(kept[0], kept[1], old["shards"])
+                rows[name] = output.manifest_row(kept[0], kept[1], old["shards"], compact.tag_of(name))
             self.note_file(name, rows[name])
 
         reopened = output.reopen_errors(uri, opts, staging, names, before_rewrite)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import compact, manifest, progress, snapshot, storage
+from pipeline import compact, filestats, manifest, progress, snapshot, storage
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import PY, REPO, s3fs_for
@@ -81,6 +81,11 @@ def test_finished_files_are_merged_to_the_target_size_and_a_resume_opens_none(tm
         meta = pq.ParquetFile(out / name).metadata
         assert meta.num_row_groups == 1 and meta.row_group(0).column(0).compression == "ZSTD"
     _settled(out, rows)
+    # a merged file's summary for the report is its sources' merged: the same counts as its own rows give
+    rows_now = manifest.read(StateDir(str(out), OPTS))
+    for name in merged:
+        kept, own = filestats.loads(rows_now[name]["stats"]), filestats.summarize(pq.read_table(out / name))
+        assert kept["rows"] == own["rows"] and kept["strata"] == own["strata"] and kept["out"] == own["out"]
     # the records are per shard: a resume trusts them and opens only the open shard's files
     opened = []
     real = progress.read_keys

@@ -185,3 +185,19 @@ def test_a_run_over_kept_columns_of_unified_and_conflicting_types_finishes(run_o
     assert rows["img_01.png"]["error"] is None and rows["img_00.jpg"]["error"] is None
     assert "input.keep_columns: column 'score' is string in " in rows["img_03.bmp"]["error"]
     assert rows["img_03.bmp"]["error"].endswith("2.parquet and double in the other input files: no one type holds both")
+
+
+def test_the_report_counts_the_rows_in_either_layout_and_shows_every_task(run_output):
+    """The run report (per-file summaries from the manifest; the gallery from sampled files, whose task a hive
+    folder holds) counts exactly the rows, with every task of a sampled item on its card."""
+    from pipeline.report import build_report, survey
+
+    out, truth, _ = run_output
+    scanned = survey(str(out), OPTS, sample=100)
+    strata = {}
+    for row in truth.select(["task", "media_type", "error"]).to_pylist():
+        key = (row["task"], row["media_type"] or "", "ok" if row["error"] is None else "error")
+        strata[key] = strata.get(key, 0) + 1
+    assert scanned.rows == len(truth) and dict(scanned.strata) == strata
+    html = build_report(str(out), OPTS, sample=100)
+    assert all(f">{task}<" in html for task in set(truth["task"].to_pylist()))

@@ -247,7 +247,7 @@ def test_the_reports_counts_are_those_of_the_rows_and_come_from_the_manifest(mad
     scanned = survey(str(made["out"]), StorageOptions(), sample=100)
     _assert_counts_of_the_rows(scanned, made["out"])
     # the run's files were summarized when written; only the file injected since (not in the manifest) was read
-    assert scanned.read == 1 and scanned.files > 2
+    assert scanned.read == 1 and scanned.files >= 2   # the run's files (merged at its end) and the injected one
     held = manifest.read(StateDir(str(made["out"]), StorageOptions()))
     assert len(held) == scanned.files - 1 and all(filestats.loads(row["stats"]) for row in held.values())
 

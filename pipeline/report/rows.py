@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import output, storage
 from pipeline.report.scan import neighbours
 from pipeline.storage import StorageOptions
 
@@ -24,17 +24,18 @@ def fetch_rows(fs, root: str, opts: StorageOptions, ids: list[str], holders: dic
     if not ids:
         return {}
     files: set[str] = set()
+    folders = tuple(sorted({n.rpartition("/")[0] + "/" if "/" in n else "" for n in listed}))
     for i in ids:
         for name in holders.get(i, ()):
             files.add(name)
-            files.update(n for n in neighbours(name) if n in listed and n not in read)
+            files.update(n for n in neighbours(name, folders) if n in listed and n not in read)
     id_set = pa.array(ids, pa.string())
     arrow_fs = storage.arrow_filesystem(fs)
 
     def rows_of(name: str) -> list[dict]:
         path = f"{root}/{name}"
         try:
-            return storage.with_retries(lambda: _matching(pq.ParquetFile(path, filesystem=arrow_fs), id_set),
+            return storage.with_retries(lambda: _matching(pq.ParquetFile(path, filesystem=arrow_fs), id_set, name),
                                         path, opts)
         except (OSError, pa.ArrowException):   # replaced or removed since the listing
             return []
@@ -53,7 +54,7 @@ def fetch_rows(fs, root: str, opts: StorageOptions, ids: list[str], holders: dic
     return {i: rows for i, rows in by_id.items() if rows}
 
 
-def _matching(pf: pq.ParquetFile, id_set: pa.Array) -> list[dict]:
+def _matching(pf: pq.ParquetFile, id_set: pa.Array, name: str) -> list[dict]:
     """The rows whose id is in id_set: the id column is read first, then only the row groups that hold such ids
     (most neighbouring files hold none)."""
     out = []
@@ -61,5 +62,5 @@ def _matching(pf: pq.ParquetFile, id_set: pa.Array) -> list[dict]:
         ids = pc.cast(pf.read_row_group(k, columns=["id"])["id"], pa.string())
         hits = np.flatnonzero(pc.is_in(ids, value_set=id_set).fill_null(False).to_numpy(zero_copy_only=False))
         if len(hits):
-            out += pf.read_row_group(k).take(pa.array(hits)).to_pylist()
+            out += output.with_partitions(pf.read_row_group(k).take(pa.array(hits)), name).to_pylist()
     return out

@@ -88,13 +88,17 @@ def run_of(path: str) -> str:
     return m.group(1) if m else name
 
 
-def neighbours(name: str) -> list[str]:
-    """The files written just before and after this one by the same run (an item's rows may straddle them)."""
-    m = _RUN_OF_FILE.fullmatch(name)
+def neighbours(name: str, folders: tuple[str, ...] = ("",)) -> list[str]:
+    """The files written just before and after this one by the same run (an item's rows may straddle them), in
+    each of `folders` (hive folders `task=NAME/` of output.partition_by: an item's tasks are written as files of
+    consecutive numbers, one per folder, so there its own number in the other folders too)."""
+    folder, _, base = name.rpartition("/")
+    m = _RUN_OF_FILE.fullmatch(base)
     if not m:
         return []
     n, digits = int(m.group(2)), len(m.group(2))
-    return [f"part-{m.group(1)}-{k:0{digits}d}.parquet" for k in (n - 1, n + 1) if k >= 0]
+    names = [f"{f}part-{m.group(1)}-{k:0{digits}d}.parquet" for f in folders for k in (n - 1, n, n + 1) if k >= 0]
+    return [x for x in names if x != name]
 
 
 # --- statistics ------------------------------------------------------------------------------------------------
@@ -211,10 +215,11 @@ def _summarize_file(fs, root: str, name: str, opts: StorageOptions) -> tuple[dic
     try:   # a file replaced or removed since listing (run.retry_errors), or not Parquet: noted, not fatal
         def read():
             pf = pq.ParquetFile(path, filesystem=arrow_fs)
-            mismatch = output.schema_mismatch(pf.schema_arrow)
+            mismatch = output.schema_mismatch(output.schema_with_partitions(pf.schema_arrow, name))
             if mismatch:
                 return None, f"{output.NOT_OURS} ({mismatch})"
-            return pf.read(columns=[c for c in filestats.COLUMNS if c in pf.schema_arrow.names]), ""
+            columns = [c for c in filestats.COLUMNS if c in pf.schema_arrow.names]
+            return output.with_partitions(pf.read(columns=columns), name), ""
         table, why = storage.with_retries(read, path, opts)
     except (OSError, pa.ArrowException) as e:
         return None, f"{type(e).__name__}: {e}"
@@ -295,9 +300,9 @@ def read_sample(fs, root: str, opts: StorageOptions, files: list[str], sample: i
                 columns = [c for c in LIGHT if c in pf.schema_arrow.names]
                 groups = pf.metadata.num_row_groups
                 if groups <= 1:
-                    return pf.read(columns=columns), True
+                    return output.with_partitions(pf.read(columns=columns), name), True
                 k = int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:4], "little") % groups
-                return pf.read_row_group(k, columns=columns), False
+                return output.with_partitions(pf.read_row_group(k, columns=columns), name), False
             return storage.with_retries(go, path, opts)
         except (OSError, pa.ArrowException) as e:
             log.info("report: %s not read for the sample: %s", path, e)
