@@ -167,9 +167,9 @@ def _compact_job(out, tmp_path, point="", target_mb=0.02, endpoint="", wait=True
 POINTS = ["before-merge", "before-switch", "before-delete", "mid-delete", "before-plan-removed"]
 
 
-def _kill_at_every_step(out, tmp_path, rows, opts, endpoint="", shards=6):
+def _kill_at_every_step(out, tmp_path, rows, opts, endpoint="", shards=6, points=POINTS):
     """Before each kill, a later run's small files: every kill lands in a merge. Returns the output's rows."""
-    for point in POINTS:
+    for point in points:
         rows += _more(out, rows, shards, opts)
         code, text = _compact_job(out, tmp_path, point, endpoint=endpoint)
         assert code == -signal.SIGKILL, f"{point}: {text}"
@@ -223,7 +223,7 @@ def test_readers_of_the_snapshot_see_every_pair_once_while_compaction_is_killed_
     thread.start()
     rng = random.Random(7)
     try:
-        for _ in range(3):
+        for _ in range(2):
             proc = _compact_job(out, tmp_path, target_mb=0.05, wait=False)
             time.sleep(rng.uniform(0.8, 2.5))   # start-up is ~0.7 s: the kill lands among the merges
             proc.send_signal(signal.SIGKILL)
@@ -238,14 +238,17 @@ def test_readers_of_the_snapshot_see_every_pair_once_while_compaction_is_killed_
     assert len(_listed(out)) < 30 * ROWS_PER_SHARD // 2 / 4   # merged: far fewer than the small files
 
 
-def test_compaction_on_s3_survives_kill_at_every_step(tmp_path, s3):
+def test_compaction_on_s3_survives_kills_between_its_writes(tmp_path, s3):
     fs = s3fs_for(s3)
     fs.mkdir("compact")
     out = "s3://compact/out"
     opts = StorageOptions(endpoint_url=s3, retries=2, retry_backoff_s=0.0)
     with mock.patch("tests.test_pipeline_damage.OPTS", opts):
         rows = _output(out, shards=1, opts=opts)
-    _kill_at_every_step(out, tmp_path, rows, opts, endpoint=s3, shards=1)
+    # the steps whose state differs on a store (a merged object there and the manifest not yet switched, or
+    # switched with sources left): the others are the local test's (suite time)
+    _kill_at_every_step(out, tmp_path, rows, opts, endpoint=s3, shards=1,
+                        points=["before-switch", "before-delete", "mid-delete"])
 
 
 def test_a_job_with_nothing_to_merge_and_a_folder_that_is_no_output(tmp_path):
