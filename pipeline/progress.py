@@ -206,11 +206,9 @@ class Ledger:
         """The file has landed: its row goes into the manifest at the next fold."""
         self.landed.add(file_name)
 
-    def record(self, name: str, counts: dict[str, int], extent: dict | None = None, replace: bool = False) -> None:
-        """`extent`: what the record covers of an input that can grow, None keeping the one it had; `replace`:
-        `counts` are the whole record's (else they add tasks to it)."""
-        counts = counts if replace else _merged(self.records.get(name), counts)
-        extent = extent or self.extents.get(name)
+    def record(self, name: str, counts: dict[str, int], extent: dict | None = None) -> None:
+        """`extent`: what the record covers of an input that can grow; None keeps the one it had."""
+        counts, extent = _merged(self.records.get(name), counts), extent or self.extents.get(name)
         self.state.write_json(_record_file(name), {"name": name, "counts": counts, "extent": extent})
         self._keep(name, counts, extent)
         self.unfolded += 1
@@ -371,14 +369,12 @@ class Tracker:
     def stopping(self) -> bool:
         return self.stop_requested
 
-    def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int, extent: dict | None = None,
-              replace: bool = False) -> None:
-        """counts: the shard's pairs per task (done or not) that no earlier record holds, or with `replace` (the
-        shard grew past its record) all of them; pending: how many of them this run does; skipped: pairs found done;
-        extent: what its record will cover (rows, file version)."""
+    def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int, extent: dict | None = None) -> None:
+        """counts: the shard's pairs per task (done or not) that no earlier record holds; pending: how many of
+        them this run does; skipped: pairs found done; extent: what its record will cover (rows, file version)."""
         if name not in self.shards:   # a retried read task reports the same shard again
             self.skipped += skipped
-        self.shards[name] = (counts, pending, extent, replace)
+        self.shards[name] = (counts, pending, extent)
 
     def cut_short(self, name: str, skipped: int) -> None:
         """A shard read only in part (input.max_items): skipped, its pairs found done so far; it stays open."""
@@ -413,14 +409,14 @@ class OpenShards:
     to do; a shard whose rows have all landed gets its record, a unit whose shards all have theirs gets one."""
     ledger: Ledger
     tasks: tuple[str, ...]
-    expected: dict[str, tuple[dict[str, int], int, dict | None, bool]] = field(default_factory=dict)
+    expected: dict[str, tuple[dict[str, int], int, dict | None]] = field(default_factory=dict)
     landed: dict[str, int] = field(default_factory=dict)
     units: dict[str, tuple[list[str], dict | None]] = field(default_factory=dict)
 
     def listed(self, shards: dict[str, tuple], units: dict[str, tuple | list]) -> None:
-        """shards: name -> (counts, pending pairs[, extent, replace]) (Tracker.shard); units: name -> (shard names,
-        extent) or the names."""
-        self.expected.update({name: (*report, None, False)[:4] for name, report in shards.items()})
+        """shards: name -> (counts, pending pairs[, extent]) (Tracker.shard); units: name -> (shard names, extent)
+        or the names."""
+        self.expected.update({name: (*report, None)[:3] for name, report in shards.items()})
         self.units.update({name: report if isinstance(report, tuple) else (report, None)
                            for name, report in units.items()})
         self._settle(list(shards))
@@ -434,11 +430,12 @@ class OpenShards:
         for shard in shards:
             if shard not in self.expected or self.landed.get(shard, 0) < self.expected[shard][1]:
                 continue
-            counts, _, extent, replace = self.expected.pop(shard)
-            self.ledger.record(shard, counts, extent, replace)
+            counts, _, extent = self.expected.pop(shard)
+            self.ledger.record(shard, counts, extent)
             self.landed.pop(shard, None)
         for unit, (names, extent) in list(self.units.items()):
-            if all(covers(self.ledger.records.get(s), self.tasks) for s in names):
+            # a shard still waiting for rows may hold an older record (one that covered it before it grew)
+            if all(covers(self.ledger.records.get(s), self.tasks) and s not in self.expected for s in names):
                 total: dict[str, int] = {}
                 for s in names:
                     for t, n in self.ledger.records[s].items():

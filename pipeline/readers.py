@@ -96,46 +96,79 @@ class Piece:
     shard: int | str
     table: pa.Table | None      # raw rows; for a finished shard only `uri` (tables) or None (not read)
     last: bool                  # the shard's last piece
-    finished: bool = False      # the shard's record holds every task and all its rows
-    start: int = 0              # the shard's row this piece starts at
+    finished: bool = False      # the shard's record holds every task (and all its rows)
+    start: int = 0              # the row of the read shard (n, or g.n) this piece starts at
     rows: int = -1              # rows of the input the piece stands for (-1: its table's; rows without a URI go)
-    covered: bool = True        # the shard's record covers these rows: its tasks are done for them
 
     @property
     def end(self) -> int:
-        """The shard's row this piece ends at."""
+        """The row of the read shard this piece ends at."""
         return self.start + (self.rows if self.rows >= 0 else (self.table.num_rows if self.table is not None else 0))
+
+
+def sub_shard(shard, start: float) -> str:
+    """The name of a shard's rows from `start` on, when rows were added to it after its record was made: "<n>+<row>"
+    (its first rows keep "<n>"). Each has a record of its own, so that rows of it that landed before a kill are found
+    in the output, as for any shard without a record."""
+    return f"{shard}+{int(start)}" if start else str(shard)
 
 
 @dataclass
 class Known:
     """What the completion records say of one unit, for its reader, and what the reader notes of the file it read.
 
-    A shard is finished when its record holds every task and covers all the shard's rows now: a record's extent
-    names the rows it covers (a manifest's last shard may have grown since), and a record without one (an earlier
-    version's) covers the shard whatever it holds. A finished shard whose distinct ids are stored is skipped unread."""
-    records: dict[str, dict[str, int]] = field(default_factory=dict)   # by shard number
+    A shard's records form a chain: "<n>" covers its first rows, "<n>+<r>" the rows from r on that were added later,
+    and so on, each with the rows it covers in its extent; a record without one (an earlier version's) covers the
+    rest of the shard. A shard is finished when its chain holds every task and covers all the shard's rows now; one
+    whose ids are stored (sources.StoredIds) is skipped unread."""
+    records: dict[str, dict[str, int]] = field(default_factory=dict)   # by shard name
     extents: dict[str, dict] = field(default_factory=dict)
     tasks: tuple[str, ...] = ()
-    with_ids: frozenset = frozenset()   # shards whose distinct ids are stored (sources.StoredIds)
+    with_ids: frozenset = frozenset()   # shards whose distinct ids are stored
     grown: dict | None = None   # a finished text manifest only appended to since: its record's {"size", "rows"}
     read: dict = field(default_factory=dict)   # of the file as read: "of" (file_stamp), "rows", "tail", "groups"
 
+    def chain(self, shard) -> list[tuple[str, float, float]]:
+        """(name, first row, end row) of the shard's records, in row order."""
+        out, start = [], 0
+        while (name := sub_shard(shard, start)) in self.records:
+            rows = self.extents.get(name, {}).get("rows")
+            end = math.inf if rows is None else start + rows
+            out.append((name, start, end))
+            if not start < end < math.inf:   # the rest of the shard, or an empty record: nothing can follow
+                break
+            start = end
+        return out
+
+    def at(self, shard, row: int) -> tuple[str, float]:
+        """(name, end row) of the part of the shard holding `row`: a record of its chain, or the rows past them."""
+        for name, start, end in self.chain(shard):
+            if start <= row < end:
+                return name, end
+        return sub_shard(shard, self.covered(shard)), math.inf
+
     def covered(self, shard) -> float:
-        """Rows of the shard its record covers (for the tasks it holds): 0 without a record, all without an extent."""
-        name = str(shard)
-        if name not in self.records:
-            return 0
-        rows = self.extents.get(name, {}).get("rows")
-        return math.inf if rows is None else rows
+        """Rows of the shard its records cover: 0 without one, all with one without an extent."""
+        chain = self.chain(shard)
+        return chain[-1][2] if chain else 0
+
+    def done(self, name) -> bool:
+        """The record of this shard, or part of one, holds every task."""
+        counts = self.records.get(str(name))
+        return counts is not None and all(t in counts for t in self.tasks)
 
     def finished(self, shard, rows: float = math.inf) -> bool:
         """`rows`: the shard's rows now, where the reader knows them before reading (Parquet footers, full shards)."""
-        counts = self.records.get(str(shard))
-        return counts is not None and all(t in counts for t in self.tasks) and self.covered(shard) >= rows
+        chain = self.chain(shard)
+        return bool(chain) and chain[-1][2] >= rows and all(self.done(name) for name, _, _ in chain)
 
     def skip(self, shard, rows: float = math.inf) -> bool:
-        return str(shard) in self.with_ids and self.finished(shard, rows)
+        return self.finished(shard, rows) and all(name in self.with_ids for name, _, _ in self.chain(shard))
+
+    def unread(self, shard, rows: int) -> Iterator["Piece"]:
+        """Pieces for a finished shard skipped unread: one per record of its chain, with the rows it stands for."""
+        for name, start, end in self.chain(shard):
+            yield Piece(name, None, True, finished=True, start=int(start), rows=int(min(end, rows) - start))
 
 
 def file_stamp(info: dict) -> str:
@@ -397,28 +430,30 @@ class _Window(io.RawIOBase):
 
 
 def _sharded(batches: Iterator[pa.RecordBatch], shard_rows: int, piece_rows: int,
-             covered: Callable[[int], float] = lambda shard: 0, row: int = 0) -> Iterator[Piece]:
+             known: Callable[[int, int], tuple[str, float]] = lambda shard, row: (str(shard), math.inf),
+             row: int = 0) -> Iterator[Piece]:
     """Cut a stream of batches, the file's rows from `row` on, into pieces of whole-file row ranges: shard n holds
-    rows [n*S, (n+1)*S). A piece never spans both rows a shard's record covers (`covered(n)`) and rows past them."""
+    rows [n*S, (n+1)*S). `known(n, row)` names the part of shard n that holds a row and where it ends (Known.at): a
+    piece never spans two parts, and the last piece of each part says so."""
+    closed = True
     for batch in batches:
         start = 0
         while start < batch.num_rows:
             shard, offset = divmod(row, shard_rows)
-            end = offset + min(batch.num_rows - start, shard_rows - offset, piece_rows)
-            cut = covered(shard)
-            end = int(cut) if offset < cut < end else end
-            yield Piece(shard, pa.Table.from_batches([batch.slice(start, end - offset)]), end == shard_rows,
-                        start=offset, covered=offset < cut)
+            name, part_end = known(shard, offset)
+            end = int(min(offset + batch.num_rows - start, shard_rows, offset + piece_rows, part_end))
+            closed = end in (shard_rows, part_end)
+            yield Piece(name, pa.Table.from_batches([batch.slice(start, end - offset)]), closed, start=offset)
             start, row = start + end - offset, row + end - offset
-    if row % shard_rows:
-        yield Piece(row // shard_rows, None, True, start=row % shard_rows, rows=0)   # closes the last, short shard
+    if not closed:   # the last, short shard
+        shard, offset = divmod(row, shard_rows)
+        yield Piece(known(shard, offset - 1)[0], None, True, start=offset, rows=0)
 
 
 def _parquet_pieces(uri: str, columns: list[str], id_columns: list[str], opts: StorageOptions,
                     shard_rows: int, piece_rows: int, known: Known) -> Iterator[Piece]:
     """Shards are row ranges inside each row group ("<group>.<n>"). A row group whose shards are all finished is
-    read for its id columns only, and not at all when their ids are stored; a finished shard's piece has no rows
-    when its ids are stored. Notes the row groups' sizes in `known.read`."""
+    read for its id columns only, and not at all when their ids are stored. Notes the row groups' sizes."""
     def read(f) -> Iterator[Piece]:
         pf = pq.ParquetFile(f)
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
@@ -426,17 +461,31 @@ def _parquet_pieces(uri: str, columns: list[str], id_columns: list[str], opts: S
         for group, rows in enumerate(sizes):
             shards = {f"{group}.{n}": min(shard_rows, rows - n * shard_rows) for n in range(-(-rows // shard_rows))}
             if all(known.skip(name, size) for name, size in shards.items()):
-                yield from (Piece(name, None, True, finished=True, rows=size) for name, size in shards.items())
+                for name, size in shards.items():
+                    yield from known.unread(name, size)
                 continue
             cols = id_columns if all(known.finished(name, size) for name, size in shards.items()) else columns
             batches = pf.iter_batches(batch_size=piece_rows, row_groups=[group], columns=cols)
-            for piece in _sharded(batches, shard_rows, piece_rows, lambda n: known.covered(f"{group}.{n}")):
-                name = f"{group}.{piece.shard}"
-                finished = known.finished(name, shards[name])
-                table = None if finished and known.skip(name, shards[name]) else piece.table
-                yield Piece(name, table, piece.last, finished, piece.start, piece.end - piece.start, piece.covered)
+            yield from _marked(_sharded(batches, shard_rows, piece_rows, lambda n, row: known.at(f"{group}.{n}", row)),
+                               known)
 
     return _reread(uri, opts, read)
+
+
+def _shard_of(name: str) -> str:
+    """The shard a part of it belongs to ("<n>+<row>" -> "<n>")."""
+    return str(name).split("+", 1)[0]
+
+
+def _marked(pieces: Iterator[Piece], known: Known) -> Iterator[Piece]:
+    """Pieces with `finished` set from the records: a piece lies in one part of a shard (Known.at), finished when
+    that part's record holds every task; where its ids are stored, its rows need not be looked at."""
+    for piece in pieces:
+        if piece.table is not None and known.done(piece.shard):
+            piece.finished = True
+            if str(piece.shard) in known.with_ids:
+                piece.rows, piece.table = piece.table.num_rows, None
+        yield piece
 
 
 def _resolve(uri: str, manifest: str) -> str:
@@ -502,7 +551,7 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece
         errors = _errors_with([_not_utf8(u, "URI") if i in bad else None for i, u in zip(kept, uris)], uris, conflict)
         yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
                                            errors=errors, extra=extra), piece.last, False, piece.start,
-                    piece.end - piece.start, piece.covered)
+                    piece.end - piece.start)
     if fmt == "parquet" and known.read.get("groups"):
         known.read["tail"] = tail.digest(known.read["groups"]) or parquet_tail(unit.uri, spec.opts, spec.uri_column,
                                                                                known.read["groups"])
@@ -513,23 +562,18 @@ def _text_pieces(uri: str, fmt: str, columns: list[str], text: list[str], names:
     """A CSV or JSONL manifest's pieces, up to `size` bytes. One only appended to since its records were made
     (`known.grown`, checked by pipeline.changes) is read from where they end, when every shard before that is skipped
     anyway; otherwise every row is parsed (finished shards' rows are dropped unhashed where their ids are stored).
-    Notes the rows read in `known.read`."""
+    Notes the rows read."""
     S, grown = MANIFEST_SHARD_ROWS, known.grown
     start = row = 0
     if grown is not None:
         first, offset = divmod(grown["rows"], S)
-        if all(known.skip(n, S) for n in range(first)) and (not offset or str(first) in known.with_ids):
-            yield from (Piece(n, None, True, finished=True, rows=S) for n in range(first))
-            if offset:
-                yield Piece(first, None, False, rows=offset)   # rows done before the append: their ids are stored
+        if all(known.skip(n, S) for n in range(first)) and (not offset or known.skip(first, offset)):
+            for n in range(first + 1):
+                yield from known.unread(n, S if n < first else offset)
             start, row = grown["size"], grown["rows"]
     batches = _batches(uri, fmt, columns, text, opts, start=start, end=size, names=names)
-    for piece in _sharded(batches, S, S, known.covered, row=row):
-        if piece.table is not None and known.finished(piece.shard, S):
-            piece.finished = True
-            if known.skip(piece.shard, S):
-                piece.rows, piece.table = piece.table.num_rows, None
-        row = piece.shard * S + piece.end
+    for piece in _marked(_sharded(batches, S, S, known.at, row=row), known):
+        row = int(_shard_of(piece.shard)) * S + piece.end
         yield piece
     known.read["rows"] = row
 
@@ -778,7 +822,7 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
         extra, conflict = _kept(piece.table, spec, unit)
         errors = _errors_with(errors, uris, conflict)
         yield Piece(piece.shard, raw_table(uris, types, keys=keys, data=data, errors=errors, extra=extra),
-                    piece.last, False, piece.start, n, piece.covered)
+                    piece.last, False, piece.start, n)
 
 
 def _keys(column: pa.ChunkedArray) -> tuple[list[str | None], set[int]]:

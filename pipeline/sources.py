@@ -137,9 +137,10 @@ class StoredIds:
             self.waiting = []
 
     def save(self, shard: str, read: bool) -> None:
-        """Once the shard's last piece went by; `read`: some of its rows were read (else its file is there)."""
+        """Once the shard's last piece went by; `read`: rows of it were read for their items (else its ids are
+        written only where none are stored: a finished shard of an earlier version's, read for its ids)."""
         met = self.met.pop(shard, [])
-        if self.kept and read:
+        if self.kept and (read or (met and shard not in self.stored)):
             keys = np.sort(np.concatenate(met)) if met else np.zeros(0, np.uint64)
             self.state.write_bytes(f"{self.folder}/{shard}{self.SUFFIX}", keys.tobytes())
 
@@ -198,16 +199,7 @@ class ShardCount:
     def __init__(self, tasks: tuple[str, ...]):
         self.counts = {t: 0 for t in tasks}
         self.pending = self.skipped = 0
-        self.rows, self.read, self.replace = 0, False, False
-
-    def past_record(self, record: dict[str, int], plan: "TaskPlan") -> None:
-        """Rows past those the shard's record covers (the shard grew): its counts become the whole shard's, from
-        the record's on, and replace the record (a task the plan no longer has is not done for the new rows)."""
-        if not self.replace:
-            self.replace = True
-            for t in plan.all():
-                if t in record:
-                    self.counts[t] = self.counts.get(t, 0) + record[t]
+        self.rows, self.read = 0, False
 
     def extent(self, read: dict) -> dict | None:
         """What the shard's record covers, where rows of it were read."""
@@ -274,22 +266,18 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
         if piece.table is not None and piece.table.num_rows:
             item_ids = [item_id(u) for u in piece.table["uri"].to_pylist()]
             fresh = budget.take(ids.first(seen, str(piece.shard), id_keys(item_ids)))
-            if piece.finished:
-                count.skipped += _finished_pairs(record, plan)
-            else:
-                if not piece.covered:
-                    count.past_record(record, plan)
-                block = _items_block(piece, name, item_ids, fresh, record if piece.covered else None, plan, done,
-                                     count)
+            if not piece.finished:
+                block = _items_block(piece, name, item_ids, fresh, record, plan, done, count)
                 if block.num_rows:
                     yield block
                     if stop is not None and stop():
                         return
         elif piece.finished:
-            count.skipped += _finished_pairs(record, plan)
             budget.take_finished(record)
+        if piece.finished and piece.last:   # once per shard, however many pieces it came in
+            count.skipped += _finished_pairs(record, plan)
         if not piece.finished:
-            count.rows, count.read = piece.end, True
+            count.rows, count.read = piece.end - sub_start(piece.shard), True
         if budget.spent:   # the shard stays open (never recorded finished); its pairs found done still count
             tracker.cut_short.remote(name, count.skipped)
             _report_ids(repeats, unit, seen, ids)
@@ -297,11 +285,17 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
         if piece.last:
             ids.save(str(piece.shard), count.read)
             tracker.shard.remote(name, count.counts, count.pending, count.skipped,
-                                 count.extent(known.read) if tables else None, count.replace)
+                                 count.extent(known.read) if tables else None)
             shards.append(name)
             del open_count[name]
     tracker.unit.remote(unit.id, shards, _unit_extent(unit, known))
     _report_ids(repeats, unit, seen, ids)
+
+
+def sub_start(name) -> int:
+    """The row of its shard a part of it starts at (readers.sub_shard)."""
+    name = str(name)
+    return int(name.rsplit("+", 1)[1]) if "+" in name else 0
 
 
 def _unit_extent(unit: Unit, known: Known) -> dict | None:
