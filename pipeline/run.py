@@ -231,8 +231,12 @@ def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, ou
     work, skipped, notes = _open_work(units, resume, plan, spec, keep_finished=bool(cfg.input.max_items))
     for line in notes:
         _say(out, line)
-    _say(out, f"output {cfg.output.uri}: {len(units) - len(work)} of {len(units)} input unit(s) finished, "
-              f"{len(resume.done_keys)} (item, task) rows of unfinished shards" +
+    finished = sum(progress.covers(resume.records.get(u.id), plan.all()) for u in units)
+    again = finished - (len(units) - len(work)) if not cfg.input.max_items else 0
+    _say(out, f"output {cfg.output.uri}: {finished} of {len(units)} input unit(s) finished" +
+              (f" ({again} read again for {'objects' if cfg.input.uri and cfg.input.format == 'files' else 'rows'}"
+               f" added since: listed again, or grown)" if again else "") +
+              f", {len(resume.done_keys)} (item, task) rows of unfinished shards" +
               (" (whole output scanned: no completion records yet)" if store.scanned_existing else ""))
 
     summary = Summary(skipped=skipped)
