@@ -525,7 +525,7 @@ def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPla
                 extents.setdefault(unit, {})[number] = resume.extents[name]
     finished = [u for u in units if progress.covers(resume.records.get(u.id), plan.all())]
     found, notes = changes.finished_units(finished, resume.extents, spec), changes.Notes()
-    work, skipped = [], 0
+    work, again, skipped = [], [], 0
     for unit in units:
         shards = UnitWork(unit, records.get(unit.id, {}), extents.get(unit.id, {}))
         change = found.get(unit.id)
@@ -536,10 +536,17 @@ def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPla
             continue
         notes.add(unit, change)
         if change.read or (keep_finished and not change.refused):
-            work.append(dataclasses.replace(shards, grown=change.grown))
+            again.append(dataclasses.replace(shards, grown=change.grown))
         else:
             skipped += sum(resume.records[unit.id].get(t, 0) for t in plan.all())
-    return work, skipped, notes.lines()
+    # finished units read again (listed again, grown) go last, where most of their rows are done: the others'
+    # work starts first; max_items counts the input in its order
+    return (_in_input_order(units, work + again) if keep_finished else work + again), skipped, notes.lines()
+
+
+def _in_input_order(units: list[readers.Unit], work: list[UnitWork]) -> list[UnitWork]:
+    position = {unit.id: i for i, unit in enumerate(units)}
+    return sorted(work, key=lambda w: position[w.unit.id])
 
 
 def ended_at(record: dict) -> float:

@@ -141,8 +141,10 @@ class StoredIds:
         written only where none are stored: a finished shard of an earlier version's, read for its ids)."""
         met = self.met.pop(shard, [])
         if self.kept and (read or (met and shard not in self.stored)):
-            keys = np.sort(np.concatenate(met)) if met else np.zeros(0, np.uint64)
-            self.state.write_bytes(f"{self.folder}/{shard}{self.SUFFIX}", keys.tobytes())
+            self.write(shard, np.concatenate(met) if met else np.zeros(0, np.uint64))
+
+    def write(self, shard: str, keys: np.ndarray) -> None:
+        self.state.write_bytes(f"{self.folder}/{shard}{self.SUFFIX}", np.sort(keys).tobytes())
 
 
 class Repeats:
