@@ -222,6 +222,11 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
     return {canonical_uri(storage.full_uri(fs, p)): file_stamp(found[p]) for p in files}
 
 
+def _stamp_now(uri: str, opts: StorageOptions) -> str:
+    fs, path = storage.filesystem(uri, opts)
+    return file_stamp(storage.with_retries(lambda: fs.info(path), uri, opts))
+
+
 def _info_if_any(fs, path: str, uri: str, opts: StorageOptions) -> dict | None:
     try:
         return storage.with_retries(lambda: fs.info(path), uri, opts)
@@ -391,7 +396,8 @@ def unified_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
 
 
 def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: StorageOptions, *, start: int = 0,
-             end: int | None = None, names: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+             end: int | None = None, names: list[str] | None = None, windows: list | None = None
+             ) -> Iterator[pa.RecordBatch]:
     """`text` columns are read as strings: inferred from the first block, a prompt column empty for its first
     megabyte is typed null, and the first prompt after that fails the whole file. Only bytes [start, end) are read:
     `end` the size the file had when its stamp was taken (rows appended meanwhile are the next run's), `start` past
@@ -400,6 +406,8 @@ def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: Stor
 
     def read(f) -> Iterator[pa.RecordBatch]:
         window = _Window(f, start, end)
+        if windows is not None:
+            windows.append(window)
         if fmt == "csv":
             header = pacsv.ReadOptions(column_names=names) if start else None
             yield from pacsv.open_csv(window, read_options=header, convert_options=pacsv.ConvertOptions(
@@ -412,12 +420,14 @@ def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: Stor
 
 
 class _Window(io.RawIOBase):
-    """Bytes [start, end) of an open file, as a file of their own."""
+    """Bytes [start, end) of an open file, as a file of their own; keeps the last TAIL_BYTES it gave (the tail
+    digest of a text manifest's records, without reading them again)."""
 
     def __init__(self, f, start: int, end: int | None):
         if start:
             f.seek(start)
-        self.f, self.left = f, math.inf if end is None else max(0, end - start)
+        self.f, self.start, self.left = f, start, math.inf if end is None else max(0, end - start)
+        self.kept, self.given = bytearray(), 0
 
     def readable(self) -> bool:
         return True
@@ -426,7 +436,13 @@ class _Window(io.RawIOBase):
         data = self.f.read(int(min(len(buffer), self.left)))
         buffer[:len(data)] = data
         self.left -= len(data)
+        self.given += len(data)
+        self.kept = (self.kept + data[-TAIL_BYTES:])[-TAIL_BYTES:]
         return len(data)
+
+    def whole(self) -> bool:
+        """It gave every byte up to its end, and its kept bytes are the file's last TAIL_BYTES before it."""
+        return self.left in (0, math.inf) and (self.start == 0 or self.given >= TAIL_BYTES)
 
 
 def _sharded(batches: Iterator[pa.RecordBatch], shard_rows: int, piece_rows: int,
@@ -509,10 +525,9 @@ def read_manifest(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
 
 def _manifest_pieces(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     fmt = table_format(unit.uri)
-    info = _info_if_any(*storage.filesystem(unit.uri, spec.opts), unit.uri, spec.opts)
-    if info is None:
-        raise FileNotFoundError(unit.uri)
-    known.read["of"] = file_stamp(info)
+    # the stamp the file was found with (one request less per file); a text manifest is read up to its size, so
+    # that rows appended since are the next run's, after the rows its records cover
+    known.read["of"] = unit.stamp or _stamp_now(unit.uri, spec.opts)
     schema_names = table_schema(unit.uri, spec.opts).names
     if not schema_names:
         log.warning("input.manifest: %s is empty", unit.uri)
@@ -527,8 +542,8 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece
         pieces = _parquet_pieces(unit.uri, columns, [spec.uri_column], spec.opts, MANIFEST_SHARD_ROWS,
                                  MANIFEST_SHARD_ROWS, known)
     else:
-        known.read["tail"] = text_tail(unit.uri, info["size"], spec.opts)
-        pieces = _text_pieces(unit.uri, fmt, columns, text, schema_names, info["size"], spec.opts, known)
+        pieces = _text_pieces(unit.uri, fmt, columns, text, schema_names, stamp_size(known.read["of"]), spec.opts,
+                              known)
     tail = Tail()
     for piece in pieces:
         tail.add(piece, spec.uri_column)
@@ -571,11 +586,15 @@ def _text_pieces(uri: str, fmt: str, columns: list[str], text: list[str], names:
             for n in range(first + 1):
                 yield from known.unread(n, S if n < first else offset)
             start, row = grown["size"], grown["rows"]
-    batches = _batches(uri, fmt, columns, text, opts, start=start, end=size, names=names)
+    windows: list[_Window] = []
+    batches = _batches(uri, fmt, columns, text, opts, start=start, end=size, names=names, windows=windows)
     for piece in _marked(_sharded(batches, S, S, known.at, row=row), known):
         row = int(_shard_of(piece.shard)) * S + piece.end
         yield piece
     known.read["rows"] = row
+    last = windows[-1] if windows else None   # the one that read to the end (a retry reads from the start again)
+    known.read["tail"] = (_digest(bytes(last.kept)) if last is not None and last.whole() else
+                          text_tail(uri, size, opts))
 
 
 class Tail:

@@ -105,7 +105,7 @@ class StoredIds:
         self.met: dict[str, list[np.ndarray]] = {}  # shard -> its ids met so far
 
     def prefetch(self, shards: list[str]) -> None:
-        """Load these shards' ids in the background (on an object store each is a round trip)."""
+        """Load these shards' ids now, 8 at a time (on an object store each is a round trip)."""
         shards = [s for s in shards if s in self.stored and s not in self.loading]
         if shards:
             with ThreadPoolExecutor(max_workers=8) as pool:   # threads end with the loads; results kept
