@@ -425,6 +425,7 @@ def main() -> int:
         print(f"  {name:55s} {n:>9d} items {s:6.2f}s {n / s:>10,.0f} items/s; first block after {first:.2f}s")
 
     print("\n## 2. resume start-up: time to the first new row (Ray start-up included), 64 new rows each")
+    time_resume(work / "resume-warm-up", 1_000, model)   # the first Ray start of a process is slower: not timed
     resume = []
     for layout in args.layouts.split(","):
         for done in (int(x) for x in args.resume.split(",")):
