@@ -234,8 +234,7 @@ def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, ou
     finished = sum(progress.covers(resume.records.get(u.id), plan.all()) for u in units)
     again = finished - (len(units) - len(work)) if not cfg.input.max_items else 0
     _say(out, f"output {cfg.output.uri}: {finished} of {len(units)} input unit(s) finished" +
-              (f" ({again} read again for {'objects' if cfg.input.uri and cfg.input.format == 'files' else 'rows'}"
-               f" added since: listed again, or grown)" if again else "") +
+              (f" ({again} read again for what was added since)" if again else "") +
               f", {len(resume.done_keys)} (item, task) rows of unfinished shards" +
               (" (whole output scanned: no completion records yet)" if store.scanned_existing else ""))
 

@@ -267,6 +267,6 @@ def test_the_job_runs_exactly_the_rows_and_objects_added_since_it_finished(local
     printed = io.StringIO()
     summary = run(cfg, out=printed)
     assert (summary.done, summary.skipped) == (3, 3), printed.getvalue()
-    assert "listed again" in printed.getvalue()
+    assert "1 of 1 input unit(s) finished (1 read again for what was added since)" in printed.getvalue()
     df = _pairs(tmp_path / "out2")
     assert len(df) == 6 and not df.duplicated(["id", "task"]).any()
