@@ -525,9 +525,10 @@ def read_manifest(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
 
 def _manifest_pieces(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     fmt = table_format(unit.uri)
-    # the stamp the file was found with (one request less per file); a text manifest is read up to its size, so
-    # that rows appended since are the next run's, after the rows its records cover
-    known.read["of"] = unit.stamp or _stamp_now(unit.uri, spec.opts)
+    # the stamp the file was found with (a unit made up without one asks now); a text manifest is read up to its
+    # size, so that rows appended since are the next run's, after the rows its records cover
+    if not known.read.get("of"):
+        known.read["of"] = _stamp_now(unit.uri, spec.opts)
     schema_names = table_schema(unit.uri, spec.opts).names
     if not schema_names:
         log.warning("input.manifest: %s is empty", unit.uri)
@@ -821,7 +822,7 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
             yield piece
             continue
         n = piece.table.num_rows
-        group, number = (int(x) for x in str(piece.shard).split("."))
+        group, number = (int(x) for x in _shard_of(piece.shard).split("."))
         row = sum(known.read["groups"][:group]) + number * BYTES_SHARD_ROWS + piece.start   # the file's row
         keys, bad = [str(row + i) for i in range(n)], set()
         if spec.key_column:

@@ -256,7 +256,8 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
     budget = budget or Budget(0)
     tables = unit.kind in TABLE_KINDS
     ids = StoredIds(spec.state, unit, kept=tables)
-    known = Known(work.records, work.extents, plan.all(), ids.stored, work.grown)
+    known = Known(work.records, work.extents, plan.all(), ids.stored, work.grown,
+                  read={"of": unit.stamp} if unit.stamp else {})
     ids.prefetch([s for s in sorted(work.records) if tables and covers_tasks(work.records[s], plan.all())])
     for piece in readers.read_unit(unit, spec, known):
         name = f"{unit.id}#{piece.shard}"
@@ -305,7 +306,7 @@ def _unit_extent(unit: Unit, known: Known) -> dict | None:
     and last bytes or URIs, to tell rows appended from a rewrite: pipeline.changes)."""
     if unit.kind == "listing":
         return {"listed_at": known.read.get("listed_at", 0.0)}
-    return {"of": unit.stamp, **known.read} if unit.stamp or known.read else None
+    return dict(known.read) or None
 
 
 def _report_ids(repeats, unit: Unit, seen: SeenIds, ids: StoredIds) -> None:

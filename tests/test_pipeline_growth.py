@@ -17,7 +17,7 @@ import pytest
 from pipeline import config, listing, output, progress, readers
 from pipeline.items import item_id
 from pipeline.run import _open_work, run
-from pipeline.sources import TaskPlan, pending_items
+from pipeline.sources import TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import config_text, good_media, write_local
@@ -153,6 +153,21 @@ def test_a_big_manifest_resumes_without_reading_its_finished_row_groups(tmp_path
     assert driver.run() == uris[18:] + ["/media/new.png"]   # the repeat of row 1 is dropped, unread
     assert groups == [[2], [3]]
     assert sorted(_pairs(out).uri) == sorted(uris + ["/media/new.png"])
+
+
+def test_rows_past_a_shards_record_in_embedded_media_are_named_by_their_row(tmp_path):
+    """A Parquet file of embedded media that grew while its unit was unfinished: the rows past the record of its
+    shard are a shard of their own, and keyless rows keep the names of their rows in the file."""
+    data = good_media(num_images=1, num_videos=0)
+    pq.write_table(pa.table({"jpg": [next(iter(data.values()))] * 5}), tmp_path / "a.parquet")
+    spec = replace(_spec(tmp_path / "out", uri=str(tmp_path)), format="parquet", bytes_column="jpg")
+    unit = readers.find_units(spec)[0]
+    work = UnitWork(unit, {"0.0": {"caption": 3}}, {"0.0": {"rows": 3, "of": unit.stamp}})
+    reports = Reports()
+    items = [r for b in pending_items(work, spec, PLAN, np.zeros(0, np.uint64), reports) for r in b.to_pylist()]
+    assert [i["uri"] for i in items] == [f"{unit.uri}#3", f"{unit.uri}#4"]   # named by their row in the file
+    assert {n.rsplit("#", 1)[1]: r[2] for n, r in reports.shards.items()} == {"0.0": None, "0.0+3": {
+        "rows": 2, "of": unit.stamp}}
 
 
 def test_a_manifest_changed_other_than_by_appending_is_said_in_one_line_and_not_read_again(tmp_path):
