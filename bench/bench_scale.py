@@ -462,8 +462,9 @@ def main() -> int:
         first = {r["done"]: r["first_new_s"] for r in resume if r["layout"] == layout}
         if len(first) > 1 and min(first.values()) > 0:
             low, high = min(first), max(first)
-            print(f"  resume, {what}: first new row after {', '.join(f'{s:.1f}s ({d:,} done)' for d, s in first.items())}"
-                  f": x{first[high] / first[low]:.2f} from {low:,} to {high:,} done")
+            figures = ", ".join(f"{s:.1f}s ({d:,} done)" for d, s in first.items())
+            print(f"  resume, {what}: first new row after {figures}: x{first[high] / first[low]:.2f} from {low:,} "
+                  f"to {high:,} done")
     print("  What a start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few MB "
           "of done.pq.state) plus the sidecars of shards open at the kill; a big manifest's finished row groups are "
           "skipped unread, their shards' ids read instead (8 bytes a row: 80 MB at 1e7, 8 GB at 1e9 on one unit); a "

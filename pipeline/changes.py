@@ -41,7 +41,7 @@ class Notes:
     legacy: int = 0
     moved: list[str] = field(default_factory=list)   # unfinished units whose file changed under their records
 
-    def add(self, unit: Unit, change: Change) -> None:
+    def add(self, change: Change) -> None:
         if change.refused:
             self.refused.append(change.refused)
         self.legacy += change.legacy

@@ -275,7 +275,8 @@ class ListingSnapshot:
     def write_part(self, index: int, number: int, paths: list[str]) -> None:
         self.state.write_table(self._part(index, number), pa.table({"path": pa.array(paths, pa.string())}))
 
-    def mark_complete(self, index: int, parts: int, runs: list[list[int]] | None = None, listed_at: float = 0.0) -> None:
+    def mark_complete(self, index: int, parts: int, runs: list[list[int]] | None = None,
+                      listed_at: float = 0.0) -> None:
         """`runs`: [first, end) ranges of part numbers whose keys ascend through the range (a listing, or the new keys
         of a listing again); `listed_at`: the start of the run that listed it (wall clock)."""
         self.state.write_json(f"{self.dir}/p{index}/complete.json",

@@ -244,7 +244,8 @@ def _hidden_below(path: str, root: str) -> bool:
 
 def find_units(spec: ReadSpec) -> list[Unit]:
     if spec.manifest:
-        found = expand_files(spec.manifest, MANIFEST_EXTENSIONS, spec.opts, "input.manifest", FOLDER_MANIFEST_EXTENSIONS)
+        found = expand_files(spec.manifest, MANIFEST_EXTENSIONS, spec.opts, "input.manifest",
+                             FOLDER_MANIFEST_EXTENSIONS)
         return [Unit("manifest", u, stamp=stamp) for u, stamp in found.items()]
     if spec.format in ("webdataset", "parquet"):
         extension = ".tar" if spec.format == "webdataset" else ".parquet"

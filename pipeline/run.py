@@ -533,7 +533,7 @@ def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPla
                 notes.moved.append(unit.uri)
             work.append(shards)
             continue
-        notes.add(unit, change)
+        notes.add(change)
         if change.read or (keep_finished and not change.refused):
             again.append(dataclasses.replace(shards, grown=change.grown))
         else:

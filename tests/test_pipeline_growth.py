@@ -5,7 +5,6 @@ then the job itself on one local Ray."""
 
 import io
 import os
-import shutil
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -15,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import config, listing, output, progress, readers
-from pipeline.items import item_id
 from pipeline.run import _open_work, run
 from pipeline.sources import TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
