@@ -1,14 +1,19 @@
 """The pipeline at corpus scale, each figure beside its reference measured in the same run:
 
     .venv/bin/python bench/bench_scale.py [--listing-items 200000] [--resume 100000,1000000,10000000] \\
-        [--machinery-items 200000] [--before-max 1000000] [--skip-ratio]
+        [--layouts manifests,big,grown,grown-csv,listed] [--listed-max 1000000] [--machinery-items 200000] \\
+        [--before-max 1000000] [--skip-ratio]
 
 1. Reading items/s per input format (the read side alone, no Ray): a listed local folder, Parquet / CSV / JSONL
    manifests, WebDataset tars, Parquet with embedded bytes.
 2. Resume start-up: an output with N (item, task) rows done (synthetic result files in the exact schema, as a
-   finished run leaves them: completion records, sidecars of the in-flight shard), the same command again with a
-   zero-cost model, time until the first new row reaches the driver (Ray start-up included). Beside it, what the
-   previous design did before any new work: read every result file's keys and re-read the whole input.
+   finished run leaves them: completion records with their extents, the finished shards' ids), the same command
+   again with a zero-cost model, time until the first new row reaches the driver (Ray start-up included), for each
+   input layout (--layouts): a folder of manifests whose new rows are in a new file; one big Parquet manifest whose
+   last rows are not done (a run killed there); one finished then rewritten with rows more (Parquet) or appended to
+   (CSV); a listed folder of 16 sub-folders finished, then objects added to one (listed again: the relisting is
+   O(objects), so --listed-max caps it, a file per object being made on disk). Beside it, what the previous design
+   did before any new work: read every result file's keys and re-read the whole input.
 3. The machinery with zero-cost stages (decode and model stand-ins): items/s through read -> decode tasks ->
    actor -> writer, and the driver's RSS growth over the run.
 4. The tiny model: pipeline / direct ratio (`bench/bench_pipeline.py`, both sides in its one run).
@@ -37,9 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline import output, progress, readers, storage  # noqa: E402
-from pipeline.items import item_id, key_hash  # noqa: E402
-from pipeline.sources import TaskPlan, UnitWork, pending_items  # noqa: E402
+from pipeline import listing, output, progress, readers, storage  # noqa: E402
+from pipeline.items import canonical_uri, item_id, key_hash  # noqa: E402
+from pipeline.sources import StoredIds, TaskPlan, UnitWork, id_keys, pending_items  # noqa: E402
 from pipeline.state import StateDir  # noqa: E402
 from pipeline.storage import StorageOptions  # noqa: E402
 
@@ -128,33 +133,157 @@ def bench_reading(root: Path, items: int) -> list[tuple]:
 # --- 2. resume -------------------------------------------------------------------------------------------------
 
 
-def synth_done_output(root: Path, done: int, pending: int, fingerprint_of) -> tuple[Path, Path]:
-    """Manifest files of `done` virtual items plus one of `pending` real images, and an output as a finished run
-    leaves it: result files of the done rows (exact schema), completion records of their shards and files."""
-    media, mdir, out = root / "media", root / "manifests", root / "out"
-    for folder in (media, mdir, out):
-        folder.mkdir(parents=True)
+class DoneOutput:
+    """An output as a finished run leaves it: result files of the done rows (exact schema, a file per shard),
+    completion records with their extents, the finished shards' ids; trusted for `fingerprint`."""
+
+    def __init__(self, out: Path, fingerprint: str):
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.state = out, StateDir(str(out), OPTS)
+        self.ledger = progress.Ledger(self.state, fingerprint)
+        self.files = 0
+
+    def shard(self, unit: readers.Unit, shard: str, uris: list[str], extent: dict | None, ids: StoredIds | None):
+        n, now = len(uris), pa.scalar(0, pa.timestamp("us", tz="UTC"))
+        item_ids = [item_id(u) for u in uris]
+        rows = {name: pa.nulls(n, t) for name, t in zip(output.SCHEMA.names, output.SCHEMA.types)}
+        rows.update(id=pa.array(item_ids), uri=pa.array(uris), task=pa.array(["caption"] * n),
+                    text=pa.array(["a caption"] * n), processed_at=pa.repeat(now, n))
+        name = f"part-20260101-000000-0000beef-{self.files:06d}.parquet"   # named as a run of ours names them
+        pq.write_table(pa.Table.from_pydict(rows, schema=output.SCHEMA), self.out / name, compression="zstd")
+        self.files += 1
+        # a finished run's records count every task of the run: manifests may add their rows' own prompts
+        self.record(f"{unit.id}#{shard}", n, extent)
+        if ids is not None:
+            ids.write(shard, id_keys(item_ids))
+
+    def record(self, name: str, n: int, extent: dict | None) -> None:
+        self.ledger.records[name] = {"caption": n, "prompt": 0}
+        if extent is not None:
+            self.ledger.extents[name] = extent
+
+    def close(self) -> None:
+        self.ledger.fold()
+        self.ledger.mark_trusted()
+
+
+def new_media(media: Path, pending: int) -> list[str]:
+    media.mkdir(parents=True, exist_ok=True)
     for i in range(pending):
         (media / f"new_{i:04d}.png").write_bytes(tiny_png())
-    pq.write_table(pa.table({"uri": [str(media / f"new_{i:04d}.png") for i in range(pending)]}),
-                   mdir / "zzzzzz.parquet")
-    ledger = progress.Ledger(StateDir(str(out), OPTS), fingerprint_of(mdir, out))
-    now = pa.scalar(0, pa.timestamp("us", tz="UTC"))
-    for f in range((done + ROWS_PER_MANIFEST - 1) // ROWS_PER_MANIFEST):
-        n = min(ROWS_PER_MANIFEST, done - f * ROWS_PER_MANIFEST)
-        uris = [f"/virtual/{f:06d}/{i:06d}.jpg" for i in range(n)]
+    return [str(media / f"new_{i:04d}.png") for i in range(pending)]
+
+
+def virtual_uris(start: int, end: int) -> list[str]:
+    return [f"/virtual/{i // ROWS_PER_MANIFEST:06d}/{i:09d}.jpg" for i in range(start, end)]
+
+
+def stamp_of(path: Path) -> str:
+    return readers.file_stamp(storage.filesystem(str(path), OPTS)[0].info(str(path)))
+
+
+def synth_manifests(root: Path, done: int, pending: int, model: Path):
+    """A folder of finished 10,000-row manifests, and the new rows in a new one."""
+    mdir, out = root / "manifests", root / "out"
+    mdir.mkdir(parents=True)
+    pq.write_table(pa.table({"uri": new_media(root / "media", pending)}), mdir / "zzzzzz.parquet")
+    cfg = load_cfg(mdir, out, model)
+    synth = DoneOutput(out, cfg.input.fingerprint())
+    for f in range(-(-done // ROWS_PER_MANIFEST)):
+        uris = virtual_uris(f * ROWS_PER_MANIFEST, min(done, (f + 1) * ROWS_PER_MANIFEST))
         path = mdir / f"{f:06d}.parquet"
         pq.write_table(pa.table({"uri": uris}), path)
-        rows = {name: pa.nulls(n, t) for name, t in zip(output.SCHEMA.names, output.SCHEMA.types)}
-        rows.update(id=pa.array([item_id(u) for u in uris]), uri=pa.array(uris), task=pa.array(["caption"] * n),
-                    text=pa.array(["a caption"] * n), processed_at=pa.repeat(now, n))
-        name = f"part-20260101-000000-0000beef-{f:06d}.parquet"   # named as a run of ours names them
-        pq.write_table(pa.Table.from_pydict(rows, schema=output.SCHEMA), out / name, compression="zstd")
-        # a finished run's records count every task of the run: manifests may add their rows' own prompts
-        ledger.records[f"{path}#0.0"] = ledger.records[str(path)] = {"caption": n, "prompt": 0}
-    ledger.fold()
-    ledger.mark_trusted()
-    return mdir, out
+        unit, stamp = readers.Unit("manifest", str(path)), stamp_of(path)
+        synth.shard(unit, "0.0", uris, {"rows": len(uris), "of": stamp}, None)
+        synth.record(unit.id, len(uris), {"of": stamp, "groups": [len(uris)], "tail": _tail(uris)})
+    synth.close()
+    return cfg
+
+
+def _tail(uris: list[str]) -> str:
+    """The tail digest a reader notes of a Parquet manifest's last URIs (readers.Tail)."""
+    return readers._digest([u.encode() for u in uris[-readers.TAIL_ROWS:]])
+
+
+GROUP_ROWS = 1_000_000   # row groups of the big manifests (a multiple of a shard's rows)
+
+
+def synth_big(root: Path, done: int, pending: int, model: Path, grown: str = ""):
+    """One manifest of `done` rows with its shards finished (and its ids stored), then `pending` new rows: in the
+    same file not yet done (a run killed there), or (`grown`: "parquet" or "csv") added after a run finished it,
+    the Parquet file rewritten with its old rows first, the CSV appended to."""
+    fmt = grown or "parquet"
+    path, out = root / f"m.{fmt}", root / "out"
+    root.mkdir(parents=True)
+    new, old = new_media(root / "media", pending), virtual_uris(0, done)
+    write = {"parquet": lambda uris: pq.write_table(pa.table({"uri": uris}), path, row_group_size=GROUP_ROWS),
+             "csv": lambda uris: path.write_text("uri\n" + "".join(u + "\n" for u in uris))}[fmt]
+    write(old if grown else old + new)
+    cfg = load_cfg(path, out, model)
+    synth, unit, stamp = DoneOutput(out, cfg.input.fingerprint()), readers.Unit("manifest", str(path)), stamp_of(path)
+    ids = StoredIds(synth.state, unit, kept=True)
+    for start in range(0, done, ROWS_PER_MANIFEST):
+        shard = (f"{start // GROUP_ROWS}.{start % GROUP_ROWS // ROWS_PER_MANIFEST}" if fmt == "parquet"
+                 else str(start // ROWS_PER_MANIFEST))
+        uris = old[start:start + ROWS_PER_MANIFEST]
+        synth.shard(unit, shard, uris, {"rows": len(uris), "of": stamp}, ids)
+    if grown:
+        groups = [min(GROUP_ROWS, done - g) for g in range(0, done, GROUP_ROWS)]
+        extent = ({"of": stamp, "groups": groups, "tail": _tail(old[(len(groups) - 1) * GROUP_ROWS:])}
+                  if fmt == "parquet" else
+                  {"of": stamp, "rows": done, "tail": readers.text_tail(str(path), path.stat().st_size, OPTS)})
+        synth.record(unit.id, done, extent)
+        if fmt == "csv":
+            with path.open("a") as f:
+                f.write("".join(u + "\n" for u in new))
+        else:
+            write(old + new)
+    synth.close()
+    return cfg
+
+
+def synth_listed(root: Path, done: int, pending: int, model: Path):
+    """A folder of 16 sub-folders of `done` empty .jpg files (never opened: their pairs are done), listed and
+    finished by a run that ended, then `pending` images added to the 8th sub-folder."""
+    from pipeline.run import input_fingerprint
+    from pipeline.preflight import read_spec
+
+    media, out = root / "media", root / "out"
+    folders = [media / f"d{k:02d}" for k in range(16)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for i in range(done):
+        os.close(os.open(folders[i % 16] / f"{i:09d}.jpg", os.O_CREAT | os.O_WRONLY))
+    cfg = load_cfg(media, out, model, input__manifest="", input__uri=str(media))
+    listed_at = time.time() - 3600
+    out.mkdir(parents=True)
+    snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(media))
+    partitions = snapshot.partitions(OPTS)
+    synth = DoneOutput(out, input_fingerprint(cfg, read_spec(cfg, StateDir(str(out), OPTS))))
+    for index, part in enumerate(partitions):
+        unit = readers.Unit("listing", str(media), index, part.prefix, part.recursive)
+        keys = sorted(f"{part.prefix}{name}" for name in os.listdir(media / part.prefix))
+        for number, start in enumerate(range(0, len(keys), listing.PART_ROWS)):
+            chunk = keys[start:start + listing.PART_ROWS]
+            snapshot.write_part(index, number, chunk)
+            synth.shard(unit, str(number), [canonical_uri(str(media / k)) for k in chunk], None, None)
+        parts = -(-len(keys) // listing.PART_ROWS)
+        snapshot.mark_complete(index, parts, listed_at=listed_at)
+        synth.record(unit.id, len(keys), {"listed_at": listed_at})
+    synth.state.write_json("runs/20000101-000000-00000000.json", {"ended_at": listed_at + 60})
+    synth.close()
+    new_media(folders[7], pending)
+    return cfg
+
+
+RESUME_LAYOUTS = {
+    "manifests": ("folder of manifests, new rows in a new one", synth_manifests),
+    "big": ("one big Parquet manifest, its last rows open", synth_big),
+    "grown": ("one Parquet manifest finished, then rewritten with rows more",
+              lambda *a: synth_big(*a, grown="parquet")),
+    "grown-csv": ("one CSV manifest finished, then appended to", lambda *a: synth_big(*a, grown="csv")),
+    "listed": ("a listed folder finished, then objects added to it", synth_listed),
+}
 
 
 def null_decode(batch: pa.Table, settings) -> pa.Table:
@@ -190,15 +319,20 @@ def load_cfg(mdir: Path, out: Path, model: Path, **overrides):
     return config_mod.from_dict(raw)
 
 
-def time_resume(root: Path, done: int, model: Path) -> dict:
+def time_resume(root: Path, done: int, model: Path, layout: str = "manifests") -> dict:
     import ray
 
     from pipeline.run import run
 
-    mdir, out = synth_done_output(root, done, 64, lambda m, o: load_cfg(m, o, model).input.fingerprint())
-    summary = run(load_cfg(mdir, out, model), out=io.StringIO(), predictor=NullPredictor, decode=null_decode)
+    start = time.perf_counter()
+    cfg = RESUME_LAYOUTS[layout][1](root, done, 64, model)
+    made_s = time.perf_counter() - start
+    printed = io.StringIO()
+    summary = run(cfg, out=printed, predictor=NullPredictor, decode=null_decode)
     ray.shutdown()
-    return {"done": done, "first_new_s": summary.first_result_s, "skipped": summary.skipped, "new": summary.done}
+    return {"done": done, "layout": layout, "first_new_s": summary.first_result_s, "skipped": summary.skipped,
+            "new": summary.done, "made_s": made_s, "said": [line for line in printed.getvalue().splitlines()
+                                                          if line.startswith(("input changed", "note"))]}
 
 
 def time_previous_design(root: Path, done: int) -> dict:
@@ -272,6 +406,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listing-items", type=int, default=200_000)
     parser.add_argument("--resume", default="100000,1000000,10000000", help="done-row counts to resume from")
+    parser.add_argument("--layouts", default=",".join(RESUME_LAYOUTS), help="input layouts to resume from")
+    parser.add_argument("--listed-max", type=int, default=1_000_000,
+                        help="largest done count for the listed layout (it makes a file per object)")
     parser.add_argument("--before-max", type=int, default=1_000_000,
                         help="largest done count at which the previous design is timed too (it is slow)")
     parser.add_argument("--machinery-items", type=int, default=200_000)
@@ -287,19 +424,24 @@ def main() -> int:
     for name, n, s, first in bench_reading(work / "read", args.listing_items):
         print(f"  {name:55s} {n:>9d} items {s:6.2f}s {n / s:>10,.0f} items/s; first block after {first:.2f}s")
 
-    print("\n## 2. resume start-up: time to the first new row (Ray start-up included)")
+    print("\n## 2. resume start-up: time to the first new row (Ray start-up included), 64 new rows each")
+    time_resume(work / "resume-warm-up", 1_000, model)   # the first Ray start of a process is slower: not timed
     resume = []
-    for done in (int(x) for x in args.resume.split(",")):
-        root = work / f"resume-{done}"
-        r = time_resume(root, done, model)
-        if done <= args.before_max:
-            r.update(time_previous_design(root, done))
-        resume.append(r)
-        before = (f"; previous design before any new work: {r['load_done_s']:.1f}s keys + {r['reread_s']:.1f}s "
-                  f"re-read = {r['load_done_s'] + r['reread_s']:.1f}s" if "load_done_s" in r else "")
-        print(f"  {done:>11,d} rows done: first new row after {r['first_new_s']:5.1f}s (skipped {r['skipped']:,}, "
-              f"new {r['new']}){before}", flush=True)
-        shutil.rmtree(root, ignore_errors=True)
+    for layout in args.layouts.split(","):
+        for done in (int(x) for x in args.resume.split(",")):
+            if layout == "listed" and done > args.listed_max:
+                continue
+            root = work / f"resume-{layout}-{done}"
+            r = time_resume(root, done, model, layout)
+            if done <= args.before_max and layout == "manifests":
+                r.update(time_previous_design(root, done))
+            resume.append(r)
+            before = (f"; previous design before any new work: {r['load_done_s']:.1f}s keys + {r['reread_s']:.1f}s "
+                      f"re-read = {r['load_done_s'] + r['reread_s']:.1f}s" if "load_done_s" in r else "")
+            print(f"  {RESUME_LAYOUTS[layout][0]:62s} {done:>11,d} done: first new row after "
+                  f"{r['first_new_s']:5.1f}s (skipped {r['skipped']:,}, new {r['new']}; made in {r['made_s']:.0f}s)"
+                  f"{before}" + "".join(f"\n    said: {line}" for line in r["said"]), flush=True)
+            shutil.rmtree(root, ignore_errors=True)
 
     print("\n## 3. machinery with zero-cost decode and model")
     m = time_machinery(work / "machinery", args.machinery_items, model)
@@ -316,12 +458,18 @@ def main() -> int:
                          if line.startswith(("work:", "ratio job/direct", "texts identical"))))
 
     print("\n## extrapolation (2 cores, local disk)")
-    first = {r["done"]: r["first_new_s"] for r in resume}
-    print(f"  resume: first new row after {', '.join(f'{s:.1f}s ({d:,} done)' for d, s in first.items())}. What "
-          f"start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few MB of "
-          f"done.pq.state) plus the sidecars of shards open at the kill, so 1e8 and 1e9 resume in about the same "
-          f"time; the previous design's pre-work grew linearly (x10 per decade above): ~10 min at 1e8, ~1.5 h at "
-          f"1e9 locally, before re-listing an S3 prefix")
+    for layout, (what, _) in RESUME_LAYOUTS.items():
+        first = {r["done"]: r["first_new_s"] for r in resume if r["layout"] == layout}
+        if len(first) > 1 and min(first.values()) > 0:
+            low, high = min(first), max(first)
+            figures = ", ".join(f"{s:.1f}s ({d:,} done)" for d, s in first.items())
+            print(f"  resume, {what}: first new row after {figures}: x{first[high] / first[low]:.2f} from {low:,} "
+                  f"to {high:,} done")
+    print("  What a start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few MB "
+          "of done.pq.state) plus the sidecars of shards open at the kill; a big manifest's finished row groups are "
+          "skipped unread, their shards' ids read instead (8 bytes a row: 80 MB at 1e7, 8 GB at 1e9 on one unit); a "
+          "listed prefix is listed again after a run ended (O(objects): what the first run's listing cost). The "
+          "previous design's pre-work grew linearly (x10 per decade): ~10 min at 1e8, ~1.5 h at 1e9 locally")
     print(f"  driver memory: +{m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items, most of it "
           f"in the first 1e5 (warm-up); after that Ray Data's per-task metrics add a few MB per 1e5 items, and "
           f"nothing of ours is kept per item or row")

@@ -46,6 +46,7 @@ class InputConfig:
     exclude: list[str] = field(default_factory=list)
     manifest_prompt_task: str = "prompt"   # task name given to a manifest row's own prompt
     max_items: int = 0       # 0 = no limit; otherwise stop reading after this many items
+    relist: bool = True      # a listed prefix: a rerun after a run that ended lists it again for new objects
 
     def fingerprint(self) -> str:
         """Hash of what selects the items (not how many): completion records are only trusted for the same."""

@@ -12,6 +12,7 @@ runs on the same output (see README).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import os
 import uuid
@@ -161,6 +162,25 @@ def _children(uri: str, opts: StorageOptions, prefix: str) -> tuple[list[str], b
                    if e["type"] == "directory"), any(e["type"] != "directory" for e in entries))
 
 
+def uncovered(uri: str, opts: StorageOptions, known: list[Partition], prefix: str = "") -> list[Partition]:
+    """Partitions for the keys below `prefix` that no `known` partition lists: sub-folders and files made since the
+    prefix was planned. One listing call per folder on the way to the known partitions."""
+    if any(p.recursive and prefix.startswith(p.prefix) for p in known):
+        return []
+    found = _children(uri, opts, prefix)
+    if found is None:   # too many sub-folders to plan with: its partitions list what they hold
+        log.warning("%s%s has too many sub-folders to look for new ones among them", storage.scrub(uri), prefix)
+        return []
+    folders, has_files = found
+    new = [Partition(prefix, False)] if has_files and Partition(prefix, False) not in known else []
+    for folder in folders:
+        if any(p.prefix.startswith(folder) for p in known):   # a known partition is this folder or below it
+            new += uncovered(uri, opts, known, folder)
+        else:
+            new.append(Partition(folder, True))
+    return new
+
+
 def plan_partitions(uri: str, opts: StorageOptions, max_depth: int = 8) -> list[Partition]:
     """Sub-folders of the prefix, one partition each (descending while a folder holds one sub-folder and no
     files), plus the files directly in the folder planned at. A few listing calls, whatever the corpus size."""
@@ -201,6 +221,18 @@ class ListingSnapshot:
             return parts
         return [Partition(p["prefix"], p["recursive"]) for p in plan["partitions"]]
 
+    def extend(self, opts: StorageOptions, relist_before: float, now: float) -> list[Partition]:
+        """The plan, with partitions for sub-folders made since it was planned when that was before `relist_before`
+        (the end of the last run that ended), appended so that the others keep their numbers."""
+        plan = self._plan()
+        partitions = [Partition(p["prefix"], p["recursive"]) for p in plan["partitions"]]
+        if plan.get("planned_at", 0.0) >= relist_before:
+            return partitions
+        new = uncovered(self.uri, opts, partitions)
+        plan["partitions"] += [{"prefix": p.prefix, "recursive": p.recursive} for p in new]
+        self.state.write_json(f"{self.dir}/plan.json", {**plan, "planned_at": now})
+        return partitions + new
+
     def identity(self) -> str:
         """A new value whenever the prefix is listed afresh (a deleted snapshot): the parts of a new listing hold
         other keys under the same numbers, so completion records made over an earlier one must not be trusted.
@@ -212,8 +244,13 @@ class ListingSnapshot:
         return self.state.read_json(f"{self.dir}/plan.json")
 
     def parts(self, index: int) -> tuple[list[int], bool]:
-        """(numbers of the parts written so far, whether the partition is listed to its end). Parts an earlier
-        version named `<n>.parquet` are renamed first: a snapshot is never written again, and under that name
+        """(numbers of the parts written so far, whether the partition is listed to its end)."""
+        numbers, complete = self.status(index)
+        return numbers, complete is not None
+
+    def status(self, index: int) -> tuple[list[int], dict | None]:
+        """(numbers of the parts written so far, complete.json once the partition is listed to its end). Parts an
+        earlier version named `<n>.parquet` are renamed first: a snapshot is never written again, and under that name
         readers globbing the output for `**/*.parquet` took them for results."""
         names = self.state.list(f"{self.dir}/p{index}")
         numbers = set()
@@ -223,7 +260,8 @@ class ListingSnapshot:
                 numbers.add(int(number))
                 if suffix == OLD_TABLE:
                     self.state.rename_old_table(self._part(index, int(number)))
-        return sorted(numbers), "complete.json" in names
+        complete = self.state.read_json(f"{self.dir}/p{index}/complete.json") if "complete.json" in names else None
+        return sorted(numbers), complete
 
     def _part(self, index: int, number: int) -> str:
         return f"{self.dir}/p{index}/{number:06d}"
@@ -237,32 +275,68 @@ class ListingSnapshot:
     def write_part(self, index: int, number: int, paths: list[str]) -> None:
         self.state.write_table(self._part(index, number), pa.table({"path": pa.array(paths, pa.string())}))
 
-    def mark_complete(self, index: int, parts: int) -> None:
-        self.state.write_json(f"{self.dir}/p{index}/complete.json", {"parts": parts})
+    def mark_complete(self, index: int, parts: int, runs: list[list[int]] | None = None,
+                      listed_at: float = 0.0) -> None:
+        """`runs`: [first, end) ranges of part numbers whose keys ascend through the range (a listing, or the new keys
+        of a listing again); `listed_at`: the start of the run that listed it (wall clock)."""
+        self.state.write_json(f"{self.dir}/p{index}/complete.json",
+                              {"parts": parts, "runs": runs or [[0, parts]], "listed_at": listed_at})
+
+    def keys(self, index: int, runs: list[list[int]]) -> Iterator[str]:
+        """Every key of these runs of parts, in ascending order, a part at a time per run."""
+        def run(first: int, end: int) -> Iterator[str]:
+            for number in range(first, end):
+                yield from self.read_part(index, number)
+
+        return heapq.merge(*(run(first, end) for first, end in runs))
 
 
 def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int, part: Partition,
-                    skip) -> Iterator[tuple[int, list[str] | None]]:
+                    skip, relist_before: float = 0.0, now: float = 0.0, note: dict | None = None
+                    ) -> Iterator[tuple[int, list[str] | None]]:
     """(part number, relative media paths) for every part of a partition, in order: read from the snapshot, or
-    listed now and snapshotted first. Parts for which `skip(number)` is true come as (number, None) unread."""
-    numbers, complete = snapshot.parts(index)
+    listed now and snapshotted first. Parts for which `skip(number)` is true come as (number, None) unread. A
+    partition listed before `relist_before` is listed again: keys the snapshot lacks come as new parts. `note` gets
+    "listed_at", when the snapshot was last listed to its end (`now` if here)."""
+    numbers, complete = snapshot.status(index)
     for number in numbers:
         yield number, None if skip(number) else snapshot.read_part(index, number)
-    if complete:
+    runs = (complete.get("runs") or [[0, complete["parts"]]]) if complete else []
+    listed = max((end for _, end in runs), default=0)   # parts after these: a listing cut short, to go on with
+    if complete is not None and listed > (numbers[-1] if numbers else -1) and \
+            complete.get("listed_at", 0.0) >= relist_before:
+        if note is not None:
+            note["listed_at"] = complete.get("listed_at", 0.0)
         return
-    after = snapshot.read_part(index, numbers[-1])[-1] if numbers else ""
+    after = snapshot.read_part(index, numbers[-1])[-1] if numbers and numbers[-1] >= listed else ""
     number = numbers[-1] + 1 if numbers else 0
-    chunk: list[str] = []
-    for rel in walk(uri, opts, part, after):
-        if media_type_of(rel) is None:
-            continue   # a listing only picks media files; manifests say explicitly what they want
-        chunk.append(rel)
-        if len(chunk) == PART_ROWS:
-            snapshot.write_part(index, number, chunk)
-            yield number, chunk
-            number, chunk = number + 1, []
-    if chunk:
+    for chunk in _chunks(_new_keys(walk(uri, opts, part, after), snapshot.keys(index, runs))):
         snapshot.write_part(index, number, chunk)
         yield number, chunk
         number += 1
-    snapshot.mark_complete(index, number)
+    runs = runs + ([[listed, number]] if number > listed else [])
+    snapshot.mark_complete(index, number, runs, now)
+    if note is not None:
+        note["listed_at"] = now
+
+
+def _new_keys(walked: Iterator[str], known: Iterator[str]) -> Iterator[str]:
+    """The media keys of `walked` that `known` lacks, both ascending: a listing compared with its snapshot in one
+    pass, holding a part of each at a time."""
+    have = next(known, None)
+    for key in walked:
+        while have is not None and have < key:
+            have = next(known, None)
+        if have != key and media_type_of(key) is not None:   # a listing only picks media files
+            yield key
+
+
+def _chunks(keys: Iterator[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for key in keys:
+        chunk.append(key)
+        if len(chunk) == PART_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

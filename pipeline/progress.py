@@ -2,10 +2,13 @@
 
 Shards (a listing part, a manifest row range, a tar, a Parquet row range) and read units (a partition, a file)
 get a completion record once every (item, task) pair of theirs is in a result file:
-`_state/done/<hash>.json` = {"name", "counts": {task: pairs}}, folded now and then into `_state/done.pq.state`
+`_state/done/<hash>.json` = {"name", "counts": {task: pairs}, "extent"}, folded now and then into `_state/done.pq.state`
 (Parquet, named so that no reader takes it for results; an earlier version's `done.parquet` is read until the next
 fold replaces it).
 A rerun skips finished units without opening them and finished shards without reading them.
+A record's extent says what it covers of an input that can grow (pipeline.changes): a shard's rows and the file
+version they were read from, a unit's file version and size, a listing partition's time of listing. A record without
+one (an earlier version's) covers its shard or unit whatever it holds now.
 
 Which result file holds which shards' rows is the manifest's (`pipeline.manifest`, `_state/files.pq.state`): a
 sidecar written just before each file, `_state/inflight/<file>.json` = {"file", "size", "rows", "digest",
@@ -21,6 +24,7 @@ keys count as done, and the marker is written when a run has finished every shar
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +45,7 @@ FOLDED = "done"            # a state table: _state/done.pq.state
 INFLIGHT = "inflight"
 FOLD_EVERY = 256          # new records between folds
 FOLDED_SCHEMA = pa.schema([("name", pa.string()), ("tasks", pa.list_(pa.string())),
-                           ("pairs", pa.list_(pa.int64()))])
+                           ("pairs", pa.list_(pa.int64())), ("extent", pa.string())])   # extent: JSON or null
 
 
 def _record_file(name: str) -> str:
@@ -58,6 +62,7 @@ class Resume:
     records: dict[str, dict[str, int]]     # finished shard or unit -> pairs per task
     done_keys: np.ndarray                  # sorted uint64 (id, task) keys of rows of open shards
     scanned: bool                          # the whole output was scanned (no trusted records)
+    extents: dict[str, dict] = field(default_factory=dict)   # record -> what it covers of a growing input
 
 
 class Ledger:
@@ -66,6 +71,7 @@ class Ledger:
     def __init__(self, state: StateDir, fingerprint: str, move_foreign: bool = False):
         self.state, self.fingerprint, self.move_foreign = state, fingerprint, move_foreign
         self.records: dict[str, dict[str, int]] = {}
+        self.extents: dict[str, dict] = {}         # record -> its extent, where it has one
         self.sidecars: dict[str, dict] = {}        # sidecar file name -> {"file", manifest row}
         self.files: dict[str, dict] = {}           # the manifest: result file -> row
         self.landed: set[str] = set()              # files landed since the last fold
@@ -84,7 +90,7 @@ class Ledger:
                 self._reopen(check.reopen)
                 if check.changed or check.reopen:
                     self._save()
-                return Resume(dict(self.records), self._open_keys(), False)
+                return Resume(dict(self.records), self._open_keys(), False, dict(self.extents))
             self.forget()
             listed = {n: size for n, size in listed.items() if n not in check.moved}
         return self._scan(listed)
@@ -105,8 +111,9 @@ class Ledger:
     def _reopen(self, shards: set[str]) -> None:
         """These shards' pairs must be looked for again: their records, and their units', go."""
         for shard in shards:
-            self.records.pop(shard, None)
-            self.records.pop(shard.rsplit("#", 1)[0], None)
+            for name in (shard, shard.rsplit("#", 1)[0]):
+                self.records.pop(name, None)
+                self.extents.pop(name, None)
 
     def _open_keys(self) -> np.ndarray:
         """Keys of the files holding rows of open shards; a file found torn there loses its row, and the shards
@@ -153,14 +160,24 @@ class Ledger:
     def _load_records(self) -> None:
         folded = self.state.read_table(FOLDED)
         if folded is not None:
-            for name, tasks, pairs in zip(*(folded[c].to_pylist() for c in FOLDED_SCHEMA.names)):
+            # an earlier version's table has no extents
+            extents = folded["extent"].to_pylist() if "extent" in folded.column_names else [None] * len(folded)
+            for name, tasks, pairs, extent in zip(*(folded[c].to_pylist() for c in FOLDED_SCHEMA.names[:3]), extents):
                 self.records[name] = dict(zip(tasks, pairs))
+                if extent is not None:
+                    self.extents[name] = json.loads(extent)
         names = [n for n in self.state.list(RECORDS) if n.endswith(".json")]
         with ThreadPoolExecutor(max_workers=16) as pool:
             for rec in pool.map(lambda n: self.state.read_json(f"{RECORDS}/{n}"), names):
                 if rec is not None:
-                    self.records[rec["name"]] = _merged(self.records.get(rec["name"]), rec["counts"])
+                    self._keep(rec["name"], rec["counts"], rec.get("extent"))   # a record file holds it whole
         self.unfolded = len(names)
+
+    def _keep(self, name: str, counts: dict[str, int], extent: dict | None) -> None:
+        """A record as read back or written (its file holds the whole record)."""
+        self.records[name] = counts
+        if extent is not None:
+            self.extents[name] = extent
 
     # -- while running --------------------------------------------------------------------------------------
 
@@ -189,10 +206,11 @@ class Ledger:
         """The file has landed: its row goes into the manifest at the next fold."""
         self.landed.add(file_name)
 
-    def record(self, name: str, counts: dict[str, int]) -> None:
-        counts = _merged(self.records.get(name), counts)
-        self.state.write_json(_record_file(name), {"name": name, "counts": counts})
-        self.records[name] = counts
+    def record(self, name: str, counts: dict[str, int], extent: dict | None = None) -> None:
+        """`extent`: what the record covers of an input that can grow; None keeps the one it had."""
+        counts, extent = _merged(self.records.get(name), counts), extent or self.extents.get(name)
+        self.state.write_json(_record_file(name), {"name": name, "counts": counts, "extent": extent})
+        self._keep(name, counts, extent)
         self.unfolded += 1
         if self.unfolded >= FOLD_EVERY:
             self.fold()
@@ -213,7 +231,8 @@ class Ledger:
         a landed file's sidecar until its row is in."""
         self.state.write_table(FOLDED, pa.table({
             "name": list(self.records), "tasks": [list(c) for c in self.records.values()],
-            "pairs": [list(c.values()) for c in self.records.values()]}, schema=FOLDED_SCHEMA))
+            "pairs": [list(c.values()) for c in self.records.values()],
+            "extent": [_json_or_none(self.extents.get(n)) for n in self.records]}, schema=FOLDED_SCHEMA))
         self.state.remove(RECORDS, recursive=True)
         self.unfolded = 0
         if write_manifest:
@@ -265,11 +284,15 @@ class Ledger:
         self.state.remove_table(FOLDED)
         self.state.remove(INFLIGHT, recursive=True)
         self.state.remove_table(manifest.MANIFEST)
-        self.records, self.sidecars, self.files = {}, {}, {}   # or the next fold would write them back
+        self.records, self.extents, self.sidecars, self.files = {}, {}, {}, {}   # or a fold would write them back
 
 
 def _merged(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
     return {**(old or {}), **new}
+
+
+def _json_or_none(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
 
 
 def read_keys(state: StateDir, files: list[str], lost: list[str] | None = None) -> np.ndarray:
@@ -346,12 +369,12 @@ class Tracker:
     def stopping(self) -> bool:
         return self.stop_requested
 
-    def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int) -> None:
+    def shard(self, name: str, counts: dict[str, int], pending: int, skipped: int, extent: dict | None = None) -> None:
         """counts: the shard's pairs per task (done or not) that no earlier record holds; pending: how many of
-        them this run does; skipped: pairs found done."""
+        them this run does; skipped: pairs found done; extent: what its record will cover (rows, file version)."""
         if name not in self.shards:   # a retried read task reports the same shard again
             self.skipped += skipped
-        self.shards[name] = (counts, pending)
+        self.shards[name] = (counts, pending, extent)
 
     def cut_short(self, name: str, skipped: int) -> None:
         """A shard read only in part (input.max_items): skipped, its pairs found done so far; it stays open."""
@@ -359,8 +382,8 @@ class Tracker:
             self.cut.add(name)
             self.skipped += skipped
 
-    def unit(self, name: str, shards: list[str]) -> None:
-        self.units[name] = shards
+    def unit(self, name: str, shards: list[str], extent: dict | None = None) -> None:
+        self.units[name] = (shards, extent)
 
     def drain(self) -> tuple[dict, dict, int]:
         out = (self.shards, self.units, self.skipped)
@@ -386,13 +409,16 @@ class OpenShards:
     to do; a shard whose rows have all landed gets its record, a unit whose shards all have theirs gets one."""
     ledger: Ledger
     tasks: tuple[str, ...]
-    expected: dict[str, tuple[dict[str, int], int]] = field(default_factory=dict)
+    expected: dict[str, tuple[dict[str, int], int, dict | None]] = field(default_factory=dict)
     landed: dict[str, int] = field(default_factory=dict)
-    units: dict[str, list[str]] = field(default_factory=dict)
+    units: dict[str, tuple[list[str], dict | None]] = field(default_factory=dict)
 
-    def listed(self, shards: dict[str, tuple[dict[str, int], int]], units: dict[str, list[str]]) -> None:
-        self.expected.update(shards)
-        self.units.update(units)
+    def listed(self, shards: dict[str, tuple], units: dict[str, tuple | list]) -> None:
+        """shards: name -> (counts, pending pairs[, extent]) (Tracker.shard); units: name -> (shard names, extent)
+        or the names."""
+        self.expected.update({name: (*report, None)[:3] for name, report in shards.items()})
+        self.units.update({name: report if isinstance(report, tuple) else (report, None)
+                           for name, report in units.items()})
         self._settle(list(shards))
 
     def wrote(self, counts: dict[str, int]) -> None:
@@ -404,20 +430,22 @@ class OpenShards:
         for shard in shards:
             if shard not in self.expected or self.landed.get(shard, 0) < self.expected[shard][1]:
                 continue
-            self.ledger.record(shard, self.expected.pop(shard)[0])
+            counts, _, extent = self.expected.pop(shard)
+            self.ledger.record(shard, counts, extent)
             self.landed.pop(shard, None)
-        for unit, names in list(self.units.items()):
-            if all(covers(self.ledger.records.get(s), self.tasks) for s in names):
+        for unit, (names, extent) in list(self.units.items()):
+            # a shard still waiting for rows may hold an older record (one that covered it before it grew)
+            if all(covers(self.ledger.records.get(s), self.tasks) and s not in self.expected for s in names):
                 total: dict[str, int] = {}
                 for s in names:
                     for t, n in self.ledger.records[s].items():
                         total[t] = total.get(t, 0) + n
-                self.ledger.record(unit, total)
+                self.ledger.record(unit, total, extent)
                 del self.units[unit]
 
     def pending_pairs(self) -> int:
         """Pairs of reported shards still waiting for their rows."""
-        return sum(max(0, pending - self.landed.get(shard, 0)) for shard, (_, pending) in self.expected.items())
+        return sum(max(0, pending - self.landed.get(shard, 0)) for shard, (_, pending, *_) in self.expected.items())
 
     @property
     def open(self) -> int:

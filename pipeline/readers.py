@@ -1,6 +1,8 @@
 """Readers of the input formats. Each turns one read unit (a listing partition, a manifest file, a tar shard, a
 Parquet file) into pieces of raw rows, grouped in numbered shards (the unit of resume), in an order that is the
-same in every run. A shard the caller says is finished is not read (only its ids, for tables, where cheap).
+same in every run. What the completion records say (`Known`) decides what is read: a finished shard is not read (its
+ids only, for tables, unless they are stored), and a record's extent says how many rows of a shard it covers, so a
+manifest that grew is read past them (from where its rows done end, for a text manifest only appended to).
 
 Raw rows: `uri`, `media_type`, `prompt`, `key`, `data` (embedded bytes), `error`, then the kept input columns.
 """
@@ -10,13 +12,16 @@ from __future__ import annotations
 import fnmatch
 import functools
 import glob as globlib
+import hashlib
+import io
 import logging
+import math
 import os
 import re
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
 import pyarrow as pa
@@ -46,6 +51,8 @@ TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json
 # CSV text is read unchecked, as the Parquet and JSON readers read theirs, and mended row by row (_texts, _utf8):
 # checked, one Latin-1 value failed the whole file, or typed its column binary when in the first block
 CSV_CONVERT = {"check_utf8": False}
+TAIL_BYTES = 4096   # a text manifest's last bytes, digested in its records: rows appended after them leave them be
+TAIL_ROWS = 64      # a Parquet manifest's last URIs, likewise (a Parquet file is rewritten whole to add rows)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Unit:
     partition: int = -1      # listing only
     prefix: str = ""
     recursive: bool = True
+    stamp: str = field(default="", compare=False)   # a file's "<size>:<version>" when it was found (file_stamp)
 
     @property
     def id(self) -> str:
@@ -79,14 +87,101 @@ class ReadSpec:
     opts: StorageOptions
     state: StateDir
     keep_schema: pa.Schema | None = None   # types of the kept columns (kept_schema)
+    started_at: float = 0.0     # this run's start (wall clock): a listing made now is stamped with it
+    relist_before: float = 0.0  # the end of the last run that ended: partitions listed before it are listed again
 
 
 @dataclass
 class Piece:
     shard: int | str
-    table: pa.Table | None      # raw rows; for a finished shard only `uri` (tables) or None
+    table: pa.Table | None      # raw rows; for a finished shard only `uri` (tables) or None (not read)
     last: bool                  # the shard's last piece
-    finished: bool = False      # the caller said the shard is finished
+    finished: bool = False      # the shard's record holds every task (and all its rows)
+    start: int = 0              # the row of the read shard (n, or g.n) this piece starts at
+    rows: int = -1              # rows of the input the piece stands for (-1: its table's; rows without a URI go)
+
+    @property
+    def end(self) -> int:
+        """The row of the read shard this piece ends at."""
+        return self.start + (self.rows if self.rows >= 0 else (self.table.num_rows if self.table is not None else 0))
+
+
+def sub_shard(shard, start: float) -> str:
+    """The name of a shard's rows from `start` on, when rows were added to it after its record was made: "<n>+<row>"
+    (its first rows keep "<n>"). Each has a record of its own, so that rows of it that landed before a kill are found
+    in the output, as for any shard without a record."""
+    return f"{shard}+{int(start)}" if start else str(shard)
+
+
+@dataclass
+class Known:
+    """What the completion records say of one unit, for its reader, and what the reader notes of the file it read.
+
+    A shard's records form a chain: "<n>" covers its first rows, "<n>+<r>" the rows from r on that were added later,
+    and so on, each with the rows it covers in its extent; a record without one (an earlier version's) covers the
+    rest of the shard. A shard is finished when its chain holds every task and covers all the shard's rows now; one
+    whose ids are stored (sources.StoredIds) is skipped unread."""
+    records: dict[str, dict[str, int]] = field(default_factory=dict)   # by shard name
+    extents: dict[str, dict] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ()
+    with_ids: frozenset = frozenset()   # shards whose distinct ids are stored
+    grown: dict | None = None   # a finished text manifest only appended to since: its record's {"size", "rows"}
+    read: dict = field(default_factory=dict)   # of the file as read: "of" (file_stamp), "rows", "tail", "groups"
+
+    def chain(self, shard) -> list[tuple[str, float, float]]:
+        """(name, first row, end row) of the shard's records, in row order."""
+        out, start = [], 0
+        while (name := sub_shard(shard, start)) in self.records:
+            rows = self.extents.get(name, {}).get("rows")
+            end = math.inf if rows is None else start + rows
+            out.append((name, start, end))
+            if not start < end < math.inf:   # the rest of the shard, or an empty record: nothing can follow
+                break
+            start = end
+        return out
+
+    def at(self, shard, row: int) -> tuple[str, float]:
+        """(name, end row) of the part of the shard holding `row`: a record of its chain, or the rows past them."""
+        for name, start, end in self.chain(shard):
+            if start <= row < end:
+                return name, end
+        return sub_shard(shard, self.covered(shard)), math.inf
+
+    def covered(self, shard) -> float:
+        """Rows of the shard its records cover: 0 without one, all with one without an extent."""
+        chain = self.chain(shard)
+        return chain[-1][2] if chain else 0
+
+    def done(self, name) -> bool:
+        """The record of this shard, or part of one, holds every task."""
+        counts = self.records.get(str(name))
+        return counts is not None and all(t in counts for t in self.tasks)
+
+    def finished(self, shard, rows: float = math.inf) -> bool:
+        """`rows`: the shard's rows now, where the reader knows them before reading (Parquet footers, full shards)."""
+        chain = self.chain(shard)
+        return bool(chain) and chain[-1][2] >= rows and all(self.done(name) for name, _, _ in chain)
+
+    def skip(self, shard, rows: float = math.inf) -> bool:
+        return self.finished(shard, rows) and all(name in self.with_ids for name, _, _ in self.chain(shard))
+
+    def unread(self, shard, rows: int) -> Iterator["Piece"]:
+        """Pieces for a finished shard skipped unread: one per record of its chain, with the rows it stands for."""
+        for name, start, end in self.chain(shard):
+            yield Piece(name, None, True, finished=True, start=int(start), rows=int(min(end, rows) - start))
+
+
+def file_stamp(info: dict) -> str:
+    """"<size>:<version>" of a file from its listing or info entry, the version being the store's content tag (the
+    ETag on S3) or else the modification time: a file appended to or rewritten gets another stamp."""
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return f"{info.get('size')}:"
+
+
+def stamp_size(stamp: str) -> int:
+    return int(stamp.split(":", 1)[0])
 
 
 # --- finding the units ---------------------------------------------------------------------------------------
@@ -100,9 +195,9 @@ def split_glob(path: str) -> tuple[str, str]:
 
 
 def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, what: str,
-                 in_folder: tuple[str, ...] | None = None) -> list[str]:
-    """A file, every matching file under a folder/prefix (`in_folder` extensions there), or a glob; sorted
-    canonical URIs."""
+                 in_folder: tuple[str, ...] | None = None) -> dict[str, str]:
+    """A file, every matching file under a folder/prefix (`in_folder` extensions there), or a glob: sorted canonical
+    URIs, each with its file_stamp (from the same listing: no request more)."""
     fs, path = storage.filesystem(uri, opts)
     root = path.rstrip("/")
     if globlib.has_magic(path):
@@ -111,19 +206,32 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
         except ValueError as e:   # fsspec refuses the pattern itself ("'**' can only be an entire path component")
             raise ConfigError(f"{what}: {uri} is not a valid glob ({e})") from None
         # folders matched by name (Spark writes `x.parquet/` folders) are not files to read
-        found = [p for p, info in matches.items() if info.get("type") != "directory"]
+        found = {p: info for p, info in matches.items() if info.get("type") != "directory"}
         root = split_glob(path)[0]
     elif storage.with_retries(lambda: fs.isdir(path), uri, opts):
-        found = storage.with_retries(lambda: fs.find(path), uri, opts)
+        found = storage.with_retries(lambda: fs.find(path, detail=True), uri, opts)
         extensions = in_folder or extensions
-    elif storage.with_retries(lambda: fs.exists(path), uri, opts):
-        found, root = [path], root.rsplit("/", 1)[0]
     else:
-        raise ConfigError(f"{what}: {uri} does not exist")
+        info = _info_if_any(fs, path, uri, opts)
+        if info is None:
+            raise ConfigError(f"{what}: {uri} does not exist")
+        found, root = {path: info}, root.rsplit("/", 1)[0]
     files = sorted(p for p in found if p.lower().endswith(extensions) and not _hidden_below(p, root))
     if not files:
         raise ConfigError(f"{what}: no {'/'.join(extensions)} files at {uri}")
-    return [canonical_uri(storage.full_uri(fs, p)) for p in files]
+    return {canonical_uri(storage.full_uri(fs, p)): file_stamp(found[p]) for p in files}
+
+
+def _stamp_now(uri: str, opts: StorageOptions) -> str:
+    fs, path = storage.filesystem(uri, opts)
+    return file_stamp(storage.with_retries(lambda: fs.info(path), uri, opts))
+
+
+def _info_if_any(fs, path: str, uri: str, opts: StorageOptions) -> dict | None:
+    try:
+        return storage.with_retries(lambda: fs.info(path), uri, opts)
+    except FileNotFoundError:
+        return None
 
 
 def _hidden_below(path: str, root: str) -> bool:
@@ -136,15 +244,18 @@ def _hidden_below(path: str, root: str) -> bool:
 
 def find_units(spec: ReadSpec) -> list[Unit]:
     if spec.manifest:
-        return [Unit("manifest", u) for u in expand_files(spec.manifest, MANIFEST_EXTENSIONS, spec.opts,
-                                                          "input.manifest", FOLDER_MANIFEST_EXTENSIONS)]
-    if spec.format == "webdataset":
-        return [Unit("webdataset", u) for u in expand_files(spec.input_uri, (".tar",), spec.opts, "input.uri")]
-    if spec.format == "parquet":
-        return [Unit("parquet", u) for u in expand_files(spec.input_uri, (".parquet",), spec.opts, "input.uri")]
+        found = expand_files(spec.manifest, MANIFEST_EXTENSIONS, spec.opts, "input.manifest",
+                             FOLDER_MANIFEST_EXTENSIONS)
+        return [Unit("manifest", u, stamp=stamp) for u, stamp in found.items()]
+    if spec.format in ("webdataset", "parquet"):
+        extension = ".tar" if spec.format == "webdataset" else ".parquet"
+        return [Unit(spec.format, u, stamp=stamp)
+                for u, stamp in expand_files(spec.input_uri, (extension,), spec.opts, "input.uri").items()]
     snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
-    return [Unit("listing", spec.input_uri, i, p.prefix, p.recursive)
-            for i, p in enumerate(snapshot.partitions(spec.opts))]
+    partitions = snapshot.partitions(spec.opts)
+    if spec.relist_before:   # a run ended since: sub-folders made since it was planned become partitions
+        partitions = snapshot.extend(spec.opts, spec.relist_before, spec.started_at)
+    return [Unit("listing", spec.input_uri, i, p.prefix, p.recursive) for i, p in enumerate(partitions)]
 
 
 # --- raw rows ------------------------------------------------------------------------------------------------
@@ -168,13 +279,13 @@ def _selected(rel: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
             and not any(fnmatch.fnmatch(rel, p) for p in exclude))
 
 
-def read_listing(unit: Unit, spec: ReadSpec, finished: Callable[[int], bool]) -> Iterator[Piece]:
+def read_listing(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     fs, root = storage.filesystem(spec.input_uri, spec.opts)
     base = root.rstrip("/")
     snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
     part = listing.Partition(unit.prefix, unit.recursive)
     for number, paths in listing.partition_parts(spec.input_uri, spec.opts, snapshot, unit.partition, part,
-                                                 finished):
+                                                 known.finished, spec.relist_before, spec.started_at, known.read):
         if paths is None:
             yield Piece(number, None, True, finished=True)
             continue
@@ -285,53 +396,113 @@ def unified_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     return merged.field("c").type
 
 
-def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: StorageOptions
+def _batches(uri: str, fmt: str, columns: list[str], text: list[str], opts: StorageOptions, *, start: int = 0,
+             end: int | None = None, names: list[str] | None = None, windows: list | None = None
              ) -> Iterator[pa.RecordBatch]:
     """`text` columns are read as strings: inferred from the first block, a prompt column empty for its first
-    megabyte is typed null, and the first prompt after that fails the whole file."""
+    megabyte is typed null, and the first prompt after that fails the whole file. Only bytes [start, end) are read:
+    `end` the size the file had when its stamp was taken (rows appended meanwhile are the next run's), `start` past
+    rows already done (a CSV's header, `names`, is then not in the bytes read)."""
     types = {c: pa.string() for c in text}
 
     def read(f) -> Iterator[pa.RecordBatch]:
+        window = _Window(f, start, end)
+        if windows is not None:
+            windows.append(window)
         if fmt == "csv":
-            yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(include_columns=columns,
-                                                                              column_types=types, **CSV_CONVERT))
+            header = pacsv.ReadOptions(column_names=names) if start else None
+            yield from pacsv.open_csv(window, read_options=header, convert_options=pacsv.ConvertOptions(
+                include_columns=columns, column_types=types, **CSV_CONVERT))
         else:
-            for batch in pajson.open_json(f, parse_options=pajson.ParseOptions(explicit_schema=pa.schema(types))):
+            for batch in pajson.open_json(window, parse_options=pajson.ParseOptions(explicit_schema=pa.schema(types))):
                 yield batch.select(columns)
 
     return _reread(uri, opts, read)
 
 
-def _sharded(batches: Iterator[pa.RecordBatch], shard_rows: int, piece_rows: int) -> Iterator[Piece]:
-    """Cut a stream of batches into pieces of whole-file row ranges: shard n holds rows [n*S, (n+1)*S)."""
-    row = 0
+class _Window(io.RawIOBase):
+    """Bytes [start, end) of an open file, as a file of their own; keeps the last TAIL_BYTES it gave (the tail
+    digest of a text manifest's records, without reading them again)."""
+
+    def __init__(self, f, start: int, end: int | None):
+        if start:
+            f.seek(start)
+        self.f, self.start, self.left = f, start, math.inf if end is None else max(0, end - start)
+        self.kept, self.given = bytearray(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.f.read(int(min(len(buffer), self.left)))
+        buffer[:len(data)] = data
+        self.left -= len(data)
+        self.given += len(data)
+        self.kept = (self.kept + data[-TAIL_BYTES:])[-TAIL_BYTES:]
+        return len(data)
+
+    def whole(self) -> bool:
+        """It gave every byte up to its end, and its kept bytes are the file's last TAIL_BYTES before it."""
+        return self.left in (0, math.inf) and (self.start == 0 or self.given >= TAIL_BYTES)
+
+
+def _sharded(batches: Iterator[pa.RecordBatch], shard_rows: int, piece_rows: int,
+             known: Callable[[int, int], tuple[str, float]] = lambda shard, row: (str(shard), math.inf),
+             row: int = 0) -> Iterator[Piece]:
+    """Cut a stream of batches, the file's rows from `row` on, into pieces of whole-file row ranges: shard n holds
+    rows [n*S, (n+1)*S). `known(n, row)` names the part of shard n that holds a row and where it ends (Known.at): a
+    piece never spans two parts, and the last piece of each part says so."""
+    closed = True
     for batch in batches:
         start = 0
         while start < batch.num_rows:
             shard, offset = divmod(row, shard_rows)
-            take = min(batch.num_rows - start, shard_rows - offset, piece_rows)
-            yield Piece(shard, pa.Table.from_batches([batch.slice(start, take)]), offset + take == shard_rows)
-            start, row = start + take, row + take
-    if row % shard_rows:
-        yield Piece(row // shard_rows, None, True)   # closes the last, short shard
+            name, part_end = known(shard, offset)
+            end = int(min(offset + batch.num_rows - start, shard_rows, offset + piece_rows, part_end))
+            closed = end in (shard_rows, part_end)
+            yield Piece(name, pa.Table.from_batches([batch.slice(start, end - offset)]), closed, start=offset)
+            start, row = start + end - offset, row + end - offset
+    if not closed:   # the last, short shard
+        shard, offset = divmod(row, shard_rows)
+        yield Piece(known(shard, offset - 1)[0], None, True, start=offset, rows=0)
 
 
 def _parquet_pieces(uri: str, columns: list[str], id_columns: list[str], opts: StorageOptions,
-                    shard_rows: int, piece_rows: int, finished: Callable[[str], bool]) -> Iterator[Piece]:
-    """Shards are row ranges inside each row group ("<group>.<n>"); a row group whose shards are all finished is
-    read for its id columns only."""
+                    shard_rows: int, piece_rows: int, known: Known) -> Iterator[Piece]:
+    """Shards are row ranges inside each row group ("<group>.<n>"). A row group whose shards are all finished is
+    read for its id columns only, and not at all when their ids are stored. Notes the row groups' sizes."""
     def read(f) -> Iterator[Piece]:
         pf = pq.ParquetFile(f)
-        for group in range(pf.metadata.num_row_groups):
-            rows = pf.metadata.row_group(group).num_rows
-            count = -(-rows // shard_rows)
-            done = all(finished(f"{group}.{n}") for n in range(count))
-            cols = id_columns if done else columns
-            for piece in _sharded(pf.iter_batches(batch_size=piece_rows, row_groups=[group], columns=cols),
-                                  shard_rows, piece_rows):
-                yield Piece(f"{group}.{piece.shard}", piece.table, piece.last)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        known.read["groups"] = sizes
+        for group, rows in enumerate(sizes):
+            shards = {f"{group}.{n}": min(shard_rows, rows - n * shard_rows) for n in range(-(-rows // shard_rows))}
+            if all(known.skip(name, size) for name, size in shards.items()):
+                for name, size in shards.items():
+                    yield from known.unread(name, size)
+                continue
+            cols = id_columns if all(known.finished(name, size) for name, size in shards.items()) else columns
+            batches = pf.iter_batches(batch_size=piece_rows, row_groups=[group], columns=cols)
+            yield from _marked(_sharded(batches, shard_rows, piece_rows, lambda n, row: known.at(f"{group}.{n}", row)),
+                               known)
 
     return _reread(uri, opts, read)
+
+
+def _shard_of(name: str) -> str:
+    """The shard a part of it belongs to ("<n>+<row>" -> "<n>")."""
+    return str(name).split("+", 1)[0]
+
+
+def _marked(pieces: Iterator[Piece], known: Known) -> Iterator[Piece]:
+    """Pieces with `finished` set from the records: a piece lies in one part of a shard (Known.at), finished when
+    that part's record holds every task; where its ids are stored, its rows need not be looked at."""
+    for piece in pieces:
+        if piece.table is not None and known.done(piece.shard):
+            piece.finished = True
+            if str(piece.shard) in known.with_ids:
+                piece.rows, piece.table = piece.table.num_rows, None
+        yield piece
 
 
 def _resolve(uri: str, manifest: str) -> str:
@@ -341,11 +512,11 @@ def _resolve(uri: str, manifest: str) -> str:
     return canonical_uri(manifest.rsplit("/", 1)[0] + "/" + uri)
 
 
-def read_manifest(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+def read_manifest(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     """A manifest pyarrow cannot parse (a kept column whose values change type far into the file, a JSON array)
     stops the run with one line naming the file: its rows cannot be trusted, and the owner has to fix it."""
     try:
-        yield from _manifest_pieces(unit, spec, finished)
+        yield from _manifest_pieces(unit, spec, known)
     except pa.ArrowInvalid as e:
         hint = "; a JSON manifest holds one object per line, not an array" if "to array" in str(e) else ""
         # the quoted values of pyarrow's messages are row contents (URLs may hold credentials)
@@ -353,8 +524,12 @@ def read_manifest(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -
         raise ConfigError(f"input.manifest: {unit.uri} cannot be read ({cause}){hint}") from None
 
 
-def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+def _manifest_pieces(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     fmt = table_format(unit.uri)
+    # the stamp the file was found with (a unit made up without one asks now); a text manifest is read up to its
+    # size, so that rows appended since are the next run's, after the rows its records cover
+    if not known.read.get("of"):
+        known.read["of"] = _stamp_now(unit.uri, spec.opts)
     schema_names = table_schema(unit.uri, spec.opts).names
     if not schema_names:
         log.warning("input.manifest: %s is empty", unit.uri)
@@ -367,11 +542,13 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
     columns = list(dict.fromkeys(text + list(spec.keep_columns)))   # keeping the uri column itself: read once
     if fmt == "parquet":
         pieces = _parquet_pieces(unit.uri, columns, [spec.uri_column], spec.opts, MANIFEST_SHARD_ROWS,
-                                 MANIFEST_SHARD_ROWS, finished)
+                                 MANIFEST_SHARD_ROWS, known)
     else:
-        pieces = _sharded(_batches(unit.uri, fmt, columns, text, spec.opts), MANIFEST_SHARD_ROWS,
-                          MANIFEST_SHARD_ROWS)
+        pieces = _text_pieces(unit.uri, fmt, columns, text, schema_names, stamp_size(known.read["of"]), spec.opts,
+                              known)
+    tail = Tail()
     for piece in pieces:
+        tail.add(piece, spec.uri_column)
         if piece.table is None:
             yield piece
             continue
@@ -379,8 +556,9 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
         kept = [i for i, u in enumerate(raw) if u is not None and u.strip()]
         table = piece.table.take(kept) if len(kept) < len(raw) else piece.table
         uris = [_resolve(raw[i].strip(), unit.uri) for i in kept]
-        if finished(piece.shard):
-            yield Piece(piece.shard, raw_table(uris, [""] * len(uris)), piece.last, finished=True)
+        if piece.finished:
+            yield Piece(piece.shard, raw_table(uris, [""] * len(uris)), piece.last, True, piece.start,
+                        piece.end - piece.start)
             continue
         prompts = None
         if has_prompt:
@@ -389,7 +567,93 @@ def _manifest_pieces(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]
         extra, conflict = _kept(table, spec, unit)
         errors = _errors_with([_not_utf8(u, "URI") if i in bad else None for i, u in zip(kept, uris)], uris, conflict)
         yield Piece(piece.shard, raw_table(uris, [media_type_of(u) or "" for u in uris], prompts=prompts,
-                                           errors=errors, extra=extra), piece.last)
+                                           errors=errors, extra=extra), piece.last, False, piece.start,
+                    piece.end - piece.start)
+    if fmt == "parquet" and known.read.get("groups"):
+        known.read["tail"] = tail.digest(known.read["groups"]) or parquet_tail(unit.uri, spec.opts, spec.uri_column,
+                                                                               known.read["groups"])
+
+
+def _text_pieces(uri: str, fmt: str, columns: list[str], text: list[str], names: list[str], size: int,
+                 opts: StorageOptions, known: Known) -> Iterator[Piece]:
+    """A CSV or JSONL manifest's pieces, up to `size` bytes. One only appended to since its records were made
+    (`known.grown`, checked by pipeline.changes) is read from where they end, when every shard before that is skipped
+    anyway; otherwise every row is parsed (finished shards' rows are dropped unhashed where their ids are stored).
+    Notes the rows read."""
+    S, grown = MANIFEST_SHARD_ROWS, known.grown
+    start = row = 0
+    if grown is not None:
+        first, offset = divmod(grown["rows"], S)
+        if all(known.skip(n, S) for n in range(first)) and (not offset or known.skip(first, offset)):
+            for n in range(first + 1):
+                yield from known.unread(n, S if n < first else offset)
+            start, row = grown["size"], grown["rows"]
+    windows: list[_Window] = []
+    batches = _batches(uri, fmt, columns, text, opts, start=start, end=size, names=names, windows=windows)
+    for piece in _marked(_sharded(batches, S, S, known.at, row=row), known):
+        row = int(_shard_of(piece.shard)) * S + piece.end
+        yield piece
+    known.read["rows"] = row
+    last = windows[-1] if windows else None   # the one that read to the end (a retry reads from the start again)
+    known.read["tail"] = (_digest(bytes(last.kept)) if last is not None and last.whole() else
+                          text_tail(uri, size, opts))
+
+
+class Tail:
+    """The last TAIL_ROWS values of a Parquet manifest's URI column as its pieces go by, for its records' tail
+    digest without reading them again."""
+
+    def __init__(self):
+        self.values: list = []
+        self.group, self.end = None, 0
+
+    def add(self, piece: Piece, column: str) -> None:
+        group = str(piece.shard).split(".")[0]
+        if piece.table is None:
+            if piece.end > piece.start:   # rows not read: the values before them are not the tail
+                self.values, self.group = [], None
+            return
+        if group != self.group:
+            self.values, self.group = [], group
+        values = piece.table[column]
+        self.values = (self.values + _raw(values.slice(max(0, len(values) - TAIL_ROWS))))[-TAIL_ROWS:]
+
+    def digest(self, groups: list[int]) -> str | None:
+        last = str(len(groups) - 1)
+        if self.group != last or len(self.values) < min(TAIL_ROWS, groups[-1]):
+            return None
+        return _digest(self.values[-min(TAIL_ROWS, groups[-1]):])
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(repr(values).encode()).hexdigest()[:32]
+
+
+def _raw(column: pa.Array | pa.ChunkedArray) -> list:
+    """A column's values as they are stored: text as bytes, never decoded (it may not be UTF-8)."""
+    if _is_text(column.type):
+        column = column.cast(pa.large_binary())
+    return column.to_pylist()
+
+
+def text_tail(uri: str, size: int, opts: StorageOptions) -> str:
+    """Digest of a text manifest's last TAIL_BYTES before `size`: equal in a copy only appended to since."""
+    fs, path = storage.filesystem(uri, opts)
+    data = storage.with_retries(lambda: fs.cat_file(path, start=max(0, size - TAIL_BYTES), end=size), uri, opts)
+    return _digest(data)
+
+
+def parquet_tail(uri: str, opts: StorageOptions, column: str, groups: list[int]) -> str:
+    """Digest of the last TAIL_ROWS values of `column` in row group len(groups) - 1, up to its groups[-1]-th row:
+    equal in a copy rewritten with its rows first, in the same row groups (the last one may have grown)."""
+    fs, path = storage.filesystem(uri, opts)
+
+    def read() -> str:
+        with fs.open(path, "rb") as f:
+            values = pq.ParquetFile(f).read_row_group(len(groups) - 1, columns=[column])[column]
+        return _digest(_raw(values.slice(max(0, groups[-1] - TAIL_ROWS), min(TAIL_ROWS, groups[-1]))))
+
+    return storage.with_retries(read, uri, opts)
 
 
 def _not_utf8(uri: str, what: str) -> str:
@@ -518,12 +782,12 @@ def _check_bytes_column(uri: str, schema: pa.Schema, column: str) -> None:
                       f"'bytes' field")
 
 
-def read_parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+def read_parquet_bytes(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     """A Parquet file whose data is bad (cut short by a writer that died, corrupt pages) ends with one error row
     naming it, as a corrupt tar does: a rerun would fail on it the same way, so stopping the run helps no one."""
     shard, closed = "error", True
     try:
-        for piece in _parquet_bytes(unit, spec, finished):
+        for piece in _parquet_bytes(unit, spec, known):
             shard, closed = piece.shard, piece.last
             yield piece
     except (pa.ArrowInvalid, OSError) as e:
@@ -542,7 +806,7 @@ def _null_kept(spec: ReadSpec) -> pa.Table | None:
     return pa.table({KEPT + c: pa.nulls(1, t) for c, t in zip(spec.keep_columns, types)})
 
 
-def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) -> Iterator[Piece]:
+def _parquet_bytes(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     schema = table_schema(unit.uri, spec.opts)
     names = schema.names
     for col, what in ((spec.bytes_column, "input.bytes_column"), (spec.key_column, "input.key_column")):
@@ -553,22 +817,22 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
     columns = [spec.bytes_column] + key_cols + list(spec.keep_columns)
     # without a key column, an item is named by its row number, which needs no column at all
     id_columns = key_cols
-    row = 0
     for piece in _parquet_pieces(unit.uri, columns, id_columns, spec.opts, BYTES_SHARD_ROWS, BYTES_PIECE_ROWS,
-                                 finished):
+                                 known):
         if piece.table is None:
             yield piece
             continue
         n = piece.table.num_rows
+        group, number = (int(x) for x in _shard_of(piece.shard).split("."))
+        row = sum(known.read["groups"][:group]) + number * BYTES_SHARD_ROWS + piece.start   # the file's row
         keys, bad = [str(row + i) for i in range(n)], set()
         if spec.key_column:
             keys, bad = _keys(piece.table[spec.key_column])
         # a row without a key is still an item, named by its row in a form real keys do not take in practice
         # (keys are not escaped, so nothing is strictly out of reach): keyless rows merged into one "#None" before
         uris = [f"{unit.uri}#{k}" if k is not None else f"{unit.uri}#<row {row + i}>" for i, k in enumerate(keys)]
-        row += n
-        if finished(piece.shard):
-            yield Piece(piece.shard, raw_table(uris, [""] * n), piece.last, finished=True)
+        if piece.finished:
+            yield Piece(piece.shard, raw_table(uris, [""] * n), piece.last, True, piece.start, n)
             continue
         data, paths = _media_bytes(piece.table[spec.bytes_column])
         types, errors = [], []
@@ -579,7 +843,7 @@ def _parquet_bytes(unit: Unit, spec: ReadSpec, finished: Callable[[str], bool]) 
         extra, conflict = _kept(piece.table, spec, unit)
         errors = _errors_with(errors, uris, conflict)
         yield Piece(piece.shard, raw_table(uris, types, keys=keys, data=data, errors=errors, extra=extra),
-                    piece.last)
+                    piece.last, False, piece.start, n)
 
 
 def _keys(column: pa.ChunkedArray) -> tuple[list[str | None], set[int]]:
@@ -630,10 +894,10 @@ def _sample_row(shard_uri: str, key: str, members: dict[str, bytes]) -> tuple:
     return uri, "", key, None, f"{uri}: sample has no image or video member (members: {names})"
 
 
-def read_tar(unit: Unit, spec: ReadSpec, finished: Callable[[int], bool]) -> Iterator[Piece]:
+def read_tar(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     """One shard per tar, streamed (never extracted to disk). A corrupt tar ends the shard with one error row naming
     it; a store that fails past its retries stops the run (StorageUnavailable), leaving the shard unfinished."""
-    if finished(0):
+    if known.finished(0):
         yield Piece(0, None, True, finished=True)
         return
     sent, rows = 0, []
@@ -660,5 +924,5 @@ READERS = {"listing": read_listing, "manifest": read_manifest, "webdataset": rea
            "parquet": read_parquet_bytes}
 
 
-def read_unit(unit: Unit, spec: ReadSpec, finished: Callable) -> Iterator[Piece]:
-    return READERS[unit.kind](unit, spec, finished)
+def read_unit(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
+    return READERS[unit.kind](unit, spec, known)

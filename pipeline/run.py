@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import listing, output, poison, preflight, progress, readers, storage
+from pipeline import changes, listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
 from pipeline.config import AUTO, Config, ConfigError, decode_slots
@@ -219,16 +219,23 @@ def _say(out, line: str) -> None:
 
 def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, out, stages,
          units: list[readers.Unit] | None) -> Summary:
-    spec, plan = read_spec(cfg, store.state), task_plan(cfg)
+    spec = dataclasses.replace(read_spec(cfg, store.state), started_at=time.time(),
+                               relist_before=ended_at(store.last_run_record()) if cfg.input.relist else 0.0)
+    plan = task_plan(cfg)
     units = readers.find_units(spec) if units is None else units
     resume = store.open(input_fingerprint(cfg, spec), plan.all(), cfg.run.retry_errors, lambda s: _say(out, s))
     _note_changed_settings(cfg, store.state, out)
 
     spec = dataclasses.replace(spec, keep_schema=kept_columns(cfg, spec, units))
     store.set_schema(output.output_schema(cfg.input.format in ("webdataset", "parquet"), spec.keep_schema))
-    work, skipped = _open_work(units, resume.records, plan, keep_finished=bool(cfg.input.max_items))
-    _say(out, f"output {cfg.output.uri}: {len(units) - len(work)} of {len(units)} input unit(s) finished, "
-              f"{len(resume.done_keys)} (item, task) rows of unfinished shards" +
+    work, skipped, notes = _open_work(units, resume, plan, spec, keep_finished=bool(cfg.input.max_items))
+    for line in notes:
+        _say(out, line)
+    finished = sum(progress.covers(resume.records.get(u.id), plan.all()) for u in units)
+    again = finished - (len(units) - len(work)) if not cfg.input.max_items else 0
+    _say(out, f"output {cfg.output.uri}: {finished} of {len(units)} input unit(s) finished" +
+              (f" ({again} read again for what was added since)" if again else "") +
+              f", {len(resume.done_keys)} (item, task) rows of unfinished shards" +
               (" (whole output scanned: no completion records yet)" if store.scanned_existing else ""))
 
     summary = Summary(skipped=skipped)
@@ -307,8 +314,8 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume) -> pro
                 counted = max(counted, summary.skipped - written_before)
             cfg = parts.cfg = _replan_actors(cfg, parts.out)
             resume = parts.store.reopen()
-            work, summary.skipped = _open_work(parts.units, resume.records, parts.plan,
-                                               keep_finished=bool(cfg.input.max_items))
+            work, summary.skipped, _ = _open_work(parts.units, resume, parts.plan, parts.spec,
+                                                  keep_finished=bool(cfg.input.max_items))
             if not work or stop.requested:   # nothing left, or a SIGTERM came while the cluster failed
                 counted = max(counted, summary.skipped - summary.done)
                 break
@@ -450,7 +457,8 @@ def _finish(cfg: Config, opts: StorageOptions, store: OutputStore, summary: Summ
     summary.seconds = time.monotonic() - start
     summary.files = store.writer.files
     store.write_run_record({"config": cfg.to_dict(), "result_settings": cfg.result_settings(),
-                             "summary": {k: v for k, v in summary.__dict__.items() if k != "sample"}})
+                             "summary": {k: v for k, v in summary.__dict__.items() if k != "sample"},
+                             "ended_at": time.time()})   # a later run lists the input again for new objects
     for line in summary.lines(cfg.output.uri):
         _say(out, line)
     for row in summary.sample:
@@ -500,21 +508,47 @@ def _note_changed_columns(cfg: Config, last: list[str] | None, out) -> None:
               f"file drop the others (pass pyarrow.dataset a schema, or write to a new output.uri)")
 
 
-def _open_work(units: list[readers.Unit], records: dict, plan: TaskPlan,
-               keep_finished: bool = False) -> tuple[list[UnitWork], int]:
-    """The units still to read, each with its shards' records; and the pairs of finished units. keep_finished
-    (input.max_items, which counts the first items of the input, done or not): finished units are read too, their
-    shards skipped unread."""
-    by_unit: dict[str, dict[str, dict[str, int]]] = {}
-    for name, counts in records.items():
+def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPlan, spec: readers.ReadSpec,
+               keep_finished: bool = False) -> tuple[list[UnitWork], int, list[str]]:
+    """The units still to read, each with its shards' records and their extents; the pairs of finished units; and
+    lines to say about input that changed since its records were made. A finished unit is read again where its input
+    grew (pipeline.changes). keep_finished (input.max_items, which counts the first items of the input, done or not):
+    finished units are read too, their shards skipped unread."""
+    records: dict[str, dict[str, dict[str, int]]] = {}
+    extents: dict[str, dict[str, dict]] = {}
+    for name, counts in resume.records.items():
         if "#" in name:
             unit, number = name.rsplit("#", 1)
-            by_unit.setdefault(unit, {})[number] = counts
-    work, skipped = [], 0
+            records.setdefault(unit, {})[number] = counts
+            if name in resume.extents:
+                extents.setdefault(unit, {})[number] = resume.extents[name]
+    finished = [u for u in units if progress.covers(resume.records.get(u.id), plan.all())]
+    found, notes = changes.finished_units(finished, resume.extents, spec), changes.Notes()
+    work, again, skipped = [], [], 0
     for unit in units:
-        counts = records.get(unit.id)
-        if progress.covers(counts, plan.all()) and not keep_finished:
-            skipped += sum(counts.get(t, 0) for t in plan.all())
+        shards = UnitWork(unit, records.get(unit.id, {}), extents.get(unit.id, {}))
+        change = found.get(unit.id)
+        if change is None:
+            if changes.moved_under(unit, shards.extents):
+                notes.moved.append(unit.uri)
+            work.append(shards)
+            continue
+        notes.add(change)
+        if change.read or (keep_finished and not change.refused):
+            again.append(dataclasses.replace(shards, grown=change.grown))
         else:
-            work.append(UnitWork(unit, by_unit.get(unit.id, {})))
-    return work, skipped
+            skipped += sum(resume.records[unit.id].get(t, 0) for t in plan.all())
+    # finished units read again (listed again, grown) go last, where most of their rows are done: the others'
+    # work starts first; max_items counts the input in its order
+    return (_in_input_order(units, work + again) if keep_finished else work + again), skipped, notes.lines()
+
+
+def _in_input_order(units: list[readers.Unit], work: list[UnitWork]) -> list[UnitWork]:
+    position = {unit.id: i for i, unit in enumerate(units)}
+    return sorted(work, key=lambda w: position[w.unit.id])
+
+
+def ended_at(record: dict) -> float:
+    """When the run of this run record ended (wall clock): partitions listed before it are listed again. An earlier
+    version's record says nothing of it, and its listings have no time: any time after none will do."""
+    return record.get("ended_at", 1.0 if record else 0.0)

@@ -3,13 +3,17 @@
 One Ray read task per group of units streams each unit's pieces from its reader, names every item (a stable id
 from its URI), drops repeats of an item within the unit, attaches the tasks still to do (the run's tasks, minus
 those a completion record or a key in the done-set says are done), and reports each shard's pair counts to the
-tracker when the shard ends. Finished shards are not read and finished units are not even opened.
+tracker when the shard ends. Finished shards are not read and finished units are not even opened. A shard's distinct
+ids are kept under `_state/ids/` as it is read, so that a rerun drops repeats of a finished shard's items without
+reading it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -20,7 +24,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import readers
 from pipeline.items import FIELDS, ITEM_SCHEMA, item_id, key_hash
-from pipeline.readers import Piece, ReadSpec, Unit
+from pipeline.readers import Known, Piece, ReadSpec, Unit
+from pipeline.state import StateDir
 
 MAX_READ_TASKS = 256
 
@@ -48,7 +53,9 @@ class SeenIds:
 
     def first(self, ids: list[str]) -> np.ndarray:
         """Mask of the ids not met before (the first of repeats within `ids` included); remembers them."""
-        keys = np.array([int(i[:16], 16) for i in ids], dtype=np.uint64)
+        return self.first_keys(id_keys(ids))
+
+    def first_keys(self, keys: np.ndarray) -> np.ndarray:
         mask = np.zeros(len(keys), bool)
         mask[np.unique(keys, return_index=True)[1]] = True
         mask &= ~self.known(keys)
@@ -73,6 +80,71 @@ class SeenIds:
 
     def keys(self) -> np.ndarray:
         return np.concatenate(self.runs) if self.runs else np.zeros(0, np.uint64)
+
+
+def id_keys(ids: list[str]) -> np.ndarray:
+    """8 bytes of each item id, as kept by SeenIds."""
+    return np.array([int(i[:16], 16) for i in ids], dtype=np.uint64)
+
+
+class StoredIds:
+    """Each shard's distinct ids (those not met in the unit's earlier shards), stored under `_state/ids/` once the
+    shard is read: a rerun skips finished shards unread and takes their ids from here, to drop later repeats of
+    their items (a manifest naming an item twice runs it once) without reading and hashing every finished row.
+    Tables only: a listing's keys and a tar's members are one shard's, or never repeat."""
+
+    SUFFIX = ".u64"
+
+    def __init__(self, state: StateDir, unit: Unit, kept: bool):
+        self.state, self.kept = state, kept
+        self.folder = f"ids/{hashlib.sha256(unit.id.encode()).hexdigest()[:32]}"
+        names = state.list(self.folder) if kept else []
+        self.stored = frozenset(n[:-len(self.SUFFIX)] for n in names if n.endswith(self.SUFFIX))
+        self.loading: dict[str, object] = {}
+        self.waiting: list[np.ndarray] = []        # loaded, not yet in the unit's SeenIds
+        self.met: dict[str, list[np.ndarray]] = {}  # shard -> its ids met so far
+
+    def prefetch(self, shards: list[str]) -> None:
+        """Load these shards' ids now, 8 at a time (on an object store each is a round trip)."""
+        shards = [s for s in shards if s in self.stored and s not in self.loading]
+        if shards:
+            with ThreadPoolExecutor(max_workers=8) as pool:   # threads end with the loads; results kept
+                self.loading.update(zip(shards, pool.map(self._load, shards)))
+
+    def _load(self, shard: str) -> np.ndarray:
+        data = self.state.read_bytes(f"{self.folder}/{shard}{self.SUFFIX}")
+        if data is None:
+            raise FileNotFoundError(f"{self.folder}/{shard}{self.SUFFIX}")
+        return np.frombuffer(data, dtype=np.uint64)
+
+    def unread(self, shard: str) -> None:
+        """The shard's rows (some or all) are not read: its stored ids stand for them."""
+        if shard in self.stored and shard not in self.met:
+            keys = self.loading.pop(shard) if shard in self.loading else self._load(shard)
+            self.waiting.append(keys)
+            self.met[shard] = [keys]
+
+    def first(self, seen: SeenIds, shard: str, keys: np.ndarray) -> np.ndarray:
+        """SeenIds.first_keys, after the stored ids waiting; notes the shard's ids."""
+        self.settle(seen)
+        mask = seen.first_keys(keys)
+        self.met.setdefault(shard, []).append(keys[mask])
+        return mask
+
+    def settle(self, seen: SeenIds) -> None:
+        if self.waiting:   # one sorted run, rather than one per shard
+            seen.add(np.sort(np.concatenate(self.waiting)))
+            self.waiting = []
+
+    def save(self, shard: str, read: bool) -> None:
+        """Once the shard's last piece went by; `read`: rows of it were read for their items (else its ids are
+        written only where none are stored: a finished shard of an earlier version's, read for its ids)."""
+        met = self.met.pop(shard, [])
+        if self.kept and (read or (met and shard not in self.stored)):
+            self.write(shard, np.concatenate(met) if met else np.zeros(0, np.uint64))
+
+    def write(self, shard: str, keys: np.ndarray) -> None:
+        self.state.write_bytes(f"{self.folder}/{shard}{self.SUFFIX}", np.sort(keys).tobytes())
 
 
 class Repeats:
@@ -116,14 +188,24 @@ def is_done(keys: np.ndarray, done: np.ndarray) -> np.ndarray:
 class UnitWork:
     unit: Unit
     records: dict[str, dict[str, int]]    # completion records of this unit's shards, by shard number
+    extents: dict[str, dict] = field(default_factory=dict)   # their extents (rows covered, file version)
+    grown: dict | None = None             # a finished text manifest appended to since (pipeline.changes)
+
+
+TABLE_KINDS = ("manifest", "parquet")   # units of many shards, whose items may repeat across them
 
 
 class ShardCount:
-    """Pairs of one shard, counted as its pieces go by."""
+    """Pairs of one shard, counted as its pieces go by, and the rows read of it (its record's extent)."""
 
     def __init__(self, tasks: tuple[str, ...]):
         self.counts = {t: 0 for t in tasks}
         self.pending = self.skipped = 0
+        self.rows, self.read = 0, False
+
+    def extent(self, read: dict) -> dict | None:
+        """What the shard's record covers, where rows of it were read."""
+        return {"rows": self.rows, "of": read.get("of")} if self.read else None
 
 
 class Budget:
@@ -165,49 +247,71 @@ class StopFlag:
 
 def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarray, tracker,
                   budget: Budget | None = None, repeats=None, stop=None) -> Iterator[pa.Table]:
-    """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends, and the
-    unit's distinct ids to `repeats` (a RepeatCounter, or None) once it is read.
+    """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends (with its
+    extent), the unit when it ends (with what was read of it), and the unit's distinct ids to `repeats` (a
+    RepeatCounter, or None) once it is read.
     Once the budget is spent it stops, and a shard cut short is never reported, so never recorded finished; so does
     a read stopped by `stop()` (the run drains after a SIGTERM), and then the unit is not reported either."""
     unit, seen, shards, open_count = work.unit, SeenIds(), [], {}
     budget = budget or Budget(0)
-
-    def finished(number) -> bool:
-        return covers_tasks(work.records.get(str(number)), plan.all())
-
-    for piece in readers.read_unit(unit, spec, finished):
+    tables = unit.kind in TABLE_KINDS
+    ids = StoredIds(spec.state, unit, kept=tables)
+    known = Known(work.records, work.extents, plan.all(), ids.stored, work.grown,
+                  read={"of": unit.stamp} if unit.stamp else {})
+    ids.prefetch([s for s in sorted(work.records) if tables and covers_tasks(work.records[s], plan.all())])
+    for piece in readers.read_unit(unit, spec, known):
         name = f"{unit.id}#{piece.shard}"
         # only tasks its record lacks: a finished shard reported again must not zero its record's counts
         record = work.records.get(str(piece.shard)) or {}
         count = open_count.setdefault(name, ShardCount(tuple(t for t in plan.all() if t not in record)))
+        if piece.table is None and piece.end > piece.start:
+            ids.unread(str(piece.shard))
         if piece.table is not None and piece.table.num_rows:
-            ids = [item_id(u) for u in piece.table["uri"].to_pylist()]
-            fresh = budget.take(seen.first(ids))
-            if piece.finished:
-                count.skipped += _finished_pairs(record, plan)
-            else:
-                block = _items_block(piece, name, ids, fresh, record, plan, done, count)
+            item_ids = [item_id(u) for u in piece.table["uri"].to_pylist()]
+            fresh = budget.take(ids.first(seen, str(piece.shard), id_keys(item_ids)))
+            if not piece.finished:
+                block = _items_block(piece, name, item_ids, fresh, record, plan, done, count)
                 if block.num_rows:
                     yield block
                     if stop is not None and stop():
                         return
         elif piece.finished:
-            count.skipped += _finished_pairs(record, plan)
             budget.take_finished(record)
+        if piece.finished and piece.last:   # once per shard, however many pieces it came in
+            count.skipped += _finished_pairs(record, plan)
+        if not piece.finished:
+            count.rows, count.read = piece.end - sub_start(piece.shard), True
         if budget.spent:   # the shard stays open (never recorded finished); its pairs found done still count
             tracker.cut_short.remote(name, count.skipped)
-            _report_ids(repeats, unit, seen)
+            _report_ids(repeats, unit, seen, ids)
             return
         if piece.last:
-            tracker.shard.remote(name, count.counts, count.pending, count.skipped)
+            ids.save(str(piece.shard), count.read)
+            tracker.shard.remote(name, count.counts, count.pending, count.skipped,
+                                 count.extent(known.read) if tables else None)
             shards.append(name)
             del open_count[name]
-    tracker.unit.remote(unit.id, shards)
-    _report_ids(repeats, unit, seen)
+    tracker.unit.remote(unit.id, shards, _unit_extent(unit, known))
+    _report_ids(repeats, unit, seen, ids)
 
 
-def _report_ids(repeats, unit: Unit, seen: SeenIds) -> None:
+def sub_start(name) -> int:
+    """The row of its shard a part of it starts at (readers.sub_shard)."""
+    name = str(name)
+    return int(name.rsplit("+", 1)[1]) if "+" in name else 0
+
+
+def _unit_extent(unit: Unit, known: Known) -> dict | None:
+    """What the unit's record covers: a partition's time of listing, a file's version (and for a manifest its rows
+    and last bytes or URIs, to tell rows appended from a rewrite: pipeline.changes)."""
+    if unit.kind == "listing":
+        return {"listed_at": known.read.get("listed_at", 0.0)}
+    return dict(known.read) or None
+
+
+def _report_ids(repeats, unit: Unit, seen: SeenIds, ids: StoredIds) -> None:
     # waited for: once the last read task ends, the driver's count holds every unit
+    ids.settle(seen)
     if repeats is not None:
         ray.get(repeats.add.remote(unit.id, seen.keys()))
 

@@ -1,0 +1,135 @@
+"""What changed in the input since its completion records were made, found without reading it again.
+
+A finished read unit is skipped unopened only while its record still covers what the input holds. Each unit record
+keeps an extent (pipeline.progress) to compare with what the input's listing says now:
+- a listing partition listed before the end of the last run that ended is opened, to be listed again
+  (pipeline.listing: the keys its snapshot lacks become new parts);
+- a manifest whose size or version (ETag, modification time) changed is checked cheaply: a CSV/JSONL one only
+  appended to still holds the same bytes before where its records end, a Parquet one rewritten with its old rows first
+  has the same row groups before its last old one and the same URIs at their end. Then only its new rows are read;
+  any other change is said in one line, and the file is not read again (its rows done keep their results);
+- a tar or Parquet shard file whose size changed is said in one line likewise.
+Records an earlier version made have no extent: they cover their unit as before, with a note.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipeline import readers, storage
+from pipeline.readers import ReadSpec, Unit
+
+MAX_NAMED = 5   # files named in a line about changed input; the rest are counted
+
+
+@dataclass(frozen=True)
+class Change:
+    """What to do with a finished unit."""
+    read: bool                  # open it again
+    grown: dict | None = None   # a text manifest only appended to: its record's {"size", "rows"}
+    refused: str = ""           # why it is not read again although it changed (one line's worth)
+    legacy: bool = False        # its record has no extent to compare with (an earlier version's)
+
+
+@dataclass
+class Notes:
+    """The lines a start says about input that changed, gathered over the units."""
+    refused: list[str] = field(default_factory=list)
+    legacy: int = 0
+    moved: list[str] = field(default_factory=list)   # unfinished units whose file changed under their records
+
+    def add(self, change: Change) -> None:
+        if change.refused:
+            self.refused.append(change.refused)
+        self.legacy += change.legacy
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.refused:
+            more = f"; and {len(self.refused) - MAX_NAMED} more" if len(self.refused) > MAX_NAMED else ""
+            out.append(f"input changed: {len(self.refused)} finished file(s) changed other than by rows appended "
+                       f"({'; '.join(self.refused[:MAX_NAMED])}{more}): they are not read again and their results "
+                       f"stay; name their new rows in a new manifest file, or write to a new output.uri to run them "
+                       f"all")
+        if self.moved:
+            named = ", ".join(storage.scrub(u) for u in self.moved[:MAX_NAMED])
+            out.append(f"note: {len(self.moved)} input file(s) changed since some of their shards were done ({named}"
+                       f"{', ...' if len(self.moved) > MAX_NAMED else ''}): rows past those are read, the rows done "
+                       f"are taken as done")
+        if self.legacy:
+            out.append(f"note: {self.legacy} finished input file(s) have records from an earlier version, which kept "
+                       f"no file sizes: rows appended to them since are not looked for (new files are)")
+        return out
+
+
+def finished_units(units: list[Unit], extents: dict[str, dict], spec: ReadSpec) -> dict[str, Change]:
+    """A Change per finished unit (those in `units`), the files' checks run concurrently (a few small reads each,
+    for files whose stamp changed only)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip((u.id for u in units), pool.map(lambda u: finished_unit(u, extents.get(u.id), spec), units)))
+
+
+def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec) -> Change:
+    if unit.kind == "listing":
+        return Change(read=(extent or {}).get("listed_at", 0.0) < spec.relist_before)
+    if extent is None or not extent.get("of"):
+        return Change(read=False, legacy=True)
+    if extent["of"] == unit.stamp or not unit.stamp:   # no stamp: a unit made up without a listing (tests)
+        return Change(read=False)
+    old, new = readers.stamp_size(extent["of"]), readers.stamp_size(unit.stamp)
+    if unit.kind != "manifest":
+        return Change(read=False) if old == new else Change(read=False, refused=f"{_name(unit)}: {old} -> {new} bytes")
+    try:
+        if readers.table_format(unit.uri) == "parquet":
+            return _parquet_change(unit, extent, spec)
+        return _text_change(unit, extent, old, new, spec)
+    except FileNotFoundError:   # gone since it was listed: nothing to read, as for any file deleted
+        return Change(read=False)
+
+
+def _text_change(unit: Unit, extent: dict, old: int, new: int, spec: ReadSpec) -> Change:
+    if "tail" not in extent:   # it was empty (its reader stopped before): every row is new
+        return Change(read=True)
+    if new < old:
+        return Change(read=False, refused=f"{_name(unit)}: {old} -> {new} bytes")
+    fs, path = storage.filesystem(unit.uri, spec.opts)
+    start = max(0, old - readers.TAIL_BYTES)
+    data = storage.with_retries(lambda: fs.cat_file(path, start=start, end=old + 1), unit.uri, spec.opts)
+    ends_a_line = old == 0 or data[old - start - 1:old - start] == b"\n" or data[old - start:] == b"\n"
+    if readers._digest(data[:old - start]) != extent["tail"] or not ends_a_line:
+        return Change(read=False, refused=f"{_name(unit)}: its bytes before byte {old} differ")
+    if new == old:
+        return Change(read=False)   # the same bytes (touched, or copied over)
+    return Change(read=True, grown={"size": old, "rows": extent["rows"]})
+
+
+def _parquet_change(unit: Unit, extent: dict, spec: ReadSpec) -> Change:
+    if "tail" not in extent or not extent.get("groups"):
+        return Change(read=True)
+    old = extent["groups"]
+    fs, path = storage.filesystem(unit.uri, spec.opts)
+
+    def row_groups() -> list[int]:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+    new = storage.with_retries(row_groups, unit.uri, spec.opts)
+    last = len(old) - 1
+    same_layout = len(new) > last and new[:last] == old[:last] and new[last] >= old[last]
+    if not same_layout or readers.parquet_tail(unit.uri, spec.opts, spec.uri_column, old) != extent["tail"]:
+        return Change(read=False, refused=f"{_name(unit)}: its rows up to row {sum(old)} differ")
+    # grown or not, read as a unit with records: their extents cover the old rows, the footer names the new ones
+    return Change(read=sum(new) > sum(old))
+
+
+def _name(unit: Unit) -> str:
+    return storage.scrub(unit.uri)
+
+
+def moved_under(unit: Unit, extents: dict[str, dict]) -> bool:
+    """Whether some shard of an unfinished unit was done from another version of its file than the one there now."""
+    return bool(unit.stamp) and any(e.get("of") not in (None, unit.stamp) for e in extents.values())

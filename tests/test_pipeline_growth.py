@@ -1,0 +1,285 @@
+"""Input that grows after a run finished it: rows appended to a manifest, objects added under a listed prefix. A rerun
+runs exactly the new ones, reading only the new part; changes it cannot follow are said in one line. The read side
+and the driver's bookkeeping (records, result files) without Ray, a kill between any two result files included;
+then the job itself on one local Ray."""
+
+import io
+import os
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import config, listing, output, progress, readers
+from pipeline.run import _open_work, run
+from pipeline.sources import TaskPlan, UnitWork, pending_items
+from pipeline.state import StateDir
+from pipeline.storage import StorageOptions
+from tests.pipeline_helpers import config_text, good_media, write_local
+
+OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
+PLAN = TaskPlan(("caption",), "")
+
+
+class Reports:
+    """Stands in for the tracker actor (progress.Tracker): what the read tasks report, as the driver drains it."""
+
+    def __init__(self):
+        self.shards, self.units = {}, {}
+        self.shard = _Remote(lambda name, counts, pending, skipped, extent=None:
+                             self.shards.__setitem__(name, (counts, pending, extent)))
+        self.unit = _Remote(lambda name, shards, extent=None: self.units.__setitem__(name, (shards, extent)))
+        self.cut_short = _Remote(lambda *a: None)
+
+
+@dataclass
+class _Remote:
+    call: object
+
+    def remote(self, *args):
+        self.call(*args)
+
+
+@dataclass
+class Driver:
+    """A run's read side and bookkeeping on `out`: records, sidecars and whole result files, as the job keeps them.
+    `rows_per_file` small, so that a kill can fall between two result files."""
+    out: object
+    spec: readers.ReadSpec
+    rows_per_file: int = 3
+    notes: list = field(default_factory=list)
+
+    def run(self, kill_after: int | None = None) -> list[str]:
+        """The uris run; with `kill_after`, the run dies once that many rows were handed to the writer (the files
+        whole by then have landed, the rows buffered are lost, no record is folded)."""
+        state = StateDir(str(self.out), OPTS)
+        ledger = progress.Ledger(state, "fp")
+        shards = progress.OpenShards(ledger, PLAN.all())
+        writer = output.ResultWriter(str(self.out), OPTS, rows_per_file=self.rows_per_file, flush_seconds=600,
+                                     note_file=ledger.note_file, landed=shards.wrote, committed=ledger.committed)
+        listed = output.listed_files(writer.fs, writer.root, OPTS)
+        resume = ledger.load(listed)
+        if resume.scanned and not listed:
+            ledger.mark_trusted()   # a new output: its records cover it from its first row on (as OutputStore.open)
+        work, _, self.notes = _open_work(readers.find_units(self.spec), resume, PLAN, self.spec)
+        reports, done = Reports(), []
+        blocks = [b for w in work for b in pending_items(w, self.spec, PLAN, resume.done_keys, reports)]
+        shards.listed(reports.shards, reports.units)
+        for block in blocks:
+            for item in block.to_pylist():
+                if kill_after is not None and len(done) == kill_after:
+                    return done
+                writer.add(_result(item))
+                done.append(item["uri"])
+        writer.flush()
+        ledger.fold()
+        return done
+
+
+def _result(item: dict) -> pa.Table:
+    row = output.error_row(item, item["tasks"][0], "p", "", "m", "h")
+    return pa.Table.from_pylist([row], schema=output.SCHEMA).append_column("_shard", pa.array([item["shard"]]))
+
+
+def _spec(out, **kw) -> readers.ReadSpec:
+    return readers.ReadSpec(kw.get("uri", ""), "files", kw.get("manifest", ""), "uri", "", "", (), ("*",), (), OPTS,
+                            StateDir(str(out), OPTS), None, kw.get("started_at", 0.0), kw.get("relist_before", 0.0))
+
+
+def _write_manifest(path, uris, fmt, row_group_size=None):
+    if fmt == "parquet":
+        pq.write_table(pa.table({"uri": uris}), path, row_group_size=row_group_size)
+    else:
+        path.write_text("uri\n" + "".join(u + "\n" for u in uris))
+
+
+def _pairs(out) -> pd.DataFrame:
+    return pd.read_parquet(out, columns=["id", "uri", "task"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_rows_appended_to_a_finished_manifest_run_once_even_when_a_kill_falls_among_them(tmp_path, monkeypatch, fmt):
+    """The shard the new rows extend is read past its record only, under a record of its own, so the rows of it
+    that landed before the kill are found in the output and the rest run: each pair once."""
+    monkeypatch.setattr(readers, "MANIFEST_SHARD_ROWS", 4)
+    monkeypatch.setattr(readers, "TAIL_BYTES", 64)   # less than a read: the digest comes from the bytes read
+    out, manifest = tmp_path / "out", tmp_path / f"m.{fmt}"
+    uris = [f"/media/{i:03d}.png" for i in range(10)]   # 2 full shards and one of 2 rows
+    _write_manifest(manifest, uris, fmt, row_group_size=100)
+    driver = Driver(out, _spec(out, manifest=str(manifest)))
+    assert len(driver.run()) == 10 and driver.run() == []
+    read = []
+    monkeypatch.setattr(readers, "_batches", _spy(readers._batches, read))
+    # 9 more rows, one of them an item the file named before (a manifest runs an item once)
+    grown = uris + [f"/media/{i:03d}.png" for i in range(10, 18)] + [uris[3]]
+    _write_manifest(manifest, grown, fmt, row_group_size=100)
+    assert driver.run(kill_after=4) == grown[10:14]   # 3 landed in a file, the 4th was lost with the run
+    assert driver.run() == grown[13:18] and driver.run() == []
+    grown += ["/media/100.png", "/media/101.png"]   # and again: the records of the last read say where it ended
+    _write_manifest(manifest, grown, fmt, row_group_size=100)
+    assert driver.run() == grown[-2:]
+    df = _pairs(out)
+    assert sorted(df.uri) == sorted(grown[:18] + grown[-2:]) and not df.duplicated(["id", "task"]).any()
+    if fmt == "csv":   # read from where the rows done end: the bytes before are never parsed again
+        assert {start for start, _ in read[-3:-1]} == {len(("uri\n" + "".join(u + "\n" for u in uris)).encode())}
+    assert not driver.notes
+
+
+def _spy(batches, read: list):
+    def spy(uri, fmt, columns, text, opts, *, start=0, end=None, **kw):
+        read.append((start, end))
+        return batches(uri, fmt, columns, text, opts, start=start, end=end, **kw)
+    return spy
+
+
+def test_a_big_manifest_resumes_without_reading_its_finished_row_groups(tmp_path, monkeypatch):
+    """Finished shards' ids come from _state/ids/: a repeat of one of their items later in the file still runs
+    once, and no row group whose shards are all finished is read."""
+    monkeypatch.setattr(readers, "MANIFEST_SHARD_ROWS", 4)
+    out, manifest = tmp_path / "out", tmp_path / "m.parquet"
+    uris = [f"/media/{i:03d}.png" for i in range(24)]
+    pq.write_table(pa.table({"uri": uris + [uris[1]] + ["/media/new.png"]}), manifest, row_group_size=8)
+    driver = Driver(out, _spec(out, manifest=str(manifest)))
+    assert len(driver.run(kill_after=19)) == 19   # shards of row groups 0 and 1 (rows 0-15) are finished
+    groups = []
+    real = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, *a, **k: groups.append(k["row_groups"]) or real(self, *a, **k))
+    assert driver.run() == uris[18:] + ["/media/new.png"]   # the repeat of row 1 is dropped, unread
+    assert groups == [[2], [3]]
+    assert sorted(_pairs(out).uri) == sorted(uris + ["/media/new.png"])
+
+
+def test_rows_past_a_shards_record_in_embedded_media_are_named_by_their_row(tmp_path):
+    """A Parquet file of embedded media that grew while its unit was unfinished: the rows past the record of its
+    shard are a shard of their own, and keyless rows keep the names of their rows in the file."""
+    data = good_media(num_images=1, num_videos=0)
+    pq.write_table(pa.table({"jpg": [next(iter(data.values()))] * 5}), tmp_path / "a.parquet")
+    spec = replace(_spec(tmp_path / "out", uri=str(tmp_path)), format="parquet", bytes_column="jpg")
+    unit = readers.find_units(spec)[0]
+    work = UnitWork(unit, {"0.0": {"caption": 3}}, {"0.0": {"rows": 3, "of": unit.stamp}})
+    reports = Reports()
+    items = [r for b in pending_items(work, spec, PLAN, np.zeros(0, np.uint64), reports) for r in b.to_pylist()]
+    assert [i["uri"] for i in items] == [f"{unit.uri}#3", f"{unit.uri}#4"]   # named by their row in the file
+    assert {n.rsplit("#", 1)[1]: r[2] for n, r in reports.shards.items()} == {"0.0": None, "0.0+3": {
+        "rows": 2, "of": unit.stamp}}
+
+
+def test_a_manifest_changed_other_than_by_appending_is_said_in_one_line_and_not_read_again(tmp_path):
+    out, manifest = tmp_path / "out", tmp_path / "m.csv"
+    uris = [f"/media/{i:03d}.png" for i in range(6)]
+    _write_manifest(manifest, uris, "csv")
+    driver = Driver(out, _spec(out, manifest=str(manifest)))
+    driver.run()
+    _write_manifest(manifest, ["/media/new.png"] + uris, "csv")   # a row put first: the others moved
+    assert driver.run() == []
+    (line,) = driver.notes
+    assert line.startswith("input changed: 1 finished file(s)") and str(manifest) in line and "\n" not in line
+    _write_manifest(manifest, uris, "csv")   # the same bytes as when it was done, written again: nothing to say
+    os.utime(manifest, ns=(os.stat(manifest).st_atime_ns, os.stat(manifest).st_mtime_ns + 10**9))
+    assert driver.run() == [] and not driver.notes
+
+
+def test_an_earlier_versions_records_cover_their_units_as_before_with_a_note(tmp_path):
+    out, manifest = tmp_path / "out", tmp_path / "m.csv"
+    _write_manifest(manifest, ["/media/a.png"], "csv")
+    driver = Driver(out, _spec(out, manifest=str(manifest)))
+    driver.run()
+    state = StateDir(str(out), OPTS)
+    table = state.read_table(progress.FOLDED)
+    state.write_table(progress.FOLDED, table.drop_columns(["extent"]))   # as an earlier version wrote it
+    _write_manifest(manifest, ["/media/a.png", "/media/b.png"], "csv")
+    assert driver.run() == []
+    assert driver.notes == ["note: 1 finished input file(s) have records from an earlier version, which kept no "
+                            "file sizes: rows appended to them since are not looked for (new files are)"]
+
+
+def test_a_listed_prefix_is_listed_again_after_a_run_ended_and_only_new_objects_run(tmp_path, monkeypatch):
+    """New keys in a listed folder become new parts (the snapshot compared in key order, a part at a time), a new
+    sub-folder a new partition; a resume of a run killed while listing again goes on after its last new part."""
+    monkeypatch.setattr(listing, "PART_ROWS", 2)
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    for folder in ("a", "b"):
+        write_local(corpus / folder, {f"{i}.png": b"x" for i in range(3)})
+    driver = Driver(out, _spec(out, uri=str(corpus), started_at=100.0))
+    assert len(driver.run()) == 6
+    assert driver.run() == []    # no run ended since: nothing is listed again
+    for name in ("a/0a.png", "a/9.png", "b/1a.png", "c/0.png", "top.png"):
+        write_local(corpus, {name: b"x"})
+    driver.spec = replace(driver.spec, started_at=300.0, relist_before=200.0)   # a run ended at 200
+    first = driver.run(kill_after=4)[:3]   # 3 rows landed in a file, the 4th was lost with the run
+    walked = []
+    real_walk = listing.walk
+    monkeypatch.setattr(listing, "walk", lambda *a: walked.append((a[2].prefix, a[3])) or real_walk(*a))
+    rest = driver.run()   # the resume lists nothing its killed run listed
+    assert sorted(first + rest) == sorted(str(corpus / n) for n in ("a/0a.png", "a/9.png", "b/1a.png", "c/0.png",
+                                                                    "top.png"))
+    assert walked == []
+    df = _pairs(out)
+    assert len(df) == 11 and not df.duplicated(["id", "task"]).any()
+    snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(corpus))
+    assert [p.prefix for p in snapshot.partitions(OPTS)] == ["a/", "b/", "", "c/"]
+    numbers, complete = snapshot.status(0)
+    assert numbers == [0, 1, 2] and complete == {"parts": 3, "runs": [[0, 2], [2, 3]], "listed_at": 300.0}
+    assert snapshot.read_part(0, 2) == ["a/0a.png", "a/9.png"]
+    driver.spec = replace(driver.spec, relist_before=0.0, started_at=500.0)
+    assert driver.run() == []
+
+
+def test_a_relisting_cut_short_goes_on_after_its_last_new_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "PART_ROWS", 2)
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, {f"{i}.png": b"x" for i in range(0, 10, 2)})
+    state = StateDir(str(out), OPTS)
+    snapshot = listing.ListingSnapshot(state, str(corpus))
+    part = snapshot.partitions(OPTS)[0]
+    assert [n for n, _ in listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: False,
+                                                  now=1.0)] == [0, 1, 2]
+    write_local(corpus, {f"{i}.png": b"x" for i in range(1, 10, 2)})
+    new = listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: True, relist_before=2.0, now=3.0)
+    assert [next(new) for _ in range(5)][3:] == [(3, ["1.png", "3.png"]), (4, ["5.png", "7.png"])]   # killed here
+    after = []
+    real_walk = listing.walk
+    monkeypatch.setattr(listing, "walk", lambda *a: after.append(a[3]) or real_walk(*a))
+    resumed = list(listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: n < 5, now=4.0))
+    assert resumed[5:] == [(5, ["9.png"])] and after == ["7.png"]
+    assert snapshot.status(0)[1] == {"parts": 6, "runs": [[0, 3], [3, 6]], "listed_at": 4.0}
+    keys = list(snapshot.keys(0, snapshot.status(0)[1]["runs"]))
+    assert keys == sorted(f"{i}.png" for i in range(10))
+
+
+def test_the_job_runs_exactly_the_rows_and_objects_added_since_it_finished(local_ray, tiny_gqa, tmp_path):
+    """Issue 25's case: a rerun after rows were appended to a finished manifest, or objects added under a listed
+    prefix, used to say "N of N input units finished" and run nothing."""
+    media = good_media(num_images=6, num_videos=0)
+    names = sorted(media)
+    write_local(tmp_path / "corpus", {n: media[n] for n in names[:4]})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\n" + "".join(f"corpus/{n}\n" for n in names[:3]))
+    text = config_text("", str(tmp_path / "out"), str(tiny_gqa)).replace('uri = ""\n', f'manifest = "{manifest}"\n')
+    (tmp_path / "m.toml").write_text(text)
+    cfg = config.load(tmp_path / "m.toml")
+    assert run(cfg, out=io.StringIO()).done == 3
+    write_local(tmp_path / "corpus", {n: media[n] for n in names[4:]})
+    with manifest.open("a") as f:
+        f.write("".join(f"corpus/{n}\n" for n in names[3:]))
+    printed = io.StringIO()
+    summary = run(cfg, out=printed)
+    assert (summary.done, summary.skipped) == (3, 3), printed.getvalue()
+    assert sorted(_pairs(tmp_path / "out").uri) == sorted(str(tmp_path / "corpus" / n) for n in names)
+
+    listed = tmp_path / "listed"
+    write_local(listed, {n: media[n] for n in names[:3]})
+    (tmp_path / "l.toml").write_text(config_text(str(listed), str(tmp_path / "out2"), str(tiny_gqa)))
+    cfg = config.load(tmp_path / "l.toml")
+    assert run(cfg, out=io.StringIO()).done == 3
+    write_local(listed, {n.replace("images/", "images/more/"): media[n] for n in names[3:]})
+    printed = io.StringIO()
+    summary = run(cfg, out=printed)
+    assert (summary.done, summary.skipped) == (3, 3), printed.getvalue()
+    assert "1 of 1 input unit(s) finished (1 read again for what was added since)" in printed.getvalue()
+    df = _pairs(tmp_path / "out2")
+    assert len(df) == 6 and not df.duplicated(["id", "task"]).any()
