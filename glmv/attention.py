@@ -107,6 +107,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
+    def copy_from(self, other: "KVCache") -> None:
+        """Every slot's first positions from a shorter cache of the same slots (this one replaces it)."""
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine[:, :theirs.shape[1]] = theirs
+
     def copy_slot(self, dst: int, source: "KVCache", src: int, length: int) -> None:
         """Copy the first `length` positions of `source`'s slot `src` into our slot `dst` (a shared prefix)."""
         for mine, theirs in zip(self.k + self.v, source.k + source.v):
