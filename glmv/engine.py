@@ -342,6 +342,12 @@ class Engine:
                 self._left(ticket, ticket.in_slots)
             ticket.finish(error)
 
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every ticket with a row queued or in a slot (the engine is closing)."""
+        with self.lock:
+            tickets = {r.ticket for r in self.queue}
+        self._fail(error, tickets | {r.ticket for r in self.occupant if r is not None})
+
     def _note_kv(self) -> None:
         st = self.stats
         st.kv_used_bytes = self.model.cache_bytes(1, sum(self.bound[s] for s, r in enumerate(self.occupant)

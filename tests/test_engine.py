@@ -362,3 +362,47 @@ def test_cache_bytes_is_what_new_cache_allocates(tiny_gqa):
         model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=dtype)
         cache = model.new_cache(3, 512)
         assert model.cache_bytes(3, 512) == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+
+
+def test_a_persistent_engine_serves_callers_in_any_thread(tiny_gqa, item_batch, monkeypatch):
+    """glmv.server: rows submitted from several threads at once share one engine's two slots, each caller gets its
+    rows as generate gives them, an exclusive ticket's row never shares the slots, and the counters add up (a row
+    is live for one decode step per token after its first, which its prefill chose)."""
+    import threading
+
+    from glmv.generate import engine_config, prompt_batch
+    from glmv.server import EngineServer
+
+    batch, alone = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    max_new = [5, 12, 7, 9, 4, 10]
+    out = model.generate(**batch, max_new_tokens=max_new, eos_token_id=[], return_dict_in_generate=True)
+    expected = new_tokens(out, batch["input_ids"].shape[1])
+    engine = Engine(model, engine_config(model, 2, eos_token_id=[]))
+    together = []
+    admit = engine._admit
+
+    def spy(admitted):
+        together.append({row.ticket for row in engine.occupant if row is not None} | {row.ticket for _, row in admitted})
+        admit(admitted)
+
+    monkeypatch.setattr(engine, "_admit", spy)
+    server = EngineServer(engine)
+    tickets = [None] * len(alone)
+
+    def call(i):
+        tickets[i] = server.submit(prompt_batch(model, **alone[i]), [max_new[i]], [i], exclusive=i == 4)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(alone))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [t.wait(120)[0].tokens for t in tickets] == expected
+    assert all(len(group) == 1 for group in together if tickets[4] in group), "the exclusive row ran alone"
+    stats = server.stats()
+    assert stats["rows"] == 6 and stats["tokens"] == sum(max_new)
+    assert stats["live_steps"] == sum(n - 1 for n in max_new) <= stats["steps"] * 2
+    server.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        server.submit(prompt_batch(model, **alone[0]), [2], [0])
