@@ -105,8 +105,8 @@ def report(args, alone: dict, job: dict) -> None:
     if e:
         print(f"job engine: slot occupancy {100 * e['occupancy']:.1f}% (goal >= 95%), {e['decode_steps']} decode "
               f"steps ({e['decode_steps_per_s']:.2f}/s), {e['tokens']} tokens ({e['tokens_per_s']:.1f}/s), idle "
-              f"{100 * e['idle_share']:.1f}% of engine time, KV cache peak {e['kv_peak_bytes'] / 2**20:.1f} MiB "
-              f"({e['kv_used_peak_bytes'] / 2**20:.1f} MiB held by rows)")
+              f"{100 * e['idle_share']:.1f}% of engine time, KV pool {e['kv_pool_bytes'] / 2**20:.1f} MiB (peak "
+              f"{e['kv_used_peak_bytes'] / 2**20:.1f} MiB in use), {e['preempted']} rows preempted")
         print(f"alone's decode rate for comparison: {sum(lengths) / (alone['seconds'] - alone['load_s']):.1f} "
               f"tokens/s after load")
 

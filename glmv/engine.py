@@ -1,21 +1,27 @@
 """The slot engine: a fixed number of decode slots kept full from one queue that callers add to at any time.
 
-- An engine has `slots` decode slots over one KV cache (slots x length; the length grows to the longest row admitted
-  so far). `add` queues a prompt batch as a `Ticket`; a free slot takes the next queued prompt whichever ticket it
-  came from: its media go through the vision tower (each distinct image/video once), its tokens are prefilled
+- `add` queues a prompt batch as a `Ticket` (glmv.tickets); a free slot takes the next queued prompt whichever ticket
+  it came from: its media go through the vision tower (each distinct image/video once), its tokens are prefilled
   (packed with the other rows admitted at the same time, no padding), and it joins the decode steps. A ticket is
   done when all its rows have finished. `generate` is one ticket run until the engine is idle; a model actor keeps
   one engine for its whole life and feeds it from several threads (glmv.server), so it never drains between calls.
+- The KV cache is paged (glmv.paged): a row takes blocks from one pool as it grows and gives them back when it ends.
+  A pool of fixed size (`kv_blocks`) admits a row only while blocks are free, and when a decoding row needs a block
+  and none is free, the youngest row is preempted: its blocks are freed, it goes back to the head of the queue and
+  later runs again from its prompt (its tokens depend only on its prompt and seed, so it writes the same text). A
+  pool of no fixed size grows instead, and never preempts.
 - Rows of one prefix group (the tasks of one item) are queued together; the group's shared prefix is prefilled once
-  into a prefix cache, copied into each member's slot, and each member prefills only its own suffix.
-- A decode step reads only device state (`Slots`) and writes it in place: the next token of every slot (sampled on
-  the device), its output, its position. Slots that finished or hold no row keep running on a scratch output row;
-  the host looks at which rows finished only every `check_every` steps (one small copy), then refills.
+  into blocks of its own, each member's table points at its full blocks (the partial last one is copied), and each
+  member prefills only its own suffix.
+- A decode step reads only device state (`Slots`, the block tables) and writes it in place: the next token of every
+  slot (sampled on the device), its output, its position. Slots that finished or hold no row keep running on a
+  scratch output row and a scratch block; the host looks at which rows finished only every `check_every` steps (one
+  small copy), then refills.
 - An exclusive ticket's rows enter only an empty engine and nothing joins them: a row run alone, to learn which row
   fails (or kills the process) without taking others with it.
 - A failure (an exception in vision, prefill or a decode step) fails the tickets of the rows it touched; the queue
   goes on.
-- With compile_decode on CUDA the step is torch.compile'd and captured in a CUDA graph (again when the cache grows).
+- With compile_decode on CUDA the step is torch.compile'd and captured in a CUDA graph (again when the pool grows).
 """
 
 from __future__ import annotations
@@ -25,25 +31,24 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 
-from glmv.attention import Decode, KVCache, Prefill, use_varlen
+from glmv.attention import Decode, Prefill, use_varlen
+from glmv.paged import PagedKVCache
 from glmv.positions import IMAGE, VIDEO
-from glmv.prompts import Media, Prompt, PromptBatch
+from glmv.prompts import Media, PromptBatch
 from glmv.sampling import SamplingParams, choose, row_keys
 from glmv.thinking import NO_BUDGET, ThinkingBudget, ThinkingMarkers, starts_inside
+from glmv.tickets import Row, RowOutput, Ticket, queue_order
 
 CUDA_CHECK_EVERY = 8  # decode steps between looks at which rows finished, on CUDA (on CPU: every step)
-LENGTH_ROUNDING = 256  # the cache length is rounded up so that runs of similar length reuse compiled steps
 PREFILL_TOKENS = 16384  # tokens per packed prefill pass (activation memory; a longer row goes alone)
 VISION_PATCHES = 65536  # patches per vision tower pass
-
-
-def cache_length(tokens: int) -> int:
-    """The KV cache length of a run whose longest row reaches `tokens` positions."""
-    return -(-tokens // LENGTH_ROUNDING) * LENGTH_ROUNDING
+# positions per KV block: flash attention's paged kernel wants multiples of 256; SDPA gathers any size, and small
+# blocks waste less of a row's last block and copy less of a group's partial prefix block
+BLOCK_SIZE = {"cuda": 256}
+DEFAULT_BLOCK_SIZE = 16
 
 
 def chunks(items: list, sizes: list[int], budget: int) -> list[list]:
@@ -67,65 +72,15 @@ class EngineConfig:
     slots: int
     markers: ThinkingMarkers | None = None  # needed by rows with a thinking budget
     compile_decode: bool = False
+    kv_blocks: int = 0  # KV pool size in blocks; 0: the pool grows as rows need it (and never preempts)
+    block_size: int = 0  # positions per block; 0: BLOCK_SIZE of the device
 
     def validate(self) -> None:
         self.params.validate()
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1, got {self.slots}")
-
-
-@dataclass
-class RowOutput:
-    tokens: list[int]  # generated, eos included
-    reason: str  # eos, length, thinking_budget
-    vision_s: float  # of the admission round that started this row
-    prefill_s: float
-    decode_s: float  # from the end of its prefill until its finish was seen
-
-
-@dataclass(eq=False)
-class Row:
-    ticket: "Ticket"
-    prompt: Prompt
-    max_new: int
-    seed: int
-    budget: int  # thinking budget (NO_BUDGET: none)
-    timing: tuple[float, float, float] = (0.0, 0.0, 0.0)  # vision_s, prefill_s, prefill end
-
-    @property
-    def group(self) -> tuple[int, int] | None:
-        return None if self.prompt.group is None else (self.ticket.number, self.prompt.group)
-
-
-class Ticket:
-    """One `add`: its rows' outputs in the batch's order once all have finished, or the error that failed them.
-
-    Hooks, called in the engine's thread: on_admit(prompt indices) before rows of this ticket are prefilled,
-    on_leave() when none of its rows is in a slot any more (finished or failed)."""
-
-    def __init__(self, number: int, batch: PromptBatch, exclusive: bool = False,
-                 on_admit: Callable[[list[int]], None] | None = None, on_leave: Callable[[], None] | None = None):
-        self.number, self.batch, self.exclusive = number, batch, exclusive
-        self.on_admit, self.on_leave = on_admit, on_leave
-        self.outputs: list[RowOutput | None] = [None] * len(batch.prompts)
-        self.remaining, self.in_slots = len(batch.prompts), 0
-        self.error: BaseException | None = None
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> list[RowOutput]:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"ticket {self.number}: {self.remaining} rows still running")
-        if self.error is not None:
-            raise self.error
-        return self.outputs
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self.error = self.error or error
-        self._done.set()
+        if self.kv_blocks < 0 or self.block_size < 0:
+            raise ValueError(f"kv_blocks and block_size must be >= 0, got {self.kv_blocks}, {self.block_size}")
 
 
 @dataclass
@@ -134,14 +89,16 @@ class EngineStats:
     slots: int
     steps: int = 0  # decode steps
     live_steps: int = 0  # slot-steps that advanced a row still generating
-    tokens: int = 0  # tokens generated (each row's first token comes from its prefill)
+    tokens: int = 0  # tokens of finished rows (each row's first token comes from its prefill)
     rows: int = 0  # rows finished
+    preempted: int = 0  # rows sent back to the queue for want of KV blocks
+    recomputed: int = 0  # tokens those rows had generated, thrown away
     busy_s: float = 0.0  # in rounds: admission (vision, prefill), decode steps, the host's look at finished rows
-    admit_s: float = 0.0  # of which vision and prefill
-    kv_bytes: int = 0  # KV cache allocated now
-    kv_peak_bytes: int = 0
-    kv_used_bytes: int = 0  # of which holding the positions of rows in slots (their prompt and tokens so far)
-    kv_used_peak_bytes: int = 0
+    admit_s: float = 0.0  # of which admission
+    kv_blocks: int = 0  # the pool's blocks (scratch included)
+    kv_block_bytes: int = 0
+    kv_used_blocks: int = 0  # held by rows and prefixes now
+    kv_used_peak_blocks: int = 0
 
     @property
     def occupancy(self) -> float:
@@ -169,23 +126,15 @@ class Slots:
                    zeros(slots), zeros(slots, 2), zeros(slots, dtype=torch.bool), zeros(slots, dtype=torch.bool))
 
 
-def queue_order(batch: PromptBatch) -> list[int]:
-    """Prompts in the caller's order, except that a prefix group's members follow its first one."""
-    order, queued = [], set()
-    for p in batch.prompts:
-        members = batch.groups[p.group].members if p.group is not None else [p.index]
-        order.extend(m for m in members if m not in queued)
-        queued.update(members)
-    return order
-
-
 class Engine:
     def __init__(self, model, config: EngineConfig, max_len: int = 0, max_new: int = 1):
-        """max_len, max_new: sizes to allocate at once (the cache and output grow later as rows need)."""
+        """max_len, max_new: the longest row and budget to size for at once (a growable pool and the output rows
+        grow later as rows need)."""
         config.validate()
         self.model, self.c, self.device = model, config, model.device
         S = config.slots
-        self.cache: KVCache | None = None
+        self.block_size = config.block_size or BLOCK_SIZE.get(self.device.type, DEFAULT_BLOCK_SIZE)
+        self.cache: PagedKVCache | None = None
         self.varlen = use_varlen(torch.empty(0, dtype=model.dtype, device=self.device))
         self.state = Slots.empty(S, self.device)
         self.slot_ids = torch.arange(S, device=self.device)
@@ -200,14 +149,17 @@ class Engine:
         self.lock = threading.Lock()  # `add` may come from other threads than the one running rounds
         self.occupant: list[Row | None] = [None] * S
         self.bound = [0] * S  # host upper bound of each slot's next cache position
-        self.prefixes: dict[tuple[int, int], tuple[KVCache, int]] = {}  # group -> (prefix cache, its slot there)
+        self.n_gen = [0] * S  # tokens of each slot's row at the host's last look
+        self.age = [0] * S  # admission order of each slot's row: the youngest is preempted first
+        self.admissions = itertools.count()
+        self.prefixes: dict[tuple[int, int], list[int]] = {}  # group -> its prefix blocks, until its last member
+        self.fresh: list[Row] = []  # group leaders placed this round: their group's prefix is prefilled with them
         self.unadmitted: dict[tuple[int, int], int] = {}  # group -> members not yet admitted
         self.numbers = itertools.count()
         self.stats = EngineStats(slots=S)
         self.step = None
-        if max_len:
-            self._grow_cache(cache_length(max_len))
-            self.step = self._make_step()
+        if config.kv_blocks or max_len:
+            self._new_cache(max_len or 1)
 
     # -- the host loop ------------------------------------------------------------------------------------------
 
@@ -243,16 +195,19 @@ class Engine:
     def round(self) -> None:
         """Admit queued rows into the free slots, run `check_every` decode steps, free the slots of finished rows."""
         start = time.perf_counter()
-        admitted = self._take()
+        admitted = []
         try:
+            admitted = self._take()
             if admitted:
                 self._admit(admitted)
         except Exception as e:
-            self._fail(e, {row.ticket for _, row in admitted})
+            self._fail(e, {row.ticket for _, row in admitted} | {row.ticket for row in self.fresh})
             raise
         finally:
             self.stats.admit_s += time.perf_counter() - start
         try:
+            if any(r is not None for r in self.occupant):
+                self._make_decode_room()
             if any(r is not None for r in self.occupant):
                 self._decode_steps()
                 self._collect()
@@ -263,21 +218,29 @@ class Engine:
             self.stats.busy_s += time.perf_counter() - start
 
     def _take(self) -> list[tuple[int, Row]]:
-        """(slot, row) pairs to admit: the queue's head into the free slots; an exclusive ticket's rows only into
-        an empty engine, and none beside them."""
+        """(slot, row) pairs to admit, their blocks taken: the queue's head into the free slots while the pool has
+        blocks for them; an exclusive ticket's rows only into an empty engine, and none beside them."""
         occupied = [r for r in self.occupant if r is not None]
         if any(r.ticket.exclusive for r in occupied):
             return []
         free = [s for s, r in enumerate(self.occupant) if r is None]
-        taken: list[Row] = []
+        taken: list[tuple[int, Row]] = []
+        unfit = None
         with self.lock:
             while self.queue and len(taken) < len(free):
                 head = self.queue[0]
-                alone = head.ticket.exclusive or (taken and taken[0].ticket.exclusive)
-                if alone and (occupied or (taken and taken[0].ticket is not head.ticket)):
+                alone = head.ticket.exclusive or (taken and taken[0][1].ticket.exclusive)
+                if alone and (occupied or (taken and taken[0][1].ticket is not head.ticket)):
                     break
-                taken.append(self.queue.popleft())
-        return list(zip(free, taken))
+                slot = free[len(taken)]
+                if not self._place(slot, head, running=len(occupied) + len(taken) + 1):
+                    unfit = head if not occupied and not taken else None
+                    break
+                taken.append((slot, self.queue.popleft()))
+        if unfit is not None:  # alone in an empty engine and still no room: it never will have
+            self._fail(MemoryError(f"the KV pool ({self.cache.blocks - 1} blocks of {self.block_size} positions) "
+                                   f"cannot hold a row of {unfit.prompt.length + 1} positions"), {unfit.ticket})
+        return taken
 
     def _decode_steps(self) -> None:
         live = [s for s, r in enumerate(self.occupant) if r is not None]
@@ -292,24 +255,22 @@ class Engine:
         st = self.state
         hit = self.think.hit if self.think is not None else torch.zeros_like(st.live)
         snapshot = torch.stack([t.long() for t in (st.live, st.n_gen, st.eos_hit, hit, st.bad)]).cpu()
-        live, n_gen, eos_hit, hit, bad = snapshot.tolist()
+        live, self.n_gen, eos_hit, hit, bad = snapshot.tolist()
         broken = [r.prompt.index for s, r in enumerate(self.occupant) if bad[s] and r is not None]
         if broken:  # e.g. an overflow in half precision: fail loudly rather than emit arbitrary tokens
             raise FloatingPointError(f"non-finite logits in batch rows {sorted(broken)}")
         done = [s for s, r in enumerate(self.occupant) if r is not None and not live[s]]
-        if not done:
-            self._note_kv()
-            return
-        tokens = self.out[done, :max(n_gen[s] for s in done)].tolist()  # the finished rows only
-        now = time.perf_counter()
-        for slot, row_tokens in zip(done, tokens):
-            row, n = self.occupant[slot], n_gen[slot]
-            self.occupant[slot] = None
-            reason = ("thinking_budget" if hit[slot] else "eos") if eos_hit[slot] else "length"
-            vision_s, prefill_s, prefill_end = row.timing
-            self.stats.rows, self.stats.tokens = self.stats.rows + 1, self.stats.tokens + n
-            self.stats.live_steps += n - 1  # its first token came from the prefill
-            self._finished(row, RowOutput(row_tokens[:n], reason, vision_s, prefill_s, now - prefill_end))
+        if done:
+            tokens = self.out[done, :max(self.n_gen[s] for s in done)].tolist()  # the finished rows only
+            now = time.perf_counter()
+            for slot, row_tokens in zip(done, tokens):
+                row, n = self.occupant[slot], self.n_gen[slot]
+                self._vacate(slot)
+                reason = ("thinking_budget" if hit[slot] else "eos") if eos_hit[slot] else "length"
+                vision_s, prefill_s, prefill_end = row.timing
+                self.stats.rows, self.stats.tokens = self.stats.rows + 1, self.stats.tokens + n
+                self.stats.live_steps += n - 1  # its first token came from the prefill
+                self._finished(row, RowOutput(row_tokens[:n], reason, vision_s, prefill_s, now - prefill_end))
         self._note_kv()
 
     def _finished(self, row: Row, output: RowOutput) -> None:
@@ -325,16 +286,24 @@ class Engine:
         if not ticket.in_slots and ticket.on_leave is not None:
             ticket.on_leave()  # before the ticket is done: its caller may note its next position right after
 
+    def _vacate(self, slot: int) -> None:
+        """The slot holds no row from now on: its blocks go back to the pool, its steps write the scratch block."""
+        self.occupant[slot] = None
+        self.cache.release(slot)
+
     def _fail(self, error: BaseException, tickets: set[Ticket]) -> None:
         """Take every row of these tickets out of the queue and the slots, and fail the tickets."""
+        numbers = {t.number for t in tickets}
         with self.lock:
             self.queue = deque(r for r in self.queue if r.ticket not in tickets)
-            for key in [k for k in self.unadmitted if k[0] in {t.number for t in tickets}]:
+            for key in [k for k in self.unadmitted if k[0] in numbers]:
                 self.unadmitted.pop(key)
-                self.prefixes.pop(key, None)
+                if key in self.prefixes:
+                    self.cache.pool.release(self.prefixes.pop(key))
+            self.fresh = [r for r in self.fresh if r.ticket not in tickets]
         gone = [s for s, r in enumerate(self.occupant) if r is not None and r.ticket in tickets]
         for s in gone:
-            self.occupant[s] = None
+            self._vacate(s)
         if gone:
             self.state.live[torch.tensor(gone, device=self.device)] = False
         for ticket in tickets:
@@ -348,66 +317,141 @@ class Engine:
             tickets = {r.ticket for r in self.queue}
         self._fail(error, tickets | {r.ticket for r in self.occupant if r is not None})
 
+    # -- KV blocks: placing rows, growing them, preempting ----------------------------------------------------
+
+    def _new_cache(self, longest: int) -> None:
+        """The pool: `kv_blocks`, or (growable) room for every slot at `longest` positions."""
+        width = -(-longest // self.block_size)
+        blocks = self.c.kv_blocks or self.c.slots * width
+        self.cache = self.model.new_cache(blocks + 1, self.block_size, self.c.slots, width)  # + the scratch block
+        self._cache_changed()
+
+    def _grow(self, blocks: int = 0, width: int = 0) -> None:
+        self.cache = self.cache.grown(blocks, width)
+        self._cache_changed()
+
+    def _cache_changed(self) -> None:
+        self.stats.kv_blocks, self.stats.kv_block_bytes = self.cache.blocks, self.cache.block_bytes()
+        self.step = self._make_step()  # a compiled step (a CUDA graph) holds the old tensors
+
+    def _reserve(self, slot: int, positions: int) -> bool:
+        """Blocks for the slot's first `positions` positions; a growable pool grows for them, a fixed one may lack
+        them (False, nothing taken)."""
+        need = self.cache.blocks_for(positions)
+        if need > self.cache.table.shape[1]:
+            self._grow(width=need)
+        if self.cache.reserve(slot, positions):
+            return True
+        if self.c.kv_blocks:
+            return False
+        self._grow(blocks=self.cache.blocks + max(need, self.cache.blocks // 2))
+        return self.cache.reserve(slot, positions)
+
+    def _place(self, slot: int, row: Row, running: int) -> bool:
+        """Take the blocks a row needs to be admitted into `slot` (its prompt and first token; a new group's prefix
+        too). A fixed pool also keeps a block free per running row, so that they can grow before anyone is
+        preempted. False: not now (nothing taken)."""
+        if self.cache is None:
+            self._new_cache(row.prompt.length + row.max_new)
+        if self.cache.blocks_for(row.prompt.length + row.max_new) > self.cache.table.shape[1]:
+            self._grow(width=self.cache.blocks_for(row.prompt.length + row.max_new))  # its table's whole life
+        group, bs = row.group, self.block_size
+        if group is not None and group not in self.prefixes:
+            ids = self.cache.pool.take(self.cache.blocks_for(row.prompt.prefix_len))
+            if ids is None and not self.c.kv_blocks:
+                self._grow(blocks=self.cache.blocks + max(self.cache.blocks // 2, row.prompt.prefix_len // bs + 1))
+                ids = self.cache.pool.take(self.cache.blocks_for(row.prompt.prefix_len))
+            if ids is None:
+                return False
+            self.prefixes[group] = ids
+            self.fresh.append(row)
+        if group is not None:
+            self.cache.adopt(slot, self.prefixes[group][:row.prompt.prefix_len // bs])
+        headroom = running if self.c.kv_blocks else 0
+        if self._reserve(slot, row.prompt.length + 1) and len(self.cache.pool.free) >= headroom:
+            return True
+        self.cache.release(slot)
+        if self.fresh and self.fresh[-1] is row:
+            self.fresh.pop()
+            self.cache.pool.release(self.prefixes.pop(group))
+        return False
+
+    def _make_decode_room(self) -> None:
+        """Blocks for this round's steps of every row in a slot, the oldest first; when a fixed pool runs out, the
+        youngest row goes back to the queue (and a row alone that cannot grow fails)."""
+        for slot in sorted((s for s, r in enumerate(self.occupant) if r is not None), key=lambda s: self.age[s]):
+            row = self.occupant[slot]
+            if row is None:  # preempted for an older row just now
+                continue
+            need = min(self.bound[slot] + self.check_every, row.prompt.length + row.max_new)
+            while not self._reserve(slot, need):
+                others = [s for s, r in enumerate(self.occupant) if r is not None and s != slot]
+                if not others:
+                    self._fail(MemoryError(f"the KV pool ({self.cache.blocks - 1} blocks of {self.block_size} "
+                                           f"positions) cannot hold a row of {need} positions"), {row.ticket})
+                    break
+                victim = max(others + [slot], key=lambda s: self.age[s])
+                self._preempt(victim)
+                if victim == slot:
+                    break
+
+    def _preempt(self, slot: int) -> None:
+        """Send the slot's row back to the head of the queue; it runs again from its prompt later."""
+        row, n = self.occupant[slot], self.n_gen[slot]
+        self._vacate(slot)
+        self.state.live[slot] = False
+        self.stats.preempted += 1
+        self.stats.recomputed += n
+        self.stats.live_steps += max(0, n - 1)
+        row.restarted = True
+        self._left(row.ticket, 1)
+        with self.lock:
+            self.queue.appendleft(row)
+
+    def _widen_out(self, width: int) -> None:
+        out = torch.full((self.out.shape[0], width), self.c.pad, dtype=torch.long, device=self.device)
+        out[:, :self.out.shape[1]] = self.out
+        self.out = out
+        self.step = self._make_step()
+
     def _note_kv(self) -> None:
         st = self.stats
-        st.kv_used_bytes = self.model.cache_bytes(1, sum(self.bound[s] for s, r in enumerate(self.occupant)
-                                                         if r is not None))
-        st.kv_used_peak_bytes = max(st.kv_used_peak_bytes, st.kv_used_bytes)
+        st.kv_used_blocks = self.cache.pool.in_use
+        st.kv_used_peak_blocks = max(st.kv_used_peak_blocks, st.kv_used_blocks)
 
     # -- admission: vision, prefix, packed prefill --------------------------------------------------------------
 
     def _admit(self, admitted: list[tuple[int, Row]]) -> None:
-        admitted = sorted(admitted, key=lambda a: a[0])  # by slot: packed prefill wants ascending slots
         rows = [row for _, row in admitted]
-        self._make_room(rows)
+        if max(row.max_new for row in rows) > self.out.shape[1]:
+            self._widen_out(max(row.max_new for row in rows))
         for slot, row in admitted:
             self.occupant[slot], self.bound[slot] = row, row.prompt.length
+            self.n_gen[slot], self.age[slot] = 1, next(self.admissions)
             row.ticket.in_slots += 1
         for ticket in {row.ticket for row in rows}:
             if ticket.on_admit is not None:
                 ticket.on_admit([row.prompt.index for row in rows if row.ticket is ticket])
-        new_groups = sorted({row.group for row in rows if row.group is not None and row.group not in self.prefixes})
-        leaders = {row.group: row for row in rows if row.group in new_groups}
-        wanted = {(row.ticket.number, m): row.ticket.batch.media[m] for row in list(leaders.values()) +
-                  [row for row in rows if row.group is None] for m in row.prompt.media}
+        leaders, self.fresh = self.fresh, []
+        wanted = {(row.ticket.number, m): row.ticket.batch.media[m]
+                  for row in leaders + [row for row in rows if row.group is None] for m in row.prompt.media}
         t0 = time.perf_counter()
         features = self._encode(wanted)
         self._sync()
         t1 = time.perf_counter()
-        self._prefill_prefixes([leaders[g] for g in new_groups], features)
+        self._prefill_prefixes(leaders, features)
         logits = self._prefill_rows(admitted, features)
         self._start(admitted, logits)
         for row in rows:
             if row.group is not None:
                 self.unadmitted[row.group] -= 1
-                if not self.unadmitted[row.group]:
-                    del self.unadmitted[row.group], self.prefixes[row.group]  # the last member has its copy
+                if not self.unadmitted[row.group]:  # the last member holds its own references now
+                    del self.unadmitted[row.group]
+                    self.cache.pool.release(self.prefixes.pop(row.group))
         self._sync()
         t2 = time.perf_counter()
         for row in rows:
             row.timing = (t1 - t0, t2 - t1, t2)
-
-    def _make_room(self, rows: list[Row]) -> None:
-        """Grow the cache and the output rows so that these rows fit (rare: a longer row than any before)."""
-        need = max(row.prompt.length + row.max_new for row in rows)
-        width = max(row.max_new for row in rows)
-        grow_cache, grow_out = self.cache is None or need > self.cache.max_len, width > self.out.shape[1]
-        if grow_cache:
-            self._grow_cache(cache_length(need))
-        if grow_out:
-            out = torch.full((self.out.shape[0], width), self.c.pad, dtype=torch.long, device=self.device)
-            out[:, :self.out.shape[1]] = self.out
-            self.out = out
-        if grow_cache or grow_out:  # a compiled step (a CUDA graph) holds the old tensors
-            self.step = self._make_step()
-
-    def _grow_cache(self, max_len: int) -> None:
-        cache = self.model.new_cache(self.c.slots, max_len)
-        if self.cache is not None:
-            cache.copy_from(self.cache)
-        self.cache = cache
-        self.stats.kv_bytes = self.model.cache_bytes(self.c.slots, max_len)
-        self.stats.kv_peak_bytes = max(self.stats.kv_peak_bytes, self.stats.kv_bytes)
 
     def _encode(self, wanted: dict[tuple[int, int], Media]) -> dict[tuple[int, int], torch.Tensor]:
         """Vision features (tokens, D) of each wanted media, packed into as few vision tower passes as fit."""
@@ -436,25 +480,22 @@ class Engine:
         return self.model.embed(ids[None], types[None], per_kind[IMAGE], per_kind[VIDEO])[0], positions
 
     def _prefill_prefixes(self, leaders: list[Row], features) -> None:
+        """Each new group's shared prefix into the group's own blocks, once."""
         if not leaders:
             return
-        lengths = [r.ticket.batch.groups[r.prompt.group].length for r in leaders]
-        cache = self.model.new_cache(len(leaders), max(lengths))
+        lengths = [r.prompt.prefix_len for r in leaders]
         for part in chunks(list(range(len(leaders))), lengths, PREFILL_TOKENS):
             x, positions = self._embed([(leaders[i], 0, lengths[i]) for i in part], features)
-            self.model.prefill(x, positions, Prefill(cache, part, [0] * len(part), [lengths[i] for i in part],
-                                                     self.varlen))
-        for i, row in enumerate(leaders):
-            self.prefixes[row.group] = (cache, i)
+            self.model.prefill(x, positions, Prefill(self.cache, [self.prefixes[leaders[i].group] for i in part],
+                                                     [0] * len(part), [lengths[i] for i in part], self.varlen))
 
     def _prefill_rows(self, admitted: list[tuple[int, Row]], features) -> torch.Tensor:
-        """Logits (m, V) at each admitted prompt's last token, in slot order."""
-        starts = []
+        """Logits (m, V) at each admitted prompt's last token, in `admitted` order."""
+        bs, starts = self.block_size, []
         for slot, row in admitted:
             start = row.prompt.prefix_len if row.group is not None else 0
-            if start:
-                cache, source = self.prefixes[row.group]
-                self.cache.copy_slot(slot, cache, source, start)
+            if start % bs:  # the prefix's partial last block: the member writes its own tokens after it
+                self.cache.copy_block(self.cache.rows[slot][start // bs], self.prefixes[row.group][start // bs])
             starts.append(start)
         rows = [(slot, row, start) for (slot, row), start in zip(admitted, starts)]
         logits = []
@@ -462,8 +503,8 @@ class Engine:
             x, positions = self._embed([(row, start, row.prompt.length) for _, row, start in part], features)
             lengths = [row.prompt.length - start for _, row, start in part]
             last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-            batch = Prefill(self.cache, [slot for slot, _, _ in part], [start for _, _, start in part], lengths,
-                            self.varlen)
+            batch = Prefill(self.cache, [self.cache.rows[slot] for slot, _, _ in part],
+                            [start for _, _, start in part], lengths, self.varlen)
             logits.append(self.model.prefill(x, positions, batch, last=last))
         return torch.cat(logits)
 

@@ -8,6 +8,7 @@ threads, beside the decode steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -42,13 +43,9 @@ class EngineServer:
         return queued
 
     def stats(self) -> dict:
-        """The engine's counters so far, with its wall time since the first submission and the share of it in
-        which no round ran (no row to run: waiting for callers)."""
-        s = self.engine.stats
+        """The engine's counters so far (EngineStats) and its wall time since the first submission."""
         wall = time.perf_counter() - self.started if self.started is not None else 0.0
-        return {"slots": s.slots, "steps": s.steps, "live_steps": s.live_steps, "tokens": s.tokens, "rows": s.rows,
-                "busy_s": s.busy_s, "admit_s": s.admit_s, "wall_s": wall, "kv_bytes": s.kv_bytes,
-                "kv_peak_bytes": s.kv_peak_bytes, "kv_used_peak_bytes": s.kv_used_peak_bytes}
+        return {**dataclasses.asdict(self.engine.stats), "wall_s": wall}
 
     def close(self) -> None:
         with self._wake:

@@ -9,7 +9,8 @@ zero). Figures:
 - tokens/s: every engine's tokens over its wall time, summed (the actors run side by side);
 - idle share: the part of the engines' wall time in which no round ran (no row queued or decoding: waiting for the
   next window);
-- KV cache: the peak bytes allocated, and the peak held by the rows in the slots.
+- KV cache: the pool's size, the peak held by rows and prefixes, and how many rows were preempted (sent back to
+  the queue when a fixed pool ran out, to run again from their prompt) with the tokens they threw away.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def figures(per_actor: dict[str, dict]) -> dict:
         "tokens": sum(e["tokens"] for e in engines),
         "tokens_per_s": sum(e["tokens"] / max(e["wall_s"], 1e-9) for e in engines),
         "idle_share": 1 - sum(e["busy_s"] for e in engines) / max(wall, 1e-9),
-        "kv_peak_bytes": sum(e["kv_peak_bytes"] for e in engines),
-        "kv_used_peak_bytes": sum(e["kv_used_peak_bytes"] for e in engines),
+        "kv_pool_bytes": sum(e["kv_blocks"] * e["kv_block_bytes"] for e in engines),
+        "kv_used_peak_bytes": sum(e["kv_used_peak_blocks"] * e["kv_block_bytes"] for e in engines),
+        "preempted": sum(e["preempted"] for e in engines), "recomputed": sum(e["recomputed"] for e in engines),
     }
 
 
@@ -49,5 +51,5 @@ def line(f: dict) -> str:
     return (f"model engines: {f['actors']} ({f['slots']} decode slots): slot occupancy {100 * f['occupancy']:.1f}% "
             f"(live slot-steps / all), {f['decode_steps']} decode steps ({f['decode_steps_per_s']:.1f}/s), "
             f"{f['tokens']} tokens ({f['tokens_per_s']:.1f}/s), idle {100 * f['idle_share']:.1f}% of engine time "
-            f"(no row to run), KV cache peak {f['kv_peak_bytes'] / 2**20:.1f} MiB "
-            f"({f['kv_used_peak_bytes'] / 2**20:.1f} MiB held by rows)")
+            f"(no row to run), KV pool {f['kv_pool_bytes'] / 2**20:.1f} MiB (peak {f['kv_used_peak_bytes'] / 2**20:.1f}"
+            f" MiB in use), {f['preempted']} rows preempted ({f['recomputed']} tokens recomputed)")

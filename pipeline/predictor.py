@@ -13,6 +13,7 @@ each, one call at a time. Sampling seeds come from (run.seed, item id, task), so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -37,9 +38,10 @@ CALLS_IN_FLIGHT = 3   # calls of a refill-mode actor running at once: one window
 #                       are prepared and queued. More windows wait as more memory (each holds its patches on the
 #                       model's device), fewer leave the slots waiting for the next window's host work
 ENGINE = "engine"     # the crash guard's position of a window whose rows are in the shared engine
-KV_SHARE = 0.5   # of a GPU's free memory at a call's start, for its KV cache (the rest: activations, vision, cache
-#                  fragmentation); a call whose slots would need more runs with fewer. An actor holding a fraction
-#                  of a GPU (actors.num_gpus < 1) takes that fraction of it: its neighbours see the same free memory
+KV_SHARE = 0.5   # of a GPU's free memory, for the KV cache (the rest: activations, vision, fragmentation): refill
+#                  mode sizes its engine's pool to it at the actor's start; in static mode a call whose slots would
+#                  need more runs with fewer. An actor holding a fraction of a GPU (actors.num_gpus < 1) takes that
+#                  fraction of it: its neighbours see the same free memory
 
 
 @dataclass
@@ -115,16 +117,16 @@ class Predictor:
         self.specs = {spec.name: spec for spec in cfg.task_specs()}
         self.static_lock = threading.Lock()   # static mode: one generate at a time
         self.engine_id = uuid.uuid4().hex[:12]
-        self.server = self._start_engine() if cfg.batching.mode == "refill" else None
         self.kv_share = KV_SHARE * (min(1.0, cfg.actors.num_gpus) if cfg.actors.on_gpu else 1.0)
         self.capped = False   # said once that a call ran with fewer slots than run.batch_size
+        self.server = self._start_engine() if cfg.batching.mode == "refill" else None
         self.parse_output = parse_output
         self.model_name = cfg.model_name()
         self.config_hash = cfg.result_hash()
 
     def _start_engine(self):
         """The engine this actor keeps for its life, in its own thread, with the run's sampling settings."""
-        from glmv.engine import Engine
+        from glmv.engine import BLOCK_SIZE, Engine
         from glmv.generate import checkpoint_markers, engine_config
         from glmv.server import EngineServer
 
@@ -134,7 +136,25 @@ class Predictor:
         budgets = any(spec.max_thinking_tokens for spec in self.specs.values())
         config = engine_config(self.model, self.slots, repetition_penalty=run.repetition_penalty,
                                thinking_markers=checkpoint_markers(self.model) if budgets else None, **sampling)
+        blocks = self._kv_blocks()
+        config = dataclasses.replace(config, kv_blocks=blocks, block_size=BLOCK_SIZE["cuda"] if blocks else 0)
         return EngineServer(Engine(self.model, config, max_new=run.max_new_tokens))
+
+    def _kv_blocks(self) -> int:
+        """The engine's KV pool on a GPU: KV_SHARE of the free memory at the actor's start, in blocks, so that the
+        slots hold as many positions as fit whatever each row's length (a row that cannot grow preempts the
+        youngest). 0 on a CPU: the pool grows as the rows need (host memory, sized by the user)."""
+        from glmv.engine import BLOCK_SIZE
+
+        free = free_device_bytes(self.model.device)
+        if free is None:
+            return 0
+        block = BLOCK_SIZE["cuda"]
+        blocks = max(1, int(free * self.kv_share // self.model.cache_bytes(1, block)))
+        log.info("KV pool: %d blocks of %d positions (%.1f GiB, %.0f%% of the %.1f GiB free on %s)", blocks, block,
+                 blocks * self.model.cache_bytes(1, block) / 2**30, 100 * self.kv_share, free / 2**30,
+                 self.model.device)
+        return blocks
 
     # -- building sequences ---------------------------------------------------------------------------------
 
@@ -348,13 +368,13 @@ class Predictor:
         """Decode slots for a call of `rows` sequences up to `longest` tokens: run.batch_size (static mode: the
         batch's rows), fewer where their KV cache would take more than KV_SHARE of the device's free memory (long
         videos), so that a window of them runs with fewer slots instead of failing out of memory."""
-        from glmv.engine import cache_length
+        from glmv.engine import BLOCK_SIZE
 
         slots = min(rows, self.slots)
         free = free_device_bytes(self.model.device)
         if free is None:
             return slots
-        longest = cache_length(longest)   # as the engine sizes its cache
+        longest = -(-longest // BLOCK_SIZE["cuda"]) * BLOCK_SIZE["cuda"]   # in whole blocks, as a GPU engine takes them
         fit = max(1, min(slots, int(free * self.kv_share // self.model.cache_bytes(1, longest))))
         if fit < slots and not self.capped:
             self.capped = True

@@ -160,6 +160,21 @@ def test_a_call_whose_kv_cache_would_not_fit_runs_with_fewer_slots(setup, monkey
     assert calls == ([(12, 1)] if mode == "refill" else [(3, 1)] * 4)
 
 
+def test_on_a_gpu_the_engines_kv_pool_is_sized_to_the_free_memory(setup, monkeypatch):
+    """Refill mode on a GPU (free memory faked): the actor's engine gets a fixed pool of KV_SHARE of the free memory
+    in 256-position blocks, here 3 blocks for 3 slots, so rows wait for blocks (and may be preempted), and every
+    row still ends with the text an unlimited pool gives."""
+    cfg, decoded, predictor = setup
+    expected = {(r["id"], r["task"]): r["text"] for r in predictor(decoded).to_pylist()}
+    three_blocks = predictor.model.cache_bytes(3, 256) / predictor_mod.KV_SHARE
+    monkeypatch.setattr(predictor_mod, "free_device_bytes", lambda device: three_blocks + 1)
+    on_gpu = Predictor(cfg)
+    assert (on_gpu.server.engine.c.kv_blocks, on_gpu.server.engine.block_size) == (3, 256)
+    got = on_gpu(decoded)
+    assert {(r["id"], r["task"]): r["text"] for r in got.to_pylist()} == expected
+    assert json.loads(got["_engine"][0].as_py())["kv_blocks"] == 4   # and the scratch block
+
+
 def test_batch_size_auto_is_64_slots_on_a_gpu_and_8_on_cpu(tiny_gqa, tmp_path):
     assert config.decode_slots("auto", on_gpu=True) == 64 and config.decode_slots("auto", on_gpu=False) == 8
     assert config.decode_slots(5, on_gpu=True) == 5
