@@ -282,3 +282,31 @@ def test_refill_mixes_template_switches_in_one_call(setup, tiny_glm46v, monkeypa
     static = run()
     assert calls == [2, 1, 2, 1]   # static batches never mix switches
     assert refill == static and len(refill) == 6
+
+
+def test_the_summary_keeps_each_actors_latest_engine_counters_and_adds_them_up():
+    """Result blocks carry each call's engine counters on their first row (`_engine`); the driver keeps the latest
+    per actor (a later call's counters include the earlier ones), adds actors up, and never writes the column."""
+    from pipeline.run import Summary
+
+    def stats(actor, wall, steps, live, busy):
+        return json.dumps({"id": actor, "slots": 4, "steps": steps, "live_steps": live, "tokens": live + 10,
+                           "rows": 10, "busy_s": busy, "wall_s": wall, "kv_blocks": 9, "kv_block_bytes": 1024,
+                           "kv_used_peak_blocks": 6, "preempted": 1, "recomputed": 5})
+
+    def block(values):
+        return pa.table({"id": ["a"] * len(values), "error": pa.array([None] * len(values), pa.string()),
+                         "num_output_tokens": [1] * len(values), "uri": ["u"] * len(values),
+                         "task": ["t"] * len(values), "answer": [""] * len(values), "text": [""] * len(values),
+                         "_engine": pa.array(values, pa.string())})
+
+    summary = Summary()
+    summary.count(block([stats("x", 10.0, 100, 380, 9.0), None]))
+    summary.count(block([stats("y", 20.0, 100, 300, 20.0)]))
+    summary.count(block([stats("x", 5.0, 40, 100, 5.0)]))   # an older call of x answered late: ignored
+    e = summary.engine
+    assert e["actors"] == 2 and e["slots"] == 8 and e["decode_steps"] == 200
+    assert e["occupancy"] == pytest.approx(680 / 800) and e["idle_share"] == pytest.approx(1 / 30)
+    assert e["tokens_per_s"] == pytest.approx(390 / 10 + 310 / 20) and e["preempted"] == 2
+    line = next(x for x in summary.lines("out") if x.startswith("model engines"))
+    assert "slot occupancy 85.0%" in line and "idle 3.3%" in line and "2 rows preempted" in line
