@@ -11,7 +11,11 @@ Prints, each beside its roofline:
   throughput of a large bf16 matmul measured here);
 - vision images/s for ~1 MP images (1036 x 756: 3996 patches, 999 tokens each);
 - end to end images/s: `--images` image prompts through vision, prefill and decode with `--new-tokens` new tokens
-  each (eos ignored: random weights), refill over 64 slots: eager, and last with compile on.
+  each (eos ignored: random weights), refill over 64 slots: eager, and last with compile on;
+- feed: a stream of 2 x `--images` image prompts with long-tailed budgets (a third run to 4 x `--new-tokens`, the
+  rest stop early), in windows of 64 submitted by 3 threads to one persistent engine (glmv.server) with a fixed KV
+  pool of half the free memory, as a model actor runs: slot occupancy, tokens/s, decode steps/s, idle share, KV
+  blocks in use, preemptions.
 Each part prints its own wall time; `--skip` leaves parts out.
 Figures are for random weights, so outputs are meaningless; the shapes and the work are the real model's.
 """
@@ -178,6 +182,46 @@ def end_to_end(model, args, compiled: bool):
           f"generated tokens/s")
 
 
+def feed(model, args):
+    """Windows of image prompts with long-tailed budgets through one engine fed by 3 threads (a model actor's calls
+    in flight), its pool fixed to half the free memory as the actor sizes it."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from glmv.engine import BLOCK_SIZE, Engine
+    from glmv.generate import engine_config, prompt_batch
+    from glmv.server import EngineServer
+
+    slots, limit = min(64, args.images), 4 * args.new_tokens
+    config = engine_config(model, slots)
+    if DEVICE == "cuda":
+        block = BLOCK_SIZE["cuda"]
+        free = torch.cuda.mem_get_info()[0]
+        config = dataclasses.replace(config, kv_blocks=int(free * 0.5 // model.cache_bytes(1, block)),
+                                     block_size=block)
+    g = torch.Generator().manual_seed(7)
+    windows = [image_prompts(model, slots, grid=args.grid, seed=20 + w) for w in range(2 * args.images // slots)]
+    u = torch.rand(len(windows), slots, generator=g)
+    budgets = torch.where(u < 1 / 3, limit, (limit * (u - 1 / 3) ** 2).long() + 1).tolist()  # a long tail
+    server = EngineServer(Engine(model, config, max_new=limit))
+
+    def call(w):
+        with torch.inference_mode():
+            return server.submit(prompt_batch(model, **windows[w]), budgets[w], list(range(slots))).wait()
+
+    with ThreadPoolExecutor(3) as pool:
+        seconds, outputs = timed(lambda: list(pool.map(call, range(len(windows)))))
+    s = server.stats()
+    server.close()
+    tokens = sum(len(o.tokens) for window in outputs for o in window)
+    print(f"\nfeed: {len(windows) * slots} image prompts in {len(windows)} windows from 3 threads, {slots} slots, "
+          f"budgets up to {limit} (a third at the limit): {seconds:.1f}s, {tokens / seconds:.0f} tokens/s, slot "
+          f"occupancy {100 * s['live_steps'] / max(1, s['steps'] * slots):.1f}%, {s['steps'] / seconds:.1f} decode "
+          f"steps/s, idle {100 * (1 - s['busy_s'] / s['wall_s']):.1f}% of engine time, KV pool {s['kv_blocks']} "
+          f"blocks of {s['kv_block_bytes'] / 2**20:.1f} MiB (peak {s['kv_used_peak_blocks']} in use), "
+          f"{s['preempted']} rows preempted")
+
+
 def main() -> None:
     from glmv.config import Glm4vConfig
     from glmv.testing import PRESETS
@@ -187,8 +231,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,prefill,vision,e2e,compile,"
-                        "e2e-compiled")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,prefill,vision,e2e,feed,"
+                        "compile,e2e-compiled")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, small sizes: checks that the script runs")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -216,7 +260,7 @@ def main() -> None:
     eager = {}
     parts = {"decode": lambda: eager.update(decode_sweep(model, args, bandwidth, compiled=False)),
              "prefill": lambda: prefill(model, args, flops), "vision": lambda: vision(model, args),
-             "e2e": lambda: end_to_end(model, args, compiled=False),
+             "e2e": lambda: end_to_end(model, args, compiled=False), "feed": lambda: feed(model, args),
              "compile": lambda: decode_sweep(model, args, bandwidth, compiled=True, eager=eager),
              "e2e-compiled": lambda: end_to_end(model, args, compiled=True)}
     for part, run in parts.items():

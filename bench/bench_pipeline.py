@@ -72,7 +72,8 @@ def job_config(args) -> dict:
     return {
         "input": {"uri": args.corpus}, "output": {"uri": args.out, "rows_per_file": 64},
         "model": {"path": args.model, "dtype": "float32", "device": "cpu"},
-        "run": {"tasks": TASKS, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens},
+        "run": {"tasks": getattr(args, "tasks", TASKS), "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens},
         # the direct side makes the calls the actor makes in this mode
         "batching": {"mode": "refill", **({"sort_window": args.sort_window} if args.sort_window else {})},
         "actors": {"count": 1, "num_gpus": 0, "num_cpus": args.threads},

@@ -1,18 +1,18 @@
-"""Attention for the text decoder: a static per-layer KV cache and the three ways a layer attends.
+"""Attention for the text decoder over a paged KV cache (glmv.paged), and the three ways a layer attends.
 
 - `Dense`: a whole (left-padded) batch at once with no cache: `model.forward`, used for logits.
 - `Prefill`: the real tokens of several rows packed into one sequence (no padding compute). Row r's tokens are written
-  to its cache slot at positions start_r.. and attend causally to that slot's first start_r + n_r keys, so a row can
-  continue a prompt prefix already in its slot (a shared prefix copied there).
+  to its blocks at positions start_r.. and attend causally to the row's first start_r + n_r positions, so a row can
+  continue a prompt prefix already in its blocks (a shared prefix).
 - `Decode`: one token per slot, every slot at its own position; shapes never change during a run (CUDA graphs).
 
-The cache is laid out (slots, max_len, H_kv, Dh) per layer, so that flattening it gives the packed (tokens, H_kv, Dh)
-layout of flash attention's variable-length kernel. On CUDA in half precision, prefill and decode run that kernel
-(`torch.nn.attention.varlen.varlen_attn`: no mask, GQA native, causal bottom-right, per-slot key counts); elsewhere
-SDPA: per row with `is_causal` (flash-eligible) or a lower-right causal bias, and for decode the query heads of a
-KV group folded into the query length so that a plain boolean mask works without repeating keys per head.
-GLMV_ATTENTION=sdpa forces SDPA everywhere, as does a torch whose varlen_attn lacks an argument the layout needs
-(`seqused_k`, `enable_gqa`: torch 2.9-2.11).
+On CUDA in half precision, prefill and decode run flash attention's variable-length kernel over the block tables
+(`torch.nn.attention.varlen.varlen_attn` with `block_table`: no mask, GQA native, causal bottom-right, per-row key
+counts); elsewhere SDPA over each row's positions gathered through its table: per row with `is_causal`
+(flash-eligible) or a lower-right causal bias, and for decode the query heads of a KV group folded into the query
+length so that a plain boolean mask works without repeating keys per head. GLMV_ATTENTION=sdpa forces SDPA
+everywhere, as does a torch whose varlen_attn lacks an argument the layout needs (`seqused_k`, `enable_gqa`,
+`block_table`: torch 2.9-2.11).
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ import os
 import torch
 import torch.nn.functional as F
 
+from glmv.paged import PagedKVCache
+
 log = logging.getLogger(__name__)
 # torch.nn.attention's varlen and bias modules import torch._dynamo (~2 s of every model actor's start-up on CPU):
 # both are imported on first use on CUDA, the only device where their kernels are used.
 _UNLOADED = object()
 varlen_attn = _UNLOADED   # torch's flash varlen kernel once loaded; None where this torch has none (< 2.9)
-# What the cache layout needs from the kernel: per-slot key counts (a slot's keys are followed by its unused
-# positions), native GQA and a bottom-right causal window. torch 2.9-2.11's varlen_attn has none of the first two.
-VARLEN_ARGUMENTS = ("seqused_k", "enable_gqa", "window_size")
+# What the cache layout needs from the kernel: per-row key counts (a row's last block is partly filled), native GQA,
+# a bottom-right causal window and block tables. torch 2.9-2.11's varlen_attn has none of the first two.
+VARLEN_ARGUMENTS = ("seqused_k", "enable_gqa", "window_size", "block_table")
 
 
 def varlen_supported(fn) -> bool:
@@ -91,28 +93,6 @@ def lower_right_causal(n: int, total: int, device: torch.device):
     return torch.ones(n, total, dtype=torch.bool, device=device).tril(total - n)
 
 
-class KVCache:
-    """Keys and values of every layer: k[layer], v[layer] each (slots, max_len, H_kv, Dh), written in place."""
-
-    def __init__(self, num_layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = (slots, max_len, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-    @property
-    def slots(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
-
-    def copy_slot(self, dst: int, source: "KVCache", src: int, length: int) -> None:
-        """Copy the first `length` positions of `source`'s slot `src` into our slot `dst` (a shared prefix)."""
-        for mine, theirs in zip(self.k + self.v, source.k + source.v):
-            mine[dst, :length] = theirs[src, :length]
-
-
 class Dense:
     """A (B, T) batch with no cache; mask (B, 1, T, T) bool, or None for plain causal rows without padding."""
 
@@ -128,39 +108,44 @@ class Dense:
 
 
 class Prefill:
-    """Packed rows: row r has lengths[r] new tokens for cache slot slots[r], starting at position starts[r]."""
+    """Packed rows: row r has lengths[r] new tokens at positions starts[r].. of the row whose blocks are tables[r]
+    (a paged cache); they attend causally to that row's first starts[r] + lengths[r] positions, so a row can continue
+    a prompt prefix already in its blocks (a group's shared prefix)."""
 
-    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int], varlen: bool = False):
-        if sorted(slots) != slots or len(set(slots)) != len(slots):
-            raise ValueError(f"prefill rows must go to distinct cache slots in ascending order, got {slots}")
-        self.cache, self.slots, self.starts, self.lengths, self.varlen = cache, slots, starts, lengths, varlen
+    def __init__(self, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lengths: list[int],
+                 varlen: bool = False):
+        self.cache, self.starts, self.lengths, self.varlen = cache, starts, lengths, varlen
         if varlen:
             _require_varlen()
         device = cache.k[0].device
-        self.slot_index = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)  # (N,)
-        self.pos_index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(device)  # (N,)
-        if varlen:  # queries packed back to back; each row's keys are its slot in the flattened cache
-            ends = [s + n for s, n in zip(starts, lengths)]
+        ends = [s + n for s, n in zip(starts, lengths)]
+        # where each packed token's keys/values go: (N,) rows of the flattened pool
+        self.write = torch.cat([cache.host_index(t, s, e) for t, s, e in zip(tables, starts, ends)]).to(device)
+        if varlen:  # queries packed back to back; each row's keys through its block table
+            width = max(len(t) for t in tables)
+            self.table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
             self.cu_q = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-            self.cu_k = torch.tensor([s * cache.max_len for s in slots] + [(slots[-1] + 1) * cache.max_len],
-                                     dtype=torch.int32, device=device)
+            self.cu_k = torch.tensor([0, *itertools.accumulate(ends)], dtype=torch.int32, device=device)
             self.used_k = torch.tensor(ends, dtype=torch.int32, device=device)
             self.max_q, self.max_k = max(lengths), max(ends)
+        else:  # each row's keys gathered through its table: (start + n,) flat rows per row
+            self.reads = [cache.host_index(t, 0, e).to(device) for t, e in zip(tables, ends)]
 
     def __call__(self, layer: int, q, k, v):
         """q (1, N, H, Dh), k/v (1, N, H_kv, Dh) -> (1, N, H, Dh)."""
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys[self.slot_index, self.pos_index] = k[0]
-        values[self.slot_index, self.pos_index] = v[0]
+        keys, values = self.cache.flat(layer)
+        keys[self.write] = k[0]
+        values[self.write] = v[0]
         if self.varlen:
-            y = varlen_attn(q[0], keys.flatten(0, 1), values.flatten(0, 1), self.cu_q, self.cu_k, self.max_q,
-                            self.max_k, window_size=(-1, 0), enable_gqa=True, seqused_k=self.used_k)
+            y = varlen_attn(q[0], self.cache.k[layer], self.cache.v[layer], self.cu_q, self.cu_k, self.max_q,
+                            self.max_k, window_size=(-1, 0), enable_gqa=True, seqused_k=self.used_k,
+                            block_table=self.table)
             return y[None]
         out, offset = [], 0
-        for slot, start, n in zip(self.slots, self.starts, self.lengths):
+        for read, start, n in zip(self.reads, self.starts, self.lengths):
             q_row = q[:, offset:offset + n].transpose(1, 2)  # (1, H, n, Dh)
-            k_row = keys[slot:slot + 1, :start + n].transpose(1, 2)  # (1, H_kv, start + n, Dh)
-            v_row = values[slot:slot + 1, :start + n].transpose(1, 2)
+            k_row = keys[read][None].transpose(1, 2)  # (1, H_kv, start + n, Dh)
+            v_row = values[read][None].transpose(1, 2)
             bias = lower_right_causal(n, start + n, q.device) if start else None
             y = F.scaled_dot_product_attention(q_row, k_row, v_row, attn_mask=bias, is_causal=bias is None,
                                                enable_gqa=q_row.shape[1] != k_row.shape[1])
@@ -170,45 +155,49 @@ class Prefill:
 
 
 class Decode:
-    """One new token per slot, written at positions[s]; it attends to its slot's keys 0..positions[s].
+    """One new token per slot, written at positions[s] of the slot's row (its block table); it attends to the row's
+    positions 0..positions[s].
 
-    kv_len bounds the keys read by SDPA (>= every position + 1); keep it fixed for a static-shape step. varlen: use
-    flash attention's variable-length kernel (see `use_varlen`), which reads each slot's keys up to its position.
+    kv_len bounds the positions read by SDPA (>= every position + 1); keep it fixed for a static-shape step. varlen:
+    use flash attention's variable-length kernel over the block tables (see `use_varlen`), which reads each slot's
+    keys up to its position.
     """
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor, kv_len: int, varlen: bool = False):
+    def __init__(self, cache: PagedKVCache, positions: torch.Tensor, kv_len: int, varlen: bool = False):
         self.cache, self.positions, self.kv_len, self.varlen = cache, positions, kv_len, varlen
         if varlen:
             _require_varlen()
-        self.slot_index = torch.arange(cache.slots, device=positions.device)
-        self.mask = None  # built on first use by the SDPA path, then shared by all layers
+        self.write = cache.index(cache.table, positions[:, None])[:, 0]  # (B,) flat rows
+        self.read = None  # (B, kv_len) flat rows, built on first use by the SDPA path, then shared by all layers
+        self.mask = None
         self.used_k = None
 
     def __call__(self, layer: int, q, k, v):
         """q (B, 1, H, Dh), k/v (B, 1, H_kv, Dh) -> (B, 1, H, Dh)."""
-        keys, values = self.cache.k[layer], self.cache.v[layer]
-        keys[self.slot_index, self.positions] = k[:, 0]
-        values[self.slot_index, self.positions] = v[:, 0]
+        keys, values = self.cache.flat(layer)
+        keys[self.write] = k[:, 0]
+        values[self.write] = v[:, 0]
         B, _, H, Dh = q.shape
         if self.varlen:
-            return self._varlen(q, keys, values).view(B, 1, H, Dh)
+            return self._varlen(layer, q).view(B, 1, H, Dh)
         if self.mask is None:  # additive: SDPA would turn a boolean mask into this in every layer
-            visible = torch.arange(self.kv_len, device=q.device) <= self.positions[:, None]  # (B, S)
+            span = torch.arange(self.kv_len, device=q.device)
+            self.read = self.cache.index(self.cache.table, span.expand(B, -1))
+            visible = span <= self.positions[:, None]  # (B, S)
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
             self.mask = bias[:, None, None, :]  # (B, 1, 1, S)
-        kv_heads = keys.shape[2]
+        kv_heads = keys.shape[1]
         q = q.view(B, kv_heads, H // kv_heads, Dh)  # the query heads of one KV group as its query rows
-        keys = keys[:, :self.kv_len].transpose(1, 2)  # (B, H_kv, S, Dh)
-        values = values[:, :self.kv_len].transpose(1, 2)
+        keys = keys[self.read].transpose(1, 2)  # (B, H_kv, S, Dh)
+        values = values[self.read].transpose(1, 2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)  # (B, H_kv, G, Dh)
         return y.reshape(B, 1, H, Dh)
 
-    def _varlen(self, q, keys, values):
-        B, S = keys.shape[0], keys.shape[1]
+    def _varlen(self, layer: int, q):
+        B, max_k = q.shape[0], self.cache.max_len
         if self.used_k is None:
             self.cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
-            self.cu_k = self.cu_q * S
+            self.cu_k = self.cu_q * max_k
             self.used_k = (self.positions + 1).to(torch.int32)
-        return varlen_attn(q[:, 0], keys.flatten(0, 1), values.flatten(0, 1), self.cu_q, self.cu_k, 1, S,
-                           enable_gqa=True, seqused_k=self.used_k)
-
+        return varlen_attn(q[:, 0], self.cache.k[layer], self.cache.v[layer], self.cu_q, self.cu_k, 1, max_k,
+                           enable_gqa=True, seqused_k=self.used_k, block_table=self.cache.table)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from glmv import prompts as prompts_mod
-from glmv.engine import Engine, RunSettings
+from glmv.engine import Engine, EngineConfig
+from glmv.prompts import PromptBatch
 from glmv.sampling import SamplingParams
 from glmv.thinking import NO_BUDGET, ThinkingMarkers, markers_for_checkpoint
 
@@ -81,30 +82,54 @@ def generate(model, input_ids: torch.Tensor, attention_mask=None, mm_token_type_
     With return_dict_in_generate=True, returns a GenerateOutput whose `.rows` carry token counts, finish reasons
     and timings.
     """
-    device = model.device
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, length) tensor, got shape {tuple(input_ids.shape)}")
-    input_ids = input_ids.to(device)
     B, T = input_ids.shape
-    valid = _left_padded_mask(input_ids, attention_mask)
-    settings = _run_settings(model, B, max_new_tokens, dict(do_sample=do_sample, temperature=temperature, top_k=top_k,
-                             top_p=top_p, repetition_penalty=repetition_penalty), eos_token_id, pad_token_id, seed,
-                             max_batch_size, max_thinking_tokens, thinking_markers, compile_decode)
-    types = model.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(device)
-    batch = prompts_mod.build(input_ids, valid, types, pixel_values, image_grid_thw, pixel_values_videos,
-                              video_grid_thw, model.config.vision.spatial_merge_size, share_prefix)
-    engine = Engine(model, batch, settings)
-    timings = engine.run()
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    batch = prompt_batch(model, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+                         pixel_values_videos, video_grid_thw, share_prefix=share_prefix)
+    max_new = [int(n) for n in _per_row("max_new_tokens", _setting("max_new_tokens", max_new_tokens,
+                                                                   model.generation_config), B)]
+    budgets = None
+    if max_thinking_tokens is not None:
+        budgets = [NO_BUDGET if b is None else int(b) for b in _per_row("max_thinking_tokens", max_thinking_tokens, B)]
+        if min(budgets) < 0:
+            raise ValueError(f"max_thinking_tokens must be >= 0, got {min(budgets)}")
+        thinking_markers = thinking_markers or checkpoint_markers(model)
+    config = engine_config(model, min(max_batch_size or B, B), do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                           pad_token_id=pad_token_id, thinking_markers=thinking_markers if budgets else None,
+                           compile_decode=compile_decode)
+    if seed is None:  # a fresh random seed per row
+        seed = torch.randint(0, 2**62, (B,)).tolist()
+    engine = Engine(model, config, max_len=max(p.length + n for p, n in zip(batch.prompts, max_new)),
+                    max_new=max(max_new))
+    ticket = engine.add(batch, max_new, _per_row("seed", seed, B), budgets)
+    engine.run()
+    outputs = ticket.wait()
 
-    steps = max(t.generated for t in timings)
-    sequences = torch.full((B, T + steps), settings.pad, dtype=torch.long)
+    steps = max(len(o.tokens) for o in outputs)
+    sequences = torch.full((B, T + steps), config.pad, dtype=torch.long)
     sequences[:, :T] = input_ids.cpu()
-    sequences[:, T:] = engine.out[:B, :steps].cpu()
+    for row, o in enumerate(outputs):
+        sequences[row, T:T + len(o.tokens)] = torch.tensor(o.tokens, dtype=torch.long)
     if not return_dict_in_generate:
         return sequences
-    rows = [RowResult(p.length, t.generated, t.reason, t.vision_s, t.prefill_s, t.decode_s)
-            for p, t in zip(batch.prompts, timings)]
+    rows = [RowResult(p.length, len(o.tokens), o.reason, o.vision_s, o.prefill_s, o.decode_s)
+            for p, o in zip(batch.prompts, outputs)]
     return GenerateOutput(sequences=sequences, rows=rows)
+
+
+def prompt_batch(model, input_ids: torch.Tensor, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *,
+                 share_prefix: bool = True) -> PromptBatch:
+    """What an engine schedules, from a left-padded processor batch (the same arguments as `generate`)."""
+    input_ids = input_ids.to(model.device)
+    valid = _left_padded_mask(input_ids, attention_mask)
+    types = model.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(model.device)
+    return prompts_mod.build(input_ids, valid, types, pixel_values, image_grid_thw, pixel_values_videos,
+                             video_grid_thw, model.config.vision.spatial_merge_size, share_prefix)
 
 
 def _left_padded_mask(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -118,42 +143,31 @@ def _left_padded_mask(input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
     return valid
 
 
-def _run_settings(model, B, max_new_tokens, sampling, eos_token_id, pad_token_id, seed, max_batch_size,
-                  max_thinking_tokens, thinking_markers, compile_decode) -> RunSettings:
+def engine_config(model, slots: int, *, do_sample=None, temperature=None, top_k=None, top_p=None,
+                  repetition_penalty=None, eos_token_id=None, pad_token_id=None,
+                  thinking_markers: ThinkingMarkers | None = None, compile_decode: bool = False) -> EngineConfig:
+    """An engine's settings: the call's, else the checkpoint's generation_config.json, else transformers' defaults."""
     gen_cfg = model.generation_config
     params = SamplingParams(
-        do_sample=bool(_setting("do_sample", sampling["do_sample"], gen_cfg)),
-        temperature=float(_setting("temperature", sampling["temperature"], gen_cfg)),
-        top_k=int(_setting("top_k", sampling["top_k"], gen_cfg)),
-        top_p=float(_setting("top_p", sampling["top_p"], gen_cfg)),
-        repetition_penalty=float(_setting("repetition_penalty", sampling["repetition_penalty"], gen_cfg)),
+        do_sample=bool(_setting("do_sample", do_sample, gen_cfg)),
+        temperature=float(_setting("temperature", temperature, gen_cfg)),
+        top_k=int(_setting("top_k", top_k, gen_cfg)),
+        top_p=float(_setting("top_p", top_p, gen_cfg)),
+        repetition_penalty=float(_setting("repetition_penalty", repetition_penalty, gen_cfg)),
     )
-    params.validate()
-    max_new = [int(n) for n in _per_row("max_new_tokens", _setting("max_new_tokens", max_new_tokens, gen_cfg), B)]
-    if min(max_new) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {min(max_new)}")
     eos = eos_token_id if eos_token_id is not None else gen_cfg.get("eos_token_id", model.config.text.eos_token_id)
     if isinstance(eos, torch.Tensor):  # transformers accepts a tensor of ids too
         eos = eos.flatten().tolist()
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     pad = pad_token_id if pad_token_id is not None else gen_cfg.get("pad_token_id", model.config.text.pad_token_id)
     pad = int(pad if pad is not None else (eos[0] if eos else 0))
-    if seed is None:  # a fresh random seed per row
-        seed = torch.randint(0, 2**62, (B,)).tolist()
-    if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    budgets = None
-    if max_thinking_tokens is not None:
-        budgets = [NO_BUDGET if b is None else int(b) for b in _per_row("max_thinking_tokens", max_thinking_tokens, B)]
-        if min(budgets) < 0:
-            raise ValueError(f"max_thinking_tokens must be >= 0, got {min(budgets)}")
-        thinking_markers = thinking_markers or _checkpoint_markers(model)
-    return RunSettings(params=params, eos=eos, pad=pad, max_new=max_new, seeds=_per_row("seed", seed, B),
-                       budgets=budgets, markers=thinking_markers, slots=min(max_batch_size or B, B),
-                       compile_decode=compile_decode)
+    config = EngineConfig(params=params, eos=eos, pad=pad, slots=slots, markers=thinking_markers,
+                          compile_decode=compile_decode)
+    config.validate()
+    return config
 
 
-def _checkpoint_markers(model) -> ThinkingMarkers:
+def checkpoint_markers(model) -> ThinkingMarkers:
     """The thinking markers of the model's own checkpoint, read once (tokenizer + processor family)."""
     if "_thinking_markers" not in model.__dict__:
         if not model.name_or_path:

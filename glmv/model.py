@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from glmv.attention import Decode, KVCache, Prefill
+from glmv.attention import Decode, Prefill
 from glmv.config import Glm4vConfig
 from glmv.errors import InputError
 from glmv.generate import generate
+from glmv.paged import PagedKVCache
 from glmv.positions import IMAGE, TEXT, VIDEO, rope_index  # noqa: F401  (TEXT re-exported)
 from glmv.text import TextModel, attention_mask_4d
 from glmv.vision import VisionTower
@@ -114,14 +115,15 @@ class Glm4vForConditionalGeneration(nn.Module):
                 x = x.masked_scatter(slots[..., None], features.to(x.dtype))
         return x
 
-    def new_cache(self, slots: int, max_len: int) -> KVCache:
-        """An empty static KV cache of `slots` rows of `max_len` positions, in the model's dtype and device."""
+    def new_cache(self, blocks: int, block_size: int, slots: int, max_blocks: int) -> PagedKVCache:
+        """An empty paged KV cache: a pool of `blocks` blocks of `block_size` positions (block 0: scratch), block
+        tables of `slots` rows of up to `max_blocks` blocks, in the model's dtype and device."""
         cfg = self.config.text
-        return KVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                       self.device)
+        return PagedKVCache(cfg.num_hidden_layers, blocks, block_size, slots, max_blocks, cfg.num_key_value_heads,
+                            cfg.head_dim, self.dtype, self.device)
 
     def cache_bytes(self, slots: int, max_len: int) -> int:
-        """Memory of `new_cache(slots, max_len)`."""
+        """KV memory of `slots` rows of `max_len` positions (a pool of slots * max_len / block_size blocks)."""
         cfg = self.config.text
         per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim   # keys and values
         return per_position * slots * max_len * self.dtype.itemsize

@@ -1,6 +1,6 @@
 """Tiny random-weight GLM-V checkpoints in the exact Hugging Face layout, written without transformers.
 
-    python -m glmv.testing make-tiny OUT [--preset gqa|mha|bench|bench-longtail] [--family glm41v|glm46v] [--seed N]
+    python -m glmv.testing make-tiny OUT [--preset gqa|mha|bench|bench-longtail|bench-reasoning] [--family glm41v|glm46v] [--seed N]
 
 No real GLM-V weights can be fetched here, so tests, benchmarks and the demo run on these. The layout is the one of
 the released checkpoints: config.json, sharded safetensors with an index, generation_config.json, tokenizer.json +
@@ -72,12 +72,14 @@ PRESETS = {
     ),
 }
 
-PRESETS["bench-longtail"] = PRESETS["bench"]
+PRESETS["bench-longtail"] = PRESETS["bench-reasoning"] = PRESETS["bench"]
 # The long-tail preset scales the lm_head rows of two eos tokens (<|endoftext|>, <|user|>) so that greedy rows stop
 # at scattered lengths, like real captions. Up to 256 new tokens, 8 images x 3 prompts: bench_generate's workload
 # stops at a median of ~27 new tokens (quartiles ~12/130, 3 of 24 at the limit), bench_pipeline's corpus with the
 # caption/ocr/reasoning prompts at ~32 (quartiles ~17/117, 2 of 24 past 250). Same weights for every implementation.
-EOS_SCALES = {"bench-longtail": (1.4, 2.0)}
+# bench-reasoning scales them less, so that rows run long like reasoning traces: bench_pipeline's corpus and prompts,
+# up to 384 new tokens, 16 images x 3 tasks: median 208 (quartiles 36/384), 19 of 48 at the limit.
+EOS_SCALES = {"bench-longtail": (1.4, 2.0), "bench-reasoning": (1.1, 1.5)}
 
 FAMILIES = {
     "glm41v": dict(template="glm41v_chat_template.jinja", processor="Glm4vProcessor",

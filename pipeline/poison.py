@@ -47,6 +47,10 @@ class CrashGuard:
         """Note the position about to run (the write survives the process: it is in the page cache)."""
         self._write(self.note, position)
 
+    def left(self) -> None:
+        """No position of the block runs now (its rows wait in a shared queue, or are done)."""
+        self.note.unlink(missing_ok=True)
+
     def finished(self) -> None:
         """The block got through. Its crash counts stay when it had any: Ray may run a finished block again (a
         retried streaming task of the actor that died on a later block), and without them that rerun would start

@@ -1,16 +1,23 @@
 """The model actor: loads the checkpoint once, then turns windows of decoded items into one row per (item, task).
 
 Each call gets `run.batch_size * batching.sort_window` sequences' worth of items. `batching.mode = "refill"`: the
-window's sequences (template switches mixed) go to the model in one call that streams them through `run.batch_size`
-decode slots, a finished row's slot taking the next one, and the tasks of an item share its image encode and
-prompt prefix. `"static"`: sequences are sorted by estimated prompt length and cut into static batches of
-`run.batch_size`. Sampling seeds come from (run.seed, item id, task), so a text does not depend on its batch.
+actor holds one engine for its life (glmv.server: its own thread, `run.batch_size` decode slots), and every call
+adds its window's sequences (template switches mixed; an item's tasks share its image encode and prompt prefix) to
+that engine's queue and waits for them, while the calls before and after it do the same: Ray Data runs
+`CALLS_IN_FLIGHT` calls of an actor at once (a threaded actor), so a free slot takes the next sequence whichever
+window it came from, and the slots drain only at the end of the stream. A call's host work (templates, tokenizing,
+patchifying, then detokenizing, parsing, Arrow) runs in its own thread beside the decode steps. `"static"`:
+sequences are sorted by estimated prompt length and cut into static batches of `run.batch_size`, one `generate`
+each, one call at a time. Sampling seeds come from (run.seed, item id, task), so a text does not depend on its batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,9 +34,14 @@ from pipeline.poison import CrashGuard, crash_message, inject_crash
 
 log = logging.getLogger(__name__)
 
-KV_SHARE = 0.5   # of a GPU's free memory at a call's start, for its KV cache (the rest: activations, vision, cache
-#                  fragmentation); a call whose slots would need more runs with fewer. An actor holding a fraction
-#                  of a GPU (actors.num_gpus < 1) takes that fraction of it: its neighbours see the same free memory
+CALLS_IN_FLIGHT = 3   # calls of a refill-mode actor running at once: one window's rows decoding while the next ones
+#                       are prepared and queued. More windows wait as more memory (each holds its patches on the
+#                       model's device), fewer leave the slots waiting for the next window's host work
+ENGINE = "engine"     # the crash guard's position of a window whose rows are in the shared engine
+KV_SHARE = 0.5   # of a GPU's free memory, for the KV cache (the rest: activations, vision, fragmentation): refill
+#                  mode sizes its engine's pool to it at the actor's start; in static mode a call whose slots would
+#                  need more runs with fewer. An actor holding a fraction of a GPU (actors.num_gpus < 1) takes that
+#                  fraction of it: its neighbours see the same free memory
 
 
 @dataclass
@@ -102,12 +114,47 @@ class Predictor:
         self.processor.check_model(self.model.config)
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
+        self.specs = {spec.name: spec for spec in cfg.task_specs()}
+        self.static_lock = threading.Lock()   # static mode: one generate at a time
+        self.engine_id = uuid.uuid4().hex[:12]
         self.kv_share = KV_SHARE * (min(1.0, cfg.actors.num_gpus) if cfg.actors.on_gpu else 1.0)
         self.capped = False   # said once that a call ran with fewer slots than run.batch_size
+        self.server = self._start_engine() if cfg.batching.mode == "refill" else None
         self.parse_output = parse_output
-        self.specs = {spec.name: spec for spec in cfg.task_specs()}
         self.model_name = cfg.model_name()
         self.config_hash = cfg.result_hash()
+
+    def _start_engine(self):
+        """The engine this actor keeps for its life, in its own thread, with the run's sampling settings."""
+        from glmv.engine import BLOCK_SIZE, Engine
+        from glmv.generate import checkpoint_markers, engine_config
+        from glmv.server import EngineServer
+
+        run = self.cfg.run
+        sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k,
+                        top_p=run.top_p) if run.do_sample else dict(do_sample=False)
+        budgets = any(spec.max_thinking_tokens for spec in self.specs.values())
+        config = engine_config(self.model, self.slots, repetition_penalty=run.repetition_penalty,
+                               thinking_markers=checkpoint_markers(self.model) if budgets else None, **sampling)
+        blocks = self._kv_blocks()
+        config = dataclasses.replace(config, kv_blocks=blocks, block_size=BLOCK_SIZE["cuda"] if blocks else 0)
+        return EngineServer(Engine(self.model, config, max_new=run.max_new_tokens))
+
+    def _kv_blocks(self) -> int:
+        """The engine's KV pool on a GPU: KV_SHARE of the free memory at the actor's start, in blocks, so that the
+        slots hold as many positions as fit whatever each row's length (a row that cannot grow preempts the
+        youngest). 0 on a CPU: the pool grows as the rows need (host memory, sized by the user)."""
+        from glmv.engine import BLOCK_SIZE
+
+        free = free_device_bytes(self.model.device)
+        if free is None:
+            return 0
+        block = BLOCK_SIZE["cuda"]
+        blocks = max(1, int(free * self.kv_share // self.model.cache_bytes(1, block)))
+        log.info("KV pool: %d blocks of %d positions (%.1f GiB, %.0f%% of the %.1f GiB free on %s)", blocks, block,
+                 blocks * self.model.cache_bytes(1, block) / 2**30, 100 * self.kv_share, free / 2**30,
+                 self.model.device)
+        return blocks
 
     # -- building sequences ---------------------------------------------------------------------------------
 
@@ -152,17 +199,80 @@ class Predictor:
             return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
         seqs = self._sequences(items, out)
         guard = CrashGuard(self.run_tag, "model", [it.id for it in items])
-        for k, group in enumerate(self._groups(seqs)):
-            out.extend(self._run_guarded(guard, f"call{k}", group))
-        guard.finished()
-        return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
-
-    def _groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """The generate calls of a window: in refill mode one (streamed through the slots), in static mode batches
-        of run.batch_size sorted by prompt length, sharing template switches and budget."""
         if self.cfg.batching.mode == "refill":
-            # one call, template switches mixed: every extra call ends with slots idle while its longest rows finish
-            return [seqs] if seqs else []
+            self.server = self.server or self._start_engine()
+            out.extend(self._run_in_engine(guard, seqs))
+        else:
+            with self.static_lock:
+                for k, group in enumerate(self._static_batches(seqs)):
+                    out.extend(self._run_guarded(guard, f"call{k}", group))
+        guard.finished()
+        table = _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
+        return self._with_engine_stats(table)
+
+    def _with_engine_stats(self, table: pa.Table) -> pa.Table:
+        """The engine's counters so far, on the first row of the call's rows (`_engine`, never written): the driver
+        keeps each actor's latest for the run's summary (pipeline.run.Summary)."""
+        if self.server is None:
+            return table
+        stats = json.dumps({"id": self.engine_id, **self.server.stats()})
+        values = [stats] + [None] * (table.num_rows - 1) if table.num_rows else []
+        return table.append_column("_engine", pa.array(values, pa.string()))
+
+    # -- refill mode: the actor's engine ---------------------------------------------------------------------
+
+    def _run_in_engine(self, guard: CrashGuard, seqs: list[Sequence]) -> list[dict]:
+        """The window's sequences through the shared engine. A window whose rows were in the slots when the actor
+        died runs its sequences one by one, each alone in the engine; one that killed it twice alone is an error
+        row (pipeline.poison)."""
+        if not guard.poisoned(ENGINE):
+            return self._through_engine(guard, ENGINE, seqs, exclusive=False)
+        rows = []
+        for s in seqs:
+            alone = f"{s.row['id']}:{s.task}"
+            if guard.gave_up(alone):
+                msg = crash_message(s.row["uri"], "running the model", guard.poisoned(alone))
+                rows.append(output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash))
+            else:
+                rows.extend(self._through_engine(guard, alone, [s], exclusive=True))
+        return rows
+
+    def _through_engine(self, guard: CrashGuard, position: str, seqs: list[Sequence], exclusive: bool) -> list[dict]:
+        """Rows of these sequences. The guard's note names `position` while their host work runs and while any of
+        their rows is in a slot. A failure (an exception, not a death) retries them one by one, each alone."""
+        from glmv.generate import prompt_batch
+        from glmv.sampling import row_seed
+        from glmv.thinking import NO_BUDGET
+
+        def admitted(indices: list[int]) -> None:   # in the engine's thread, before their prefill
+            guard.at(position)
+            for i in indices:
+                inject_crash("model", seqs[i].row["uri"])
+
+        try:
+            guard.at(position)
+            batch = prompt_batch(self.model, **self._encode(seqs))
+            guard.left()
+            seeds = [row_seed(self.cfg.run.seed, s.row["id"], s.task) for s in seqs]
+            ticket = self.server.submit(batch, [s.max_new_tokens for s in seqs], seeds,
+                                        [s.max_thinking_tokens or NO_BUDGET for s in seqs], exclusive=exclusive,
+                                        on_admit=admitted, on_leave=guard.left)
+            outputs = ticket.wait()
+        except Exception as e:  # noqa: BLE001 - one bad sequence must not sink the window or the run
+            if len(seqs) > 1:
+                log.warning("%d sequences failed together (%s: %s); retrying one by one", len(seqs),
+                            type(e).__name__, e)
+                return [row for s in seqs for row in self._through_engine(guard, f"{s.row['id']}:{s.task}", [s],
+                                                                           exclusive=True)]
+            return [self._failed_row(seqs[0], e)]
+        texts = self.processor.batch_decode([o.tokens for o in outputs], skip_special_tokens=True)
+        return [self._result_row(s, text, p.length, len(o.tokens), o.reason)
+                for s, text, p, o in zip(seqs, texts, batch.prompts, outputs)]
+
+    # -- static mode ----------------------------------------------------------------------------------------
+
+    def _static_batches(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Batches of run.batch_size sorted by prompt length, sharing template switches and budget."""
         seqs = sorted(seqs, key=lambda s: (s.thinking, s.max_new_tokens, s.est_len))
         groups, bs = [], self.slots
         for s in seqs:
@@ -200,25 +310,14 @@ class Predictor:
             if len(seqs) > 1:
                 log.warning("batch of %d failed (%s: %s); retrying one by one", len(seqs), type(e).__name__, e)
                 return [row for s in seqs for row in self._run_batch([s])]
-            s = seqs[0]
-            msg = f"{s.row['uri']}: model failed ({type(e).__name__}: {e})"
-            return [{**output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash),
-                     OUTAGE: is_device_failure(e)}]
+            return [self._failed_row(seqs[0], e)]
 
     def _generate(self, seqs: list[Sequence]) -> list[dict]:
         import torch
 
         from glmv.sampling import row_seed
 
-        conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
-                                                        {"type": "text", "text": s.prompt}]}] for s in seqs]
-        # each row rendered with its own template switch (the compiled template is cached), then one batch
-        prompts = [self.processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=s.thinking)
-                   for conv, s in zip(conversations, seqs)]
-        # patchified on the model's device, straight into its dtype; an item's frames once for all its tasks. The
-        # grids stay on the CPU: the model only reads them as lists, which on a GPU would be a sync per read.
-        inputs = self.processor.encode_rendered(prompts, conversations, padding=True, return_tensors="pt",
-                                                device=self.device, dtype=self.dtype)
+        inputs = self._encode(seqs)
         run = self.cfg.run
         sampling = dict(do_sample=True, temperature=run.temperature, top_k=run.top_k,
                         top_p=run.top_p) if run.do_sample else dict(do_sample=False)
@@ -232,32 +331,50 @@ class Predictor:
                 max_batch_size=slots if slots < len(seqs) else None,
                 max_thinking_tokens=budgets if any(budgets) else None, **sampling)
         texts = self.processor.batch_decode(result.sequences[:, prompt_len:].cpu(), skip_special_tokens=True)
-        now = datetime.now(timezone.utc)
-        rows = []
-        for s, text, info in zip(seqs, texts, result.rows):
-            parsed = self.parse_output(text)
-            rows.append({
-                "id": s.row["id"], "uri": s.row["uri"], "media_type": s.row["media_type"], "task": s.task,
-                "prompt": s.prompt, "text": text, "thinking": parsed.thinking or "", "answer": parsed.answer or "",
-                "boxes": [dict(zip(("x1", "y1", "x2", "y2"), map(float, b))) for b in parsed.boxes],
-                "error": None, "num_input_tokens": int(info.num_prompt_tokens),
-                "num_output_tokens": int(info.num_generated_tokens), "finish_reason": info.finish_reason,
-                "width": s.row["width"], "height": s.row["height"], "duration_s": s.row["duration_s"],
-                "num_frames": s.row["num_frames"], "model": self.model_name, "run_config_hash": self.config_hash,
-                "processed_at": now})
-        return rows
+        return [self._result_row(s, text, info.num_prompt_tokens, info.num_generated_tokens, info.finish_reason)
+                for s, text, info in zip(seqs, texts, result.rows)]
+
+    # -- shared: inputs and rows ----------------------------------------------------------------------------
+
+    def _encode(self, seqs: list[Sequence]) -> dict:
+        """The processor's batch of these sequences: each rendered with its own template switch (the compiled
+        template is cached), patchified on the model's device straight into its dtype, an item's frames once for
+        all its tasks. The grids stay on the CPU: the model only reads them as lists, which on a GPU would be a
+        sync per read."""
+        conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
+                                                        {"type": "text", "text": s.prompt}]}] for s in seqs]
+        prompts = [self.processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=s.thinking)
+                   for conv, s in zip(conversations, seqs)]
+        return self.processor.encode_rendered(prompts, conversations, padding=True, return_tensors="pt",
+                                              device=self.device, dtype=self.dtype)
+
+    def _result_row(self, s: Sequence, text: str, prompt_tokens: int, generated: int, reason: str) -> dict:
+        parsed = self.parse_output(text)
+        return {
+            "id": s.row["id"], "uri": s.row["uri"], "media_type": s.row["media_type"], "task": s.task,
+            "prompt": s.prompt, "text": text, "thinking": parsed.thinking or "", "answer": parsed.answer or "",
+            "boxes": [dict(zip(("x1", "y1", "x2", "y2"), map(float, b))) for b in parsed.boxes],
+            "error": None, "num_input_tokens": int(prompt_tokens), "num_output_tokens": int(generated),
+            "finish_reason": reason, "width": s.row["width"], "height": s.row["height"],
+            "duration_s": s.row["duration_s"], "num_frames": s.row["num_frames"], "model": self.model_name,
+            "run_config_hash": self.config_hash, "processed_at": datetime.now(timezone.utc)}
+
+    def _failed_row(self, s: Sequence, e: Exception) -> dict:
+        msg = f"{s.row['uri']}: model failed ({type(e).__name__}: {e})"
+        return {**output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash),
+                OUTAGE: is_device_failure(e)}
 
     def _slots_that_fit(self, rows: int, longest: int) -> int:
         """Decode slots for a call of `rows` sequences up to `longest` tokens: run.batch_size (static mode: the
         batch's rows), fewer where their KV cache would take more than KV_SHARE of the device's free memory (long
         videos), so that a window of them runs with fewer slots instead of failing out of memory."""
-        from glmv.engine import cache_length
+        from glmv.engine import BLOCK_SIZE
 
         slots = min(rows, self.slots)
         free = free_device_bytes(self.model.device)
         if free is None:
             return slots
-        longest = cache_length(longest)   # as the engine sizes its cache
+        longest = -(-longest // BLOCK_SIZE["cuda"]) * BLOCK_SIZE["cuda"]   # in whole blocks, as a GPU engine takes them
         fit = max(1, min(slots, int(free * self.kv_share // self.model.cache_bytes(1, longest))))
         if fit < slots and not self.capped:
             self.capped = True

@@ -2,7 +2,7 @@
 
     read units (one read task per group: list / read each shard, drop finished work, report shard counts)
       -> decode + resize on CPU tasks (objects fetched concurrently; compact uint8 frames; error items)
-      -> model actors (map_batches with an actor class: load once, sort a window by prompt length, static batches)
+      -> model actors (map_batches with an actor class: load once, keep one engine whose slots every call feeds)
       -> driver: whole zstd Parquet files under the output URI; completion records of finished shards
 """
 
@@ -22,13 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import changes, listing, output, poison, preflight, progress, readers, storage
+from pipeline import changes, engine_stats, listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
 from pipeline.config import AUTO, Config, ConfigError, decode_slots
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.errors import HideOwnErrors, Interrupted, RunStopped
-from pipeline.predictor import Predictor
+from pipeline.predictor import CALLS_IN_FLIGHT, Predictor
 from pipeline.preflight import read_spec
 from pipeline.report import write_report
 from pipeline.sources import PendingItems, RepeatCounter, TaskPlan, UnitWork
@@ -137,8 +137,13 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg, run_tag)},
                         batch_size=block_rows, batch_format="pyarrow",
                         num_cpus=cfg.actors.decode_num_cpus, max_calls=1000, max_retries=poison.MAX_RETRIES)
+    # Refill mode: a threaded actor with CALLS_IN_FLIGHT calls at once, all feeding the actor's one engine, so the
+    # next window is queued while the current one decodes (pipeline.predictor); at most that many wait per actor.
+    calls = CALLS_IN_FLIGHT if cfg.batching.mode == "refill" else 1
+    pool = ray.data.ActorPoolStrategy(size=cfg.actors.count, max_concurrent_calls_per_actor=calls,
+                                      max_tasks_in_flight_per_actor=calls, enable_true_multi_threading=calls > 1)
     ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg, "run_tag": run_tag}, batch_size=items_per_call,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.actors.count),
+                        batch_format="pyarrow", compute=pool,
                         num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus,
                         max_restarts=poison.MAX_RETRIES, max_task_retries=poison.MAX_RETRIES)
     return ds
@@ -168,6 +173,8 @@ class Summary:
     repeats_exact: bool = True   # False: more items than Repeats keeps; repeated_items is then a lower bound
     compacted: int = 0           # small result files merged ...
     compacted_into: int = 0      # ... into this many
+    engine: dict = field(default_factory=dict)          # the model engines' figures (pipeline.engine_stats)
+    engine_actors: dict = field(default_factory=dict)   # each actor's latest engine counters
     sample: list = field(default_factory=list)
 
     def count(self, batch: pa.Table) -> None:
@@ -176,6 +183,9 @@ class Summary:
         self.generated_tokens += pc.sum(batch["num_output_tokens"]).as_py() or 0
         # all of an item's pending tasks run in one actor call, whose rows arrive together
         self.items += pc.count_distinct(batch["id"]).as_py()
+        if "_engine" in batch.column_names:
+            engine_stats.latest(self.engine_actors, batch["_engine"].drop_null().to_pylist())
+            self.engine = engine_stats.figures(self.engine_actors)
         if len(self.sample) < 3:
             self.sample.extend(batch.slice(0, 3 - len(self.sample)).select(
                 ["uri", "task", "error", "answer", "text"]).to_pylist())
@@ -188,6 +198,7 @@ class Summary:
                 f"errors: {self.errors}",
                 f"items/s: {self.items / s:.3f}",
                 f"generated tokens/s: {self.generated_tokens / s:.1f}",
+                *([engine_stats.line(self.engine)] if self.engine else []),
                 f"output: {output_uri} ({self.files} new file(s)); read it with pandas.read_parquet({output_uri!r})"]
         if self.repeated_items or not self.repeats_exact:
             at_least = "" if self.repeats_exact else "at least "
@@ -384,6 +395,8 @@ class Drain:
         self.store.check()   # taken over: stop before the breaker counts rows another run may be writing
         batch = self.breaker.admit(batch)
         self.summary.count(batch)
+        if "_engine" in batch.column_names:   # counters for the summary, on some blocks only: never buffered
+            batch = batch.drop_columns(["_engine"])
         self.store.write(batch)
         if time.monotonic() - self.polled > TRACKER_POLL_S:
             self.poll()

@@ -235,16 +235,21 @@ def test_glmv_has_no_import_cycles():
 
 
 def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False,
-                          seqused_k=None, **_):
+                          seqused_k=None, block_table=None, **_):
     """torch.nn.attention.varlen.varlen_attn's documented semantics in plain SDPA, for CPU: sequence i has queries
-    cu_seq_q[i]:cu_seq_q[i+1] and its first seqused_k[i] keys from cu_seq_k[i]; window (-1, 0) is causal aligned to
-    the bottom right (the last query sees every key)."""
+    cu_seq_q[i]:cu_seq_q[i+1] and its first seqused_k[i] keys, from cu_seq_k[i] of k, or with a block_table from
+    the pages block_table[i] of k (pages, page_size, H_kv, Dh) in order; window (-1, 0) is causal aligned to the
+    bottom right (the last query sees every key)."""
     out = torch.empty_like(q)
     for i in range(len(cu_seq_q) - 1):
-        q0, q1, k0 = int(cu_seq_q[i]), int(cu_seq_q[i + 1]), int(cu_seq_k[i])
-        n_k = int(seqused_k[i]) if seqused_k is not None else int(cu_seq_k[i + 1]) - k0
+        q0, q1 = int(cu_seq_q[i]), int(cu_seq_q[i + 1])
+        if block_table is not None:
+            keys, values = (t[block_table[i].long()].flatten(0, 1) for t in (k, v))
+        else:
+            keys, values = k[int(cu_seq_k[i]):], v[int(cu_seq_k[i]):]
+        n_k = int(seqused_k[i]) if seqused_k is not None else int(cu_seq_k[i + 1]) - int(cu_seq_k[i])
         assert q1 - q0 <= max_q and n_k <= max_k
-        qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k0 + n_k], v[k0:k0 + n_k]))
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[q0:q1], keys[:n_k], values[:n_k]))
         mask = None
         if tuple(window_size) == (-1, 0):
             mask = torch.arange(n_k)[None, :] <= torch.arange(n_k - (q1 - q0), n_k)[:, None]
@@ -254,8 +259,8 @@ def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_s
 
 
 def test_flash_varlen_path_gives_the_same_tokens(tiny_gqa, item_batch, monkeypatch):
-    """The CUDA path's packing (cu_seq offsets into the flattened cache, per-slot key counts, prefix offsets) run on
-    CPU through a reference of the kernel's semantics: the same tokens as the SDPA path."""
+    """The CUDA path's packing (block tables, per-row key counts, prefix offsets) run on CPU through a reference of
+    the kernel's semantics: the same tokens as the SDPA path."""
     from glmv import attention, engine
 
     batch, _ = item_batch
@@ -357,8 +362,86 @@ print(len(out.rows), "torch._dynamo" in sys.modules)
 
 
 def test_cache_bytes_is_what_new_cache_allocates(tiny_gqa):
-    """The pipeline sizes a call's decode slots on a GPU by cache_bytes: it must be the cache's real size."""
+    """The pipeline sizes KV memory on a GPU by cache_bytes: it must be the real size of a pool of those positions."""
     for dtype in (torch.float32, torch.bfloat16):
         model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=dtype)
-        cache = model.new_cache(3, 512)
+        cache = model.new_cache(3 * 512 // 16, 16, 3, 32)
         assert model.cache_bytes(3, 512) == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        assert cache.block_bytes() == model.cache_bytes(1, 16)
+
+
+def test_a_persistent_engine_serves_callers_in_any_thread(tiny_gqa, item_batch, monkeypatch):
+    """glmv.server: rows submitted from several threads at once share one engine's two slots, each caller gets its
+    rows as generate gives them, an exclusive ticket's row never shares the slots, and the counters add up (a row
+    is live for one decode step per token after its first, which its prefill chose)."""
+    import threading
+
+    from glmv.generate import engine_config, prompt_batch
+    from glmv.server import EngineServer
+
+    batch, alone = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    max_new = [5, 12, 7, 9, 4, 10]
+    out = model.generate(**batch, max_new_tokens=max_new, eos_token_id=[], return_dict_in_generate=True)
+    expected = new_tokens(out, batch["input_ids"].shape[1])
+    engine = Engine(model, engine_config(model, 2, eos_token_id=[]))
+    together = []
+    admit = engine._admit
+
+    def spy(admitted):
+        together.append({row.ticket for row in engine.occupant if row is not None} | {row.ticket for _, row in admitted})
+        admit(admitted)
+
+    monkeypatch.setattr(engine, "_admit", spy)
+    server = EngineServer(engine)
+    tickets = [None] * len(alone)
+
+    def call(i):
+        tickets[i] = server.submit(prompt_batch(model, **alone[i]), [max_new[i]], [i], exclusive=i == 4)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(alone))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [t.wait(120)[0].tokens for t in tickets] == expected
+    assert all(len(group) == 1 for group in together if tickets[4] in group), "the exclusive row ran alone"
+    stats = server.stats()
+    assert stats["rows"] == 6 and stats["tokens"] == sum(max_new)
+    assert stats["live_steps"] == sum(n - 1 for n in max_new) <= stats["steps"] * 2
+    server.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        server.submit(prompt_batch(model, **alone[0]), [2], [0])
+
+
+def test_a_small_kv_pool_preempts_rows_and_recomputes_the_same_tokens(tiny_gqa, item_batch, capsys):
+    """A fixed pool that holds less than slots x the longest row: rows are admitted while blocks are free, the
+    youngest row is preempted when one cannot grow, and it runs again from its prompt later. Every row completes
+    with the tokens an unlimited pool gives (sampled: its draws depend only on its seed and how far it got), and the
+    blocks in use never pass the pool."""
+    import dataclasses
+
+    from glmv.generate import engine_config, prompt_batch
+
+    batch, _ = item_batch
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa)
+    kw = dict(max_new_tokens=40, eos_token_id=[], do_sample=True, temperature=1.0, top_k=0)
+    seeds = list(range(6))
+    out = model.generate(**batch, max_batch_size=3, seed=seeds, return_dict_in_generate=True, **kw)
+    expected = new_tokens(out, batch["input_ids"].shape[1])
+    longest = max(r.num_prompt_tokens for r in out.rows) + 40
+    config = engine_config(model, 3, eos_token_id=[], do_sample=True, temperature=1.0, top_k=0)
+    config = dataclasses.replace(config, kv_blocks=-(-longest // 8) + 4, block_size=8)
+    assert config.kv_blocks * 8 < 3 * longest, "the pool holds less than every slot at the longest row"
+    engine = Engine(model, config)
+    ticket = engine.add(prompt_batch(model, **batch), [40] * 6, seeds)
+    with torch.inference_mode():
+        engine.run()
+    assert [o.tokens for o in ticket.wait()] == expected
+    s = engine.stats
+    assert s.preempted >= 1 and s.recomputed >= 1
+    assert s.kv_used_peak_blocks <= config.kv_blocks and engine.cache.pool.in_use == 0
+    with capsys.disabled():
+        print(f"\nKV pool {config.kv_blocks} blocks x 8 positions ({s.kv_blocks * s.kv_block_bytes} bytes) for 3 slots"
+              f" x {longest} positions: peak {s.kv_used_peak_blocks} blocks in use, {s.preempted} preemptions, "
+              f"{s.recomputed} tokens recomputed, occupancy {s.occupancy:.2f}")

@@ -77,7 +77,7 @@ def count_admissions(monkeypatch):
     rounds, admit = [], Engine._admit
 
     def spy(self, admitted):
-        rounds.append(sorted(p for _, p in admitted))
+        rounds.append(sorted(row.prompt.index for _, row in admitted))
         return admit(self, admitted)
 
     monkeypatch.setattr(Engine, "_admit", spy)

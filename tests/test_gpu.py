@@ -124,5 +124,5 @@ def test_bench_gpu_script_runs_on_tiny_shapes():
     out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--smoke"], capture_output=True,
                          text=True, timeout=300, cwd=REPO, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    for heading in ("decode (", "prefill (packed rows)", "vision:", "end to end:"):
+    for heading in ("decode (", "prefill (packed rows)", "vision:", "end to end:", "feed:"):
         assert heading in out.stdout

@@ -78,6 +78,11 @@ def _stats(scanned: Scan, records: list[tuple[str, dict]]) -> list[tuple[str, st
         if seconds:
             out += [("items/s, last run", _num(finite_float(s.get("items")) / seconds, 3)),
                     ("generated tokens/s, last run", _num(finite_float(s.get("generated_tokens")) / seconds))]
+        engine = s.get("engine") if isinstance(s.get("engine"), dict) else {}
+        if engine:   # the model engines' figures (pipeline.engine_stats)
+            out += [("slot occupancy, last run", f"{100 * finite_float(engine.get('occupancy')):.1f}%"),
+                    ("decode steps/s, last run", _num(finite_float(engine.get("decode_steps_per_s")))),
+                    ("engine idle share, last run", f"{100 * finite_float(engine.get('idle_share')):.1f}%")]
     return out
 
 
