@@ -194,7 +194,7 @@ class Predictor:
             raise self.load_error
         items = items_mod.from_table(batch)
         out: list[dict] = []
-        if progress.stopping(self.run_tag):
+        if not progress.admit(self.run_tag, len(items)):
             # the run is draining after a SIGTERM: this window's pairs stay pending for the rerun
             return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
         seqs = self._sequences(items, out)

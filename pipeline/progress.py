@@ -362,9 +362,19 @@ class Tracker:
         self.skipped = 0
         self.cut: set[str] = set()
         self.stop_requested = False
+        self.admitted = 0   # items the model actors took, retried windows counted again (see admit)
 
     def stop(self) -> None:
         self.stop_requested = True
+
+    def admit(self, items: int) -> bool:
+        """A model actor is about to run a window of `items`: False when the run is draining (it should not)."""
+        if not self.stop_requested:
+            self.admitted += items
+        return not self.stop_requested
+
+    def admitted_items(self) -> int:
+        return self.admitted
 
     def stopping(self) -> bool:
         return self.stop_requested
@@ -391,16 +401,18 @@ class Tracker:
         return out
 
 
-def stopping(run_tag: str) -> bool:
-    """Whether the run asked its stages to stop admitting work (a SIGTERM's drain). A tracker that cannot be found
-    or asked (a run without one: benchmarks, tests) means no, and so does a process outside Ray (a Predictor used
+def admit(run_tag: str, items: int) -> bool:
+    """A model actor asks before it runs a window: False when the run asked its stages to stop admitting work (a
+    SIGTERM's drain); else the window's items are counted, so that the run can say how many items the model ran
+    again when Ray retried windows lost with a worker or node (admitted - written). A tracker that cannot be found
+    or asked (a run without one: benchmarks, tests) means yes, and so does a process outside Ray (a Predictor used
     directly), where asking would start a Ray of its own."""
     if not ray.is_initialized():
-        return False
+        return True
     try:
-        return bool(ray.get(ray.get_actor(tracker_name(run_tag)).stopping.remote(), timeout=10))
+        return bool(ray.get(ray.get_actor(tracker_name(run_tag)).admit.remote(items), timeout=10))
     except Exception:  # noqa: BLE001 - the flag is advisory: the worst case is a window run in vain
-        return False
+        return True
 
 
 @dataclass

@@ -169,6 +169,7 @@ class Summary:
     files: int = 0
     restarts: int = 0      # datasets restarted after a cluster fault (a lost node, a model actor gone)
     redone: int = 0        # pairs in flight at those faults, read and run again
+    admitted: int = 0      # items the model actors took (a window Ray retried after losing it counts twice)
     repeated_items: int = 0      # items read again from another manifest file (so written again): see Repeats
     repeats_exact: bool = True   # False: more items than Repeats keeps; repeated_items is then a lower bound
     compacted: int = 0           # small result files merged ...
@@ -206,6 +207,9 @@ class Summary:
                             f"file, read once per file (their rows repeat in the output: same id and task)")
         if self.compacted:
             lines.append(f"compacted: {self.compacted} result files of finished shards into {self.compacted_into}")
+        if self.admitted > self.items:   # windows lost with a worker or node, and run again (by Ray or a restart)
+            lines.append(f"redone: {self.admitted - self.items} items run again by the model after their window was "
+                         f"lost with a worker or node (written once)")
         if self.restarts:
             lines.append(f"restarts after cluster faults: {self.restarts} ({self.redone} (item, task) pairs redone)")
         return lines
@@ -321,6 +325,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume) -> pro
                                 f" of at most {cfg.actors.max_restarts})")
             finally:
                 parts.store.flush_what_is_done()
+                summary.admitted += _admitted(tracker)
                 _kill_quietly(tracker)
                 counted = max(counted, summary.skipped - written_before)
             cfg = parts.cfg = _replan_actors(cfg, parts.out)
@@ -342,6 +347,14 @@ def _new_tracker(run_tag: str):
     # on the driver's node: a lost worker node must not take the run's bookkeeping with it
     return progress.Tracker.options(name=progress.tracker_name(run_tag),
                                     scheduling_strategy=on_driver_node()).remote()
+
+
+def _admitted(tracker) -> int:
+    try:
+        return ray.get(tracker.admitted_items.remote(), timeout=10)
+    except Exception as e:  # noqa: BLE001 - the count is for the user: the records stay exact without it
+        log.debug("tracker: %s", e)
+        return 0
 
 
 def _kill_quietly(actor) -> None:

@@ -299,6 +299,7 @@ def test_a_run_merges_in_the_background_and_at_its_end_and_its_rerun_skips_every
     write_local(corpus, good_media(num_images=16, num_videos=0))
     summary, printed = _pipeline_run(tmp_path, corpus, out, tiny_gqa, target_mb=0.02)
     assert summary.done == 32 and summary.compacted > 0 and "compacted:" in printed
+    assert summary.admitted == summary.items == 16 and "redone:" not in printed   # no window was lost
     assert started and all(on_ray for on_ray, _ in started)   # Ray tasks, not the driver
     assert len(_listed(out)) < 16   # 32 rows were written as 16 files of 2
     _settled(out, 32)

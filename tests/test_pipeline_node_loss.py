@@ -268,6 +268,9 @@ def test_a_fault_ray_data_gives_up_on_restarts_the_dataset_and_every_pair_lands_
     # rows landed before the fault are not redone, nor counted as 'skipped as already done'
     assert (summary.done, summary.skipped, summary.errors) == (16 * len(TASKS), 0, 0), printed
     assert "restarts after cluster faults: 1" in printed
+    # the windows in flight at the fault ran again in the new dataset: the model's work redone is said
+    assert summary.admitted >= summary.items == 16
+    assert ("redone: " in printed) == (summary.admitted > summary.items), printed
     pairs = _pairs(tmp_path / "out")
     assert len(pairs) == len(set(pairs)) == 16 * len(TASKS)
 
