@@ -199,10 +199,11 @@ class Predictor:
             return _with_item_columns(pa.Table.from_pylist(out, schema=output.SCHEMA), out, items, batch)
         seqs = self._sequences(items, out)
         guard = CrashGuard(self.run_tag, "model", [it.id for it in items])
-        if self.cfg.batching.mode == "refill":
+        # a window whose items are all error rows already (unreadable media) has nothing for the model
+        if seqs and self.cfg.batching.mode == "refill":
             self.server = self.server or self._start_engine()
             out.extend(self._run_in_engine(guard, seqs))
-        else:
+        elif seqs:
             with self.static_lock:
                 for k, group in enumerate(self._static_batches(seqs)):
                     out.extend(self._run_guarded(guard, f"call{k}", group))
