@@ -441,6 +441,14 @@ def test_a_small_kv_pool_preempts_rows_and_recomputes_the_same_tokens(tiny_gqa, 
     s = engine.stats
     assert s.preempted >= 1 and s.recomputed >= 1
     assert s.kv_used_peak_blocks <= config.kv_blocks and engine.cache.pool.in_use == 0
+    # a row longer than the whole pool fails alone, as an input error; the engine goes on
+    too_long = engine.add(prompt_batch(model, torch.arange(3, 3 + config.kv_blocks * 8)[None]), [4], [0])
+    short = engine.add(prompt_batch(model, torch.arange(3, 13)[None]), [4], [0])
+    with torch.inference_mode():
+        engine.run()
+    with pytest.raises(glmv.InputError, match="cannot hold a row"):
+        too_long.wait()
+    assert len(short.wait()[0].tokens) == 4
     with capsys.disabled():
         print(f"\nKV pool {config.kv_blocks} blocks x 8 positions ({s.kv_blocks * s.kv_block_bytes} bytes) for 3 slots"
               f" x {longest} positions: peak {s.kv_used_peak_blocks} blocks in use, {s.preempted} preemptions, "
