@@ -238,7 +238,9 @@ class Engine:
                     unfit = head if not occupied and not taken else None
                     break
                 taken.append((slot, self.queue.popleft()))
-        if unfit is not None:  # alone in an empty engine and still no room: it never will have
+        if unfit is not None:  # alone in an empty engine and still no room: free what waiting groups hold, or fail
+            if self._drop_prefixes():
+                return self._take()
             self._fail(self._too_long(unfit.prompt.length + 1), {unfit.ticket})
         return taken
 
@@ -387,12 +389,29 @@ class Engine:
             while not self._reserve(slot, need):
                 others = [s for s, r in enumerate(self.occupant) if r is not None and s != slot]
                 if not others:
+                    if self._drop_prefixes():
+                        continue
                     self._fail(self._too_long(need), {row.ticket})
                     break
                 victim = max(others + [slot], key=lambda s: self.age[s])
                 self._preempt(victim)
                 if victim == slot:
                     break
+
+    def _drop_prefixes(self) -> bool:
+        """Give back the blocks of the prefixes that groups hold for their members still queued (who then prefill
+        their whole prompt): the last resort before a row alone in the engine is found too long. False: none."""
+        if not self.prefixes:
+            return False
+        with self.lock:
+            for row in self.queue:
+                if row.group in self.prefixes:
+                    row.restarted = True
+            for group, ids in self.prefixes.items():
+                self.cache.pool.release(ids)
+                self.unadmitted.pop(group, None)
+            self.prefixes.clear()
+        return True
 
     def _too_long(self, positions: int) -> InputError:
         """A row longer than the whole pool: about that row (a long video on a small device), not the device."""
