@@ -128,8 +128,8 @@ class Prefill:
             self.cu_k = torch.tensor([0, *itertools.accumulate(ends)], dtype=torch.int32, device=device)
             self.used_k = torch.tensor(ends, dtype=torch.int32, device=device)
             self.max_q, self.max_k = max(lengths), max(ends)
-        else:  # each row's keys gathered through its table: (start + n,) flat rows per row
-            self.reads = [cache.host_index(t, 0, e).to(device) for t, e in zip(tables, ends)]
+        else:  # each row's keys gathered block by block through its table: its first blocks_for(start + n) ids
+            self.reads = [torch.tensor(t[:cache.blocks_for(e)], device=device) for t, e in zip(tables, ends)]
 
     def __call__(self, layer: int, q, k, v):
         """q (1, N, H, Dh), k/v (1, N, H_kv, Dh) -> (1, N, H, Dh)."""
@@ -144,8 +144,8 @@ class Prefill:
         out, offset = [], 0
         for read, start, n in zip(self.reads, self.starts, self.lengths):
             q_row = q[:, offset:offset + n].transpose(1, 2)  # (1, H, n, Dh)
-            k_row = keys[read][None].transpose(1, 2)  # (1, H_kv, start + n, Dh)
-            v_row = values[read][None].transpose(1, 2)
+            k_row = self.cache.k[layer][read].flatten(0, 1)[None, :start + n].transpose(1, 2)  # (1, H_kv, start+n, Dh)
+            v_row = self.cache.v[layer][read].flatten(0, 1)[None, :start + n].transpose(1, 2)
             bias = lower_right_causal(n, start + n, q.device) if start else None
             y = F.scaled_dot_product_attention(q_row, k_row, v_row, attn_mask=bias, is_causal=bias is None,
                                                enable_gqa=q_row.shape[1] != k_row.shape[1])
@@ -168,7 +168,7 @@ class Decode:
         if varlen:
             _require_varlen()
         self.write = cache.index(cache.table, positions[:, None])[:, 0]  # (B,) flat rows
-        self.read = None  # (B, kv_len) flat rows, built on first use by the SDPA path, then shared by all layers
+        self.read = None  # (B, kv_len / block_size) block ids, built on first use by the SDPA path, for all layers
         self.mask = None
         self.used_k = None
 
@@ -181,15 +181,15 @@ class Decode:
         if self.varlen:
             return self._varlen(layer, q).view(B, 1, H, Dh)
         if self.mask is None:  # additive: SDPA would turn a boolean mask into this in every layer
-            span = torch.arange(self.kv_len, device=q.device)
-            self.read = self.cache.index(self.cache.table, span.expand(B, -1))
-            visible = span <= self.positions[:, None]  # (B, S)
+            blocks = self.cache.blocks_for(self.kv_len)
+            self.read = self.cache.table[:, :blocks].long()  # whole blocks: one copy each, not one per position
+            visible = torch.arange(blocks * self.cache.block_size, device=q.device) <= self.positions[:, None]
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
             self.mask = bias[:, None, None, :]  # (B, 1, 1, S)
         kv_heads = keys.shape[1]
         q = q.view(B, kv_heads, H // kv_heads, Dh)  # the query heads of one KV group as its query rows
-        keys = keys[self.read].transpose(1, 2)  # (B, H_kv, S, Dh)
-        values = values[self.read].transpose(1, 2)
+        keys = self.cache.k[layer][self.read].flatten(1, 2).transpose(1, 2)  # (B, H_kv, S, Dh)
+        values = self.cache.v[layer][self.read].flatten(1, 2).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)  # (B, H_kv, G, Dh)
         return y.reshape(B, 1, H, Dh)
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from glmv.attention import Decode, Prefill, use_varlen
+from glmv.errors import InputError
 from glmv.paged import PagedKVCache
 from glmv.positions import IMAGE, VIDEO
 from glmv.prompts import Media, PromptBatch
@@ -237,9 +238,10 @@ class Engine:
                     unfit = head if not occupied and not taken else None
                     break
                 taken.append((slot, self.queue.popleft()))
-        if unfit is not None:  # alone in an empty engine and still no room: it never will have
-            self._fail(MemoryError(f"the KV pool ({self.cache.blocks - 1} blocks of {self.block_size} positions) "
-                                   f"cannot hold a row of {unfit.prompt.length + 1} positions"), {unfit.ticket})
+        if unfit is not None:  # alone in an empty engine and still no room: free what waiting groups hold, or fail
+            if self._drop_prefixes():
+                return self._take()
+            self._fail(self._too_long(unfit.prompt.length + 1), {unfit.ticket})
         return taken
 
     def _decode_steps(self) -> None:
@@ -349,7 +351,7 @@ class Engine:
 
     def _place(self, slot: int, row: Row, running: int) -> bool:
         """Take the blocks a row needs to be admitted into `slot` (its prompt and first token; a new group's prefix
-        too). A fixed pool also keeps a block free per running row, so that they can grow before anyone is
+        too). A fixed pool also keeps a block free per other running row, so that they can grow before anyone is
         preempted. False: not now (nothing taken)."""
         if self.cache is None:
             self._new_cache(row.prompt.length + row.max_new)
@@ -367,7 +369,7 @@ class Engine:
             self.fresh.append(row)
         if group is not None:
             self.cache.adopt(slot, self.prefixes[group][:row.prompt.prefix_len // bs])
-        headroom = running if self.c.kv_blocks else 0
+        headroom = running - 1 if self.c.kv_blocks else 0
         if self._reserve(slot, row.prompt.length + 1) and len(self.cache.pool.free) >= headroom:
             return True
         self.cache.release(slot)
@@ -387,13 +389,34 @@ class Engine:
             while not self._reserve(slot, need):
                 others = [s for s, r in enumerate(self.occupant) if r is not None and s != slot]
                 if not others:
-                    self._fail(MemoryError(f"the KV pool ({self.cache.blocks - 1} blocks of {self.block_size} "
-                                           f"positions) cannot hold a row of {need} positions"), {row.ticket})
+                    if self._drop_prefixes():
+                        continue
+                    self._fail(self._too_long(need), {row.ticket})
                     break
                 victim = max(others + [slot], key=lambda s: self.age[s])
                 self._preempt(victim)
                 if victim == slot:
                     break
+
+    def _drop_prefixes(self) -> bool:
+        """Give back the blocks of the prefixes that groups hold for their members still queued (who then prefill
+        their whole prompt): the last resort before a row alone in the engine is found too long. False: none."""
+        if not self.prefixes:
+            return False
+        with self.lock:
+            for row in self.queue:
+                if row.group in self.prefixes:
+                    row.restarted = True
+            for group, ids in self.prefixes.items():
+                self.cache.pool.release(ids)
+                self.unadmitted.pop(group, None)
+            self.prefixes.clear()
+        return True
+
+    def _too_long(self, positions: int) -> InputError:
+        """A row longer than the whole pool: about that row (a long video on a small device), not the device."""
+        return InputError(f"the KV pool ({self.cache.blocks - 1} blocks of {self.block_size} positions) cannot hold "
+                          f"a row of {positions} positions")
 
     def _preempt(self, slot: int) -> None:
         """Send the slot's row back to the head of the queue; it runs again from its prompt later."""

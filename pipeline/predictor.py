@@ -115,7 +115,7 @@ class Predictor:
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
         self.specs = {spec.name: spec for spec in cfg.task_specs()}
-        self.static_lock = threading.Lock()   # static mode: one generate at a time
+        self.lock = threading.Lock()   # static mode: one generate at a time
         self.engine_id = uuid.uuid4().hex[:12]
         self.kv_share = KV_SHARE * (min(1.0, cfg.actors.num_gpus) if cfg.actors.on_gpu else 1.0)
         self.capped = False   # said once that a call ran with fewer slots than run.batch_size
@@ -201,10 +201,11 @@ class Predictor:
         guard = CrashGuard(self.run_tag, "model", [it.id for it in items])
         # a window whose items are all error rows already (unreadable media) has nothing for the model
         if seqs and self.cfg.batching.mode == "refill":
-            self.server = self.server or self._start_engine()
+            with self.lock:   # an actor made for static mode (a test switching modes) starts one engine, once
+                self.server = self.server or self._start_engine()
             out.extend(self._run_in_engine(guard, seqs))
         elif seqs:
-            with self.static_lock:
+            with self.lock:
                 for k, group in enumerate(self._static_batches(seqs)):
                     out.extend(self._run_guarded(guard, f"call{k}", group))
         guard.finished()

@@ -429,10 +429,12 @@ def test_a_small_kv_pool_preempts_rows_and_recomputes_the_same_tokens(tiny_gqa, 
     seeds = list(range(6))
     out = model.generate(**batch, max_batch_size=3, seed=seeds, return_dict_in_generate=True, **kw)
     expected = new_tokens(out, batch["input_ids"].shape[1])
-    longest = max(r.num_prompt_tokens for r in out.rows) + 40
+    prompt = max(r.num_prompt_tokens for r in out.rows)
     config = engine_config(model, 3, eos_token_id=[], do_sample=True, temperature=1.0, top_k=0)
-    config = dataclasses.replace(config, kv_blocks=-(-longest // 8) + 4, block_size=8)
-    assert config.kv_blocks * 8 < 3 * longest, "the pool holds less than every slot at the longest row"
+    # two prompts and one block to grow: rows outgrow it, and a row alone needs what a waiting group's prefix holds
+    config = dataclasses.replace(config, kv_blocks=2 * -(-(prompt + 1) // 16) + 1, block_size=16)
+    longest = prompt + 40
+    assert config.kv_blocks * 16 < 3 * longest, "the pool holds less than every slot at the longest row"
     engine = Engine(model, config)
     ticket = engine.add(prompt_batch(model, **batch), [40] * 6, seeds)
     with torch.inference_mode():
@@ -441,7 +443,15 @@ def test_a_small_kv_pool_preempts_rows_and_recomputes_the_same_tokens(tiny_gqa, 
     s = engine.stats
     assert s.preempted >= 1 and s.recomputed >= 1
     assert s.kv_used_peak_blocks <= config.kv_blocks and engine.cache.pool.in_use == 0
+    # a row longer than the whole pool fails alone, as an input error; the engine goes on
+    too_long = engine.add(prompt_batch(model, torch.arange(3, 3 + config.kv_blocks * 16)[None]), [4], [0])
+    short = engine.add(prompt_batch(model, torch.arange(3, 13)[None]), [4], [0])
+    with torch.inference_mode():
+        engine.run()
+    with pytest.raises(glmv.InputError, match="cannot hold a row"):
+        too_long.wait()
+    assert len(short.wait()[0].tokens) == 4
     with capsys.disabled():
-        print(f"\nKV pool {config.kv_blocks} blocks x 8 positions ({s.kv_blocks * s.kv_block_bytes} bytes) for 3 slots"
+        print(f"\nKV pool {config.kv_blocks} blocks x 16 positions ({s.kv_blocks * s.kv_block_bytes} bytes) for 3 slots"
               f" x {longest} positions: peak {s.kv_used_peak_blocks} blocks in use, {s.preempted} preemptions, "
               f"{s.recomputed} tokens recomputed, occupancy {s.occupancy:.2f}")

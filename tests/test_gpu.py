@@ -126,3 +126,34 @@ def test_bench_gpu_script_runs_on_tiny_shapes():
     assert out.returncode == 0, out.stderr[-3000:]
     for heading in ("decode (", "prefill (packed rows)", "vision:", "end to end:", "feed:"):
         assert heading in out.stdout
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype, block, new", [(torch.float32, 16, 40), (torch.bfloat16, 256, 300)])
+def test_a_small_kv_pool_preempts_and_recomputes_on_cuda(tiny_gqa, item_batch, dtype, block, new):  # noqa: F811
+    """A fixed pool smaller than 3 slots x the longest row: float32 runs SDPA over blocks gathered through the
+    tables (tokens exact), bfloat16 flash varlen over the block tables in 256-position blocks (the same text as an
+    unlimited pool on most rows); rows are preempted and recomputed, every row completes."""
+    import dataclasses
+
+    from glmv.engine import Engine
+    from glmv.generate import engine_config, prompt_batch
+
+    model = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=dtype, device="cuda")
+    batch = on_cuda(item_batch[0])
+    out = model.generate(**batch, max_batch_size=3, max_new_tokens=new, eos_token_id=[], return_dict_in_generate=True)
+    expected = new_tokens(out, batch["input_ids"].shape[1])
+    prompt = max(r.num_prompt_tokens for r in out.rows)
+    blocks = 2 * -(-(prompt + 1) // block) + 1   # two prompts and a block to grow: the rows outgrow it
+    assert blocks < 3 * -(-(prompt + new) // block)
+    config = dataclasses.replace(engine_config(model, 3, eos_token_id=[]), kv_blocks=blocks, block_size=block)
+    engine = Engine(model, config)
+    ticket = engine.add(prompt_batch(model, **batch), [new] * 6, list(range(6)))
+    with torch.inference_mode():
+        engine.run()
+    got = [o.tokens for o in ticket.wait()]
+    same = sum(a == b for a, b in zip(got, expected))
+    print(f"{dtype}: {engine.stats.preempted} preemptions, rows identical to an unlimited pool: {same}/6")
+    assert engine.stats.preempted >= 1 and all(len(t) == new for t in got)
+    assert same == 6 if dtype == torch.float32 else same >= 5
