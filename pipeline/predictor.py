@@ -229,6 +229,11 @@ class Predictor:
         row (pipeline.poison)."""
         if not guard.poisoned(ENGINE):
             return self._through_engine(guard, ENGINE, seqs, exclusive=False)
+        return self._one_by_one(guard, seqs, lambda alone, s: self._through_engine(guard, alone, [s], exclusive=True))
+
+    def _one_by_one(self, guard: CrashGuard, seqs: list[Sequence], run_alone) -> list[dict]:
+        """After a crash: each sequence run alone (`run_alone(position, seq)`), except one that already killed the
+        actor twice alone, which becomes an error row (pipeline.poison)."""
         rows = []
         for s in seqs:
             alone = f"{s.row['id']}:{s.task}"
@@ -236,7 +241,7 @@ class Predictor:
                 msg = crash_message(s.row["uri"], "running the model", guard.poisoned(alone))
                 rows.append(output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash))
             else:
-                rows.extend(self._through_engine(guard, alone, [s], exclusive=True))
+                rows.extend(run_alone(alone, s))
         return rows
 
     def _through_engine(self, guard: CrashGuard, position: str, seqs: list[Sequence], exclusive: bool) -> list[dict]:
@@ -293,17 +298,13 @@ class Predictor:
             for s in seqs:
                 inject_crash("model", s.row["uri"])
             return self._run_batch(seqs)
-        rows = []
-        for s in seqs:
-            alone = f"{s.row['id']}:{s.task}"
-            if guard.gave_up(alone):
-                msg = crash_message(s.row["uri"], "running the model", guard.poisoned(alone))
-                rows.append(output.error_row(s.row, s.task, s.prompt, msg, self.model_name, self.config_hash))
-                continue
+
+        def run_alone(alone: str, s: Sequence) -> list[dict]:
             guard.at(alone)
             inject_crash("model", s.row["uri"])
-            rows.extend(self._run_batch([s]))
-        return rows
+            return self._run_batch([s])
+
+        return self._one_by_one(guard, seqs, run_alone)
 
     def _run_batch(self, seqs: list[Sequence]) -> list[dict]:
         try:
