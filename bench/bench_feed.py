@@ -51,20 +51,8 @@ def run_alone(args) -> dict:
     model = Glm4vForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32, device="cpu")
     loaded = time.perf_counter()
     images = [processor.load_image(p) for p in paths]   # one object per item: its tasks share it
-    work = [(p, img, task, prompt, thinking) for p, img in zip(paths, images) for task, prompt, thinking in specs]
-    convs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": prompt}]}]
-             for _, img, _, prompt, _ in work]
-    prompts = [processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=thinking)
-               for conv, (*_, thinking) in zip(convs, work)]
-    inputs = processor.encode_rendered(prompts, convs, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             max_batch_size=args.batch_size, return_dict_in_generate=True)
-    texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    rows = bench_pipeline.generate_rows(processor, model, paths, images, specs, args)
     end = time.perf_counter()
-    rows = {f"{path.name}\t{task}": {"text": text, "prompt_tokens": int(info.num_prompt_tokens),
-                                     "output_tokens": int(info.num_generated_tokens)}
-            for (path, _, task, _, _), text, info in zip(work, texts, out.rows)}
     return {"seconds": end - start, "load_s": loaded - start, "peak_rss_mb": bench_pipeline.peak_rss_mb(),
             "rows": rows}
 

@@ -155,6 +155,26 @@ def windows(paths: list, args) -> list[list]:
     return [paths[i:i + per_call] for i in range(0, len(paths), per_call)]
 
 
+def generate_rows(processor, model, paths: list[Path], images: list, specs, args) -> dict:
+    """One glmv generate over every (item, task) of these items, through `--batch-size` slots: rows by
+    "<file>\t<task>". An item's tasks share its image object, as the job's decode stage hands them over."""
+    import torch
+
+    work = [(p, img, task, prompt, thinking) for p, img in zip(paths, images) for task, prompt, thinking in specs]
+    convs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": prompt}]}]
+             for _, img, _, prompt, _ in work]
+    prompts = [processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=thinking)
+               for conv, (*_, thinking) in zip(convs, work)]
+    inputs = processor.encode_rendered(prompts, convs, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             max_batch_size=args.batch_size, return_dict_in_generate=True)
+    texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return {f"{path.name}\t{task}": {"text": text, "prompt_tokens": int(info.num_prompt_tokens),
+                                      "output_tokens": int(info.num_generated_tokens)}
+            for (path, _, task, _, _), text, info in zip(work, texts, out.rows)}
+
+
 def run_direct(args) -> dict:
     """glmv in one process, called as the job's model actor calls it: per window of items, one generate whose rows
     (item by item, task by task, template switches mixed) stream through `--batch-size` decode slots."""
@@ -173,19 +193,7 @@ def run_direct(args) -> dict:
     rows = {}
     for window in windows(paths, args):
         images = [processor.load_image(p) for p in window]   # decoded once per item, as the job's decode stage does
-        work = [(p, img, task, prompt, thinking) for p, img in zip(window, images) for task, prompt, thinking in specs]
-        convs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": prompt}]}]
-                 for _, img, _, prompt, _ in work]
-        prompts = [processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=thinking)
-                   for conv, (*_, thinking) in zip(convs, work)]
-        inputs = processor.encode_rendered(prompts, convs, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 max_batch_size=args.batch_size, return_dict_in_generate=True)
-        texts = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for (path, _, task, _, _), text, info in zip(work, texts, out.rows):
-            rows[f"{path.name}\t{task}"] = {"text": text, "prompt_tokens": int(info.num_prompt_tokens),
-                                            "output_tokens": int(info.num_generated_tokens)}
+        rows.update(generate_rows(processor, model, window, images, specs, args))
     end = time.perf_counter()
     return {"seconds": end - start, "load_s": loaded - start, "peak_rss_mb": peak_rss_mb(), "rows": rows}
 
