@@ -113,6 +113,18 @@ def _kill_worker_mid_run(cluster, job, out, after_rows: int, worker_hosts_model:
     cluster.kill_node("worker")
 
 
+def _finished_without_the_worker(cluster, job, out) -> str:
+    """The run, after its worker node was lost, ends well with every pair exactly once; its stdout."""
+    stdout, stderr = job.wait(timeout=420)
+    print("\n".join(line for line in (stdout + stderr).splitlines()
+                    if any(w in line for w in ("cluster fault", "restarts", "done:", "model actors", "Error"))))
+    assert job.proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert cluster.procs["worker"][0].poll() is not None and cluster.nodes() == 1, "the worker node was not lost"
+    assert "Traceback" not in stderr, stderr[-5000:]
+    _assert_exactly_once(out)
+    return stdout
+
+
 # (head resources, worker resources), the actors' settings, whether the worker hosts a model actor
 SCENARIOS = {
     # the model actor needs the head's only GPU: the worker runs decode tasks (and whatever else Ray put there)
@@ -129,13 +141,7 @@ def test_a_lost_worker_node_costs_its_work_not_the_run(cluster, actors, worker_h
     out = tmp_path / "out"
     job = Job(_config(tmp_path, corpus, tiny_gqa, cluster, actors), cluster, tmp_path)
     _kill_worker_mid_run(cluster, job, out, after_rows=8, worker_hosts_model=worker_hosts_model)
-    stdout, stderr = job.wait(timeout=420)
-    print("\n".join(line for line in (stdout + stderr).splitlines()
-                    if any(w in line for w in ("cluster fault", "restarts", "done:", "model actors", "Error"))))
-    assert job.proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    assert cluster.procs["worker"][0].poll() is not None and cluster.nodes() == 1, "the worker node was not lost"
-    assert "Traceback" not in stderr, stderr[-5000:]
-    _assert_exactly_once(out)
+    stdout = _finished_without_the_worker(cluster, job, out)
     if "restarts after cluster faults" in stdout:   # Ray Data could not recover by itself: the run restarted it
         assert "restarting the dataset from the completion records" in stdout
 
@@ -175,13 +181,7 @@ def test_the_worker_hosts_no_non_model_actor_so_its_loss_takes_none(cluster, cor
     # Ray Data's own (its stats actor and the like) exist too, all of them on the driver's node
     assert on_head - MODEL_ACTOR_CLASSES - {"Tracker", "Repeats"}, where
 
-    stdout, stderr = job.wait(timeout=420)
-    print("\n".join(line for line in (stdout + stderr).splitlines()
-                    if any(w in line for w in ("cluster fault", "restarts", "done:", "model actors", "Error"))))
-    assert job.proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    assert cluster.procs["worker"][0].poll() is not None and cluster.nodes() == 1, "the worker node was not lost"
-    assert "Traceback" not in stderr, stderr[-5000:]
-    _assert_exactly_once(out)
+    stdout = _finished_without_the_worker(cluster, job, out)
     if "restarts after cluster faults" in stdout:
         assert re.search(r"restarts after cluster faults: \d+ \(\d+ \(item, task\) pairs redone\)", stdout)
 
