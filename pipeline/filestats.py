@@ -399,6 +399,11 @@ def merge_json(texts: Iterable[str | None]) -> str | None:
     return dumps(merge(stats)) if stats else None
 
 
+def error_rows(stats: dict) -> int:
+    """How many of the summarized rows are error rows."""
+    return sum(n for _, _, status, n in stats.get("strata", ()) if status == "error")
+
+
 def items(stats: dict) -> int:
     """Distinct item ids in the summarized rows (HyperLogLog estimate; see the module's docstring)."""
     return accumulate([stats]).items()

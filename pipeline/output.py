@@ -203,23 +203,23 @@ def files_with_errors(uri: str, opts: StorageOptions, names: list[str]) -> list[
 
 def reopen_errors(uri: str, opts: StorageOptions, staging: str, names: list[str] | None = None,
                   before_rewrite=None) -> int:
-    """Remove the error rows from these result files (all, by default) so those (item, task) pairs are pending
-    again; returns how many.
+    """Remove the error rows from these result files (by default: every result file holding any) so those (item,
+    task) pairs are pending again; returns how many.
 
     Each file is replaced whole by its rows without errors (or deleted when nothing is left), so a kill at any
     moment leaves every pair either still recorded (as an error, retried by the next such run) or pending, never
     twice. `before_rewrite(name, kept)` is called before a file changes (kept: its rows left, None when it goes)."""
     fs, root = storage.filesystem(uri, opts)
     reopened, arrow_fs = 0, storage.arrow_filesystem(fs)
-    for name in result_files(fs, root, opts) if names is None else names:
+    if names is None:
+        names = files_with_errors(uri, opts, result_files(fs, root, opts))
+    for name in names:
         path = f"{root.rstrip('/')}/{name}"
-        errors = storage.with_retries(lambda: pq.read_table(path, columns=["error"], filesystem=arrow_fs), path,
-                                      opts)
-        n = len(errors) - errors["error"].null_count
-        if not n:
-            continue
         table = storage.with_retries(lambda: pq.read_table(path, filesystem=arrow_fs), path, opts)
         kept = table.filter(table["error"].is_null())
+        n = len(table) - len(kept)
+        if not n:
+            continue
         data = None
         if len(kept):
             sink = io.BytesIO()

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline import compact, manifest, output, storage
+from pipeline import compact, filestats, manifest, output, storage
 from pipeline.items import key_hash
 from pipeline.state import StateDir
 
@@ -244,7 +244,8 @@ class Ledger:
 
     def retry_errors(self, uri: str, opts, staging: str) -> int | None:
         """`run.retry_errors` with trusted records: the files holding error rows lose them, and only their shards
-        are open again (a restart reads the keys of their files, not of the whole output). None when some file's
+        are open again (a restart reads the keys of their files, not of the whole output). Which files hold errors
+        is in their manifest summaries; only a file without one is read to find out. None when some file's
         shards are unknown (an earlier version's output): the caller drops the records and rewrites every file.
 
         Order, safe at each kill: the shards' records go first; then each file's new manifest row is noted in a
@@ -252,7 +253,9 @@ class Ledger:
         not as damage; then the manifest takes the new rows."""
         if any(row["shards"] is None or row["rows"] < 0 for row in self.files.values()):
             return None
-        names = output.files_with_errors(uri, opts, sorted(self.files))
+        summaries = {name: filestats.loads(row.get("stats")) for name, row in self.files.items()}
+        names = sorted({name for name, stats in summaries.items() if stats and filestats.error_rows(stats)} |
+                       set(output.files_with_errors(uri, opts, sorted(n for n, s in summaries.items() if not s))))
         self._reopen({s for n in names for s in self.files[n]["shards"]})
         self._save(write_manifest=False)
         rows = {}

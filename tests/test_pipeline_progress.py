@@ -179,7 +179,11 @@ def test_retry_errors_on_trusted_records_opens_only_the_shards_of_files_with_err
     opened = []
     real = progress.read_keys
     monkeypatch.setattr(progress, "read_keys", lambda s, names, lost=None: opened.extend(names) or real(s, names, lost))
+    read, real_read = [], output.pq.read_table
+    monkeypatch.setattr(output.pq, "read_table", lambda path, **kw: read.append(path) or real_read(path, **kw))
     assert ledger.retry_errors(str(out), OPTS, f"{out}/_state/staging") == 3
+    # the manifest's summaries say which files hold errors: only those two are read, once each
+    assert len(read) == len(set(read)) == 2, read
     resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(_listed(out))
     # trusted still: u#1 stays finished and its files are never opened; u#0 is open, its good rows count as done
     assert not resume.scanned and set(resume.records) == {"u#1"}
