@@ -11,8 +11,9 @@ reasoning traces (median ~200 of 384, ~40% at the limit). Sides, each in its own
 - job: `jobs/caption.py` as a user runs it, start-up included (Ray, model load, listing, decoding, writing the
   Parquet and the run report), on the same corpus, model, slots and torch threads.
 Prints per case the wall times and job / alone (goal <= 1.15, issue 22), the share of identical texts, the job
-summary's engine figures (slot occupancy, goal >= 95%; decode steps/s, tokens/s, idle share, KV cache), the output
-lengths and each side's peak RSS.
+summary's engine figures (slot occupancy, goal >= 95%; decode steps/s, tokens/s, idle share, KV cache) beside the
+occupancy a perfect feed of the same rows would reach (only the stream's end drains it), the output lengths and each
+side's peak RSS.
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ def run_side(side: str, args, workdir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ideal_occupancy(lengths: list[int], slots: int) -> float:
+    """Slot occupancy of a feed that never lets a slot wait while rows are queued: these rows, in this order,
+    each taking a free slot at once, each live for its tokens after the first (that one comes from its prefill).
+    What is lost is only the end of the stream, where the last rows run beside empty slots."""
+    import heapq
+
+    free_at = [0] * slots   # the step at which each slot is free again
+    for n in lengths:
+        heapq.heappush(free_at, heapq.heappop(free_at) + max(0, n - 1))
+    return sum(max(0, n - 1) for n in lengths) / max(1, max(free_at) * slots)
+
+
 def report(args, alone: dict, job: dict) -> None:
     pairs = args.items * len(args.tasks)
     print(f"\n== {args.items} images x {len(args.tasks)} task(s) ({', '.join(args.tasks)}) = {pairs} sequences, "
@@ -95,6 +108,9 @@ def report(args, alone: dict, job: dict) -> None:
               f"steps ({e['decode_steps_per_s']:.2f}/s), {e['tokens']} tokens ({e['tokens_per_s']:.1f}/s), idle "
               f"{100 * e['idle_share']:.1f}% of engine time, KV pool {e['kv_pool_bytes'] / 2**20:.1f} MiB (peak "
               f"{e['kv_used_peak_bytes'] / 2**20:.1f} MiB in use), {e['preempted']} rows preempted")
+        ideal = ideal_occupancy([r["output_tokens"] for r in alone["rows"].values()], args.batch_size)
+        print(f"a feed that never lets a slot wait reaches {100 * ideal:.1f}% on these rows in input order (the "
+              f"stream's end drains the slots): the job reached {100 * e['occupancy'] / ideal:.1f}% of it")
         print(f"alone's decode rate for comparison: {sum(lengths) / (alone['seconds'] - alone['load_s']):.1f} "
               f"tokens/s after load")
 
