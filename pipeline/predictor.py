@@ -350,7 +350,8 @@ class Predictor:
                                               device=self.device, dtype=self.dtype)
 
     def _result_row(self, s: Sequence, text: str, prompt_tokens: int, generated: int, reason: str) -> dict:
-        parsed = self.parse_output(text)
+        spec = self.specs.get(s.task)   # None: a manifest row's own prompt
+        parsed = self.parse_output(text, verbatim=spec is not None and spec.verbatim)
         return {
             "id": s.row["id"], "uri": s.row["uri"], "media_type": s.row["media_type"], "task": s.task,
             "prompt": s.prompt, "text": text, "thinking": parsed.thinking or "", "answer": parsed.answer or "",
