@@ -46,7 +46,7 @@ class Glm4vForConditionalGeneration(nn.Module):
     def __init__(self, config: Glm4vConfig):
         super().__init__()
         if config.model_type not in self.model_types:
-            raise ConfigError(f"model_type {config.model_type!r} is run by {model_class(config).__name__}, not "
+            raise ConfigError(f"model_type {config.model_type!r} is run by {self.class_for(config).__name__}, not "
                               f"{type(self).__name__}")
         self.config = config
         self.model = Glm4vModel(config)
@@ -68,6 +68,11 @@ class Glm4vForConditionalGeneration(nn.Module):
     def unused_checkpoint_key(cls, config: Glm4vConfig, name: str) -> bool:
         """A checkpoint tensor that inference never reads (skipped at load)."""
         return False
+
+    @staticmethod
+    def class_for(config: Glm4vConfig) -> type["Glm4vForConditionalGeneration"]:
+        """The class that runs a config's model_type (for glmv.weights, which does not import this module)."""
+        return model_class(config)
 
     def _apply(self, fn, recurse=True):
         from glmv.cpu_kernels import is_packed

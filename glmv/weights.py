@@ -156,10 +156,8 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     dtype = resolve_dtype(dtype, config, device)
 
     if config.model_type not in cls.model_types:
-        from glmv.model import model_class
-
         raise CheckpointError(f"{path}: a {config.model_type} checkpoint; load it with "
-                              f"{model_class(config).__name__} (or AutoModelForImageTextToText), not {cls.__name__}")
+                              f"{cls.class_for(config).__name__} (or AutoModelForImageTextToText), not {cls.__name__}")
     model = build_on_meta(cls, config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     files = {name: file for name, file in checkpoint_files(path).items()
