@@ -115,14 +115,16 @@ def build_tokenizer():
     return tok
 
 
-def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str = "glm41v", seed: int = 0,
+def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str | None = None, seed: int = 0,
                          max_shard_bytes: int | None = None) -> Path:
-    """Write a complete random-weight checkpoint to out_dir and return its path."""
+    """Write a complete random-weight checkpoint to out_dir and return its path. family: default glm46v for the
+    ocr preset (GLM-OCR's processor is that family's), glm41v otherwise."""
     from glmv.model import model_class
     from glmv.weights import save_state_dict
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    family = family or ("glm46v" if PRESETS[preset].model_type == "glm_ocr" else "glm41v")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
     out = Path(out_dir)
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
     make = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint")
     make.add_argument("out")
     make.add_argument("--preset", default="gqa", choices=sorted(PRESETS))
-    make.add_argument("--family", default="glm41v", choices=sorted(FAMILIES))
+    make.add_argument("--family", default=None, choices=sorted(FAMILIES), help="default: glm46v for ocr, else glm41v")
     make.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = make_tiny_checkpoint(args.out, preset=args.preset, family=args.family, seed=args.seed)
