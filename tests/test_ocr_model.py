@@ -130,6 +130,15 @@ def test_greedy_tokens_match_transformers(tiny_ocr, mode, video_path, monkeypatc
     assert len(got) == 4
 
 
+def test_compiled_decode_gives_the_same_tokens(tiny_ocr, video_path):
+    """The torch.compile'd decode step (CUDA graphs on a GPU; tests/test_gpu.py) keeps GLM-OCR's greedy tokens."""
+    inputs = mixed_batch(tiny_ocr, video_path)
+    model = glmv.GlmOcrForConditionalGeneration.from_pretrained(tiny_ocr, fast_cpu=False)
+    eager = model.generate(**inputs, max_new_tokens=GROUP_TOKENS, max_batch_size=2)
+    assert torch.equal(eager, model.generate(**inputs, max_new_tokens=GROUP_TOKENS, max_batch_size=2,
+                                             compile_decode=True))
+
+
 def test_ocr_tasks_of_one_page_share_its_prefix_and_match_transformers_alone(tiny_ocr, monkeypatch):
     """One page under the three OCR prompts, another page, a text-only row: the engine prefills the first page's
     prefix once (a prefix group) in two refilled slots, and every row's greedy tokens are transformers' for the row
