@@ -35,7 +35,7 @@ REAL_GLM_OCR = {
                       "temporal_patch_size": 2},
     "image_start_token_id": 59256, "image_end_token_id": 59257, "video_start_token_id": 59258,
 }
-GROUP_TOKENS = 12   # the prefix-group test runs transformers' generate once per row
+GROUP_TOKENS = 10   # the prefix-group test runs transformers' generate once per row
 OCR_PROMPTS = ["Text Recognition:", "Table Recognition:", "Formula Recognition:"]
 
 
@@ -140,14 +140,13 @@ def test_compiled_decode_gives_the_same_tokens(tiny_ocr, video_path):
 
 
 def test_ocr_tasks_of_one_page_share_its_prefix_and_match_transformers_alone(tiny_ocr, monkeypatch):
-    """One page under the three OCR prompts, another page, a text-only row: the engine prefills the first page's
-    prefix once (a prefix group) in two refilled slots, and every row's greedy tokens are transformers' for the row
-    alone."""
+    """One page under the three OCR prompts and another page (text-only rows: the greedy test above): the engine
+    prefills the first page's prefix once (a prefix group) in two refilled slots, and every row's greedy tokens are
+    transformers' for the row alone."""
     processor = glmv.Glm4vProcessor.from_pretrained(tiny_ocr)
     page, other = random_image(84, 112, 21), random_image(56, 84, 22)
     conversations = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": p}]}]
                      for image, p in [(page, q) for q in OCR_PROMPTS] + [(other, OCR_PROMPTS[0])]]
-    conversations.append([{"role": "user", "content": "Text Recognition: no image."}])
     encode = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True)
     batch = processor.apply_chat_template(conversations, **encode)
     ref = transformers.GlmOcrForConditionalGeneration.from_pretrained(tiny_ocr, dtype=torch.float32)
