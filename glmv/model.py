@@ -10,10 +10,9 @@ narrow interface generation runs on: `encode_vision`, `embed`, `new_cache`, `pre
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import re
 
 import torch
 import torch.nn as nn
