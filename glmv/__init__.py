@@ -1,4 +1,4 @@
-"""glmv: the GLM-V (GLM-4.1V architecture) vision-language model in plain PyTorch."""
+"""glmv: the GLM-V (GLM-4.1V architecture) vision-language models and GLM-OCR in plain PyTorch."""
 
 import os
 
@@ -8,11 +8,11 @@ import os
 # user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from glmv.config import ConfigError, Glm4vConfig
+from glmv.config import ConfigError, Glm4vConfig, GlmOcrConfig
 from glmv.errors import GlmvError, InputError, MediaError, ProcessorConfigError
 from glmv.generate import GenerateOutput, RowResult
 from glmv.image import LoadedImage, PatchSettings
-from glmv.model import Glm4vForConditionalGeneration
+from glmv.model import AutoModelForImageTextToText, Glm4vForConditionalGeneration, GlmOcrForConditionalGeneration
 from glmv.output import ParsedOutput, parse_output
 from glmv.pipelines import pipeline
 from glmv.processor import Glm4vProcessor, Glm46VProcessor
@@ -22,8 +22,8 @@ from glmv.weights import CheckpointError
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerateOutput", "Glm46VProcessor", "Glm4vConfig",
-    "Glm4vForConditionalGeneration", "Glm4vProcessor", "GlmvError", "InputError", "LoadedImage", "LoadedVideo",
+    "AutoModelForImageTextToText", "CheckpointError", "ConfigError", "GenerateOutput", "Glm46VProcessor",
+    "Glm4vConfig", "Glm4vForConditionalGeneration", "Glm4vProcessor", "GlmOcrConfig", "GlmOcrForConditionalGeneration", "GlmvError", "InputError", "LoadedImage", "LoadedVideo",
     "MediaError", "ParsedOutput", "PatchSettings", "ProcessorConfigError", "RowResult", "VideoSettings",
     "parse_output", "pipeline",
 ]

@@ -1,5 +1,9 @@
 """Model configuration: plain dataclasses parsed once from a checkpoint's config.json.
 
+Two architectures share these classes: GLM-4.1V (model_type glm4v / glm46v) and GLM-OCR (glm_ocr), whose
+`GlmOcr*Config` subclasses carry transformers' GlmOcr defaults and switch the few places where the towers differ
+(see `VisionConfig.ocr`, `TextConfig.head_dim`).
+
 Two layouts exist in the wild and both are accepted:
 - the released checkpoints (transformers 4.5x): `rope_theta`, `partial_rotary_factor` and
   `rope_scaling: {"mrope_section": [...]}` inside `text_config` (older revisions also repeat text fields at top level);
@@ -10,11 +14,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from glmv.errors import GlmvError
 
-SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v
+# GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v. GLM-OCR is glm_ocr.
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm_ocr")
 
 
 class ConfigError(GlmvError, ValueError):
@@ -23,10 +29,11 @@ class ConfigError(GlmvError, ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
+    ocr: ClassVar[bool] = False  # GLM-OCR's tower (GlmOcrVisionConfig): see the properties below
     hidden_size: int = 1536
     depth: int = 24
     num_heads: int = 12
-    intermediate_size: int = 13696  # width of the merger's gated MLP (the blocks' MLP width is out_hidden_size)
+    intermediate_size: int = 13696  # GLM-4.1V: the merger's MLP width; GLM-OCR: the blocks' MLP width
     out_hidden_size: int = 4096
     patch_size: int = 14
     temporal_patch_size: int = 2
@@ -42,9 +49,47 @@ class VisionConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def mlp_size(self) -> int:
+        """The blocks' MLP width: GLM-4.1V's is out_hidden_size, GLM-OCR's intermediate_size."""
+        return self.intermediate_size if self.ocr else self.out_hidden_size
+
+    @property
+    def merger_size(self) -> int:
+        """The merger's MLP width: GLM-4.1V's is intermediate_size, GLM-OCR's out_hidden_size * in_channels."""
+        return self.out_hidden_size * self.in_channels if self.ocr else self.intermediate_size
+
+    @property
+    def block_bias(self) -> bool:
+        """Biases on the attention output projection and the blocks' MLP: GLM-OCR follows attention_bias, GLM-4.1V
+        has none."""
+        return self.ocr and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """GLM-OCR normalises each head's queries and keys (RMSNorm) before the rotary."""
+        return self.ocr
+
+    @property
+    def position_table(self) -> bool:
+        """GLM-4.1V adds a learned position table after an RMSNorm of the patch embeddings; GLM-OCR has neither."""
+        return not self.ocr
+
+
+@dataclass(frozen=True)
+class GlmOcrVisionConfig(VisionConfig):
+    """transformers' GlmOcrVisionConfig defaults."""
+    ocr: ClassVar[bool] = True
+    hidden_size: int = 1024
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    out_hidden_size: int = 1536
+    attention_bias: bool = True
+
 
 @dataclass(frozen=True)
 class TextConfig:
+    ocr: ClassVar[bool] = False  # GLM-OCR's decoder (GlmOcrTextConfig): no q/k/v bias, head_dim from the file
     vocab_size: int = 151552
     hidden_size: int = 4096
     intermediate_size: int = 13696
@@ -60,14 +105,33 @@ class TextConfig:
     attention_bias: bool = True
     pad_token_id: int | None = 151329
     eos_token_id: tuple[int, ...] = (151329, 151336, 151338, 151348)
+    # GLM-OCR's config.json names its head size (128, not hidden_size / heads = 96); GLM-4.1V's is implied
+    explicit_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class GlmOcrTextConfig(TextConfig):
+    """transformers' GlmOcrTextConfig defaults (its attention has no q/k/v bias whatever the file says)."""
+    ocr: ClassVar[bool] = True
+    vocab_size: int = 59392
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 131072
+    attention_bias: bool = False
+    pad_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +147,9 @@ class Glm4vConfig:
     tie_word_embeddings: bool = False
     dtype: str | None = "bfloat16"  # the checkpoint's stored dtype, used when the caller names none
     model_type: str = "glm4v"
+    architecture: ClassVar[str] = "Glm4vForConditionalGeneration"  # config.json's architectures, transformers' class
+    text_model_type: ClassVar[str] = "glm4v_text"
+    vision_model_type: ClassVar[str] = "glm4v"
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Glm4vConfig":
@@ -104,6 +171,11 @@ class Glm4vConfig:
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported{hint}; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        kind = GlmOcrConfig if model_type == "glm_ocr" else Glm4vConfig
+        if cls is not Glm4vConfig and kind is not cls:
+            raise ConfigError(f"{source}: model_type {model_type!r} is not a {cls.__name__} (read it with "
+                              f"Glm4vConfig, which takes every supported model_type)")
+        defaults = kind()
         # Older revisions keep text fields at top level; text_config wins where both exist.
         text_raw = {**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},
                     **_dict(raw.get("text_config"), "text_config", source)}
@@ -111,9 +183,9 @@ class Glm4vConfig:
         dtype = raw.get("dtype") or raw.get("torch_dtype") or text_raw.get("dtype") or text_raw.get("torch_dtype")
         ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                                    "video_start_token_id", "video_end_token_id") if k in raw}
-        config = cls(
-            text=_parse_text(text_raw, source),
-            vision=_parse_vision(vision_raw, source),
+        config = kind(
+            text=_parse_text(text_raw, source, defaults.text),
+            vision=_parse_vision(vision_raw, source, defaults.vision),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=dtype,
             model_type=model_type,
@@ -133,7 +205,9 @@ class Glm4vConfig:
             if value <= 0:
                 raise ConfigError(f"{source}: {key} must be > 0, got {value}")
         checks = [
-            (t.hidden_size % t.num_attention_heads == 0, "text_config.hidden_size must be divisible by num_attention_heads"),
+            (t.explicit_head_dim is not None or t.hidden_size % t.num_attention_heads == 0,
+             "text_config.hidden_size must be divisible by num_attention_heads"),
+            (t.explicit_head_dim is None or t.explicit_head_dim > 0, "text_config.head_dim must be > 0"),
             (t.num_attention_heads % t.num_key_value_heads == 0,
              "text_config.num_attention_heads must be divisible by num_key_value_heads"),
             (t.rotary_dim % 2 == 0 and 0 < t.rotary_dim <= t.head_dim,
@@ -155,23 +229,27 @@ class Glm4vConfig:
                 raise ConfigError(f"{source}: {message}")
 
     def to_dict(self) -> dict:
-        """config.json in the released-checkpoint layout (what the real GLM-4.1V files look like)."""
+        """config.json in the released-checkpoint layout (what the real GLM-4.1V and GLM-OCR files look like)."""
         text = asdict(self.text)
+        head_dim = text.pop("explicit_head_dim")
+        rope = {"rope_type": "default", "mrope_section": list(text.pop("mrope_section"))}
+        if self.text.ocr:   # GLM-OCR's file: transformers-5 rope_parameters and its head_dim
+            rope.update(partial_rotary_factor=text.pop("partial_rotary_factor"), rope_theta=text.pop("rope_theta"))
+            text.update(rope_parameters=rope, **({"head_dim": head_dim} if head_dim else {}))
+        else:
+            text["rope_scaling"] = rope
         text.update(
-            model_type="glm4v_text",
-            mrope_section=None,
+            model_type=self.text_model_type,
             eos_token_id=list(self.text.eos_token_id),
-            rope_scaling={"rope_type": "default", "mrope_section": list(self.text.mrope_section)},
             attention_dropout=0.0,
             use_cache=True,
             dtype=self.dtype,
         )
-        del text["mrope_section"]
         vision = asdict(self.vision)
-        vision.update(model_type="glm4v", hidden_dropout_prob=0.0, attention_dropout=0.0)
+        vision.update(model_type=self.vision_model_type, hidden_dropout_prob=0.0, attention_dropout=0.0)
         vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
         return {
-            "architectures": ["Glm4vForConditionalGeneration"],
+            "architectures": [self.architecture],
             "model_type": self.model_type,
             "image_start_token_id": self.image_start_token_id,
             "image_end_token_id": self.image_end_token_id,
@@ -186,7 +264,24 @@ class Glm4vConfig:
         }
 
 
-def _parse_text(raw: dict, source: str) -> TextConfig:
+@dataclass(frozen=True)
+class GlmOcrConfig(Glm4vConfig):
+    """GLM-OCR (model_type glm_ocr), with transformers' GlmOcrConfig defaults."""
+    text: TextConfig = field(default_factory=GlmOcrTextConfig)
+    vision: VisionConfig = field(default_factory=GlmOcrVisionConfig)
+    image_token_id: int = 59280
+    video_token_id: int = 59281
+    image_start_token_id: int = 59256
+    image_end_token_id: int = 59257
+    video_start_token_id: int = 59258
+    video_end_token_id: int = 59259
+    model_type: str = "glm_ocr"
+    architecture: ClassVar[str] = "GlmOcrForConditionalGeneration"
+    text_model_type: ClassVar[str] = "glm_ocr_text"
+    vision_model_type: ClassVar[str] = "glm_ocr_vision"
+
+
+def _parse_text(raw: dict, source: str, defaults: TextConfig) -> TextConfig:
     rope = _dict(raw.get("rope_parameters"), "text_config.rope_parameters", source)
     scaling = _dict(raw.get("rope_scaling"), "text_config.rope_scaling", source)
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -195,12 +290,12 @@ def _parse_text(raw: dict, source: str) -> TextConfig:
     mrope = rope.get("mrope_section") or scaling.get("mrope_section") or [8, 12, 12]
     if not isinstance(mrope, (list, tuple)):
         raise ConfigError(f"{source}: text_config mrope_section must be a list of 3 integers, got {mrope!r}")
-    defaults = TextConfig()
     eos = raw.get("eos_token_id", defaults.eos_token_id)
     eos = () if eos is None else (eos,) if isinstance(eos, int) else eos
     if not isinstance(eos, (list, tuple)):
         raise ConfigError(f"{source}: eos_token_id must be an integer or a list of them, got {eos!r}")
-    return TextConfig(
+    head_dim = raw.get("head_dim") if defaults.ocr else None   # transformers' glm4v ignores the key
+    return type(defaults)(
         vocab_size=_int(raw.get("vocab_size", defaults.vocab_size), "vocab_size", source),
         hidden_size=_int(raw.get("hidden_size", defaults.hidden_size), "hidden_size", source),
         intermediate_size=_int(raw.get("intermediate_size", defaults.intermediate_size), "intermediate_size", source),
@@ -218,14 +313,15 @@ def _parse_text(raw: dict, source: str) -> TextConfig:
         max_position_embeddings=_int(raw.get("max_position_embeddings", defaults.max_position_embeddings),
                                      "max_position_embeddings", source),
         hidden_act=raw.get("hidden_act", defaults.hidden_act),
-        attention_bias=bool(raw.get("attention_bias", True)),
+        attention_bias=defaults.attention_bias if defaults.ocr else bool(raw.get("attention_bias",
+                                                                                 defaults.attention_bias)),
         pad_token_id=raw.get("pad_token_id", defaults.pad_token_id),
         eos_token_id=tuple(_int(x, "eos_token_id", source) for x in eos),
+        explicit_head_dim=None if head_dim is None else _int(head_dim, "text_config.head_dim", source),
     )
 
 
-def _parse_vision(raw: dict, source: str) -> VisionConfig:
-    d = VisionConfig()
+def _parse_vision(raw: dict, source: str, d: VisionConfig) -> VisionConfig:
     rope = _dict(raw.get("rope_parameters"), "vision_config.rope_parameters", source)
 
     def get(key, conv=int):
@@ -237,7 +333,7 @@ def _parse_vision(raw: dict, source: str) -> VisionConfig:
         return _int(value, f"vision_config.{key}", source) if conv is int else conv(value, f"vision_config.{key}",
                                                                                     source)
 
-    return VisionConfig(
+    return type(d)(
         hidden_size=get("hidden_size"),
         depth=get("depth"),
         num_heads=get("num_heads"),

@@ -1,5 +1,8 @@
 """Glm4vForConditionalGeneration: vision tower + text decoder + the multimodal glue between them.
 
+GlmOcrForConditionalGeneration is the same model built from a GLM-OCR config (its tower and decoder switches live in
+`glmv.config`); `AutoModelForImageTextToText` picks the class that config.json's model_type names.
+
 Module names mirror the checkpoint keys (`model.visual.*`, `model.language_model.*`, `lm_head.*`) so a state dict
 loads with no renaming. Besides transformers' calls (`from_pretrained`, `forward`, `generate`) the model offers the
 narrow interface generation runs on: `encode_vision`, `embed`, `new_cache`, `prefill`, `decode`.
@@ -7,6 +10,7 @@ narrow interface generation runs on: `encode_vision`, `embed`, `new_cache`, `pre
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from glmv.attention import Decode, Prefill
-from glmv.config import Glm4vConfig
+from glmv.config import ConfigError, Glm4vConfig
 from glmv.errors import InputError
 from glmv.generate import generate
 from glmv.paged import PagedKVCache
@@ -36,8 +40,13 @@ class Glm4vModel(nn.Module):
 
 
 class Glm4vForConditionalGeneration(nn.Module):
+    model_types = ("glm4v", "glm46v")  # config.json model_types this class runs
+
     def __init__(self, config: Glm4vConfig):
         super().__init__()
+        if config.model_type not in self.model_types:
+            raise ConfigError(f"model_type {config.model_type!r} is run by {self.class_for(config).__name__}, not "
+                              f"{type(self).__name__}")
         self.config = config
         self.model = Glm4vModel(config)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
@@ -53,6 +62,16 @@ class Glm4vForConditionalGeneration(nn.Module):
         from glmv.weights import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu)
+
+    @classmethod
+    def unused_checkpoint_key(cls, config: Glm4vConfig, name: str) -> bool:
+        """A checkpoint tensor that inference never reads (skipped at load)."""
+        return False
+
+    @staticmethod
+    def class_for(config: Glm4vConfig) -> type["Glm4vForConditionalGeneration"]:
+        """The class that runs a config's model_type (for glmv.weights, which does not import this module)."""
+        return model_class(config)
 
     def _apply(self, fn, recurse=True):
         from glmv.cpu_kernels import is_packed
@@ -170,3 +189,35 @@ class Glm4vForConditionalGeneration(nn.Module):
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return ModelOutput(logits=self.lm_head(hidden))
+
+
+class GlmOcrForConditionalGeneration(Glm4vForConditionalGeneration):
+    """GLM-OCR (model_type glm_ocr): the GLM-4.1V architecture with its own vision tower and decoder switches."""
+    model_types = ("glm_ocr",)
+    _LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
+
+    @classmethod
+    def unused_checkpoint_key(cls, config: Glm4vConfig, name: str) -> bool:
+        """The released checkpoint keeps its multi-token-prediction layer (`num_nextn_predict_layers`) after the
+        decoder's layers; generation never runs it (transformers skips it too)."""
+        layer = cls._LAYER_KEY.match(name)
+        return layer is not None and int(layer.group(1)) >= config.text.num_hidden_layers
+
+
+MODEL_CLASSES = {t: c for c in (Glm4vForConditionalGeneration, GlmOcrForConditionalGeneration) for t in c.model_types}
+
+
+def model_class(config: Glm4vConfig) -> type[Glm4vForConditionalGeneration]:
+    """The class that runs a config's model_type."""
+    return MODEL_CLASSES[config.model_type]
+
+
+class AutoModelForImageTextToText:
+    """transformers' auto class: `from_pretrained` loads a checkpoint folder with the class its model_type names."""
+
+    def __init__(self):
+        raise TypeError("use AutoModelForImageTextToText.from_pretrained(path)")
+
+    @staticmethod
+    def from_pretrained(path: str | Path, **kwargs) -> Glm4vForConditionalGeneration:
+        return model_class(Glm4vConfig.from_pretrained(path)).from_pretrained(path, **kwargs)

@@ -75,8 +75,12 @@ def _add_boxes(kept: list[str], start: int, nested: bool, boxes: list) -> None:
         boxes.extend(found)
 
 
-def parse_output(text: str) -> ParsedOutput:
+def parse_output(text: str, verbatim: bool = False) -> ParsedOutput:
+    """verbatim: the answer is the text exactly as generated (OCR's Markdown, HTML tables, LaTeX), see
+    `_parse_verbatim`."""
     text = _strip_end_of_turn(text)
+    if verbatim:
+        return _parse_verbatim(text)
     out = ParsedOutput()
     rest = text
     if "<think>" in text or "</think>" in text:
@@ -94,4 +98,29 @@ def parse_output(text: str) -> ParsedOutput:
     else:
         answer = rest.replace("</answer>", "")
     out.answer = _unwrap_boxes(answer, out.boxes).strip()
+    return out
+
+
+def _parse_verbatim(text: str) -> ParsedOutput:
+    """The answer kept byte for byte: no box markers taken out, no whitespace stripped, and tag-like text inside it
+    left alone (a page may well show "<answer>" or "</think>"). Only the model's own wrappers come off, and only where
+    the model opened them: a reasoning trace that starts the text (`<think>...</think>`, then one newline as the 4.6V
+    family writes it) and GLM-4.1V's `<answer>` that opens the rest and whose `</answer>` ends it."""
+    out = ParsedOutput()
+    rest = text
+    if text.lstrip().startswith("<think>"):
+        thinking, closed, rest = text.lstrip()[len("<think>"):].partition("</think>")
+        out.thinking, out.complete = thinking.strip(), bool(closed)
+        if not closed:   # cut off while thinking: no answer yet
+            return out
+        rest = rest[1:] if rest.startswith("\n") else rest
+    if rest.lstrip().startswith("<answer>"):
+        inner = rest.lstrip()[len("<answer>"):]
+        answer, closed, after = inner.rpartition("</answer>")
+        if closed and not after.strip():   # the answer's own end closes the text; one inside the page does not
+            out.answer = answer
+        else:   # cut off by the token limit
+            out.answer, out.complete = inner, False
+        return out
+    out.answer = rest
     return out

@@ -1,11 +1,12 @@
 """Tiny random-weight GLM-V checkpoints in the exact Hugging Face layout, written without transformers.
 
-    python -m glmv.testing make-tiny OUT [--preset gqa|mha|bench|bench-longtail|bench-reasoning] [--family glm41v|glm46v] [--seed N]
+    python -m glmv.testing make-tiny OUT [--preset gqa|mha|ocr|bench|...] [--family glm41v|glm46v] [--seed N]
 
 No real GLM-V weights can be fetched here, so tests, benchmarks and the demo run on these. The layout is the one of
 the released checkpoints: config.json, sharded safetensors with an index, generation_config.json, tokenizer.json +
 tokenizer_config.json (a small byte-level BPE vocabulary holding every GLM special token), chat_template.jinja,
-preprocessor_config.json and video_preprocessor_config.json.
+preprocessor_config.json and video_preprocessor_config.json. The `ocr` preset is a GLM-OCR checkpoint (model_type
+glm_ocr, with its processor family glm46v), including the multi-token-prediction layer the released file carries.
 
 Weights are drawn so that outputs vary from token to token: linear layers with ~unit-gain init (std 1/sqrt(fan_in))
 and norms near 1. transformers' default 0.02-std init gives near-constant logits, which makes parity tests
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from glmv.config import Glm4vConfig, TextConfig, VisionConfig
+from glmv.config import Glm4vConfig, GlmOcrConfig, GlmOcrTextConfig, GlmOcrVisionConfig, TextConfig, VisionConfig
 from glmv.weights import build_on_meta
 
 # The GLM special tokens in the order of the real vocabulary (ids 151329.. there; here they follow the small BPE).
@@ -62,6 +63,13 @@ PRESETS = {
                         num_key_value_heads=6, partial_rotary_factor=1.0, mrope_section=(2, 3, 3),
                         max_position_embeddings=8192, rope_theta=500000.0),
         vision=VisionConfig(hidden_size=48, depth=3, num_heads=3, intermediate_size=128, out_hidden_size=96),
+    ),
+    # GLM-OCR: head_dim (48) other than hidden / heads (32) as in the real file (128 vs 96), full rotary
+    "ocr": GlmOcrConfig(
+        text=GlmOcrTextConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, explicit_head_dim=48, mrope_section=(6, 9, 9),
+                              max_position_embeddings=8192),
+        vision=GlmOcrVisionConfig(hidden_size=64, depth=2, num_heads=2, intermediate_size=160, out_hidden_size=128),
     ),
     # mid-size model with the real architecture's proportions, for benchmarks
     "bench": Glm4vConfig(
@@ -107,14 +115,16 @@ def build_tokenizer():
     return tok
 
 
-def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str = "glm41v", seed: int = 0,
+def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str | None = None, seed: int = 0,
                          max_shard_bytes: int | None = None) -> Path:
-    """Write a complete random-weight checkpoint to out_dir and return its path."""
-    from glmv.model import Glm4vForConditionalGeneration
+    """Write a complete random-weight checkpoint to out_dir and return its path. family: default glm46v for the
+    ocr preset (GLM-OCR's processor is that family's), glm41v otherwise."""
+    from glmv.model import model_class
     from glmv.weights import save_state_dict
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    family = family or ("glm46v" if PRESETS[preset].model_type == "glm_ocr" else "glm41v")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
     out = Path(out_dir)
@@ -136,7 +146,9 @@ def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str = "glm41v", s
     )
     config.validate()
 
-    state = random_state_dict(Glm4vForConditionalGeneration, config, seed)
+    state = random_state_dict(model_class(config), config, seed)
+    if config.model_type == "glm_ocr":
+        state.update(mtp_layer(state, config, seed))
     for token, scale in zip(eos, EOS_SCALES.get(preset, ())):
         state["lm_head.weight"][token] *= scale
     if max_shard_bytes is None:  # always shard (2+ files), like the real checkpoints
@@ -169,6 +181,20 @@ def random_state_dict(cls, config: Glm4vConfig, seed: int) -> dict[str, torch.Te
             t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
         state[name] = t
     return state
+
+
+def mtp_layer(state: dict, config: Glm4vConfig, seed: int) -> dict[str, torch.Tensor]:
+    """GLM-OCR's multi-token-prediction layer as the released checkpoint stores it: one more decoder layer after
+    the last, with its input projections and norms. Inference never reads it; it is here so that loading skips it."""
+    g = torch.Generator().manual_seed(seed + 1)
+    last, extra = config.text.num_hidden_layers - 1, f"model.language_model.layers.{config.text.num_hidden_layers}."
+    prefix = f"model.language_model.layers.{last}."
+    out = {extra + name[len(prefix):]: torch.randn(t.shape, generator=g) for name, t in state.items()
+           if name.startswith(prefix)}
+    d = config.text.hidden_size
+    out.update({extra + "eh_proj.weight": torch.randn(d, 2 * d, generator=g), extra + "enorm.weight": torch.ones(d),
+                extra + "hnorm.weight": torch.ones(d), extra + "shared_head.norm.weight": torch.ones(d)})
+    return out
 
 
 def _write_tokenizer_files(out: Path, tok, family: str) -> None:
@@ -220,7 +246,7 @@ def main(argv=None) -> int:
     make = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint")
     make.add_argument("out")
     make.add_argument("--preset", default="gqa", choices=sorted(PRESETS))
-    make.add_argument("--family", default="glm41v", choices=sorted(FAMILIES))
+    make.add_argument("--family", default=None, choices=sorted(FAMILIES), help="default: glm46v for ocr, else glm41v")
     make.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = make_tiny_checkpoint(args.out, preset=args.preset, family=args.family, seed=args.seed)

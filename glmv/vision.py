@@ -8,6 +8,9 @@ Patch rows are ordered block-major over spatial_merge_size^2 windows, so the fin
 Numerics follow the reference implementation on purpose: RMSNorm statistics, rotary embedding and the learned
 position-table resampling run in float32 whatever the model dtype (this is what the checkpoints were made with).
 RMSNorm, the gated MLP and the rotary table are shared with the text decoder (`glmv.layers`).
+
+GLM-OCR's tower is this one with the switches of its config (`VisionConfig.ocr`): RMSNorm on each head's queries and
+keys, biases on the attention output and the MLP, no post-conv norm or learned position table, other MLP widths.
 """
 
 from __future__ import annotations
@@ -51,12 +54,18 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.block_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frame_runs) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, -1)  # (N, 3, H, Dh)
-        q, k = apply_rotary_2d(qkv[:, :2], cos, sin).unbind(1)  # q and k rotate together: each (N, H, Dh)
+        qk = qkv[:, :2]
+        if "q_norm" in self._modules:
+            qk = torch.stack([self.q_norm(qk[:, 0]), self.k_norm(qk[:, 1])], dim=1)  # (N, 2, H, Dh)
+        q, k = apply_rotary_2d(qk, cos, sin).unbind(1)  # q and k rotate together: each (N, H, Dh)
         v = qkv[:, 2]
         # A run of consecutive frames of equal length is one batched SDPA call over slices (no gather); attention
         # never crosses frames.
@@ -75,7 +84,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = VisionAttention(cfg)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.mlp_size, bias=cfg.block_bias)
 
     def forward(self, x, cos, sin, frame_runs):
         x = x + self.attn(self.norm1(x), cos, sin, frame_runs)
@@ -104,14 +113,16 @@ class VisionTower(RotaryTable, nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.embeddings = VisionEmbeddings(cfg)
+        if cfg.position_table:
+            self.embeddings = VisionEmbeddings(cfg)
         self.patch_embed = PatchEmbed(cfg)
-        self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.position_table:
+            self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         m = cfg.spatial_merge_size
         self.downsample = nn.Conv2d(cfg.hidden_size, cfg.out_hidden_size, kernel_size=m, stride=m)
-        self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
+        self.merger = PatchMerger(cfg.out_hidden_size, cfg.merger_size)
         self.register_rotary_table()
 
     def rotary_table_dim(self) -> int:
@@ -133,8 +144,9 @@ class VisionTower(RotaryTable, nn.Module):
         hw_pos, frame_hw, frame_runs = _frame_layout(grid_thw, self.cfg.spatial_merge_size, device)
         cos, sin = self.rotary_2d(hw_pos)
 
-        x = self.post_conv_layernorm(self.patch_embed(patches))  # (N, D)
-        x = self.embeddings(x, hw_pos, frame_hw)
+        x = self.patch_embed(patches)  # (N, D)
+        if self.cfg.position_table:
+            x = self.embeddings(self.post_conv_layernorm(x), hw_pos, frame_hw)
         for block in self.blocks:
             x = block(x, cos, sin, frame_runs)
         x = self.post_layernorm(x)

@@ -155,9 +155,13 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     device = torch.device(device)
     dtype = resolve_dtype(dtype, config, device)
 
+    if config.model_type not in cls.model_types:
+        raise CheckpointError(f"{path}: a {config.model_type} checkpoint; load it with "
+                              f"{cls.class_for(config).__name__} (or AutoModelForImageTextToText), not {cls.__name__}")
     model = build_on_meta(cls, config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    files = checkpoint_files(path)
+    files = {name: file for name, file in checkpoint_files(path).items()
+             if not cls.unused_checkpoint_key(config, name)}
     _check_keys(path, expected, files)
 
     opened: dict[Path, SafetensorsFile] = {}

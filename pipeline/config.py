@@ -24,13 +24,25 @@ VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi")
 AUTO = "auto"   # run.batch_size (decode_slots), actors.count / actors.num_gpus (pipeline.preflight.plan_actors)
 GPU_SLOTS, CPU_SLOTS = 64, 8   # run.batch_size "auto"
 
-# Built-in tasks. `thinking` asks 4.6V-family templates for a reasoning trace (4.1V models always think).
+# Built-in tasks: (prompt, thinking, verbatim). `thinking` asks 4.6V-family templates for a reasoning trace (4.1V
+# models always think). `verbatim` keeps the answer exactly as generated (glmv.output.parse_output).
+# text / table / formula are GLM-OCR's own prompts (its model card and SDK); they run on any model of the family,
+# and their Markdown, HTML tables and LaTeX land in `answer` untouched.
 BUILTIN_TASKS = {
-    "caption": ("Describe this {media} in detail.", False),
-    "ocr": ("Extract all text visible in this {media}, preserving line breaks. Reply only with the text.", False),
+    "caption": ("Describe this {media} in detail.", False, False),
+    "ocr": ("Extract all text visible in this {media}, preserving line breaks. Reply only with the text.", False,
+            False),
     "reasoning": ("Look at this {media} carefully, reason step by step about what it shows, then give a short answer.",
-                  True),
+                  True, False),
+    "text": ("Text Recognition:", False, True),
+    "table": ("Table Recognition:", False, True),
+    "formula": ("Formula Recognition:", False, True),
 }
+
+
+def builtin_task(name: str) -> "TaskSpec":
+    prompt, thinking, verbatim = BUILTIN_TASKS[name]
+    return TaskSpec(name, prompt, thinking=thinking, verbatim=verbatim)
 
 
 @dataclass
@@ -156,6 +168,7 @@ class TaskSpec:
     thinking: bool = False
     max_new_tokens: int = 0   # 0 = run.max_new_tokens
     max_thinking_tokens: int = 0   # 0 = no budget; else a reasoning trace is closed after this many tokens
+    verbatim: bool = False    # answer = the generated text as it is (no box or whitespace handling): OCR output
 
 
 @dataclass
@@ -173,8 +186,7 @@ class Config:
 
     def task_specs(self) -> list[TaskSpec]:
         """The tasks this run executes, in `run.tasks` order."""
-        return [self.tasks[name] if name in self.tasks else TaskSpec(name, *BUILTIN_TASKS[name])
-                for name in self.run.tasks]
+        return [self.tasks[name] if name in self.tasks else builtin_task(name) for name in self.run.tasks]
 
     def model_name(self) -> str:
         return self.model.name or Path(self.model.path.rstrip("/")).name
@@ -184,7 +196,7 @@ class Config:
         run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "drain_s"}   # how a run stops
         return {"model": dataclasses.asdict(self.model), "run": run,
                 "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
-                "tasks": [dataclasses.asdict(t) for t in self.task_specs()]}
+                "tasks": [_task_settings(t) for t in self.task_specs()]}
 
     def result_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.result_settings(), sort_keys=True).encode()).hexdigest()[:16]
@@ -192,6 +204,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for logging and the run record; holds no credentials (they never enter the config)."""
         return dataclasses.asdict(self)
+
+
+def _task_settings(spec: TaskSpec) -> dict[str, Any]:
+    """A task's result settings; `verbatim` only where set, so that outputs made before it existed keep their hash."""
+    settings = dataclasses.asdict(spec)
+    if not spec.verbatim:
+        del settings["verbatim"]
+    return settings
 
 
 _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig, "run": RunConfig,
@@ -298,10 +318,10 @@ def _build_task(name: str, values: Any) -> TaskSpec:
         raise ConfigError(f"[tasks.{name}] must be a table, got {values!r}")
     if "prompt" not in values and name not in BUILTIN_TASKS:
         raise ConfigError(f"tasks.{name}.prompt: a custom task needs a prompt")
-    defaults = BUILTIN_TASKS.get(name, ("", False))
+    defaults = BUILTIN_TASKS.get(name, ("", False, False))
     if "name" in values:
         raise ConfigError(f"tasks.{name}.name: a task's name is its table name ([tasks.{name}]), not a key")
-    merged = {"prompt": defaults[0], "thinking": defaults[1], **values}
+    merged = {"prompt": defaults[0], "thinking": defaults[1], "verbatim": defaults[2], **values}
     spec = _build_section(f"tasks.{name}", TaskSpec, {"name": name, **merged})
     if not spec.prompt.strip():
         raise ConfigError(f"tasks.{name}.prompt: must not be empty")

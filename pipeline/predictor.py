@@ -100,7 +100,7 @@ class Predictor:
     def _load(self, cfg: Config, run_tag: str) -> None:
         import torch
 
-        from glmv.model import Glm4vForConditionalGeneration
+        from glmv.model import AutoModelForImageTextToText
         from glmv.output import parse_output
         from glmv.processor import Glm4vProcessor
 
@@ -109,8 +109,8 @@ class Predictor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
         self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
-        self.model = Glm4vForConditionalGeneration.from_pretrained(cfg.model.path, dtype=self.dtype,
-                                                                   device=self.device)
+        # GLM-4.1V/4.6V or GLM-OCR, as config.json's model_type says
+        self.model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=self.dtype, device=self.device)
         self.processor.check_model(self.model.config)
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
@@ -352,7 +352,8 @@ class Predictor:
                                               device=self.device, dtype=self.dtype)
 
     def _result_row(self, s: Sequence, text: str, prompt_tokens: int, generated: int, reason: str) -> dict:
-        parsed = self.parse_output(text)
+        spec = self.specs.get(s.task)   # None: a manifest row's own prompt
+        parsed = self.parse_output(text, verbatim=spec is not None and spec.verbatim)
         return {
             "id": s.row["id"], "uri": s.row["uri"], "media_type": s.row["media_type"], "task": s.task,
             "prompt": s.prompt, "text": text, "thinking": parsed.thinking or "", "answer": parsed.answer or "",

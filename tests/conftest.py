@@ -28,6 +28,13 @@ def tiny_glm46v(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-46v"), preset="gqa", family="glm46v", seed=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_ocr(tmp_path_factory):
+    """GLM-OCR (model_type glm_ocr): its tower and decoder switches, head_dim != hidden / heads, an MTP layer in the
+    file, the GLM-4.6V processor family."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ocr"), preset="ocr", family="glm46v", seed=3)
+
+
 @pytest.fixture(scope="module")
 def s3():
     with moto_s3() as endpoint:

@@ -57,7 +57,7 @@ _REFERENCE = {}
 def transformers_tokens(checkpoint, inputs):
     """transformers' greedy new tokens (until eos) per row of the mixed batch, computed once per checkpoint."""
     if checkpoint not in _REFERENCE:
-        ref = transformers.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        ref = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
         eos = set(ref.generation_config.eos_token_id)
         expected = {}
         # transformers cannot mix images and videos in one batch: image rows + text row, then video row + text row
@@ -90,8 +90,16 @@ def test_greedy_tokens_match_transformers_on_mixed_batch(preset, mode, video_pat
     """Rows: two images, one image, a video, text only. In refill mode two slots serve the four rows, and row 1 has
     a smaller budget, so rows 2 and 3 are admitted into freed slots while row 0 is still decoding."""
     checkpoint = request.getfixturevalue(preset)
+    got = greedy_rows_match_transformers(checkpoint, mode, video_path, monkeypatch)
+    if preset == "tiny_gqa":  # on this checkpoint a row stops early, so parity covers an eos mid-batch
+        eos = set(glmv.Glm4vConfig.from_pretrained(checkpoint).text.eos_token_id)
+        assert any(t[-1] in eos and len(t) < NEW_TOKENS for t in got), "a row should stop early at eos"
+
+
+def greedy_rows_match_transformers(checkpoint, mode, video_path, monkeypatch):
+    """The mixed batch's greedy tokens, asserted equal to transformers' per row; returns them."""
     inputs = mixed_batch(checkpoint, video_path)
-    ours = glmv.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    ours = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
     eos = set(ours.generation_config["eos_token_id"])
     budgets = [NEW_TOKENS, 9, NEW_TOKENS, NEW_TOKENS] if mode == "refill" else NEW_TOKENS
     rounds = count_admissions(monkeypatch)
@@ -109,8 +117,7 @@ def test_greedy_tokens_match_transformers_on_mixed_batch(preset, mode, video_pat
         assert rounds[0] == [0, 1] and len(rounds) >= 2 and sorted(sum(rounds, [])) == [0, 1, 2, 3]
     else:
         assert rounds == [[0, 1, 2, 3]]
-    if preset == "tiny_gqa":  # on this checkpoint a row stops early, so parity covers an eos mid-batch
-        assert any(t[-1] in eos and len(t) < NEW_TOKENS for t in got), "a row should stop early at eos"
+    return got
 
 
 def test_rows_stop_independently_and_report_results(tiny_gqa, video_path):

@@ -37,14 +37,24 @@ def last_token_logits(logits, inputs):
     return logits[:, -1].float()  # left-padded: every row's last position is real
 
 
+def load_on_cuda(checkpoint):
+    """transformers in float32 (the truth) and bfloat16, and glmv in bfloat16, of the class the checkpoint's
+    model_type names (GLM-4.1V or GLM-OCR)."""
+    auto = transformers.AutoModelForImageTextToText
+    ref32 = auto.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
+    ref16 = auto.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    ours = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16, device="cuda")
+    return ref32, ref16, ours
+
+
 @pytest.mark.gpu
 @cuda
-def test_bf16_logits_match_transformers_on_cuda(tiny_gqa, video_path):
-    inputs = on_cuda(mixed_batch(tiny_gqa, video_path))
+@pytest.mark.parametrize("preset", ["tiny_gqa", "tiny_ocr"])
+def test_bf16_logits_match_transformers_on_cuda(preset, video_path, request):
+    checkpoint = request.getfixturevalue(preset)
+    inputs = on_cuda(mixed_batch(checkpoint, video_path))
     valid = inputs["attention_mask"].bool()
-    ref32 = transformers.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.float32).cuda().eval()
-    ref16 = transformers.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.bfloat16).cuda().eval()
-    ours = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.bfloat16, device="cuda")
+    ref32, ref16, ours = load_on_cuda(checkpoint)
     truth = reference_logits(ref32, inputs).float()
     with torch.no_grad():
         theirs = reference_logits(ref16, inputs).float()
@@ -58,14 +68,14 @@ def test_bf16_logits_match_transformers_on_cuda(tiny_gqa, video_path):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("attention", ["auto", "sdpa"])
-def test_bf16_engine_logits_match_transformers(tiny_gqa, video_path, attention, monkeypatch):
-    """The engine's packed prefill (flash varlen on CUDA, or SDPA) gives each row's next-token logits as close to
-    float32 transformers as transformers' own bfloat16 forward."""
+@pytest.mark.parametrize("preset", ["tiny_gqa", "tiny_ocr"])
+def test_bf16_engine_logits_match_transformers(preset, video_path, attention, monkeypatch, request):
+    """The engine's packed prefill (flash varlen on CUDA, or SDPA) and CUDA-graph decode give each row's next-token
+    logits as close to float32 transformers as transformers' own bfloat16 forward (GLM-OCR too: head_dim 48)."""
     monkeypatch.setenv("GLMV_ATTENTION", attention)
-    inputs = on_cuda(mixed_batch(tiny_gqa, video_path))
-    ref32 = transformers.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.float32).cuda().eval()
-    ref16 = transformers.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.bfloat16).cuda().eval()
-    ours = glmv.Glm4vForConditionalGeneration.from_pretrained(tiny_gqa, dtype=torch.bfloat16, device="cuda")
+    checkpoint = request.getfixturevalue(preset)
+    inputs = on_cuda(mixed_batch(checkpoint, video_path))
+    ref32, ref16, ours = load_on_cuda(checkpoint)
     truth = last_token_logits(reference_logits(ref32, inputs), inputs)
     with torch.no_grad():
         theirs = last_token_logits(reference_logits(ref16, inputs), inputs)

@@ -86,9 +86,11 @@ def reference_logits(ref, inputs):
 
 
 def load_both(checkpoint, dtype):
-    ref = transformers.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype,
-                                                                     attn_implementation="sdpa").eval()
-    ours = glmv.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
+    """transformers' and glmv's model of the class the checkpoint's model_type names (GLM-4.1V or GLM-OCR)."""
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype,
+                                                                   attn_implementation="sdpa").eval()
+    ours = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=dtype)
+    assert type(ours).__name__ == type(ref).__name__
     return ref, ours
 
 

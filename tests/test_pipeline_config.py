@@ -28,7 +28,7 @@ def test_defaults_and_shipped_configs_load(tmp_path):
     assert cfg.actors.count == cfg.actors.num_gpus == cfg.run.batch_size == "auto"
     assert load(tmp_path, overrides=["actors.count=auto", "actors.num_gpus=0.5"]).actors.num_gpus == 0.5
     assert [t.name for t in cfg.task_specs()] == ["caption"]
-    for name in ("configs/demo.toml", "configs/s3_example.toml"):
+    for name in ("configs/demo.toml", "configs/s3_example.toml", "configs/ocr_example.toml"):
         assert config.load(name).task_specs()
 
 
