@@ -9,12 +9,14 @@ Two layouts exist in the wild and both are accepted:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from glmv.errors import GlmvError
 
-SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v")  # GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v
+# GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v (whose text_config may be glm4v_moe_text: MoE)
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe")
+MOE_TEXT_TYPE = "glm4v_moe_text"
 
 
 class ConfigError(GlmvError, ValueError):
@@ -44,6 +46,20 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The mixture-of-experts fields of a GLM-4.5V/4.6V text_config (transformers' Glm4vMoeTextConfig)."""
+    moe_intermediate_size: int = 1408
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 151552
     hidden_size: int = 4096
@@ -60,10 +76,12 @@ class TextConfig:
     attention_bias: bool = True
     pad_token_id: int | None = 151329
     eos_token_id: tuple[int, ...] = (151329, 151336, 151338, 151348)
+    moe: MoeConfig | None = None  # set for the MoE decoder (GLM-4.5V/4.6V)
+    fixed_head_dim: int | None = None  # the MoE config's head_dim (128 with 96 heads of a 4096 stream)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.fixed_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:
@@ -111,8 +129,11 @@ class Glm4vConfig:
         dtype = raw.get("dtype") or raw.get("torch_dtype") or text_raw.get("dtype") or text_raw.get("torch_dtype")
         ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                                    "video_start_token_id", "video_end_token_id") if k in raw}
+        text = _parse_text(text_raw, source)
+        if model_type == "glm4v_moe" or text_raw.get("model_type") == MOE_TEXT_TYPE:
+            text = _parse_moe_text(text, text_raw, source)
         config = cls(
-            text=_parse_text(text_raw, source),
+            text=text,
             vision=_parse_vision(vision_raw, source),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=dtype,
@@ -133,7 +154,8 @@ class Glm4vConfig:
             if value <= 0:
                 raise ConfigError(f"{source}: {key} must be > 0, got {value}")
         checks = [
-            (t.hidden_size % t.num_attention_heads == 0, "text_config.hidden_size must be divisible by num_attention_heads"),
+            (t.fixed_head_dim or t.hidden_size % t.num_attention_heads == 0,
+             "text_config.hidden_size must be divisible by num_attention_heads"),
             (t.num_attention_heads % t.num_key_value_heads == 0,
              "text_config.num_attention_heads must be divisible by num_key_value_heads"),
             (t.rotary_dim % 2 == 0 and 0 < t.rotary_dim <= t.head_dim,
@@ -150,6 +172,8 @@ class Glm4vConfig:
             (v.image_size % v.patch_size == 0, "vision_config.image_size must be a multiple of patch_size"),
             (not self.tie_word_embeddings, "tie_word_embeddings=true is not supported (GLM-V has an untied lm_head)"),
         ]
+        if t.moe is not None:
+            checks += _moe_checks(t)
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
@@ -166,12 +190,14 @@ class Glm4vConfig:
             use_cache=True,
             dtype=self.dtype,
         )
-        del text["mrope_section"]
+        del text["mrope_section"], text["moe"], text["fixed_head_dim"]
         vision = asdict(self.vision)
         vision.update(model_type="glm4v", hidden_dropout_prob=0.0, attention_dropout=0.0)
         vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
+        if self.text.moe is not None:
+            _moe_to_dict(self.text, text, vision)
         return {
-            "architectures": ["Glm4vForConditionalGeneration"],
+            "architectures": ["Glm4vMoeForConditionalGeneration" if self.text.moe else "Glm4vForConditionalGeneration"],
             "model_type": self.model_type,
             "image_start_token_id": self.image_start_token_id,
             "image_end_token_id": self.image_end_token_id,
@@ -253,6 +279,44 @@ def _parse_vision(raw: dict, source: str) -> VisionConfig:
         attention_bias=bool(raw.get("attention_bias", d.attention_bias)),
         rope_theta=_float(rope.get("rope_theta", d.rope_theta), "vision_config.rope_theta", source),
     )
+
+
+def _parse_moe_text(text: TextConfig, raw: dict, source: str) -> TextConfig:
+    """The MoE fields of a glm4v_moe_text config, and its head_dim (transformers: the config's, else hidden/heads)."""
+    d = MoeConfig()
+    ints = {k: _int(raw.get(k, getattr(d, k)), f"text_config.{k}", source)
+            for k in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+                      "first_k_dense_replace", "n_group", "topk_group")}
+    moe = MoeConfig(**ints, norm_topk_prob=bool(raw.get("norm_topk_prob", d.norm_topk_prob)),
+                    routed_scaling_factor=_float(raw.get("routed_scaling_factor", d.routed_scaling_factor),
+                                                 "text_config.routed_scaling_factor", source))
+    head_dim = raw.get("head_dim")
+    rope = raw.get("rope_parameters") or {}
+    # transformers' Glm4vMoeTextConfig defaults a missing partial_rotary_factor to 0.5 (the dense one to 1.0)
+    factor = text.partial_rotary_factor if "partial_rotary_factor" in rope or "partial_rotary_factor" in raw else 0.5
+    return replace(text, moe=moe, partial_rotary_factor=factor,
+                   fixed_head_dim=None if head_dim is None else _int(head_dim, "text_config.head_dim", source))
+
+
+def _moe_checks(t: TextConfig) -> list[tuple[bool, str]]:
+    m = t.moe
+    per_group = m.n_routed_experts // max(m.n_group, 1)
+    return [
+        (m.n_group > 0 and m.n_routed_experts % m.n_group == 0,
+         "text_config.n_routed_experts must be a multiple of n_group"),
+        (per_group >= 2, "text_config: each expert group needs 2 or more experts (groups are scored by their top 2)"),
+        (0 < m.topk_group <= m.n_group, "text_config.topk_group must be in 1..n_group"),
+        (0 < m.num_experts_per_tok <= m.topk_group * per_group,
+         "text_config.num_experts_per_tok must be in 1..(experts in topk_group groups)"),
+        (m.first_k_dense_replace <= t.num_hidden_layers, "text_config.first_k_dense_replace exceeds num_hidden_layers"),
+        (m.moe_intermediate_size > 0, "text_config.moe_intermediate_size must be > 0"),
+    ]
+
+
+def _moe_to_dict(t: TextConfig, text: dict, vision: dict) -> None:
+    """config.json fields of the MoE text config, as GLM-4.5V's file spells them."""
+    text.update(asdict(t.moe), model_type=MOE_TEXT_TYPE, head_dim=t.head_dim)
+    vision["model_type"] = "glm4v_moe_vision"
 
 
 def _int(value, key: str, source: str) -> int:

@@ -29,17 +29,19 @@ class ModelOutput:
 
 
 class Glm4vModel(nn.Module):
-    def __init__(self, config: Glm4vConfig):
+    def __init__(self, config: Glm4vConfig, text_model: type[nn.Module] = TextModel):
         super().__init__()
         self.visual = VisionTower(config.vision)
-        self.language_model = TextModel(config.text)
+        self.language_model = text_model(config.text)
 
 
 class Glm4vForConditionalGeneration(nn.Module):
+    text_model = TextModel  # the decoder class (glmv.moe's for GLM-4.5V/4.6V)
+
     def __init__(self, config: Glm4vConfig):
         super().__init__()
         self.config = config
-        self.model = Glm4vModel(config)
+        self.model = Glm4vModel(config, self.text_model)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_config: dict = {}  # generation_config.json of the checkpoint, set by from_pretrained
         self.name_or_path = ""  # the checkpoint folder, set by from_pretrained

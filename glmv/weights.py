@@ -14,6 +14,7 @@ import math
 import mmap
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
 
 
@@ -147,40 +148,69 @@ def resolve_dtype(dtype, config: Glm4vConfig, device: torch.device) -> torch.dty
     return dtype
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Where one checkpoint tensor goes: into model tensor `target` at `index` (() for the whole tensor; per-expert
+    tensors fill their slice of a stacked one), dequantized with the FP8 block scales of checkpoint key `scale`."""
+    target: str
+    index: tuple = ()
+    scale: str | None = None
+
+
 def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
+    from glmv import fp8
+
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
     config = Glm4vConfig.from_pretrained(path)
+    _check_class(cls, config, path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, config, device)
+    quant = fp8.read_quantization(path / "config.json")
 
     model = build_on_meta(cls, config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     files = checkpoint_files(path)
-    _check_keys(path, expected, files)
-
     opened: dict[Path, SafetensorsFile] = {}
+    for file in files.values():
+        if file not in opened:
+            opened[file] = SafetensorsFile(file)
+    stored = {name: opened[file].entries[name]["dtype"] for name, file in files.items()
+              if name in opened[file].entries}
+    plan = fp8.plan(model, stored, quant, fp8.keep_on(device, quant)) if quant else _plan(model, files)
+    expected = {name: t for name, t in model.state_dict().items()}
+    _check_keys(path, expected, plan)
+
     names_in: dict[Path, list[str]] = {}  # tensor names per file, in index order
-    for name, file in files.items():
-        st = opened.get(file) or opened.setdefault(file, SafetensorsFile(file))
+    for name, piece in plan.items():
+        file = files[name]
+        st = opened[file]
         names_in.setdefault(file, []).append(name)
         if name not in st.entries:
             raise CheckpointError(f"{path / INDEX_FILE} places {name!r} in {file.name}, which does not hold it")
-        if st.shape(name) != expected[name]:
+        want = tuple(expected[piece.target][piece.index].shape)
+        if st.shape(name) != want:
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
-                                  f"({path / 'config.json'}) needs {list(expected[name])}")
-        if not _DTYPES[st.entries[name]["dtype"]].is_floating_point:   # quantized or corrupt: never cast silently
+                                  f"({path / 'config.json'}) needs {list(want)}")
+        kind = _DTYPES[st.entries[name]["dtype"]]
+        if not kind.is_floating_point or (kind.itemsize == 1 and piece.scale is None
+                                          and expected[piece.target].dtype != kind):
+            # quantized or corrupt: never cast silently
             raise CheckpointError(f"{file.name}: tensor {name!r} is stored as {st.entries[name]['dtype']}; GLM-V "
-                                  f"weights are floating point (BF16, F16 or F32)")
+                                  f"weights are floating point (BF16, F16 or F32), or FP8 with the block scales "
+                                  f"and quantization_config of an FP8 release")
     started, loaded_bytes = time.perf_counter(), 0
     for i, (file, st) in enumerate(opened.items(), 1):
-        for name in names_in[file]:
+        for name in names_in.get(file, ()):
             # Always a copy: matmuls on weights left in the file mapping ran 5-10x slower on CPU (unaligned,
             # small-page memory). Releasing each tensor's source pages keeps the peak at one tensor over the model.
+            piece = plan[name]
             tensor = st.tensor(name)
             loaded_bytes += tensor.numel() * tensor.element_size()
-            _set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+            if piece.scale is not None:
+                tensor = fp8.dequantize(tensor.to(device), opened[files[piece.scale]].tensor(piece.scale).to(device),
+                                        quant.block)
+            _place(model, piece, tensor, _target_dtype(piece.target, expected[piece.target].dtype, dtype), device)
             st.release(name)
         log.info("loaded %s (%d/%d files, %.1f GiB in %.1fs)", file.name, i, len(opened), loaded_bytes / 2**30,
                  time.perf_counter() - started)
@@ -196,6 +226,46 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     if generation_file.is_file():
         model.generation_config = read_generation_config(generation_file)
     return model
+
+
+def _check_class(cls, config: Glm4vConfig, path: Path) -> None:
+    moe_class = getattr(cls, "checkpoint_piece", None) is not None
+    if moe_class != (config.text.moe is not None):
+        kind = "a mixture-of-experts (GLM-4.5V/4.6V)" if config.text.moe else "a dense (GLM-4.1V architecture)"
+        raise ConfigError(f"{path / 'config.json'}: {kind} checkpoint cannot load into {cls.__name__}; "
+                          f"glmv.auto.from_pretrained picks the class from the config")
+
+
+def _plan(model, names) -> dict[str, Piece]:
+    """Every checkpoint tensor's piece: the model's own mapping (MoE: per-expert tensors, skipped MTP layer) or
+    the tensor of the same name."""
+    place = getattr(model, "checkpoint_piece", None)
+    pieces = {name: place(name) if place else Piece(name) for name in names}
+    return {name: piece for name, piece in pieces.items() if piece is not None}
+
+
+# the router's correction bias stays float32 in any model dtype (transformers' _keep_in_fp32_modules_strict), as do
+# FP8 block scales; FP8 weights kept for on-the-fly dequantization stay FP8
+_FLOAT32_NAMES = ("e_score_correction_bias", "_scale_inv")
+
+
+def _target_dtype(name: str, meta_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    if name.endswith(_FLOAT32_NAMES):
+        return torch.float32
+    return meta_dtype if meta_dtype.itemsize == 1 and meta_dtype.is_floating_point else dtype
+
+
+def _place(model: nn.Module, piece: Piece, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
+    if not piece.index:
+        _set_tensor(model, piece.target, tensor.to(device=device, dtype=dtype, copy=True))
+        return
+    module_name, _, leaf = piece.target.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = getattr(module, leaf)
+    if current.is_meta:  # the first piece of a stacked tensor allocates it
+        _set_tensor(model, piece.target, torch.empty(current.shape, dtype=dtype, device=device))
+        current = getattr(module, leaf)
+    current.data[piece.index].copy_(tensor)
 
 
 def _json_kind(value) -> str:
@@ -247,9 +317,14 @@ def build_on_meta(cls, config):
             setattr(nn.init, name, fn)
 
 
-def _check_keys(path: Path, expected: dict, files: dict) -> None:
-    missing = sorted(set(expected) - set(files))
-    unexpected = sorted(set(files) - set(expected))
+def _check_keys(path: Path, expected: dict, plan: dict[str, Piece]) -> None:
+    """Every model tensor filled exactly (stacked ones by pieces covering them), no checkpoint tensor left over."""
+    covered: dict[str, int] = {}
+    for piece in plan.values():
+        if piece.target in expected:
+            covered[piece.target] = covered.get(piece.target, 0) + expected[piece.target][piece.index].numel()
+    missing = sorted(name for name, t in expected.items() if covered.get(name, 0) != t.numel())
+    unexpected = sorted(name for name, piece in plan.items() if piece.target not in expected)
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
