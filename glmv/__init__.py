@@ -1,4 +1,4 @@
-"""glmv: the GLM-V (GLM-4.1V architecture) vision-language model in plain PyTorch."""
+"""glmv: the GLM-V vision-language models (GLM-4.1V architecture, GLM-4.5V/4.6V MoE) in plain PyTorch."""
 
 import os
 
@@ -13,6 +13,7 @@ from glmv.errors import GlmvError, InputError, MediaError, ProcessorConfigError
 from glmv.generate import GenerateOutput, RowResult
 from glmv.image import LoadedImage, PatchSettings
 from glmv.model import Glm4vForConditionalGeneration
+from glmv.moe import Glm4vMoeForConditionalGeneration
 from glmv.output import ParsedOutput, parse_output
 from glmv.pipelines import pipeline
 from glmv.processor import Glm4vProcessor, Glm46VProcessor
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "GenerateOutput", "Glm46VProcessor", "Glm4vConfig",
-    "Glm4vForConditionalGeneration", "Glm4vProcessor", "GlmvError", "InputError", "LoadedImage", "LoadedVideo",
+    "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor", "GlmvError", "InputError", "LoadedImage", "LoadedVideo",
     "MediaError", "ParsedOutput", "PatchSettings", "ProcessorConfigError", "RowResult", "VideoSettings",
     "parse_output", "pipeline",
 ]

@@ -118,9 +118,8 @@ class Glm4vConfig:
         raw = _dict(raw, "the file", source)
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            hint = " (the MoE GLM-4.5V/4.6V models are not supported)" if model_type == "glm4v_moe" else ""
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported{hint}; expected one of {SUPPORTED_MODEL_TYPES}"
+                f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
         # Older revisions keep text fields at top level; text_config wins where both exist.
         text_raw = {**{k: v for k, v in raw.items() if k not in ("text_config", "vision_config")},

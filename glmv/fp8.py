@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def keep_on(device: torch.device, spec: Fp8Spec | None) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -84,7 +83,7 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
     (an expert's [gate; up]); a last block may be partial."""
     bm, bn = block
     parts = parts or (q.shape[-2],)
-    grids = scale_inv.float().split([_cdiv(p, bm) for p in parts], dim=-2)
+    grids = scale_inv.float().split([cdiv(p, bm) for p in parts], dim=-2)
     rows = torch.cat([g.repeat_interleave(bm, dim=-2)[..., :p, :] for g, p in zip(grids, parts)], dim=-2)
     full = rows.repeat_interleave(bn, dim=-1)[..., :q.shape[-1]]  # (..., R, C)
     return (q.float() * full).to(dtype)
@@ -95,7 +94,7 @@ def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, tor
     largest magnitude is FP8's largest, the released checkpoints' block quantization (partial last blocks too)."""
     bm, bn = block
     R, C = w.shape[-2:]
-    padded = F.pad(w.float(), (0, _cdiv(C, bn) * bn - C, 0, _cdiv(R, bm) * bm - R))
+    padded = F.pad(w.float(), (0, cdiv(C, bn) * bn - C, 0, cdiv(R, bm) * bm - R))
     tiles = padded.unflatten(-1, (-1, bn)).unflatten(-3, (-1, bm))  # (..., R/bm, bm, C/bn, bn)
     amax = tiles.abs().amax(dim=(-3, -1))  # (..., R/bm, C/bn)
     scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
@@ -112,68 +111,9 @@ class Fp8Linear(nn.Module):
         self.block = block
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device="meta"),
                                    requires_grad=False)
-        self.register_buffer("weight_scale_inv", torch.empty(_cdiv(out_features, block[0]),
-                                                             _cdiv(in_features, block[1]), device="meta"))
+        self.register_buffer("weight_scale_inv", torch.empty(cdiv(out_features, block[0]),
+                                                             cdiv(in_features, block[1]), device="meta"))
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.weight, self.weight_scale_inv, self.block, dtype=x.dtype), self.bias)
-
-
-def _fp8_experts(experts: nn.Module, block: tuple[int, int]) -> None:
-    """Turn a meta glmv.moe.Experts into its FP8 form (stacked FP8 weights plus their stacked scale grids)."""
-    from glmv.moe import Fp8Experts
-
-    E, rows, D = experts.gate_up_proj.shape
-    inner = rows // 2
-    shapes = {"gate_up_proj": ((E, rows, D), (E, 2 * _cdiv(inner, block[0]), _cdiv(D, block[1]))),
-              "down_proj": ((E, D, inner), (E, _cdiv(D, block[0]), _cdiv(inner, block[1])))}
-    for name, (shape, grid) in shapes.items():
-        setattr(experts, name, nn.Parameter(torch.empty(shape, dtype=FP8, device="meta"), requires_grad=False))
-        experts.register_buffer(name + SCALE, torch.empty(grid, device="meta"))
-    experts.__class__ = Fp8Experts
-    experts.block = block
-
-
-_PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-
-
-def plan(model: nn.Module, stored: dict[str, str], spec: Fp8Spec, keep: bool) -> dict:
-    """The pieces (glmv.weights.Piece) of an FP8 checkpoint: stored maps each tensor name to its safetensors dtype.
-    keep: the text decoder's linear layers and per-expert-stored experts take FP8 modules and their scales; every
-    other FP8 tensor is dequantized as it loads."""
-    from glmv.moe import Experts
-    from glmv.weights import CheckpointError, Piece, _plan
-
-    scales = {name for name in stored if name.endswith(SCALE)}
-    quantized = {name[:-len(SCALE)] for name in scales}
-    for name in quantized:
-        if stored.get(name) != "F8_E4M3":
-            raise CheckpointError(f"{name + SCALE!r} scales {name!r}, which is " + (
-                "not in the checkpoint" if name not in stored else f"stored as {stored[name]}, not F8_E4M3"))
-    pieces = _plan(model, [name for name in stored if name not in scales])
-    kept = set()
-    if keep:
-        for name in sorted(quantized):
-            if name not in pieces:
-                continue
-            module_name = pieces[name].target.rpartition(".")[0]
-            module = model.get_submodule(module_name)
-            if isinstance(module, nn.Linear) and ".language_model." in f".{module_name}.":
-                parent, _, leaf = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, Fp8Linear(module, spec.block))
-                kept.add(name)
-            elif isinstance(module, (Experts,)) and _PER_EXPERT.search(name):
-                if not hasattr(module, "block"):
-                    _fp8_experts(module, spec.block)
-                kept.add(name)
-    for name in quantized:
-        if name not in pieces:
-            continue
-        if name in kept:
-            rows = _cdiv(model.config.text.moe.moe_intermediate_size, spec.block[0]) if model.config.text.moe else None
-            place = getattr(model, "checkpoint_piece", None)
-            pieces[name + SCALE] = place(name + SCALE, rows) if place else Piece(name + SCALE)
-        else:
-            pieces[name] = Piece(pieces[name].target, pieces[name].index, scale=name + SCALE)
-    return pieces

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glmv import fp8
 from glmv.config import TextConfig
 from glmv.layers import GatedMLP, RMSNorm
 from glmv.model import Glm4vForConditionalGeneration
@@ -122,6 +123,17 @@ class Experts(nn.Module):
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         return getattr(self, name)[e]
 
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Become Fp8Experts (on the meta device, before loading): FP8 stacks plus their stacked scale grids."""
+        E, D, inner = self.num_experts, self.down_proj.shape[1], self.inner
+        shapes = {"gate_up_proj": ((E, 2 * inner, D), (E, 2 * fp8.cdiv(inner, block[0]), fp8.cdiv(D, block[1]))),
+                  "down_proj": ((E, D, inner), (E, fp8.cdiv(D, block[0]), fp8.cdiv(inner, block[1])))}
+        for name, (shape, grid) in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=fp8.FP8, device="meta"), requires_grad=False))
+            self.register_buffer(name + fp8.SCALE, torch.empty(grid, device="meta"))
+        self.__class__ = Fp8Experts
+        self.block = block
+
 
 class Fp8Experts(Experts):
     """Experts holding FP8 weights and block scales (glmv.fp8): each expert that received tokens is dequantized
@@ -130,10 +142,11 @@ class Fp8Experts(Experts):
     block: tuple[int, int]
 
     def expert_weight(self, name: str, e: int, dtype: torch.dtype) -> torch.Tensor:
-        from glmv.fp8 import dequantize
-
         parts = (self.inner, self.inner) if name == "gate_up_proj" else ()
-        return dequantize(getattr(self, name)[e], getattr(self, name + "_scale_inv")[e], self.block, parts, dtype)
+        return fp8.dequantize(getattr(self, name)[e], getattr(self, name + fp8.SCALE)[e], self.block, parts, dtype)
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        pass
 
 
 class MoeMLP(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from glmv import auto
 from glmv.model import Glm4vForConditionalGeneration
 from glmv.processor import Glm4vProcessor
 
@@ -85,7 +86,6 @@ def pipeline(task: str, model: str | Path, device: str | torch.device | None = N
         if device is not None or isinstance(device_map, dict) or device_map in ("auto", "balanced", "sequential"):
             raise ValueError(f"device_map={device_map!r}: glmv runs on one device; pass device= (e.g. 'cuda:0')")
         device = device_map
-    loaded = Glm4vForConditionalGeneration.from_pretrained(model, dtype=dtype if dtype is not None else torch_dtype,
-                                                           device=device or "cpu")
+    loaded = auto.from_pretrained(model, dtype=dtype if dtype is not None else torch_dtype, device=device or "cpu")
     processor = Glm4vProcessor.from_pretrained(model, **processor_kwargs)
     return ImageTextToTextPipeline(loaded, processor, batch_size=batch_size)

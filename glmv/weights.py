@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import mmap
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from glmv import cpu_kernels
+from glmv import cpu_kernels, fp8
 from glmv.config import ConfigError, Glm4vConfig
 from glmv.errors import GlmvError
 
@@ -158,8 +159,6 @@ class Piece:
 
 
 def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
-    from glmv import fp8
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
@@ -177,7 +176,7 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
             opened[file] = SafetensorsFile(file)
     stored = {name: opened[file].entries[name]["dtype"] for name, file in files.items()
               if name in opened[file].entries}
-    plan = fp8.plan(model, stored, quant, fp8.keep_on(device, quant)) if quant else _plan(model, files)
+    plan = _fp8_plan(model, stored, quant, fp8.keep_on(device, quant)) if quant else _plan(model, files)
     expected = {name: t for name, t in model.state_dict().items()}
     _check_keys(path, expected, plan)
 
@@ -242,6 +241,41 @@ def _plan(model, names) -> dict[str, Piece]:
     place = getattr(model, "checkpoint_piece", None)
     pieces = {name: place(name) if place else Piece(name) for name in names}
     return {name: piece for name, piece in pieces.items() if piece is not None}
+
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def _fp8_plan(model: nn.Module, stored: dict[str, str], spec: fp8.Fp8Spec, keep: bool) -> dict[str, Piece]:
+    """The pieces of an FP8 checkpoint (stored: each tensor's safetensors dtype). A weight with a `_scale_inv`
+    sibling is FP8. keep: the text decoder's linear layers and per-expert-stored experts become FP8 modules that
+    load the weights and scales as stored; every other FP8 tensor is dequantized as it loads."""
+    scales = {name for name in stored if name.endswith(fp8.SCALE)}
+    quantized = {name[:-len(fp8.SCALE)] for name in scales}
+    for name in sorted(quantized):
+        if stored.get(name) != "F8_E4M3":
+            raise CheckpointError(f"{name + fp8.SCALE!r} scales {name!r}, which is " + (
+                "not in the checkpoint" if name not in stored else f"stored as {stored[name]}, not F8_E4M3"))
+    pieces = _plan(model, [name for name in stored if name not in scales])
+    kept = set()
+    for name in sorted(quantized & set(pieces)) if keep else ():
+        module_name = pieces[name].target.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Linear) and ".language_model." in f".{module_name}.":
+            parent, _, leaf = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, fp8.Fp8Linear(module, spec.block))
+            kept.add(name)
+        elif hasattr(module, "to_fp8") and _PER_EXPERT.search(name):  # glmv.moe.Experts
+            module.to_fp8(spec.block)
+            kept.add(name)
+    place = getattr(model, "checkpoint_piece", None)
+    rows = fp8.cdiv(model.config.text.moe.moe_intermediate_size, spec.block[0]) if place else None
+    for name in quantized & set(pieces):
+        if name in kept:
+            pieces[name + fp8.SCALE] = place(name + fp8.SCALE, rows) if place else Piece(name + fp8.SCALE)
+        else:
+            pieces[name] = Piece(pieces[name].target, pieces[name].index, scale=name + fp8.SCALE)
+    return pieces
 
 
 # the router's correction bias stays float32 in any model dtype (transformers' _keep_in_fp32_modules_strict), as do

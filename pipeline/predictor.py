@@ -100,7 +100,7 @@ class Predictor:
     def _load(self, cfg: Config, run_tag: str) -> None:
         import torch
 
-        from glmv.model import Glm4vForConditionalGeneration
+        from glmv import auto
         from glmv.output import parse_output
         from glmv.processor import Glm4vProcessor
 
@@ -109,8 +109,7 @@ class Predictor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
         self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
-        self.model = Glm4vForConditionalGeneration.from_pretrained(cfg.model.path, dtype=self.dtype,
-                                                                   device=self.device)
+        self.model = auto.from_pretrained(cfg.model.path, dtype=self.dtype, device=self.device)  # dense or MoE
         self.processor.check_model(self.model.config)
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")

@@ -57,7 +57,7 @@ _REFERENCE = {}
 def transformers_tokens(checkpoint, inputs):
     """transformers' greedy new tokens (until eos) per row of the mixed batch, computed once per checkpoint."""
     if checkpoint not in _REFERENCE:
-        ref = transformers.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        ref = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)  # dense or MoE
         eos = set(ref.generation_config.eos_token_id)
         expected = {}
         # transformers cannot mix images and videos in one batch: image rows + text row, then video row + text row
