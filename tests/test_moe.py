@@ -273,3 +273,36 @@ def test_moe_and_fp8_on_cuda(tiny_moe, fp8_moe, video_path):
     assert diff <= 0.5 * spread  # bf16 rounding on top of FP8's (FP8_RMS): a wrong dequantization is off by ~std
     out = kept.generate(**inputs, max_new_tokens=8, return_dict_in_generate=True)
     assert all(r.num_generated_tokens >= 1 for r in out.rows)
+
+
+def test_the_job_on_a_moe_checkpoint_writes_transformers_texts(local_ray, tiny_moe, tmp_path):
+    """The pipeline end to end (a local Ray, a folder of images, the caption and ocr tasks): every row's text is
+    what transformers' processor + generate write for the same image and prompt."""
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline import config
+    from pipeline.run import run
+    from tests.pipeline_helpers import config_text
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, (h, w) in enumerate([(84, 112), (56, 56), (98, 70)]):
+        random_image(h, w, 20 + i).save(corpus / f"img{i}.png")
+    (tmp_path / "run.toml").write_text(config_text(str(corpus), str(tmp_path / "out"), str(tiny_moe),
+                                                   tasks=("caption", "ocr")))
+    summary = run(config.load(tmp_path / "run.toml", ["run.max_new_tokens=12"]))
+    df = pd.read_parquet(tmp_path / "out")
+    assert summary.done == len(df) == 6 and df.error.isna().all()
+    processor = transformers.AutoProcessor.from_pretrained(tiny_moe)
+    ref = transformers.AutoModelForImageTextToText.from_pretrained(tiny_moe, dtype=torch.float32)
+    assert isinstance(ref, transformers.Glm4vMoeForConditionalGeneration)
+    for row in df.itertuples():
+        image = Image.open(row.uri).convert("RGB")
+        conversation = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": row.prompt}]}]
+        inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        out = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert row.text == processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), row.uri
+    assert df.num_output_tokens.max() >= 6
