@@ -97,8 +97,11 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def grouped_ok(self, x: torch.Tensor) -> bool:
-        """torch._grouped_mm takes float32/bfloat16 on CPU and bfloat16 on CUDA from sm90, rows 16-byte aligned."""
+        """torch._grouped_mm takes float32/bfloat16 on CPU and bfloat16 on CUDA from sm90, rows 16-byte aligned;
+        traced by torch.compile, bfloat16 only (its shape function refuses float32)."""
         if not (GROUPED_MM and hasattr(torch, "_grouped_mm")) or self.gate_up_proj.dtype != x.dtype:
+            return False
+        if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
             return False
         aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (self.inner * x.element_size()) % 16 == 0
         if x.is_cuda:
