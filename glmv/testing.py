@@ -1,6 +1,7 @@
 """Tiny random-weight GLM-V checkpoints in the exact Hugging Face layout, written without transformers.
 
-    python -m glmv.testing make-tiny OUT [--preset gqa|mha|moe|moe-grouped|bench|...] [--family glm41v|glm46v] [--seed N]
+    python -m glmv.testing make-tiny OUT [--preset gqa|mha|moe|moe-grouped|bench|...] [--family glm41v|glm46v]
+        [--seed N] [--expert-layout released|fused]
     python -m glmv.testing make-fp8 SRC OUT    (an FP8 release of a tiny checkpoint, block-quantized)
 
 No real GLM-V weights can be fetched here, so tests, benchmarks and the demo run on these. The layout is the one of
@@ -204,8 +205,8 @@ def _moe_layout(state: dict, config: Glm4vConfig, layout: str, mtp_layer: bool, 
                 if kind == "down_proj":
                     out[f"{prefix}.{e}.down_proj.weight"] = w.clone()
                 else:
-                    gate, up = w.chunk(2)
-                    out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate.clone(), up.clone()
+                    for part, half in zip(("gate", "up"), w.chunk(2)):
+                        out[f"{prefix}.{e}.{part}_proj.weight"] = half.clone()
         else:
             out[name] = t
     if mtp_layer:  # GLM-4.5's next-token-prediction head: a layer index past the decoder's, never run here

@@ -223,6 +223,8 @@ def test_fp8_release_matches_its_source_within_tolerance(tiny_moe, fp8_moe, monk
     assert isinstance(layer.self_attn.q_proj, Fp8Linear) and layer.mlp.experts.gate_up_proj.dtype == FP8
     assert layer.mlp.gate.weight.dtype == torch.float32 and not isinstance(kept.lm_head, Fp8Linear)
     assert (logits_of(kept, {"input_ids": ids}) - got).abs().max().item() <= 1e-5
+    settings = dict(max_new_tokens=8, eos_token_id=[])  # and through the engine (prefill, paged decode)
+    assert torch.equal(kept.generate(input_ids=ids, **settings), dequantized.generate(input_ids=ids, **settings))
 
 
 def test_fp8_quantization_round_trip_with_partial_blocks():
