@@ -4,6 +4,10 @@ The model is built on the meta device (no memory), then every tensor is read fro
 safetensors file, copied to its target dtype/device, and its file pages are released right after: only one
 tensor's source pages are resident at a time, so peak memory is the loaded model plus one tensor.
 Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
+
+Each checkpoint tensor goes to a `Piece` of a model tensor: itself by name, or (MoE, glmv.moe) its expert's slice of
+a stacked tensor, allocated on the device by its first piece; a model may skip tensors it never runs (the MTP
+layer). FP8 releases (glmv.fp8) pair each e4m3 weight with its block scales: dequantized as it is read, or kept.
 """
 
 from __future__ import annotations
