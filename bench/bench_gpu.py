@@ -16,6 +16,10 @@ Prints, each beside its roofline:
   rest stop early), in windows of 64 submitted by 3 threads to one persistent engine (glmv.server) with a fixed KV
   pool of half the free memory, as a model actor runs: slot occupancy, tokens/s, decode steps/s, idle share, KV
   blocks in use, preemptions.
+- moe: one GLM-4.5V-shaped MoE block (router, 128 experts of width 1408 choosing 8, a shared expert; hidden 4096)
+  on a decode step of batch 1/16/64: ms/step beside the HBM roofline of the parameters that step reads (the
+  router, the shared expert and each expert chosen at least once), in bf16 (grouped_mm where torch has it for the
+  GPU, and the loop over experts with tokens) and FP8 kept with block scales where the GPU has FP8 (sm89+).
 Each part prints its own wall time; `--skip` leaves parts out.
 Figures are for random weights, so outputs are meaningless; the shapes and the work are the real model's.
 """
@@ -222,8 +226,79 @@ def feed(model, args):
           f"{s['preempted']} rows preempted")
 
 
+def moe_block(text_cfg, dtype, fp8_block=None):
+    """glmv.moe.MoeMLP with random unit-gain weights on the device; FP8 experts (block-quantized per expert) when
+    fp8_block is given."""
+    from glmv import fp8
+    from glmv.moe import MoeMLP
+
+    with torch.device("meta"):
+        mlp = MoeMLP(text_cfg)
+    if fp8_block:
+        mlp.experts.to_fp8(fp8_block)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def unit(*shape):
+        return (torch.randn(shape, generator=g, device=DEVICE) / math.sqrt(shape[-1])).to(dtype)
+
+    m, D = text_cfg.moe, text_cfg.hidden_size
+    mlp.gate.weight = torch.nn.Parameter(unit(m.n_routed_experts, D), requires_grad=False)
+    mlp.gate.e_score_correction_bias = torch.zeros(m.n_routed_experts, device=DEVICE)
+    shared = m.moe_intermediate_size * m.n_shared_experts
+    for name, shape in (("gate_proj", (shared, D)), ("up_proj", (shared, D)), ("down_proj", (D, shared))):
+        getattr(mlp.shared_experts, name).weight = torch.nn.Parameter(unit(*shape), requires_grad=False)
+    shapes = {"gate_up_proj": (2 * m.moe_intermediate_size, D), "down_proj": (D, m.moe_intermediate_size)}
+    for name, shape in shapes.items():
+        weights, scales = [], []
+        for _ in range(m.n_routed_experts):  # one expert at a time: the float32 drafts of all 128 would not fit
+            w = unit(*shape)
+            if fp8_block:
+                parts = w.chunk(2) if name == "gate_up_proj" else (w,)
+                pieces = [fp8.quantize(part, fp8_block) for part in parts]
+                w = torch.cat([q for q, _ in pieces])
+                scales.append(torch.cat([s for _, s in pieces]))
+            weights.append(w)
+        setattr(mlp.experts, name, torch.nn.Parameter(torch.stack(weights), requires_grad=False))
+        if fp8_block:
+            setattr(mlp.experts, name + fp8.SCALE, torch.stack(scales))
+    return mlp.eval()
+
+
+def moe_decode(text_cfg, bandwidth, batches, steps: int = 20, smoke: bool = False):
+    """ms per decode step of one MoE block against the HBM roofline of the weights the step reads (smoke: the FP8
+    variant on any device, to check the script)."""
+    from glmv import moe
+
+    m, D = text_cfg.moe, text_cfg.hidden_size
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    has_fp8 = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    variants = [("bf16" if DEVICE == "cuda" else "fp32", None, True), ("loop", None, False)]
+    variants += [("fp8", (128, 128), False)] if has_fp8 or smoke else []
+    print(f"\nMoE block: {m.n_routed_experts} experts x {m.moe_intermediate_size} wide, top {m.num_experts_per_tok}, "
+          f"{m.n_shared_experts} shared, hidden {D}; memory {bandwidth / 1e12:.2f} TB/s"
+          + ("" if has_fp8 else " (no FP8 here)"))
+    print(f"{'variant':>8} {'batch':>6} {'experts hit':>12} {'ms/step':>8} {'roofline ms':>12} {'of roofline':>12}")
+    per_expert = 3 * m.moe_intermediate_size * D
+    for label, block, grouped in variants:
+        mlp = moe_block(text_cfg, dtype, block)
+        weight_bytes = 1 if block else dtype.itemsize
+        for batch in batches:
+            x = torch.randn(batch, D, generator=torch.Generator().manual_seed(batch)).to(DEVICE, dtype)
+            hit = int(mlp.gate(x)[1].unique().numel())
+            active = (hit * per_expert * weight_bytes + per_expert * m.n_shared_experts * dtype.itemsize
+                      + m.n_routed_experts * D * dtype.itemsize)
+            moe.GROUPED_MM = grouped
+            try:
+                mlp(x)  # warm-up
+                elapsed, _ = timed(lambda: [mlp(x) for _ in range(steps)])
+            finally:
+                moe.GROUPED_MM = True
+            ms, roof = 1e3 * elapsed / steps, 1e3 * active / bandwidth
+            print(f"{label:>8} {batch:>6} {hit:>12} {ms:>8.3f} {roof:>12.3f} {roof / ms:>11.0%}", flush=True)
+
+
 def main() -> None:
-    from glmv.config import Glm4vConfig
+    from glmv.config import Glm4vConfig, MoeConfig, TextConfig
     from glmv.testing import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,14 +307,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: decode,prefill,vision,e2e,feed,"
-                        "compile,e2e-compiled")
+                        "moe,compile,e2e-compiled")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, small sizes: checks that the script runs")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.grid, args.prefill_shapes, config = (1, 54, 74), [(1, 4096), (8, 1024), (16, 2048)], Glm4vConfig()
+    moe_text, moe_batches = TextConfig(moe=MoeConfig()), [1, 16, 64]  # GLM-4.5V's MoE block
     if args.smoke:
         args.batches, args.context, args.new_tokens, args.images = [1, 4], 48, 6, 4
         args.grid, args.prefill_shapes, config = (1, 8, 8), [(2, 64)], PRESETS["gqa"]
+        moe_text, moe_batches = PRESETS["moe"].text, [1, 4]
     elif DEVICE != "cuda":
         raise SystemExit("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False); --smoke runs tiny "
                          "shapes anywhere")
@@ -261,6 +338,7 @@ def main() -> None:
     parts = {"decode": lambda: eager.update(decode_sweep(model, args, bandwidth, compiled=False)),
              "prefill": lambda: prefill(model, args, flops), "vision": lambda: vision(model, args),
              "e2e": lambda: end_to_end(model, args, compiled=False), "feed": lambda: feed(model, args),
+             "moe": lambda: moe_decode(moe_text, bandwidth, moe_batches, smoke=args.smoke),
              "compile": lambda: decode_sweep(model, args, bandwidth, compiled=True, eager=eager),
              "e2e-compiled": lambda: end_to_end(model, args, compiled=True)}
     for part, run in parts.items():

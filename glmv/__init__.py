@@ -1,4 +1,4 @@
-"""glmv: the GLM-V (GLM-4.1V architecture) vision-language models and GLM-OCR in plain PyTorch."""
+"""glmv: the GLM-V vision-language models (GLM-4.1V architecture, GLM-4.5V/4.6V MoE) and GLM-OCR in plain PyTorch."""
 
 import os
 
@@ -12,7 +12,9 @@ from glmv.config import ConfigError, Glm4vConfig, GlmOcrConfig
 from glmv.errors import GlmvError, InputError, MediaError, ProcessorConfigError
 from glmv.generate import GenerateOutput, RowResult
 from glmv.image import LoadedImage, PatchSettings
-from glmv.model import AutoModelForImageTextToText, Glm4vForConditionalGeneration, GlmOcrForConditionalGeneration
+from glmv.auto import AutoModelForImageTextToText
+from glmv.model import Glm4vForConditionalGeneration, GlmOcrForConditionalGeneration
+from glmv.moe import Glm4vMoeForConditionalGeneration
 from glmv.output import ParsedOutput, parse_output
 from glmv.pipelines import pipeline
 from glmv.processor import Glm4vProcessor, Glm46VProcessor
@@ -23,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoModelForImageTextToText", "CheckpointError", "ConfigError", "GenerateOutput", "Glm46VProcessor",
-    "Glm4vConfig", "Glm4vForConditionalGeneration", "Glm4vProcessor", "GlmOcrConfig", "GlmOcrForConditionalGeneration", "GlmvError", "InputError", "LoadedImage", "LoadedVideo",
+    "Glm4vConfig", "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration", "Glm4vProcessor",
+    "GlmOcrConfig", "GlmOcrForConditionalGeneration", "GlmvError", "InputError", "LoadedImage", "LoadedVideo",
     "MediaError", "ParsedOutput", "PatchSettings", "ProcessorConfigError", "RowResult", "VideoSettings",
     "parse_output", "pipeline",
 ]

@@ -1,8 +1,9 @@
 """Model configuration: plain dataclasses parsed once from a checkpoint's config.json.
 
-Two architectures share these classes: GLM-4.1V (model_type glm4v / glm46v) and GLM-OCR (glm_ocr), whose
+Three kinds of model share these classes: GLM-4.1V (model_type glm4v / glm46v); GLM-4.5V/4.6V, whose MoE decoder
+sets `TextConfig.moe` (glm4v_moe, or glm46v around a glm4v_moe_text decoder); and GLM-OCR (glm_ocr), whose
 `GlmOcr*Config` subclasses carry transformers' GlmOcr defaults and switch the few places where the towers differ
-(see `VisionConfig.ocr`, `TextConfig.head_dim`).
+(see `VisionConfig.ocr`, `TextConfig.head_dim`). `Glm4vConfig.architecture` names the class that runs a config.
 
 Two layouts exist in the wild and both are accepted:
 - the released checkpoints (transformers 4.5x): `rope_theta`, `partial_rotary_factor` and
@@ -13,14 +14,17 @@ Two layouts exist in the wild and both are accepted:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 from pathlib import Path
 
 from glmv.errors import GlmvError
 
-# GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v. GLM-OCR is glm_ocr.
-SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm_ocr")
+# GLM-4.6V-Flash ships as glm4v; transformers also names it glm46v (whose text_config may be glm4v_moe_text: MoE).
+# GLM-4.5V/4.6V are glm4v_moe, GLM-OCR is glm_ocr.
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe", "glm_ocr")
+MOE_TEXT_TYPE = "glm4v_moe_text"
+MOE_ARCHITECTURE = "Glm4vMoeForConditionalGeneration"
 
 
 class ConfigError(GlmvError, ValueError):
@@ -88,6 +92,20 @@ class GlmOcrVisionConfig(VisionConfig):
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The mixture-of-experts fields of a GLM-4.5V/4.6V text_config (transformers' Glm4vMoeTextConfig)."""
+    moe_intermediate_size: int = 1408
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class TextConfig:
     ocr: ClassVar[bool] = False  # GLM-OCR's decoder (GlmOcrTextConfig): no q/k/v bias, head_dim from the file
     vocab_size: int = 151552
@@ -105,8 +123,10 @@ class TextConfig:
     attention_bias: bool = True
     pad_token_id: int | None = 151329
     eos_token_id: tuple[int, ...] = (151329, 151336, 151338, 151348)
-    # GLM-OCR's config.json names its head size (128, not hidden_size / heads = 96); GLM-4.1V's is implied
+    # GLM-OCR's and the MoE config.json name their head size (128, not hidden_size / heads: 96 for GLM-OCR, 32 for
+    # GLM-4.5V's 96 heads on a 4096 stream); GLM-4.1V's is implied
     explicit_head_dim: int | None = None
+    moe: MoeConfig | None = None  # set for the MoE decoder (GLM-4.5V/4.6V)
 
     @property
     def head_dim(self) -> int:
@@ -147,7 +167,8 @@ class Glm4vConfig:
     tie_word_embeddings: bool = False
     dtype: str | None = "bfloat16"  # the checkpoint's stored dtype, used when the caller names none
     model_type: str = "glm4v"
-    architecture: ClassVar[str] = "Glm4vForConditionalGeneration"  # config.json's architectures, transformers' class
+    # config.json's architectures for a dense decoder: transformers' class, and glmv's of the same name
+    dense_architecture: ClassVar[str] = "Glm4vForConditionalGeneration"
     text_model_type: ClassVar[str] = "glm4v_text"
     vision_model_type: ClassVar[str] = "glm4v"
 
@@ -167,9 +188,8 @@ class Glm4vConfig:
         raw = _dict(raw, "the file", source)
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            hint = " (the MoE GLM-4.5V/4.6V models are not supported)" if model_type == "glm4v_moe" else ""
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported{hint}; expected one of {SUPPORTED_MODEL_TYPES}"
+                f"{source}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
         kind = GlmOcrConfig if model_type == "glm_ocr" else Glm4vConfig
         if cls is not Glm4vConfig and kind is not cls:
@@ -183,8 +203,12 @@ class Glm4vConfig:
         dtype = raw.get("dtype") or raw.get("torch_dtype") or text_raw.get("dtype") or text_raw.get("torch_dtype")
         ids = {k: raw[k] for k in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
                                    "video_start_token_id", "video_end_token_id") if k in raw}
+        moe = model_type == "glm4v_moe" or text_raw.get("model_type") == MOE_TEXT_TYPE
+        text = _parse_text(text_raw, source, defaults.text, reads_head_dim=defaults.text.ocr or moe)
+        if moe:
+            text = _parse_moe_text(text, text_raw, source)
         config = kind(
-            text=_parse_text(text_raw, source, defaults.text),
+            text=text,
             vision=_parse_vision(vision_raw, source, defaults.vision),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=dtype,
@@ -224,12 +248,26 @@ class Glm4vConfig:
             (v.image_size % v.patch_size == 0, "vision_config.image_size must be a multiple of patch_size"),
             (not self.tie_word_embeddings, "tie_word_embeddings=true is not supported (GLM-V has an untied lm_head)"),
         ]
+        if t.moe is not None:
+            checks += _moe_checks(t)
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
 
+    @property
+    def architecture(self) -> str:
+        """The class that runs this config: config.json's architectures entry, transformers' class and glmv's."""
+        return MOE_ARCHITECTURE if self.text.moe is not None else self.dense_architecture
+
+    @property
+    def kind(self) -> str:
+        """model_type, and the decoder where it is a mixture of experts (a glm46v config can be either), for
+        messages."""
+        return f"{self.model_type} mixture-of-experts" if self.text.moe is not None else self.model_type
+
     def to_dict(self) -> dict:
-        """config.json in the released-checkpoint layout (what the real GLM-4.1V and GLM-OCR files look like)."""
+        """config.json in the released-checkpoint layout (what the real GLM-4.1V, GLM-4.5V and GLM-OCR files look
+        like)."""
         text = asdict(self.text)
         head_dim = text.pop("explicit_head_dim")
         rope = {"rope_type": "default", "mrope_section": list(text.pop("mrope_section"))}
@@ -245,9 +283,12 @@ class Glm4vConfig:
             use_cache=True,
             dtype=self.dtype,
         )
+        del text["moe"]
         vision = asdict(self.vision)
         vision.update(model_type=self.vision_model_type, hidden_dropout_prob=0.0, attention_dropout=0.0)
         vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
+        if self.text.moe is not None:
+            _moe_to_dict(self.text, text, vision)
         return {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -276,12 +317,12 @@ class GlmOcrConfig(Glm4vConfig):
     video_start_token_id: int = 59258
     video_end_token_id: int = 59259
     model_type: str = "glm_ocr"
-    architecture: ClassVar[str] = "GlmOcrForConditionalGeneration"
+    dense_architecture: ClassVar[str] = "GlmOcrForConditionalGeneration"
     text_model_type: ClassVar[str] = "glm_ocr_text"
     vision_model_type: ClassVar[str] = "glm_ocr_vision"
 
 
-def _parse_text(raw: dict, source: str, defaults: TextConfig) -> TextConfig:
+def _parse_text(raw: dict, source: str, defaults: TextConfig, reads_head_dim: bool) -> TextConfig:
     rope = _dict(raw.get("rope_parameters"), "text_config.rope_parameters", source)
     scaling = _dict(raw.get("rope_scaling"), "text_config.rope_scaling", source)
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -294,7 +335,7 @@ def _parse_text(raw: dict, source: str, defaults: TextConfig) -> TextConfig:
     eos = () if eos is None else (eos,) if isinstance(eos, int) else eos
     if not isinstance(eos, (list, tuple)):
         raise ConfigError(f"{source}: eos_token_id must be an integer or a list of them, got {eos!r}")
-    head_dim = raw.get("head_dim") if defaults.ocr else None   # transformers' glm4v ignores the key
+    head_dim = raw.get("head_dim") if reads_head_dim else None   # GLM-OCR's and MoE's; transformers' glm4v ignores it
     return type(defaults)(
         vocab_size=_int(raw.get("vocab_size", defaults.vocab_size), "vocab_size", source),
         hidden_size=_int(raw.get("hidden_size", defaults.hidden_size), "hidden_size", source),
@@ -349,6 +390,42 @@ def _parse_vision(raw: dict, source: str, d: VisionConfig) -> VisionConfig:
         attention_bias=bool(raw.get("attention_bias", d.attention_bias)),
         rope_theta=_float(rope.get("rope_theta", d.rope_theta), "vision_config.rope_theta", source),
     )
+
+
+def _parse_moe_text(text: TextConfig, raw: dict, source: str) -> TextConfig:
+    """The MoE fields of a glm4v_moe_text config (its head_dim is read by _parse_text)."""
+    d = MoeConfig()
+    ints = {k: _int(raw.get(k, getattr(d, k)), f"text_config.{k}", source)
+            for k in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+                      "first_k_dense_replace", "n_group", "topk_group")}
+    moe = MoeConfig(**ints, norm_topk_prob=bool(raw.get("norm_topk_prob", d.norm_topk_prob)),
+                    routed_scaling_factor=_float(raw.get("routed_scaling_factor", d.routed_scaling_factor),
+                                                 "text_config.routed_scaling_factor", source))
+    rope = raw.get("rope_parameters") or {}
+    # transformers' Glm4vMoeTextConfig defaults a missing partial_rotary_factor to 0.5 (the dense one to 1.0)
+    factor = text.partial_rotary_factor if "partial_rotary_factor" in rope or "partial_rotary_factor" in raw else 0.5
+    return replace(text, moe=moe, partial_rotary_factor=factor)
+
+
+def _moe_checks(t: TextConfig) -> list[tuple[bool, str]]:
+    m = t.moe
+    per_group = m.n_routed_experts // max(m.n_group, 1)
+    return [
+        (m.n_group > 0 and m.n_routed_experts % m.n_group == 0,
+         "text_config.n_routed_experts must be a multiple of n_group"),
+        (per_group >= 2, "text_config: each expert group needs 2 or more experts (groups are scored by their top 2)"),
+        (0 < m.topk_group <= m.n_group, "text_config.topk_group must be in 1..n_group"),
+        (0 < m.num_experts_per_tok <= m.topk_group * per_group,
+         "text_config.num_experts_per_tok must be in 1..(experts in topk_group groups)"),
+        (m.first_k_dense_replace <= t.num_hidden_layers, "text_config.first_k_dense_replace exceeds num_hidden_layers"),
+        (m.moe_intermediate_size > 0, "text_config.moe_intermediate_size must be > 0"),
+    ]
+
+
+def _moe_to_dict(t: TextConfig, text: dict, vision: dict) -> None:
+    """config.json fields of the MoE text config, as GLM-4.5V's file spells them."""
+    text.update(asdict(t.moe), model_type=MOE_TEXT_TYPE, head_dim=t.head_dim)
+    vision["model_type"] = "glm4v_moe_vision"
 
 
 def _int(value, key: str, source: str) -> int:

@@ -1,7 +1,8 @@
 """Glm4vForConditionalGeneration: vision tower + text decoder + the multimodal glue between them.
 
 GlmOcrForConditionalGeneration is the same model built from a GLM-OCR config (its tower and decoder switches live in
-`glmv.config`); `AutoModelForImageTextToText` picks the class that config.json's model_type names.
+`glmv.config`); glmv.moe's Glm4vMoeForConditionalGeneration swaps in the MoE decoder. Each class runs the configs
+whose `architecture` is its own; `glmv.auto.AutoModelForImageTextToText` picks the class from config.json.
 
 Module names mirror the checkpoint keys (`model.visual.*`, `model.language_model.*`, `lm_head.*`) so a state dict
 loads with no renaming. Besides transformers' calls (`from_pretrained`, `forward`, `generate`) the model offers the
@@ -25,6 +26,9 @@ from glmv.paged import PagedKVCache
 from glmv.positions import IMAGE, TEXT, VIDEO, rope_index  # noqa: F401  (TEXT re-exported)
 from glmv.text import TextModel, attention_mask_4d
 from glmv.vision import VisionTower
+from glmv.weights import Piece
+
+_LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -33,22 +37,23 @@ class ModelOutput:
 
 
 class Glm4vModel(nn.Module):
-    def __init__(self, config: Glm4vConfig):
+    def __init__(self, config: Glm4vConfig, text_model: type[nn.Module] = TextModel):
         super().__init__()
         self.visual = VisionTower(config.vision)
-        self.language_model = TextModel(config.text)
+        self.language_model = text_model(config.text)
 
 
 class Glm4vForConditionalGeneration(nn.Module):
-    model_types = ("glm4v", "glm46v")  # config.json model_types this class runs
+    architecture = "Glm4vForConditionalGeneration"  # the configs this class runs (Glm4vConfig.architecture)
+    text_model = TextModel  # the decoder class (glmv.moe's for GLM-4.5V/4.6V)
+    has_mtp_layer = False  # the released files carry a multi-token-prediction layer past the decoder's
 
     def __init__(self, config: Glm4vConfig):
         super().__init__()
-        if config.model_type not in self.model_types:
-            raise ConfigError(f"model_type {config.model_type!r} is run by {self.class_for(config).__name__}, not "
-                              f"{type(self).__name__}")
+        if not self.runs(config):
+            raise ConfigError(f"a {config.kind} config is run by {config.architecture}, not {type(self).__name__}")
         self.config = config
-        self.model = Glm4vModel(config)
+        self.model = Glm4vModel(config, self.text_model)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_config: dict = {}  # generation_config.json of the checkpoint, set by from_pretrained
         self.name_or_path = ""  # the checkpoint folder, set by from_pretrained
@@ -64,14 +69,18 @@ class Glm4vForConditionalGeneration(nn.Module):
         return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu)
 
     @classmethod
-    def unused_checkpoint_key(cls, config: Glm4vConfig, name: str) -> bool:
-        """A checkpoint tensor that inference never reads (skipped at load)."""
-        return False
+    def runs(cls, config: Glm4vConfig) -> bool:
+        """Whether this class runs `config`: a glm46v config, for one, is dense or MoE by its text_config."""
+        return config.architecture == cls.architecture
 
-    @staticmethod
-    def class_for(config: Glm4vConfig) -> type["Glm4vForConditionalGeneration"]:
-        """The class that runs a config's model_type (for glmv.weights, which does not import this module)."""
-        return model_class(config)
+    def checkpoint_piece(self, name: str, scale_rows: int | None = None) -> Piece | None:
+        """Where checkpoint tensor `name` goes (glmv.weights), or None to skip it: the multi-token-prediction layer
+        (layer index num_hidden_layers and up) of the classes whose files carry one, which generation never runs
+        (transformers skips it too). scale_rows: for glmv.moe's stacked experts."""
+        layer = _LAYER_KEY.match(name)
+        if self.has_mtp_layer and layer and int(layer.group(1)) >= self.config.text.num_hidden_layers:
+            return None
+        return Piece(name)
 
     def _apply(self, fn, recurse=True):
         from glmv.cpu_kernels import is_packed
@@ -193,31 +202,5 @@ class Glm4vForConditionalGeneration(nn.Module):
 
 class GlmOcrForConditionalGeneration(Glm4vForConditionalGeneration):
     """GLM-OCR (model_type glm_ocr): the GLM-4.1V architecture with its own vision tower and decoder switches."""
-    model_types = ("glm_ocr",)
-    _LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
-
-    @classmethod
-    def unused_checkpoint_key(cls, config: Glm4vConfig, name: str) -> bool:
-        """The released checkpoint keeps its multi-token-prediction layer (`num_nextn_predict_layers`) after the
-        decoder's layers; generation never runs it (transformers skips it too)."""
-        layer = cls._LAYER_KEY.match(name)
-        return layer is not None and int(layer.group(1)) >= config.text.num_hidden_layers
-
-
-MODEL_CLASSES = {t: c for c in (Glm4vForConditionalGeneration, GlmOcrForConditionalGeneration) for t in c.model_types}
-
-
-def model_class(config: Glm4vConfig) -> type[Glm4vForConditionalGeneration]:
-    """The class that runs a config's model_type."""
-    return MODEL_CLASSES[config.model_type]
-
-
-class AutoModelForImageTextToText:
-    """transformers' auto class: `from_pretrained` loads a checkpoint folder with the class its model_type names."""
-
-    def __init__(self):
-        raise TypeError("use AutoModelForImageTextToText.from_pretrained(path)")
-
-    @staticmethod
-    def from_pretrained(path: str | Path, **kwargs) -> Glm4vForConditionalGeneration:
-        return model_class(Glm4vConfig.from_pretrained(path)).from_pretrained(path, **kwargs)
+    architecture = "GlmOcrForConditionalGeneration"
+    has_mtp_layer = True  # `num_nextn_predict_layers` in config.json

@@ -1,7 +1,7 @@
 """The high-level API from transformers' docs, so switching is one import:
 
     pipe = glmv.pipeline("image-text-to-text", model="path/to/GLM-4.1V-9B-Thinking", device="cuda", dtype="bfloat16")
-    (a GLM-OCR folder works the same: the model class follows config.json's model_type)
+    (a GLM-4.5V/4.6V or GLM-OCR folder works the same: the model class follows config.json)
     out = pipe(text=messages, max_new_tokens=512, return_full_text=False)
     out[0]["generated_text"]
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from glmv.model import AutoModelForImageTextToText, Glm4vForConditionalGeneration
+from glmv.auto import AutoModelForImageTextToText
+from glmv.model import Glm4vForConditionalGeneration
 from glmv.processor import Glm4vProcessor
 
 TASKS = ("image-text-to-text",)
@@ -86,7 +87,7 @@ def pipeline(task: str, model: str | Path, device: str | torch.device | None = N
         if device is not None or isinstance(device_map, dict) or device_map in ("auto", "balanced", "sequential"):
             raise ValueError(f"device_map={device_map!r}: glmv runs on one device; pass device= (e.g. 'cuda:0')")
         device = device_map
-    # the class config.json's model_type names (GLM-4.1V/4.6V or GLM-OCR); the processor follows its own configs
+    # the class config.json needs (GLM-4.1V/4.6V, GLM-4.5V/4.6V MoE or GLM-OCR); the processor follows its own configs
     loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype if dtype is not None else torch_dtype,
                                                          device=device or "cpu")
     processor = Glm4vProcessor.from_pretrained(model, **processor_kwargs)

@@ -1,12 +1,15 @@
 """Tiny random-weight GLM-V checkpoints in the exact Hugging Face layout, written without transformers.
 
-    python -m glmv.testing make-tiny OUT [--preset gqa|mha|ocr|bench|...] [--family glm41v|glm46v] [--seed N]
+    python -m glmv.testing make-tiny OUT [--preset gqa|mha|ocr|moe|moe-grouped|bench|...] [--family glm41v|glm46v]
+        [--seed N] [--expert-layout released|fused]
+    python -m glmv.testing make-fp8 SRC OUT    (an FP8 release of a tiny checkpoint, block-quantized)
 
 No real GLM-V weights can be fetched here, so tests, benchmarks and the demo run on these. The layout is the one of
 the released checkpoints: config.json, sharded safetensors with an index, generation_config.json, tokenizer.json +
 tokenizer_config.json (a small byte-level BPE vocabulary holding every GLM special token), chat_template.jinja,
 preprocessor_config.json and video_preprocessor_config.json. The `ocr` preset is a GLM-OCR checkpoint (model_type
-glm_ocr, with its processor family glm46v), including the multi-token-prediction layer the released file carries.
+glm_ocr, with its processor family glm46v); `moe` and `moe-grouped` are GLM-4.5V-shaped mixture-of-experts ones.
+Both include the multi-token-prediction layer their released files carry.
 
 Weights are drawn so that outputs vary from token to token: linear layers with ~unit-gain init (std 1/sqrt(fan_in))
 and norms near 1. transformers' default 0.02-std init gives near-constant logits, which makes parity tests
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from glmv.config import Glm4vConfig, GlmOcrConfig, GlmOcrTextConfig, GlmOcrVisionConfig, TextConfig, VisionConfig
+from glmv.config import (Glm4vConfig, GlmOcrConfig, GlmOcrTextConfig, GlmOcrVisionConfig, MoeConfig, TextConfig,
+                         VisionConfig)
 from glmv.weights import build_on_meta
 
 # The GLM special tokens in the order of the real vocabulary (ids 151329.. there; here they follow the small BPE).
@@ -80,6 +84,21 @@ PRESETS = {
     ),
 }
 
+# GLM-4.5V's shape in small: a dense first layer, then MoE layers with shared experts; head_dim set apart from
+# hidden/heads as in the real config (96 heads x 128 on a 4096 stream)
+_MOE_TEXT = TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, explicit_head_dim=32, partial_rotary_factor=0.5, mrope_section=(2, 3, 3),
+                       max_position_embeddings=8192, moe=MoeConfig(moe_intermediate_size=32, n_routed_experts=8,
+                                                                   num_experts_per_tok=2))
+_MOE_VISION = VisionConfig(hidden_size=32, depth=1, num_heads=2, intermediate_size=128, out_hidden_size=64)
+PRESETS["moe"] = Glm4vConfig(text=_MOE_TEXT, vision=_MOE_VISION, model_type="glm4v_moe")
+# groups, top-k 3, no normalisation, a routed scaling factor
+PRESETS["moe-grouped"] = Glm4vConfig(
+    text=replace(_MOE_TEXT, moe=MoeConfig(moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=3,
+                                          n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=2.5,
+                                          n_shared_experts=2)),
+    vision=_MOE_VISION, model_type="glm4v_moe")
+
 PRESETS["bench-longtail"] = PRESETS["bench-reasoning"] = PRESETS["bench"]
 # The long-tail preset scales the lm_head rows of two eos tokens (<|endoftext|>, <|user|>) so that greedy rows stop
 # at scattered lengths, like real captions. Up to 256 new tokens, 8 images x 3 prompts: bench_generate's workload
@@ -116,10 +135,14 @@ def build_tokenizer():
 
 
 def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str | None = None, seed: int = 0,
-                         max_shard_bytes: int | None = None) -> Path:
+                         max_shard_bytes: int | None = None, expert_layout: str = "released",
+                         mtp_layer: bool = True) -> Path:
     """Write a complete random-weight checkpoint to out_dir and return its path. family: default glm46v for the
-    ocr preset (GLM-OCR's processor is that family's), glm41v otherwise."""
-    from glmv.model import model_class
+    ocr preset (GLM-OCR's processor is that family's), glm41v otherwise.
+    MoE presets: expert_layout "released" stores one tensor per expert and projection (the real checkpoints),
+    "fused" transformers' stacked gate_up_proj/down_proj. mtp_layer: GLM-OCR and MoE checkpoints get the
+    multi-token-prediction layer their released files carry past the last layer (the model skips it)."""
+    from glmv.auto import model_class
     from glmv.weights import save_state_dict
 
     if preset not in PRESETS:
@@ -146,16 +169,18 @@ def make_tiny_checkpoint(out_dir, preset: str = "gqa", family: str | None = None
     )
     config.validate()
 
-    state = random_state_dict(model_class(config), config, seed)
-    if config.model_type == "glm_ocr":
-        state.update(mtp_layer(state, config, seed))
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    cls = model_class(config)
+    state = random_state_dict(cls, config, seed)
+    if mtp_layer and cls.has_mtp_layer:
+        state.update(mtp_layer_state(state, config, seed))
     for token, scale in zip(eos, EOS_SCALES.get(preset, ())):
         state["lm_head.weight"][token] *= scale
+    if config.text.moe is not None:
+        state = _moe_layout(state, expert_layout)
     if max_shard_bytes is None:  # always shard (2+ files), like the real checkpoints
         max_shard_bytes = sum(t.numel() * t.element_size() for t in state.values()) // 2 + 1
     save_state_dict(state, out, max_shard_bytes)
-
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     generation = {"_from_model_config": True, "do_sample": False, "eos_token_id": eos,
                   "pad_token_id": ids["<|endoftext|>"], "max_new_tokens": 64}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -177,15 +202,16 @@ def random_state_dict(cls, config: Glm4vConfig, seed: int) -> dict[str, torch.Te
         elif "embed" in name and len(shape) == 2:
             t = torch.randn(shape, generator=g)  # token embeddings and the position table: unit variance
         else:
-            fan_in = math.prod(shape[1:])
+            fan_in = shape[-1] if ".experts." in name else math.prod(shape[1:])  # stacked experts: per expert
             t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
         state[name] = t
     return state
 
 
-def mtp_layer(state: dict, config: Glm4vConfig, seed: int) -> dict[str, torch.Tensor]:
-    """GLM-OCR's multi-token-prediction layer as the released checkpoint stores it: one more decoder layer after
-    the last, with its input projections and norms. Inference never reads it; it is here so that loading skips it."""
+def mtp_layer_state(state: dict, config: Glm4vConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The multi-token-prediction layer as GLM-OCR's and GLM-4.5V's released checkpoints store it: one more decoder
+    layer after the last, with its input projections and norms. Inference never reads it; it is here so that
+    loading skips it."""
     g = torch.Generator().manual_seed(seed + 1)
     last, extra = config.text.num_hidden_layers - 1, f"model.language_model.layers.{config.text.num_hidden_layers}."
     prefix = f"model.language_model.layers.{last}."
@@ -194,6 +220,57 @@ def mtp_layer(state: dict, config: Glm4vConfig, seed: int) -> dict[str, torch.Te
     d = config.text.hidden_size
     out.update({extra + "eh_proj.weight": torch.randn(d, 2 * d, generator=g), extra + "enorm.weight": torch.ones(d),
                 extra + "hnorm.weight": torch.ones(d), extra + "shared_head.norm.weight": torch.ones(d)})
+    return out
+
+
+def _moe_layout(state: dict, layout: str) -> dict:
+    """The MoE tensors as a checkpoint stores them: per expert (released) or stacked (fused)."""
+    if layout not in ("released", "fused"):
+        raise ValueError(f"expert_layout {layout!r}: choose released or fused")
+    out = {}
+    for name, t in state.items():
+        if layout == "released" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            prefix, _, kind = name.rpartition(".")
+            for e, w in enumerate(t):
+                if kind == "down_proj":
+                    out[f"{prefix}.{e}.down_proj.weight"] = w.clone()
+                else:
+                    for part, half in zip(("gate", "up"), w.chunk(2)):
+                        out[f"{prefix}.{e}.{part}_proj.weight"] = half.clone()
+        else:
+            out[name] = t
+    return out
+
+
+def make_fp8_checkpoint(src, out_dir, block: tuple[int, int] = (128, 128)) -> Path:
+    """The FP8 release of checkpoint `src`: every 2-D weight of the text decoder's linear layers (not the router,
+    norms, embeddings or lm_head; the vision tower left as it is) block-quantized to e4m3 with its
+    `weight_scale_inv`, and `quantization_config` in config.json, as GLM-4.5V-FP8 is laid out."""
+    import shutil
+
+    from glmv import fp8
+    from glmv.weights import SafetensorsFile, checkpoint_files, save_state_dict
+
+    src, out = Path(src), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state, opened = {}, {}
+    for name, file in checkpoint_files(src).items():
+        t = (opened.get(file) or opened.setdefault(file, SafetensorsFile(file))).tensor(name).clone()
+        linear = name.startswith("model.language_model.layers.") and name.endswith("proj.weight") and t.ndim == 2
+        if linear:
+            state[name], state[name[:-len("weight")] + "weight_scale_inv"] = fp8.quantize(t, block)
+        else:
+            state[name] = t
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    save_state_dict(state, out, total // 2 + 1)
+    for file in src.iterdir():
+        if file.is_file() and not file.name.startswith("model") and file.name != "config.json":
+            shutil.copy(file, out / file.name)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block),
+                                     "modules_to_not_convert": ["model.visual", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -248,8 +325,16 @@ def main(argv=None) -> int:
     make.add_argument("--preset", default="gqa", choices=sorted(PRESETS))
     make.add_argument("--family", default=None, choices=sorted(FAMILIES), help="default: glm46v for ocr, else glm41v")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--expert-layout", default="released", choices=("released", "fused"))
+    quant = sub.add_parser("make-fp8", help="write the FP8 release of a tiny checkpoint")
+    quant.add_argument("src")
+    quant.add_argument("out")
     args = parser.parse_args(argv)
-    path = make_tiny_checkpoint(args.out, preset=args.preset, family=args.family, seed=args.seed)
+    if args.command == "make-fp8":
+        print(make_fp8_checkpoint(args.src, args.out))
+        return 0
+    path = make_tiny_checkpoint(args.out, preset=args.preset, family=args.family, seed=args.seed,
+                                expert_layout=args.expert_layout)
     print(path)
     return 0
 

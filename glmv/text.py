@@ -53,6 +53,7 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     fused_linears = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # packed as one weight on the CPU fast path
+    rotate = staticmethod(apply_rotary)  # how the rotary dims pair up (the MoE decoder pairs halves)
 
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -70,11 +71,11 @@ class Attention(nn.Module):
         H, H_kv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         if "qkv_proj" in self._modules:  # one matmul, and q and k rotate together
             qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, Dh)
-            qk = apply_rotary(qkv[:, :, :H + H_kv], rotation)
+            qk = self.rotate(qkv[:, :, :H + H_kv], rotation)
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + H_kv:]
         else:
-            q = apply_rotary(self.q_proj(x).view(B, T, H, Dh), rotation)
-            k = apply_rotary(self.k_proj(x).view(B, T, H_kv, Dh), rotation)
+            q = self.rotate(self.q_proj(x).view(B, T, H, Dh), rotation)
+            k = self.rotate(self.k_proj(x).view(B, T, H_kv, Dh), rotation)
             v = self.v_proj(x).view(B, T, H_kv, Dh)
         y = attend(self.layer, q, k, v)  # (B, T, H, Dh)
         if keep is not None:
@@ -105,9 +106,12 @@ class TextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = TextRotary(cfg)
+
+    def make_layer(self, cfg: TextConfig, i: int) -> nn.Module:
+        return DecoderLayer(cfg, i)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """A whole batch, no cache: x (B, T, D), position_ids (3, B, T), mask (B, 1, T, T) bool or None for

@@ -4,6 +4,10 @@ The model is built on the meta device (no memory), then every tensor is read fro
 safetensors file, copied to its target dtype/device, and its file pages are released right after: only one
 tensor's source pages are resident at a time, so peak memory is the loaded model plus one tensor.
 Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
+
+Each checkpoint tensor goes to a `Piece` of a model tensor: itself by name, or (MoE, glmv.moe) its expert's slice of
+a stacked tensor, allocated on the device by its first piece; a model may skip tensors it never runs (the MTP
+layer). FP8 releases (glmv.fp8) pair each e4m3 weight with its block scales: dequantized as it is read, or kept.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import json
 import logging
 import math
 import mmap
+import re
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from glmv import cpu_kernels
+from glmv import cpu_kernels, fp8
 from glmv.config import ConfigError, Glm4vConfig
 from glmv.errors import GlmvError
 
@@ -31,7 +37,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
 
 
@@ -147,44 +153,69 @@ def resolve_dtype(dtype, config: Glm4vConfig, device: torch.device) -> torch.dty
     return dtype
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Where one checkpoint tensor goes: into model tensor `target` at `index` (() for the whole tensor; per-expert
+    tensors fill their slice of a stacked one), dequantized with the FP8 block scales of checkpoint key `scale`."""
+    target: str
+    index: tuple = ()
+    scale: str | None = None
+
+
 def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
     config = Glm4vConfig.from_pretrained(path)
+    if not cls.runs(config):
+        raise CheckpointError(f"{path}: a {config.kind} checkpoint; load it with {config.architecture} (or "
+                              f"AutoModelForImageTextToText), not {cls.__name__}")
     device = torch.device(device)
     dtype = resolve_dtype(dtype, config, device)
+    quant = fp8.read_quantization(path / "config.json")
 
-    if config.model_type not in cls.model_types:
-        raise CheckpointError(f"{path}: a {config.model_type} checkpoint; load it with "
-                              f"{cls.class_for(config).__name__} (or AutoModelForImageTextToText), not {cls.__name__}")
     model = build_on_meta(cls, config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    files = {name: file for name, file in checkpoint_files(path).items()
-             if not cls.unused_checkpoint_key(config, name)}
-    _check_keys(path, expected, files)
-
+    files = checkpoint_files(path)
     opened: dict[Path, SafetensorsFile] = {}
+    for file in files.values():
+        if file not in opened:
+            opened[file] = SafetensorsFile(file)
+    stored = {name: opened[file].entries[name]["dtype"] for name, file in files.items()
+              if name in opened[file].entries}
+    plan = _fp8_plan(model, stored, quant, fp8.keep_on(device, quant)) if quant else _plan(model, files)
+    expected = {name: t for name, t in model.state_dict().items()}
+    _check_keys(path, expected, plan)
+
     names_in: dict[Path, list[str]] = {}  # tensor names per file, in index order
-    for name, file in files.items():
-        st = opened.get(file) or opened.setdefault(file, SafetensorsFile(file))
+    for name, piece in plan.items():
+        file = files[name]
+        st = opened[file]
         names_in.setdefault(file, []).append(name)
         if name not in st.entries:
             raise CheckpointError(f"{path / INDEX_FILE} places {name!r} in {file.name}, which does not hold it")
-        if st.shape(name) != expected[name]:
+        want = tuple(expected[piece.target][piece.index].shape)
+        if st.shape(name) != want:
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
-                                  f"({path / 'config.json'}) needs {list(expected[name])}")
-        if not _DTYPES[st.entries[name]["dtype"]].is_floating_point:   # quantized or corrupt: never cast silently
+                                  f"({path / 'config.json'}) needs {list(want)}")
+        kind = _DTYPES[st.entries[name]["dtype"]]
+        if not kind.is_floating_point or (kind.itemsize == 1 and piece.scale is None
+                                          and expected[piece.target].dtype != kind):
+            # quantized or corrupt: never cast silently
             raise CheckpointError(f"{file.name}: tensor {name!r} is stored as {st.entries[name]['dtype']}; GLM-V "
-                                  f"weights are floating point (BF16, F16 or F32)")
+                                  f"weights are floating point (BF16, F16 or F32), or FP8 with the block scales "
+                                  f"and quantization_config of an FP8 release")
     started, loaded_bytes = time.perf_counter(), 0
     for i, (file, st) in enumerate(opened.items(), 1):
-        for name in names_in[file]:
+        for name in names_in.get(file, ()):
             # Always a copy: matmuls on weights left in the file mapping ran 5-10x slower on CPU (unaligned,
             # small-page memory). Releasing each tensor's source pages keeps the peak at one tensor over the model.
+            piece = plan[name]
             tensor = st.tensor(name)
             loaded_bytes += tensor.numel() * tensor.element_size()
-            _set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+            if piece.scale is not None:
+                tensor = fp8.dequantize(tensor.to(device), opened[files[piece.scale]].tensor(piece.scale).to(device),
+                                        quant.block)
+            _place(model, piece, tensor, _target_dtype(piece.target, expected[piece.target].dtype, dtype), device)
             st.release(name)
         log.info("loaded %s (%d/%d files, %.1f GiB in %.1fs)", file.name, i, len(opened), loaded_bytes / 2**30,
                  time.perf_counter() - started)
@@ -200,6 +231,72 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     if generation_file.is_file():
         model.generation_config = read_generation_config(generation_file)
     return model
+
+
+def _plan(model, names) -> dict[str, Piece]:
+    """Every checkpoint tensor's piece, as the model maps it (itself by name; MoE: per-expert tensors), less the
+    tensors it skips (the MTP layer)."""
+    pieces = {name: model.checkpoint_piece(name) for name in names}
+    return {name: piece for name, piece in pieces.items() if piece is not None}
+
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def _fp8_plan(model: nn.Module, stored: dict[str, str], spec: fp8.Fp8Spec, keep: bool) -> dict[str, Piece]:
+    """The pieces of an FP8 checkpoint (stored: each tensor's safetensors dtype). A weight with a `_scale_inv`
+    sibling is FP8. keep: the text decoder's linear layers and per-expert-stored experts become FP8 modules that
+    load the weights and scales as stored; every other FP8 tensor is dequantized as it loads."""
+    scales = {name for name in stored if name.endswith(fp8.SCALE)}
+    quantized = {name[:-len(fp8.SCALE)] for name in scales}
+    for name in sorted(quantized):
+        if stored.get(name) != "F8_E4M3":
+            raise CheckpointError(f"{name + fp8.SCALE!r} scales {name!r}, which is " + (
+                "not in the checkpoint" if name not in stored else f"stored as {stored[name]}, not F8_E4M3"))
+    pieces = _plan(model, [name for name in stored if name not in scales])
+    kept = set()
+    for name in sorted(quantized & set(pieces)) if keep else ():
+        module_name = pieces[name].target.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Linear) and ".language_model." in f".{module_name}.":
+            parent, _, leaf = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, fp8.Fp8Linear(module, spec.block))
+            kept.add(name)
+        elif hasattr(module, "to_fp8") and _PER_EXPERT.search(name):  # glmv.moe.Experts
+            module.to_fp8(spec.block)
+            kept.add(name)
+    moe = model.config.text.moe
+    rows = fp8.cdiv(moe.moe_intermediate_size, spec.block[0]) if moe is not None else None
+    for name in quantized & set(pieces):
+        if name in kept:
+            pieces[name + fp8.SCALE] = model.checkpoint_piece(name + fp8.SCALE, rows)
+        else:
+            pieces[name] = Piece(pieces[name].target, pieces[name].index, scale=name + fp8.SCALE)
+    return pieces
+
+
+# the router's correction bias stays float32 in any model dtype (transformers' _keep_in_fp32_modules_strict), as do
+# FP8 block scales; FP8 weights kept for on-the-fly dequantization stay FP8
+_FLOAT32_NAMES = ("e_score_correction_bias", "_scale_inv")
+
+
+def _target_dtype(name: str, meta_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    if name.endswith(_FLOAT32_NAMES):
+        return torch.float32
+    return meta_dtype if meta_dtype.itemsize == 1 and meta_dtype.is_floating_point else dtype
+
+
+def _place(model: nn.Module, piece: Piece, tensor: torch.Tensor, dtype: torch.dtype, device) -> None:
+    if not piece.index:
+        _set_tensor(model, piece.target, tensor.to(device=device, dtype=dtype, copy=True))
+        return
+    module_name, _, leaf = piece.target.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = getattr(module, leaf)
+    if current.is_meta:  # the first piece of a stacked tensor allocates it
+        _set_tensor(model, piece.target, torch.empty(current.shape, dtype=dtype, device=device))
+        current = getattr(module, leaf)
+    current.data[piece.index].copy_(tensor)
 
 
 def _json_kind(value) -> str:
@@ -251,9 +348,14 @@ def build_on_meta(cls, config):
             setattr(nn.init, name, fn)
 
 
-def _check_keys(path: Path, expected: dict, files: dict) -> None:
-    missing = sorted(set(expected) - set(files))
-    unexpected = sorted(set(files) - set(expected))
+def _check_keys(path: Path, expected: dict, plan: dict[str, Piece]) -> None:
+    """Every model tensor filled exactly (stacked ones by pieces covering them), no checkpoint tensor left over."""
+    covered: dict[str, int] = {}
+    for piece in plan.values():
+        if piece.target in expected:
+            covered[piece.target] = covered.get(piece.target, 0) + expected[piece.target][piece.index].numel()
+    missing = sorted(name for name, t in expected.items() if covered.get(name, 0) != t.numel())
+    unexpected = sorted(name for name, piece in plan.items() if piece.target not in expected)
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:

@@ -100,7 +100,7 @@ class Predictor:
     def _load(self, cfg: Config, run_tag: str) -> None:
         import torch
 
-        from glmv.model import AutoModelForImageTextToText
+        from glmv.auto import AutoModelForImageTextToText
         from glmv.output import parse_output
         from glmv.processor import Glm4vProcessor
 
@@ -109,7 +109,7 @@ class Predictor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
         self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
-        # GLM-4.1V/4.6V or GLM-OCR, as config.json's model_type says
+        # GLM-4.1V/4.6V, GLM-4.5V/4.6V MoE or GLM-OCR, as config.json says
         self.model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=self.dtype, device=self.device)
         self.processor.check_model(self.model.config)
         self.model.eval()

@@ -21,7 +21,7 @@ from pipeline.storage import StorageOptions
 
 SINGLE_WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 # glmv.config.SUPPORTED_MODEL_TYPES (a test keeps them equal): importing glmv here would import torch
-MODEL_TYPES = ("glm4v", "glm46v", "glm_ocr")
+MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe", "glm_ocr")
 PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -79,10 +79,9 @@ def _check_model_type(config: dict, source: str) -> None:
     model_type = config.get("model_type")
     if model_type in MODEL_TYPES:
         return
-    hint = " (the MoE GLM-4.5V/4.6V models are not supported)" if model_type == "glm4v_moe" else ""
-    raise ConfigError(f"model.path: {source}: model_type {model_type!r} is not supported{hint}; this pipeline runs "
-                      f"GLM-V checkpoints of the GLM-4.1V architecture and GLM-OCR (model_type "
-                      f"{', '.join(MODEL_TYPES[:-1])} or {MODEL_TYPES[-1]})")
+    raise ConfigError(f"model.path: {source}: model_type {model_type!r} is not supported; this pipeline runs "
+                      f"GLM-V checkpoints: the GLM-4.1V architecture, the GLM-4.5V/4.6V mixture of experts and "
+                      f"GLM-OCR (model_type {', '.join(MODEL_TYPES[:-1])} or {MODEL_TYPES[-1]})")
 
 
 def context_length(config: dict) -> int | None:

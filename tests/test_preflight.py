@@ -112,8 +112,8 @@ def _broken(tmp_path, tiny_gqa, damage):
     (lambda m: (m / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
     # another architecture: the model actors refused it too, but only once Ray was up and each had loaded it
     (lambda m: _model_type(m, "qwen2_vl"), r"config\.json: model_type 'qwen2_vl' is not supported; this pipeline "
-                                           r"runs GLM-V checkpoints .*\(model_type glm4v, glm46v or glm_ocr\)$"),
-    (lambda m: _model_type(m, "glm4v_moe"), r"'glm4v_moe' is not supported \(the MoE GLM-4.5V/4.6V models"),
+                                           r"runs GLM-V checkpoints.*\(model_type glm4v, glm46v, glm4v_moe or "
+                                           r"glm_ocr\)$"),
     (lambda m: _model_type(m, None), r"model_type None is not supported"),
 ])
 def test_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_gqa, corpus, damage, message):
