@@ -9,6 +9,7 @@ Raw rows: `uri`, `media_type`, `prompt`, `key`, `data` (embedded bytes), `error`
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import glob as globlib
@@ -29,8 +30,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline import listing, storage
+from pipeline import listing, pdf, storage
 from pipeline.config import ConfigError
+from pipeline.decode import describe_error
 from pipeline.items import KEPT, LISTED, canonical_uri, media_type_of, sniff_media_type
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -891,7 +893,7 @@ def _sample_row(shard_uri: str, key: str, members: dict[str, bytes]) -> tuple:
         if kind:
             return uri, kind, key, blob, None
     names = ", ".join(sorted(members)) or "none"
-    return uri, "", key, None, f"{uri}: sample has no image or video member (members: {names})"
+    return uri, "", key, None, f"{uri}: sample has no image, video or PDF member (members: {names})"
 
 
 def read_tar(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
@@ -925,4 +927,12 @@ READERS = {"listing": read_listing, "manifest": read_manifest, "webdataset": rea
 
 
 def read_unit(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
-    return READERS[unit.kind](unit, spec, known)
+    """The unit's pieces, each PDF in them as one row per page (pipeline.pdf); a piece still stands for the rows of
+    the input it was read from (its extent)."""
+    listed = unit.kind == "listing"
+    describe = lambda uri, exc: describe_error(uri, exc, listed)   # noqa: E731
+    for piece in READERS[unit.kind](unit, spec, known):
+        if piece.table is not None and not piece.finished:
+            rows = piece.rows if piece.rows >= 0 else piece.table.num_rows
+            piece = dataclasses.replace(piece, table=pdf.expand(piece.table, spec.opts, describe), rows=rows)
+        yield piece

@@ -116,7 +116,7 @@ def test_webdataset_shards_on_s3(s3, local_ray, tiny_gqa, tmp_path):
                         ("000001.tar#a", "a"), ("000001.tar#bad", "bad"), ("000001.tar#d", "d"),
                         ("000002.tar#e", "e"), ("000002.tar#f", "f")}          # the same key in two shards: two items
     assert got[("000001.tar#bad", "bad")].startswith("s3://wds-formats/s/000001.tar#bad: ")  # a corrupt member: its row
-    assert "no image or video member" in got[("000002.tar#f", "f")]
+    assert "no image, video or PDF member" in got[("000002.tar#f", "f")]
     assert sum(pd.isna(e) for e in got.values()) == 6 and summary.done == 8
     assert df[df.key == "c"].media_type.iloc[0] == "video" and df[df.key == "c"].num_frames.iloc[0] >= 2
 

@@ -303,7 +303,7 @@ def test_webdataset_shards_on_s3(s3, tmp_path):
     # the same key in two shards is two items
     assert by_uri[shard("001", "000/a")]["data"] == imgs[2] and by_uri[shard("001", "000/a")]["key"] == "000/a"
     assert by_uri[shard("001", "001/broken")]["error"] is None          # bad bytes: found out when decoding
-    assert "no image or video member (members: json)" in by_uri[shard("001", "001/meta")]["error"]
+    assert "no image, video or PDF member (members: json)" in by_uri[shard("001", "001/meta")]["error"]
     corrupt = by_uri["s3://wds-inputs/shards/002.tar"]["error"]
     assert corrupt.startswith("s3://wds-inputs/shards/002.tar: corrupt tar after 0 samples")
     assert len(tracker.shards) == 3 and len(tracker.units) == 3

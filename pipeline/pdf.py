@@ -1,0 +1,225 @@
+"""PDF documents as items, one per page, rendered with PDFium (pypdfium2).
+
+Read side (`expand`): a raw row naming a PDF becomes one row per page, uri `<document uri>#page=<n>` (1-based), with
+`page` and `num_pages`; each page has its own item id, so exactly-once and resume work page by page. Only the page
+count is read there: PDFium reads a document through a file handle on demand (its cross-reference table and page
+tree), never the whole file. A PDF embedded in the input (a tar member, Parquet bytes) is split into one-page PDFs,
+so that its pages travel as separate rows too. A document that cannot be opened (encrypted, corrupt, no pages) is
+one error row naming it and the cause.
+
+Decode side (`Pages`): a page is rendered when its decode task reaches it, at the resolution that fills the model's
+pixel budget (or `input.pdf_dpi`), handed to the processor and dropped; a block's pages of one document share one
+open document. PDFium is not thread-safe: every call into it holds one lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import threading
+
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.storage import StorageOptions
+
+PAGE_MARK = "#page="
+POINTS_PER_INCH = 72.0
+_LOCK = threading.RLock()
+_ERR_SUCCESS, _ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY = 0, 3, 4, 5
+
+
+class DocumentError(ValueError):
+    """A PDF that cannot be read or a page that cannot be rendered; `cause` is said after its URI."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def page_uri(document: str, page: int) -> str:
+    return f"{document}{PAGE_MARK}{page}"
+
+
+def document_uri(uri: str) -> str:
+    return uri.rsplit(PAGE_MARK, 1)[0]
+
+
+def _open(source):
+    """A pypdfium2 document from bytes, a path or a seekable handle; raises DocumentError saying why not."""
+    import pypdfium2 as pdfium
+
+    with _LOCK:
+        try:
+            doc = pdfium.PdfDocument(source)
+        except pdfium.PdfiumError as e:
+            code = getattr(e, "err_code", None)
+            if code in (_ERR_PASSWORD, _ERR_SECURITY):
+                raise DocumentError("encrypted PDF: it needs a password to open") from None
+            if code == _ERR_SUCCESS:   # PDFium refuses a document without pages so, naming no error
+                raise DocumentError("PDF has no pages") from None
+            what = "corrupt PDF" if code == _ERR_FORMAT else "unreadable PDF"
+            raise DocumentError(f"{what} ({e})") from None
+        if len(doc) == 0:
+            doc.close()
+            raise DocumentError("PDF has no pages")
+        return doc
+
+
+@contextlib.contextmanager
+def opened(uri: str, data: bytes | None, opts: StorageOptions):
+    """The open document of `uri` (or of its embedded bytes), closed on exit. A local file is read by path, an
+    object through a seekable handle: PDFium reads only the parts it needs."""
+    if data is not None:
+        doc = _open(data)
+        handle = None
+    else:
+        fs, path = storage.filesystem(uri, opts)
+        if storage.is_local(fs):
+            handle, doc = None, storage.fetch_with_retries(lambda: _open(path), uri, opts)
+        else:
+            handle = storage.fetch_with_retries(lambda: fs.open(path, "rb"), uri, opts)
+            try:
+                doc = storage.fetch_with_retries(lambda: _open(handle), uri, opts)
+            except BaseException:
+                handle.close()
+                raise
+    try:
+        yield doc
+    finally:
+        with _LOCK:
+            doc.close()
+        if handle is not None:
+            handle.close()
+
+
+# --- read side -----------------------------------------------------------------------------------------------
+
+
+def expand(table: pa.Table, opts: StorageOptions, describe) -> pa.Table:
+    """Raw rows with each PDF row (media_type 'pdf', no error yet) replaced by its page rows, or by one error row.
+    `describe(uri, exc)`: an item error's text. An outage of the store raises (the run stops, nothing recorded)."""
+    types = table["media_type"].to_pylist()
+    errors = table["error"].to_pylist()
+    if "pdf" not in types:
+        return table
+    uris, data = table["uri"].to_pylist(), table["data"].to_pylist()
+    take, new_uris, new_data, new_errors, pages, counts = [], [], [], [], [], []
+    for row, (uri, kind, blob, error) in enumerate(zip(uris, types, data, errors)):
+        if kind != "pdf" or error is not None:
+            take.append(row), new_uris.append(uri), new_data.append(blob), new_errors.append(error)
+            pages.append(None), counts.append(None)
+            continue
+        for page, count, page_data, page_error in _document_rows(uri, blob, opts, describe):
+            take.append(row), new_data.append(page_data), new_errors.append(page_error)
+            new_uris.append(page_uri(uri, page) if page else uri)
+            pages.append(page), counts.append(count)
+    out = table.take(pa.array(take, pa.int64()))
+    for name, values, kind in (("uri", new_uris, pa.string()), ("data", new_data, pa.large_binary()),
+                               ("error", new_errors, pa.string())):
+        out = out.set_column(out.column_names.index(name), name, pa.array(values, kind))
+    return out.append_column("page", pa.array(pages, pa.int32())).append_column("num_pages",
+                                                                               pa.array(counts, pa.int32()))
+
+
+def _document_rows(uri: str, data: bytes | None, opts: StorageOptions, describe):
+    """(page, num_pages, one-page PDF bytes or None, error) per page of the document; (None, count, None, error)
+    once when it cannot be opened."""
+    try:
+        with opened(uri, data, opts) as doc:
+            count = len(doc)
+            if data is None:   # fetched page by page when decoded
+                return [(n, count, None, None) for n in range(1, count + 1)]
+            rows = []
+            for n in range(1, count + 1):
+                page_data, cause = _one_page(doc, n)
+                rows.append((n, count, page_data, cause and f"{storage.redact(page_uri(uri, n))}: {cause}"))
+            return rows
+    except Exception as e:  # noqa: BLE001 - the document's own failure is its error row; an outage stops the run
+        if storage.classify(e) is storage.Fault.OUTAGE:
+            raise
+        count = 0 if isinstance(e, DocumentError) and e.cause == "PDF has no pages" else None
+        return [(None, count, None, describe(uri, e))]
+
+
+def _one_page(doc, page: int) -> tuple[bytes | None, str | None]:
+    """Page `page` of an embedded document as a PDF of its own (its fonts and images come along), or why not."""
+    import pypdfium2 as pdfium
+
+    with _LOCK:
+        single = pdfium.PdfDocument.new()
+        try:
+            single.import_pages(doc, [page - 1])
+            buf = io.BytesIO()
+            single.save(buf)
+            return buf.getvalue(), None
+        except Exception as e:  # noqa: BLE001 - one page's failure is that page's error row
+            return None, f"page could not be taken out of the document ({type(e).__name__}: {e})"
+        finally:
+            single.close()
+
+
+# --- decode side ---------------------------------------------------------------------------------------------
+
+
+def render_scale(width_pt: float, height_pt: float, dpi: float, budget: int, max_pixels: int) -> float:
+    """Pixels per point: `dpi` / 72, or (dpi 0) the scale whose render fills `budget` pixels (the processor's own
+    limit per image: rendering more would only be thrown away by its resize). Raises DocumentError where the render
+    would be over `max_pixels` (batching.max_input_pixels)."""
+    area = max(width_pt * height_pt, 1e-6)
+    scale = dpi / POINTS_PER_INCH if dpi else math.sqrt(budget / area)
+    if area * scale * scale > max_pixels:
+        raise DocumentError(f"rendering this {width_pt:.0f}x{height_pt:.0f} pt page at {scale * 72:.0f} dpi makes "
+                            f"{area * scale * scale:.0f} pixels, over batching.max_input_pixels = {max_pixels}")
+    return scale
+
+
+class Pages:
+    """Renders the pages of one decode task's items; keeps the last document opened, as a block holds runs of one
+    document's pages in order. Use as a context manager (closes it)."""
+
+    def __init__(self, opts: StorageOptions, dpi: float, budget: int, max_pixels: int):
+        self.opts, self.dpi, self.budget, self.max_pixels = opts, dpi, budget, max_pixels
+        self.uri, self.doc, self.stack = None, None, contextlib.ExitStack()
+
+    def __enter__(self) -> "Pages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self.stack.close()
+        self.uri, self.doc = None, None
+
+    def image(self, uri: str, page: int, data: bytes | None):
+        """The page as an RGB Pillow image. `data`: a one-page PDF of it (embedded input), else the document at
+        `uri` is opened (once for its run of pages)."""
+        if data is not None:
+            with opened(uri, data, self.opts) as doc:
+                return self._render(doc, 0)
+        document = document_uri(uri)
+        if document != self.uri:
+            self._close()
+            self.doc = self.stack.enter_context(opened(document, None, self.opts))
+            self.uri = document
+        if not 1 <= page <= len(self.doc):
+            raise DocumentError(f"the document has {len(self.doc)} pages now (changed since it was read?)")
+        return self._render(self.doc, page - 1)
+
+    def _render(self, doc, index: int):
+        with _LOCK:
+            page = doc[index]
+            try:
+                width, height = page.get_size()
+                scale = render_scale(width, height, self.dpi, self.budget, self.max_pixels)
+                try:
+                    bitmap = page.render(scale=scale, may_draw_forms=True)
+                    image = bitmap.to_pil().convert("RGB")   # a copy: the bitmap's buffer goes with it
+                    bitmap.close()
+                except Exception as e:  # noqa: BLE001 - PDFium's failure to draw one page
+                    raise DocumentError(f"page failed to render ({type(e).__name__}: {e})") from None
+                return image
+            finally:
+                page.close()
