@@ -27,7 +27,8 @@ from pipeline.storage import StorageOptions
 PAGE_MARK = "#page="
 POINTS_PER_INCH = 72.0
 _LOCK = threading.RLock()
-_ERR_SUCCESS, _ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY = 0, 3, 4, 5
+_ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY = 3, 4, 5
+NO_PAGES = "PDF has no pages"
 
 
 class DocumentError(ValueError):
@@ -47,44 +48,50 @@ def document_uri(uri: str) -> str:
 
 
 def _open(source):
-    """A pypdfium2 document from bytes, a path or a seekable handle; raises DocumentError saying why not."""
+    """A pypdfium2 document from bytes or a seekable handle; raises DocumentError saying why not.
+
+    Loaded through PDFium's own calls: pypdfium2's constructor takes a document without pages for a failed load and
+    reports PDFium's last error, which is then the error of an earlier document (PDFium only sets it on failure)."""
     import pypdfium2 as pdfium
+    import pypdfium2.internal as pdfium_i
+    import pypdfium2.raw as pdfium_c
 
     with _LOCK:
-        try:
-            doc = pdfium.PdfDocument(source)
-        except pdfium.PdfiumError as e:
-            code = getattr(e, "err_code", None)
+        hold = (source,)
+        if isinstance(source, bytes):
+            raw = pdfium_c.FPDF_LoadMemDocument64(source, len(source), None)
+        else:
+            access, held = pdfium_i.get_bufreader(source)
+            hold += (access, *held)
+            raw = pdfium_c.FPDF_LoadCustomDocument(access, None)
+        if not raw:
+            code = pdfium_c.FPDF_GetLastError()
             if code in (_ERR_PASSWORD, _ERR_SECURITY):
-                raise DocumentError("encrypted PDF: it needs a password to open") from None
-            if code == _ERR_SUCCESS:   # PDFium refuses a document without pages so, naming no error
-                raise DocumentError("PDF has no pages") from None
+                raise DocumentError("encrypted PDF: it needs a password to open")
             what = "corrupt PDF" if code == _ERR_FORMAT else "unreadable PDF"
-            raise DocumentError(f"{what} ({e})") from None
+            raise DocumentError(f"{what} (PDFium: {pdfium_i.ErrorToStr.get(code, code)})")
+        doc = pdfium.PdfDocument(raw)
+        doc.held_inputs = hold   # what PDFium reads from, alive as long as the document
         if len(doc) == 0:
             doc.close()
-            raise DocumentError("PDF has no pages")
+            raise DocumentError(NO_PAGES)
         return doc
 
 
 @contextlib.contextmanager
 def opened(uri: str, data: bytes | None, opts: StorageOptions):
-    """The open document of `uri` (or of its embedded bytes), closed on exit. A local file is read by path, an
-    object through a seekable handle: PDFium reads only the parts it needs."""
+    """The open document of `uri` (or of its embedded bytes), closed on exit. A file is read through a seekable
+    handle: PDFium reads only the parts it needs (its cross-reference table, the page tree, the pages drawn)."""
     if data is not None:
-        doc = _open(data)
-        handle = None
+        handle, doc = None, _open(data)
     else:
         fs, path = storage.filesystem(uri, opts)
-        if storage.is_local(fs):
-            handle, doc = None, storage.fetch_with_retries(lambda: _open(path), uri, opts)
-        else:
-            handle = storage.fetch_with_retries(lambda: fs.open(path, "rb"), uri, opts)
-            try:
-                doc = storage.fetch_with_retries(lambda: _open(handle), uri, opts)
-            except BaseException:
-                handle.close()
-                raise
+        handle = storage.fetch_with_retries(lambda: fs.open(path, "rb"), uri, opts)
+        try:
+            doc = storage.fetch_with_retries(lambda: _open(handle), uri, opts)
+        except BaseException:
+            handle.close()
+            raise
     try:
         yield doc
     finally:
@@ -139,7 +146,7 @@ def _document_rows(uri: str, data: bytes | None, opts: StorageOptions, describe)
     except Exception as e:  # noqa: BLE001 - the document's own failure is its error row; an outage stops the run
         if storage.classify(e) is storage.Fault.OUTAGE:
             raise
-        count = 0 if isinstance(e, DocumentError) and e.cause == "PDF has no pages" else None
+        count = 0 if isinstance(e, DocumentError) and e.cause == NO_PAGES else None
         return [(None, count, None, describe(uri, e))]
 
 
@@ -165,10 +172,15 @@ def _one_page(doc, page: int) -> tuple[bytes | None, str | None]:
 
 def render_scale(width_pt: float, height_pt: float, dpi: float, budget: int, max_pixels: int) -> float:
     """Pixels per point: `dpi` / 72, or (dpi 0) the scale whose render fills `budget` pixels (the processor's own
-    limit per image: rendering more would only be thrown away by its resize). Raises DocumentError where the render
-    would be over `max_pixels` (batching.max_input_pixels)."""
+    limit per image: rendering more would only be thrown away by its resize) and `max_pixels`
+    (batching.max_input_pixels). Raises DocumentError where `dpi` would make a render over `max_pixels`."""
     area = max(width_pt * height_pt, 1e-6)
-    scale = dpi / POINTS_PER_INCH if dpi else math.sqrt(budget / area)
+    if dpi:
+        scale = dpi / POINTS_PER_INCH
+    else:
+        scale = math.sqrt(min(budget, max_pixels) / area)
+        # PDFium rounds each side to whole pixels: leave room for that half pixel a side
+        scale *= math.sqrt(area * scale * scale / ((width_pt * scale + 1) * (height_pt * scale + 1)))
     if area * scale * scale > max_pixels:
         raise DocumentError(f"rendering this {width_pt:.0f}x{height_pt:.0f} pt page at {scale * 72:.0f} dpi makes "
                             f"{area * scale * scale:.0f} pixels, over batching.max_input_pixels = {max_pixels}")
