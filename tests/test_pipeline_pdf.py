@@ -214,14 +214,14 @@ def test_pdfs_in_a_parquet_bytes_column(local_ray, tiny_gqa, tmp_path):
 
 
 def test_kill_dash_9_mid_document_then_resume_gives_every_page_once(tiny_gqa, tmp_path):
-    pages = 48
+    pages = 32
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "long.pdf").write_bytes(pdf_bytes(pages, seed=3))
     out = tmp_path / "out"
     cfg_path = tmp_path / "run.toml"
     cfg_path.write_text(config_text(str(tmp_path / "in"), str(out), str(tiny_gqa)))
     cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(cfg_path), "--set", "ray.num_cpus=2",
-           "--set", "run.batch_size=2", "--set", "run.max_new_tokens=48", "--set", "output.rows_per_file=4",
+           "--set", "run.batch_size=2", "--set", "run.max_new_tokens=32", "--set", "output.rows_per_file=4",
            "--set", "batching.decode_batch_size=4"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
