@@ -221,17 +221,27 @@ class Pages:
         return self._render(self.doc, page - 1)
 
     def _render(self, doc, index: int):
-        with _LOCK:
-            page = doc[index]
+        return render_page(doc, index, lambda w, h: render_scale(w, h, self.dpi, self.budget, self.max_pixels))
+
+
+def render_page(doc, index: int, scale_of):
+    """Page `index` (0-based) as an RGB Pillow image, at the scale `scale_of(width_pt, height_pt)` gives."""
+    with _LOCK:
+        page = doc[index]
+        try:
+            scale = scale_of(*page.get_size())
             try:
-                width, height = page.get_size()
-                scale = render_scale(width, height, self.dpi, self.budget, self.max_pixels)
-                try:
-                    bitmap = page.render(scale=scale, may_draw_forms=True)
-                    image = bitmap.to_pil().convert("RGB")   # a copy: the bitmap's buffer goes with it
-                    bitmap.close()
-                except Exception as e:  # noqa: BLE001 - PDFium's failure to draw one page
-                    raise DocumentError(f"page failed to render ({type(e).__name__}: {e})") from None
-                return image
-            finally:
-                page.close()
+                bitmap = page.render(scale=scale, may_draw_forms=True)
+                image = bitmap.to_pil().convert("RGB")   # a copy: the bitmap's buffer goes with it
+                bitmap.close()
+            except Exception as e:  # noqa: BLE001 - PDFium's failure to draw one page
+                raise DocumentError(f"page failed to render ({type(e).__name__}: {e})") from None
+            return image
+        finally:
+            page.close()
+
+
+def page_of(uri: str) -> int | None:
+    """The page number a page item's uri ends with, or None."""
+    tail = uri.rsplit(PAGE_MARK, 1)[1] if PAGE_MARK in uri else ""
+    return int(tail) if tail.isdigit() else None

@@ -178,6 +178,13 @@ def test_loose_pdfs_and_a_manifest_locally(local_ray, tiny_gqa, tmp_path):
     name_of = lambda uri: os.path.relpath(uri, root)   # noqa: E731
     _, summary = _run(tmp_path, f'uri = "{root}"\n', tiny_gqa, tasks=("caption", "ocr"))
     check_rows(pd.read_parquet(tmp_path / "out"), name_of, tasks=("caption", "ocr"))
+    # the run's report: a thumbnail of each page, named by its document and page
+    html = (tmp_path / "out" / "_state" / "report.html").read_text()
+    for name, count in PAGES.items():
+        for page in range(1, count + 1):
+            label = f"{name.rsplit('/', 1)[-1]} · page {page} of {count}"
+            assert re.search(f'<img src="data:image/jpeg;base64,[^"]+" alt="{re.escape(label)}"', html), label
+    assert "no preview: encrypted PDF" in html
     # the same files named by a manifest
     names = sorted(corpus())
     pd.DataFrame({"uri": [str(root / n) for n in names]}).to_csv(tmp_path / "m.csv", index=False)
