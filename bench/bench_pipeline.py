@@ -226,18 +226,25 @@ class TreeMemory:
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            total = 0
-            for pid in self._tree():
-                try:
-                    status = self._status(pid)
-                    total += status.get("VmRSS", 0)
-                    if pid == str(self.root):
-                        self.driver_kb = max(self.driver_kb, status.get("VmHWM", 0))
-                    elif b"Predictor" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        self.actor_kb = max(self.actor_kb, status.get("VmHWM", 0))
-                except OSError:
-                    continue
-            self.total_kb = max(self.total_kb, total)
+            self._round()
+
+    def _round(self):
+        total = 0
+        for pid in self._tree():
+            try:
+                status = self._status(pid)
+                total += status.get("VmRSS", 0)
+                if pid == str(self.root):
+                    self.driver_kb = max(self.driver_kb, status.get("VmHWM", 0))
+                else:
+                    self._worker(pid, status)
+            except OSError:
+                continue
+        self.total_kb = max(self.total_kb, total)
+
+    def _worker(self, pid: str, status: dict[str, int]) -> None:
+        if b"Predictor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            self.actor_kb = max(self.actor_kb, status.get("VmHWM", 0))
 
     def stop(self) -> dict:
         self._stop.set()
