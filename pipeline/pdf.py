@@ -14,9 +14,15 @@ open document. PDFium is not thread-safe: every call into it holds one lock.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
+import hashlib
 import io
 import math
+import os
+import shutil
+import tempfile
 import threading
 
 import pyarrow as pa
@@ -26,6 +32,9 @@ from pipeline.storage import StorageOptions
 
 PAGE_MARK = "#page="
 POINTS_PER_INCH = 72.0
+# bytes per read of a document on a store: s3fs reads 50 MiB blocks by default, the whole of most PDFs for the page
+# count alone; PDFium reads the cross-reference table, the page tree and the page drawn, a few small ranges
+READ_BLOCK = 1 << 20
 _LOCK = threading.RLock()
 _ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY = 3, 4, 5
 NO_PAGES = "PDF has no pages"
@@ -86,7 +95,7 @@ def opened(uri: str, data: bytes | None, opts: StorageOptions):
         handle, doc = None, _open(data)
     else:
         fs, path = storage.filesystem(uri, opts)
-        handle = storage.fetch_with_retries(lambda: fs.open(path, "rb"), uri, opts)
+        handle = storage.fetch_with_retries(lambda: fs.open(path, "rb", block_size=READ_BLOCK), uri, opts)
         try:
             doc = storage.fetch_with_retries(lambda: _open(handle), uri, opts)
         except BaseException:
@@ -170,6 +179,42 @@ def _one_page(doc, page: int) -> tuple[bytes | None, str | None]:
 # --- decode side ---------------------------------------------------------------------------------------------
 
 
+class LocalCopies:
+    """Documents on a store, copied whole to this process's temporary folder when a page of theirs is first drawn,
+    the last `keep` of them kept. PDFium finds a page by walking the page tree, which in a flat one (one /Kids list
+    of every page) loads the page objects before it: through a store handle, drawing page 1,500 of a 2,000-page
+    document read 87% of it, again in every decode task holding some of its pages; a copy is read once per worker.
+    A copy is known by the object's size and version, so a document rewritten since is copied again."""
+
+    def __init__(self, keep: int = 4):
+        self.keep, self.folder, self.files = keep, None, collections.OrderedDict()
+
+    def local(self, uri: str, opts: StorageOptions) -> str:
+        fs, path = storage.filesystem(uri, opts)
+        if storage.is_local(fs):
+            return uri
+        info = storage.fetch_with_retries(lambda: fs.info(path), uri, opts)
+        version = next((info[k] for k in ("ETag", "etag", "generation", "mtime", "LastModified") if info.get(k)), "")
+        key = hashlib.sha256(f"{uri}\0{info.get('size')}\0{version}".encode()).hexdigest()[:32]
+        if key in self.files:
+            self.files.move_to_end(key)
+            return self.files[key]
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="glmv-pdf-")
+            atexit.register(shutil.rmtree, self.folder, True)
+        target = os.path.join(self.folder, f"{key}.pdf")
+        storage.fetch_with_retries(lambda: fs.get_file(path, target), uri, opts)
+        self.files[key] = target
+        while len(self.files) > self.keep:
+            _, old = self.files.popitem(last=False)
+            with contextlib.suppress(OSError):
+                os.remove(old)
+        return target
+
+
+_COPIES = LocalCopies()   # one per decode worker process
+
+
 def render_scale(width_pt: float, height_pt: float, dpi: float, budget: int, max_pixels: int) -> float:
     """Pixels per point: `dpi` / 72, or (dpi 0) the scale whose render fills `budget` pixels (the processor's own
     limit per image: rendering more would only be thrown away by its resize) and `max_pixels`
@@ -214,7 +259,7 @@ class Pages:
         document = document_uri(uri)
         if document != self.uri:
             self._close()
-            self.doc = self.stack.enter_context(opened(document, None, self.opts))
+            self.doc = self.stack.enter_context(opened(_COPIES.local(document, self.opts), None, self.opts))
             self.uri = document
         if not 1 <= page <= len(self.doc):
             raise DocumentError(f"the document has {len(self.doc)} pages now (changed since it was read?)")

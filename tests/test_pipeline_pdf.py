@@ -253,3 +253,35 @@ def test_kill_dash_9_mid_document_then_resume_gives_every_page_once(tiny_gqa, tm
     df = pd.read_parquet(out)
     assert sorted(df.page) == list(range(1, pages + 1)) and not df.duplicated(["id", "task"]).any()
     assert df.error.isna().all() and (df.num_pages == pages).all()
+
+
+def test_a_long_document_on_s3_is_counted_from_a_small_part_and_copied_once_to_draw(s3):
+    """Counting the pages of a 2,000-page PDF on a store reads a small part of it; drawing pages copies it once per
+    worker (PDFium walks a flat page tree through every page before the one drawn: through the store, page 1,500
+    read 87% of the document), again only once it is rewritten."""
+    from unittest import mock
+
+    fs = s3fs_for(s3)
+    fs.mkdir("pdf-reads")
+    data = pdf_bytes(2000, seed=4)
+    fs.pipe("pdf-reads/long.pdf", data)
+    opts, uri = StorageOptions(endpoint_url=s3, retries=1), "s3://pdf-reads/long.pdf"
+    caches, real = [], pdf._open   # each handle's read cache, which counts the bytes asked of the store
+    with mock.patch.object(pdf, "_open", side_effect=lambda source: caches.append(source.cache) or real(source)):
+        counted = pdf.expand(raw_table([uri], ["pdf"]), opts, lambda u, e: f"{u}: {e}")
+    assert counted.num_rows == 2000 and counted["num_pages"][0].as_py() == 2000
+    assert len(caches) == 1 and 0 < caches[0].total_requested_bytes < len(data) / 4, (caches, len(data))
+    copies = pdf.LocalCopies(keep=1)
+    with mock.patch.object(pdf, "_COPIES", copies):
+        stamps = []
+        for page in (1500, 3, 1999):   # three decode tasks of one worker
+            with pdf.Pages(opts, 0, 200_000, 10**8) as pages:
+                assert pages.image(pdf.page_uri(uri, page), page, None).width > 0
+            (copy,) = copies.files.values()
+            stamps.append((copy, os.stat(copy).st_mtime_ns, os.stat(copy).st_size))
+        assert len(set(stamps)) == 1 and stamps[0][2] == len(data)   # copied once, whole
+        fs.pipe("pdf-reads/long.pdf", pdf_bytes(3, seed=5))   # rewritten: copied again
+        with pdf.Pages(opts, 0, 200_000, 10**8) as pages, pytest.raises(pdf.DocumentError, match="has 3 pages now"):
+            pages.image(pdf.page_uri(uri, 1500), 1500, None)
+        assert os.listdir(copies.folder) == [os.path.basename(p) for p in copies.files.values()]   # old one gone
+        assert list(copies.files.values()) != [stamps[0][0]]
