@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_pipeline import BASE_ENV, SIDE_ENV, TreeMemory, generated_count, to_toml  # noqa: E402
+from bench.bench_pipeline import BASE_ENV, TreeMemory, generated_count, launch_job  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -157,19 +157,7 @@ class JobMemory(TreeMemory):
 def run_job(args, workdir: Path) -> dict:
     import pyarrow.dataset as pads
 
-    config = workdir / "job.toml"
-    config.write_text(to_toml(job_config(args)))
-    env = {**BASE_ENV, **os.environ, **SIDE_ENV["job"], "PYTHONPATH": str(REPO)}
-    with open(workdir / "job.log", "w") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "caption.py"), "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        memory = JobMemory(proc.pid)
-        code = proc.wait()
-        seconds = time.perf_counter() - start
-    result = {"seconds": seconds, **memory.stop()}
-    if code != 0:
-        raise RuntimeError(f"jobs/caption.py exited {code}:\n{(workdir / 'job.log').read_text()[-3000:]}")
+    result = launch_job(job_config(args), workdir, JobMemory)
     table = pads.dataset(args.out, format="parquet").to_table(columns=["uri", "page", "error"])
     result["pages"] = table.num_rows
     result["errors"] = table["error"].drop_null().to_pylist()[:3]

@@ -7,9 +7,7 @@ import io
 import math
 import os
 import re
-import signal
 import subprocess
-import tarfile
 
 import pandas as pd
 import pyarrow as pa
@@ -22,8 +20,8 @@ from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.items import Item, from_table, item_id, to_table
 from pipeline.readers import raw_table
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import PY, REPO, config_text, read_output, s3fs_for, wait_for, write_local
-from tests.test_pipeline_formats import _run
+from tests.pipeline_helpers import PY, REPO, config_text, kill_mid_run, read_output, s3fs_for, write_local
+from tests.test_pipeline_formats import _run, _tar
 
 PAGES = {"docs/a.pdf": 3, "docs/b.pdf": 2, "docs/sub/c.pdf": 4}   # the readable documents and their pages
 CAUSES = {"docs/locked.pdf": "encrypted PDF", "docs/broken.pdf": "corrupt PDF", "docs/empty.pdf": "PDF has no pages"}
@@ -86,16 +84,6 @@ def check_rows(df: pd.DataFrame, name_of, tasks=("caption",)) -> None:
     images = df[df.media_type == "image"]
     assert sorted(map(name_of, images.uri)) == sorted(IMAGES) and images.error.isna().all()
     assert images.page.isna().all() and len(df) == sum(PAGES.values()) + len(CAUSES) + len(IMAGES)
-
-
-def _tar(members) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 # --- rendering and expanding, no Ray ---------------------------------------------------------------------------
@@ -230,19 +218,7 @@ def test_kill_dash_9_mid_document_then_resume_gives_every_page_once(tiny_gqa, tm
     cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(cfg_path), "--set", "ray.num_cpus=2",
            "--set", "run.batch_size=2", "--set", "run.max_new_tokens=32", "--set", "output.rows_per_file=4",
            "--set", "batching.decode_batch_size=4"]
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert wait_for(lambda: len(list(out.glob("*.parquet"))) >= 2 or first.poll() is not None, timeout=240)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)   # the driver and its whole local Ray, in the middle of the document
-        first.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(first.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+    kill_mid_run(cmd, out, tmp_path / "first.log")   # the driver and its whole local Ray, mid document
     before = pd.read_parquet(out)
     assert 0 < len(before) < pages
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
