@@ -2,14 +2,15 @@
 
 Read side (`expand`): a raw row naming a PDF becomes one row per page, uri `<document uri>#page=<n>` (1-based), with
 `page` and `num_pages`; each page has its own item id, so exactly-once and resume work page by page. Only the page
-count is read there: PDFium reads a document through a file handle on demand (its cross-reference table and page
-tree), never the whole file. A PDF embedded in the input (a tar member, Parquet bytes) is split into one-page PDFs,
-so that its pages travel as separate rows too. A document that cannot be opened (encrypted, corrupt, no pages) is
-one error row naming it and the cause.
+count is read there, through a file handle that PDFium reads on demand (its cross-reference table and page tree:
+14% of a flat 2,000-page document). A PDF embedded in the input (a tar member, Parquet bytes) is split into one-page
+PDFs, so that its pages travel as separate rows too. A document that cannot be opened (encrypted, corrupt, no pages)
+is one error row naming it and the cause; one that kills the read task's worker, too (pipeline.poison).
 
 Decode side (`Pages`): a page is rendered when its decode task reaches it, at the resolution that fills the model's
 pixel budget (or `input.pdf_dpi`), handed to the processor and dropped; a block's pages of one document share one
-open document. PDFium is not thread-safe: every call into it holds one lock.
+open document, and a document on a store is copied to the worker's disk once (`LocalCopies`). PDFium is not
+thread-safe: every call into it holds one lock.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import tempfile
 import threading
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.poison import CrashGuard, crash_message, inject_crash
 from pipeline.storage import StorageOptions
 
 PAGE_MARK = "#page="
@@ -113,24 +116,30 @@ def opened(uri: str, data: bytes | None, opts: StorageOptions):
 # --- read side -----------------------------------------------------------------------------------------------
 
 
-def expand(table: pa.Table, opts: StorageOptions, describe) -> pa.Table:
+def expand(table: pa.Table, opts: StorageOptions, describe, run_tag: str = "") -> pa.Table:
     """Raw rows with each PDF row (media_type 'pdf', no error yet) replaced by its page rows, or by one error row.
-    `describe(uri, exc)`: an item error's text. An outage of the store raises (the run stops, nothing recorded)."""
-    types = table["media_type"].to_pylist()
-    errors = table["error"].to_pylist()
-    if "pdf" not in types:
+    `describe(uri, exc)`: an item error's text. An outage of the store raises (the run stops, nothing recorded). A
+    document that killed the read task's worker while it was opened (pipeline.poison) is an error row too."""
+    if not pc.any(pc.equal(table["media_type"], "pdf")).as_py():   # most pieces: no PDF, nothing converted
         return table
+    types, errors = table["media_type"].to_pylist(), table["error"].to_pylist()
     uris, data = table["uri"].to_pylist(), table["data"].to_pylist()
+    guard = CrashGuard(run_tag, "read", [u for u, k, e in zip(uris, types, errors) if k == "pdf" and e is None])
     take, new_uris, new_data, new_errors, pages, counts = [], [], [], [], [], []
     for row, (uri, kind, blob, error) in enumerate(zip(uris, types, data, errors)):
+        if kind == "pdf" and error is None and guard.gave_up(str(row)):
+            error = crash_message(storage.redact(uri), "opening the PDF", guard.poisoned(str(row)))
         if kind != "pdf" or error is not None:
             take.append(row), new_uris.append(uri), new_data.append(blob), new_errors.append(error)
             pages.append(None), counts.append(None)
             continue
+        guard.at(str(row))
+        inject_crash("read", uri)
         for page, count, page_data, page_error in _document_rows(uri, blob, opts, describe):
             take.append(row), new_data.append(page_data), new_errors.append(page_error)
             new_uris.append(page_uri(uri, page) if page else uri)
             pages.append(page), counts.append(count)
+    guard.finished()
     out = table.take(pa.array(take, pa.int64()))
     for name, values, kind in (("uri", new_uris, pa.string()), ("data", new_data, pa.large_binary()),
                                ("error", new_errors, pa.string())):

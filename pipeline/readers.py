@@ -91,6 +91,7 @@ class ReadSpec:
     keep_schema: pa.Schema | None = None   # types of the kept columns (kept_schema)
     started_at: float = 0.0     # this run's start (wall clock): a listing made now is stamped with it
     relist_before: float = 0.0  # the end of the last run that ended: partitions listed before it are listed again
+    run_tag: str = ""           # keys the crash notes of this run's read tasks (pipeline.poison: a PDF PDFium dies on)
 
 
 @dataclass
@@ -934,5 +935,6 @@ def read_unit(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
     for piece in READERS[unit.kind](unit, spec, known):
         if piece.table is not None and not piece.finished:
             rows = piece.rows if piece.rows >= 0 else piece.table.num_rows
-            piece = dataclasses.replace(piece, table=pdf.expand(piece.table, spec.opts, describe), rows=rows)
+            piece = dataclasses.replace(piece, table=pdf.expand(piece.table, spec.opts, describe, spec.run_tag),
+                                        rows=rows)
         yield piece

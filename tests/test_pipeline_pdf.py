@@ -20,7 +20,8 @@ from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.items import Item, from_table, item_id, to_table
 from pipeline.readers import raw_table
 from pipeline.storage import StorageOptions
-from tests.pipeline_helpers import PY, REPO, config_text, kill_mid_run, read_output, s3fs_for, write_local
+from tests.pipeline_helpers import (PY, REPO, config_text, kill_mid_run, read_output, run_job, s3fs_for,
+                                    write_local)
 from tests.test_pipeline_formats import _run, _tar
 
 PAGES = {"docs/a.pdf": 3, "docs/b.pdf": 2, "docs/sub/c.pdf": 4}   # the readable documents and their pages
@@ -261,3 +262,23 @@ def test_a_long_document_on_s3_is_counted_from_a_small_part_and_copied_once_to_d
             pages.image(pdf.page_uri(uri, 1500), 1500, None)
         assert os.listdir(copies.folder) == [os.path.basename(p) for p in copies.files.values()]   # old one gone
         assert list(copies.files.values()) != [stamps[0][0]]
+
+
+def test_a_document_that_kills_its_read_task_is_one_error_row(tiny_gqa, tmp_path):
+    """PDFium is native code: a document it dies on while its pages are counted (a test hook sends the read task's
+    worker SIGSEGV) is retried a bounded number of times, then one error row; the other documents run."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    (corpus / "good.pdf").write_bytes(pdf_bytes(2, seed=1))
+    (corpus / "poison.pdf").write_bytes(pdf_bytes(2, seed=2))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(config_text(str(corpus), str(out), str(tiny_gqa)))
+    result = run_job(cfg, "ray.num_cpus=2", "run.max_new_tokens=3", env={"GLMV_TEST_CRASH_ON": "read:poison.pdf"},
+                     timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    df = pd.read_parquet(out)
+    assert sorted(df.uri) == [f"{corpus / 'good.pdf'}#page=1", f"{corpus / 'good.pdf'}#page=2",
+                              str(corpus / "poison.pdf")]
+    bad = df[df.uri == str(corpus / "poison.pdf")].error.iloc[0]
+    assert bad.startswith(f"{corpus / 'poison.pdf'}: worker crashed while opening the PDF"), bad
+    assert df[df.page.notna()].error.isna().all()
