@@ -180,7 +180,7 @@ def test_manifests_resolve_relative_uris_keep_columns_and_drop_repeats(tmp_path,
     rows = [{"url": "images/sub/img_00.jpg", "prompt": "What colour dominates?", "n": 1},
             {"url": str(tmp_path / "m" / "images" / "img_01.png"), "prompt": "", "n": 2},
             {"url": "videos/clip_0.mp4", "prompt": "", "n": 3},
-            {"url": "docs/file.pdf", "prompt": "", "n": 4},
+            {"url": "docs/file.txt", "prompt": "", "n": 4},
             {"url": f"file://{tmp_path / 'm' / 'images' / 'sub' / 'img_00.jpg'}", "prompt": "", "n": 5},  # repeat
             {"url": "images/../images/img_01.png", "prompt": "", "n": 6}]                                   # repeat
     path = tmp_path / "m" / f"manifest.{fmt}"
@@ -189,7 +189,7 @@ def test_manifests_resolve_relative_uris_keep_columns_and_drop_repeats(tmp_path,
     items, tracker = read_all(spec, TaskPlan(("caption", "ocr"), "prompt"))
     assert [i["uri"] for i in items] == [str(tmp_path / "m" / p) for p in
                                          ("images/sub/img_00.jpg", "images/img_01.png", "videos/clip_0.mp4",
-                                          "docs/file.pdf")]
+                                          "docs/file.txt")]
     assert [i["input:n"] for i in items] == [1, 2, 3, 4]                 # kept columns ride along, typed
     assert items[0]["prompt"] == "What colour dominates?" and items[0]["tasks"] == ["caption", "ocr", "prompt"]
     assert items[1]["tasks"] == ["caption", "ocr"]
