@@ -234,18 +234,25 @@ class TreeMemory:
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            total = 0
-            for pid in self._tree():
-                try:
-                    status = self._status(pid)
-                    total += status.get("VmRSS", 0)
-                    if pid == str(self.root):
-                        self.driver_kb = max(self.driver_kb, status.get("VmHWM", 0))
-                    elif b"Predictor" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        self.actor_kb = max(self.actor_kb, status.get("VmHWM", 0))
-                except OSError:
-                    continue
-            self.total_kb = max(self.total_kb, total)
+            self._round()
+
+    def _round(self):
+        total = 0
+        for pid in self._tree():
+            try:
+                status = self._status(pid)
+                total += status.get("VmRSS", 0)
+                if pid == str(self.root):
+                    self.driver_kb = max(self.driver_kb, status.get("VmHWM", 0))
+                else:
+                    self._worker(pid, status)
+            except OSError:
+                continue
+        self.total_kb = max(self.total_kb, total)
+
+    def _worker(self, pid: str, status: dict[str, int]) -> None:
+        if b"Predictor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            self.actor_kb = max(self.actor_kb, status.get("VmHWM", 0))
 
     def stop(self) -> dict:
         self._stop.set()
@@ -254,23 +261,30 @@ class TreeMemory:
                 "actor_peak_rss_mb": self.actor_kb / 1024}
 
 
-def run_job(args, workdir: Path) -> dict:
-    """jobs/caption.py as a user runs it, timed from launch to exit; its rows read back from the output Parquet."""
-    import pyarrow.dataset as pads
-
-    config = workdir / "job.toml"
-    config.write_text(to_toml(job_config(args)))
+def launch_job(config: dict, workdir: Path, memory=TreeMemory) -> dict:
+    """jobs/caption.py with this config as a user runs it, timed from launch to exit, its process tree's memory
+    followed by `memory`; raises RuntimeError with its log's end when it fails."""
+    path = workdir / "job.toml"
+    path.write_text(to_toml(config))
     env = {**BASE_ENV, **os.environ, **SIDE_ENV["job"], "PYTHONPATH": str(REPO)}
     with open(workdir / "job.log", "w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "caption.py"), "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "caption.py"), "--config", str(path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        memory = TreeMemory(proc.pid)
+        watch = memory(proc.pid)
         code = proc.wait()
         end = time.perf_counter()
-    result = {"seconds": end - start, **memory.stop()}
+    result = {"seconds": end - start, **watch.stop()}
     if code != 0:
         raise RuntimeError(f"jobs/caption.py exited {code}:\n{(workdir / 'job.log').read_text()[-3000:]}")
+    return result
+
+
+def run_job(args, workdir: Path) -> dict:
+    """The job on the bench's work; its rows read back from the output Parquet."""
+    import pyarrow.dataset as pads
+
+    result = launch_job(job_config(args), workdir)
     table = pads.dataset(args.out, format="parquet").to_table(
         columns=["uri", "task", "text", "error", "num_input_tokens", "num_output_tokens"])
     result["errors"] = table["error"].drop_null().to_pylist()

@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError  # noqa: F401 - also imported from here 
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff", "tif")
 VIDEO_EXTENSIONS = ("mp4", "mov", "mkv", "webm", "avi")
+PDF_EXTENSIONS = ("pdf",)   # one item per page (pipeline.pdf)
 
 AUTO = "auto"   # run.batch_size (decode_slots), actors.count / actors.num_gpus (pipeline.preflight.plan_actors)
 GPU_SLOTS, CPU_SLOTS = 64, 8   # run.batch_size "auto"
@@ -59,6 +60,7 @@ class InputConfig:
     manifest_prompt_task: str = "prompt"   # task name given to a manifest row's own prompt
     max_items: int = 0       # 0 = no limit; otherwise stop reading after this many items
     relist: bool = True      # a listed prefix: a rerun after a run that ended lists it again for new objects
+    pdf_dpi: float = 0.0     # PDF pages rendered at this resolution; 0 = fill the model's pixel budget per page
 
     def fingerprint(self) -> str:
         """Hash of what selects the items (not how many): completion records are only trusted for the same."""
@@ -195,7 +197,9 @@ class Config:
         """Everything that changes what the model writes (not where input comes from or output goes)."""
         run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "drain_s"}   # how a run stops
         return {"model": dataclasses.asdict(self.model), "run": run,
-                "batching": {k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
+                "batching": {**{k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
+                             # only when set: outputs made before PDFs were read keep their settings' hash
+                             **({"pdf_dpi": self.input.pdf_dpi} if self.input.pdf_dpi else {})},
                 "tasks": [_task_settings(t) for t in self.task_specs()]}
 
     def result_hash(self) -> str:
@@ -226,7 +230,7 @@ _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "ou
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
                  "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed", "run.drain_s",
-                 "actors.max_restarts"}
+                 "actors.max_restarts", "input.pdf_dpi"}
 _RAY_RESOURCES = {"actors.num_gpus", "actors.num_cpus", "actors.decode_num_cpus"}
 # Upper bounds of values that cannot work (memory, time, the hardware); the model's context is checked against
 # run.max_new_tokens in pipeline/preflight.py, where the checkpoint is read.
@@ -249,6 +253,7 @@ _AT_MOST = {
     "run.seed": (1 << 63) - 1,               # torch's generator seed range
     "run.drain_s": 86400.0,
     "actors.max_restarts": 10_000,
+    "input.pdf_dpi": 2400.0,                 # a letter page at 2400 dpi is 540 Mpixels: past any model's budget
 }
 
 

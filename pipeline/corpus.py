@@ -71,3 +71,41 @@ def make_demo_corpus(folder: str | Path, num_images: int = 12, num_videos: int =
         (folder / "videos" / f"clip_{i:02d}.{c}").write_bytes(
             video_bytes(num_frames=12 + 6 * i, fps=6, width=112, height=84, seed=100 + i, container=c))
     return folder
+
+
+DISTINCT_PAGES = 32   # drawn pages of a synthetic PDF; longer ones repeat them (PDFium adds drawn pages in O(n))
+
+
+def pdf_bytes(num_pages: int, seed: int = 0, width_pt: float = 612, height_pt: float = 792,
+              picture: tuple[int, int] = (64, 48)) -> bytes:
+    """A PDF of `num_pages` pages (US Letter by default), each showing a small picture (image_array of seed +
+    page, repeating after DISTINCT_PAGES pages): a few KB a page, a 2,000-page one made in a second."""
+    import pypdfium2 as pdfium
+
+    doc = pdfium.PdfDocument.new()
+    try:
+        for n in range(min(num_pages, DISTINCT_PAGES)):
+            _draw_page(doc, width_pt, height_pt, image_array(*picture, seed=seed + n))
+        drawn = len(doc)
+        while len(doc) < num_pages:
+            doc.import_pages(doc, list(range(min(drawn, num_pages - len(doc)))))
+        buf = io.BytesIO()
+        doc.save(buf)
+        return buf.getvalue()
+    finally:
+        doc.close()
+
+
+def _draw_page(doc, width_pt: float, height_pt: float, picture: np.ndarray) -> None:
+    import pypdfium2 as pdfium
+
+    page = doc.new_page(width_pt, height_pt)
+    image = pdfium.PdfImage.new(doc)
+    bitmap = pdfium.PdfBitmap.from_pil(Image.fromarray(picture))
+    image.set_bitmap(bitmap)
+    bitmap.close()
+    image.set_matrix(pdfium.PdfMatrix().scale(width_pt * 0.8, height_pt * 0.4).translate(width_pt * 0.1,
+                                                                                            height_pt * 0.5))
+    page.insert_obj(image)
+    page.gen_content()
+    page.close()

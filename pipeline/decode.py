@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import items as items_mod
-from pipeline import storage
+from pipeline import pdf, storage
 from pipeline.errors import StorageUnavailable
 from pipeline.items import Item
 from pipeline.media import MediaLoader
@@ -38,12 +38,13 @@ class DecodeSettings:
     max_input_pixels: int
     opts: StorageOptions
     run_tag: str = ""           # keys the crash notes of this run (pipeline.poison)
+    pdf_dpi: float = 0.0        # input.pdf_dpi (0: the model's pixel budget decides)
 
     @classmethod
     def from_config(cls, cfg, run_tag: str = "") -> "DecodeSettings":
         b = cfg.batching
         return cls(cfg.model.path, b.max_pixels, b.max_video_pixels, b.max_frames, b.max_input_pixels,
-                   StorageOptions.from_config(cfg.storage), run_tag)
+                   StorageOptions.from_config(cfg.storage), run_tag, cfg.input.pdf_dpi)
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,16 +99,20 @@ def fail(item: Item, exc: BaseException) -> Item:
     return item
 
 
-def decode_one(item: Item, loader: MediaLoader, opts: StorageOptions, source=None) -> Item:
-    """Fill the media fields of one item (or its error), and drop its embedded bytes."""
-    item.data = None
+def decode_one(item: Item, loader: MediaLoader, opts: StorageOptions, source=None,
+               pages: pdf.Pages | None = None) -> Item:
+    """Fill the media fields of one item (or its error), and drop its embedded bytes. `pages`: renders PDF pages."""
+    data, item.data = item.data, None
     if item.error is not None:
         return item
-    if item.media_type not in ("image", "video"):
-        item.error = f"{item.uri}: unsupported file type (extensions: images and videos only)"
+    if item.media_type not in ("image", "video", "pdf"):
+        item.error = f"{item.uri}: unsupported file type (extensions: images, videos and PDFs only)"
         return item
     try:
-        loaded = _load(item, loader, opts, source)
+        if item.media_type == "pdf":
+            loaded = loader.load("image", pages.image(item.uri, item.page, data))
+        else:
+            loaded = _load(item, loader, opts, source)
     except Exception as e:  # noqa: BLE001 - every failure of one item becomes that item's error row
         return fail(item, e)
     frames = np.ascontiguousarray(loaded.frames)
@@ -136,18 +141,21 @@ def decode_batch(batch: pa.Table, settings: DecodeSettings) -> pa.Table:
     loader = _loader(s.model_path, s.max_pixels, s.max_video_pixels, s.max_frames, s.max_input_pixels)
     todo = items_mod.from_table(batch)
     guard = CrashGuard(s.run_tag, "decode", [it.id for it in todo])
+    image = loader.processor.image_settings   # its max_pixels counts an image as temporal_patch_size frames
+    pages = pdf.Pages(s.opts, s.pdf_dpi, image.max_pixels // image.temporal_patch_size, s.max_input_pixels)
     # fetch every object of the block at once, then decode one by one as their bytes arrive
     fetched = list(_fetch_pool().map(
         lambda it: _fetch(it, s.opts) if it.error is None and it.media_type in ("image", "video") else (None, None),
         todo))
-    for i, (item, (source, error)) in enumerate(zip(todo, fetched)):
-        if error is not None:
-            fail(item, error)
-        elif guard.gave_up(str(i)):
-            item.error, item.data = crash_message(item.uri, "decoding", guard.poisoned(str(i))), None
-        else:
-            guard.at(str(i))
-            inject_crash("decode", item.uri)
-            decode_one(item, loader, s.opts, source)
+    with pages:
+        for i, (item, (source, error)) in enumerate(zip(todo, fetched)):
+            if error is not None:
+                fail(item, error)
+            elif guard.gave_up(str(i)):
+                item.error, item.data = crash_message(item.uri, "decoding", guard.poisoned(str(i))), None
+            else:
+                guard.at(str(i))
+                inject_crash("decode", item.uri)
+                decode_one(item, loader, s.opts, source, pages)
     guard.finished()
     return items_mod.to_table(todo, items_mod.extra_columns(batch))

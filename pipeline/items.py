@@ -19,12 +19,12 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.config import IMAGE_EXTENSIONS, PDF_EXTENSIONS, VIDEO_EXTENSIONS
 
 ITEM_SCHEMA = pa.schema([
     ("id", pa.string()),                # first 32 hex digits of the SHA-256 of the canonical URI
     ("uri", pa.string()),
-    ("media_type", pa.string()),        # image | video | '' (neither: becomes an error row)
+    ("media_type", pa.string()),        # image | video | pdf (one page) | '' (none: becomes an error row)
     ("prompt", pa.string()),            # a manifest row's own prompt, or ''
     ("tasks", pa.list_(pa.string())),   # the tasks still to run for this item
     ("shard", pa.string()),             # the unit of resume the item was read from
@@ -39,6 +39,8 @@ ITEM_SCHEMA = pa.schema([
     ("frames", pa.large_binary()),      # (T, H, W, 3) uint8, decoded and resized to the model's grid
     ("frames_shape", pa.list_(pa.int32())),
     ("meta", pa.string()),              # JSON of the media loader's metadata (timestamps, fps, ...)
+    ("page", pa.int32()),               # a PDF page's number (1-based; its uri ends "#page=<n>"), else null
+    ("num_pages", pa.int32()),          # pages of that PDF (0: it has none), else null
 ])
 FIELDS = tuple(ITEM_SCHEMA.names)
 KEPT = "input:"   # kept input columns travel as "input:<name>", so no input column can shadow an item field
@@ -64,6 +66,8 @@ class Item:
     frames: bytes | None = None
     frames_shape: list[int] | None = None
     meta: str | None = None
+    page: int | None = None
+    num_pages: int | None = None
 
     def listed(self) -> bool:
         """Found by listing a prefix, rather than named by a manifest or held in a shard."""
@@ -125,7 +129,7 @@ def key_hash(ids: Iterable[str], tasks: Iterable[str]) -> np.ndarray:
 
 
 def media_type_of(name: str) -> str | None:
-    """'image', 'video' or None, from a file name's extension (a lying extension is caught when decoding)."""
+    """'image', 'video', 'pdf' or None, from a file name's extension (a lying extension is caught when decoding)."""
     base = urlsplit(name).path if "://" in name else name   # no ?query of a presigned URL
     base = base.rsplit("/", 1)[-1]
     ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
@@ -133,13 +137,17 @@ def media_type_of(name: str) -> str | None:
         return "image"
     if ext in VIDEO_EXTENSIONS:
         return "video"
+    if ext in PDF_EXTENSIONS:
+        return "pdf"
     return None
 
 
 def sniff_media_type(data: bytes) -> str:
-    """'image' or 'video' from the first bytes of embedded media with no file name; unknown bytes are tried as an
+    """'image', 'video' or 'pdf' from the first bytes of embedded media with no file name; unknown bytes are tried as an
     image, whose decoder then says what is wrong with them."""
     head = data[:16]
+    if head.startswith(b"%PDF-"):
+        return "pdf"
     if head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
         return "video"
     return "image"

@@ -71,11 +71,17 @@ def _meta(obj, kind: str) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name != _ARRAY_FIELD[kind]}
 
 
+def model_kind(media_type: str) -> str:
+    """What the model is given: a PDF page is rendered to an image."""
+    return "video" if media_type == "video" else "image"
+
+
 def restore(media_type: str, frames: np.ndarray, meta: dict):
     """Rebuild the glmv media object from shipped frames (actor side)."""
     from glmv.image import LoadedImage
     from glmv.video import LoadedVideo
 
+    media_type = model_kind(media_type)
     pixels = frames[0] if media_type == "image" else frames
     cls = LoadedImage if media_type == "image" else LoadedVideo
     return cls(**{_ARRAY_FIELD[media_type]: pixels}, **meta)

@@ -34,7 +34,7 @@ BOX = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.float64()
 SCHEMA = pa.schema([
     ("id", pa.string()),                  # stable item id: sha256 of the URI, 32 hex chars
     ("uri", pa.string()),
-    ("media_type", pa.string()),          # image | video ('' when the extension is neither)
+    ("media_type", pa.string()),          # image | video | pdf (one page) ('' when the extension is none)
     ("task", pa.string()),
     ("prompt", pa.string()),              # the user prompt sent with the media
     ("text", pa.string()),                # generated text, special tokens removed
@@ -49,6 +49,8 @@ SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("duration_s", pa.float64()),         # videos only
     ("num_frames", pa.int32()),           # frames given to the model (1 for images)
+    ("page", pa.int32()),                 # PDFs: the page (1-based; uri ends "#page=<n>"), else null
+    ("num_pages", pa.int32()),            # PDFs: the document's pages (0: none), else null
     ("model", pa.string()),
     ("run_config_hash", pa.string()),
     ("processed_at", pa.timestamp("us", tz="UTC")),
@@ -61,7 +63,8 @@ def error_row(item: dict, task: str, prompt: str, message: str, model: str, conf
             "prompt": prompt, "text": "", "thinking": "", "answer": "", "boxes": [], "error": message,
             "num_input_tokens": 0, "num_output_tokens": 0, "finish_reason": "error",
             "width": item.get("width"), "height": item.get("height"), "duration_s": item.get("duration_s"),
-            "num_frames": item.get("num_frames"), "model": model, "run_config_hash": config_hash,
+            "num_frames": item.get("num_frames"), "page": item.get("page"), "num_pages": item.get("num_pages"),
+            "model": model, "run_config_hash": config_hash,
             "processed_at": datetime.now(timezone.utc)}
 
 

@@ -72,7 +72,7 @@ def crash_message(uri: str, stage: str, crashes: int) -> str:
 
 
 def inject_crash(stage: str, uri: str) -> None:
-    """Test hook: with GLMV_TEST_CRASH_ON="<stage>:<text>" (stage `decode` or `model`), a URI containing the text
+    """Test hook: with GLMV_TEST_CRASH_ON="<stage>:<text>" (stage `read`, `decode` or `model`), a URI containing the text
     kills its worker with SIGSEGV at that stage, as a native decoder's segfault or a CUDA driver crash would."""
     marker = os.environ.get("GLMV_TEST_CRASH_ON", "")
     where, _, text = marker.partition(":")

@@ -29,7 +29,7 @@ from pipeline.breaker import OUTAGE
 from pipeline.config import AUTO, Config, TaskSpec, decode_slots
 from pipeline.errors import PipelineError
 from pipeline.items import Item
-from pipeline.media import restore
+from pipeline.media import model_kind, restore
 from pipeline.poison import CrashGuard, crash_message, inject_crash
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ CALLS_IN_FLIGHT = 3   # calls of a refill-mode actor running at once: one window
 #                       are prepared and queued. More windows wait as more memory (each holds its patches on the
 #                       model's device), fewer leave the slots waiting for the next window's host work
 ENGINE = "engine"     # the crash guard's position of a window whose rows are in the shared engine
+MEDIA_WORDS = {"pdf": "page"}   # a task prompt's {media}: "Describe this page", not "this pdf"
 KV_SHARE = 0.5   # of a GPU's free memory, for the KV cache (the rest: activations, vision, fragmentation): refill
 #                  mode sizes its engine's pool to it at the actor's start; in static mode a call whose slots would
 #                  need more runs with fewer. An actor holding a fraction of a GPU (actors.num_gpus < 1) takes that
@@ -185,7 +186,7 @@ class Predictor:
 
     @staticmethod
     def _prompt(spec: TaskSpec, row: dict) -> str:
-        return spec.prompt.replace("{media}", row["media_type"] or "file")
+        return spec.prompt.replace("{media}", MEDIA_WORDS.get(row["media_type"], row["media_type"]) or "file")
 
     # -- running the model ----------------------------------------------------------------------------------
 
@@ -344,8 +345,10 @@ class Predictor:
         template is cached), patchified on the model's device straight into its dtype, an item's frames once for
         all its tasks. The grids stay on the CPU: the model only reads them as lists, which on a GPU would be a
         sync per read."""
-        conversations = [[{"role": "user", "content": [{"type": s.row["media_type"], s.row["media_type"]: s.media},
-                                                        {"type": "text", "text": s.prompt}]}] for s in seqs]
+        kinds = [model_kind(s.row["media_type"]) for s in seqs]
+        conversations = [[{"role": "user", "content": [{"type": kind, kind: s.media},
+                                                        {"type": "text", "text": s.prompt}]}]
+                         for s, kind in zip(seqs, kinds)]
         prompts = [self.processor.apply_chat_template(conv, add_generation_prompt=True, enable_thinking=s.thinking)
                    for conv, s in zip(conversations, seqs)]
         return self.processor.encode_rendered(prompts, conversations, padding=True, return_tensors="pt",
@@ -360,7 +363,8 @@ class Predictor:
             "boxes": [dict(zip(("x1", "y1", "x2", "y2"), map(float, b))) for b in parsed.boxes],
             "error": None, "num_input_tokens": int(prompt_tokens), "num_output_tokens": int(generated),
             "finish_reason": reason, "width": s.row["width"], "height": s.row["height"],
-            "duration_s": s.row["duration_s"], "num_frames": s.row["num_frames"], "model": self.model_name,
+            "duration_s": s.row["duration_s"], "num_frames": s.row["num_frames"], "page": s.row["page"],
+            "num_pages": s.row["num_pages"], "model": self.model_name,
             "run_config_hash": self.config_hash, "processed_at": datetime.now(timezone.utc)}
 
     def _failed_row(self, s: Sequence, e: Exception) -> dict:
@@ -404,7 +408,7 @@ def _row_of(item: Item) -> dict:
     """The fields of an item that its output rows repeat (no frames: they stay in the item)."""
     return {"id": item.id, "uri": item.uri, "media_type": item.media_type, "prompt": item.prompt,
             "width": item.width, "height": item.height, "duration_s": item.duration_s,
-            "num_frames": item.num_frames}
+            "num_frames": item.num_frames, "page": item.page, "num_pages": item.num_pages}
 
 
 def is_device_failure(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ Raw rows: `uri`, `media_type`, `prompt`, `key`, `data` (embedded bytes), `error`
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import glob as globlib
@@ -29,8 +30,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline import listing, storage
+from pipeline import listing, pdf, storage
 from pipeline.config import ConfigError
+from pipeline.decode import describe_error
 from pipeline.items import KEPT, LISTED, canonical_uri, media_type_of, sniff_media_type
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -89,6 +91,7 @@ class ReadSpec:
     keep_schema: pa.Schema | None = None   # types of the kept columns (kept_schema)
     started_at: float = 0.0     # this run's start (wall clock): a listing made now is stamped with it
     relist_before: float = 0.0  # the end of the last run that ended: partitions listed before it are listed again
+    run_tag: str = ""           # keys the crash notes of this run's read tasks (pipeline.poison: a PDF PDFium dies on)
 
 
 @dataclass
@@ -891,7 +894,7 @@ def _sample_row(shard_uri: str, key: str, members: dict[str, bytes]) -> tuple:
         if kind:
             return uri, kind, key, blob, None
     names = ", ".join(sorted(members)) or "none"
-    return uri, "", key, None, f"{uri}: sample has no image or video member (members: {names})"
+    return uri, "", key, None, f"{uri}: sample has no image, video or PDF member (members: {names})"
 
 
 def read_tar(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
@@ -925,4 +928,13 @@ READERS = {"listing": read_listing, "manifest": read_manifest, "webdataset": rea
 
 
 def read_unit(unit: Unit, spec: ReadSpec, known: Known) -> Iterator[Piece]:
-    return READERS[unit.kind](unit, spec, known)
+    """The unit's pieces, each PDF in them as one row per page (pipeline.pdf); a piece still stands for the rows of
+    the input it was read from (its extent)."""
+    listed = unit.kind == "listing"
+    describe = lambda uri, exc: describe_error(uri, exc, listed)   # noqa: E731
+    for piece in READERS[unit.kind](unit, spec, known):
+        if piece.table is not None and not piece.finished:
+            rows = piece.rows if piece.rows >= 0 else piece.table.num_rows
+            piece = dataclasses.replace(piece, table=pdf.expand(piece.table, spec.opts, describe, spec.run_tag),
+                                        rows=rows)
+        yield piece

@@ -234,7 +234,7 @@ def _say(out, line: str) -> None:
 
 def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, out, stages,
          units: list[readers.Unit] | None) -> Summary:
-    spec = dataclasses.replace(read_spec(cfg, store.state), started_at=time.time(),
+    spec = dataclasses.replace(read_spec(cfg, store.state), started_at=time.time(), run_tag=store.run_tag,
                                relist_before=ended_at(store.last_run_record()) if cfg.input.relist else 0.0)
     plan = task_plan(cfg)
     units = readers.find_units(spec) if units is None else units

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -151,6 +152,24 @@ def run_job(config_path: Path, *overrides: str, timeout: float = 300, env: dict 
         cmd += ["--set", o]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def kill_mid_run(cmd: list[str], out: Path, log_path: Path, files: int = 2) -> None:
+    """Start the job in a session of its own, wait until `files` result files are under `out`, then kill -9 the
+    driver and its whole local Ray; fails if the run ended first."""
+    log = open(log_path, "w")
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_for(lambda: len(list(out.glob("*.parquet"))) >= files or first.poll() is not None, timeout=240)
+        assert first.poll() is None, log_path.read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:

@@ -110,7 +110,7 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
     write_local(corpus, files)
     rows = [{"uri": rel, "prompt": "What shape is largest?" if i == 0 else ""} for i, rel in enumerate(files)]
     rows.append({"uri": "images/missing.png", "prompt": ""})      # named, but not there (nothing was listed)
-    rows.append({"uri": "docs/readme.pdf", "prompt": ""})          # not an image or video
+    rows.append({"uri": "docs/readme.txt", "prompt": ""})          # not an image, video or PDF
     (corpus / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = config_text("", str(tmp_path / "out"), str(tiny_gqa), tasks=("ocr",)).replace(
         'uri = ""\n', f'manifest = "{corpus / "manifest.jsonl"}"\n', 1)
@@ -121,7 +121,7 @@ def test_manifest_with_own_prompts_and_local_output(local_ray, tiny_gqa, tmp_pat
     assert len(own) == 1 and own.prompt.iloc[0] == "What shape is largest?" and pd.isna(own.error.iloc[0])
     missing = df[df.uri.str.endswith("missing.png")].error.iloc[0]
     assert missing == f"{corpus / 'images' / 'missing.png'}: object not found"
-    assert "unsupported file type" in df[df.uri.str.endswith("readme.pdf")].error.iloc[0]
+    assert "unsupported file type" in df[df.uri.str.endswith("readme.txt")].error.iloc[0]
     assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in (tmp_path / "out").glob("*.parquet"))
 
 

@@ -5,9 +5,7 @@ every (item, task) exactly once."""
 
 import io
 import json
-import os
 import re
-import signal
 import subprocess
 import tarfile
 from unittest import mock
@@ -21,7 +19,7 @@ from PIL import Image
 from pipeline import config, preflight, readers
 from pipeline.items import item_id
 from pipeline.run import run
-from tests.pipeline_helpers import (PY, REPO, config_text, good_media, read_output, s3fs_for, wait_for,
+from tests.pipeline_helpers import (PY, REPO, config_text, good_media, kill_mid_run, read_output, s3fs_for,
                                     write_local)
 
 
@@ -116,7 +114,7 @@ def test_webdataset_shards_on_s3(s3, local_ray, tiny_gqa, tmp_path):
                         ("000001.tar#a", "a"), ("000001.tar#bad", "bad"), ("000001.tar#d", "d"),
                         ("000002.tar#e", "e"), ("000002.tar#f", "f")}          # the same key in two shards: two items
     assert got[("000001.tar#bad", "bad")].startswith("s3://wds-formats/s/000001.tar#bad: ")  # a corrupt member: its row
-    assert "no image or video member" in got[("000002.tar#f", "f")]
+    assert "no image, video or PDF member" in got[("000002.tar#f", "f")]
     assert sum(pd.isna(e) for e in got.values()) == 6 and summary.done == 8
     assert df[df.key == "c"].media_type.iloc[0] == "video" and df[df.key == "c"].num_frames.iloc[0] >= 2
 
@@ -160,19 +158,7 @@ def test_kill_dash_9_mid_shard_then_resume_gives_exactly_once(tiny_gqa, tmp_path
     cfg_path.write_text(text)
     cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(cfg_path), "--set", "ray.num_cpus=2",
            "--set", "run.batch_size=2", "--set", "run.max_new_tokens=48", "--set", "output.rows_per_file=4"]
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert wait_for(lambda: len(list(out.glob("*.parquet"))) >= 2 or first.poll() is not None, timeout=240)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGKILL)   # the driver and its whole local Ray, mid-shard
-        first.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(first.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+    kill_mid_run(cmd, out, tmp_path / "first.log")   # the driver and its whole local Ray, mid-shard
     before = len(pd.read_parquet(out))
     assert 0 < before < n_items * 2
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)

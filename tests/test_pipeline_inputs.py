@@ -180,7 +180,7 @@ def test_manifests_resolve_relative_uris_keep_columns_and_drop_repeats(tmp_path,
     rows = [{"url": "images/sub/img_00.jpg", "prompt": "What colour dominates?", "n": 1},
             {"url": str(tmp_path / "m" / "images" / "img_01.png"), "prompt": "", "n": 2},
             {"url": "videos/clip_0.mp4", "prompt": "", "n": 3},
-            {"url": "docs/file.pdf", "prompt": "", "n": 4},
+            {"url": "docs/file.txt", "prompt": "", "n": 4},
             {"url": f"file://{tmp_path / 'm' / 'images' / 'sub' / 'img_00.jpg'}", "prompt": "", "n": 5},  # repeat
             {"url": "images/../images/img_01.png", "prompt": "", "n": 6}]                                   # repeat
     path = tmp_path / "m" / f"manifest.{fmt}"
@@ -189,7 +189,7 @@ def test_manifests_resolve_relative_uris_keep_columns_and_drop_repeats(tmp_path,
     items, tracker = read_all(spec, TaskPlan(("caption", "ocr"), "prompt"))
     assert [i["uri"] for i in items] == [str(tmp_path / "m" / p) for p in
                                          ("images/sub/img_00.jpg", "images/img_01.png", "videos/clip_0.mp4",
-                                          "docs/file.pdf")]
+                                          "docs/file.txt")]
     assert [i["input:n"] for i in items] == [1, 2, 3, 4]                 # kept columns ride along, typed
     assert items[0]["prompt"] == "What colour dominates?" and items[0]["tasks"] == ["caption", "ocr", "prompt"]
     assert items[1]["tasks"] == ["caption", "ocr"]
@@ -303,7 +303,7 @@ def test_webdataset_shards_on_s3(s3, tmp_path):
     # the same key in two shards is two items
     assert by_uri[shard("001", "000/a")]["data"] == imgs[2] and by_uri[shard("001", "000/a")]["key"] == "000/a"
     assert by_uri[shard("001", "001/broken")]["error"] is None          # bad bytes: found out when decoding
-    assert "no image or video member (members: json)" in by_uri[shard("001", "001/meta")]["error"]
+    assert "no image, video or PDF member (members: json)" in by_uri[shard("001", "001/meta")]["error"]
     corrupt = by_uri["s3://wds-inputs/shards/002.tar"]["error"]
     assert corrupt.startswith("s3://wds-inputs/shards/002.tar: corrupt tar after 0 samples")
     assert len(tracker.shards) == 3 and len(tracker.units) == 3

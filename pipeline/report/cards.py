@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from pipeline.pdf import PAGE_MARK
 from pipeline.report import plots
 from pipeline.report.thumbs import Thumb
 
@@ -13,7 +14,7 @@ MAX_BOXES = 50    # per row: a degenerate output may hold thousands
 # the columns a card shows in their own places; any other one is listed as "name: value"
 KNOWN = {"id", "uri", "media_type", "task", "prompt", "text", "thinking", "answer", "boxes", "error",
          "num_input_tokens", "num_output_tokens", "finish_reason", "width", "height", "duration_s", "num_frames",
-         "model", "run_config_hash", "processed_at"}
+         "model", "run_config_hash", "processed_at", "page", "num_pages"}
 
 
 def card(rows: list[dict], thumb: Thumb, task_colors: dict[str, int]) -> dict:
@@ -26,13 +27,25 @@ def card(rows: list[dict], thumb: Thumb, task_colors: dict[str, int]) -> dict:
         row_boxes = list(_boxes(row.get("boxes")))
         boxes += [(plots.PALETTE[color % len(plots.PALETTE)], *_rect(b)) for b in row_boxes]
         task_rows.append(_task(row, color, row_boxes))
-    return {"uri": uri, "name": uri.rstrip("/").rsplit("/", 1)[-1] or uri,
+    return {"uri": uri, "name": _name(uri, first),
             "media": str(first.get("media_type") or ""), "has_error": any(r.get("error") is not None for r in rows),
             "info": _info(first), "frames": thumb.frames, "note": thumb.note, "boxes": boxes, "rows": task_rows}
 
 
+def _name(uri: str, row: dict) -> str:
+    """The file name; a PDF page's: its document's name and the page ("report.pdf · page 3 of 12")."""
+    if isinstance(row.get("page"), int) and PAGE_MARK in uri:
+        of = f" of {row['num_pages']}" if isinstance(row.get("num_pages"), int) else ""
+        uri = uri.rsplit(PAGE_MARK, 1)[0]
+        return f"{uri.rstrip('/').rsplit('/', 1)[-1] or uri} · page {row['page']}{of}"
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
 def _info(row: dict) -> str:
     parts = [str(row.get("media_type") or "not media")]
+    if isinstance(row.get("page"), int):
+        parts[0] = f"pdf page {row['page']}" + (f" of {row['num_pages']}" if isinstance(row.get("num_pages"), int)
+                                                else "")
     if isinstance(row.get("width"), int) and isinstance(row.get("height"), int):
         parts.append(f"{row['width']}×{row['height']}")
     if isinstance(row.get("duration_s"), float) and math.isfinite(row["duration_s"]):

@@ -42,6 +42,7 @@ STRIP_FRAMES = 4
 MAX_PIXELS = 200_000_000      # header-checked before decoding: a thumbnail is not worth a decompression bomb
 MAX_DECODED_PER_SEEK = 240    # frames decoded after one seek before giving up on reaching its timestamp
 TIMEOUT_S = 60.0              # a child that finishes nothing for this long is stopped
+MEDIA = ("image", "video", "pdf")
 # A test hook, read only by the child: an item whose URI contains this text kills the child with SIGSEGV, as a
 # crashing native decoder would.
 FAULT_ENV = "GLMV_REPORT_THUMB_FAULT"
@@ -57,7 +58,7 @@ def thumbnails(items: list[tuple[str, str]], opts: StorageOptions, threads: int 
                timeout: float = TIMEOUT_S) -> list[Thumb]:
     """One Thumb per (uri, media_type), in order, decoded in child processes (see the module's docstring)."""
     done: dict[int, Thumb] = {}
-    pending = [i for i, (_, media) in enumerate(items) if media in ("image", "video")]
+    pending = [i for i, (_, media) in enumerate(items) if media in MEDIA]
     for i, (_, media) in enumerate(items):
         if i not in pending:
             done[i] = Thumb(note="not an image or video")
@@ -167,8 +168,10 @@ def _serve() -> None:
 
 
 def thumbnail(uri: str, media_type: str, opts: StorageOptions) -> Thumb:
-    if media_type not in ("image", "video"):
+    if media_type not in MEDIA:
         return Thumb(note="not an image or video")
+    if media_type == "pdf":
+        return _pdf_page(uri, opts)
     try:
         fs, path = storage.filesystem(uri, opts)
         with storage.with_retries(lambda: fs.open(path, "rb"), uri, opts) as handle:
@@ -179,6 +182,21 @@ def thumbnail(uri: str, media_type: str, opts: StorageOptions) -> Thumb:
         if isinstance(e, FileNotFoundError) and "#" in uri:   # an item inside a tar or Parquet shard
             return Thumb(note=f"no preview: {uri.rsplit('#', 1)[0]} is a shard; its members are not previewed")
         return Thumb(note=f"no preview: {type(e).__name__}: {e}"[:300])
+
+
+def _pdf_page(uri: str, opts: StorageOptions) -> Thumb:
+    """The page a page item names, drawn to fit IMAGE_BOX (a document's error row: its first page, if any opens)."""
+    from pipeline import pdf
+
+    document, page = pdf.document_uri(uri), pdf.page_of(uri) or 1
+    if "#" in document:   # a PDF inside a tar or Parquet shard
+        return Thumb(note=f"no preview: {document.rsplit('#', 1)[0]} is a shard; its members are not previewed")
+    try:
+        with pdf.opened(document, None, opts) as doc:
+            img = pdf.render_page(doc, page - 1, lambda w, h: min(IMAGE_BOX[0] / w, IMAGE_BOX[1] / h))
+        return Thumb([_jpeg(img)])
+    except Exception as e:  # noqa: BLE001 - untrusted documents: whatever goes wrong is shown, not raised
+        return Thumb(note=f"no preview: {getattr(e, 'cause', None) or f'{type(e).__name__}: {e}'}"[:300])
 
 
 def _jpeg(img: Image.Image) -> str:
