@@ -253,6 +253,8 @@ def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, ou
               f", {len(resume.done_keys)} (item, task) rows of unfinished shards" +
               (" (whole output scanned: no completion records yet)" if store.scanned_existing else ""))
 
+    if not work:   # found before Ray starts: a rerun of a finished run costs a listing, no model actor
+        _say(out, f"nothing to do: {skipped} (item, task) rows done")
     summary = Summary(skipped=skipped)
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
@@ -549,7 +551,8 @@ def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPla
             if name in resume.extents:
                 extents.setdefault(unit, {})[number] = resume.extents[name]
     finished = [u for u in units if progress.covers(resume.records.get(u.id), plan.all())]
-    found, notes = changes.finished_units(finished, resume.extents, spec), changes.Notes()
+    found = changes.finished_units(finished, resume.extents, spec, {u: set(r) for u, r in records.items()})
+    notes = changes.Notes()
     work, again, skipped = [], [], 0
     for unit in units:
         shards = UnitWork(unit, records.get(unit.id, {}), extents.get(unit.id, {}))
