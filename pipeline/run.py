@@ -42,7 +42,7 @@ for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data
     logging.getLogger(_name).addFilter(HideOwnErrors())
 
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
-CUT_TASKS = 4              # read blocks cut into blocks of one call at once (zero-CPU tasks: bounded here)
+CUT_TASKS = 4              # repartition tasks at once (they hold no CPU: bounded here)
 TRACKER_POLL_S = 1.0
 STALL_S = 120.0           # no result for this long: say what the cluster has free
 
@@ -127,19 +127,12 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # parallel, Ray Data hands an actor whole blocks (a bigger block would be one long call whose rows all arrive at
     # its end), and a killed run loses at most a few windows of work. Not smaller: Ray Data spends ~25 ms of driver
     # CPU per block whatever its rows (measured), so 32-row blocks capped one driver at ~1,300 items/s; one call's
-    # worth is one block per call. The cut is a zero-CPU map fused with the repartition, so that at most
-    # CUT_TASKS of them run at once: unbounded, a 1e6-row manifest's 200 read blocks started 150 worker
-    # processes and kept the model actor from being placed for minutes.
+    # worth is one block per call. The cut holds no CPU (on a small machine it would queue behind the decode tasks
+    # for the one CPU the model actor leaves) and at most CUT_TASKS run at once: unbounded, a 1e6-row manifest's 200
+    # read blocks started 150 worker processes and kept the model actor from being placed for minutes.
     block_rows = items_per_call
-    ds = ds.map_batches(_whole, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                        compute=ray.data.TaskPoolStrategy(size=CUT_TASKS))
     ds = ds.repartition(target_num_rows_per_block=block_rows)
-    # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
-    # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
-    # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
-    # A worker that dies (a native decoder's segfault, the OOM killer, a crashing driver) is retried a bounded
-    # number of times, decode tasks and model actors alike; pipeline.poison turns the item it died on into an error
-    # row within those retries.
+    _bounded_without_cpu(ds, CUT_TASKS)
     # A decode task takes one block and decodes it decode_batch_size items at a time (what one batch's frames hold
     # in memory), its output streaming out as it goes.
     ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg, run_tag)},
@@ -157,8 +150,13 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     return ds
 
 
-def _whole(block: pa.Table) -> pa.Table:
-    return block
+def _bounded_without_cpu(ds: ray.data.Dataset, tasks: int) -> None:
+    """Let the dataset's last operator (the repartition: cutting blocks costs microseconds) hold no CPU slot, with at
+    most `tasks` of its tasks at once. Ray Data's repartition has no public knob for either."""
+    op = getattr(ds._logical_plan, "dag", None)
+    if isinstance(getattr(op, "ray_remote_args", None), dict) and hasattr(op, "compute"):
+        op.ray_remote_args["num_cpus"] = 0
+        object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))
 
 
 @dataclass
