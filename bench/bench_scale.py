@@ -1,8 +1,10 @@
 """The pipeline at corpus scale, each figure beside its reference measured in the same run:
 
     .venv/bin/python bench/bench_scale.py [--listing-items 200000] [--resume 100000,1000000,10000000] \\
-        [--layouts manifests,big,grown,grown-csv,listed] [--listed-max 1000000] [--machinery-items 200000] \\
-        [--before-max 1000000] [--skip-ratio]
+        [--layouts manifests,big,grown,grown-csv,listed] [--listed-max 1000000] [--machinery-items 1000000] \\
+        [--single-manifest-items 1000000] [--before-max 1000000] [--parts 1,2,3,4] [--skip-ratio]
+
+    (run with PYTHONPATH=<repo>:<repo>/bench: the zero-cost stages are this module's, imported by Ray's workers)
 
 1. Reading items/s per input format (the read side alone, no Ray): a listed local folder, Parquet / CSV / JSONL
    manifests, WebDataset tars, Parquet with embedded bytes.
@@ -14,8 +16,10 @@
    (CSV); a listed folder of 16 sub-folders finished, then objects added to one (listed again: the relisting is
    O(objects), so --listed-max caps it, a file per object being made on disk). Beside it, what the previous design
    did before any new work: read every result file's keys and re-read the whole input.
-3. The machinery with zero-cost stages (decode and model stand-ins): items/s through read -> decode tasks ->
-   actor -> writer, and the driver's RSS growth over the run.
+3. The machinery with zero-cost stages (decode and model stand-ins), the default config (run.batch_size 64, a
+   GPU's default): items/s through read -> cut -> decode tasks -> actor -> writer, the driver's CPU per item (the
+   items/s the driver alone carries), its RSS every second (growth while rows stream), Ray's worker processes and
+   the time to place the model actor; over manifests of 100,000 rows, then one manifest of as many rows.
 4. The tiny model: pipeline / direct ratio (`bench/bench_pipeline.py`, both sides in its one run).
 Prints a table per part and an extrapolation to 1e8 and 1e9 items.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -312,7 +317,7 @@ class NullPredictor:
 def load_cfg(mdir: Path, out: Path, model: Path, **overrides):
     raw = {"input": {"manifest": str(mdir)}, "output": {"uri": str(out), "rows_per_file": 4096},
            "model": {"path": str(model)}, "run": {"tasks": ["caption"], "batch_size": 64},
-           "batching": {"decode_batch_size": 256}, "ray": {"address": "local"}}
+           "ray": {"address": "local"}}
     for key, value in overrides.items():
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
@@ -357,14 +362,19 @@ def time_previous_design(root: Path, done: int) -> dict:
 
 
 class RssSampler:
-    def __init__(self):
-        self.samples, self._stop = [], threading.Event()
+    """Every second: the driver's RSS, and how many Ray worker processes this machine runs (a storm of tasks that
+    hold no CPU shows as hundreds)."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.samples, self.workers, self._stop = [], [], threading.Event()
+        self.every_s = every_s
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self.every_s):
             self.samples.append((time.monotonic(), rss_mb()))
+            self.workers.append(ray_workers())
 
     def stop(self):
         self._stop.set()
@@ -376,27 +386,90 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def time_machinery(root: Path, items: int, model: Path) -> dict:
-    from pipeline.run import run
+def ray_workers() -> int:
+    """Ray worker processes (default_worker.py) running on this machine now."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                count += b"default_worker.py" in f.read()
+        except (OSError, ValueError):
+            continue
+    return count
+
+
+class PlacedPredictor(NullPredictor):
+    """NullPredictor that notes when the first model actor was placed (its constructor ran)."""
+
+    def __init__(self, cfg, run_tag=""):
+        super().__init__(cfg, run_tag)
+        marker = Path(cfg.output.uri + ".placed")
+        if not marker.exists():
+            marker.write_text(str(time.time()))
+
+
+def manifests(mdir: Path, items: int, per_file: int) -> None:
+    mdir.mkdir(parents=True)
+    for k in range(0, items, per_file):
+        n = min(per_file, items - k)
+        pq.write_table(pa.table({"uri": [f"/virtual/{k + i:09d}.png" for i in range(n)]}),
+                       mdir / f"{k // per_file:05d}.parquet")
+
+
+def time_machinery(root: Path, items: int, model: Path, per_file: int = 100_000, **overrides) -> dict:
+    """The job with zero-cost decode and model over `items` virtual URIs in manifests of `per_file` rows, with the
+    default config (run.batch_size 64: a GPU actor's default slots); the driver's RSS and Ray's worker processes
+    sampled every second."""
     import ray
 
+    from pipeline import run as run_module
+    from pipeline.run import run
+
     mdir, out = root / "m", root / "out"
-    mdir.mkdir(parents=True)
-    for k in range(0, items, 100_000):
-        n = min(100_000, items - k)
-        pq.write_table(pa.table({"uri": [f"/virtual/{k + i:09d}.png" for i in range(n)]}),
-                       mdir / f"{k // 100_000:05d}.parquet")
-    cfg = load_cfg(mdir, out, model)
+    manifests(mdir, items, per_file)
+    cfg = load_cfg(mdir, out, model, **overrides)
     sampler = RssSampler()
-    start = time.monotonic()
-    summary = run(cfg, out=io.StringIO(), predictor=NullPredictor, decode=null_decode)
+    start, wall, cpu = time.monotonic(), time.time(), driver_cpu_s()
+    streamed = []   # when the last row was written: the run's end (commit, compaction, report) is not read-ahead
+    real_finish = run_module._finish
+    run_module._finish = lambda *a: streamed.append(time.monotonic()) or real_finish(*a)
+    try:
+        summary = run(cfg, out=io.StringIO(), predictor=PlacedPredictor, decode=null_decode)
+    finally:
+        run_module._finish = real_finish
+    cpu = driver_cpu_s() - cpu
     sampler.stop()
     ray.shutdown()
-    after_first = [r for t, r in sampler.samples if t - start >= summary.first_result_s]
+    placed = Path(str(out) + ".placed")
+    end = streamed[0] if streamed else math.inf
+    after_first = [r for t, r in sampler.samples if summary.first_result_s <= t - start and t <= end]
     return {"items": summary.done, "seconds": summary.seconds, "first_s": summary.first_result_s,
             "items_per_s": summary.done / max(1e-9, summary.seconds - summary.first_result_s),
+            "placed_s": float(placed.read_text()) - wall if placed.exists() else float("nan"),
             "rss_start_mb": after_first[0] if after_first else rss_mb(),
-            "rss_peak_mb": max(after_first) if after_first else rss_mb()}
+            "rss_peak_mb": max(after_first) if after_first else rss_mb(),
+            "rss_end_mb": max((r for _, r in sampler.samples), default=0.0),
+            "rss": [round(r) for _, r in sampler.samples], "workers_max": max(sampler.workers, default=0),
+            "driver_cpu_s": cpu}
+
+
+def driver_cpu_s() -> float:
+    """CPU seconds of this process, all its threads (Ray Data's scheduling loop and block fetching included)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def print_machinery(m: dict, what: str) -> None:
+    print(f"  {what}: {m['items']:,} items in {m['seconds']:.1f}s (model actor placed after {m['placed_s']:.1f}s, "
+          f"first row after {m['first_s']:.1f}s): {m['items_per_s']:,.0f} items/s after start-up; at most "
+          f"{m['workers_max']} Ray worker processes")
+    print(f"  driver CPU: {m['driver_cpu_s']:.1f}s, {1e6 * m['driver_cpu_s'] / max(1, m['items']):.0f} us per item: "
+          f"the driver alone could carry {m['items'] / max(1e-9, m['driver_cpu_s']):,.0f} items/s on a free core "
+          f"(this machine's other load slows the whole run, not this figure)")
+    print(f"  driver RSS: {m['rss_start_mb']:.0f} MB at the first row, peak {m['rss_peak_mb']:.0f} MB "
+          f"while rows streamed (growth {m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items); "
+          f"{m['rss_end_mb']:.0f} MB at the run's end (commit, compaction, report)")
+    print(f"  driver RSS each second (MB): {' '.join(str(r) for r in m['rss'])}", flush=True)
 
 
 # --- main ------------------------------------------------------------------------------------------------------
@@ -411,7 +484,10 @@ def main() -> int:
                         help="largest done count for the listed layout (it makes a file per object)")
     parser.add_argument("--before-max", type=int, default=1_000_000,
                         help="largest done count at which the previous design is timed too (it is slow)")
-    parser.add_argument("--machinery-items", type=int, default=200_000)
+    parser.add_argument("--machinery-items", type=int, default=1_000_000)
+    parser.add_argument("--single-manifest-items", type=int, default=1_000_000,
+                        help="items of one manifest file: time to place the model actor, worker processes (0: skip)")
+    parser.add_argument("--parts", default="1,2,3,4", help="parts to run")
     parser.add_argument("--skip-ratio", action="store_true", help="skip the tiny-model ratio (bench_pipeline.py)")
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
@@ -419,11 +495,24 @@ def main() -> int:
     from glmv.testing import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(work / "tiny", preset="gqa", seed=0)
+    parts = set(args.parts.split(","))
+    if "1" in parts:
+        part_reading(work, args)
+    resume = part_resume(work, args, model) if "2" in parts else []
+    m = part_machinery(work, args, model) if "3" in parts else None
+    if "4" in parts and not args.skip_ratio:
+        part_ratio()
+    extrapolation(resume, m)
+    return 0
 
+
+def part_reading(work: Path, args) -> None:
     print("## 1. reading (no Ray), items/s")
     for name, n, s, first in bench_reading(work / "read", args.listing_items):
         print(f"  {name:55s} {n:>9d} items {s:6.2f}s {n / s:>10,.0f} items/s; first block after {first:.2f}s")
 
+
+def part_resume(work: Path, args, model: Path) -> list[dict]:
     print("\n## 2. resume start-up: time to the first new row (Ray start-up included), 64 new rows each")
     time_resume(work / "resume-warm-up", 1_000, model)   # the first Ray start of a process is slower: not timed
     resume = []
@@ -442,21 +531,30 @@ def main() -> int:
                   f"{r['first_new_s']:5.1f}s (skipped {r['skipped']:,}, new {r['new']}; made in {r['made_s']:.0f}s)"
                   f"{before}" + "".join(f"\n    said: {line}" for line in r["said"]), flush=True)
             shutil.rmtree(root, ignore_errors=True)
+    return resume
 
-    print("\n## 3. machinery with zero-cost decode and model")
+
+def part_machinery(work: Path, args, model: Path) -> dict:
+    print("\n## 3. machinery with zero-cost decode and model, default config (run.batch_size 64, a GPU's default)")
     m = time_machinery(work / "machinery", args.machinery_items, model)
-    print(f"  {m['items']:,} items in {m['seconds']:.1f}s (first after {m['first_s']:.1f}s): "
-          f"{m['items_per_s']:,.0f} items/s after start-up")
-    print(f"  driver RSS: {m['rss_start_mb']:.0f} MB at the first row, peak {m['rss_peak_mb']:.0f} MB "
-          f"(growth {m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items)")
+    print_machinery(m, "manifests of 100,000 rows")
+    shutil.rmtree(work / "machinery", ignore_errors=True)
+    if args.single_manifest_items:
+        one = time_machinery(work / "single", args.single_manifest_items, model, per_file=args.single_manifest_items)
+        print_machinery(one, "one manifest")
+        shutil.rmtree(work / "single", ignore_errors=True)
+    return m
 
-    if not args.skip_ratio:
-        print("\n## 4. tiny model: pipeline / direct (bench/bench_pipeline.py)", flush=True)
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--items", "48",
-                               "--repeats", "1", "--sides", "direct,job"], capture_output=True, text=True)
-        print("\n".join("  " + line for line in proc.stdout.strip().splitlines()
-                         if line.startswith(("work:", "ratio job/direct", "texts identical"))))
 
+def part_ratio() -> None:
+    print("\n## 4. tiny model: pipeline / direct (bench/bench_pipeline.py)", flush=True)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--items", "48",
+                           "--repeats", "1", "--sides", "direct,job"], capture_output=True, text=True)
+    print("\n".join("  " + line for line in proc.stdout.strip().splitlines()
+                     if line.startswith(("work:", "ratio job/direct", "texts identical"))))
+
+
+def extrapolation(resume: list[dict], m: dict | None) -> None:
     print("\n## extrapolation (2 cores, local disk)")
     for layout, (what, _) in RESUME_LAYOUTS.items():
         first = {r["done"]: r["first_new_s"] for r in resume if r["layout"] == layout}
@@ -465,17 +563,19 @@ def main() -> int:
             figures = ", ".join(f"{s:.1f}s ({d:,} done)" for d, s in first.items())
             print(f"  resume, {what}: first new row after {figures}: x{first[high] / first[low]:.2f} from {low:,} "
                   f"to {high:,} done")
-    print("  What a start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few MB "
-          "of done.pq.state) plus the sidecars of shards open at the kill; a big manifest's finished row groups are "
-          "skipped unread, their shards' ids read instead (8 bytes a row: 80 MB at 1e7, 8 GB at 1e9 on one unit); a "
-          "listed prefix is listed again after a run ended (O(objects): what the first run's listing cost). The "
-          "previous design's pre-work grew linearly (x10 per decade): ~10 min at 1e8, ~1.5 h at 1e9 locally")
-    print(f"  driver memory: +{m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items, most of it "
-          f"in the first 1e5 (warm-up); after that Ray Data's per-task metrics add a few MB per 1e5 items, and "
-          f"nothing of ours is kept per item or row")
-    print(f"  machinery: {m['items_per_s']:,.0f} items/s here: 1e8 items in {1e8 / m['items_per_s'] / 3600:.1f} h "
-          f"of machinery time on one 2-core driver; listing at the rates of part 1")
-    return 0
+    if resume:
+        print("  What a start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few "
+              "MB of done.pq.state) plus the sidecars of shards open at the kill; a big manifest's finished row groups "
+              "are skipped unread, their shards' ids read instead (8 bytes a row: 80 MB at 1e7, 8 GB at 1e9 on one "
+              "unit); a listed prefix is listed again after a run ended (O(objects): what the first run's listing "
+              "cost). The previous design's pre-work grew linearly (x10 per decade): ~10 min at 1e8, ~1.5 h at 1e9")
+    if m is not None:
+        ceiling = m["items"] / max(1e-9, m["driver_cpu_s"])
+        print(f"  driver memory: +{m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items while rows "
+              f"streamed: the read runs ahead by batching.read_ahead_items at most, whatever the input's size")
+        print(f"  machinery: {m['items_per_s']:,.0f} items/s end to end here (every stage on this machine's cores); "
+              f"the driver's own CPU carries {ceiling:,.0f} items/s: 1e8 items in {1e8 / ceiling / 3600:.1f} h of "
+              f"driver time, the stages scaling with the cluster")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 A finished read unit is skipped unopened only while its record still covers what the input holds. Each unit record
 keeps an extent (pipeline.progress) to compare with what the input's listing says now:
-- a listing partition listed before the end of the last run that ended is opened, to be listed again
-  (pipeline.listing: the keys its snapshot lacks become new parts);
+- a listing partition listed before the end of the last run that ended is listed again here, in the driver, before
+  any Ray work starts (pipeline.listing: the keys its snapshot lacks become new parts); it is opened only when it
+  has parts its records lack, so a rerun that finds nothing new starts nothing;
 - a manifest whose size or version (ETag, modification time) changed is checked cheaply: a CSV/JSONL one only
   appended to still holds the same bytes before where its records end, a Parquet one rewritten with its old rows first
   has the same row groups before its last old one and the same URIs at their end. Then only its new rows are read;
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from pipeline import readers, storage
+from pipeline import listing, readers, storage
 from pipeline.readers import ReadSpec, Unit
 
 MAX_NAMED = 5   # files named in a line about changed input; the rest are counted
@@ -65,16 +66,21 @@ class Notes:
         return out
 
 
-def finished_units(units: list[Unit], extents: dict[str, dict], spec: ReadSpec) -> dict[str, Change]:
-    """A Change per finished unit (those in `units`), the files' checks run concurrently (a few small reads each,
-    for files whose stamp changed only)."""
+def finished_units(units: list[Unit], extents: dict[str, dict], spec: ReadSpec,
+                   shards: dict[str, set[str]] | None = None) -> dict[str, Change]:
+    """A Change per finished unit (those in `units`), the checks run concurrently (a few small reads each, for
+    files whose stamp changed only; a listing of each partition to list again). `shards`: each unit's shards with
+    records."""
+    shards = shards or {}
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return dict(zip((u.id for u in units), pool.map(lambda u: finished_unit(u, extents.get(u.id), spec), units)))
+        return dict(zip((u.id for u in units),
+                        pool.map(lambda u: finished_unit(u, extents.get(u.id), spec, shards.get(u.id, set())),
+                                 units)))
 
 
-def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec) -> Change:
+def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str] = frozenset()) -> Change:
     if unit.kind == "listing":
-        return Change(read=(extent or {}).get("listed_at", 0.0) < spec.relist_before)
+        return _listing_change(unit, extent, spec, shards)
     if extent is None or not extent.get("of"):
         return Change(read=False, legacy=True)
     if extent["of"] == unit.stamp or not unit.stamp:   # no stamp: a unit made up without a listing (tests)
@@ -88,6 +94,17 @@ def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec) -> Change:
         return _text_change(unit, extent, old, new, spec)
     except FileNotFoundError:   # gone since it was listed: nothing to read, as for any file deleted
         return Change(read=False)
+
+
+def _listing_change(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str]) -> Change:
+    """Listed again when listed before the last run ended; read where its snapshot now has parts without records
+    (found now, or by a run killed before it read them)."""
+    if (extent or {}).get("listed_at", 0.0) >= spec.relist_before:
+        return Change(read=False)
+    snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
+    numbers = listing.relist(spec.input_uri, spec.opts, snapshot, unit.partition,
+                             listing.Partition(unit.prefix, unit.recursive), spec.relist_before, spec.started_at)
+    return Change(read=any(str(n) not in shards for n in numbers))
 
 
 def _text_change(unit: Unit, extent: dict, old: int, new: int, spec: ReadSpec) -> Change:

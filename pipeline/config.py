@@ -114,7 +114,19 @@ class BatchingConfig:
     max_input_pixels: int = 100_000_000   # images larger than this (before resizing) become error rows
     sort_window: int = 8         # batches' worth of sequences per model-actor call (a window; see README)
     mode: str = "refill"         # refill: stream a window through run.batch_size decode slots | static: fixed batches
-    decode_batch_size: int = 32  # items per CPU decode task (fetched concurrently, then decoded)
+    decode_batch_size: int = 32  # items a decode task fetches (concurrently) and decodes at once
+    read_ahead_items: int | str = AUTO  # items read but not yet written, at most (see read_ahead)
+    read_ahead_mb: int = 1024    # and their raw rows' size (embedded media counts), at most
+
+
+READ_AHEAD_FLOOR = 65_536        # read_ahead_items "auto": at least this many (the driver's ~5 s at 10,000 items/s) ...
+READ_AHEAD_PER_ACTOR = 4_096     # ... and this many per model actor (a GPU actor's few minutes at 10-20 items/s)
+
+
+def read_ahead(items: int | str, actors: int) -> int:
+    """batching.read_ahead_items as a number: a window that keeps every model actor fed for a few minutes and the
+    machinery for a few seconds, whatever the input's size (a 1e8-item input must not be queued ahead in full)."""
+    return items if items != AUTO else max(READ_AHEAD_FLOOR, READ_AHEAD_PER_ACTOR * actors)
 
 
 def decode_slots(batch_size: int | str, on_gpu: bool) -> int:
@@ -223,9 +235,10 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
              "demo": DemoConfig}
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
             "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
-_AUTO_KEYS = {"run.batch_size", "actors.count", "actors.num_gpus"}   # may also be the string "auto"
+_AUTO_KEYS = {"run.batch_size", "actors.count", "actors.num_gpus", "batching.read_ahead_items"}   # may also be the string "auto"
 _POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "output.target_file_mb", "actors.count", "batching.sort_window",
-             "batching.decode_batch_size", "batching.max_input_pixels", "run.repetition_penalty",
+             "batching.decode_batch_size", "batching.max_input_pixels", "batching.read_ahead_items",
+             "batching.read_ahead_mb", "run.repetition_penalty",
              "run.stop_failure_rate", "run.stop_failure_window"}
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",

@@ -5,8 +5,8 @@ and the plan is saved. Each partition is listed by its own read task in lexicogr
 `PART_ROWS` media keys are written as a snapshot part before their items go on: a part is a shard, the unit of
 resume. A rerun reads the snapshot instead of listing again, skips parts that are finished without opening them,
 and continues an unfinished partition after its last snapshotted key (S3 `StartAfter`), so restarting costs
-nothing per finished object. Objects added to the prefix after a partition was snapshotted are not seen by later
-runs on the same output (see README).
+nothing per finished object. A partition listed before the last run on the output ended is listed again by the
+driver at start (relist), its new keys snapshotted as new parts, so a rerun that finds none starts no Ray work.
 """
 
 from __future__ import annotations
@@ -318,6 +318,15 @@ def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, i
     snapshot.mark_complete(index, number, runs, now)
     if note is not None:
         note["listed_at"] = now
+
+
+def relist(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int, part: Partition,
+           relist_before: float, now: float) -> list[int]:
+    """List a partition again if it was listed before `relist_before`, snapshotting the keys it lacks as new parts
+    (partition_parts, no part read); the numbers of its parts after. The driver does it before any Ray work, so
+    that a rerun that finds nothing new starts nothing."""
+    return [number for number, _ in partition_parts(uri, opts, snapshot, index, part, lambda n: True,
+                                                    relist_before, now)]
 
 
 def _new_keys(walked: Iterator[str], known: Iterator[str]) -> Iterator[str]:

@@ -351,7 +351,6 @@ def tracker_name(run_tag: str) -> str:
     return f"glmv-tracker-{run_tag}"
 
 
-@ray.remote(num_cpus=0)
 class Tracker:
     """Read tasks report here what each shard held once they have read it; the driver drains the reports. It also
     holds the run's stop flag (a SIGTERM's drain): read tasks and model actors look it up by name.
@@ -366,6 +365,10 @@ class Tracker:
         self.cut: set[str] = set()
         self.stop_requested = False
         self.admitted = 0   # items the model actors took, retried windows counted again (see admit)
+        # the read-ahead window (sources.ReadAhead): (item, task) pairs and bytes each unit's reader handed on, rows
+        # written
+        self.read_units: dict[str, tuple[int, int]] = {}
+        self.read_pairs = self.read_bytes = self.written_rows = 0
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -398,10 +401,29 @@ class Tracker:
     def unit(self, name: str, shards: list[str], extent: dict | None = None) -> None:
         self.units[name] = (shards, extent)
 
+    def read(self, unit: str, pairs: int, nbytes: int) -> tuple[int, float]:
+        """A read task has handed on `pairs` of `unit` so far (`nbytes` of raw rows): (pairs read and not yet
+        written, their bytes as estimated from the mean pair's). Counts per unit, the most any attempt handed on:
+        a read task Ray runs again hands on the same pairs again, which go downstream once."""
+        old_pairs, old_bytes = self.read_units.get(unit, (0, 0))
+        if pairs > old_pairs:
+            self.read_units[unit] = (pairs, max(nbytes, old_bytes))
+            self.read_pairs += pairs - old_pairs
+            self.read_bytes += max(nbytes, old_bytes) - old_bytes
+        ahead = max(0, self.read_pairs - self.written_rows)
+        return ahead, ahead * self.read_bytes / max(1, self.read_pairs)
+
+    def wrote(self, rows: int) -> None:
+        """The driver has written `rows` result rows in this dataset attempt so far."""
+        self.written_rows = max(self.written_rows, rows)
+
     def drain(self) -> tuple[dict, dict, int]:
         out = (self.shards, self.units, self.skipped)
         self.shards, self.units, self.skipped = {}, {}, 0
         return out
+
+
+TrackerActor = ray.remote(num_cpus=0)(Tracker)
 
 
 def admit(run_tag: str, items: int) -> bool:

@@ -25,7 +25,7 @@ import ray
 from pipeline import changes, engine_stats, listing, output, poison, preflight, progress, readers, storage
 from pipeline.breaker import Breaker
 from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
-from pipeline.config import AUTO, Config, ConfigError, decode_slots
+from pipeline.config import AUTO, Config, ConfigError, decode_slots, read_ahead
 from pipeline.decode import DecodeSettings, decode_batch
 from pipeline.errors import HideOwnErrors, Interrupted, RunStopped
 from pipeline.predictor import CALLS_IN_FLIGHT, Predictor
@@ -42,6 +42,7 @@ for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data
     logging.getLogger(_name).addFilter(HideOwnErrors())
 
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
+CUT_TASKS = 4              # repartition tasks at once (they hold no CPU: bounded here)
 TRACKER_POLL_S = 1.0
 STALL_S = 120.0           # no result for this long: say what the cluster has free
 
@@ -122,20 +123,20 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # slivers to reach its default read parallelism, and each sliver then costs a task downstream.
     tasks = source.num_tasks()
     ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=tasks, concurrency=max(1, min(tasks, 4)))
-    # Cut the listing's blocks to one CPU decode task each, and no bigger than one model-actor call: decode tasks
-    # run in parallel, Ray Data hands an actor whole blocks (a bigger block would be one long call whose rows all
-    # arrive at its end), and a killed run loses at most a few windows of work.
-    block_rows = min(cfg.batching.decode_batch_size, items_per_call)
+    # Cut the read blocks (~1 MB, thousands of items) into blocks of one model-actor call each: decode tasks run in
+    # parallel, Ray Data hands an actor whole blocks (a bigger block would be one long call whose rows all arrive at
+    # its end), and a killed run loses at most a few windows of work. Not smaller: Ray Data spends ~25 ms of driver
+    # CPU per block whatever its rows (measured), so 32-row blocks capped one driver at ~1,300 items/s; one call's
+    # worth is one block per call. The cut holds no CPU (on a small machine it would queue behind the decode tasks
+    # for the one CPU the model actor leaves) and at most CUT_TASKS run at once: unbounded, a 1e6-row manifest's 200
+    # read blocks started 150 worker processes and kept the model actor from being placed for minutes.
+    block_rows = items_per_call
     ds = ds.repartition(target_num_rows_per_block=block_rows)
-    _hold_no_cpu(ds)
-    # Decoding runs on CPU tasks of its own, never inside the model actor. Ray Data fuses a task map into the next
-    # actor map when their remote args match (they do on a CPU-only machine); `max_calls` makes them differ, and
-    # recycling decode workers now and then also bounds what native decoders may leak over millions of files.
-    # A worker that dies (a native decoder's segfault, the OOM killer, a crashing driver) is retried a bounded
-    # number of times, decode tasks and model actors alike; pipeline.poison turns the item it died on into an error
-    # row within those retries.
+    _bounded_without_cpu(ds, CUT_TASKS)
+    # A decode task takes one block and decodes it decode_batch_size items at a time (what one batch's frames hold
+    # in memory), its output streaming out as it goes.
     ds = ds.map_batches(decode, fn_kwargs={"settings": DecodeSettings.from_config(cfg, run_tag)},
-                        batch_size=block_rows, batch_format="pyarrow",
+                        batch_size=min(cfg.batching.decode_batch_size, block_rows), batch_format="pyarrow",
                         num_cpus=cfg.actors.decode_num_cpus, max_calls=1000, max_retries=poison.MAX_RETRIES)
     # Refill mode: a threaded actor with CALLS_IN_FLIGHT calls at once, all feeding the actor's one engine, so the
     # next window is queued while the current one decodes (pipeline.predictor); at most that many wait per actor.
@@ -149,12 +150,13 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     return ds
 
 
-def _hold_no_cpu(ds: ray.data.Dataset) -> None:
-    """Cutting blocks costs microseconds: let the repartition tasks hold no CPU slot, or on a small machine they
-    queue behind the decode tasks for the one CPU the model actor leaves. (Ray Data has no public knob for it.)"""
-    args = getattr(getattr(ds._logical_plan, "dag", None), "ray_remote_args", None)
-    if isinstance(args, dict):
-        args["num_cpus"] = 0
+def _bounded_without_cpu(ds: ray.data.Dataset, tasks: int) -> None:
+    """Let the dataset's last operator (the repartition: cutting blocks costs microseconds) hold no CPU slot, with at
+    most `tasks` of its tasks at once. Ray Data's repartition has no public knob for either."""
+    op = getattr(ds._logical_plan, "dag", None)
+    if isinstance(getattr(op, "ray_remote_args", None), dict) and hasattr(op, "compute"):
+        op.ray_remote_args["num_cpus"] = 0
+        object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))
 
 
 @dataclass
@@ -253,6 +255,8 @@ def _run(cfg: Config, opts: StorageOptions, store: OutputStore, start: float, ou
               f", {len(resume.done_keys)} (item, task) rows of unfinished shards" +
               (" (whole output scanned: no completion records yet)" if store.scanned_existing else ""))
 
+    if not work:   # found before Ray starts: a rerun of a finished run costs a listing, no model actor
+        _say(out, f"nothing to do: {skipped} (item, task) rows done")
     summary = Summary(skipped=skipped)
     breaker = Breaker(cfg.run.stop_failure_rate, cfg.run.stop_failure_window)
     if work:
@@ -301,8 +305,11 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume) -> pro
         while True:
             tracker = _new_tracker(parts.store.run_tag)
             stop.watch(tracker)
+            # in pairs: an item is as many result rows as it has tasks to do
+            window = (read_ahead(cfg.batching.read_ahead_items, cfg.actors.count) * len(parts.plan.all()),
+                      cfg.batching.read_ahead_mb << 20)
             source = PendingItems(work, parts.spec, parts.plan, ray.put(resume.done_keys), tracker,
-                                  cfg.input.max_items, parts.repeats)
+                                  cfg.input.max_items, parts.repeats, window)
             drain = Drain(parts.store, parts.breaker, summary, tracker, parts.start, stop)
             written_before = summary.done
             try:
@@ -345,7 +352,7 @@ def _process(parts: Parts, work: list[UnitWork], resume: progress.Resume) -> pro
 
 def _new_tracker(run_tag: str):
     # on the driver's node: a lost worker node must not take the run's bookkeeping with it
-    return progress.Tracker.options(name=progress.tracker_name(run_tag),
+    return progress.TrackerActor.options(name=progress.tracker_name(run_tag),
                                     scheduling_strategy=on_driver_node()).remote()
 
 
@@ -401,6 +408,7 @@ class Drain:
     start: float
     stop: GracefulStop | None = None
     polled: float = 0.0
+    written: int = 0   # rows written by this attempt: what the read tasks' window counts as no longer ahead
 
     def take(self, batch: pa.Table) -> None:
         if not self.summary.first_result_s:
@@ -408,6 +416,9 @@ class Drain:
         self.store.check()   # taken over: stop before the breaker counts rows another run may be writing
         batch = self.breaker.admit(batch)
         self.summary.count(batch)
+        self.written += batch.num_rows
+        # every block, not every poll: read tasks waiting on a full window must see the last items land
+        self.tracker.wrote.remote(self.written)
         if "_engine" in batch.column_names:   # counters for the summary, on some blocks only: never buffered
             batch = batch.drop_columns(["_engine"])
         self.store.write(batch)
@@ -549,7 +560,8 @@ def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPla
             if name in resume.extents:
                 extents.setdefault(unit, {})[number] = resume.extents[name]
     finished = [u for u in units if progress.covers(resume.records.get(u.id), plan.all())]
-    found, notes = changes.finished_units(finished, resume.extents, spec), changes.Notes()
+    found = changes.finished_units(finished, resume.extents, spec, {u: set(r) for u, r in records.items()})
+    notes = changes.Notes()
     work, again, skipped = [], [], 0
     for unit in units:
         shards = UnitWork(unit, records.get(unit.id, {}), extents.get(unit.id, {}))

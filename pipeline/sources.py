@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -245,8 +246,38 @@ class StopFlag:
         return self.set
 
 
+def pairs_of(block: pa.Table) -> int:
+    """(item, task) pairs of an item block: each becomes one result row."""
+    return int(pc.sum(pc.list_value_length(block["tasks"])).as_py() or 0)
+
+
+class ReadAhead:
+    """The read-ahead window (batching.read_ahead_items / read_ahead_mb), shared by the run's read tasks through the
+    tracker: after each block a read task hands on, it waits while the pairs read and not yet written (the driver
+    reports its rows) fill the window, so the queue ahead of the model actors stays a few minutes' work whatever the
+    input's size, and its blocks never pile up in the object store or the driver. Pairs, not items, as each pair is
+    one result row (an item named in two manifest files is two items with one id)."""
+
+    WAIT_S = 0.2
+
+    def __init__(self, tracker, items: int, nbytes: int, stop=None, get=ray.get):
+        """`get`: how a tracker call's result is had (ray.get; tests call a plain Tracker)."""
+        self.tracker, self.items, self.nbytes, self.stop, self.get = tracker, items, nbytes, stop, get
+        self.handed_on: dict[str, list[int]] = {}   # by unit, in this attempt of the read task
+
+    def handed(self, unit: str, block: pa.Table) -> None:
+        total = self.handed_on.setdefault(unit, [0, 0])
+        total[0], total[1] = total[0] + pairs_of(block), total[1] + block.nbytes
+        while True:
+            ahead, ahead_bytes = self.get(self.tracker.read.remote(unit, *total))
+            if (ahead < self.items and ahead_bytes < self.nbytes) or (self.stop is not None and self.stop()):
+                return
+            time.sleep(self.WAIT_S)
+
+
 def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarray, tracker,
-                  budget: Budget | None = None, repeats=None, stop=None) -> Iterator[pa.Table]:
+                  budget: Budget | None = None, repeats=None, stop=None,
+                  window: ReadAhead | None = None) -> Iterator[pa.Table]:
     """Item blocks of one unit with their tasks still to do; reports each shard to the tracker as it ends (with its
     extent), the unit when it ends (with what was read of it), and the unit's distinct ids to `repeats` (a
     RepeatCounter, or None) once it is read.
@@ -273,6 +304,8 @@ def pending_items(work: UnitWork, spec: ReadSpec, plan: TaskPlan, done: np.ndarr
                 block = _items_block(piece, name, item_ids, fresh, record, plan, done, count)
                 if block.num_rows:
                     yield block
+                    if window is not None:
+                        window.handed(unit.id, block)
                     if stop is not None and stop():
                         return
         elif piece.finished:
@@ -363,10 +396,11 @@ class PendingItems(Datasource):
     """Ray Data source: one read task per group of units (at most MAX_READ_TASKS groups, in input order)."""
 
     def __init__(self, work: list[UnitWork], spec: ReadSpec, plan: TaskPlan, done_ref, tracker, max_items: int,
-                 repeats=None):
+                 repeats=None, read_ahead: tuple[int, int] | None = None):
+        """read_ahead: ((item, task) pairs, bytes) of the read-ahead window (ReadAhead); None: no window."""
         super().__init__()
         self.work, self.spec, self.plan, self.done_ref, self.tracker = work, spec, plan, done_ref, tracker
-        self.max_items, self.repeats = max_items, repeats
+        self.max_items, self.repeats, self.read_ahead = max_items, repeats, read_ahead
 
     def get_name(self) -> str:
         return "ReadItems"
@@ -380,14 +414,15 @@ class PendingItems(Datasource):
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         spec, plan, done_ref, tracker, max_items = self.spec, self.plan, self.done_ref, self.tracker, self.max_items
-        repeats = self.repeats
+        repeats, read_ahead = self.repeats, self.read_ahead
         size = -(-len(self.work) // self.num_tasks())
 
         def make(chunk: list[UnitWork]):
             def read():
                 done, budget, stop = ray.get(done_ref), Budget(max_items), StopFlag(tracker)
+                window = ReadAhead(tracker, *read_ahead, stop) if read_ahead else None
                 for work in chunk:
-                    yield from pending_items(work, spec, plan, done, tracker, budget, repeats, stop)
+                    yield from pending_items(work, spec, plan, done, tracker, budget, repeats, stop, window)
                     if budget.spent or stop():
                         return
             return read

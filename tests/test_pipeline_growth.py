@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import config, listing, output, progress, readers
+from pipeline import run as run_module
 from pipeline.run import _open_work, run
 from pipeline.sources import TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
@@ -251,7 +252,7 @@ def test_a_relisting_cut_short_goes_on_after_its_last_new_part(tmp_path, monkeyp
     assert keys == sorted(f"{i}.png" for i in range(10))
 
 
-def test_the_job_runs_exactly_the_rows_and_objects_added_since_it_finished(local_ray, tiny_gqa, tmp_path):
+def test_the_job_runs_exactly_the_rows_and_objects_added_since_it_finished(local_ray, tiny_gqa, tmp_path, monkeypatch):
     """Issue 25's case: a rerun after rows were appended to a finished manifest, or objects added under a listed
     prefix, used to say "N of N input units finished" and run nothing."""
     media = good_media(num_images=6, num_videos=0)
@@ -283,3 +284,12 @@ def test_the_job_runs_exactly_the_rows_and_objects_added_since_it_finished(local
     assert "1 of 1 input unit(s) finished (1 read again for what was added since)" in printed.getvalue()
     df = _pairs(tmp_path / "out2")
     assert len(df) == 6 and not df.duplicated(["id", "task"]).any()
+    # listed again with nothing new: decided in the driver, no dataset and so no model actor (it took 50-70 s)
+    monkeypatch.setattr(run_module, "build_dataset", _no_dataset)
+    printed = io.StringIO()
+    summary = run(cfg, out=printed)
+    assert (summary.done, summary.skipped) == (0, 6) and "nothing to do: 6 (item, task) rows done" in printed.getvalue()
+
+
+def _no_dataset(*args, **kwargs):
+    raise AssertionError("a rerun with nothing new built a Ray dataset")
