@@ -5,11 +5,11 @@ render cost per page; the peak memory of a decode worker going through one 2,000
         [--threads 1] [--model PATH] [--long-doc-pages 2000]
 
 Work: `--pages` pages in PDFs of `--pages-per-doc` pages (pipeline.corpus.pdf_bytes: US Letter, a picture a page),
-task `ocr`, greedy, up to `--max-new-tokens`, float32 CPU, on `--model` (default: a tiny random GLM-4.1V checkpoint
-made here). Sides:
+task `text` (GLM-OCR's "Text Recognition:"), greedy, up to `--max-new-tokens`, float32 CPU, on `--model` (default: a
+tiny random GLM-OCR checkpoint made here). Sides:
 - transformers: each page rendered with pypdfium2 at the resolution the job picks (pipeline.pdf.render_scale: the
-  processor's pixel budget), then transformers' processor + `Glm4vForConditionalGeneration.generate` in batches
-  of `--batch-size` pages; model load and rendering inside the timed span;
+  processor's pixel budget), then transformers' processor + `AutoModelForImageTextToText.generate` (the
+  checkpoint's own class) in batches of `--batch-size` pages; model load and rendering inside the timed span;
 - job: `jobs/caption.py` as a subprocess on the folder of PDFs, start-up included (Ray, model load, page counting,
   rendering in decode tasks, writing the Parquet and the report).
 Prints pages/s per side and their ratio, peak RSS (the job: its process tree, its model actor, its largest decode
@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+TASK = "text"   # GLM-OCR's own prompt for plain text ("Text Recognition:")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -56,7 +57,7 @@ def job_config(args) -> dict:
     return {
         "input": {"uri": args.corpus}, "output": {"uri": args.out, "rows_per_file": 256},
         "model": {"path": args.model, "dtype": "float32", "device": "cpu"},
-        "run": {"tasks": ["ocr"], "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens},
+        "run": {"tasks": [TASK], "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens},
         "actors": {"count": 1, "num_gpus": 0, "num_cpus": args.threads},
         "ray": {"address": "local", "num_cpus": args.threads + 1},
     }
@@ -108,11 +109,11 @@ def run_transformers(args) -> dict:
     from pipeline.config import BUILTIN_TASKS
 
     torch.set_num_threads(args.threads)
-    prompt = BUILTIN_TASKS["ocr"][0].replace("{media}", "page")
+    prompt = BUILTIN_TASKS[TASK][0].replace("{media}", "page")
     start = time.perf_counter()
     processor = transformers.AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"
-    model = transformers.Glm4vForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     rows, batch = {}, []
@@ -203,7 +204,7 @@ def long_document(args) -> dict:
     start = time.perf_counter()
     rows = pdf.expand(raw_table([str(path)], ["pdf"]), settings.opts, lambda u, e: describe_error(u, e, True))
     count_s = time.perf_counter() - start
-    items = [Item(item_id(r["uri"]), r["uri"], "pdf", tasks=["ocr"], page=r["page"], num_pages=r["num_pages"],
+    items = [Item(item_id(r["uri"]), r["uri"], "pdf", tasks=[TASK], page=r["page"], num_pages=r["num_pages"],
                   error=r["error"]) for r in rows.to_pylist()]
     block, errors, start = BatchingConfig().decode_batch_size, 0, time.perf_counter()
     for i in range(0, len(items), block):
@@ -250,7 +251,7 @@ def main() -> int:
         if not args.model:
             from glmv.testing import make_tiny_checkpoint
 
-            args.model = str(make_tiny_checkpoint(tmp / "model", preset="gqa", family="glm41v", seed=0))
+            args.model = str(make_tiny_checkpoint(tmp / "model", preset="ocr", family="glm46v", seed=0))
         args.corpus, args.out = str(tmp / "corpus"), str(tmp / "output")
         docs = make_corpus(Path(args.corpus), args.pages, args.pages_per_doc)
         from pipeline.corpus import pdf_bytes
@@ -265,7 +266,7 @@ def main() -> int:
         print(f"[transformers: {ref['seconds']:.1f}s]", file=sys.stderr, flush=True)
         render = in_process(args, "render")
         long = in_process(args, "long")
-    print(f"work: {args.pages} pages in {len(docs)} PDFs, task ocr, up to {args.max_new_tokens} new tokens, greedy, "
+    print(f"work: {args.pages} pages in {len(docs)} PDFs, task {TASK}, up to {args.max_new_tokens} new tokens, greedy, "
           f"batch {args.batch_size}, {args.threads} torch thread(s), CPU float32, model {args.model}")
     print(f"{'side':>13} {'pages/s':>8} {'wall s':>7} {'peak RSS MiB':>13}")
     for side, r in (("transformers", ref), ("job", job)):
