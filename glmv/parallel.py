@@ -1,0 +1,165 @@
+"""Tensor parallelism of the text decoder over the ranks of a torch.distributed group (NCCL on CUDA, gloo on CPU).
+
+Megatron's split: per decoder layer q/k/v and gate/up are column-parallel (a rank holds num_heads / N query heads,
+num_key_value_heads / N KV heads and intermediate_size / N MLP columns), o_proj and down_proj row-parallel, each
+followed by one all-reduce of its partial sums: two collectives per layer. The lm_head is vocab-split (vocab / N rows
+per rank, logits all-gathered) when the vocabulary divides by N, replicated otherwise. A rank's KV cache holds its own
+KV heads only. Kept replicated for now, on every rank: the token embedding, the norms and the vision tower (running
+the tower data-parallel over the admitted images is a later step). The MoE decoder (expert parallel) and FP8 releases
+are refused with tensor_parallel > 1 for now.
+
+Loading (glmv.weights) reads each rank's slices only, as views of the memory-mapped safetensors copied slice by
+slice: a rank never holds a whole split tensor.
+
+Rank coordination: every rank runs the same engine (glmv.engine) on the same inputs, in lockstep. The schedule
+depends only on the inputs, the engine config and the tokens chosen; the tokens come from logits that are identical
+on every rank (a ring all-reduce and an all-gather hand every rank the same bits), and sampling draws from per-row
+seeds, not a global generator, so every rank chooses the same tokens, admits the same rows at the same step and calls
+the same collectives in the same order. This needs no extra messages per step and leaves the engine unchanged; the
+alternative, rank 0 broadcasting each step's inputs, would put a host round trip in every decode step and a second
+code path in the engine. The caller's side of the contract: give every rank the same requests in the same order
+(the pipeline's model actor, a later step, has rank 0 forward each batch to the others before adding it).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from glmv.config import ConfigError, Glm4vConfig
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the ranks that hold one model; world 1 (the default) makes every collective a
+    no-op. process_group: a torch.distributed group, None for the default (initialised) one."""
+    rank: int = 0
+    world: int = 1
+    process_group: object = None
+
+    @classmethod
+    def default(cls) -> "Group":
+        """The initialised default group of torch.distributed, or a single rank when there is none."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's t (in place)."""
+        if self.world > 1:
+            dist.all_reduce(t, group=self.process_group)
+        return t
+
+    def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., n) per rank -> (..., world * n): the ranks' pieces side by side, rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=self.process_group)
+        return torch.cat(parts, dim=-1)
+
+
+SINGLE = Group()
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A rank's share of a checkpoint tensor along `dim`: the tensor is `chunks` equal parts side by side along dim
+    (2 for the fused [gate; up] weight, else 1), and the rank takes its 1/world of each."""
+    dim: int
+    rank: int
+    world: int
+    chunks: int = 1
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        out = list(full)
+        out[self.dim] //= self.world
+        return tuple(out)
+
+    def full(self, part: tuple[int, ...]) -> tuple[int, ...]:
+        """The whole tensor's shape, from a rank's share of it."""
+        out = list(part)
+        out[self.dim] *= self.world
+        return tuple(out)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The rank's slice of t, as a view where it is one piece (no copy of a memory-mapped tensor)."""
+        parts = []
+        for part in t.chunk(self.chunks, self.dim):
+            n = part.shape[self.dim] // self.world
+            parts.append(part.narrow(self.dim, self.rank * n, n))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, self.dim)
+
+
+def check(config: Glm4vConfig, world: int) -> None:
+    """Refuse, naming the numbers, a model that `world` ranks cannot split."""
+    if world == 1:
+        return
+    text = config.text
+    if text.moe is not None:
+        raise ConfigError(f"tensor_parallel={world}: the mixture-of-experts decoder ({config.architecture}) runs on "
+                          f"one rank for now (expert parallelism is a later step)")
+    for what, n in (("num_attention_heads", text.num_attention_heads), ("num_key_value_heads",
+                                                                         text.num_key_value_heads),
+                    ("intermediate_size", text.intermediate_size)):
+        if n % world:
+            raise ConfigError(f"tensor_parallel={world} does not divide text_config.{what}={n}: each rank must hold "
+                              f"the same number of them; choose a tensor_parallel that divides {n}")
+
+
+def shard(model: nn.Module, group: Group) -> dict[str, Slice]:
+    """Cut the decoder of a model still on the meta device to this rank's share, and install the collectives.
+    Returns the checkpoint slice of every split tensor (by name), for the loader."""
+    check(model.config, group.world)
+    model.parallel = group
+    slices: dict[str, Slice] = {}
+    if group.world == 1:
+        return slices
+
+    def cut(prefix: str, linear: nn.Linear, dim: int, chunks: int = 1) -> None:
+        piece = Slice(dim, group.rank, group.world, chunks)
+        if dim == 1 and linear.bias is not None:  # each rank would add it: the all-reduce would sum it N times
+            raise ConfigError(f"{prefix}: a row-parallel linear layer with a bias is not supported")
+        for leaf in ("weight", "bias"):
+            param = getattr(linear, leaf)
+            if param is None:
+                continue
+            setattr(linear, leaf, nn.Parameter(torch.empty(piece.shape(param.shape), dtype=param.dtype,
+                                                           device=param.device), requires_grad=False))
+            slices[f"{prefix}.{leaf}"] = piece
+        linear.in_features, linear.out_features = linear.weight.shape[1], linear.weight.shape[0]
+
+    decoder = model.model.language_model
+    for i, layer in enumerate(decoder.layers):
+        prefix = f"model.language_model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            cut(f"{prefix}.self_attn.{name}", getattr(attn, name), 0)
+        cut(f"{prefix}.self_attn.o_proj", attn.o_proj, 1)
+        attn.num_heads //= group.world
+        attn.num_kv_heads //= group.world
+        cut(f"{prefix}.mlp.gate_up_proj", mlp.gate_up_proj, 0, chunks=2)
+        cut(f"{prefix}.mlp.down_proj", mlp.down_proj, 1)
+        # the row-parallel projections' partial sums, added up before the residual's norms
+        attn.register_forward_hook(functools.partial(_reduce_output, group))
+        mlp.register_forward_hook(functools.partial(_reduce_output, group))
+    if model.config.text.vocab_size % group.world == 0:
+        cut("lm_head", model.lm_head, 0)
+    return slices
+
+
+def _reduce_output(group: Group, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return group.all_reduce(output)
+
+
+def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden (..., D) -> logits (..., vocab) on every rank: the lm_head's vocab slices gathered where it is split."""
+    out = model.lm_head(hidden)
+    group = model.parallel
+    if group.world > 1 and out.shape[-1] != model.config.text.vocab_size:
+        out = group.all_gather_last(out)
+    return out
