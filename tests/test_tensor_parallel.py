@@ -16,10 +16,10 @@ from glmv.testing import PRESETS
 from test_model_parity import random_image
 
 RANKS = 2
-NEW_TOKENS = 12
-# Float32 logits of a split model: each all-reduce sums 2 partial dot products instead of one, so the rounding
-# differs from one rank's by a few ulps of the hidden state; measured max |diff| ~1e-6 on the tiny checkpoints.
-LOGITS_ATOL = 1e-4
+NEW_TOKENS = 10
+# Float32 logits of a split model: each all-reduce adds 2 partial dot products where one rank sums in one go, so
+# rounding differs by a few ulps per layer; measured max |diff| 2.6e-6 (logits up to ~4.6) on both tiny checkpoints.
+LOGITS_ATOL = 2e-5
 
 
 def conversations():
@@ -35,7 +35,7 @@ def run_cases(model, inputs) -> dict:
     with per-row lengths so that rows finish at different steps), and seeded sampling."""
     with torch.no_grad():
         logits = model(**inputs).logits
-    lengths = [NEW_TOKENS, 5, NEW_TOKENS, 8]
+    lengths = [NEW_TOKENS, 4, NEW_TOKENS, 7]
     gen = {k: inputs[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                                   "image_grid_thw")}
     common = dict(eos_token_id=[], return_dict_in_generate=True)
@@ -46,15 +46,16 @@ def run_cases(model, inputs) -> dict:
     return {"logits": logits, "greedy": greedy.sequences, "refill": refill.sequences, "sampled": sampled.sequences}
 
 
-def _rank(rank: int, port: int, checkpoint: str, inputs: dict, out: str) -> None:
+def _rank(rank: int, port: int, cases: list[tuple[str, dict, str]]) -> None:
     torch.set_num_threads(1)  # 2 ranks on a shared CPU
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS)
     try:
         group = parallel.Group(rank, RANKS)
-        model = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, tensor_parallel=group)
-        result = run_cases(model, inputs)
-        result["kv_heads"], result["cache_heads"] = model.kv_heads, model.new_cache(4, 16, 1, 2).k[0].shape[2]
-        torch.save(result, f"{out}.{rank}")
+        for checkpoint, inputs, out in cases:
+            model = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, tensor_parallel=group)
+            result = run_cases(model, inputs)
+            result["kv_heads"], result["cache_heads"] = model.kv_heads, model.new_cache(4, 16, 1, 2).k[0].shape[2]
+            torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -65,20 +66,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["tiny_gqa", "tiny_mha"])
-def checkpoint(request):
-    return request.getfixturevalue(request.param)
+def test_two_ranks_match_one(tiny_gqa, tiny_mha, tmp_path):
+    """tiny_gqa: 4 heads, 2 KV heads; tiny_mha: 6 heads and KV heads, full rotary. One spawn of 2 ranks runs both."""
+    cases = []
+    for checkpoint in (tiny_gqa, tiny_mha):
+        processor = glmv.Glm4vProcessor.from_pretrained(checkpoint)
+        inputs = dict(processor.apply_chat_template(conversations(), add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt", padding=True))
+        cases.append((str(checkpoint), inputs, str(tmp_path / f"{checkpoint.name}.rank")))
+    mp.spawn(_rank, args=(free_port(), cases), nprocs=RANKS, join=True)
+    for checkpoint, inputs, out in cases:
+        one = run_cases(glmv.AutoModelForImageTextToText.from_pretrained(checkpoint), inputs)
+        check_ranks(checkpoint, inputs, one, [torch.load(f"{out}.{r}") for r in range(RANKS)])
 
 
-def test_two_ranks_match_one(checkpoint, tmp_path):
-    processor = glmv.Glm4vProcessor.from_pretrained(checkpoint)
-    inputs = dict(processor.apply_chat_template(conversations(), add_generation_prompt=True, tokenize=True,
-                                                return_dict=True, return_tensors="pt", padding=True))
-    one = run_cases(glmv.AutoModelForImageTextToText.from_pretrained(checkpoint), inputs)
-    out = str(tmp_path / "rank")
-    mp.spawn(_rank, args=(free_port(), str(checkpoint), inputs, out), nprocs=RANKS, join=True)
-    ranks = [torch.load(f"{out}.{r}") for r in range(RANKS)]
-
+def check_ranks(checkpoint, inputs, one: dict, ranks: list[dict]) -> None:
     config = glmv.Glm4vConfig.from_pretrained(checkpoint).text
     for r in ranks:
         assert r["kv_heads"] == r["cache_heads"] == config.num_key_value_heads // RANKS
@@ -89,10 +91,11 @@ def test_two_ranks_match_one(checkpoint, tmp_path):
     split = ranks[0]
     valid = inputs["attention_mask"].bool()
     diff = (split["logits"] - one["logits"])[valid].abs().max().item()
-    assert diff <= LOGITS_ATOL, f"max |logits diff| {diff:.2e} over image and text rows"
-    assert torch.equal(split["greedy"], one["greedy"])
-    assert torch.equal(split["refill"], one["refill"])
-    assert torch.equal(split["refill"][:, :split["greedy"].shape[1]][[0, 2]], one["greedy"][[0, 2]])
+    assert diff <= LOGITS_ATOL, f"{checkpoint}: max |logits diff| {diff:.2e} over image and text rows"
+    assert torch.equal(split["greedy"], one["greedy"]), checkpoint
+    assert torch.equal(split["refill"], one["refill"]), checkpoint
+    # the refilled run's full-length rows are the all-slots run's rows
+    assert torch.equal(split["refill"][[0, 2]], one["greedy"][[0, 2]]), checkpoint
 
 
 def test_indivisible_heads_are_refused_before_loading(tiny_mha, tiny_gqa):
