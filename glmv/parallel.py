@@ -24,7 +24,7 @@ code path in the engine. The caller's side of the contract: give every rank the 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -96,16 +96,16 @@ class Slice:
 
 
 def check(config: Glm4vConfig, world: int) -> None:
-    """Refuse, naming the numbers, a model that `world` ranks cannot split."""
+    """Refuse, naming the numbers, a model that `world` ranks cannot split evenly."""
     if world == 1:
         return
-    text = config.text
-    if text.moe is not None:
-        raise ConfigError(f"tensor_parallel={world}: the mixture-of-experts decoder ({config.architecture}) runs on "
-                          f"one rank for now (expert parallelism is a later step)")
-    for what, n in (("num_attention_heads", text.num_attention_heads), ("num_key_value_heads",
-                                                                         text.num_key_value_heads),
-                    ("intermediate_size", text.intermediate_size)):
+    text, moe = config.text, config.text.moe
+    counts = {"num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+              "intermediate_size": text.intermediate_size}
+    if moe is not None:
+        counts.update({"n_routed_experts": moe.n_routed_experts,
+                       "moe_intermediate_size * n_shared_experts": moe.moe_intermediate_size * moe.n_shared_experts})
+    for what, n in counts.items():
         if n % world:
             raise ConfigError(f"tensor_parallel={world} does not divide text_config.{what}={n}: each rank must hold "
                               f"the same number of them; choose a tensor_parallel that divides {n}")
@@ -113,43 +113,79 @@ def check(config: Glm4vConfig, world: int) -> None:
 
 def shard(model: nn.Module, group: Group) -> dict[str, Slice]:
     """Cut the decoder of a model still on the meta device to this rank's share, and install the collectives.
-    Returns the checkpoint slice of every split tensor (by name), for the loader."""
+    Returns the checkpoint slice of every split tensor (by name), for the loader (`localize`)."""
     check(model.config, group.world)
     model.parallel = group
     slices: dict[str, Slice] = {}
     if group.world == 1:
         return slices
 
-    def cut(prefix: str, linear: nn.Linear, dim: int, chunks: int = 1) -> None:
+    def cut(name: str, dim: int, chunks: int = 1) -> None:
+        """Parameter `name` (a model key) becomes this rank's 1/world along dim."""
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = getattr(module, leaf)
         piece = Slice(dim, group.rank, group.world, chunks)
-        if dim == 1 and linear.bias is not None:  # each rank would add it: the all-reduce would sum it N times
-            raise ConfigError(f"{prefix}: a row-parallel linear layer with a bias is not supported")
-        for leaf in ("weight", "bias"):
-            param = getattr(linear, leaf)
-            if param is None:
-                continue
-            setattr(linear, leaf, nn.Parameter(torch.empty(piece.shape(param.shape), dtype=param.dtype,
-                                                           device=param.device), requires_grad=False))
-            slices[f"{prefix}.{leaf}"] = piece
-        linear.in_features, linear.out_features = linear.weight.shape[1], linear.weight.shape[0]
+        setattr(module, leaf, nn.Parameter(torch.empty(piece.shape(param.shape), dtype=param.dtype,
+                                                       device=param.device), requires_grad=False))
+        slices[name] = piece
 
-    decoder = model.model.language_model
-    for i, layer in enumerate(decoder.layers):
+    def linear(name: str, dim: int, chunks: int = 1) -> None:
+        """Column- (dim 0) or row-parallel (dim 1) linear layer."""
+        module = model.get_submodule(name)
+        if dim == 1 and module.bias is not None:  # each rank would add it: the all-reduce would sum it N times
+            raise ConfigError(f"{name}: a row-parallel linear layer with a bias is not supported")
+        cut(f"{name}.weight", dim, chunks)
+        if module.bias is not None:
+            cut(f"{name}.bias", dim, chunks)
+        module.out_features, module.in_features = module.weight.shape
+
+    def gated_mlp(name: str) -> None:
+        mlp = model.get_submodule(name)
+        if hasattr(mlp, "gate_up_proj"):  # the dense decoder's fused [gate; up] rows: a share of each half
+            linear(f"{name}.gate_up_proj", 0, chunks=2)
+        else:
+            linear(f"{name}.gate_proj", 0)
+            linear(f"{name}.up_proj", 0)
+        linear(f"{name}.down_proj", 1)
+
+    for i, layer in enumerate(model.model.language_model.layers):
         prefix = f"model.language_model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj"):
-            cut(f"{prefix}.self_attn.{name}", getattr(attn, name), 0)
-        cut(f"{prefix}.self_attn.o_proj", attn.o_proj, 1)
+        attn = layer.self_attn
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            linear(f"{prefix}.self_attn.{proj}", 0)
+        linear(f"{prefix}.self_attn.o_proj", 1)
         attn.num_heads //= group.world
         attn.num_kv_heads //= group.world
-        cut(f"{prefix}.mlp.gate_up_proj", mlp.gate_up_proj, 0, chunks=2)
-        cut(f"{prefix}.mlp.down_proj", mlp.down_proj, 1)
-        # the row-parallel projections' partial sums, added up before the residual's norms
+        if hasattr(layer.mlp, "experts"):  # MoE: a share of the experts (the router stays whole) and shared MLP
+            experts = layer.mlp.experts
+            experts.num_experts //= group.world
+            experts.first, experts.split = group.rank * experts.num_experts, True
+            cut(f"{prefix}.mlp.experts.gate_up_proj", 0)
+            cut(f"{prefix}.mlp.experts.down_proj", 0)
+            gated_mlp(f"{prefix}.mlp.shared_experts")
+        else:
+            gated_mlp(f"{prefix}.mlp")
+        # the row-parallel projections' partial sums (and the experts' partial sum), added up before the residual
         attn.register_forward_hook(functools.partial(_reduce_output, group))
-        mlp.register_forward_hook(functools.partial(_reduce_output, group))
+        layer.mlp.register_forward_hook(functools.partial(_reduce_output, group))
     if model.config.text.vocab_size % group.world == 0:
-        cut("lm_head", model.lm_head, 0)
+        linear("lm_head", 0)
     return slices
+
+
+def localize(piece, slices: dict[str, Slice], local_shape: tuple[int, ...]):
+    """A checkpoint piece (glmv.weights.Piece) as this rank loads it: a slice of a split tensor, one of this rank's
+    experts at its local index, or None for another rank's expert. local_shape: the target's shape on this rank."""
+    cut = slices.get(piece.target)
+    if cut is None:
+        return piece
+    if not piece.index:
+        return replace(piece, source=cut)
+    # one expert of a stack split by expert (dim 0, the released per-expert layout)
+    n = local_shape[0]
+    e = piece.index[0] - cut.rank * n
+    return replace(piece, index=(e, *piece.index[1:])) if 0 <= e < n else None
 
 
 def _reduce_output(group: Group, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

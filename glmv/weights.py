@@ -19,7 +19,7 @@ import mmap
 import re
 import struct
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -191,8 +191,12 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True,
     stored = {name: opened[file].entries[name]["dtype"] for name, file in files.items()
               if name in opened[file].entries}
     plan = _fp8_plan(model, stored, quant, fp8.keep_on(device, quant)) if quant else _plan(model, files)
-    plan = {name: replace(piece, source=slices.get(piece.target)) for name, piece in plan.items()}
     expected = {name: t for name, t in model.state_dict().items()}
+    if slices:  # this rank's share of the split tensors only
+        local = {name: parallel.localize(piece, slices, expected[piece.target].shape)
+                 for name, piece in plan.items() if piece.target in expected}
+        plan.update(local)
+        plan = {name: piece for name, piece in plan.items() if piece is not None}
     _check_keys(path, expected, plan)
 
     names_in: dict[Path, list[str]] = {}  # tensor names per file, in index order
