@@ -1,9 +1,10 @@
-"""Tensor parallelism (glmv.parallel): a tiny checkpoint split over 2 gloo ranks on this CPU gives the logits of the
-same model on one rank within float32 rounding, the same greedy tokens through generate (all rows in slots, and
-refilling 2 slots), and every rank chooses the same tokens (the lockstep the engine relies on); a split that does not
-divide the heads is refused before any work."""
+"""Tensor parallelism (glmv.parallel): tiny dense and MoE checkpoints split over 2 gloo ranks on this CPU give the
+logits of the same model on one rank within float32 rounding, the same greedy tokens through generate (all rows in
+slots, and refilling 2 slots), and every rank chooses the same tokens (the lockstep the engine relies on); each rank
+loads exactly its slices; a split that does not divide heads or experts is refused before any work."""
 
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ import torch.multiprocessing as mp
 
 import glmv
 from glmv import parallel
-from glmv.testing import PRESETS
+from glmv.testing import PRESETS, make_fp8_checkpoint, make_tiny_checkpoint
 from test_model_parity import random_image
 
 RANKS = 2
 NEW_TOKENS = 10
 # Float32 logits of a split model: each all-reduce adds 2 partial dot products where one rank sums in one go, so
-# rounding differs by a few ulps per layer; measured max |diff| 2.6e-6 (logits up to ~4.6) on both tiny checkpoints.
+# rounding differs by a few ulps per layer (and the experts' partial sums add up in another order); measured max
+# |diff| 2.6e-6 (gqa, mha, moe) and 3.9e-6 (moe-grouped), logits up to ~4.6.
 LOGITS_ATOL = 2e-5
 
 
@@ -66,10 +68,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_one(tiny_gqa, tiny_mha, tmp_path):
-    """tiny_gqa: 4 heads, 2 KV heads; tiny_mha: 6 heads and KV heads, full rotary. One spawn of 2 ranks runs both."""
+@pytest.fixture(scope="module")
+def tiny_moe_grouped(tmp_path_factory):
+    """16 experts in 4 groups, top-3, 2 shared experts, a dense first layer; one tensor per expert as released."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tp-moe-grouped"), preset="moe-grouped", seed=4)
+
+
+def test_two_ranks_match_one(tiny_gqa, tiny_mha, tiny_moe_grouped, tmp_path):
+    """tiny_gqa: 4 heads, 2 KV heads; tiny_mha: 6 heads and KV heads, full rotary; tiny_moe_grouped: 8 experts per
+    rank. One spawn of 2 ranks runs all three."""
     cases = []
-    for checkpoint in (tiny_gqa, tiny_mha):
+    for checkpoint in (tiny_gqa, tiny_mha, tiny_moe_grouped):
         processor = glmv.Glm4vProcessor.from_pretrained(checkpoint)
         inputs = dict(processor.apply_chat_template(conversations(), add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt", padding=True))
@@ -98,6 +107,31 @@ def check_ranks(checkpoint, inputs, one: dict, ranks: list[dict]) -> None:
     assert torch.equal(split["refill"][[0, 2]], one["greedy"][[0, 2]]), checkpoint
 
 
+def test_each_rank_loads_its_slices(tiny_gqa, tmp_path):
+    """Rank 1 of 2 (loading needs no collective, so no process group here) holds the second half of each split
+    tensor, [gate; up] halves and the stacked experts (transformers' fused layout) included."""
+    moe = make_tiny_checkpoint(tmp_path / "moe-fused", preset="moe", seed=5, expert_layout="fused")
+    for checkpoint, layer in ((tiny_gqa, 0), (moe, 1)):
+        full = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, fast_cpu=False).state_dict()
+        rank1 = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, fast_cpu=False,
+                                                                 tensor_parallel=parallel.Group(1, RANKS))
+        mine = rank1.state_dict()
+        assert mine.keys() == full.keys()
+        prefix = f"model.language_model.layers.{layer}."
+        halves = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.bias": 0, "self_attn.o_proj.weight": 1,
+                  "mlp.experts.gate_up_proj": 0, "mlp.experts.down_proj": 0, "mlp.shared_experts.down_proj.weight": 1}
+        if layer == 0:
+            halves = {k: d for k, d in halves.items() if ".experts" not in k and "shared" not in k}
+            gate, up = full[prefix + "mlp.gate_up_proj.weight"].chunk(2)
+            n = gate.shape[0] // RANKS
+            assert torch.equal(mine[prefix + "mlp.gate_up_proj.weight"], torch.cat([gate[n:], up[n:]]))
+        for key, dim in halves.items():
+            whole = full[prefix + key]
+            assert torch.equal(mine[prefix + key], whole.chunk(RANKS, dim)[1]), key
+        assert torch.equal(mine["lm_head.weight"], full["lm_head.weight"].chunk(RANKS)[1])
+        assert torch.equal(mine["model.visual.blocks.0.attn.qkv.weight"], full["model.visual.blocks.0.attn.qkv.weight"])
+
+
 def test_indivisible_heads_are_refused_before_loading(tiny_mha, tiny_gqa):
     # tiny_mha: 6 heads (4 ranks cannot share them); tiny_gqa: 2 KV heads (4 ranks cannot share them)
     with pytest.raises(glmv.ConfigError, match=r"tensor_parallel=4 does not divide text_config.num_attention_heads=6"):
@@ -106,10 +140,15 @@ def test_indivisible_heads_are_refused_before_loading(tiny_mha, tiny_gqa):
         glmv.AutoModelForImageTextToText.from_pretrained(tiny_gqa, tensor_parallel=parallel.Group(0, 4))
 
 
-def test_moe_is_refused_with_tensor_parallel():
-    with pytest.raises(glmv.ConfigError, match="mixture-of-experts decoder .* runs on one rank"):
-        parallel.check(PRESETS["moe"], 2)
-    parallel.check(PRESETS["moe"], 1)  # one rank: nothing to split
+def test_indivisible_experts_and_fp8_are_refused(tiny_gqa, tmp_path):
+    config = PRESETS["moe"]
+    parallel.check(config, 2)  # 8 experts, 4 heads, 2 KV heads: 2 ranks divide them
+    odd = replace(config, text=replace(config.text, moe=replace(config.text.moe, n_routed_experts=6)))
+    with pytest.raises(glmv.ConfigError, match=r"tensor_parallel=4 does not divide text_config.n_routed_experts=6"):
+        parallel.check(replace(odd, text=replace(odd.text, num_key_value_heads=4)), 4)
+    fp8_checkpoint = make_fp8_checkpoint(tiny_gqa, tmp_path / "fp8", block=(32, 32))
+    with pytest.raises(glmv.ConfigError, match="FP8 checkpoint with tensor_parallel=2"):
+        glmv.AutoModelForImageTextToText.from_pretrained(fp8_checkpoint, tensor_parallel=parallel.Group(0, RANKS))
 
 
 def test_single_rank_collectives_are_no_ops():
