@@ -10,7 +10,8 @@ normalised (`norm_topk_prob`) and scaled (`routed_scaling_factor`).
 Experts run over the token copies sorted by expert: one grouped matmul per projection (`torch._grouped_mm`: no host
 sync, so a decode step stays capturable in a CUDA graph) where torch has it for the dtype and device, else a loop
 over the experts that received tokens, one matmul each. Attention, caches and the engine interface are the dense
-decoder's.
+decoder's. Under tensor parallelism (glmv.parallel) a rank holds a contiguous share of the experts: the copies of
+tokens routed to other ranks' experts sort last, outside every expert's rows, and add nothing.
 """
 
 from __future__ import annotations

@@ -2,23 +2,29 @@
 
 Megatron's split: per decoder layer q/k/v and gate/up are column-parallel (a rank holds num_heads / N query heads,
 num_key_value_heads / N KV heads and intermediate_size / N MLP columns), o_proj and down_proj row-parallel, each
-followed by one all-reduce of its partial sums: two collectives per layer. The lm_head is vocab-split (vocab / N rows
-per rank, logits all-gathered) when the vocabulary divides by N, replicated otherwise. A rank's KV cache holds its own
-KV heads only. Kept replicated for now, on every rank: the token embedding, the norms and the vision tower (running
-the tower data-parallel over the admitted images is a later step). The MoE decoder (expert parallel) and FP8 releases
-are refused with tensor_parallel > 1 for now.
+followed by one all-reduce of its partial sums: two collectives per layer. MoE layers (glmv.moe) split by expert
+instead: every rank routes every token (the router is replicated and its inputs identical), runs the tokens sent to
+its n_routed_experts / N experts and its share of the shared experts' columns, and the MLP's one all-reduce adds the
+ranks' partial sums. The lm_head is vocab-split (vocab / N rows per rank, logits all-gathered) when the vocabulary
+divides by N, replicated otherwise. A rank's KV cache holds its own KV heads only. Kept replicated for now, on every
+rank: the token embedding, the norms and the vision tower (running the tower data-parallel over the admitted images
+is a later step). FP8 releases are refused with tensor_parallel > 1 for now (their block scales would need splitting
+on block boundaries).
 
 Loading (glmv.weights) reads each rank's slices only, as views of the memory-mapped safetensors copied slice by
 slice: a rank never holds a whole split tensor.
 
 Rank coordination: every rank runs the same engine (glmv.engine) on the same inputs, in lockstep. The schedule
 depends only on the inputs, the engine config and the tokens chosen; the tokens come from logits that are identical
-on every rank (a ring all-reduce and an all-gather hand every rank the same bits), and sampling draws from per-row
-seeds, not a global generator, so every rank chooses the same tokens, admits the same rows at the same step and calls
-the same collectives in the same order. This needs no extra messages per step and leaves the engine unchanged; the
-alternative, rank 0 broadcasting each step's inputs, would put a host round trip in every decode step and a second
-code path in the engine. The caller's side of the contract: give every rank the same requests in the same order
-(the pipeline's model actor, a later step, has rank 0 forward each batch to the others before adding it).
+on every rank (all-reduce and all-gather hand every rank the same bits: tests/test_tensor_parallel.py checks it on
+gloo), and sampling draws from per-row seeds, not a global generator, so every rank chooses the same tokens, admits
+the same rows at the same step and calls the same collectives in the same order. This needs no extra messages per
+step and leaves the engine unchanged; the alternative, rank 0 broadcasting each step's inputs, would put a host round
+trip in every decode step and a second code path in the engine. The caller's side of the contract: every rank gets
+the same requests with the same seeds (generate's seed=None draws them from torch's global generator: seed it alike
+on every rank), added at the same engine step. `generate` (one batch, then run) meets it as is; the pipeline's model
+actor, a later step, must have rank 0 decide when a batch joins and tell the others before their next step, since
+batches arriving on a thread while the engine runs would join at different steps on different ranks.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
 Each checkpoint tensor goes to a `Piece` of a model tensor: itself by name, or (MoE, glmv.moe) its expert's slice of
 a stacked tensor, allocated on the device by its first piece; a model may skip tensors it never runs (the MTP
 layer). FP8 releases (glmv.fp8) pair each e4m3 weight with its block scales: dequantized as it is read, or kept.
+Under tensor parallelism (glmv.parallel) a rank reads only its slice of each split tensor (views of the mapping,
+copied slice by slice) and only its own experts.
 """
 
 from __future__ import annotations
