@@ -47,13 +47,6 @@ class Group:
     world: int = 1
     process_group: object = None
 
-    @classmethod
-    def default(cls) -> "Group":
-        """The initialised default group of torch.distributed, or a single rank when there is none."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return cls()
-        return cls(dist.get_rank(), dist.get_world_size())
-
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's t (in place)."""
         if self.world > 1:

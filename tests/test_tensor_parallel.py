@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import glmv
-from glmv import parallel
+from glmv import moe, parallel
 from glmv.testing import PRESETS, make_fp8_checkpoint, make_tiny_checkpoint
 from test_model_parity import random_image
 
@@ -130,6 +130,33 @@ def test_each_rank_loads_its_slices(tiny_gqa, tmp_path):
             assert torch.equal(mine[prefix + key], whole.chunk(RANKS, dim)[1]), key
         assert torch.equal(mine["lm_head.weight"], full["lm_head.weight"].chunk(RANKS)[1])
         assert torch.equal(mine["model.visual.blocks.0.attn.qkv.weight"], full["model.visual.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ranks_experts_add_up_to_all_experts(grouped, monkeypatch):
+    """The two halves of 8 experts, each run as one rank's (the other half's token copies masked out), sum to all 8
+    run together: through torch._grouped_mm (rows past the last expert never computed) and the per-expert loop."""
+    monkeypatch.setattr(moe, "GROUPED_MM", grouped)
+    cfg = PRESETS["moe"].text
+    torch.manual_seed(0)
+    whole = moe.Experts(cfg)
+    for p in whole.parameters():
+        p.data.normal_(0, 0.1)
+    halves = []
+    for rank in range(RANKS):
+        half = moe.Experts(cfg)
+        half.num_experts //= RANKS
+        half.first, half.split = rank * half.num_experts, True
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(half, name, torch.nn.Parameter(getattr(whole, name).chunk(RANKS)[rank].clone()))
+        halves.append(half)
+    x = torch.randn(13, cfg.hidden_size)
+    weights = torch.rand(13, 2)  # (N, k) of each token's 2 distinct experts
+    indices = torch.stack([torch.randperm(whole.num_experts)[:2] for _ in range(13)])
+    with torch.no_grad():
+        expected = whole(x, indices, weights)
+        got = sum(half(x, indices, weights) for half in halves)
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
 
 
 def test_indivisible_heads_are_refused_before_loading(tiny_mha, tiny_gqa):
