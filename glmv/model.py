@@ -173,7 +173,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         """Packed rows: embeds (N, D), position_ids (3, N) fill the rows' cache slots. Returns the logits (len(last),
         V) at the packed indices `last` (each row's last token), or None when only the cache is wanted."""
         keep = last if last is not None else torch.zeros(0, dtype=torch.long, device=embeds.device)
-        hidden = self.model.language_model.prefill(embeds, position_ids, batch, keep)
+        hidden = self.model.language_model.prefill(self.parallel.from_first(embeds), position_ids, batch, keep)
         return None if last is None else parallel.logits(self, hidden)
 
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, batch: Decode) -> torch.Tensor:
@@ -202,7 +202,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         types = self.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(self.device)
         image_features, video_features = self.encode_vision(pixel_values, image_grid_thw,
                                                             pixel_values_videos, video_grid_thw)
-        x = self.embed(input_ids, types, image_features, video_features)
+        x = self.parallel.from_first(self.embed(input_ids, types, image_features, video_features))
         position_ids, _ = rope_index(types, attention_mask, image_grid_thw, video_grid_thw,
                                      self.config.vision.spatial_merge_size)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1])

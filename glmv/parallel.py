@@ -18,7 +18,11 @@ Rank coordination: every rank runs the same engine (glmv.engine) on the same inp
 depends only on the inputs, the engine config and the tokens chosen; the tokens come from logits that are identical
 on every rank (all-reduce and all-gather hand every rank the same bits: tests/test_tensor_parallel.py checks it on
 gloo), and sampling draws from per-row seeds, not a global generator, so every rank chooses the same tokens, admits
-the same rows at the same step and calls the same collectives in the same order. This needs no extra messages per
+the same rows at the same step and calls the same collectives in the same order. The replicated residual stream
+must be the same bits on every rank too (else each rank's slice of the logits, or the whole logits of a replicated
+lm_head, comes from a stream of its own): its only input that a rank computes alone from more than a table lookup
+is the vision features (the tower is replicated, and on CUDA some kernels are not bitwise deterministic), so every
+prefill starts from rank 0's input embeddings (one broadcast of (tokens, D) per prefill). This needs no extra messages per
 step and leaves the engine unchanged; the alternative, rank 0 broadcasting each step's inputs, would put a host round
 trip in every decode step and a second code path in the engine. The caller's side of the contract: every rank gets
 the same requests with the same seeds (generate's seed=None draws them from torch's global generator: seed it alike
@@ -51,6 +55,13 @@ class Group:
         """Sum of every rank's t (in place)."""
         if self.world > 1:
             dist.all_reduce(t, group=self.process_group)
+        return t
+
+    def from_first(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's t on every rank."""
+        if self.world > 1:
+            t = t.contiguous()
+            dist.broadcast(t, group_src=0, group=self.process_group)
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:

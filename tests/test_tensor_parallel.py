@@ -55,6 +55,9 @@ def _rank(rank: int, port: int, cases: list[tuple[str, dict, str]]) -> None:
         group = parallel.Group(rank, RANKS)
         for checkpoint, inputs, out in cases:
             model = glmv.AutoModelForImageTextToText.from_pretrained(checkpoint, tensor_parallel=group)
+            if rank:  # vision features of its own (a nondeterministic CUDA kernel differs in the last bits; here
+                # 1%, to be seen past the tolerance): every prefill starts from rank 0's embeddings, so they are unused
+                model.model.visual.register_forward_hook(lambda module, args, out: out * 1.01)
             result = run_cases(model, inputs)
             result["kv_heads"], result["cache_heads"] = model.kv_heads, model.new_cache(4, 16, 1, 2).k[0].shape[2]
             torch.save(result, f"{out}.{rank}")
