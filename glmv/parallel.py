@@ -126,62 +126,70 @@ def shard(model: nn.Module, group: Group) -> dict[str, Slice]:
     Returns the checkpoint slice of every split tensor (by name), for the loader (`localize`)."""
     check(model.config, group.world)
     model.parallel = group
-    slices: dict[str, Slice] = {}
     if group.world == 1:
-        return slices
-
-    def cut(name: str, dim: int, chunks: int = 1) -> None:
-        """Parameter `name` (a model key) becomes this rank's 1/world along dim."""
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        param = getattr(module, leaf)
-        piece = Slice(dim, group.rank, group.world, chunks)
-        setattr(module, leaf, nn.Parameter(torch.empty(piece.shape(param.shape), dtype=param.dtype,
-                                                       device=param.device), requires_grad=False))
-        slices[name] = piece
-
-    def linear(name: str, dim: int, chunks: int = 1) -> None:
-        """Column- (dim 0) or row-parallel (dim 1) linear layer."""
-        module = model.get_submodule(name)
-        if dim == 1 and module.bias is not None:  # each rank would add it: the all-reduce would sum it N times
-            raise ConfigError(f"{name}: a row-parallel linear layer with a bias is not supported")
-        cut(f"{name}.weight", dim, chunks)
-        if module.bias is not None:
-            cut(f"{name}.bias", dim, chunks)
-        module.out_features, module.in_features = module.weight.shape
-
-    def gated_mlp(name: str) -> None:
-        mlp = model.get_submodule(name)
-        if hasattr(mlp, "gate_up_proj"):  # the dense decoder's fused [gate; up] rows: a share of each half
-            linear(f"{name}.gate_up_proj", 0, chunks=2)
-        else:
-            linear(f"{name}.gate_proj", 0)
-            linear(f"{name}.up_proj", 0)
-        linear(f"{name}.down_proj", 1)
-
+        return {}
+    split = _Splitter(model, group)
     for i, layer in enumerate(model.model.language_model.layers):
-        prefix = f"model.language_model.layers.{i}"
-        attn = layer.self_attn
+        split.layer(f"model.language_model.layers.{i}", layer)
+    if model.config.text.vocab_size % group.world == 0:
+        split.linear("lm_head", 0)
+    return split.slices
+
+
+class _Splitter:
+    """Replaces parameters of a meta-device model by this rank's share, recording each share for the loader."""
+
+    def __init__(self, model: nn.Module, group: Group):
+        self.model, self.group = model, group
+        self.slices: dict[str, Slice] = {}
+
+    def layer(self, prefix: str, layer: nn.Module) -> None:
+        attn, world = layer.self_attn, self.group.world
         for proj in ("q_proj", "k_proj", "v_proj"):
-            linear(f"{prefix}.self_attn.{proj}", 0)
-        linear(f"{prefix}.self_attn.o_proj", 1)
-        attn.num_heads //= group.world
-        attn.num_kv_heads //= group.world
+            self.linear(f"{prefix}.self_attn.{proj}", 0)
+        self.linear(f"{prefix}.self_attn.o_proj", 1)
+        attn.num_heads //= world
+        attn.num_kv_heads //= world
         if hasattr(layer.mlp, "experts"):  # MoE: a share of the experts (the router stays whole) and shared MLP
             experts = layer.mlp.experts
-            experts.num_experts //= group.world
-            experts.first, experts.split = group.rank * experts.num_experts, True
-            cut(f"{prefix}.mlp.experts.gate_up_proj", 0)
-            cut(f"{prefix}.mlp.experts.down_proj", 0)
-            gated_mlp(f"{prefix}.mlp.shared_experts")
+            experts.num_experts //= world
+            experts.first, experts.split = self.group.rank * experts.num_experts, True
+            self.cut(f"{prefix}.mlp.experts.gate_up_proj", 0)
+            self.cut(f"{prefix}.mlp.experts.down_proj", 0)
+            self.gated_mlp(f"{prefix}.mlp.shared_experts")
         else:
-            gated_mlp(f"{prefix}.mlp")
+            self.gated_mlp(f"{prefix}.mlp")
         # the row-parallel projections' partial sums (and the experts' partial sum), added up before the residual
-        attn.register_forward_hook(functools.partial(_reduce_output, group))
-        layer.mlp.register_forward_hook(functools.partial(_reduce_output, group))
-    if model.config.text.vocab_size % group.world == 0:
-        linear("lm_head", 0)
-    return slices
+        attn.register_forward_hook(functools.partial(_reduce_output, self.group))
+        layer.mlp.register_forward_hook(functools.partial(_reduce_output, self.group))
+
+    def gated_mlp(self, name: str) -> None:
+        if hasattr(self.model.get_submodule(name), "gate_up_proj"):  # the fused [gate; up] rows: a share of each
+            self.linear(f"{name}.gate_up_proj", 0, chunks=2)
+        else:
+            self.linear(f"{name}.gate_proj", 0)
+            self.linear(f"{name}.up_proj", 0)
+        self.linear(f"{name}.down_proj", 1)
+
+    def linear(self, name: str, dim: int, chunks: int = 1) -> None:
+        """A column- (dim 0) or row-parallel (dim 1) linear layer."""
+        module = self.model.get_submodule(name)
+        if dim == 1 and module.bias is not None:  # each rank would add it: the all-reduce would sum it N times
+            raise ConfigError(f"{name}: a row-parallel linear layer with a bias is not supported")
+        self.cut(f"{name}.weight", dim, chunks)
+        if module.bias is not None:
+            self.cut(f"{name}.bias", dim, chunks)
+        module.out_features, module.in_features = module.weight.shape
+
+    def cut(self, name: str, dim: int, chunks: int = 1) -> None:
+        """Parameter `name` (a model key) becomes this rank's 1/world along dim."""
+        module_name, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        param = getattr(module, leaf)
+        piece = Slice(dim, self.group.rank, self.group.world, chunks)
+        setattr(module, leaf, nn.Parameter(torch.empty(piece.shape(param.shape), dtype=param.dtype,
+                                                       device=param.device), requires_grad=False))
+        self.slices[name] = piece
 
 
 def localize(piece, slices: dict[str, Slice], local_shape: tuple[int, ...]):
