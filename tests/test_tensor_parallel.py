@@ -20,7 +20,7 @@ RANKS = 2
 NEW_TOKENS = 10
 # Float32 logits of a split model: each all-reduce adds 2 partial dot products where one rank sums in one go, so
 # rounding differs by a few ulps per layer (and the experts' partial sums add up in another order); measured max
-# |diff| 2.6e-6 (gqa, mha, moe) and 3.9e-6 (moe-grouped), logits up to ~4.6.
+# |diff| 2.6e-6 (gqa, mha, moe), 3.6e-6 (ocr) and 3.9e-6 (moe-grouped), logits up to ~4.6.
 LOGITS_ATOL = 2e-5
 
 
@@ -77,12 +77,13 @@ def tiny_moe_grouped(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tp-moe-grouped"), preset="moe-grouped", seed=4)
 
 
-def test_two_ranks_match_one(tiny_gqa, tiny_mha, tiny_moe_grouped, tmp_path):
-    """tiny_gqa: 4 heads, 2 KV heads; tiny_mha: 6 heads and KV heads, full rotary; tiny_moe_grouped: 8 experts per
-    rank. One spawn of 2 ranks runs all three."""
+def test_two_ranks_match_one(tiny_gqa, tiny_mha, tiny_ocr, tiny_moe_grouped, tmp_path):
+    """tiny_gqa: 4 heads, 2 KV heads; tiny_mha: 6 heads and KV heads, full rotary; tiny_ocr: GLM-OCR, head_dim apart
+    from hidden / heads; tiny_moe_grouped: 8 experts per rank. One spawn of 2 ranks runs all four."""
     cases = []
-    for checkpoint in (tiny_gqa, tiny_mha, tiny_moe_grouped):
-        processor = glmv.Glm4vProcessor.from_pretrained(checkpoint)
+    for checkpoint in (tiny_gqa, tiny_mha, tiny_ocr, tiny_moe_grouped):
+        family = glmv.Glm46VProcessor if checkpoint == tiny_ocr else glmv.Glm4vProcessor
+        processor = family.from_pretrained(checkpoint)
         inputs = dict(processor.apply_chat_template(conversations(), add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt", padding=True))
         cases.append((str(checkpoint), inputs, str(tmp_path / f"{checkpoint.name}.rank")))
