@@ -18,17 +18,19 @@ Rank coordination: every rank runs the same engine (glmv.engine) on the same inp
 depends only on the inputs, the engine config and the tokens chosen; the tokens come from logits that are identical
 on every rank (all-reduce and all-gather hand every rank the same bits: tests/test_tensor_parallel.py checks it on
 gloo), and sampling draws from per-row seeds, not a global generator, so every rank chooses the same tokens, admits
-the same rows at the same step and calls the same collectives in the same order. The replicated residual stream
-must be the same bits on every rank too (else each rank's slice of the logits, or the whole logits of a replicated
-lm_head, comes from a stream of its own): its only input that a rank computes alone from more than a table lookup
-is the vision features (the tower is replicated, and on CUDA some kernels are not bitwise deterministic), so every
+the same rows at the same step and calls the same collectives in the same order. The replicated residual stream must
+be the same bits on every rank too (else each rank's slice of the logits, or the whole logits of a replicated
+lm_head, comes from a stream of its own): its only input that a rank computes alone from more than a table lookup is
+the vision features (the tower is replicated, and on CUDA some kernels are not bitwise deterministic), so every
 prefill starts from rank 0's input embeddings (one broadcast of (tokens, D) per prefill). Decode steps need no
 message beyond the model's own collectives, and the engine is unchanged; the alternative, rank 0 broadcasting each
-step's inputs, would put a host round trip in every decode step and a second code path in the engine. The caller's side of the contract: every rank gets
-the same requests with the same seeds (generate's seed=None draws them from torch's global generator: seed it alike
-on every rank), added at the same engine step. `generate` (one batch, then run) meets it as is; the pipeline's model
-actor, a later step, must have rank 0 decide when a batch joins and tell the others before their next step, since
-batches arriving on a thread while the engine runs would join at different steps on different ranks.
+step's inputs, would put a host round trip in every decode step and a second code path in the engine. The caller's
+side of the contract: every rank gets the same requests with the same seeds (generate's seed=None draws them from
+torch's global generator: seed it alike on every rank), added at the same engine step. `generate` (one batch, then
+run) meets it as is; the pipeline's model actor, a later step, must have rank 0 decide when a batch joins and tell
+the others before their next step, since batches arriving on a thread while the engine runs would join at different
+steps on different ranks. The pool's size must agree too: a caller sizing kv_blocks from free memory takes the
+smallest over the ranks.
 """
 
 from __future__ import annotations
