@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from glmv import parallel
 from glmv.attention import Decode, Prefill
 from glmv.config import ConfigError, Glm4vConfig
 from glmv.errors import InputError
@@ -57,16 +58,21 @@ class Glm4vForConditionalGeneration(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_config: dict = {}  # generation_config.json of the checkpoint, set by from_pretrained
         self.name_or_path = ""  # the checkpoint folder, set by from_pretrained
+        self.parallel = parallel.SINGLE  # the ranks this model is split across (glmv.parallel.shard)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu", fast_cpu: bool = True) -> "Glm4vForConditionalGeneration":
+                        device: torch.device | str = "cpu", fast_cpu: bool = True,
+                        tensor_parallel: parallel.Group | None = None) -> "Glm4vForConditionalGeneration":
         """Load a checkpoint folder. dtype defaults to float32 on CPU and the checkpoint's own on CUDA.
         fast_cpu: on CPU in float32, run linear layers through oneDNN with prepacked weights (glmv.cpu_kernels);
-        the model is then for inference only and its state_dict lacks the packed weights."""
+        the model is then for inference only and its state_dict lacks the packed weights.
+        tensor_parallel: this rank's place in the group the decoder is split across (glmv.parallel); every rank
+        of the group calls from_pretrained and then runs the same calls."""
         from glmv.weights import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu)
+        return load_pretrained(cls, path, dtype=dtype, device=device, fast_cpu=fast_cpu,
+                               tensor_parallel=tensor_parallel)
 
     @classmethod
     def runs(cls, config: Glm4vConfig) -> bool:
@@ -145,15 +151,21 @@ class Glm4vForConditionalGeneration(nn.Module):
 
     def new_cache(self, blocks: int, block_size: int, slots: int, max_blocks: int) -> PagedKVCache:
         """An empty paged KV cache: a pool of `blocks` blocks of `block_size` positions (block 0: scratch), block
-        tables of `slots` rows of up to `max_blocks` blocks, in the model's dtype and device."""
+        tables of `slots` rows of up to `max_blocks` blocks, in the model's dtype and device; this rank's KV heads."""
         cfg = self.config.text
-        return PagedKVCache(cfg.num_hidden_layers, blocks, block_size, slots, max_blocks, cfg.num_key_value_heads,
+        return PagedKVCache(cfg.num_hidden_layers, blocks, block_size, slots, max_blocks, self.kv_heads,
                             cfg.head_dim, self.dtype, self.device)
 
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this rank holds (all of them on one rank)."""
+        return self.config.text.num_key_value_heads // self.parallel.world
+
     def cache_bytes(self, slots: int, max_len: int) -> int:
-        """KV memory of `slots` rows of `max_len` positions (a pool of slots * max_len / block_size blocks)."""
+        """KV memory of `slots` rows of `max_len` positions (a pool of slots * max_len / block_size blocks), on
+        this rank."""
         cfg = self.config.text
-        per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim   # keys and values
+        per_position = 2 * cfg.num_hidden_layers * self.kv_heads * cfg.head_dim   # keys and values
         return per_position * slots * max_len * self.dtype.itemsize
 
     def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, batch: Prefill,
@@ -161,12 +173,12 @@ class Glm4vForConditionalGeneration(nn.Module):
         """Packed rows: embeds (N, D), position_ids (3, N) fill the rows' cache slots. Returns the logits (len(last),
         V) at the packed indices `last` (each row's last token), or None when only the cache is wanted."""
         keep = last if last is not None else torch.zeros(0, dtype=torch.long, device=embeds.device)
-        hidden = self.model.language_model.prefill(embeds, position_ids, batch, keep)
-        return None if last is None else self.lm_head(hidden)
+        hidden = self.model.language_model.prefill(self.parallel.from_first(embeds), position_ids, batch, keep)
+        return None if last is None else parallel.logits(self, hidden)
 
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, batch: Decode) -> torch.Tensor:
         """One token per cache slot: tokens (B,), rope positions (B,) -> logits (B, V). Static shapes."""
-        return self.lm_head(self.model.language_model.decode_step(tokens, position_ids, batch))
+        return parallel.logits(self, self.model.language_model.decode_step(tokens, position_ids, batch))
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """mm_token_type_ids from input_ids, for callers that did not pass them: image placeholders inside a
@@ -190,14 +202,14 @@ class Glm4vForConditionalGeneration(nn.Module):
         types = self.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(self.device)
         image_features, video_features = self.encode_vision(pixel_values, image_grid_thw,
                                                             pixel_values_videos, video_grid_thw)
-        x = self.embed(input_ids, types, image_features, video_features)
+        x = self.parallel.from_first(self.embed(input_ids, types, image_features, video_features))
         position_ids, _ = rope_index(types, attention_mask, image_grid_thw, video_grid_thw,
                                      self.config.vision.spatial_merge_size)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1])
         hidden = self.model.language_model(x, position_ids.to(self.device), mask)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        return ModelOutput(logits=self.lm_head(hidden))
+        return ModelOutput(logits=parallel.logits(self, hidden))
 
 
 class GlmOcrForConditionalGeneration(Glm4vForConditionalGeneration):

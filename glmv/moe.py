@@ -10,7 +10,8 @@ normalised (`norm_topk_prob`) and scaled (`routed_scaling_factor`).
 Experts run over the token copies sorted by expert: one grouped matmul per projection (`torch._grouped_mm`: no host
 sync, so a decode step stays capturable in a CUDA graph) where torch has it for the dtype and device, else a loop
 over the experts that received tokens, one matmul each. Attention, caches and the engine interface are the dense
-decoder's.
+decoder's. Under tensor parallelism (glmv.parallel) a rank holds a contiguous share of the experts: the copies of
+tokens routed to other ranks' experts sort last, outside every expert's rows, and add nothing.
 """
 
 from __future__ import annotations
@@ -79,21 +80,29 @@ class Experts(nn.Module):
         super().__init__()
         m = cfg.moe
         self.num_experts, self.inner = m.n_routed_experts, m.moe_intermediate_size
+        self.first = 0  # the global id of this rank's first expert (expert parallel: glmv.parallel.shard)
+        self.split = False  # whether other ranks hold some of the experts
         self.gate_up_proj = nn.Parameter(torch.empty(m.n_routed_experts, 2 * m.moe_intermediate_size,
                                                      cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(m.n_routed_experts, cfg.hidden_size, m.moe_intermediate_size))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), indices and weights (N, k) -> the weighted sum of each token's k experts (N, D)."""
-        k = indices.shape[1]
+        k, E = indices.shape[1], self.num_experts
         flat = indices.flatten()  # (N*k,)
+        if self.split:  # this rank's experts as 0..E-1; other ranks' copies as E: sorted last, in no expert's rows
+            flat = flat - self.first
+            mine = (flat >= 0) & (flat < E)
+            flat = torch.where(mine, flat, E)
         order = flat.argsort(stable=True)  # token copies grouped by expert, each expert's in token order
         token = order.div(k, rounding_mode="floor")
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat))  # (E,), without bincount's host sync
+        counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))[:E]  # (E,), without bincount's host sync
         xs = x[token]  # (N*k, D)
         ys = self._grouped(xs, counts) if self.grouped_ok(x) else self._looped(xs, counts)  # (N*k, D)
         ys = (ys * weights.flatten()[order, None]).to(x.dtype)
+        if self.split:  # the rows of other ranks' copies were never computed
+            ys = ys.masked_fill(~mine[order, None], 0)
         # one index_add in expert order sums each token's experts in the order the reference adds them
         return torch.zeros_like(x).index_add_(0, token, ys)
 

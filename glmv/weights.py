@@ -8,6 +8,8 @@ Pickled checkpoints (`*.bin`, `*.pt`) are refused, never opened.
 Each checkpoint tensor goes to a `Piece` of a model tensor: itself by name, or (MoE, glmv.moe) its expert's slice of
 a stacked tensor, allocated on the device by its first piece; a model may skip tensors it never runs (the MTP
 layer). FP8 releases (glmv.fp8) pair each e4m3 weight with its block scales: dequantized as it is read, or kept.
+Under tensor parallelism (glmv.parallel) a rank reads only its slice of each split tensor (views of the mapping,
+copied slice by slice) and only its own experts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from glmv import cpu_kernels, fp8
+from glmv import cpu_kernels, fp8, parallel
 from glmv.config import ConfigError, Glm4vConfig
 from glmv.errors import GlmvError
 
@@ -156,13 +158,16 @@ def resolve_dtype(dtype, config: Glm4vConfig, device: torch.device) -> torch.dty
 @dataclass(frozen=True)
 class Piece:
     """Where one checkpoint tensor goes: into model tensor `target` at `index` (() for the whole tensor; per-expert
-    tensors fill their slice of a stacked one), dequantized with the FP8 block scales of checkpoint key `scale`."""
+    tensors fill their slice of a stacked one), dequantized with the FP8 block scales of checkpoint key `scale`;
+    source: the part of the checkpoint tensor this rank holds (tensor parallelism), None for all of it."""
     target: str
     index: tuple = ()
     scale: str | None = None
+    source: parallel.Slice | None = None
 
 
-def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
+def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True,
+                    tensor_parallel: parallel.Group | None = None):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
@@ -174,7 +179,12 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
     dtype = resolve_dtype(dtype, config, device)
     quant = fp8.read_quantization(path / "config.json")
 
+    group = tensor_parallel or parallel.SINGLE
+    if quant and group.world > 1:
+        raise ConfigError(f"{path}: an FP8 checkpoint with tensor_parallel={group.world}: FP8 releases run on one "
+                          f"rank for now (splitting their block scales is a later step)")
     model = build_on_meta(cls, config)
+    slices = parallel.shard(model, group)
     files = checkpoint_files(path)
     opened: dict[Path, SafetensorsFile] = {}
     for file in files.values():
@@ -184,6 +194,11 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
               if name in opened[file].entries}
     plan = _fp8_plan(model, stored, quant, fp8.keep_on(device, quant)) if quant else _plan(model, files)
     expected = {name: t for name, t in model.state_dict().items()}
+    if slices:  # this rank's share of the split tensors only
+        local = {name: parallel.localize(piece, slices, expected[piece.target].shape)
+                 for name, piece in plan.items() if piece.target in expected}
+        plan.update(local)
+        plan = {name: piece for name, piece in plan.items() if piece is not None}
     _check_keys(path, expected, plan)
 
     names_in: dict[Path, list[str]] = {}  # tensor names per file, in index order
@@ -194,6 +209,8 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
         if name not in st.entries:
             raise CheckpointError(f"{path / INDEX_FILE} places {name!r} in {file.name}, which does not hold it")
         want = tuple(expected[piece.target][piece.index].shape)
+        if piece.source is not None:  # the whole tensor, of which this rank holds a slice of shape `want`
+            want = piece.source.full(want)
         if st.shape(name) != want:
             raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(st.shape(name))}, the config "
                                   f"({path / 'config.json'}) needs {list(want)}")
@@ -211,6 +228,8 @@ def load_pretrained(cls, path, dtype=None, device="cpu", fast_cpu: bool = True):
             # small-page memory). Releasing each tensor's source pages keeps the peak at one tensor over the model.
             piece = plan[name]
             tensor = st.tensor(name)
+            if piece.source is not None:  # this rank's slice only: views of the mapping, copied piece by piece
+                tensor = piece.source.take(tensor)
             loaded_bytes += tensor.numel() * tensor.element_size()
             if piece.scale is not None:
                 tensor = fp8.dequantize(tensor.to(device), opened[files[piece.scale]].tensor(piece.scale).to(device),
