@@ -113,6 +113,11 @@ class Predictor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
         self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
+        if self.device == "cuda":   # refused in one line before any rank loads (pipeline.tp.RankMemory)
+            from pipeline.tp import rank_memory
+
+            memory = rank_memory(cfg.model.path, cfg.model.tensor_parallel, self.dtype)
+            memory.check_fits(torch.cuda.mem_get_info()[0], "this model actor's GPU")
         if cfg.model.tensor_parallel > 1:   # rank 0 of an actor over N ranks: the followers start loading now
             from pipeline.tp import Ranks
 

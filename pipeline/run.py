@@ -399,7 +399,25 @@ def _start_ray(cfg: Config, out) -> Config:
     each = f"each of {ranks} ranks" if ranks > 1 else "each"
     _say(out, f"model actors: {actors.count}, {gpus}{actors.num_cpus:g} CPU {each} (cluster: "
               f"{resources.get('GPU', 0):g} GPU, {resources.get('CPU', 0):g} CPU)")
-    return dataclasses.replace(cfg, actors=actors)
+    cfg = dataclasses.replace(cfg, actors=actors)
+    _say(out, _memory_plan(cfg))
+    return cfg
+
+
+def _memory_plan(cfg: Config) -> str:
+    """The memory plan of one rank; refuses (ConfigError) weights that cannot fit a GPU this driver sees. A driver
+    without one leaves that check to the model actor, before it loads anything (pipeline.predictor)."""
+    import torch
+
+    from pipeline import tp
+    from pipeline.predictor import KV_SHARE
+
+    on_gpu = cfg.actors.on_gpu and cfg.model.device != "cpu"
+    dtype = cfg.model.dtype if cfg.model.dtype != AUTO else ("bfloat16" if on_gpu else "float32")
+    memory = tp.rank_memory(cfg.model.path, cfg.model.tensor_parallel, getattr(torch, dtype))
+    if on_gpu and torch.cuda.is_available():
+        memory.check_fits(torch.cuda.get_device_properties(0).total_memory, "this node's GPU 0 (its whole memory)")
+    return memory.describe(KV_SHARE, on_gpu)
 
 
 @dataclass
