@@ -1,7 +1,13 @@
 """The job with `model.tensor_parallel = 2` on this CPU: one model actor over two gloo ranks (rank 0 the Ray Data
 actor, rank 1 a follower process it starts, pipeline.tp) writes the same texts as one rank, in float32 (the split
 model's logits differ from one rank's by float32 rounding, tests/test_tensor_parallel.py: a near-tie flip would be
-a rare exception, none happens on this corpus)."""
+a rare exception, none happens on this corpus); kill -9 of rank 1 mid-run ends the actor as a crash does, and the
+run recovers with every (item, task) written exactly once."""
+
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,9 +17,12 @@ from pipeline import config
 from pipeline.config import ActorsConfig, ConfigError
 from pipeline.preflight import check_resources, plan_actors
 from pipeline.tp import rank_memory
-from tests.pipeline_helpers import config_text, good_media, run_job, write_local
+from tests.pipeline_helpers import PY, REPO, config_text, good_media, run_job, wait_for, write_local
 
-SETTINGS = ("ray.num_cpus=2", "actors.num_cpus=0.5", "run.max_new_tokens=8", 'run.tasks=["caption", "ocr"]')
+# windows of 2 items (4 sequences): results arrive window by window, so a kill lands mid-run
+TAG = "GLMV_TP_TEST_JOB"
+SETTINGS = ("ray.num_cpus=2", "actors.num_cpus=0.5", "run.max_new_tokens=12", 'run.tasks=["caption", "ocr"]',
+            "batching.sort_window=1")
 
 
 def _texts(out) -> dict:
@@ -23,21 +32,76 @@ def _texts(out) -> dict:
     return {(r.uri, r.task): r.text for r in df.itertuples()}
 
 
-def test_two_ranks_write_the_texts_of_one(tiny_gqa, tmp_path):
-    corpus = tmp_path / "corpus"
-    files = good_media(num_images=5, num_videos=1)
-    write_local(corpus, files)
-    texts = {}
-    for ranks in (1, 2):
-        out = tmp_path / f"out{ranks}"
-        cfg = tmp_path / f"run{ranks}.toml"
-        cfg.write_text(config_text(str(corpus), str(out), str(tiny_gqa)))
-        result = run_job(cfg, *SETTINGS, f"model.tensor_parallel={ranks}")
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        texts[ranks] = _texts(out)
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp-corpus")
+    files = good_media(num_images=10, num_videos=1)
+    write_local(root, files)
+    return root, len(files)
+
+
+def _config(tmp_path, corpus, checkpoint, name: str) -> tuple[Path, Path]:
+    out, cfg = tmp_path / f"out-{name}", tmp_path / f"{name}.toml"
+    cfg.write_text(config_text(str(corpus), str(out), str(checkpoint)))
+    return cfg, out
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_gqa, corpus, tmp_path_factory):
+    """The texts of one rank."""
+    cfg, out = _config(tmp_path_factory.mktemp("tp-one"), corpus[0], tiny_gqa, "one")
+    result = run_job(cfg, *SETTINGS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    texts = _texts(out)
+    assert len(texts) == corpus[1] * 2 and any(texts.values())
+    return texts
+
+
+def test_two_ranks_write_the_texts_of_one(tiny_gqa, corpus, one_rank, tmp_path):
+    cfg, out = _config(tmp_path, corpus[0], tiny_gqa, "two")
+    result = run_job(cfg, *SETTINGS, "model.tensor_parallel=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "CPU each of 2 ranks" in result.stdout and "memory plan per rank (2 rank(s)" in result.stdout
-    assert len(texts[1]) == len(files) * 2 and any(texts[1].values())
-    assert texts[2] == texts[1]
+    assert _texts(out) == one_rank
+
+
+def _followers(tag: str) -> list[int]:
+    """Pids of the tensor-parallel followers (`python -m pipeline.tp`) of the job whose environment has this tag
+    (Ray's workers are not the driver's descendants, but they inherit its environment)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if b"pipeline.tp" in argv and f"{TAG}={tag}".encode() in Path(f"/proc/{entry}/environ").read_bytes():
+                found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_kill_9_of_rank_1_mid_run_recovers_exactly_once(tiny_gqa, corpus, one_rank, tmp_path):
+    cfg, out = _config(tmp_path, corpus[0], tiny_gqa, "killed")
+    cmd = [PY, str(REPO / "jobs" / "caption.py"), "--config", str(cfg)]
+    for o in (*SETTINGS, "model.tensor_parallel=2"):
+        cmd += ["--set", o]
+    log = tmp_path / "job.log"
+    with open(log, "w") as sink:
+        job = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, TAG: str(tmp_path)})
+        try:
+            # mid-run: the first result file is written, more rows are on their way
+            assert wait_for(lambda: list(out.glob("*.parquet")) or job.poll() is not None, timeout=240)
+            first = _followers(str(tmp_path))
+            assert job.poll() is None and len(first) == 1, log.read_text()[-3000:]
+            os.kill(first[0], signal.SIGKILL)
+            # the actor ended as a crashed one, and its restart started a follower of its own
+            assert wait_for(lambda: set(_followers(str(tmp_path))) - set(first), timeout=120), log.read_text()[-3000:]
+            assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    assert "tensor parallel rank 0: " in log.read_text() and "ending this process" in log.read_text()
+    assert _texts(out) == one_rank
 
 
 def test_memory_plan_and_actor_sizing_count_the_ranks(tiny_gqa):
