@@ -101,6 +101,7 @@ def test_kill_9_of_rank_1_mid_run_recovers_exactly_once(tiny_gqa, corpus, one_ra
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
     assert "tensor parallel rank 0: " in log.read_text() and "ending this process" in log.read_text()
+    assert wait_for(lambda: not _followers(str(tmp_path)), timeout=30)   # none left behind by the job
     assert _texts(out) == one_rank
 
 
