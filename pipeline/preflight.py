@@ -84,6 +84,22 @@ def _check_model_type(config: dict, source: str) -> None:
                       f"GLM-OCR (model_type {', '.join(MODEL_TYPES[:-1])} or {MODEL_TYPES[-1]})")
 
 
+def _check_split(path: str, ranks: int) -> None:
+    """model.tensor_parallel must divide the heads, KV heads, MLP columns and experts (glmv.parallel), and FP8
+    releases run on one rank: said before Ray starts, not by every model actor."""
+    from glmv import fp8, parallel
+    from glmv.config import Glm4vConfig
+    from glmv.errors import GlmvError
+
+    try:
+        parallel.check(Glm4vConfig.from_pretrained(path), ranks)
+        quantized = fp8.read_quantization(os.path.join(path, "config.json"))
+    except GlmvError as e:
+        raise ConfigError(f"model.tensor_parallel: {e}") from None
+    if quantized:
+        raise ConfigError(f"model.tensor_parallel = {ranks}: {path} is an FP8 release, which runs on one rank for now")
+
+
 def context_length(config: dict) -> int | None:
     """The model's context in tokens: text_config.max_position_embeddings (released and transformers-5 layouts),
     else the top-level field of older revisions."""
@@ -108,6 +124,8 @@ def check_model(cfg: Config) -> None:
     config = _read_json(os.path.join(path, "config.json"), "a model config")
     _check_model_type(config, os.path.join(path, "config.json"))
     _check_weights(path)
+    if cfg.model.tensor_parallel > 1:
+        _check_split(path, cfg.model.tensor_parallel)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise ConfigError(f"model.path: {path} is not a checkpoint: no tokenizer.json")
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("preprocessor_config.json", "processor_config.json")):

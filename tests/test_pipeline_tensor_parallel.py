@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config
+from glmv.testing import make_fp8_checkpoint
+from pipeline import config, preflight
 from pipeline.config import ActorsConfig, ConfigError
 from pipeline.preflight import check_resources, plan_actors
 from pipeline.tp import rank_memory
@@ -135,3 +136,15 @@ def test_tensor_parallel_is_validated_at_the_edge(tmp_path):
         config.load(path, ["model.tensor_parallel=2", "batching.mode=static"])
     # where the model runs, not what it writes: the same result hash
     assert config.load(path, ["model.tensor_parallel=2"]).result_hash() == config.load(path).result_hash()
+
+
+def test_a_split_the_checkpoint_cannot_take_is_refused_before_ray_starts(tiny_gqa, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(config_text(str(tmp_path), str(tmp_path / "out"), str(tiny_gqa)))
+    preflight.check_model(config.load(path, ["model.tensor_parallel=2"]))   # divides: no error
+    with pytest.raises(ConfigError, match="model.tensor_parallel: tensor_parallel=3 does not divide text_config"):
+        preflight.check_model(config.load(path, ["model.tensor_parallel=3"]))
+    fp8 = make_fp8_checkpoint(tiny_gqa, tmp_path / "fp8", block=(32, 32))
+    path.write_text(config_text(str(tmp_path), str(tmp_path / "out"), str(fp8)))
+    with pytest.raises(ConfigError, match="is an FP8 release, which runs on one rank"):
+        preflight.check_model(config.load(path, ["model.tensor_parallel=2"]))
