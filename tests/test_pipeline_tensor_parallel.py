@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from glmv.testing import make_fp8_checkpoint
+from glmv.testing import make_fp8_checkpoint, make_tiny_checkpoint
 from pipeline import config, preflight
 from pipeline.config import ActorsConfig, ConfigError
 from pipeline.preflight import check_resources, plan_actors
@@ -64,6 +64,22 @@ def test_two_ranks_write_the_texts_of_one(tiny_gqa, corpus, one_rank, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "CPU each of 2 ranks" in result.stdout and "memory plan per rank (2 rank(s)" in result.stdout
     assert _texts(out) == one_rank
+
+
+def test_two_ranks_of_a_moe_checkpoint_write_the_texts_of_one(tmp_path):
+    """Experts split across the ranks (expert parallel, glmv.parallel) through the job: a small corpus, one task."""
+    checkpoint = make_tiny_checkpoint(tmp_path / "moe", preset="moe", seed=3)
+    corpus = tmp_path / "corpus"
+    write_local(corpus, good_media(num_images=4, num_videos=0))
+    texts = {}
+    for ranks in (1, 2):
+        cfg, out = _config(tmp_path, corpus, checkpoint, f"moe{ranks}")
+        result = run_job(cfg, "ray.num_cpus=2", "actors.num_cpus=0.5", "run.max_new_tokens=8",
+                         f"model.tensor_parallel={ranks}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        texts[ranks] = _texts(out)
+    assert len(texts[1]) == 4 and any(texts[1].values())
+    assert texts[2] == texts[1]
 
 
 def _followers(tag: str) -> list[int]:
