@@ -15,7 +15,8 @@ engine's schedule depends only on its queue, its config and the tokens chosen, w
 so the ranks admit, preempt and finish the same rows at the same step. Followers run exactly that loop
 (`follow`). The alternative of broadcasting rank 0's admission decisions would need a second path through the
 engine's scheduler; forwarding its inputs keeps the engine unchanged. The cost is one small broadcast per round (per
-decode step on a CPU, per 8 on CUDA), and while idle rank 0 sends an empty plan every HEARTBEAT_S so a follower's wait
+decode step on a CPU, per 8 on CUDA; an empty plan between 2 gloo ranks measured ~1 ms on this project's loaded
+2-core machine, load average 7), and while idle rank 0 sends an empty plan every HEARTBEAT_S so a follower's wait
 never reaches the control group's timeout. Rank 0's on_admit / on_leave callbacks (the crash guard) run on rank 0 only.
 The engine config (the KV pool included, sized from the smallest free memory over the ranks) is sent from rank 0.
 
