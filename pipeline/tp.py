@@ -21,7 +21,8 @@ never reaches the control group's timeout. Rank 0's on_admit / on_leave callback
 The engine config (the KV pool included, sized from the smallest free memory over the ranks) is sent from rank 0.
 
 A rank that dies: the other ranks' next collective (the model's, or a plan) fails, gloo at once (the peer's socket
-closes), NCCL at COLLECTIVE_TIMEOUT. Every collective goes through `Lockstep`, which ends the process on any failure
+closes), NCCL at COLLECTIVE_TIMEOUT; rank 0 also watches its followers' processes (WATCH_S), so a follower's death
+ends it at once on NCCL too, and one that dies while starting does not leave it waiting. Every collective goes through `Lockstep`, which ends the process on any failure
 (os._exit, no ticket is failed and no row written), so rank 0's death is a crashed actor: Ray restarts it, its
 windows retry and an item that kills it twice is isolated (pipeline.poison), as for a single-rank actor. Followers
 also exit when rank 0 is gone (a failed plan receive, or their parent process changing).
@@ -52,8 +53,10 @@ from glmv.server import EngineServer
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 20.0   # an idle rank 0 sends an empty plan this often
+WATCH_S = 1.0        # rank 0 looks this often whether a follower process has exited
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)   # a peer that neither answers nor closes its socket
 EXIT_CODE = 75       # a rank that lost a peer
+LOAD_FAILED = 76     # a follower that could not load the model (rank 0 meets the same error and says it in one line)
 
 
 def _die(what: str, e: BaseException) -> None:
@@ -163,14 +166,26 @@ class Ranks:
             self.procs.append(proc)
         log.info("tensor parallel: rank 0 of %d (%s); followers pid %s", self.world, backend,
                  [p.pid for p in self.procs])
+        self.closing = False
+        threading.Thread(target=self._watch, daemon=True, name="tp-followers-watch").start()
         self.control = _init(0, self.world, addr, port, backend)
         self.group = Lockstep(0, self.world)
 
     def smallest(self, free: int | None) -> int | None:
         return smallest(self.control, free)
 
+    def _watch(self) -> None:
+        """A follower that exits ends rank 0 at once: NCCL would only notice at COLLECTIVE_TIMEOUT, and one that
+        dies while starting would leave rank 0 waiting in init_process_group as long."""
+        while not self.closing:
+            for rank, proc in enumerate(self.procs, 1):
+                if proc.poll() not in (None, LOAD_FAILED) and not self.closing:
+                    _die(f"follower rank {rank} (pid {proc.pid})", RuntimeError(f"exit code {proc.returncode}"))
+            time.sleep(WATCH_S)
+
     def close(self) -> None:
         """End the followers (rank 0 failed to start: they would wait for it until the collective timeout)."""
+        self.closing = True
         for proc in self.procs:
             proc.kill()
             proc.wait()
@@ -295,6 +310,8 @@ def main(argv: list[str]) -> None:
     """A follower: `python -m pipeline.tp RANK WORLD ADDR PORT BACKEND PARENT_PID`, the run's Config pickled on stdin."""
     from glmv.auto import AutoModelForImageTextToText
     from glmv.engine import Engine
+    from glmv.errors import GlmvError
+    from pipeline.errors import PipelineError
     from pipeline.predictor import free_device_bytes, resolve_device
 
     rank, world, addr, port, backend, parent = argv
@@ -309,8 +326,13 @@ def main(argv: list[str]) -> None:
     else:
         torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
     control = _init(rank, world, addr, int(port), backend)
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=dtype, device=device,
-                                                        tensor_parallel=Lockstep(rank, world))
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=dtype, device=device,
+                                                            tensor_parallel=Lockstep(rank, world))
+    except (GlmvError, PipelineError) as e:   # rank 0 loads the same files: its error reaches the driver
+        log.error("could not load the model: %s", e)
+        logging.shutdown()
+        os._exit(LOAD_FAILED)
     model.eval()
     smallest(control, free_device_bytes(model.device))
     config, max_new = _receive(control)
