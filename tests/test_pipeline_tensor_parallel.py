@@ -4,7 +4,9 @@ model's logits differ from one rank's by float32 rounding, tests/test_tensor_par
 a rare exception, none happens on this corpus); kill -9 of rank 1 mid-run ends the actor as a crash does, and the
 run recovers with every (item, task) written exactly once."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -80,6 +82,23 @@ def test_two_ranks_of_a_moe_checkpoint_write_the_texts_of_one(tmp_path):
         texts[ranks] = _texts(out)
     assert len(texts[1]) == 4 and any(texts[1].values())
     assert texts[2] == texts[1]
+
+
+def test_an_actor_whose_ranks_cannot_load_stops_the_run_in_one_line(tiny_gqa, tmp_path):
+    """As with one rank (test_pipeline_e2e): what only the model actor's load finds ends the run as itself, one line
+    and exit 2, though rank 0 had started its follower; none is left behind."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_gqa, checkpoint)
+    settings = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    (checkpoint / "preprocessor_config.json").write_text(json.dumps({**settings, "patch_size": 16}))
+    corpus = tmp_path / "corpus"
+    write_local(corpus, good_media(num_images=2, num_videos=0))
+    cfg, out = _config(tmp_path, corpus, checkpoint, "bad")
+    result = run_job(cfg, "ray.num_cpus=2", "actors.num_cpus=0.5", "model.tensor_parallel=2",
+                     env={TAG: str(tmp_path)})
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("model error: the image processor's patch_size")
+    assert not list(out.glob("*.parquet")) and not _followers(str(tmp_path))
 
 
 def _followers(tag: str) -> list[int]:
