@@ -12,20 +12,23 @@ alone takes submissions. Its engine thread (`LockstepServer`) starts every round
 control group: the batches submitted since the last round (prompt batch moved to the CPU, max_new, seeds, budgets,
 exclusive), or "close". Then every rank adds those batches to its engine in the same order and runs one round; the
 engine's schedule depends only on its queue, its config and the tokens chosen, which are the same bits on every rank,
-so the ranks admit, preempt and finish the same rows at the same step. Followers run exactly that loop
-(`follow`). The alternative of broadcasting rank 0's admission decisions would need a second path through the
-engine's scheduler; forwarding its inputs keeps the engine unchanged. The cost is one small broadcast per round (per
-decode step on a CPU, per 8 on CUDA; an empty plan between 2 gloo ranks measured ~1 ms on this project's loaded
-2-core machine, load average 7), and while idle rank 0 sends an empty plan every HEARTBEAT_S so a follower's wait
-never reaches the control group's timeout. Rank 0's on_admit / on_leave callbacks (the crash guard) run on rank 0 only.
-The engine config (the KV pool included, sized from the smallest free memory over the ranks) is sent from rank 0.
+so the ranks admit, preempt and finish the same rows at the same step. Followers run exactly that loop (`follow`).
+The alternative, broadcasting rank 0's admission decisions, would need a second path through the engine's scheduler;
+forwarding its inputs keeps the engine unchanged. The cost is one small broadcast per round (per decode step on a
+CPU, per 8 on CUDA; an empty plan between 2 gloo ranks measured ~1 ms on this project's loaded 2-core machine, load
+average 7), and while idle rank 0 sends an empty plan every HEARTBEAT_S so a follower's wait never reaches the
+control group's timeout. Rank 0's on_admit / on_leave callbacks (the crash guard) run on rank 0 only. The engine
+config (the KV pool included, sized from the smallest free memory over the ranks) is sent from rank 0. A round that
+raises (a bad input) raises on every rank alike; the plan says whether rank 0's last round raised, and a follower
+whose own round did otherwise (out of memory on one GPU) ends, which ends rank 0 (below).
 
 A rank that dies: the other ranks' next collective (the model's, or a plan) fails, gloo at once (the peer's socket
 closes), NCCL at COLLECTIVE_TIMEOUT; rank 0 also watches its followers' processes (WATCH_S), so a follower's death
-ends it at once on NCCL too, and one that dies while starting does not leave it waiting. Every collective goes through `Lockstep`, which ends the process on any failure
-(os._exit, no ticket is failed and no row written), so rank 0's death is a crashed actor: Ray restarts it, its
-windows retry and an item that kills it twice is isolated (pipeline.poison), as for a single-rank actor. Followers
-also exit when rank 0 is gone (a failed plan receive, or their parent process changing).
+ends it at once on NCCL too, and one that dies while starting does not leave it waiting. Every collective goes
+through `Lockstep`, which ends the process on any failure (os._exit, no ticket is failed and no row written), so rank
+0's death is a crashed actor: Ray restarts it, its windows retry and an item that kills it twice is isolated
+(pipeline.poison), as for a single-rank actor. Followers also exit when rank 0 is gone (a failed plan receive, or
+their parent process changing).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Plan:
     """What every rank adds to its engine before the next round."""
     batches: list[tuple]   # (PromptBatch on the CPU, max_new, seeds, budgets, exclusive)
     close: bool = False
+    failed: bool = False   # rank 0's last round raised: a follower whose own did not (or did alone) is out of step
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ class LockstepServer(EngineServer):
     def __init__(self, engine, control):
         self.control = control
         self.pending: list[tuple] = []
+        self.failed = False   # the last round raised
         super().__init__(engine, name="glmv-engine-rank0")
 
     def submit(self, batch, max_new, seeds, budgets=None, **ticket):
@@ -224,7 +229,7 @@ class LockstepServer(EngineServer):
                 if taken and self.started is None:
                     self.started = time.perf_counter()
                 _send(self.control, Plan([(moved(b, "cpu"), m, s, g, t.get("exclusive", False))
-                                          for b, m, s, g, t, _ in taken], closed))
+                                          for b, m, s, g, t, _ in taken], closed, self.failed))
                 for batch, max_new, seeds, budgets, ticket, done in taken:
                     try:
                         done.set_result(self.engine.add(batch, max_new, seeds, budgets, **ticket))
@@ -232,14 +237,18 @@ class LockstepServer(EngineServer):
                         done.set_exception(e)
                 if closed:
                     return
-                _round(self.engine)
+                self.failed = _round(self.engine)
 
 
 def follow(engine, control) -> None:
     """A follower's life: each plan from rank 0 into its engine, then one round, until rank 0 closes."""
+    failed = False
     with torch.inference_mode():
         while True:
             plan = _receive(control)
+            if plan.failed != failed:   # e.g. out of memory on one GPU: the engines no longer hold the same rows
+                where = "rank 0" if plan.failed else "this rank"
+                _die("staying in step", RuntimeError(f"the last round failed on {where} only"))
             for batch, max_new, seeds, budgets, exclusive in plan.batches:
                 try:
                     engine.add(moved(batch, engine.device), max_new, seeds, budgets, exclusive=exclusive)
@@ -247,7 +256,7 @@ def follow(engine, control) -> None:
                     pass
             if plan.close:
                 return
-            _round(engine)
+            failed = _round(engine)
 
 
 def smallest(control, free: int | None) -> int | None:
@@ -257,13 +266,16 @@ def smallest(control, free: int | None) -> int | None:
     return None if t.item() < 0 else int(t.item())
 
 
-def _round(engine) -> None:
+def _round(engine) -> bool:
+    """One round when the engine has rows; whether it raised."""
     if not engine.busy():
-        return
+        return False
     try:
         engine.round()
     except Exception as e:  # noqa: BLE001 - the failed tickets carry it (every rank failed the same rows)
         log.warning("engine round failed (%s: %s); its tickets fail, the queue goes on", type(e).__name__, e)
+        return True
+    return False
 
 
 def _send(control, obj) -> None:
@@ -307,7 +319,8 @@ def _watch_parent(pid: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """A follower: `python -m pipeline.tp RANK WORLD ADDR PORT BACKEND PARENT_PID`, the run's Config pickled on stdin."""
+    """A follower: `python -m pipeline.tp RANK WORLD ADDR PORT BACKEND PARENT_PID`, the run's Config pickled on
+    stdin."""
     from glmv.auto import AutoModelForImageTextToText
     from glmv.engine import Engine
     from glmv.errors import GlmvError
