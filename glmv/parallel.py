@@ -27,8 +27,8 @@ message beyond the model's own collectives, and the engine is unchanged; the alt
 step's inputs, would put a host round trip in every decode step and a second code path in the engine. The caller's
 side of the contract: every rank gets the same requests with the same seeds (generate's seed=None draws them from
 torch's global generator: seed it alike on every rank), added at the same engine step. `generate` (one batch, then
-run) meets it as is; the pipeline's model actor, a later step, must have rank 0 decide when a batch joins and tell
-the others before their next step, since batches arriving on a thread while the engine runs would join at different
+run) meets it as is; the pipeline's model actor (pipeline/tp.py) has rank 0 decide when a batch joins and tell the
+others before their next step, since batches arriving on a thread while the engine runs would join at different
 steps on different ranks. The pool's size must agree too: a caller sizing kv_blocks from free memory takes the
 smallest over the ranks.
 """

@@ -87,6 +87,8 @@ class ModelConfig:
     dtype: str = "auto"     # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"    # auto (cuda when the actor has a GPU) | cpu | cuda
     name: str = ""          # value of the output's `model` column; defaults to the checkpoint folder name
+    tensor_parallel: int = 1  # ranks (GPUs) one model actor spans (pipeline.tp); actors.num_gpus / num_cpus are
+    #                           per rank, so an actor asks Ray for tensor_parallel times them
 
 
 @dataclass
@@ -208,7 +210,9 @@ class Config:
     def result_settings(self) -> dict[str, Any]:
         """Everything that changes what the model writes (not where input comes from or output goes)."""
         run = {k: v for k, v in dataclasses.asdict(self.run).items() if k != "drain_s"}   # how a run stops
-        return {"model": dataclasses.asdict(self.model), "run": run,
+        # tensor_parallel: where the model runs, not what it writes (and outputs made before it keep their hash)
+        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "tensor_parallel"}
+        return {"model": model, "run": run,
                 "batching": {**{k: getattr(self.batching, k) for k in ("max_pixels", "max_video_pixels", "max_frames")},
                              # only when set: outputs made before PDFs were read keep their settings' hash
                              **({"pdf_dpi": self.input.pdf_dpi} if self.input.pdf_dpi else {})},
@@ -236,7 +240,7 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
             "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
 _AUTO_KEYS = {"run.batch_size", "actors.count", "actors.num_gpus", "batching.read_ahead_items"}   # may also be the string "auto"
-_POSITIVE = {"run.batch_size", "run.max_new_tokens", "output.rows_per_file", "output.target_file_mb", "actors.count", "batching.sort_window",
+_POSITIVE = {"model.tensor_parallel", "run.batch_size", "run.max_new_tokens", "output.rows_per_file", "output.target_file_mb", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "batching.read_ahead_items",
              "batching.read_ahead_mb", "run.repetition_penalty",
              "run.stop_failure_rate", "run.stop_failure_window"}
@@ -258,6 +262,7 @@ _AT_MOST = {
     "storage.retries": 100,
     "storage.retry_backoff_s": 600.0,
     "actors.count": 100_000,
+    "model.tensor_parallel": 64,             # ranks of one actor, on one node
     "actors.num_gpus": 64.0,                 # per actor
     "actors.num_cpus": 4096.0,
     "actors.decode_num_cpus": 4096.0,
@@ -460,6 +465,9 @@ def _validate(cfg: Config) -> None:
                           "cluster's GPU nodes may not be up when the run sizes its actors")
     if cfg.model.device == "cuda" and cfg.actors.num_gpus == 0:
         raise ConfigError("model.device: 'cuda' needs actors.num_gpus > 0")
+    if cfg.model.tensor_parallel > 1 and cfg.batching.mode != "refill":
+        raise ConfigError(f"model.tensor_parallel = {cfg.model.tensor_parallel} needs batching.mode = 'refill' "
+                          f"(the ranks follow rank 0's engine; static mode has no tensor-parallel path)")
     window = decode_slots(cfg.run.batch_size, on_gpu=True) * cfg.batching.sort_window
     if window > 65536:
         raise ConfigError(f"run.batch_size x batching.sort_window: {window} sequences in one actor call is more "

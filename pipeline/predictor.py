@@ -90,6 +90,7 @@ class Predictor:
         from glmv.errors import GlmvError
 
         self.load_error: Exception | None = None
+        self.ranks = None   # model.tensor_parallel > 1: the follower ranks (pipeline.tp)
         try:
             self._load(cfg, run_tag)
         except (GlmvError, PipelineError) as e:
@@ -97,6 +98,8 @@ class Predictor:
             # run would end in that traceback with exit 1. Raised by the first call instead, the error reaches the
             # driver as itself: one line and its exit code (a checkpoint missing on this node, a bad config value).
             self.load_error = e
+        if self.load_error is not None and self.ranks is not None:
+            self.ranks.close()
 
     def _load(self, cfg: Config, run_tag: str) -> None:
         import torch
@@ -110,8 +113,19 @@ class Predictor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.actors.num_cpus)))
         self.processor = Glm4vProcessor.from_pretrained(cfg.model.path)
+        if self.device == "cuda":   # refused in one line before any rank loads (pipeline.tp.RankMemory)
+            from pipeline.tp import rank_memory
+
+            memory = rank_memory(cfg.model.path, cfg.model.tensor_parallel, self.dtype)
+            memory.check_fits(torch.cuda.mem_get_info()[0], "this model actor's GPU")
+        if cfg.model.tensor_parallel > 1:   # rank 0 of an actor over N ranks: the followers start loading now
+            from pipeline.tp import Ranks
+
+            self.ranks = Ranks(cfg, self.device)
         # GLM-4.1V/4.6V, GLM-4.5V/4.6V MoE or GLM-OCR, as config.json says
-        self.model = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=self.dtype, device=self.device)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model.path, dtype=self.dtype, device=self.device,
+            tensor_parallel=self.ranks.group if self.ranks is not None else None)
         self.processor.check_model(self.model.config)
         self.model.eval()
         self.slots = decode_slots(cfg.run.batch_size, self.device == "cuda")
@@ -139,7 +153,8 @@ class Predictor:
                                thinking_markers=checkpoint_markers(self.model) if budgets else None, **sampling)
         blocks = self._kv_blocks()
         config = dataclasses.replace(config, kv_blocks=blocks, block_size=BLOCK_SIZE["cuda"] if blocks else 0)
-        return EngineServer(Engine(self.model, config, max_new=run.max_new_tokens))
+        engine = Engine(self.model, config, max_new=run.max_new_tokens)
+        return self.ranks.server(engine, run.max_new_tokens) if self.ranks is not None else EngineServer(engine)
 
     def _kv_blocks(self) -> int:
         """The engine's KV pool on a GPU: KV_SHARE of the free memory at the actor's start, in blocks, so that the
@@ -148,6 +163,8 @@ class Predictor:
         from glmv.engine import BLOCK_SIZE
 
         free = free_device_bytes(self.model.device)
+        if self.ranks is not None:   # the same pool on every rank: the smallest that fits each
+            free = self.ranks.smallest(free)
         if free is None:
             return 0
         block = BLOCK_SIZE["cuda"]

@@ -84,6 +84,22 @@ def _check_model_type(config: dict, source: str) -> None:
                       f"GLM-OCR (model_type {', '.join(MODEL_TYPES[:-1])} or {MODEL_TYPES[-1]})")
 
 
+def _check_split(path: str, ranks: int) -> None:
+    """model.tensor_parallel must divide the heads, KV heads, MLP columns and experts (glmv.parallel), and FP8
+    releases run on one rank: said before Ray starts, not by every model actor."""
+    from glmv import fp8, parallel
+    from glmv.config import Glm4vConfig
+    from glmv.errors import GlmvError
+
+    try:
+        parallel.check(Glm4vConfig.from_pretrained(path), ranks)
+        quantized = fp8.read_quantization(os.path.join(path, "config.json"))
+    except GlmvError as e:
+        raise ConfigError(f"model.tensor_parallel: {e}") from None
+    if quantized:
+        raise ConfigError(f"model.tensor_parallel = {ranks}: {path} is an FP8 release, which runs on one rank for now")
+
+
 def context_length(config: dict) -> int | None:
     """The model's context in tokens: text_config.max_position_embeddings (released and transformers-5 layouts),
     else the top-level field of older revisions."""
@@ -108,6 +124,8 @@ def check_model(cfg: Config) -> None:
     config = _read_json(os.path.join(path, "config.json"), "a model config")
     _check_model_type(config, os.path.join(path, "config.json"))
     _check_weights(path)
+    if cfg.model.tensor_parallel > 1:
+        _check_split(path, cfg.model.tensor_parallel)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise ConfigError(f"model.path: {path} is not a checkpoint: no tokenizer.json")
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("preprocessor_config.json", "processor_config.json")):
@@ -250,10 +268,11 @@ def _check_bucket(key: str, uri: str, fs, bucket: str, opts: StorageOptions) -> 
 # --- the resource plan, against the cluster ----------------------------------------------------------------------
 
 
-def plan_actors(cluster_resources: dict, actors: ActorsConfig, device: str) -> ActorsConfig:
+def plan_actors(cluster_resources: dict, actors: ActorsConfig, device: str, ranks: int = 1) -> ActorsConfig:
     """`actors` with "auto" values sized to the cluster: a GPU per actor where the cluster has GPUs (unless
     model.device is cpu), and one actor per GPU, as many as leave a CPU slot for decoding; on CPU, one actor (each
-    holds the whole model in float32). Set values stay as they are."""
+    holds the whole model in float32). Set values stay as they are. ranks (model.tensor_parallel): an actor holds
+    that many times num_gpus and num_cpus (both per rank), so "auto" makes GPUs / ranks actors."""
     cpus, gpus = float(cluster_resources.get("CPU", 0)), float(cluster_resources.get("GPU", 0))
     num_gpus = actors.num_gpus
     if num_gpus == AUTO:
@@ -262,9 +281,9 @@ def plan_actors(cluster_resources: dict, actors: ActorsConfig, device: str) -> A
     if count == AUTO:
         count = 1
         if num_gpus:
-            count = _fits(gpus, num_gpus)
+            count = _fits(gpus, num_gpus * ranks)
             if actors.num_cpus:
-                count = min(count, _fits(cpus - actors.decode_num_cpus, actors.num_cpus))
+                count = min(count, _fits(cpus - actors.decode_num_cpus, actors.num_cpus * ranks))
             count = max(1, count)
     return dataclasses.replace(actors, count=count, num_gpus=num_gpus)
 
@@ -275,22 +294,24 @@ def _fits(total: float, each: float) -> int:
     return int(round(total / each, 4))
 
 
-def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool = True) -> list[str]:
+def check_resources(cluster_resources: dict, actors: ActorsConfig, strict: bool = True, ranks: int = 1) -> list[str]:
     """Warnings about the actors' plan (sized: plan_actors) on a cluster with `cluster_resources`; raises
     ConfigError for a plan that can never run: more GPUs or CPUs than the cluster has, or actors that leave no CPU
     for the decode tasks (the run would wait forever at 0%; read tasks hold no CPU). strict=False (an autoscaling
-    cluster, whose resources appear later) turns those errors into warnings."""
+    cluster, whose resources appear later) turns those errors into warnings. ranks: model.tensor_parallel."""
     cpus, gpus = float(cluster_resources.get("CPU", 0)), float(cluster_resources.get("GPU", 0))
     # in Ray's units of 1e-4, as it counts them: 50 x 0.14 GPUs is 7.000000000000001 in floats
-    need_cpus, need_gpus = round(actors.count * actors.num_cpus, 4), round(actors.count * actors.num_gpus, 4)
+    need_cpus = round(actors.count * actors.num_cpus * ranks, 4)
+    need_gpus = round(actors.count * actors.num_gpus * ranks, 4)
+    per_rank = f" x {ranks} ranks" if ranks > 1 else ""
     problems, warnings = [], []
     if need_gpus > gpus:
-        problems.append(f"actors: {actors.count} actor(s) x actors.num_gpus {actors.num_gpus:g} = {need_gpus:g} "
+        problems.append(f"actors: {actors.count} actor(s){per_rank} x actors.num_gpus {actors.num_gpus:g} = {need_gpus:g} "
                         f"GPUs, the cluster has {gpus:g}")
     free = round(cpus - need_cpus, 4)
     task_cpus = actors.decode_num_cpus   # read tasks and repartitioning hold no CPU; a decode task holds this
     if free < task_cpus:
-        problems.append(f"actors: {actors.count} actor(s) x actors.num_cpus {actors.num_cpus:g} take {need_cpus:g} "
+        problems.append(f"actors: {actors.count} actor(s){per_rank} x actors.num_cpus {actors.num_cpus:g} take {need_cpus:g} "
                         f"of the cluster's {cpus:g} CPUs, leaving {max(free, 0):g}; a decode task needs "
                         f"{task_cpus:g}, so no input could ever be decoded. Lower actors.num_cpus or actors.count")
     if gpus and not need_gpus:

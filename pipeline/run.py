@@ -145,7 +145,9 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
                                       max_tasks_in_flight_per_actor=calls, enable_true_multi_threading=calls > 1)
     ds = ds.map_batches(predictor, fn_constructor_kwargs={"cfg": cfg, "run_tag": run_tag}, batch_size=items_per_call,
                         batch_format="pyarrow", compute=pool,
-                        num_gpus=cfg.actors.num_gpus, num_cpus=cfg.actors.num_cpus,
+                        # per rank in the config; the actor holds its followers' share too (pipeline.tp)
+                        num_gpus=cfg.actors.num_gpus * cfg.model.tensor_parallel,
+                        num_cpus=cfg.actors.num_cpus * cfg.model.tensor_parallel,
                         max_restarts=poison.MAX_RETRIES, max_task_retries=poison.MAX_RETRIES)
     return ds
 
@@ -375,7 +377,8 @@ def _replan_actors(cfg: Config, out) -> Config:
     """After a lost node: as many model actors as the cluster now has room for (at least one), so a dataset does not
     wait forever for the GPUs of a node that is gone; the next restart plans again."""
     resources = ray.cluster_resources()
-    fits = preflight.plan_actors(resources, dataclasses.replace(cfg.actors, count=AUTO), cfg.model.device).count
+    fits = preflight.plan_actors(resources, dataclasses.replace(cfg.actors, count=AUTO), cfg.model.device,
+                                 cfg.model.tensor_parallel).count
     count = max(1, min(cfg.actors.count, fits))
     if count != cfg.actors.count:
         _say(out, f"model actors: {count} (was {cfg.actors.count}) while the cluster has "
@@ -387,14 +390,34 @@ def _start_ray(cfg: Config, out) -> Config:
     """Ray up, and `cfg` with its "auto" actor settings sized to the cluster."""
     init_ray(cfg)
     resources = ray.cluster_resources()
-    actors = preflight.plan_actors(resources, cfg.actors, cfg.model.device)
+    ranks = cfg.model.tensor_parallel
+    actors = preflight.plan_actors(resources, cfg.actors, cfg.model.device, ranks)
     # raises for plans that would wait forever, unless the cluster grows on demand
-    for warning in preflight.check_resources(resources, actors, strict=not cfg.ray.autoscaling):
+    for warning in preflight.check_resources(resources, actors, strict=not cfg.ray.autoscaling, ranks=ranks):
         log.warning("%s", warning)
     gpus = f"{actors.num_gpus:g} GPU and " if actors.num_gpus else ""
-    _say(out, f"model actors: {actors.count}, {gpus}{actors.num_cpus:g} CPU each (cluster: "
+    each = f"each of {ranks} ranks" if ranks > 1 else "each"
+    _say(out, f"model actors: {actors.count}, {gpus}{actors.num_cpus:g} CPU {each} (cluster: "
               f"{resources.get('GPU', 0):g} GPU, {resources.get('CPU', 0):g} CPU)")
-    return dataclasses.replace(cfg, actors=actors)
+    cfg = dataclasses.replace(cfg, actors=actors)
+    _say(out, _memory_plan(cfg))
+    return cfg
+
+
+def _memory_plan(cfg: Config) -> str:
+    """The memory plan of one rank; refuses (ConfigError) weights that cannot fit a GPU this driver sees. A driver
+    without one leaves that check to the model actor, before it loads anything (pipeline.predictor)."""
+    import torch
+
+    from pipeline import tp
+    from pipeline.predictor import KV_SHARE
+
+    on_gpu = cfg.actors.on_gpu and cfg.model.device != "cpu"
+    dtype = cfg.model.dtype if cfg.model.dtype != AUTO else ("bfloat16" if on_gpu else "float32")
+    memory = tp.rank_memory(cfg.model.path, cfg.model.tensor_parallel, getattr(torch, dtype))
+    if on_gpu and torch.cuda.is_available():
+        memory.check_fits(torch.cuda.get_device_properties(0).total_memory, "this node's GPU 0 (its whole memory)")
+    return memory.describe(KV_SHARE, on_gpu)
 
 
 @dataclass

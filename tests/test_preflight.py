@@ -448,7 +448,8 @@ def test_an_autoscaling_cluster_gets_a_warning_for_gpus_not_up_yet(tmp_path, tin
     with caplog.at_level("WARNING", logger="pipeline.run"):
         assert run._start_ray(cfg, out).actors == cfg.actors
     assert "2 GPUs, the cluster has 0" in caplog.text
-    assert out.getvalue() == "model actors: 2, 1 GPU and 1 CPU each (cluster: 0 GPU, 4 CPU)\n"
+    assert out.getvalue().splitlines()[0] == "model actors: 2, 1 GPU and 1 CPU each (cluster: 0 GPU, 4 CPU)"
+    assert out.getvalue().splitlines()[1].startswith("memory plan per rank (1 rank(s) per model actor): weights ")
     with pytest.raises(ConfigError, match="2 GPUs, the cluster has 0"):   # a fixed cluster: it would wait forever
         run._start_ray(_cfg(tmp_path, tiny_gqa, "actors.count=2", "actors.num_gpus=1"), out)
 
