@@ -331,7 +331,8 @@ def main(argv: list[str]) -> None:
     rank, world = int(rank), int(world)
     _watch_parent(int(parent))
     cfg = pickle.loads(sys.stdin.buffer.read())
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp rank {rank} %(levelname)s %(message)s")
+    # rank 0 logs the load's progress; a follower's own lines would only repeat it (warnings and errors still show)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s tp rank {rank} %(levelname)s %(message)s")
     device, dtype = resolve_device(cfg)
     if device == "cuda":
         torch.cuda.set_device(rank)

@@ -6,6 +6,7 @@ run recovers with every (item, task) written exactly once."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from glmv.testing import make_fp8_checkpoint, make_tiny_checkpoint
+from glmv.testing import make_fp8_checkpoint
 from pipeline import config, preflight
 from pipeline.config import ActorsConfig, ConfigError
 from pipeline.preflight import check_resources, plan_actors
@@ -68,22 +69,6 @@ def test_two_ranks_write_the_texts_of_one(tiny_gqa, corpus, one_rank, tmp_path):
     assert _texts(out) == one_rank
 
 
-def test_two_ranks_of_a_moe_checkpoint_write_the_texts_of_one(tmp_path):
-    """Experts split across the ranks (expert parallel, glmv.parallel) through the job: a small corpus, one task."""
-    checkpoint = make_tiny_checkpoint(tmp_path / "moe", preset="moe", seed=3)
-    corpus = tmp_path / "corpus"
-    write_local(corpus, good_media(num_images=4, num_videos=0))
-    texts = {}
-    for ranks in (1, 2):
-        cfg, out = _config(tmp_path, corpus, checkpoint, f"moe{ranks}")
-        result = run_job(cfg, "ray.num_cpus=2", "actors.num_cpus=0.5", "run.max_new_tokens=8",
-                         f"model.tensor_parallel={ranks}")
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        texts[ranks] = _texts(out)
-    assert len(texts[1]) == 4 and any(texts[1].values())
-    assert texts[2] == texts[1]
-
-
 def test_an_actor_whose_ranks_cannot_load_stops_the_run_in_one_line(tiny_gqa, tmp_path):
     """As with one rank (test_pipeline_e2e): what only the model actor's load finds ends the run as itself, one line
     and exit 2, though rank 0 had started its follower; none is left behind."""
@@ -97,7 +82,9 @@ def test_an_actor_whose_ranks_cannot_load_stops_the_run_in_one_line(tiny_gqa, tm
     result = run_job(cfg, "ray.num_cpus=2", "actors.num_cpus=0.5", "model.tensor_parallel=2",
                      env={TAG: str(tmp_path)})
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("model error: the image processor's patch_size")
+    # the driver's own last line (Ray forwards its workers' output, "(ActorName pid=...) ...", whenever it arrives)
+    own = [line for line in result.stderr.strip().splitlines() if not re.match(r"(\x1b\[\d+m)?\(\w", line)]
+    assert own[-1].startswith("model error: the image processor's patch_size"), own[-6:]
     assert not list(out.glob("*.parquet")) and not _followers(str(tmp_path))
 
 
