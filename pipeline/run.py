@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import changes, engine_stats, listing, output, poison, preflight, progress, readers, storage
+from pipeline import (changes, engine_stats, listing, memory_plan, output, poison, preflight, progress, readers,
+                      storage)
 from pipeline.breaker import Breaker
 from pipeline.cluster import GracefulStop, cluster_fault, describe, on_driver_node
 from pipeline.config import AUTO, Config, ConfigError, decode_slots, read_ahead
@@ -406,14 +407,18 @@ def _start_ray(cfg: Config, out) -> Config:
 
 def _memory_plan(cfg: Config) -> str:
     """The memory plan of one rank; refuses (ConfigError) weights that cannot fit a GPU this driver sees. A driver
-    without one leaves that check to the model actor, before it loads anything (pipeline.predictor)."""
-    import torch
-
-    from pipeline import tp
+    without one leaves that check to the model actor, before it loads anything (pipeline.predictor). One rank on
+    CPUs: read from the checkpoint's headers, without importing torch in the driver (pipeline.memory_plan)."""
     from pipeline.predictor import KV_SHARE
 
     on_gpu = cfg.actors.on_gpu and cfg.model.device != "cpu"
     dtype = cfg.model.dtype if cfg.model.dtype != AUTO else ("bfloat16" if on_gpu else "float32")
+    if cfg.model.tensor_parallel == 1 and not on_gpu:
+        return memory_plan.one_rank_from_headers(cfg.model.path, dtype).describe(KV_SHARE, on_gpu)
+    import torch
+
+    from pipeline import tp
+
     memory = tp.rank_memory(cfg.model.path, cfg.model.tensor_parallel, getattr(torch, dtype))
     if on_gpu and torch.cuda.is_available():
         memory.check_fits(torch.cuda.get_device_properties(0).total_memory, "this node's GPU 0 (its whole memory)")

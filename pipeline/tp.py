@@ -52,6 +52,7 @@ import torch.distributed as dist
 from glmv import parallel
 from glmv.prompts import PromptBatch
 from glmv.server import EngineServer
+from pipeline.memory_plan import RankMemory, kv_per_position
 
 log = logging.getLogger(__name__)
 
@@ -101,34 +102,6 @@ class Plan:
     failed: bool = False   # rank 0's last round raised: a follower whose own did not (or did alone) is out of step
 
 
-@dataclass(frozen=True)
-class RankMemory:
-    """What one rank of the model holds: its weights (its shard of the decoder, the rest whole) and its KV cache per
-    position (its share of the KV heads)."""
-    ranks: int
-    weights: int           # bytes
-    kv_per_position: int   # bytes
-
-    def describe(self, kv_share: float, on_gpu: bool) -> str:
-        pool = (f"KV pool: {100 * kv_share:.0f}% of the GPU memory left free after them, sized at the actor's start"
-                if on_gpu else "KV pool: grows in host memory as rows need")
-        return (f"memory plan per rank ({self.ranks} rank(s) per model actor): weights {_size(self.weights)}, "
-                f"KV cache {self.kv_per_position / 2**10:.1f} KiB per position; {pool}")
-
-    def check_fits(self, free: int, where: str) -> None:
-        """Refuse, in one line, weights that leave no room for a KV pool on a device with `free` bytes."""
-        if self.weights >= free:
-            from pipeline.errors import ConfigError
-
-            raise ConfigError(f"model.tensor_parallel: {_size(self.weights)} of weights per rank do not fit "
-                              f"the {_size(free)} free on {where} ({self.ranks} rank(s)); raise "
-                              f"model.tensor_parallel or use larger GPUs")
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
-
-
 def rank_memory(path: str, ranks: int, dtype: torch.dtype) -> RankMemory:
     """The memory plan of one rank, from the checkpoint's config alone (the model built on the meta device and cut
     as rank 0 cuts it: the ranks hold the same shares)."""
@@ -139,10 +112,9 @@ def rank_memory(path: str, ranks: int, dtype: torch.dtype) -> RankMemory:
     config = Glm4vConfig.from_pretrained(path)
     model = build_on_meta(model_class(config), config)
     parallel.shard(model, parallel.Group(0, ranks))
-    weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-    text = config.text
-    kv = 2 * text.num_hidden_layers * (text.num_key_value_heads // ranks) * text.head_dim * dtype.itemsize
-    return RankMemory(ranks, weights, kv)
+    # the state dict: parameters and the buffers a checkpoint fills (the MoE router's correction bias)
+    weights = sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
+    return RankMemory(ranks, weights, kv_per_position(config, ranks, dtype.itemsize))
 
 
 def moved(batch: PromptBatch, device) -> PromptBatch:

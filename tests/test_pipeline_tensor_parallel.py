@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from glmv.testing import make_fp8_checkpoint
-from pipeline import config, preflight
+from glmv.testing import make_fp8_checkpoint, make_tiny_checkpoint
+from pipeline import config, memory_plan, preflight
 from pipeline.config import ActorsConfig, ConfigError
 from pipeline.preflight import check_resources, plan_actors
 from pipeline.tp import rank_memory
@@ -126,6 +126,27 @@ def test_kill_9_of_rank_1_mid_run_recovers_exactly_once(tiny_gqa, corpus, one_ra
     assert "tensor parallel rank 0: " in log.read_text() and "ending this process" in log.read_text()
     assert wait_for(lambda: not _followers(str(tmp_path)), timeout=30)   # none left behind by the job
     assert _texts(out) == one_rank
+
+
+@pytest.mark.parametrize("preset", ["gqa", "moe", "ocr", "fp8"])
+def test_a_one_rank_plan_from_the_headers_counts_what_the_model_holds(tmp_path, preset):
+    """The driver's one-rank CPU plan (read from the safetensors headers, no torch) holds exactly the parameters of
+    the model built on the meta device: the MTP layer of MoE and OCR files and FP8 block scales left out."""
+    if preset == "fp8":
+        path = make_fp8_checkpoint(make_tiny_checkpoint(tmp_path / "src", "moe"), tmp_path / "fp8", block=(16, 16))
+    else:
+        path = make_tiny_checkpoint(tmp_path / preset, preset)
+    for dtype in ("float32", "bfloat16"):
+        from_headers = memory_plan.one_rank_from_headers(str(path), dtype)
+        assert from_headers == rank_memory(str(path), 1, getattr(torch, dtype))
+
+
+def test_a_checkpoint_whose_headers_do_not_read_is_refused_in_one_line(tmp_path, tiny_gqa):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_gqa, broken)
+    next(broken.glob("*.safetensors")).write_bytes(b"\xff" * 7)
+    with pytest.raises(ConfigError, match=r"model\.path: .*\.safetensors is not a readable safetensors file"):
+        memory_plan.one_rank_from_headers(str(broken), "float32")
 
 
 def test_memory_plan_and_actor_sizing_count_the_ranks(tiny_gqa):
