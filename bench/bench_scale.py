@@ -362,23 +362,69 @@ def time_previous_design(root: Path, done: int) -> dict:
 
 
 class RssSampler:
-    """Every second: the driver's RSS, and how many Ray worker processes this machine runs (a storm of tasks that
-    hold no CPU shows as hundreds)."""
+    """Every second: the driver's RSS, how many Ray worker processes this machine runs (a storm of tasks that hold
+    no CPU shows as hundreds), and the CPU time of each process under the driver (local Ray: its daemons and
+    workers), charged to what the process was doing when sampled (a worker's title names its task or actor)."""
 
-    def __init__(self, every_s: float = 1.0):
+    def __init__(self, every_s: float = 1.0, cpu_every_s: float = 0.2):
         self.samples, self.workers, self._stop = [], [], threading.Event()
-        self.every_s = every_s
+        self.every_s, self.cpu_every_s = every_s, cpu_every_s
+        self.cpu_by_kind: dict[str, float] = {}
+        self._cpu_seen: dict[int, float] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
-        while not self._stop.wait(self.every_s):
-            self.samples.append((time.monotonic(), rss_mb()))
-            self.workers.append(ray_workers())
+        # CPU more often than RSS: a decode or read task lasts well under a second, and CPU is charged to the
+        # title a worker has when sampled (time spent in a task that ended before the sample reads as ray::IDLE)
+        next_rss = time.monotonic() + self.every_s
+        while not self._stop.wait(self.cpu_every_s):
+            self._charge_cpu()
+            if time.monotonic() >= next_rss:
+                next_rss += self.every_s
+                self.samples.append((time.monotonic(), rss_mb()))
+                self.workers.append(ray_workers())
+
+    def _charge_cpu(self):
+        for pid, (kind, cpu) in descendants_cpu(os.getpid()).items():
+            self.cpu_by_kind[kind] = self.cpu_by_kind.get(kind, 0.0) + cpu - self._cpu_seen.get(pid, 0.0)
+            self._cpu_seen[pid] = cpu
 
     def stop(self):
         self._stop.set()
         self.thread.join()
+        self._charge_cpu()   # CPU since the last sample (a process gone before it is lost: Ray keeps its workers)
+
+
+def descendants_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """{pid: (what it is, CPU seconds so far)} of every process under `root` (from /proc: no psutil here)."""
+    procs, tick = {}, os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        procs[int(pid)] = (int(fields[1]), _process_kind(cmd), (int(fields[11]) + int(fields[12])) / tick)
+    under, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, kind, cpu) in procs.items():
+            if ppid == parent and pid not in under:
+                under[pid] = (kind, cpu)
+                frontier.append(pid)
+    return under
+
+
+def _process_kind(cmd: list[bytes]) -> str:
+    first = cmd[0].decode(errors="replace") if cmd else "?"
+    if first.startswith("ray::"):   # a worker's title: ray::<task or actor>.<method>, cut to its operator
+        return first.split(" ")[0].split(".")[0]
+    words = [w.decode(errors="replace") for w in cmd if w]
+    script = next((w for w in words[1:] if w.endswith(".py")), "")
+    return os.path.basename(script or first)
 
 
 def rss_mb() -> float:
@@ -450,7 +496,7 @@ def time_machinery(root: Path, items: int, model: Path, per_file: int = 100_000,
             "rss_peak_mb": max(after_first) if after_first else rss_mb(),
             "rss_end_mb": max((r for _, r in sampler.samples), default=0.0),
             "rss": [round(r) for _, r in sampler.samples], "workers_max": max(sampler.workers, default=0),
-            "driver_cpu_s": cpu}
+            "driver_cpu_s": cpu, "cpu_by_kind": sampler.cpu_by_kind}
 
 
 def driver_cpu_s() -> float:
@@ -470,6 +516,14 @@ def print_machinery(m: dict, what: str) -> None:
           f"while rows streamed (growth {m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items); "
           f"{m['rss_end_mb']:.0f} MB at the run's end (commit, compaction, report)")
     print(f"  driver RSS each second (MB): {' '.join(str(r) for r in m['rss'])}", flush=True)
+    per_item = {kind: 1e6 * s / max(1, m['items']) for kind, s in m['cpu_by_kind'].items()}
+    per_item["driver"] = 1e6 * m['driver_cpu_s'] / max(1, m['items'])
+    total = sum(per_item.values())
+    print(f"  CPU per item, start-up included, every process of the run: {total:.0f} us in all, "
+          f"{1e6 / total:,.0f} items/s per core if each core were free:")
+    for kind, us in sorted(per_item.items(), key=lambda kv: -kv[1]):
+        if us >= 1:
+            print(f"    {us:7.1f} us  {kind}")
 
 
 # --- main ------------------------------------------------------------------------------------------------------
