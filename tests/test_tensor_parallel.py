@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import glmv
 from glmv import moe, parallel
 from glmv.testing import PRESETS, make_fp8_checkpoint, make_tiny_checkpoint
+from glmv.vision import frames_grid
 from test_model_parity import mixed_batch, random_image, write_video
 
 RANKS = 2
@@ -273,6 +274,27 @@ def test_indivisible_experts_and_fp8_are_refused(tiny_gqa, tmp_path):
 def test_single_rank_collectives_are_no_ops():
     t = torch.arange(6.0).view(2, 3)
     assert parallel.SINGLE.all_reduce(t) is t and parallel.SINGLE.all_gather_last(t) is t
+    assert parallel.SINGLE.gather_rows(t, [2]) is t
     piece = parallel.Slice(dim=0, rank=1, world=2, chunks=2)  # [gate; up] rows: rank 1 takes the second half of each
     assert piece.take(torch.arange(8)).tolist() == [2, 3, 6, 7]
     assert piece.full(piece.shape((8, 3))) == (8, 3)
+
+
+def test_shares_are_runs_within_one_frame_of_even():
+    assert parallel.share([48, 36], 2) == [range(0, 1), range(1, 2)]
+    assert parallel.share([32], 2) == [range(0, 0), range(0, 1)]  # a lone image: one rank, the other none
+    sizes = [16] * 12 + [64] * 4 + [4, 100, 4]  # small images, a video's frames, a large image between small ones
+    for world in (2, 3, 4):
+        shares = parallel.share(sizes, world)
+        assert [i for r in shares for i in r] == list(range(len(sizes)))  # every frame once, in order
+        loads = [sum(sizes[r.start:r.stop]) for r in shares]
+        assert max(loads) <= sum(sizes) / world + max(sizes), (world, loads)
+
+
+def test_frames_grid_cuts_a_video_between_ranks():
+    grid = torch.tensor([[1, 4, 6], [5, 4, 4], [1, 2, 2]])  # an image, a 5-frame video, an image
+    assert parallel.share(grid[:, 1:].prod(-1).repeat_interleave(grid[:, 0]).tolist(), 2) == [range(0, 3),
+                                                                                               range(3, 7)]
+    assert frames_grid(grid, range(0, 3)).tolist() == [[1, 4, 6], [2, 4, 4]]
+    assert frames_grid(grid, range(3, 7)).tolist() == [[3, 4, 4], [1, 2, 2]]
+    assert frames_grid(grid, range(3, 3)).tolist() == []
