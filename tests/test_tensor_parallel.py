@@ -298,3 +298,15 @@ def test_frames_grid_cuts_a_video_between_ranks():
     assert frames_grid(grid, range(0, 3)).tolist() == [[1, 4, 6], [2, 4, 4]]
     assert frames_grid(grid, range(3, 7)).tolist() == [[3, 4, 4], [1, 2, 2]]
     assert frames_grid(grid, range(3, 3)).tolist() == []
+
+
+def test_bad_vision_input_is_refused_before_the_gather(tiny_gqa):
+    """Rank 0 of 2 with no process group, one image (rank 1's share): reaching the features' all_gather would raise
+    another error, so the InputError (which every rank raises alike) comes before any collective, on a rank with
+    nothing to encode too."""
+    model = glmv.AutoModelForImageTextToText.from_pretrained(tiny_gqa, tensor_parallel=parallel.Group(0, RANKS))
+    width = 3 * 2 * 14 ** 2
+    with pytest.raises(glmv.InputError, match="15 patch rows, but the grid_thw of the images and videos make 16"):
+        model.encode_vision(torch.zeros(15, width), torch.tensor([[1, 4, 4]]))
+    with pytest.raises(glmv.InputError, match="patch rows of 10 values"):
+        model.encode_vision(torch.zeros(16, 10), torch.tensor([[1, 4, 4]]))
