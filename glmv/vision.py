@@ -133,7 +133,7 @@ class VisionTower(RotaryTable, nn.Module):
 
     def check_input(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> None:
         """Refuse patch rows of another width than the tower's, or other than the grids' count (before any work:
-        over several ranks a rank with no items to encode must refuse them too, not wait for the others)."""
+        over several ranks a rank with no frames to encode must refuse them too, not wait for the others)."""
         cfg = self.cfg
         if patches.shape[-1] != cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2:
             raise InputError(
