@@ -26,7 +26,7 @@ from glmv.generate import generate
 from glmv.paged import PagedKVCache
 from glmv.positions import IMAGE, TEXT, VIDEO, rope_index  # noqa: F401  (TEXT re-exported)
 from glmv.text import TextModel, attention_mask_4d
-from glmv.vision import VisionTower
+from glmv.vision import VisionTower, frames_grid
 from glmv.weights import Piece
 
 _LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
@@ -115,7 +115,8 @@ class Glm4vForConditionalGeneration(nn.Module):
         return self.model.language_model.embed_tokens.weight.device
 
     def encode_vision(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
-        """Run the vision tower once over all images and video frames of a batch, packed together.
+        """Run the vision tower once over all images and video frames of a batch, packed together (over several
+        ranks, each rank over its share of them: `_run_tower`).
 
         Returns (image_features, video_features), each (num_placeholder_tokens, D) or None.
         """
@@ -128,13 +129,33 @@ class Glm4vForConditionalGeneration(nn.Module):
                 grids.append(grid)
         if not patches:
             return None, None
-        visual = self.model.visual
-        features = visual(torch.cat(patches).to(self.device, self.dtype), torch.cat(grids))
-        merge = visual.cfg.spatial_merge_size ** 2
+        features = self._run_tower(torch.cat(patches), torch.cat(grids))
+        merge = self.model.visual.cfg.spatial_merge_size ** 2
         n_image = int(image_grid_thw.prod(-1).sum()) // merge if pixel_values is not None else 0
         image_features, video_features = features[:n_image], features[n_image:]
         return (image_features if pixel_values is not None else None,
                 video_features if pixel_values_videos is not None else None)
+
+    def _run_tower(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """patches (N, C*T*P*P) of the items grid_thw (items, 3) -> features (N / merge^2, D), on every rank. Over
+        several ranks the tower is data-parallel: each rank encodes its share of the frames (glmv.parallel.share, by
+        patch count; the tower never mixes frames, so a share may end inside a video) and the ranks gather the
+        features, so each frame is computed once and its bits are the same on every rank."""
+        visual, group = self.model.visual, self.parallel
+        if group.world == 1:
+            return visual(patches.to(self.device, self.dtype), grid_thw)
+        visual.check_input(patches, grid_thw)
+        sizes = grid_thw[:, 1:].prod(-1).repeat_interleave(grid_thw[:, 0]).tolist()  # patches per frame
+        shares = parallel.share(sizes, group.world)
+        rows = [sum(sizes[r.start:r.stop]) for r in shares]  # patches per rank
+        mine, start = shares[group.rank], sum(rows[:group.rank])
+        if mine:
+            local = visual(patches[start:start + rows[group.rank]].to(self.device, self.dtype),
+                           frames_grid(grid_thw, mine)).to(self.dtype)
+        else:  # nothing to encode, but the gather needs every rank
+            local = torch.empty(0, visual.cfg.out_hidden_size, dtype=self.dtype, device=self.device)
+        merge = visual.cfg.spatial_merge_size ** 2
+        return group.gather_rows(local, [n // merge for n in rows])
 
     def embed(self, input_ids, token_types, image_features=None, video_features=None) -> torch.Tensor:
         """Token embeddings with vision features scattered into the image/video placeholder positions."""
@@ -173,7 +194,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         """Packed rows: embeds (N, D), position_ids (3, N) fill the rows' cache slots. Returns the logits (len(last),
         V) at the packed indices `last` (each row's last token), or None when only the cache is wanted."""
         keep = last if last is not None else torch.zeros(0, dtype=torch.long, device=embeds.device)
-        hidden = self.model.language_model.prefill(self.parallel.from_first(embeds), position_ids, batch, keep)
+        hidden = self.model.language_model.prefill(embeds, position_ids, batch, keep)
         return None if last is None else parallel.logits(self, hidden)
 
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, batch: Decode) -> torch.Tensor:
@@ -202,7 +223,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         types = self.token_types(input_ids) if mm_token_type_ids is None else mm_token_type_ids.to(self.device)
         image_features, video_features = self.encode_vision(pixel_values, image_grid_thw,
                                                             pixel_values_videos, video_grid_thw)
-        x = self.parallel.from_first(self.embed(input_ids, types, image_features, video_features))
+        x = self.embed(input_ids, types, image_features, video_features)
         position_ids, _ = rope_index(types, attention_mask, image_grid_thw, video_grid_thw,
                                      self.config.vision.spatial_merge_size)
         mask = attention_mask_4d(attention_mask, input_ids.shape[1])

@@ -1,4 +1,5 @@
-"""Tensor parallelism of the text decoder over the ranks of a torch.distributed group (NCCL on CUDA, gloo on CPU).
+"""Tensor parallelism of the text decoder (and a data-parallel vision tower) over the ranks of a torch.distributed
+group (NCCL on CUDA, gloo on CPU).
 
 Megatron's split: per decoder layer q/k/v and gate/up are column-parallel (a rank holds num_heads / N query heads,
 num_key_value_heads / N KV heads and intermediate_size / N MLP columns), o_proj and down_proj row-parallel, each
@@ -6,10 +7,16 @@ followed by one all-reduce of its partial sums: two collectives per layer. MoE l
 instead: every rank routes every token (the router is replicated and its inputs identical), runs the tokens sent to
 its n_routed_experts / N experts and its share of the shared experts' columns, and the MLP's one all-reduce adds the
 ranks' partial sums. The lm_head is vocab-split (vocab / N rows per rank, logits all-gathered) when the vocabulary
-divides by N, replicated otherwise. A rank's KV cache holds its own KV heads only. Kept replicated for now, on every
-rank: the token embedding, the norms and the vision tower (running the tower data-parallel over the admitted images
-is a later step). FP8 releases are refused with tensor_parallel > 1 for now (their block scales would need splitting
-on block boundaries).
+divides by N, replicated otherwise. A rank's KV cache holds its own KV heads only. Replicated on every rank: the
+token embedding and the norms. FP8 releases are refused with tensor_parallel > 1 for now (their block scales would
+need splitting on block boundaries).
+
+The vision tower is whole on every rank but runs data-parallel: of the frames a pass packs together (an image is one
+frame, a video several; the tower never mixes frames, so a share may end inside a video), each rank encodes one run
+of consecutive frames holding about 1/N of their patches (`share`, computed alike on every rank from the grids,
+which every rank has), and one all-gather padded to the largest share (`Group.gather_rows`) hands every rank all the
+features in their order. Each frame is encoded once, by one rank, so its features are the same bits on every rank.
+A pass of one image is encoded by one rank while the others wait (as they would for the largest share anyway).
 
 Loading (glmv.weights) reads each rank's slices only, as views of the memory-mapped safetensors copied slice by
 slice: a rank never holds a whole split tensor.
@@ -20,21 +27,22 @@ on every rank (all-reduce and all-gather hand every rank the same bits: tests/te
 gloo), and sampling draws from per-row seeds, not a global generator, so every rank chooses the same tokens, admits
 the same rows at the same step and calls the same collectives in the same order. The replicated residual stream must
 be the same bits on every rank too (else each rank's slice of the logits, or the whole logits of a replicated
-lm_head, comes from a stream of its own): its only input that a rank computes alone from more than a table lookup is
-the vision features (the tower is replicated, and on CUDA some kernels are not bitwise deterministic), so every
-prefill starts from rank 0's input embeddings (one broadcast of (tokens, D) per prefill). Decode steps need no
-message beyond the model's own collectives, and the engine is unchanged; the alternative, rank 0 broadcasting each
-step's inputs, would put a host round trip in every decode step and a second code path in the engine. The caller's
-side of the contract: every rank gets the same requests with the same seeds (generate's seed=None draws them from
-torch's global generator: seed it alike on every rank), added at the same engine step. `generate` (one batch, then
-run) meets it as is; the pipeline's model actor (pipeline/tp.py) has rank 0 decide when a batch joins and tell the
-others before their next step, since batches arriving on a thread while the engine runs would join at different
-steps on different ranks. The pool's size must agree too: a caller sizing kv_blocks from free memory takes the
-smallest over the ranks.
+lm_head, comes from a stream of its own): its inputs are token embeddings (a table lookup) and vision features
+(gathered from the one rank that computed each: on CUDA some kernels are not bitwise deterministic, so ranks encoding
+the same image could differ), so the ranks' input embeddings agree with no message of their own. Neither prefill nor
+decode steps need a message beyond the model's own collectives, and the engine is unchanged; the alternative, rank 0
+broadcasting each step's inputs, would put a host round trip in every decode step and a second code path in the
+engine. The caller's side of the contract: every rank gets the same requests with the same seeds (generate's
+seed=None draws them from torch's global generator: seed it alike on every rank), added at the same engine step.
+`generate` (one batch, then run) meets it as is; the pipeline's model actor (pipeline/tp.py) has rank 0 decide when a
+batch joins and tell the others before their next step, since batches arriving on a thread while the engine runs
+would join at different steps on different ranks. The pool's size must agree too: a caller sizing kv_blocks from free
+memory takes the smallest over the ranks.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass, replace
 
@@ -59,12 +67,20 @@ class Group:
             dist.all_reduce(t, group=self.process_group)
         return t
 
-    def from_first(self, t: torch.Tensor) -> torch.Tensor:
-        """Rank 0's t on every rank."""
-        if self.world > 1:
-            t = t.contiguous()
-            dist.broadcast(t, group_src=0, group=self.process_group)
-        return t
+    def gather_rows(self, t: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(counts[rank], ...) per rank -> (sum(counts), ...) on every rank: the ranks' rows in rank order, each
+        rank's as it sent them. Every rank passes the same counts (a rank with 0 rows joins too): each sends its rows
+        padded to the largest count, one all_gather (NCCL's needs equal sizes, gloo's too)."""
+        if t.shape[0] != counts[self.rank]:
+            raise ValueError(f"rank {self.rank} has {t.shape[0]} rows to gather, counts say {counts[self.rank]}")
+        most = max(counts)
+        if self.world == 1 or most == 0:
+            return t
+        padded = t.new_zeros((most, *t.shape[1:]))  # (most, ...)
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.process_group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """(..., n) per rank -> (..., world * n): the ranks' pieces side by side, rank order."""
@@ -76,6 +92,20 @@ class Group:
 
 
 SINGLE = Group()
+
+
+def share(sizes: list[int], world: int) -> list[range]:
+    """Each rank's run of consecutive items (by index), balanced by size: item i goes to the rank whose 1/world of
+    the sizes' sum holds the item's midpoint, so a rank's load is within one item of an even share. Contiguous
+    rather than greedy (largest first to the least loaded): a rank's items are one slice of the packed input and its
+    results one run of the output, so gathering them in rank order restores the items' order with no permutation.
+    sizes: each item's size (> 0), the same on every rank, so every rank computes the same shares."""
+    total, owner, before = sum(sizes), [], 0
+    for size in sizes:
+        owner.append((2 * before + size) * world // (2 * total))  # the midpoint's rank, in integers
+        before += size
+    bounds = [bisect.bisect_left(owner, r) for r in range(world + 1)]
+    return [range(bounds[r], bounds[r + 1]) for r in range(world)]
 
 
 @dataclass(frozen=True)

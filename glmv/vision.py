@@ -131,8 +131,9 @@ class VisionTower(RotaryTable, nn.Module):
     def rotary_theta(self) -> float:
         return self.cfg.rope_theta
 
-    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
+    def check_input(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> None:
+        """Refuse patch rows of another width than the tower's, or other than the grids' count (before any work:
+        over several ranks a rank with no frames to encode must refuse them too, not wait for the others)."""
         cfg = self.cfg
         if patches.shape[-1] != cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2:
             raise InputError(
@@ -140,6 +141,14 @@ class VisionTower(RotaryTable, nn.Module):
                 f"{cfg.temporal_patch_size} x {cfg.patch_size}^2 (config.json's vision_config in_channels x "
                 f"temporal_patch_size x patch_size^2): the processor's patch_size or temporal_patch_size is not the "
                 f"model's")
+        expected = int(grid_thw.prod(-1).sum())
+        if patches.shape[0] != expected:
+            raise InputError(f"{patches.shape[0]} patch rows, but the grid_thw of the images and videos make "
+                             f"{expected}: pixel values and grids come from different inputs")
+
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """patches (N, C*T*P*P), grid_thw (num_items, 3) -> merged features (N / merge^2, out_hidden_size)."""
+        self.check_input(patches, grid_thw)
         device = patches.device
         hw_pos, frame_hw, frame_runs = _frame_layout(grid_thw, self.cfg.spatial_merge_size, device)
         cos, sin = self.rotary_2d(hw_pos)
@@ -174,6 +183,15 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(dtype)
+
+
+def frames_grid(grid_thw: torch.Tensor, frames: range) -> torch.Tensor:
+    """The grid_thw (items, 3) rows of frames [start, stop) of the items' frames counted in order: each item with
+    frames in the range as (its frames there, h, w)."""
+    ends = grid_thw[:, 0].cumsum(0)
+    t = ends.clamp(max=frames.stop) - (ends - grid_thw[:, 0]).clamp(min=frames.start)  # (items,), <= 0: none
+    keep = t > 0
+    return torch.cat([t[keep, None], grid_thw[keep, 1:]], dim=1)
 
 
 def _frame_layout(grid_thw: torch.Tensor, merge: int, device):

@@ -81,11 +81,11 @@ class Lockstep(parallel.Group):
         except Exception as e:  # noqa: BLE001 - any failure of a collective means the ranks are no longer in step
             _die("all_reduce", e)
 
-    def from_first(self, t):
+    def gather_rows(self, t, counts):
         try:
-            return super().from_first(t)
+            return super().gather_rows(t, counts)
         except Exception as e:  # noqa: BLE001
-            _die("broadcast", e)
+            _die("all_gather", e)
 
     def all_gather_last(self, t):
         try:
