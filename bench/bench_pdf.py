@@ -232,7 +232,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model (both sides)")
     parser.add_argument("--long-doc-pages", type=int, default=2000, help="pages of the decode-memory document")
-    parser.add_argument("--model", help="checkpoint folder (default: a tiny random GLM-4.1V one, made here)")
+    parser.add_argument("--model", help="checkpoint folder (default: a tiny random GLM-OCR one, made here)")
     parser.add_argument("--side", choices=["transformers", "render", "long"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--long-doc", help=argparse.SUPPRESS)
