@@ -79,6 +79,7 @@ class Check:
     scan: bool = False                         # a damaged file's shards are unknown: scan the output whole
     changed: bool = False                      # the manifest must be written again
     moved: set[str] = field(default_factory=set)   # listed files set aside
+    left: list[str] = field(default_factory=list)   # foreign files left where they are (named at every start)
 
     built: bool = False                        # the manifest was just made from the listing (no manifest yet)
 
@@ -160,6 +161,8 @@ class Check:
                         "set output.quarantine = true to have runs move such files aside)")
             if move:
                 self._move(name)
+            else:
+                self.left.append(name)
         return candidates
 
     def _adopt(self, candidates: dict[str, np.ndarray], missing: list[str]) -> bool:

@@ -75,6 +75,7 @@ class Ledger:
         self.sidecars: dict[str, dict] = {}        # sidecar file name -> {"file", manifest row}
         self.files: dict[str, dict] = {}           # the manifest: result file -> row
         self.landed: set[str] = set()              # files landed since the last fold
+        self.foreign: list[str] = []               # files not ours the start left under the prefix
         self.unfolded = 0
 
     # -- start ----------------------------------------------------------------------------------------------
@@ -106,6 +107,7 @@ class Ledger:
         pending = {s["file"]: s for s in self.sidecars.values()}
         check = manifest.Check(self.state, listed, self.files, pending, self.move_foreign, built=files is None)
         check.run()
+        self.foreign = check.left
         return check
 
     def _reopen(self, shards: set[str]) -> None:
@@ -141,6 +143,7 @@ class Ledger:
         files (their shards unknown)."""
         check = manifest.Check(self.state, {}, {}, {}, self.move_foreign)
         candidates = check.unknown([n for n in listed if not output.is_ours(n)])
+        self.foreign = check.left
         names = [n for n in listed if output.is_ours(n)] + sorted(candidates)
         if names:
             log.info("no completion records for this input: scanning %d result files once", len(names))

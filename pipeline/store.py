@@ -1,8 +1,9 @@
 """The output store: everything under `output.uri`, owned by one object for a run's life.
 
-Its lifecycle is that of Ray Data's Datasink: `open` (the lease, the state checked against the listing, what is
-done and what is pending), `write` (result blocks, whole files, completion records), `commit` (records folded and
-trusted, small files merged, the run's record) and `close` (the lease released). Inside it, each piece keeps its
+Its lifecycle is that of Ray Data's Datasink: `open` (the lease, the state checked against the listing, or against
+the manifest where the last run sealed it, what is done and what is pending), `write` (result blocks, whole files,
+completion records), `commit` (records folded and trusted, small files merged, the run's record) and `close` (the
+output sealed after a clean commit, the lease released). Inside it, each piece keeps its
 own module: the lease (pipeline.lease), the run state (pipeline.state), completion records and the manifest
 (pipeline.progress, pipeline.manifest), result files (pipeline.output) and compaction (pipeline.compact).
 The driver's thread is its only caller.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline import compact, output, progress
+from pipeline import compact, output, progress, seal
 from pipeline.config import Config, ConfigError
 from pipeline.lease import Lease
 from pipeline.state import StateDir
@@ -38,12 +39,13 @@ class OutputSettings:
     compact: bool
     target_bytes: int
     partition_by: tuple[str, ...]
+    verify: str = "auto"    # "always": list the result files at every start, whatever the seal says
 
     @classmethod
     def from_config(cls, cfg: Config) -> "OutputSettings":
         o = cfg.output
         return cls(o.uri, o.rows_per_file, o.flush_seconds, o.takeover, o.quarantine, o.compact,
-                   int(o.target_file_mb * 2**20), tuple(o.partition_by))
+                   int(o.target_file_mb * 2**20), tuple(o.partition_by), o.verify)
 
 
 class OutputStore:
@@ -60,19 +62,25 @@ class OutputStore:
         self.compactor: compact.Compactor | None = None
         self.tasks: tuple[str, ...] = ()
         self.looked_for_merges = 0.0
+        self.commit_done = False    # the commit finished: the manifest holds every file this run landed
+        self.sealed_start = False   # this start took the listing from a sealed manifest
 
     # -- open -------------------------------------------------------------------------------------------------
 
     def open(self, fingerprint: str, tasks: tuple[str, ...], retry_errors: bool = False, say=print) -> progress.Resume:
         """The output checked against its manifest and records: what is done (`Resume`); from here on, rows
         written count towards their shards' records."""
+        # first, before anything is written: a run that does not close cleanly leaves no seal behind
+        sealed = seal.take(self.state, trust=self.settings.verify == "auto")
         self.state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
         self.ledger = progress.Ledger(self.state, fingerprint, move_foreign=self.settings.quarantine)
         self.tasks = tasks
         trusted = self.ledger.trusted()
         if retry_errors and not trusted:   # the output is scanned whole anyway: every file loses its error rows
             say(f"output {self.settings.uri}: {self._reopen_errors()} error row(s) reopened to run again")
-        existing = self.listed()
+            sealed = None   # files were rewritten and the manifest dropped
+        self.sealed_start = sealed is not None
+        existing = self.listed() if sealed is None else sealed
         self._check_layout(existing)
         resume = self.ledger.load(existing)
         if retry_errors and trusted:
@@ -180,6 +188,7 @@ class OutputStore:
         self.ledger.fold()
         if self.compactor is not None:
             self.compactor.finish()   # the run's own small files too, now that their shards are finished
+        self.commit_done = True
 
     @property
     def compacted(self) -> tuple[int, int]:
@@ -191,7 +200,21 @@ class OutputStore:
         self.writer.write_run_record(record)
 
     def close(self) -> None:
-        self.lease.release()
+        try:
+            self._seal()
+        finally:
+            self.lease.release()
+
+    def _seal(self) -> None:
+        """After a clean commit, while the lease is still ours: the next start may take the manifest as the listing.
+        Not when the start left a foreign file under the prefix (every start names it) or the lease was taken over.
+        A seal not written costs the next start a listing, so a failure here is a warning."""
+        if not self.commit_done or self.lease.lost or self.ledger is None or self.ledger.foreign:
+            return
+        try:
+            seal.seal(self.state, self.run_tag)
+        except Exception as e:  # noqa: BLE001 - the run's results are written; only the next start's shortcut is lost
+            log.warning("could not seal the output state (the next start lists the result files): %s", e)
 
 
 def reopen_errors(uri: str, opts: StorageOptions, ledger: progress.Ledger, staging: str) -> int:
