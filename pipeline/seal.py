@@ -9,6 +9,7 @@ The next start reads the seal and deletes it before it writes anything, so a run
 its close leaves none, and the start after it lists. A start takes the manifest's names and sizes as the listing only
 when the seal is there, both tables are still the versions it names (no other writer, an earlier version of this
 code say, changed them since) and no sidecar or compaction plan is left (the marks of a writer stopped midway).
+A start without trusted records lists all the same (pipeline.store): its scan reads every file anyway.
 
 What a sealed start cannot see: result files deleted, resized or added by hand between runs (`output.verify =
 "always"` lists at every start). A run that found a foreign file under the prefix and left it there does not seal,

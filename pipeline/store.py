@@ -78,7 +78,8 @@ class OutputStore:
         trusted = self.ledger.trusted()
         if retry_errors and not trusted:   # the output is scanned whole anyway: every file loses its error rows
             say(f"output {self.settings.uri}: {self._reopen_errors()} error row(s) reopened to run again")
-            sealed = None   # files were rewritten and the manifest dropped
+        if not trusted:   # every file is read (a scan): they come from a listing, which is cheap beside it
+            sealed = None
         self.sealed_start = sealed is not None
         existing = self.listed() if sealed is None else sealed
         self._check_layout(existing)

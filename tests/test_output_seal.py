@@ -148,3 +148,12 @@ def test_on_s3_a_sealed_start_lists_nothing_and_an_unsealed_one_finds_a_deleted_
             store, resume, listings = _start(out, opts)
         store.close()
         assert listings == 1 and first.rsplit("/", 1)[-1] in caplog.text and "u#0" not in resume.records
+
+
+def test_records_no_longer_trusted_mean_a_listing_for_the_scan(tmp_path):
+    out = tmp_path / "out"
+    _run(str(out), "u#0", list("ab"))
+    (out / "_state" / progress.MARKER).unlink()   # as after run.retry_errors, or for another input: scanned whole
+    store, resume, listings = _start(str(out))
+    store.close()
+    assert listings == 1 and resume.scanned
