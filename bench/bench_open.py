@@ -48,6 +48,7 @@ def synthesize(uri: str, opts: StorageOptions, n: int) -> None:
     state = StateDir(uri, opts)
     data, row = _file_bytes()
     names = [f"part-20260101-000000-0badcafe-{i:06d}.parquet" for i in range(n)]
+    state.fs.makedirs(state.path, exist_ok=True)   # a folder locally; nothing on a store
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda name: state.fs.pipe_file(f"{state.root}/{name}", data), names))
     manifest.write(state, {name: {**row, "shards": [f"s{i}#0"], "tasks": list(TASKS)} for i, name in enumerate(names)})
@@ -76,6 +77,10 @@ def bench(uri: str, opts: StorageOptions, n: int, repeat: int, count_requests) -
     t0 = time.perf_counter()
     synthesize(uri, opts, n)
     print(f"{n} result files synthesized in {time.perf_counter() - t0:.1f}s")
+    state = StateDir(uri, opts)
+    t0 = time.perf_counter()
+    output.listed_files(state.fs, state.root, opts)
+    print(f"  one listing of the result files alone: {time.perf_counter() - t0:.3f}s")
     for verify in ("always", "auto"):
         start(uri, opts, verify)   # the first start after synthesis lists (no seal yet) and seals
         times = []
@@ -99,19 +104,19 @@ class _NoCount:
 
 
 def _s3_counter():
-    """Counts the ListObjectsV2 requests botocore sends while the context is open."""
-    import botocore.client
+    """Counts the ListObjects requests s3fs sends (through aiobotocore) while the context is open."""
+    from aiobotocore.client import AioBaseClient
 
     class Counter:
         def __enter__(self):
             self.counts = [0]
-            real = botocore.client.BaseClient._make_api_call
+            real = AioBaseClient._make_api_call
 
-            def counted(client, operation, params):
+            async def counted(client, operation, params):
                 if operation.startswith("ListObjects"):
                     self.counts[0] += 1
-                return real(client, operation, params)
-            self.patch = mock.patch.object(botocore.client.BaseClient, "_make_api_call", counted)
+                return await real(client, operation, params)
+            self.patch = mock.patch.object(AioBaseClient, "_make_api_call", counted)
             self.patch.start()
             return self.counts
 

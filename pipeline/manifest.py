@@ -51,8 +51,9 @@ def read(state: StateDir) -> dict[str, dict] | None:
     if table is None:
         return None
     # a manifest of an earlier version lacks the later columns (stats): unknown, None
-    columns = {c: table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in SCHEMA.names}
-    return {name: {c: columns[c][i] for c in SCHEMA.names[1:]} for i, name in enumerate(columns["file"])}
+    columns = [table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in SCHEMA.names]
+    keys = SCHEMA.names[1:]
+    return {name: dict(zip(keys, row)) for name, *row in zip(*columns)}   # by rows: ~2x faster than by index
 
 
 def write(state: StateDir, files: dict[str, dict]) -> None:

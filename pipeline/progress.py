@@ -44,6 +44,7 @@ RECORDS = "done"
 FOLDED = "done"            # a state table: _state/done.pq.state
 INFLIGHT = "inflight"
 FOLD_EVERY = 256          # new records between folds
+UNREAD = object()          # Ledger.load's manifest when the caller has not read it
 FOLDED_SCHEMA = pa.schema([("name", pa.string()), ("tasks", pa.list_(pa.string())),
                            ("pairs", pa.list_(pa.int64())), ("extent", pa.string())])   # extent: JSON or null
 
@@ -80,13 +81,16 @@ class Ledger:
 
     # -- start ----------------------------------------------------------------------------------------------
 
-    def load(self, listed: dict[str, int]) -> Resume:
-        """`listed`: the output's result files and their sizes (one listing), checked against the manifest."""
-        listed = compact.recover(self.state, manifest.read(self.state), listed)
+    def load(self, listed: dict[str, int], files: dict[str, dict] | None | object = UNREAD) -> Resume:
+        """`listed`: the output's result files and their sizes (one listing, or the manifest's where a seal
+        vouches for it), checked against the manifest; `files`: the manifest where the caller has just read it (read
+        once: at 1e5 files a read costs ~1 s)."""
+        files = manifest.read(self.state) if files is UNREAD else files
+        listed = compact.recover(self.state, files, listed)
         if self.trusted():
             self._load_records()
             self._load_sidecars()
-            check = self._check(listed)
+            check = self._check(listed, files)
             if not check.scan:
                 self._reopen(check.reopen)
                 if check.changed or check.reopen:
@@ -101,8 +105,7 @@ class Ledger:
         marker = self.state.read_json(MARKER)
         return bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
 
-    def _check(self, listed: dict[str, int]) -> manifest.Check:
-        files = manifest.read(self.state)
+    def _check(self, listed: dict[str, int], files: dict[str, dict] | None) -> manifest.Check:
         self.files = files or {}
         pending = {s["file"]: s for s in self.sidecars.values()}
         check = manifest.Check(self.state, listed, self.files, pending, self.move_foreign, built=files is None)

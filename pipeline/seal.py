@@ -47,8 +47,8 @@ def seal(state: StateDir, run: str) -> bool:
     return True
 
 
-def take(state: StateDir, trust: bool = True) -> dict[str, int] | None:
-    """The result files and their sizes as the manifest has them, where a seal vouches for it; None when the output
+def take(state: StateDir, trust: bool = True) -> dict[str, dict] | None:
+    """The manifest (result file -> row, its size the listing's), where a seal vouches for it; None when the output
     must be listed (no seal, one that no longer holds, or `trust` False). The seal is gone either way: this start
     may write, and only its own clean close seals again."""
     try:
@@ -66,8 +66,7 @@ def take(state: StateDir, trust: bool = True) -> dict[str, int] | None:
     if _unfinished(state):
         return None
     files = manifest.read(state)
-    if files is None:
-        return None
-    log.info("output sealed by run %s: its %d result files taken from the manifest, not listed",
-             sealed.get("run"), len(files))
-    return {name: row["size"] for name, row in files.items()}
+    if files is not None:
+        log.info("output sealed by run %s: its %d result files taken from the manifest, not listed",
+                 sealed.get("run"), len(files))
+    return files

@@ -71,7 +71,7 @@ class OutputStore:
         """The output checked against its manifest and records: what is done (`Resume`); from here on, rows
         written count towards their shards' records."""
         # first, before anything is written: a run that does not close cleanly leaves no seal behind
-        sealed = seal.take(self.state, trust=self.settings.verify == "auto")
+        sealed = seal.take(self.state, trust=self.settings.verify == "auto")   # the manifest, or None: list
         self.state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
         self.ledger = progress.Ledger(self.state, fingerprint, move_foreign=self.settings.quarantine)
         self.tasks = tasks
@@ -81,9 +81,9 @@ class OutputStore:
         if not trusted:   # every file is read (a scan): they come from a listing, which is cheap beside it
             sealed = None
         self.sealed_start = sealed is not None
-        existing = self.listed() if sealed is None else sealed
+        existing = self.listed() if sealed is None else {name: row["size"] for name, row in sealed.items()}
         self._check_layout(existing)
-        resume = self.ledger.load(existing)
+        resume = self.ledger.load(existing) if sealed is None else self.ledger.load(existing, sealed)
         if retry_errors and trusted:
             resume, existing = self._retry_errors(resume, say)
         if resume.scanned and not existing:
