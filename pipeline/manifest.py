@@ -7,7 +7,8 @@ file's row is folded in from its sidecar (written before the file, already with 
 file has landed, so at a kill -9 a landed file has a sidecar or a row, and a file that never landed has at most a
 sidecar.
 
-A start lists the output once and compares it with the manifest; it opens no result file unless something differs:
+A start lists the output once (unless the last run's clean close sealed it: pipeline.seal) and compares it with the
+manifest; it opens no result file unless something differs:
 - a file gone, or of another size (cut short, garbage appended, rewritten): named in a warning, a resized one moved
   to `_state/quarantine/<name>.quarantined` (out of readers' `*.parquet` globs); the shards it held are read again
   and their pairs found in the other files that hold them are skipped, so its pairs are redone exactly once;
