@@ -13,8 +13,9 @@ one (an earlier version's) covers its shard or unit whatever it holds now.
 Which result file holds which shards' rows is the manifest's (`pipeline.manifest`, `_state/files.pq.state`): a
 sidecar written just before each file, `_state/inflight/<file>.json` = {"file", "size", "rows", "digest",
 "shards", "tasks"}, becomes its manifest row at the next fold (and goes then). A rerun lists the output once
-(or, after a clean close, takes the manifest's word: pipeline.seal), checks it against the manifest (a damaged file's shards are open again), and reads the (item, task) keys of only
-the files that hold rows of open shards: the work that was in flight when a run stopped, never the finished corpus.
+(or, after a clean close, takes the manifest's word: pipeline.seal), checks it against the manifest (a damaged
+file's shards are open again), and reads the (item, task) keys of only the files that hold rows of open shards: the
+work that was in flight when a run stopped, never the finished corpus.
 
 `_state/progress.json` says the records can be trusted for this input. An output without it (written by an
 earlier version, or with `run.retry_errors`, or for another input) is scanned whole once: every result file's
