@@ -206,11 +206,20 @@ class OutputStore:
         finally:
             self.lease.release()
 
+    def _sealable(self) -> bool:
+        """The commit is done and the manifest is all the prefix holds as far as this run knows: no foreign file was
+        left under it at the start (every start names one), and the lease was not taken over."""
+        return self.commit_done and not self.lease.lost and self.ledger is not None and not self.ledger.foreign
+
+    def known(self) -> dict[str, int] | None:
+        """After the commit, where the output will be sealed: its result files and sizes, from the manifest (the run
+        report takes them instead of listing the output); else None."""
+        return {name: row["size"] for name, row in self.ledger.files.items()} if self._sealable() else None
+
     def _seal(self) -> None:
         """After a clean commit, while the lease is still ours: the next start may take the manifest as the listing.
-        Not when the start left a foreign file under the prefix (every start names it) or the lease was taken over.
         A seal not written costs the next start a listing, so a failure here is a warning."""
-        if not self.commit_done or self.lease.lost or self.ledger is None or self.ledger.foreign:
+        if not self._sealable():
             return
         try:
             seal.seal(self.state, self.run_tag)
