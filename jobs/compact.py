@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repo root, when not pip-installed
 
 from jobs.caption import known_error, report  # noqa: E402
-from pipeline import compact, output, progress  # noqa: E402
+from pipeline import compact, output, progress, seal  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.lease import Lease  # noqa: E402
 from pipeline.state import StateDir  # noqa: E402
@@ -35,6 +35,7 @@ def compact_output(uri: str, opts: StorageOptions, target_mb: float) -> tuple[in
         raise ConfigError(f"{uri}: no result files and no run state here: is this a run's output.uri?")
     lease = Lease(uri, opts, compact.new_tag())
     try:
+        seal.take(state, trust=False)   # it rewrites the manifest: a run's seal no longer holds (and is checked anyway)
         state.remove("staging", recursive=True)   # a killed run's or compaction's staged files: never read
         marker = state.read_json(progress.MARKER) or {}
         ledger = progress.Ledger(state, marker.get("input", ""))

@@ -4,7 +4,10 @@ A finished read unit is skipped unopened only while its record still covers what
 keeps an extent (pipeline.progress) to compare with what the input's listing says now:
 - a listing partition listed before the end of the last run that ended is listed again here, in the driver, before
   any Ray work starts (pipeline.listing: the keys its snapshot lacks become new parts); it is opened only when it
-  has parts its records lack, so a rerun that finds nothing new starts nothing;
+  has parts its records lack, so a rerun that finds nothing new starts nothing. That takes RELIST_BUDGET_S at most:
+  on S3 a listing costs ~70 us of driver CPU per object (botocore's parse of each page), ~700 s at 1e7 objects, which
+  would hold back the first new row that long. Partitions not listed again by then are opened, and their read tasks
+  list them again beside the work (going on after the last new part found here);
 - a manifest whose size or version (ETag, modification time) changed is checked cheaply: a CSV/JSONL one only
   appended to still holds the same bytes before where its records end, a Parquet one rewritten with its old rows first
   has the same row groups before its last old one and the same URIs at their end. Then only its new rows are read;
@@ -15,6 +18,7 @@ Records an earlier version made have no extent: they cover their unit as before,
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,6 +28,7 @@ from pipeline import listing, readers, storage
 from pipeline.readers import ReadSpec, Unit
 
 MAX_NAMED = 5   # files named in a line about changed input; the rest are counted
+RELIST_BUDGET_S = 10.0   # the driver's time for listing partitions again before the work starts (then read tasks do)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Change:
     grown: dict | None = None   # a text manifest only appended to: its record's {"size", "rows"}
     refused: str = ""           # why it is not read again although it changed (one line's worth)
     legacy: bool = False        # its record has no extent to compare with (an earlier version's)
+    relisted: bool = True       # False: a listing partition left to its read task to list again (time ran out)
 
 
 @dataclass
@@ -41,11 +47,13 @@ class Notes:
     refused: list[str] = field(default_factory=list)
     legacy: int = 0
     moved: list[str] = field(default_factory=list)   # unfinished units whose file changed under their records
+    unlisted: int = 0   # finished listing partitions left to their read tasks to list again
 
     def add(self, change: Change) -> None:
         if change.refused:
             self.refused.append(change.refused)
         self.legacy += change.legacy
+        self.unlisted += not change.relisted
 
     def lines(self) -> list[str]:
         out = []
@@ -60,6 +68,9 @@ class Notes:
             out.append(f"note: {len(self.moved)} input file(s) changed since some of their shards were done ({named}"
                        f"{', ...' if len(self.moved) > MAX_NAMED else ''}): rows past those are read, the rows done "
                        f"are taken as done")
+        if self.unlisted:
+            out.append(f"note: {self.unlisted} finished listing partition(s) of the input not listed again for new "
+                       f"objects within {RELIST_BUDGET_S:.0f}s: their read tasks list them beside the work")
         if self.legacy:
             out.append(f"note: {self.legacy} finished input file(s) have records from an earlier version, which kept "
                        f"no file sizes: rows appended to them since are not looked for (new files are)")
@@ -72,15 +83,18 @@ def finished_units(units: list[Unit], extents: dict[str, dict], spec: ReadSpec,
     files whose stamp changed only; a listing of each partition to list again). `shards`: each unit's shards with
     records."""
     shards = shards or {}
+    deadline = time.monotonic() + RELIST_BUDGET_S
     with ThreadPoolExecutor(max_workers=16) as pool:
         return dict(zip((u.id for u in units),
-                        pool.map(lambda u: finished_unit(u, extents.get(u.id), spec, shards.get(u.id, set())),
-                                 units)))
+                        pool.map(lambda u: finished_unit(u, extents.get(u.id), spec, shards.get(u.id, set()),
+                                                         deadline), units)))
 
 
-def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str] = frozenset()) -> Change:
+def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str] = frozenset(),
+                  deadline: float | None = None) -> Change:
+    """`deadline` (time.monotonic): a listing partition not listed again by then is read (its read task lists)."""
     if unit.kind == "listing":
-        return _listing_change(unit, extent, spec, shards)
+        return _listing_change(unit, extent, spec, shards, deadline)
     if extent is None or not extent.get("of"):
         return Change(read=False, legacy=True)
     if extent["of"] == unit.stamp or not unit.stamp:   # no stamp: a unit made up without a listing (tests)
@@ -96,14 +110,20 @@ def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[s
         return Change(read=False)
 
 
-def _listing_change(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str]) -> Change:
+def _listing_change(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str],
+                    deadline: float | None) -> Change:
     """Listed again when listed before the last run ended; read where its snapshot now has parts without records
-    (found now, or by a run killed before it read them)."""
+    (found now, or by a run killed before it read them), or where the deadline came before its listing's end."""
     if (extent or {}).get("listed_at", 0.0) >= spec.relist_before:
         return Change(read=False)
+    if deadline is not None and time.monotonic() >= deadline:
+        return Change(read=True, relisted=False)
     snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
     numbers = listing.relist(spec.input_uri, spec.opts, snapshot, unit.partition,
-                             listing.Partition(unit.prefix, unit.recursive), spec.relist_before, spec.started_at)
+                             listing.Partition(unit.prefix, unit.recursive), spec.relist_before, spec.started_at,
+                             deadline)
+    if numbers is None:
+        return Change(read=True, relisted=False)
     return Change(read=any(str(n) not in shards for n in numbers))
 
 

@@ -79,6 +79,7 @@ class OutputConfig:
     compact: bool = True        # merge the small files of finished shards into files of target_file_mb
     target_file_mb: float = 256.0
     partition_by: list[str] = field(default_factory=list)   # [] | ["task"]: hive folders task=caption/
+    verify: str = "auto"        # "always": list the result files at every start even where a clean close sealed them
 
 
 @dataclass
@@ -238,7 +239,8 @@ _SECTIONS = {"input": InputConfig, "output": OutputConfig, "model": ModelConfig,
              "batching": BatchingConfig, "actors": ActorsConfig, "storage": StorageConfig, "ray": RayConfig,
              "demo": DemoConfig}
 _CHOICES = {"model.dtype": ("auto", "float32", "bfloat16", "float16"), "model.device": ("auto", "cpu", "cuda"),
-            "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static")}
+            "input.format": ("files", "webdataset", "parquet"), "batching.mode": ("refill", "static"),
+            "output.verify": ("auto", "always")}
 _AUTO_KEYS = {"run.batch_size", "actors.count", "actors.num_gpus", "batching.read_ahead_items"}   # may also be the string "auto"
 _POSITIVE = {"model.tensor_parallel", "run.batch_size", "run.max_new_tokens", "output.rows_per_file", "output.target_file_mb", "actors.count", "batching.sort_window",
              "batching.decode_batch_size", "batching.max_input_pixels", "batching.read_ahead_items",

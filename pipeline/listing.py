@@ -15,6 +15,7 @@ import hashlib
 import heapq
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 PART_ROWS = 10_000       # media keys per snapshot part (shard)
 MAX_PLAN_PAGES = 10      # listing pages spent on planning partitions before falling back to one partition
 PART_SCHEMA = pa.schema([("path", pa.string())])   # key relative to the listed prefix
+DEADLINE_EVERY = 1000    # keys between looks at the clock when a listing has a deadline (a page's worth)
+_clock = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -292,12 +295,14 @@ class ListingSnapshot:
 
 
 def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int, part: Partition,
-                    skip, relist_before: float = 0.0, now: float = 0.0, note: dict | None = None
-                    ) -> Iterator[tuple[int, list[str] | None]]:
+                    skip, relist_before: float = 0.0, now: float = 0.0, note: dict | None = None,
+                    deadline: float | None = None) -> Iterator[tuple[int, list[str] | None]]:
     """(part number, relative media paths) for every part of a partition, in order: read from the snapshot, or
     listed now and snapshotted first. Parts for which `skip(number)` is true come as (number, None) unread. A
     partition listed before `relist_before` is listed again: keys the snapshot lacks come as new parts. `note` gets
-    "listed_at", when the snapshot was last listed to its end (`now` if here)."""
+    "listed_at", when the snapshot was last listed to its end (`now` if here). With `deadline` (time.monotonic) the
+    listing stops once it passes, the partition left unmarked as a listing cut short (note["cut"]), which the next
+    lister goes on with after its last part."""
     numbers, complete = snapshot.status(index)
     for number in numbers:
         yield number, None if skip(number) else snapshot.read_part(index, number)
@@ -310,23 +315,39 @@ def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, i
         return
     after = snapshot.read_part(index, numbers[-1])[-1] if numbers and numbers[-1] >= listed else ""
     number = numbers[-1] + 1 if numbers else 0
-    for chunk in _chunks(_new_keys(walk(uri, opts, part, after), snapshot.keys(index, runs))):
+    note = {} if note is None else note
+    walked = walk(uri, opts, part, after)
+    for chunk in _chunks(_new_keys(walked if deadline is None else _until(walked, deadline, note),
+                                   snapshot.keys(index, runs))):
         snapshot.write_part(index, number, chunk)
         yield number, chunk
         number += 1
+    if note.get("cut"):
+        return
     runs = runs + ([[listed, number]] if number > listed else [])
     snapshot.mark_complete(index, number, runs, now)
-    if note is not None:
-        note["listed_at"] = now
+    note["listed_at"] = now
 
 
 def relist(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int, part: Partition,
-           relist_before: float, now: float) -> list[int]:
+           relist_before: float, now: float, deadline: float | None = None) -> list[int] | None:
     """List a partition again if it was listed before `relist_before`, snapshotting the keys it lacks as new parts
     (partition_parts, no part read); the numbers of its parts after. The driver does it before any Ray work, so
-    that a rerun that finds nothing new starts nothing."""
-    return [number for number, _ in partition_parts(uri, opts, snapshot, index, part, lambda n: True,
-                                                    relist_before, now)]
+    that a rerun that finds nothing new starts nothing. None when `deadline` (time.monotonic) came first: the new
+    parts found so far stay, and the partition's read task goes on after the last of them."""
+    note: dict = {}
+    numbers = [number for number, _ in partition_parts(uri, opts, snapshot, index, part, lambda n: True,
+                                                       relist_before, now, note, deadline)]
+    return None if note.get("cut") else numbers
+
+
+def _until(keys: Iterator[str], deadline: float, note: dict) -> Iterator[str]:
+    """`keys` until `deadline` passes (looked at every DEADLINE_EVERY keys); note["cut"] then."""
+    for i, key in enumerate(keys):
+        if i % DEADLINE_EVERY == 0 and _clock() >= deadline:
+            note["cut"] = True
+            return
+        yield key
 
 
 def _new_keys(walked: Iterator[str], known: Iterator[str]) -> Iterator[str]:

@@ -7,7 +7,8 @@ file's row is folded in from its sidecar (written before the file, already with 
 file has landed, so at a kill -9 a landed file has a sidecar or a row, and a file that never landed has at most a
 sidecar.
 
-A start lists the output once and compares it with the manifest; it opens no result file unless something differs:
+A start lists the output once (unless the last run's clean close sealed it: pipeline.seal) and compares it with the
+manifest; it opens no result file unless something differs:
 - a file gone, or of another size (cut short, garbage appended, rewritten): named in a warning, a resized one moved
   to `_state/quarantine/<name>.quarantined` (out of readers' `*.parquet` globs); the shards it held are read again
   and their pairs found in the other files that hold them are skipped, so its pairs are redone exactly once;
@@ -51,8 +52,9 @@ def read(state: StateDir) -> dict[str, dict] | None:
     if table is None:
         return None
     # a manifest of an earlier version lacks the later columns (stats): unknown, None
-    columns = {c: table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in SCHEMA.names}
-    return {name: {c: columns[c][i] for c in SCHEMA.names[1:]} for i, name in enumerate(columns["file"])}
+    columns = [table[c].to_pylist() if c in table.column_names else [None] * len(table) for c in SCHEMA.names]
+    keys = SCHEMA.names[1:]
+    return {name: dict(zip(keys, row)) for name, *row in zip(*columns)}   # by rows: ~2x faster than by index
 
 
 def write(state: StateDir, files: dict[str, dict]) -> None:
@@ -79,6 +81,7 @@ class Check:
     scan: bool = False                         # a damaged file's shards are unknown: scan the output whole
     changed: bool = False                      # the manifest must be written again
     moved: set[str] = field(default_factory=set)   # listed files set aside
+    left: list[str] = field(default_factory=list)   # foreign files left where they are (named at every start)
 
     built: bool = False                        # the manifest was just made from the listing (no manifest yet)
 
@@ -160,6 +163,8 @@ class Check:
                         "set output.quarantine = true to have runs move such files aside)")
             if move:
                 self._move(name)
+            else:
+                self.left.append(name)
         return candidates
 
     def _adopt(self, candidates: dict[str, np.ndarray], missing: list[str]) -> bool:

@@ -12,9 +12,10 @@ one (an earlier version's) covers its shard or unit whatever it holds now.
 
 Which result file holds which shards' rows is the manifest's (`pipeline.manifest`, `_state/files.pq.state`): a
 sidecar written just before each file, `_state/inflight/<file>.json` = {"file", "size", "rows", "digest",
-"shards", "tasks"}, becomes its manifest row at the next fold (and goes then). A rerun lists the output once,
-checks it against the manifest (a damaged file's shards are open again), and reads the (item, task) keys of only
-the files that hold rows of open shards: the work that was in flight when a run stopped, never the finished corpus.
+"shards", "tasks"}, becomes its manifest row at the next fold (and goes then). A rerun lists the output once
+(or, after a clean close, takes the manifest's word: pipeline.seal), checks it against the manifest (a damaged
+file's shards are open again), and reads the (item, task) keys of only the files that hold rows of open shards: the
+work that was in flight when a run stopped, never the finished corpus.
 
 `_state/progress.json` says the records can be trusted for this input. An output without it (written by an
 earlier version, or with `run.retry_errors`, or for another input) is scanned whole once: every result file's
@@ -44,6 +45,7 @@ RECORDS = "done"
 FOLDED = "done"            # a state table: _state/done.pq.state
 INFLIGHT = "inflight"
 FOLD_EVERY = 256          # new records between folds
+UNREAD = object()          # Ledger.load's manifest when the caller has not read it
 FOLDED_SCHEMA = pa.schema([("name", pa.string()), ("tasks", pa.list_(pa.string())),
                            ("pairs", pa.list_(pa.int64())), ("extent", pa.string())])   # extent: JSON or null
 
@@ -75,17 +77,21 @@ class Ledger:
         self.sidecars: dict[str, dict] = {}        # sidecar file name -> {"file", manifest row}
         self.files: dict[str, dict] = {}           # the manifest: result file -> row
         self.landed: set[str] = set()              # files landed since the last fold
+        self.foreign: list[str] = []               # files not ours the start left under the prefix
         self.unfolded = 0
 
     # -- start ----------------------------------------------------------------------------------------------
 
-    def load(self, listed: dict[str, int]) -> Resume:
-        """`listed`: the output's result files and their sizes (one listing), checked against the manifest."""
-        listed = compact.recover(self.state, manifest.read(self.state), listed)
+    def load(self, listed: dict[str, int], files: dict[str, dict] | None | object = UNREAD) -> Resume:
+        """`listed`: the output's result files and their sizes (one listing, or the manifest's where a seal
+        vouches for it), checked against the manifest; `files`: the manifest where the caller has just read it (read
+        once: at 1e5 files a read costs ~1 s)."""
+        files = manifest.read(self.state) if files is UNREAD else files
+        listed = compact.recover(self.state, files, listed)
         if self.trusted():
             self._load_records()
             self._load_sidecars()
-            check = self._check(listed)
+            check = self._check(listed, files)
             if not check.scan:
                 self._reopen(check.reopen)
                 if check.changed or check.reopen:
@@ -100,12 +106,12 @@ class Ledger:
         marker = self.state.read_json(MARKER)
         return bool(marker) and marker.get("version") == 1 and marker.get("input") == self.fingerprint
 
-    def _check(self, listed: dict[str, int]) -> manifest.Check:
-        files = manifest.read(self.state)
+    def _check(self, listed: dict[str, int], files: dict[str, dict] | None) -> manifest.Check:
         self.files = files or {}
         pending = {s["file"]: s for s in self.sidecars.values()}
         check = manifest.Check(self.state, listed, self.files, pending, self.move_foreign, built=files is None)
         check.run()
+        self.foreign = check.left
         return check
 
     def _reopen(self, shards: set[str]) -> None:
@@ -141,6 +147,7 @@ class Ledger:
         files (their shards unknown)."""
         check = manifest.Check(self.state, {}, {}, {}, self.move_foreign)
         candidates = check.unknown([n for n in listed if not output.is_ours(n)])
+        self.foreign = check.left
         names = [n for n in listed if output.is_ours(n)] + sorted(candidates)
         if names:
             log.info("no completion records for this input: scanning %d result files once", len(names))

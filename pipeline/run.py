@@ -530,7 +530,8 @@ def _finish(cfg: Config, opts: StorageOptions, store: OutputStore, summary: Summ
         text = row["error"] or (row["answer"] or row["text"])
         _say(out, f"  {storage.redact(row['uri'])} [{row['task']}] {storage.redact(text)[:100]!r}")
     try:   # the results are written: a report that fails must not fail the run
-        _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=store.run_tag)}")
+        # the result files as the manifest has them where the run will seal the output: not listed again
+        _say(out, f"report: {write_report(cfg.output.uri, opts, current_run=store.run_tag, listed=store.known())}")
     except Exception as e:  # noqa: BLE001
         log.warning("could not write the run report under %s: %s: %s", cfg.output.uri, type(e).__name__, e)
 

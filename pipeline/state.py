@@ -19,6 +19,9 @@ from pipeline.storage import StorageOptions
 STATE_DIR = "_state"
 TABLE = ".pq.state"        # the suffix of state tables
 OLD_TABLE = ".parquet"     # theirs before: taken for result files by readers globbing OUT/**/*.parquet
+# what of a file's listing entry changes whenever it is written again: locally its inode (a staged file renamed over
+# it) and mtime, on S3 its ETag and time, on GCS its generation
+VERSION_KEYS = ("size", "ino", "mtime", "ETag", "etag", "LastModified", "VersionId", "generation", "md5Hash")
 
 
 class StateDir:
@@ -90,6 +93,14 @@ class StateDir:
     def remove_table(self, stem: str) -> None:
         self.remove(stem + TABLE)
         self.remove(stem + OLD_TABLE)
+
+    def version(self, rel: str) -> dict[str, str] | None:
+        """What identifies this state file as written (one HEAD on a store), None when it does not exist."""
+        try:
+            info = self._call(lambda: self.fs.info(self.full(rel)), rel)
+        except FileNotFoundError:
+            return None
+        return {k: str(info[k]) for k in VERSION_KEYS if info.get(k) is not None}
 
     def list(self, rel: str) -> list[str]:
         """Names of the files directly in a state folder (sorted; [] when it does not exist)."""

@@ -1,8 +1,9 @@
 """The output store: everything under `output.uri`, owned by one object for a run's life.
 
-Its lifecycle is that of Ray Data's Datasink: `open` (the lease, the state checked against the listing, what is
-done and what is pending), `write` (result blocks, whole files, completion records), `commit` (records folded and
-trusted, small files merged, the run's record) and `close` (the lease released). Inside it, each piece keeps its
+Its lifecycle is that of Ray Data's Datasink: `open` (the lease, the state checked against the listing, or against
+the manifest where the last run sealed it, what is done and what is pending), `write` (result blocks, whole files,
+completion records), `commit` (records folded and trusted, small files merged, the run's record) and `close` (the
+output sealed after a clean commit, the lease released). Inside it, each piece keeps its
 own module: the lease (pipeline.lease), the run state (pipeline.state), completion records and the manifest
 (pipeline.progress, pipeline.manifest), result files (pipeline.output) and compaction (pipeline.compact).
 The driver's thread is its only caller.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline import compact, output, progress
+from pipeline import compact, output, progress, seal
 from pipeline.config import Config, ConfigError
 from pipeline.lease import Lease
 from pipeline.state import StateDir
@@ -38,12 +39,13 @@ class OutputSettings:
     compact: bool
     target_bytes: int
     partition_by: tuple[str, ...]
+    verify: str = "auto"    # "always": list the result files at every start, whatever the seal says
 
     @classmethod
     def from_config(cls, cfg: Config) -> "OutputSettings":
         o = cfg.output
         return cls(o.uri, o.rows_per_file, o.flush_seconds, o.takeover, o.quarantine, o.compact,
-                   int(o.target_file_mb * 2**20), tuple(o.partition_by))
+                   int(o.target_file_mb * 2**20), tuple(o.partition_by), o.verify)
 
 
 class OutputStore:
@@ -60,21 +62,28 @@ class OutputStore:
         self.compactor: compact.Compactor | None = None
         self.tasks: tuple[str, ...] = ()
         self.looked_for_merges = 0.0
+        self.commit_done = False    # the commit finished: the manifest holds every file this run landed
+        self.sealed_start = False   # this start took the listing from a sealed manifest
 
     # -- open -------------------------------------------------------------------------------------------------
 
     def open(self, fingerprint: str, tasks: tuple[str, ...], retry_errors: bool = False, say=print) -> progress.Resume:
         """The output checked against its manifest and records: what is done (`Resume`); from here on, rows
         written count towards their shards' records."""
+        # first, before anything is written: a run that does not close cleanly leaves no seal behind
+        sealed = seal.take(self.state, trust=self.settings.verify == "auto")   # the manifest, or None: list
         self.state.remove("staging", recursive=True)   # a killed run's staged files are incomplete: never read
         self.ledger = progress.Ledger(self.state, fingerprint, move_foreign=self.settings.quarantine)
         self.tasks = tasks
         trusted = self.ledger.trusted()
         if retry_errors and not trusted:   # the output is scanned whole anyway: every file loses its error rows
             say(f"output {self.settings.uri}: {self._reopen_errors()} error row(s) reopened to run again")
-        existing = self.listed()
+        if not trusted:   # every file is read (a scan): they come from a listing, which is cheap beside it
+            sealed = None
+        self.sealed_start = sealed is not None
+        existing = self.listed() if sealed is None else {name: row["size"] for name, row in sealed.items()}
         self._check_layout(existing)
-        resume = self.ledger.load(existing)
+        resume = self.ledger.load(existing) if sealed is None else self.ledger.load(existing, sealed)
         if retry_errors and trusted:
             resume, existing = self._retry_errors(resume, say)
         if resume.scanned and not existing:
@@ -180,6 +189,7 @@ class OutputStore:
         self.ledger.fold()
         if self.compactor is not None:
             self.compactor.finish()   # the run's own small files too, now that their shards are finished
+        self.commit_done = True
 
     @property
     def compacted(self) -> tuple[int, int]:
@@ -191,7 +201,30 @@ class OutputStore:
         self.writer.write_run_record(record)
 
     def close(self) -> None:
-        self.lease.release()
+        try:
+            self._seal()
+        finally:
+            self.lease.release()
+
+    def _sealable(self) -> bool:
+        """The commit is done and the manifest is all the prefix holds as far as this run knows: no foreign file was
+        left under it at the start (every start names one), and the lease was not taken over."""
+        return self.commit_done and not self.lease.lost and self.ledger is not None and not self.ledger.foreign
+
+    def known(self) -> dict[str, int] | None:
+        """After the commit, where the output will be sealed: its result files and sizes, from the manifest (the run
+        report takes them instead of listing the output); else None."""
+        return {name: row["size"] for name, row in self.ledger.files.items()} if self._sealable() else None
+
+    def _seal(self) -> None:
+        """After a clean commit, while the lease is still ours: the next start may take the manifest as the listing.
+        A seal not written costs the next start a listing, so a failure here is a warning."""
+        if not self._sealable():
+            return
+        try:
+            seal.seal(self.state, self.run_tag)
+        except Exception as e:  # noqa: BLE001 - the run's results are written; only the next start's shortcut is lost
+            log.warning("could not seal the output state (the next start lists the result files): %s", e)
 
 
 def reopen_errors(uri: str, opts: StorageOptions, ledger: progress.Ledger, staging: str) -> int:

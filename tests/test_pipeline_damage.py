@@ -1,6 +1,7 @@
 """A finished output damaged between runs (a result file cut in half, one with garbage appended, one deleted,
 someone else's file dropped in) or compacted by its user, then the same run again: damage is named, its pairs are
-redone exactly once, nothing else is touched; a merge of the parts is adopted. The manifest's start-up logic
+redone exactly once, nothing else is touched; a merge of the parts is adopted (runs here check with
+`output.verify = "always"`: a start after a clean close takes the manifest's word). The manifest's start-up logic
 (pipeline.manifest) without Ray at the end."""
 
 import io
@@ -23,11 +24,13 @@ N_IMAGES = 12
 OPTS = StorageOptions(retries=2, retry_backoff_s=0.0)
 
 
-def _run(tmp_path, corpus, out, tiny, endpoint="", extra=""):
+def _run(tmp_path, corpus, out, tiny, endpoint="", extra="", verify="always"):
+    """`verify`: "always" by default here, since damage done by hand between runs is what a start after a clean
+    close takes the manifest's word for (pipeline.seal)."""
     path = tmp_path / "run.toml"
     text = config_text(str(corpus), out, str(tiny), tasks=TASKS, endpoint=endpoint, extra=extra)
     # several files to damage, left small
-    path.write_text(text.replace("rows_per_file = 8", "rows_per_file = 4\ncompact = false"))
+    path.write_text(text.replace("rows_per_file = 8", f"rows_per_file = 4\ncompact = false\nverify = {verify!r}"))
     cfg = config.load(path)
     units = preflight.check(cfg)
     if units is None:   # a listed prefix: its units are found by the run
@@ -78,6 +81,24 @@ def test_damaged_files_are_named_and_only_their_pairs_redone_once(local_ray, tin
     with caplog.at_level("WARNING"):
         third = _run(tmp_path, corpus, str(out), tiny_gqa)
     assert third.done == 0 and "is damaged" not in caplog.text and "notes.parquet" in caplog.text
+
+
+def test_a_rerun_after_a_clean_run_takes_the_manifests_word_and_verify_always_finds_hand_damage(
+        local_ray, tiny_gqa, tmp_path, caplog):
+    out = tmp_path / "out"
+    corpus = _finished(tmp_path, tiny_gqa, str(out))   # its close sealed the output
+    deleted = sorted(out.glob("part-*.parquet"))[0]
+    lost_rows = pq.ParquetFile(deleted).metadata.num_rows
+    deleted.unlink()
+    with mock.patch.object(output, "listed_files", wraps=output.listed_files) as listed:
+        assert _run(tmp_path, corpus, str(out), tiny_gqa, verify="auto").done == 0
+        # neither the start nor the run's report listed: the file deleted by hand is not seen (README: Output state)
+        assert listed.call_count == 0
+        with caplog.at_level("WARNING"):
+            again = _run(tmp_path, corpus, str(out), tiny_gqa, verify="always")
+        assert listed.call_count == 1   # the start's; the report takes the manifest the run seals
+    assert deleted.name in caplog.text and again.done == lost_rows
+    _exactly_once(pa.concat_tables(pq.read_table(f) for f in out.glob("part-*.parquet")))
 
 
 def test_a_merge_of_all_parts_by_the_user_is_adopted(local_ray, tiny_gqa, tmp_path, caplog):

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import config, listing, output, progress, readers
+from pipeline import changes, config, listing, output, progress, readers
 from pipeline import run as run_module
 from pipeline.run import _open_work, run
 from pipeline.sources import TaskPlan, UnitWork, pending_items
@@ -293,3 +293,44 @@ def test_the_job_runs_exactly_the_rows_and_objects_added_since_it_finished(local
 
 def _no_dataset(*args, **kwargs):
     raise AssertionError("a rerun with nothing new built a Ray dataset")
+
+
+def test_partitions_not_listed_again_in_time_are_listed_by_their_read_tasks_and_run_exactly_the_new(
+        tmp_path, monkeypatch):
+    """The driver's relisting has RELIST_BUDGET_S (a listing costs ~70 us of driver CPU per S3 object): past it, a
+    finished partition is opened and its read task lists it again beside the work."""
+    monkeypatch.setattr(listing, "PART_ROWS", 2)
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    for folder in ("a", "b"):
+        write_local(corpus / folder, {f"{i}.png": b"x" for i in range(3)})
+    driver = Driver(out, _spec(out, uri=str(corpus), started_at=100.0))
+    assert len(driver.run()) == 6
+    write_local(corpus, {"a/0a.png": b"x", "b/9.png": b"x"})
+    monkeypatch.setattr(changes, "RELIST_BUDGET_S", 0.0)
+    driver.spec = replace(driver.spec, started_at=300.0, relist_before=200.0)   # a run ended at 200
+    assert sorted(driver.run()) == [str(corpus / "a/0a.png"), str(corpus / "b/9.png")]
+    assert driver.notes == ["note: 2 finished listing partition(s) of the input not listed again for new objects "
+                            "within 0s: their read tasks list them beside the work"]
+    assert driver.run() == [] and driver.notes == []   # listed to the end by the read tasks at 300
+    df = _pairs(out)
+    assert len(df) == 8 and not df.duplicated(["id", "task"]).any()
+
+
+def test_a_relisting_stopped_by_its_deadline_is_gone_on_with_after_its_last_new_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(listing, "PART_ROWS", 2)
+    monkeypatch.setattr(listing, "DEADLINE_EVERY", 1)
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_local(corpus, {f"{i}.png": b"x" for i in range(0, 10, 2)})
+    snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(corpus))
+    part = snapshot.partitions(OPTS)[0]
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 0.0, 1.0) == [0, 1, 2]
+    write_local(corpus, {f"{i}.png": b"x" for i in range(1, 10, 2)})
+    ticks = iter(range(100))
+    monkeypatch.setattr(listing, "_clock", lambda: next(ticks))
+    # keys 0 1 2 3 4 walked (one look at the clock each) by time 4: the new 1, 3 are part 3, then time is up
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 2.0, 3.0, deadline=5) is None
+    assert snapshot.status(0) == ([0, 1, 2, 3], {"parts": 3, "runs": [[0, 3]], "listed_at": 1.0})
+    resumed = list(listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: n < 4, 2.0, 6.0))
+    assert resumed[4:] == [(4, ["5.png", "7.png"]), (5, ["9.png"])]
+    assert snapshot.status(0)[1] == {"parts": 6, "runs": [[0, 3], [3, 6]], "listed_at": 6.0}
+    assert list(snapshot.keys(0, snapshot.status(0)[1]["runs"])) == sorted(f"{i}.png" for i in range(10))

@@ -30,12 +30,12 @@ MAX_RECORDS = 200   # newest run records read
 
 
 def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE,
-                 current_run: str = "") -> str:
+                 current_run: str = "", listed: dict[str, int] | None = None) -> str:
     """The report's HTML. `current_run`: the run making it, under its lease (its own lease is not news, and the
-    summaries it computes for files without one are kept in the manifest)."""
+    summaries it computes for files without one are kept in the manifest); `listed`: see scan.collect."""
     fs, root = storage.filesystem(output_uri, opts)
     root = root.rstrip("/")
-    scanned = survey(output_uri, opts, sample, persist=bool(current_run))
+    scanned = survey(output_uri, opts, sample, persist=bool(current_run), listed=listed)
     by_id = rows.fetch_rows(fs, root, opts, scan.pick_sample(scanned.candidates, sample), scanned.holders,
                             set(scanned.names), scanned.read_whole)
     banners = _lease_banner(fs, root, opts, current_run)
@@ -49,14 +49,16 @@ def build_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SA
     return render.render(output_uri, scanned, read_records(fs, root, opts), gallery, banners)
 
 
-def survey(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, persist: bool = False) -> scan.Scan:
+def survey(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, persist: bool = False,
+           listed: dict[str, int] | None = None) -> scan.Scan:
     """The output's statistics (from the files' summaries) and the gallery's candidate ids (from a few files).
     `persist`: keep summaries computed from files without one in the manifest (see scan.collect)."""
     fs, root = storage.filesystem(output_uri, opts)
     root = root.rstrip("/")
     if not storage.with_retries(lambda: fs.exists(root), output_uri, opts):
         raise FileNotFoundError(f"{output_uri}: no such output (nothing written yet?)")
-    scanned, strata_of, rows_of = scan.collect(fs, root, StateDir(output_uri, opts), opts, persist=persist)
+    scanned, strata_of, rows_of = scan.collect(fs, root, StateDir(output_uri, opts), opts, persist=persist,
+                                               listed=listed)
     files = scan.sample_files(scanned, strata_of, sample, rows_of)
     scanned.candidates, scanned.holders, seen = scan.read_sample(fs, root, opts, files, sample)
     if seen is not None:
@@ -67,11 +69,11 @@ def survey(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, 
 
 
 def write_report(output_uri: str, opts: StorageOptions, sample: int = DEFAULT_SAMPLE, out: str = "",
-                 current_run: str = "") -> str:
+                 current_run: str = "", listed: dict[str, int] | None = None) -> str:
     """Build the report and write it to `out` (a path or URL), by default <output>/_state/report.html; returns
     where it went. Writing is atomic where the storage allows it, so a reader never sees half a report."""
     start = time.monotonic()
-    html = build_report(output_uri, opts, sample, current_run).encode("utf-8", errors="replace")
+    html = build_report(output_uri, opts, sample, current_run, listed).encode("utf-8", errors="replace")
     if out:
         fs, path = storage.filesystem(out, opts)
         staging = f"{path.rsplit('/', 1)[0]}/.report-staging" if "/" in path else ".report-staging"

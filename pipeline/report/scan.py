@@ -104,12 +104,14 @@ def neighbours(name: str, folders: tuple[str, ...] = ("",)) -> list[str]:
 # --- statistics ------------------------------------------------------------------------------------------------
 
 
-def collect(fs, root: str, state: StateDir, opts: StorageOptions, persist: bool = False,
-            threads: int = 8) -> tuple[Scan, dict[str, frozenset], dict[str, int]]:
+def collect(fs, root: str, state: StateDir, opts: StorageOptions, persist: bool = False, threads: int = 8,
+            listed: dict[str, int] | None = None) -> tuple[Scan, dict[str, frozenset], dict[str, int]]:
     """The merged statistics of the output's result files, and (for the sample) which strata each file holds and
     its rows.
-    `persist`: keep the summaries computed here in the manifest (only where nothing else writes it)."""
-    listed = output.listed_files(fs, root, opts)
+    `persist`: keep the summaries computed here in the manifest (only where nothing else writes it).
+    `listed`: the result files and sizes where the caller knows them (a run that would seal the output), else the
+    output is listed."""
+    listed = output.listed_files(fs, root, opts) if listed is None else listed
     scanned = Scan()
     scanned.left_out = [(f"{root}/{n}", output.FOREIGN_NAME) for n in sorted(listed) if not output.is_ours(n)]
     ours = {n: size for n, size in listed.items() if output.is_ours(n)}
