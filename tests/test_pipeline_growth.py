@@ -198,15 +198,21 @@ def test_an_earlier_versions_records_cover_their_units_as_before_with_a_note(tmp
                             "file sizes: rows appended to them since are not looked for (new files are)"]
 
 
-def test_a_listed_prefix_is_listed_again_after_a_run_ended_and_only_new_objects_run(tmp_path, monkeypatch):
-    """New keys in a listed folder become new parts (the snapshot compared in key order, a part at a time), a new
-    sub-folder a new partition; a resume of a run killed while listing again goes on after its last new part."""
+def _a_finished_listing_of_two_folders(tmp_path, monkeypatch):
+    """A listed folder of two sub-folders (3 objects each, parts of 2 keys), run to its end: (corpus, out, driver)."""
     monkeypatch.setattr(listing, "PART_ROWS", 2)
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     for folder in ("a", "b"):
         write_local(corpus / folder, {f"{i}.png": b"x" for i in range(3)})
     driver = Driver(out, _spec(out, uri=str(corpus), started_at=100.0))
     assert len(driver.run()) == 6
+    return corpus, out, driver
+
+
+def test_a_listed_prefix_is_listed_again_after_a_run_ended_and_only_new_objects_run(tmp_path, monkeypatch):
+    """New keys in a listed folder become new parts (the snapshot compared in key order, a part at a time), a new
+    sub-folder a new partition; a resume of a run killed while listing again goes on after its last new part."""
+    corpus, out, driver = _a_finished_listing_of_two_folders(tmp_path, monkeypatch)
     assert driver.run() == []    # no run ended since: nothing is listed again
     for name in ("a/0a.png", "a/9.png", "b/1a.png", "c/0.png", "top.png"):
         write_local(corpus, {name: b"x"})
@@ -299,12 +305,7 @@ def test_partitions_not_listed_again_in_time_are_listed_by_their_read_tasks_and_
         tmp_path, monkeypatch):
     """The driver's relisting has RELIST_BUDGET_S (a listing costs ~70 us of driver CPU per S3 object): past it, a
     finished partition is opened and its read task lists it again beside the work."""
-    monkeypatch.setattr(listing, "PART_ROWS", 2)
-    corpus, out = tmp_path / "corpus", tmp_path / "out"
-    for folder in ("a", "b"):
-        write_local(corpus / folder, {f"{i}.png": b"x" for i in range(3)})
-    driver = Driver(out, _spec(out, uri=str(corpus), started_at=100.0))
-    assert len(driver.run()) == 6
+    corpus, out, driver = _a_finished_listing_of_two_folders(tmp_path, monkeypatch)
     write_local(corpus, {"a/0a.png": b"x", "b/9.png": b"x"})
     monkeypatch.setattr(changes, "RELIST_BUDGET_S", 0.0)
     driver.spec = replace(driver.spec, started_at=300.0, relist_before=200.0)   # a run ended at 200
