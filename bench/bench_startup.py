@@ -76,6 +76,13 @@ class CpuSampler:
                 self.by_kind[kind] = self.by_kind.get(kind, 0.0) + cpu - self._seen.get(pid, 0.0)
                 self._seen[pid] = cpu
 
+    def processes(self) -> dict[str, int]:
+        """How many processes ended as each kind (a worker counts under its last title)."""
+        counts: dict[str, int] = {}
+        for kind in self._kind.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
@@ -103,12 +110,14 @@ def reap_all(proc: subprocess.Popen, sampler: CpuSampler) -> int:
     return proc.wait()
 
 
-def one_run(cfg: Path, out_uri: Path, env: dict) -> dict:
+def one_run(tree: Path, cfg: Path, out_uri: Path) -> dict:
+    """One job of the source tree `tree` (its jobs/caption.py, its packages first on the path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
     sampler = CpuSampler()
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs/caption.py"), "--config", str(cfg),
+    proc = subprocess.Popen([sys.executable, str(tree / "jobs/caption.py"), "--config", str(cfg),
                              "--set", f"output.uri={str(out_uri)!r}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tree)
     row, lines = {}, []
     for line in proc.stdout:
         lines.append(line)
@@ -129,6 +138,7 @@ def one_run(cfg: Path, out_uri: Path, env: dict) -> dict:
     first = next((re.search(r"first result after ([\d.]+)s", ln) for ln in lines if ln.startswith("done:")), None)
     row["first_result_s"] = float(first.group(1)) if first else float("nan")
     row["cpu"] = {**cpu, "total": sum(cpu.values())}
+    row["procs"] = sampler.processes()
     return row
 
 
@@ -139,10 +149,13 @@ def show(rows: list[dict]) -> None:
         print(f"{i:<4} " + "  ".join(f"{row.get(t, float('nan')):15.2f}" for t in times))
     print("med  " + "  ".join(f"{statistics.median(r.get(t, float('nan')) for r in rows):15.2f}" for t in times))
     kinds = sorted({k for r in rows for k in r["cpu"]}, key=lambda k: (k == "total", k))
-    print("\nCPU seconds by process kind (median over runs; a kind absent from a run counts 0)")
+    print("\nCPU seconds by process kind (median over runs; a kind absent from a run counts 0); processes of that kind")
     for kind in kinds:
         values = [r["cpu"].get(kind, 0.0) for r in rows]
-        print(f"  {kind:<40} {statistics.median(values):7.2f}   runs: " + " ".join(f"{v:.2f}" for v in values))
+        procs = statistics.median(r["procs"].get(kind, 0) for r in rows) if kind != "total" else \
+            statistics.median(sum(r["procs"].values()) for r in rows)
+        print(f"  {kind:<48} {statistics.median(values):6.2f}  x{procs:<4g} runs: " +
+              " ".join(f"{v:.2f}" for v in values))
 
 
 def main(argv=None) -> int:
@@ -151,6 +164,9 @@ def main(argv=None) -> int:
     parser.add_argument("--items", type=int, default=6, help="generated images")
     parser.add_argument("--tasks", default="caption,ocr")
     parser.add_argument("--keep", help="reuse this folder for the checkpoint and images (made on first use)")
+    parser.add_argument("--against", metavar="TREE",
+                        help="also run the job of another source tree (e.g. `git archive REV | tar -x -C TREE`), "
+                             "interleaved with this one's runs: before / after on the same noisy machine")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.items < 1:
         parser.error("--runs and --items must be at least 1")
@@ -165,18 +181,21 @@ def main(argv=None) -> int:
     cfg = root / "job.toml"
     cfg.write_text(f'[input]\nuri = "{corpus}"\n[model]\npath = "{ckpt}"\n[run]\ntasks = [{tasks}]\n'
                    f'batch_size = 4\nmax_new_tokens = 8\n[ray]\naddress = "local"\n')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    rows = []
+    trees = [Path(args.against).resolve(), REPO] if args.against else [REPO]
+    rows: dict[Path, list[dict]] = {tree: [] for tree in trees}
     try:
         for i in range(args.runs):
-            out_uri = root / f"out-{time.time_ns()}"
-            rows.append(one_run(cfg, out_uri, env))
-            shutil.rmtree(out_uri, ignore_errors=True)
-            print(f"run {i}: wall {rows[-1]['wall_s']:.2f}s", flush=True)
+            for tree in trees:
+                out_uri = root / f"out-{time.time_ns()}"
+                rows[tree].append(one_run(tree, cfg, out_uri))
+                shutil.rmtree(out_uri, ignore_errors=True)
+                print(f"run {i} {tree}: wall {rows[tree][-1]['wall_s']:.2f}s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    show(rows)
+    for tree in trees:
+        print(f"\n== {tree}")
+        show(rows[tree])
     return 0
 
 
