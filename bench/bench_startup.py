@@ -143,7 +143,9 @@ def one_run(tree: Path, cfg: Path, out_uri: Path) -> dict:
 
 
 def show(rows: list[dict]) -> None:
-    times = ("wall_s", "ray_up_s", "first_result_s", "results_end_s")
+    for row in rows:   # from the summary to the exit: the report, Ray's shutdown, the interpreter's
+        row["end_s"] = row["wall_s"] - row.get("results_end_s", float("nan"))
+    times = ("wall_s", "ray_up_s", "first_result_s", "results_end_s", "end_s")
     print("run  " + "  ".join(f"{t:>15}" for t in times))
     for i, row in enumerate(rows):
         print(f"{i:<4} " + "  ".join(f"{row.get(t, float('nan')):15.2f}" for t in times))
