@@ -78,11 +78,11 @@ def init_ray(cfg: Config) -> None:
 def _start_local_ray(options: dict) -> None:
     ray.init(**options)
     # registered after Ray's own atexit shutdown, so run before it (last in, first out); once per process
-    atexit.unregister(_stop_local_ray)
-    atexit.register(_stop_local_ray)
+    atexit.unregister(stop_local_ray)
+    atexit.register(stop_local_ray)
 
 
-def _stop_local_ray() -> None:
+def stop_local_ray() -> None:
     """Shut down the local Ray this process started, its autoscaler monitor first. Ray stops its daemons one by one,
     the GCS before the monitor; the monitor's SIGTERM handler then reports its own end to that stopped GCS and is
     SIGKILLed after a 1 s wait: a second of every job's end. A local Ray's monitor has nothing to save (no node to
