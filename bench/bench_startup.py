@@ -1,13 +1,13 @@
 """The fixed cost of a tiny job: what most pipeline tests pay once to three times each.
 
-    PYTHONPATH=<repo> .venv/bin/python bench/bench_startup.py [--runs 3] [--items 6] [--tasks caption,ocr]
+    PYTHONPATH=<repo> .venv/bin/python bench/bench_startup.py [--runs 3] [--items 6] [--tasks caption,ocr] [--against TREE]
 
 Runs `jobs/caption.py` --runs times as a subprocess (its own local Ray: ray.address = "local") on a tiny
 random-weight checkpoint and a few generated images, each run into a fresh output. Prints per run, then the median
-over the runs: wall time; when each phase's first line came out (the driver's imports and preflight before "model
-actors:", Ray's start, the summary's "first result after", the end of the results, the exit after the report and
-Ray's shutdown); and the CPU seconds of every process of the run by kind (driver, Ray's daemons, each kind of Ray
-worker by its title), sampled every 0.1 s from /proc (bench_scale's `descendants_cpu`). This process is made the
+over the runs: wall time; when each phase came, from the subprocess's start (Ray up at the "model actors:" line, the
+first result (the summary's, moved from run()'s start to the process's), the end of the results at the summary;
+end_s: from there to the exit, the report, Ray's shutdown, the interpreter's); and the CPU seconds of every process
+of the run by kind (driver, Ray's daemons, each kind of Ray worker by its title), sampled every 0.1 s from /proc (bench_scale's `descendants_cpu`). This process is made the
 subreaper of the run, so processes orphaned at shutdown stay its descendants, and each is sampled once more as a
 zombie before it is reaped (its final CPU); a process reaped by its own parent (a worker by the raylet) loses at
 most its last 0.1 s.
@@ -135,8 +135,12 @@ def one_run(tree: Path, cfg: Path, out_uri: Path) -> dict:
     cpu = sampler.stop()
     if code != 0:
         sys.exit(f"the job failed (exit {code}):\n{''.join(lines[-40:])}")
-    first = next((re.search(r"first result after ([\d.]+)s", ln) for ln in lines if ln.startswith("done:")), None)
-    row["first_result_s"] = float(first.group(1)) if first else float("nan")
+    # "done: ... in {run's seconds}s (first result after {s}s)", both counted from run()'s start, which comes after
+    # the driver's imports: from the process's start, the first result came at results_end - seconds + first
+    done = next((re.search(r" in ([\d.]+)s \(first result after ([\d.]+)s", ln) for ln in lines
+                 if ln.startswith("done:")), None)
+    seconds, first = (float(done.group(1)), float(done.group(2))) if done else (float("nan"),) * 2
+    row["first_result_s"] = row.get("results_end_s", float("nan")) - seconds + first
     row["cpu"] = {**cpu, "total": sum(cpu.values())}
     row["procs"] = sampler.processes()
     return row
