@@ -8,18 +8,44 @@ import os
 # user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from glmv.config import ConfigError, Glm4vConfig, GlmOcrConfig
-from glmv.errors import GlmvError, InputError, MediaError, ProcessorConfigError
-from glmv.generate import GenerateOutput, RowResult
-from glmv.image import LoadedImage, PatchSettings
-from glmv.auto import AutoModelForImageTextToText
-from glmv.model import Glm4vForConditionalGeneration, GlmOcrForConditionalGeneration
-from glmv.moe import Glm4vMoeForConditionalGeneration
-from glmv.output import ParsedOutput, parse_output
-from glmv.pipelines import pipeline
-from glmv.processor import Glm4vProcessor, Glm46VProcessor
-from glmv.video import LoadedVideo, VideoSettings
-from glmv.weights import CheckpointError
+# What `glmv.X` / `from glmv import X` resolves to, imported on first use (PEP 562): importing glmv.config or
+# glmv.errors alone (the Ray job's driver reads a checkpoint's config for its memory plan) must not import torch
+# and the whole model library, ~1.5-3 s of CPU on a small machine.
+_EXPORTS = {
+    "ConfigError": "glmv.config", "Glm4vConfig": "glmv.config", "GlmOcrConfig": "glmv.config",
+    "GlmvError": "glmv.errors", "InputError": "glmv.errors", "MediaError": "glmv.errors",
+    "ProcessorConfigError": "glmv.errors",
+    "GenerateOutput": "glmv.generate", "RowResult": "glmv.generate",
+    "LoadedImage": "glmv.image", "PatchSettings": "glmv.image",
+    "AutoModelForImageTextToText": "glmv.auto",
+    "Glm4vForConditionalGeneration": "glmv.model", "GlmOcrForConditionalGeneration": "glmv.model",
+    "Glm4vMoeForConditionalGeneration": "glmv.moe",
+    "ParsedOutput": "glmv.output", "parse_output": "glmv.output",
+    "pipeline": "glmv.pipelines",
+    "Glm4vProcessor": "glmv.processor", "Glm46VProcessor": "glmv.processor",
+    "LoadedVideo": "glmv.video", "VideoSettings": "glmv.video",
+    "CheckpointError": "glmv.weights",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value   # looked up once
+        return value
+    try:   # a submodule not imported yet (glmv.fp8 after a bare `import glmv`)
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

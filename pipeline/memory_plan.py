@@ -14,9 +14,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from glmv.config import Glm4vConfig
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from glmv.config import Glm4vConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 _INDEX_FILE, _SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"   # glmv.weights' names
@@ -60,6 +63,9 @@ def kv_per_position(config: Glm4vConfig, ranks: int, dtype_bytes: int) -> int:
 def one_rank_from_headers(path: str, dtype: str) -> RankMemory:
     """The plan of a one-rank actor in `dtype` (a model.dtype name), from the shapes in the safetensors headers."""
     from safetensors import SafetensorError, safe_open
+
+    from glmv.config import Glm4vConfig   # here: the driver imports this module at every start, and glmv.config
+                                          # only when it prints a plan
 
     folder = Path(path)
     config = Glm4vConfig.from_pretrained(folder)

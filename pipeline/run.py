@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -60,7 +61,7 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     elif address == "local":
-        ray.init(**local)
+        _start_local_ray(local)
     elif address:
         _probe_cluster(address)
         try:
@@ -71,7 +72,28 @@ def init_ray(cfg: Config) -> None:
         try:
             ray.init(address="auto")
         except ConnectionError:
-            ray.init(**local)
+            _start_local_ray(local)
+
+
+def _start_local_ray(options: dict) -> None:
+    ray.init(**options)
+    # registered after Ray's own atexit shutdown, so run before it (last in, first out); once per process
+    atexit.unregister(stop_local_ray)
+    atexit.register(stop_local_ray)
+
+
+def stop_local_ray() -> None:
+    """Shut down the local Ray this process started, its autoscaler monitor first. Ray stops its daemons one by one,
+    the GCS before the monitor; the monitor's SIGTERM handler then reports its own end to that stopped GCS and is
+    SIGKILLed after a 1 s wait: a second of every job's end. A local Ray's monitor has nothing to save (no node to
+    scale), so it is killed at once; the rest stop as Ray stops them. Ray's internals, looked up with getattr: a Ray
+    without them just stops as it always does."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    for info in getattr(node, "all_processes", {}).get("monitor", []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
+    ray.shutdown()
 
 
 def _probe_cluster(address: str, timeout_s: float = 10.0) -> None:

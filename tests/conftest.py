@@ -46,6 +46,8 @@ def local_ray(s3):
     import ray
 
     # after moto_s3 so that workers inherit the (fake) credentials from the environment
+    from pipeline.run import stop_local_ray
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    stop_local_ray()   # ray.shutdown, without its 1 s wait on the autoscaler monitor

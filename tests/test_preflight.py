@@ -569,3 +569,35 @@ def test_ray_datas_report_of_a_pipeline_error_stays_off_the_console():
             console.buffer.clear()
     finally:
         ray_data.removeHandler(console)
+
+
+def test_a_local_ray_started_by_the_job_stops_its_monitor_before_the_rest(tmp_path, tiny_gqa, monkeypatch):
+    """init_ray's local Ray is stopped at exit by stop_local_ray: the autoscaler monitor is gone before ray.shutdown
+    stops the GCS (else its SIGTERM handler waits on that stopped GCS until Ray kills it 1 s later), and Ray is down
+    after it. Fails with the monitor's kill removed (it is alive when ray.shutdown starts)."""
+    import atexit
+
+    import ray
+
+    from pipeline import run
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    run.init_ray(_cfg(tmp_path, tiny_gqa, "ray.address=local", "ray.num_cpus=1"))
+    try:
+        assert registered[-1] is run.stop_local_ray   # the last registered: run first at exit
+        monitors = [p.process for p in ray._private.worker._global_node.all_processes["monitor"]]
+        assert monitors and monitors[0].poll() is None
+        shutdown, alive_at_shutdown = ray.shutdown, []
+
+        def watched_shutdown(*args, **kwargs):
+            alive_at_shutdown.extend(p.poll() is None for p in monitors)
+            shutdown(*args, **kwargs)
+
+        monkeypatch.setattr(ray, "shutdown", watched_shutdown)
+        run.stop_local_ray()
+        assert alive_at_shutdown == [False]
+        assert not ray.is_initialized()
+    finally:
+        ray.shutdown()

@@ -25,7 +25,7 @@ import ray
 from pipeline import config, filestats, manifest, output, storage
 from pipeline.corpus import image_bytes
 from pipeline.report import build_report, rows, scan, survey, thumbs, write_report
-from pipeline.run import run
+from pipeline.run import run, stop_local_ray
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
 from tests.pipeline_helpers import (PY, REPO, bad_media, config_text, good_media, moto_s3, run_job, s3fs_for,
@@ -57,7 +57,7 @@ def made(tiny_gqa, tmp_path_factory):
         printed = io.StringIO()
         summary = run(cfg, out=printed)
     finally:
-        ray.shutdown()
+        stop_local_ray()
     hostile = _item_id(str(corpus / HOSTILE_NAME))
     video = _item_id(str(corpus / "videos/clip_0.mp4"))
     _inject(out_dir, [(hostile, str(corpus / HOSTILE_NAME), "image"), (video, str(corpus / "videos/clip_0.mp4"),
