@@ -14,6 +14,7 @@ Two layouts exist in the wild and both are accepted:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 from pathlib import Path
@@ -25,6 +26,15 @@ from glmv.errors import GlmvError
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe", "glm_ocr")
 MOE_TEXT_TYPE = "glm4v_moe_text"
 MOE_ARCHITECTURE = "Glm4vMoeForConditionalGeneration"
+_LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
+
+
+def past_decoder(name: str, num_hidden_layers: int) -> bool:
+    """Whether checkpoint tensor `name` sits in a decoder layer past the model's last (the multi-token-prediction
+    layer of the released GLM-OCR and MoE files, which generation never runs). Here, without torch: the pipeline's
+    driver counts a checkpoint's weights with it (pipeline.memory_plan)."""
+    layer = _LAYER_KEY.match(name)
+    return layer is not None and int(layer.group(1)) >= num_hidden_layers
 
 
 class ConfigError(GlmvError, ValueError):

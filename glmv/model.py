@@ -11,7 +11,6 @@ narrow interface generation runs on: `encode_vision`, `embed`, `new_cache`, `pre
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn as nn
 
 from glmv import parallel
 from glmv.attention import Decode, Prefill
-from glmv.config import ConfigError, Glm4vConfig
+from glmv.config import ConfigError, Glm4vConfig, past_decoder
 from glmv.errors import InputError
 from glmv.generate import generate
 from glmv.paged import PagedKVCache
@@ -29,7 +28,6 @@ from glmv.text import TextModel, attention_mask_4d
 from glmv.vision import VisionTower, frames_grid
 from glmv.weights import Piece
 
-_LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -83,8 +81,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         """Where checkpoint tensor `name` goes (glmv.weights), or None to skip it: the multi-token-prediction layer
         (layer index num_hidden_layers and up) of the classes whose files carry one, which generation never runs
         (transformers skips it too). scale_rows: for glmv.moe's stacked experts."""
-        layer = _LAYER_KEY.match(name)
-        if self.has_mtp_layer and layer and int(layer.group(1)) >= self.config.text.num_hidden_layers:
+        if self.has_mtp_layer and past_decoder(name, self.config.text.num_hidden_layers):
             return None
         return Piece(name)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +22,8 @@ if TYPE_CHECKING:
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 _INDEX_FILE, _SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"   # glmv.weights' names
-# tensors no model parameter holds: the multi-token-prediction layer past the decoder (glmv skips it at load) and
-# FP8 block scales (dequantized away at load; kept FP8 weights are GPU plans, which take the meta-device path)
-_LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
+# tensors no model parameter holds besides the multi-token-prediction layer (glmv.config.past_decoder): FP8 block
+# scales (dequantized away at load; kept FP8 weights are GPU plans, which take the meta-device path)
 _SCALE_SUFFIX = "_scale_inv"
 
 
@@ -64,8 +62,8 @@ def one_rank_from_headers(path: str, dtype: str) -> RankMemory:
     """The plan of a one-rank actor in `dtype` (a model.dtype name), from the shapes in the safetensors headers."""
     from safetensors import SafetensorError, safe_open
 
-    from glmv.config import Glm4vConfig   # here: the driver imports this module at every start, and glmv.config
-                                          # only when it prints a plan
+    # here: the driver imports this module at every start, and glmv.config only when it prints a plan
+    from glmv.config import Glm4vConfig, past_decoder
 
     folder = Path(path)
     config = Glm4vConfig.from_pretrained(folder)
@@ -80,7 +78,6 @@ def one_rank_from_headers(path: str, dtype: str) -> RankMemory:
         except (OSError, SafetensorError) as e:
             raise ConfigError(f"model.path: {folder / file} is not a readable safetensors file ({e})") from None
         for name, shape in shapes.items():
-            layer = _LAYER_KEY.match(name)
-            if not name.endswith(_SCALE_SUFFIX) and not (layer and int(layer.group(1)) >= config.text.num_hidden_layers):
+            if not name.endswith(_SCALE_SUFFIX) and not past_decoder(name, config.text.num_hidden_layers):
                 elements += math.prod(shape)
     return RankMemory(1, elements * DTYPE_BYTES[dtype], kv_per_position(config, 1, DTYPE_BYTES[dtype]))
