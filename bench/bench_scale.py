@@ -184,7 +184,7 @@ def virtual_uris(start: int, end: int) -> list[str]:
 
 
 def stamp_of(path: Path) -> str:
-    return readers.file_stamp(storage.filesystem(str(path), OPTS)[0].info(str(path)))
+    return storage.file_stamp(storage.filesystem(str(path), OPTS)[0].info(str(path)))
 
 
 def synth_manifests(root: Path, done: int, pending: int, model: Path):

@@ -203,8 +203,7 @@ class LocalCopies:
         if storage.is_local(fs):
             return uri
         info = storage.fetch_with_retries(lambda: fs.info(path), uri, opts)
-        version = next((info[k] for k in ("ETag", "etag", "generation", "mtime", "LastModified") if info.get(k)), "")
-        key = hashlib.sha256(f"{uri}\0{info.get('size')}\0{version}".encode()).hexdigest()[:32]
+        key = hashlib.sha256(f"{uri}\0{storage.file_stamp(info)}".encode()).hexdigest()[:32]
         if key in self.files:
             self.files.move_to_end(key)
             return self.files[key]

@@ -65,7 +65,7 @@ class Unit:
     partition: int = -1      # listing only
     prefix: str = ""
     recursive: bool = True
-    stamp: str = field(default="", compare=False)   # a file's "<size>:<version>" when it was found (file_stamp)
+    stamp: str = field(default="", compare=False)   # a file's "<size>:<version>" when it was found (storage.file_stamp)
 
     @property
     def id(self) -> str:
@@ -129,7 +129,7 @@ class Known:
     tasks: tuple[str, ...] = ()
     with_ids: frozenset = frozenset()   # shards whose distinct ids are stored
     grown: dict | None = None   # a finished text manifest only appended to since: its record's {"size", "rows"}
-    read: dict = field(default_factory=dict)   # of the file as read: "of" (file_stamp), "rows", "tail", "groups"
+    read: dict = field(default_factory=dict)   # of the file as read: "of" (storage.file_stamp), "rows", "tail", "groups"
 
     def chain(self, shard) -> list[tuple[str, float, float]]:
         """(name, first row, end row) of the shard's records, in row order."""
@@ -174,15 +174,6 @@ class Known:
             yield Piece(name, None, True, finished=True, start=int(start), rows=int(min(end, rows) - start))
 
 
-def file_stamp(info: dict) -> str:
-    """"<size>:<version>" of a file from its listing or info entry, the version being the store's content tag (the
-    ETag on S3) or else the modification time: a file appended to or rewritten gets another stamp."""
-    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated"):
-        if info.get(key) is not None:
-            return f"{info.get('size')}:{info[key]}"
-    return f"{info.get('size')}:"
-
-
 def stamp_size(stamp: str) -> int:
     return int(stamp.split(":", 1)[0])
 
@@ -200,7 +191,7 @@ def split_glob(path: str) -> tuple[str, str]:
 def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, what: str,
                  in_folder: tuple[str, ...] | None = None) -> dict[str, str]:
     """A file, every matching file under a folder/prefix (`in_folder` extensions there), or a glob: sorted canonical
-    URIs, each with its file_stamp (from the same listing: no request more)."""
+    URIs, each with its storage.file_stamp (from the same listing: no request more)."""
     fs, path = storage.filesystem(uri, opts)
     root = path.rstrip("/")
     if globlib.has_magic(path):
@@ -222,12 +213,12 @@ def expand_files(uri: str, extensions: tuple[str, ...], opts: StorageOptions, wh
     files = sorted(p for p in found if p.lower().endswith(extensions) and not _hidden_below(p, root))
     if not files:
         raise ConfigError(f"{what}: no {'/'.join(extensions)} files at {uri}")
-    return {canonical_uri(storage.full_uri(fs, p)): file_stamp(found[p]) for p in files}
+    return {canonical_uri(storage.full_uri(fs, p)): storage.file_stamp(found[p]) for p in files}
 
 
 def _stamp_now(uri: str, opts: StorageOptions) -> str:
     fs, path = storage.filesystem(uri, opts)
-    return file_stamp(storage.with_retries(lambda: fs.info(path), uri, opts))
+    return storage.file_stamp(storage.with_retries(lambda: fs.info(path), uri, opts))
 
 
 def _info_if_any(fs, path: str, uri: str, opts: StorageOptions) -> dict | None:

@@ -114,6 +114,15 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def file_stamp(info: dict) -> str:
+    """"<size>:<version>" of a file from its listing or info entry, the version being the store's content tag (the
+    ETag on S3) or else the modification time: a file appended to or rewritten gets another stamp."""
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            return f"{info.get('size')}:{info[key]}"
+    return f"{info.get('size')}:"
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
