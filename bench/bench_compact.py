@@ -1,4 +1,4 @@
-"""Compaction at scale: an output of --rows result rows in files of 512 rows (as runs write them), compacted by
+"""Compaction at scale: an output of --rows result rows in files of 512 rows (as runs write them, 8x smaller than the default), compacted by
 jobs/compact.py while readers of the manifest's snapshot count the rows in a loop and the compaction is killed
 (SIGKILL) at random moments; then resumed to its end.
 

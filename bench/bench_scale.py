@@ -315,7 +315,7 @@ class NullPredictor:
 
 
 def load_cfg(mdir: Path, out: Path, model: Path, **overrides):
-    raw = {"input": {"manifest": str(mdir)}, "output": {"uri": str(out), "rows_per_file": 4096},
+    raw = {"input": {"manifest": str(mdir)}, "output": {"uri": str(out)},
            "model": {"path": str(model)}, "run": {"tasks": ["caption"], "batch_size": 64},
            "ray": {"address": "local"}}
     for key, value in overrides.items():

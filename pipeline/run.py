@@ -45,6 +45,8 @@ for _name in ("ray.data._internal.execution.streaming_executor_state", "ray.data
 
 BLOCK_BYTES = 1 << 20      # Ray Data's block size cap: a listing's tiny rows must not merge into huge blocks
 CUT_TASKS = 4              # repartition tasks at once (they hold no CPU: bounded here)
+READ_TASKS = 4             # read tasks at once (they hold no CPU either)
+MIN_BLOCK_ROWS = 2048      # items per block at least, whatever one model-actor call takes (build_dataset)
 TRACKER_POLL_S = 1.0
 STALL_S = 120.0           # no result for this long: say what the cluster has free
 
@@ -56,7 +58,13 @@ def init_ray(cfg: Config) -> None:
     address, "" (a Ray already running on this machine, else a new local one) or "local" (always a new one)."""
     if ray.is_initialized():
         return
-    local = {"num_cpus": cfg.ray.num_cpus or None, "include_dashboard": False}
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    # Ray keeps as many idle worker processes as the node has CPUs and ends the others after a second idle. The read
+    # and cut tasks hold no CPU, so a small node runs more workers than CPUs all the time: each cut task's worker was
+    # ended as it finished and a new one started (~1.5 s of CPU each) for the next, a third of two cores' CPU at
+    # 1e6 items (measured by bench/bench_scale.py part 3). Room for them all keeps them.
+    local = {"num_cpus": cfg.ray.num_cpus or None, "include_dashboard": False,
+             "_system_config": {"num_workers_soft_limit": cpus + READ_TASKS + CUT_TASKS}}
     address = cfg.ray.address
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
@@ -145,15 +153,18 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # One output block stream per read task: without override_num_blocks, Ray Data cuts every block into ~200
     # slivers to reach its default read parallelism, and each sliver then costs a task downstream.
     tasks = source.num_tasks()
-    ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=tasks, concurrency=max(1, min(tasks, 4)))
-    # Cut the read blocks (~1 MB, thousands of items) into blocks of one model-actor call each: decode tasks run in
-    # parallel, Ray Data hands an actor whole blocks (a bigger block would be one long call whose rows all arrive at
-    # its end), and a killed run loses at most a few windows of work. Not smaller: Ray Data spends ~25 ms of driver
-    # CPU per block whatever its rows (measured), so 32-row blocks capped one driver at ~1,300 items/s; one call's
-    # worth is one block per call. The cut holds no CPU (on a small machine it would queue behind the decode tasks
-    # for the one CPU the model actor leaves) and at most CUT_TASKS run at once: unbounded, a 1e6-row manifest's 200
-    # read blocks started 150 worker processes and kept the model actor from being placed for minutes.
-    block_rows = items_per_call
+    ds = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=tasks,
+                                  concurrency=max(1, min(tasks, READ_TASKS)))
+    # Cut the read blocks (~1 MB, thousands of items) into blocks of a few model-actor calls each: decode tasks run
+    # in parallel and stream their output out as they go, so an actor's first window waits for one call's worth of
+    # items, not a block's (a run of fewer than MIN_BLOCK_ROWS items per decode CPU decodes on fewer CPUs, seconds
+    # ahead of its model actors all the same). Ray Data spends ~60 ms of CPU per block across the driver (its scheduling loop) and the
+    # workers, whatever its rows (measured): one call's worth (512 items at batch_size 64) capped the zero-cost
+    # machinery of two cores at ~3,000 items/s, MIN_BLOCK_ROWS at ~10,000. The cut holds no CPU (on a small machine
+    # it would queue behind the decode tasks for the one CPU the model actor leaves) and at most CUT_TASKS run at
+    # once: unbounded, a 1e6-row manifest's 200 read blocks started 150 worker processes and kept the model actor
+    # from being placed for minutes.
+    block_rows = items_per_call * -(-MIN_BLOCK_ROWS // items_per_call)   # whole calls: no call cut across blocks
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     _bounded_without_cpu(ds, CUT_TASKS)
     # A decode task takes one block and decodes it decode_batch_size items at a time (what one batch's frames hold

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from pipeline import config, progress, readers
-from pipeline.run import CUT_TASKS, build_dataset
+from pipeline.run import CUT_TASKS, MIN_BLOCK_ROWS, build_dataset
 from pipeline.sources import PendingItems, ReadAhead, TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -74,10 +74,10 @@ def test_the_read_ahead_window_counts_bytes_too(tmp_path, monkeypatch):
     assert sum(read) == 100
 
 
-def test_the_graph_bounds_the_tasks_that_hold_no_cpu_and_cuts_one_call_per_block(local_ray, tmp_path):
+def test_the_graph_bounds_the_tasks_that_hold_no_cpu_and_cuts_blocks_of_several_calls(local_ray, tmp_path):
     """A 1e6-row manifest's read blocks each started a zero-CPU repartition task, ~150 at once: Ray started a worker
-    process for each and the model actor waited minutes to be placed. Blocks of 32 rows cost the driver ~25 ms each:
-    one block per model-actor call now."""
+    process for each and the model actor waited minutes to be placed. A block costs Ray Data ~60 ms of CPU whatever
+    its rows: blocks of MIN_BLOCK_ROWS at least, a whole number of model-actor calls."""
     cfg = config.from_dict({"input": {"uri": str(tmp_path)}, "output": {"uri": str(tmp_path / "out")},
                             "model": {"path": "/m"}, "run": {"batch_size": 64},
                             "actors": {"count": 1, "num_gpus": 0}})
@@ -93,7 +93,8 @@ def test_the_graph_bounds_the_tasks_that_hold_no_cpu_and_cuts_one_call_per_block
     assert [type(o).__name__ for o in without_cpu] == ["StreamingRepartition", "Read"]
     assert all(isinstance(o.compute, ray.data.TaskPoolStrategy) and o.compute.size <= CUT_TASKS for o in without_cpu)
     call = 64 * cfg.batching.sort_window   # run.batch_size x sort_window, one task
-    assert ops[2].target_num_rows_per_block == call and ops[0].batch_size == call
+    assert ops[0].batch_size == call
+    assert ops[2].target_num_rows_per_block == MIN_BLOCK_ROWS and MIN_BLOCK_ROWS % call == 0
     assert ops[1].batch_size == cfg.batching.decode_batch_size   # a decode task decodes its block 32 at a time
 
 
