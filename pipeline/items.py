@@ -79,8 +79,13 @@ class Item:
         return np.frombuffer(self.frames, dtype=np.uint8).reshape(self.frames_shape).copy()
 
 
+# from_table builds items by position: the block's columns and the dataclass's fields are one list
+assert FIELDS == tuple(f.name for f in dataclasses.fields(Item)), "ITEM_SCHEMA and Item name other fields"
+
+
 def from_table(table: pa.Table) -> list[Item]:
-    return [Item(**row) for row in table.select(FIELDS).to_pylist()]
+    # a column at a time and positional: twice as fast as a dict per row (a model actor's share of the machinery)
+    return [Item(*values) for values in zip(*(table[name].to_pylist() for name in FIELDS))]
 
 
 def to_table(items: list[Item], extra: pa.Table | None = None) -> pa.Table:
