@@ -36,9 +36,9 @@ def trial(root: Path, corpus: Path, model: Path, items: int, layout: str, share:
     try:
         cluster.start(head, worker)
         extra = (f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
-                 "[batching]\nsort_window = 1\ndecode_batch_size = 4\n")
+                 "[batching]\nsort_window = 1\ndecode_batch_size = 4\nblock_items = 0\n")
         text = config_text(str(corpus), str(out), str(model), tasks=TASKS, extra=extra)
-        text = text.replace("[batching]\nmax_input_pixels = 80000\n", "").replace("max_new_tokens = 6",
+        text = text.replace("[batching]\nmax_input_pixels = 80000\nblock_items = 0\n", "").replace("max_new_tokens = 6",
                                                                                   "max_new_tokens = 48")
         (root / "run.toml").write_text(text)
         job = Job(root / "run.toml", cluster, root)

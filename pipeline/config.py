@@ -121,6 +121,8 @@ class BatchingConfig:
     sort_window: int = 8         # batches' worth of sequences per model-actor call (a window; see README)
     mode: str = "refill"         # refill: stream a window through run.batch_size decode slots | static: fixed batches
     decode_batch_size: int = 32  # items a decode task fetches (concurrently) and decodes at once
+    block_items: int = 2048      # items per Ray Data block (a decode task's) at least, in whole model-actor calls;
+    #                              0: one call's. A block costs Ray Data ~60 ms of CPU whatever its items
     read_ahead_items: int | str = AUTO  # items read but not yet written, at most (see read_ahead)
     read_ahead_mb: int = 1024    # and their raw rows' size (embedded media counts), at most
 
@@ -252,7 +254,7 @@ _POSITIVE = {"model.tensor_parallel", "run.batch_size", "run.max_new_tokens", "o
 _NON_NEGATIVE = {"input.max_items", "batching.max_pixels", "batching.max_video_pixels", "batching.max_frames",
                  "actors.num_gpus", "run.top_k", "storage.retries", "storage.retry_backoff_s", "output.flush_seconds",
                  "ray.num_cpus", "actors.num_cpus", "actors.decode_num_cpus", "run.seed", "run.drain_s",
-                 "actors.max_restarts", "input.pdf_dpi"}
+                 "actors.max_restarts", "input.pdf_dpi", "batching.block_items"}
 _RAY_RESOURCES = {"actors.num_gpus", "actors.num_cpus", "actors.decode_num_cpus"}
 # Upper bounds of values that cannot work (memory, time, the hardware); the model's context is checked against
 # run.max_new_tokens in pipeline/preflight.py, where the checkpoint is read.
@@ -260,6 +262,7 @@ _AT_MOST = {
     "run.batch_size": 4096,                  # sequences in one generate() call
     "batching.sort_window": 1024,
     "batching.decode_batch_size": 65536,
+    "batching.block_items": 1 << 20,
     "run.max_new_tokens": 1 << 20,           # above any GLM-V context (64K-128K)
     "output.rows_per_file": 10_000_000,      # buffered in the driver before a file is written
     "output.flush_seconds": 7 * 86400.0,

@@ -137,6 +137,7 @@ batch_size = 4
 max_new_tokens = 6
 [batching]
 max_input_pixels = 80000
+block_items = 0
 [storage]
 endpoint_url = "{endpoint}"
 retries = 2

@@ -49,12 +49,12 @@ def corpus(tmp_path_factory):
 
 def _config(tmp_path, corpus, model, cluster, actors: str, drain_s: float = 30.0, manifest: str = ""):
     extra = (f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
-             f"[batching]\nsort_window = 1\ndecode_batch_size = 4\n")
+             f"[batching]\nsort_window = 1\ndecode_batch_size = 4\nblock_items = 0\n")
     text = config_text(str(corpus), str(tmp_path / "out"), str(model), tasks=TASKS, extra=extra)
     if manifest:   # the corpus named by manifests instead of listed
         text = text.replace(f'[input]\nuri = "{corpus}"', f'[input]\nmanifest = "{manifest}"')
     # the helper's [batching] section is replaced by ours (a TOML table may appear once)
-    text = text.replace("[batching]\nmax_input_pixels = 80000\n", "")
+    text = text.replace("[batching]\nmax_input_pixels = 80000\nblock_items = 0\n", "")
     text = text.replace("max_new_tokens = 6", f"max_new_tokens = 48\ndrain_s = {drain_s}")
     path = tmp_path / "run.toml"
     path.write_text(text)

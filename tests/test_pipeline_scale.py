@@ -1,15 +1,16 @@
 """The driver at scale: the read-ahead window (items read and not yet written) holds the read tasks, and the graph
-bounds its tasks that hold no CPU and cuts blocks of one model-actor call."""
+bounds its tasks that hold no CPU and cuts blocks of a few model-actor calls."""
 
 import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
 from pipeline import config, progress, readers
-from pipeline.run import CUT_TASKS, MIN_BLOCK_ROWS, build_dataset
+from pipeline.run import CUT_TASKS, _decode_in_batches, build_dataset
 from pipeline.sources import PendingItems, ReadAhead, TaskPlan, UnitWork, pending_items
 from pipeline.state import StateDir
 from pipeline.storage import StorageOptions
@@ -77,7 +78,7 @@ def test_the_read_ahead_window_counts_bytes_too(tmp_path, monkeypatch):
 def test_the_graph_bounds_the_tasks_that_hold_no_cpu_and_cuts_blocks_of_several_calls(local_ray, tmp_path):
     """A 1e6-row manifest's read blocks each started a zero-CPU repartition task, ~150 at once: Ray started a worker
     process for each and the model actor waited minutes to be placed. A block costs Ray Data ~60 ms of CPU whatever
-    its rows: blocks of MIN_BLOCK_ROWS at least, a whole number of model-actor calls."""
+    its rows: blocks of batching.block_items at least, a whole number of model-actor calls."""
     cfg = config.from_dict({"input": {"uri": str(tmp_path)}, "output": {"uri": str(tmp_path / "out")},
                             "model": {"path": "/m"}, "run": {"batch_size": 64},
                             "actors": {"count": 1, "num_gpus": 0}})
@@ -94,8 +95,12 @@ def test_the_graph_bounds_the_tasks_that_hold_no_cpu_and_cuts_blocks_of_several_
     assert all(isinstance(o.compute, ray.data.TaskPoolStrategy) and o.compute.size <= CUT_TASKS for o in without_cpu)
     call = 64 * cfg.batching.sort_window   # run.batch_size x sort_window, one task
     assert ops[0].batch_size == call
-    assert ops[2].target_num_rows_per_block == MIN_BLOCK_ROWS and MIN_BLOCK_ROWS % call == 0
-    assert ops[1].batch_size == cfg.batching.decode_batch_size   # a decode task decodes its block 32 at a time
+    assert ops[2].target_num_rows_per_block == cfg.batching.block_items == 2048 and 2048 % call == 0
+    assert ops[1].batch_size is None   # a decode task decodes its whole block, 32 at a time:
+    assert ops[1].fn_kwargs["batch_rows"] == cfg.batching.decode_batch_size
+    block = pa.table({"n": range(70)})
+    sizes = [b.num_rows for b in _decode_in_batches(block, lambda b, settings: b.slice(1), 32, None)]
+    assert sizes == [31, 31, 5]   # each batch decoded on its own, its rows out as they are ready
 
 
 def test_a_read_task_run_again_counts_its_items_once():
