@@ -29,6 +29,10 @@ from pipeline.readers import ReadSpec, Unit
 
 MAX_NAMED = 5   # files named in a line about changed input; the rest are counted
 RELIST_BUDGET_S = 10.0   # the driver's time for listing partitions again before the work starts (then read tasks do)
+# Partitions listed again at once. Listing is CPU work under the GIL (comparing keys; on S3 parsing pages, whose
+# requests overlap with 4): 16 at once each got 1/16th of the budget and all of them were cut short, their work
+# lost (a cut partition is listed again from its start by its read task).
+RELIST_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -80,14 +84,19 @@ class Notes:
 def finished_units(units: list[Unit], extents: dict[str, dict], spec: ReadSpec,
                    shards: dict[str, set[str]] | None = None) -> dict[str, Change]:
     """A Change per finished unit (those in `units`), the checks run concurrently (a few small reads each, for
-    files whose stamp changed only; a listing of each partition to list again). `shards`: each unit's shards with
-    records."""
+    files whose stamp changed only; a listing of each partition to list again, RELIST_THREADS at a time, in input
+    order). `shards`: each unit's shards with records."""
     shards = shards or {}
     deadline = time.monotonic() + RELIST_BUDGET_S
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return dict(zip((u.id for u in units),
-                        pool.map(lambda u: finished_unit(u, extents.get(u.id), spec, shards.get(u.id, set()),
-                                                         deadline), units)))
+
+    def check(unit: Unit) -> Change:
+        return finished_unit(unit, extents.get(unit.id), spec, shards.get(unit.id, set()), deadline)
+
+    listed = [u for u in units if u.kind == "listing"]
+    files = [u for u in units if u.kind != "listing"]
+    with ThreadPoolExecutor(max_workers=RELIST_THREADS) as lister, ThreadPoolExecutor(max_workers=16) as pool:
+        relisted, checked = lister.map(check, listed), pool.map(check, files)   # both submitted, in input order
+        return {u.id: change for u, change in zip(listed + files, [*relisted, *checked])}
 
 
 def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str] = frozenset(),

@@ -335,3 +335,33 @@ def test_a_relisting_stopped_by_its_deadline_is_gone_on_with_after_its_last_new_
     assert resumed[4:] == [(4, ["5.png", "7.png"]), (5, ["9.png"])]
     assert snapshot.status(0)[1] == {"parts": 6, "runs": [[0, 3], [3, 6]], "listed_at": 6.0}
     assert list(snapshot.keys(0, snapshot.status(0)[1]["runs"])) == sorted(f"{i}.png" for i in range(10))
+
+
+def test_the_driver_lists_partitions_again_a_few_at_a_time_in_input_order(monkeypatch):
+    """Listing again is CPU work under the GIL: 16 partitions at once each got 1/16th of RELIST_BUDGET_S and all were
+    cut short, their work lost. RELIST_THREADS at a time, in order, finish theirs; files are checked beside them."""
+    import threading
+    import time
+
+    running, most, started = [0], [0], []
+    lock = threading.Lock()
+
+    def finished_unit(unit, extent, spec, shards, deadline):
+        with lock:
+            started.append(unit.id)
+            running[0] += unit.kind == "listing"
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= unit.kind == "listing"
+        return changes.Change(read=unit.partition % 2 == 1)
+
+    monkeypatch.setattr(changes, "finished_unit", finished_unit)
+    partitions = [readers.Unit("listing", "/corpus", i, f"d{i:02d}/", True) for i in range(12)]
+    manifests = [readers.Unit("manifest", f"/m{i}.csv") for i in range(3)]
+    found = changes.finished_units(partitions + manifests, {}, None)
+    assert most[0] == changes.RELIST_THREADS
+    listed = [u for u in started if u in {p.id for p in partitions}]
+    assert listed[:changes.RELIST_THREADS] == [u.id for u in partitions[:changes.RELIST_THREADS]]
+    assert {u.id: found[u.id].read for u in partitions} == {u.id: u.partition % 2 == 1 for u in partitions}
+    assert set(found) == {u.id for u in partitions + manifests}
