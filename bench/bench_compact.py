@@ -1,6 +1,6 @@
-"""Compaction at scale: an output of --rows result rows in files of 512 rows (as runs write them, 8x smaller than the default), compacted by
-jobs/compact.py while readers of the manifest's snapshot count the rows in a loop and the compaction is killed
-(SIGKILL) at random moments; then resumed to its end.
+"""Compaction at scale: an output of --rows result rows in files of 512 rows (as runs write them, 8x smaller than
+the default), compacted by jobs/compact.py while readers of the manifest's snapshot count the rows in a loop and the
+compaction is killed (SIGKILL) at random moments; then resumed to its end.
 
 Prints: files before/after, compaction time against the same bytes read and written once by pyarrow alone (the
 reference, same run), the compaction process's peak RSS, every reader's row count (must all be --rows), duckdb's

@@ -129,7 +129,8 @@ class Known:
     tasks: tuple[str, ...] = ()
     with_ids: frozenset = frozenset()   # shards whose distinct ids are stored
     grown: dict | None = None   # a finished text manifest only appended to since: its record's {"size", "rows"}
-    read: dict = field(default_factory=dict)   # of the file as read: "of" (storage.file_stamp), "rows", "tail", "groups"
+    # of the file as read: "of" (storage.file_stamp), "rows", "tail", "groups"
+    read: dict = field(default_factory=dict)
 
     def chain(self, shard) -> list[tuple[str, float, float]]:
         """(name, first row, end row) of the shard's records, in row order."""

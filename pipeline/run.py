@@ -158,12 +158,12 @@ def build_dataset(cfg: Config, source: PendingItems, predictor=Predictor, decode
     # Cut the read blocks (~1 MB, thousands of items) into blocks of a few model-actor calls each: decode tasks run
     # in parallel and stream their output out as they go, so an actor's first window waits for one call's worth of
     # items, not a block's (a run of fewer than block_items items per decode CPU decodes on fewer CPUs, seconds
-    # ahead of its model actors all the same). Ray Data spends ~60 ms of CPU per block across the driver (its scheduling loop) and the
-    # workers, whatever its rows (measured): one call's worth (512 items at batch_size 64) capped the zero-cost
-    # machinery of two cores at ~3,000 items/s, batching.block_items (2,048) at ~10,000. The cut holds no CPU (on a small machine
-    # it would queue behind the decode tasks for the one CPU the model actor leaves) and at most CUT_TASKS run at
-    # once: unbounded, a 1e6-row manifest's 200 read blocks started 150 worker processes and kept the model actor
-    # from being placed for minutes.
+    # ahead of its model actors all the same). Ray Data spends ~60 ms of CPU per block across the driver (its
+    # scheduling loop) and the workers, whatever its rows (measured): one call's worth (512 items at batch_size 64)
+    # capped the zero-cost machinery of two cores at ~3,000 items/s, batching.block_items (2,048) at ~10,000. The cut
+    # holds no CPU (on a small machine it would queue behind the decode tasks for the one CPU the model actor leaves)
+    # and at most CUT_TASKS run at once: unbounded, a 1e6-row manifest's 200 read blocks started 150 worker
+    # processes and kept the model actor from being placed for minutes.
     block_rows = items_per_call * max(1, -(-cfg.batching.block_items // items_per_call))   # whole calls
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     _bounded_without_cpu(ds, CUT_TASKS)

@@ -1,9 +1,10 @@
 """A clean close's word that the manifest says what the output holds, so that the next start need not list it.
 
 Listing the output at every start costs one LIST request per 1,000 result files on S3 (~2,000 at 1e9 items with
-512-row files, ~250 with the default 4,096). A run whose commit finished (every landed file folded into the manifest, its merges done) and whose
-lease is still its own writes, last before it releases the lease, `_state/sealed.json`: the versions of the manifest
-and of the folded records as they are then (size and inode + mtime locally, ETag on S3: one HEAD each).
+512-row files, ~250 with the default 4,096). A run whose commit finished (every landed file folded into the
+manifest, its merges done) and whose lease is still its own writes, last before it releases the lease,
+`_state/sealed.json`: the versions of the manifest and of the folded records as they are then (size and inode +
+mtime locally, ETag on S3: one HEAD each).
 
 The next start reads the seal and deletes it before it writes anything, so a run killed, crashed or stopped before
 its close leaves none, and the start after it lists. A start takes the manifest's names and sizes as the listing only
