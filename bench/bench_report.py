@@ -16,8 +16,9 @@ per file from the cost per row.
 
 The output: `--rows` rows in result files of 512 rows (8x smaller than the default `output.rows_per_file`: more
 files, the harder case), three tasks per item, 2% error rows of a few kinds, boxes on some rows, model text of
-about `--text-chars` characters (plus thinking), processed_at over two runs. Items point at symbolic links to a pool of real images and videos, so that the
-report's thumbnails decode real media. Each side runs in its own process, so each peak RSS is its own.
+about `--text-chars` characters (plus thinking), processed_at over two runs. Items point at symbolic links to a
+pool of real images and videos, so that the report's thumbnails decode real media. Each side runs in its own
+process, so each peak RSS is its own.
 """
 
 from __future__ import annotations
