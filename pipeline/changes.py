@@ -4,10 +4,12 @@ A finished read unit is skipped unopened only while its record still covers what
 keeps an extent (pipeline.progress) to compare with what the input's listing says now:
 - a listing partition listed before the end of the last run that ended is listed again here, in the driver, before
   any Ray work starts (pipeline.listing: the keys its snapshot lacks become new parts); it is opened only when it
-  has parts its records lack, so a rerun that finds nothing new starts nothing. That takes RELIST_BUDGET_S at most:
-  on S3 a listing costs ~70 us of driver CPU per object (botocore's parse of each page), ~700 s at 1e7 objects, which
-  would hold back the first new row that long. Partitions not listed again by then are opened, and their read tasks
-  list them again beside the work (going on after the last new part found here);
+  has parts its records lack, so a rerun that finds nothing new starts nothing. The keys after each snapshot's last
+  one are looked for first (cheap: O(new) on S3); in full, a listing costs ~70 us of driver CPU per S3 object
+  (botocore's parse of each page), ~700 s at 1e7 objects, which would hold back the first new row that long. So it
+  goes on only until something new is found, for RELIST_BUDGET_S at most; then the work starts, and the partitions
+  not listed again are opened, their read tasks listing them again beside the work (going on after the last new part
+  found here);
 - a manifest whose size or version (ETag, modification time) changed is checked cheaply: a CSV/JSONL one only
   appended to still holds the same bytes before where its records end, a Parquet one rewritten with its old rows first
   has the same row groups before its last old one and the same URIs at their end. Then only its new rows are read;
@@ -18,6 +20,7 @@ Records an earlier version made have no extent: they cover their unit as before,
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,7 +45,8 @@ class Change:
     grown: dict | None = None   # a text manifest only appended to: its record's {"size", "rows"}
     refused: str = ""           # why it is not read again although it changed (one line's worth)
     legacy: bool = False        # its record has no extent to compare with (an earlier version's)
-    relisted: bool = True       # False: a listing partition left to its read task to list again (time ran out)
+    relisted: bool = True       # False: a listing partition left to its read task to list again
+    new: bool = False           # known to hold work (rows appended, new objects listed): its reading goes first
 
 
 @dataclass
@@ -73,8 +77,9 @@ class Notes:
                        f"{', ...' if len(self.moved) > MAX_NAMED else ''}): rows past those are read, the rows done "
                        f"are taken as done")
         if self.unlisted:
-            out.append(f"note: {self.unlisted} finished listing partition(s) of the input not listed again for new "
-                       f"objects within {RELIST_BUDGET_S:.0f}s: their read tasks list them beside the work")
+            out.append(f"note: {self.unlisted} finished listing partition(s) of the input are listed again for new "
+                       f"objects by their read tasks, beside the work (before the work starts, only until something "
+                       f"new is found, for {RELIST_BUDGET_S:.0f}s at most)")
         if self.legacy:
             out.append(f"note: {self.legacy} finished input file(s) have records from an earlier version, which kept "
                        f"no file sizes: rows appended to them since are not looked for (new files are)")
@@ -84,26 +89,17 @@ class Notes:
 def finished_units(units: list[Unit], extents: dict[str, dict], spec: ReadSpec,
                    shards: dict[str, set[str]] | None = None) -> dict[str, Change]:
     """A Change per finished unit (those in `units`), the checks run concurrently (a few small reads each, for
-    files whose stamp changed only; a listing of each partition to list again, RELIST_THREADS at a time, in input
-    order). `shards`: each unit's shards with records."""
-    shards = shards or {}
-    deadline = time.monotonic() + RELIST_BUDGET_S
-
-    def check(unit: Unit) -> Change:
-        return finished_unit(unit, extents.get(unit.id), spec, shards.get(unit.id, set()), deadline)
-
+    files whose stamp changed only; listings as `_listing_changes` says). `shards`: each unit's shards with records."""
     listed = [u for u in units if u.kind == "listing"]
     files = [u for u in units if u.kind != "listing"]
-    with ThreadPoolExecutor(max_workers=RELIST_THREADS) as lister, ThreadPoolExecutor(max_workers=16) as pool:
-        relisted, checked = lister.map(check, listed), pool.map(check, files)   # both submitted, in input order
-        return {u.id: change for u, change in zip(listed + files, [*relisted, *checked])}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        checked = pool.map(lambda unit: finished_unit(unit, extents.get(unit.id), spec), files)
+        found = _listing_changes(listed, extents, spec, shards or {})
+        return {**found, **{u.id: change for u, change in zip(files, checked)}}
 
 
-def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str] = frozenset(),
-                  deadline: float | None = None) -> Change:
-    """`deadline` (time.monotonic): a listing partition not listed again by then is read (its read task lists)."""
-    if unit.kind == "listing":
-        return _listing_change(unit, extent, spec, shards, deadline)
+def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec) -> Change:
+    """A finished manifest or shard file: read again where rows were appended to it."""
     if extent is None or not extent.get("of"):
         return Change(read=False, legacy=True)
     if extent["of"] == unit.stamp or not unit.stamp:   # no stamp: a unit made up without a listing (tests)
@@ -119,21 +115,63 @@ def finished_unit(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[s
         return Change(read=False)
 
 
-def _listing_change(unit: Unit, extent: dict | None, spec: ReadSpec, shards: set[str],
-                    deadline: float | None) -> Change:
-    """Listed again when listed before the last run ended; read where its snapshot now has parts without records
-    (found now, or by a run killed before it read them), or where the deadline came before its listing's end."""
-    if (extent or {}).get("listed_at", 0.0) >= spec.relist_before:
-        return Change(read=False)
-    if deadline is not None and time.monotonic() >= deadline:
-        return Change(read=True, relisted=False)
+def _listing_changes(units: list[Unit], extents: dict[str, dict], spec: ReadSpec,
+                     shards: dict[str, set[str]]) -> dict[str, Change]:
+    """Finished listing partitions listed before the last run ended are looked at again, RELIST_THREADS at a time in
+    input order, until RELIST_BUDGET_S has passed: first for keys after their snapshots' last ones only (cheap:
+    appended corpora; local partitions whose folders are unchanged are done then), then in full, but only while
+    nothing new is found. Once something is, the work starts, and every partition not yet listed again in full is
+    opened for its read task to list beside the work."""
+    deadline = time.monotonic() + RELIST_BUDGET_S
+    due = [u for u in units if (extents.get(u.id) or {}).get("listed_at", 0.0) < spec.relist_before]
+    found = {u.id: Change(read=False) for u in units if u not in due}
     snapshot = listing.ListingSnapshot(spec.state, spec.input_uri)
+
+    def look(unit: Unit) -> Change | None:
+        """What the keys after its snapshot's last one say of a partition; None where it waits for a listing in full."""
+        tail = None if time.monotonic() >= deadline else listing.tail(
+            spec.input_uri, spec.opts, snapshot, unit.partition, listing.Partition(unit.prefix, unit.recursive),
+            spec.relist_before, spec.started_at)
+        if tail is None:
+            return None
+        numbers, whole = tail
+        read = any(str(n) not in shards.get(unit.id, set()) for n in numbers)
+        if whole:   # listed again in full already: its folders are unchanged
+            return Change(read=read, new=read)
+        return Change(read=True, relisted=False, new=True) if read else None
+
+    with ThreadPoolExecutor(max_workers=RELIST_THREADS) as lister:
+        looked = dict(zip([u.id for u in due], lister.map(look, due)))
+        found |= {name: change for name, change in looked.items() if change is not None and change.relisted}
+        due = [u for u in due if u.id not in found]
+        if any(looked[u.id] is not None for u in due):   # new keys after some partition's last: the work starts
+            return found | {u.id: looked[u.id] or Change(read=True, relisted=False) for u in due}
+        stop = threading.Event()
+
+        def check(unit: Unit) -> Change:
+            if stop.is_set():
+                return Change(read=True, relisted=False)
+            change = _listing_change(unit, snapshot, spec, shards.get(unit.id, set()), deadline)
+            if change.new:
+                stop.set()
+            return change
+
+        return found | {u.id: change for u, change in zip(due, lister.map(check, due))}
+
+
+def _listing_change(unit: Unit, snapshot: listing.ListingSnapshot, spec: ReadSpec, shards: set[str],
+                    deadline: float) -> Change:
+    """Listed again in full: read where its snapshot now has parts without records (found now, or by a run killed
+    before it read them), or where the deadline came before its listing's end."""
+    if time.monotonic() >= deadline:
+        return Change(read=True, relisted=False)
     numbers = listing.relist(spec.input_uri, spec.opts, snapshot, unit.partition,
                              listing.Partition(unit.prefix, unit.recursive), spec.relist_before, spec.started_at,
                              deadline)
     if numbers is None:
         return Change(read=True, relisted=False)
-    return Change(read=any(str(n) not in shards for n in numbers))
+    read = any(str(n) not in shards for n in numbers)
+    return Change(read=read, new=read)
 
 
 def _text_change(unit: Unit, extent: dict, old: int, new: int, spec: ReadSpec) -> Change:
@@ -149,7 +187,7 @@ def _text_change(unit: Unit, extent: dict, old: int, new: int, spec: ReadSpec) -
         return Change(read=False, refused=f"{_name(unit)}: its bytes before byte {old} differ")
     if new == old:
         return Change(read=False)   # the same bytes (touched, or copied over)
-    return Change(read=True, grown={"size": old, "rows": extent["rows"]})
+    return Change(read=True, grown={"size": old, "rows": extent["rows"]}, new=True)
 
 
 def _parquet_change(unit: Unit, extent: dict, spec: ReadSpec) -> Change:
@@ -169,7 +207,7 @@ def _parquet_change(unit: Unit, extent: dict, spec: ReadSpec) -> Change:
     if not same_layout or readers.parquet_tail(unit.uri, spec.opts, spec.uri_column, old) != extent["tail"]:
         return Change(read=False, refused=f"{_name(unit)}: its rows up to row {sum(old)} differ")
     # grown or not, read as a unit with records: their extents cover the old rows, the footer names the new ones
-    return Change(read=sum(new) > sum(old))
+    return Change(read=sum(new) > sum(old), new=sum(new) > sum(old))
 
 
 def _name(unit: Unit) -> str:

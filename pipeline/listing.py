@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import logging
 import os
 import time
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 PART_ROWS = 10_000       # media keys per snapshot part (shard)
 MAX_PLAN_PAGES = 10      # listing pages spent on planning partitions before falling back to one partition
 PART_SCHEMA = pa.schema([("path", pa.string())])   # key relative to the listed prefix
+SETTLE_S = 2.0           # a folder changed more recently than this when listed is listed again in full next time
+MAX_STAMPED_FOLDERS = 100_000   # folder stamps kept per partition (more: it is listed again in full each time)
 DEADLINE_EVERY = 1000    # keys between looks at the clock when a listing has a deadline (a page's worth)
 _clock = time.monotonic
 
@@ -71,14 +74,22 @@ def is_utf8(name: str) -> bool:
     return True
 
 
-def _walk_local(root: str, prefix: str, recursive: bool, after: str) -> Iterator[str]:
+def _walk_local(root: str, prefix: str, recursive: bool, after: str, stamps: dict | None = None) -> Iterator[str]:
     """Relative paths in lexicographic order: a depth-first walk whose children sort by name, folders as
-    'name/', so that the order equals the byte order of the keys (as S3 lists them)."""
+    'name/', so that the order equals the byte order of the keys (as S3 lists them). `stamps` gets each folder's
+    stamp, taken before it is read (None for one changed too lately to be trusted)."""
     folder = os.path.join(root, prefix) if prefix else root
     try:
+        if stamps is not None:
+            stamps[prefix] = _stamp(os.stat(folder), settled=True)
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return
+    if after.startswith(prefix) and after != prefix:
+        # names before `after`'s own here are dropped before any other look at them: a listing of the keys after
+        # the last one known (listing.tail) costs one pass over the names of a folder of 625,000 files, not 2 s
+        cut = after[len(prefix):]
+        entries = [e for e in entries if e.name + "/" > cut or cut.startswith(e.name + "/")]
     children = sorted((e.name + "/" if e.is_dir(follow_symlinks=True) else e.name, e)
                       for e in _visible(folder, entries))
     for name, _ in children:
@@ -86,7 +97,7 @@ def _walk_local(root: str, prefix: str, recursive: bool, after: str) -> Iterator
         if name.endswith("/"):
             # a whole sub-tree sorts before `after` unless `after` lies inside it
             if recursive and (rel > after or after.startswith(rel)):
-                yield from _walk_local(root, rel, True, after)
+                yield from _walk_local(root, rel, True, after, stamps)
         elif rel > after:
             yield rel
 
@@ -124,14 +135,41 @@ def _walk_fsspec(fs, root: str, prefix: str, recursive: bool, after: str) -> Ite
             yield rel
 
 
-def walk(uri: str, opts: StorageOptions, part: Partition, after: str = "") -> Iterator[str]:
-    """Relative keys of a partition greater than `after`, in lexicographic order."""
+def walk(uri: str, opts: StorageOptions, part: Partition, after: str = "",
+         stamps: dict | None = None) -> Iterator[str]:
+    """Relative keys of a partition greater than `after`, in lexicographic order. `stamps`: on a local file system,
+    filled with the stamps of the folders walked (folder_stamps_hold)."""
     fs, root = storage.filesystem(uri, opts)
     if storage.is_local(fs):
-        return _walk_local(root, part.prefix, part.recursive, after)
+        return _walk_local(root, part.prefix, part.recursive, after, stamps)
     if storage.protocol_of(uri) in ("s3", "s3a"):
         return _walk_s3(fs, root, part.prefix, part.recursive, after, opts)
     return _walk_fsspec(fs, root, part.prefix, part.recursive, after)
+
+
+def _stamp(st: os.stat_result, settled: bool = False) -> list[int] | None:
+    """A folder's inode and change time. Adding, removing or renaming an entry changes it, and so does setting the
+    folder's modification time (as rsync -a, cp -a and tar do): no tool sets it back. A folder changed less than
+    SETTLE_S ago gives None with `settled`: a file system's clock ticks coarsely, and an entry added in the same tick
+    as the folder was read would leave its stamp as it was."""
+    if settled and time.time() - st.st_ctime < SETTLE_S:
+        return None
+    return [st.st_ino, st.st_ctime_ns]
+
+
+def folder_stamps_hold(uri: str, opts: StorageOptions, stamps: dict | None) -> bool:
+    """Whether no folder of a local partition changed since a listing of it to its end took these stamps: then it
+    holds the keys it held, all in its snapshot (which only grows). A few stat calls, whatever the files."""
+    fs, root = storage.filesystem(uri, opts)
+    if not stamps or not storage.is_local(fs):
+        return False
+    for prefix, stamp in stamps.items():
+        try:
+            if _stamp(os.stat(os.path.join(root, prefix) if prefix else root)) != stamp:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 # --- planning partitions -------------------------------------------------------------------------------------
@@ -279,11 +317,42 @@ class ListingSnapshot:
         self.state.write_table(self._part(index, number), pa.table({"path": pa.array(paths, pa.string())}))
 
     def mark_complete(self, index: int, parts: int, runs: list[list[int]] | None = None,
-                      listed_at: float = 0.0) -> None:
+                      listed_at: float = 0.0, tail_from: int | None = None) -> None:
         """`runs`: [first, end) ranges of part numbers whose keys ascend through the range (a listing, or the new keys
-        of a listing again); `listed_at`: the start of the run that listed it (wall clock)."""
+        of a listing again); `listed_at`: the start of the run that listed it (wall clock); `tail_from`: parts from
+        this number on are being written by a listing of the keys after the last one known (`tail`)."""
+        done = {"parts": parts, "runs": runs or [[0, parts]], "listed_at": listed_at}
         self.state.write_json(f"{self.dir}/p{index}/complete.json",
-                              {"parts": parts, "runs": runs or [[0, parts]], "listed_at": listed_at})
+                              done if tail_from is None else {**done, "tail_from": tail_from})
+
+    @staticmethod
+    def runs(numbers: list[int], complete: dict | None) -> list[list[int]]:
+        """The runs of parts a listing to its end wrote (mark_complete), with those of a tail listing stopped before
+        it marked them: each of its parts is written whole, in key order, so the ones there make a run."""
+        if complete is None:
+            return []
+        runs = complete.get("runs") or [[0, complete["parts"]]]
+        start = complete.get("tail_from")
+        if start is not None and numbers and numbers[-1] >= start:
+            runs = runs + [[start, numbers[-1] + 1]]
+        return runs
+
+    def stamps(self, index: int) -> dict | None:
+        """The folder stamps (folder_stamps_hold) of the last listing of the partition to its end from its start."""
+        return self.state.read_json(f"{self.dir}/p{index}/folders.json")
+
+    def write_stamps(self, index: int, stamps: dict) -> None:
+        self.state.write_json(f"{self.dir}/p{index}/folders.json", stamps)
+
+    def mark_unchanged(self, uri: str, opts: StorageOptions, index: int, numbers: list[int], complete: dict,
+                       now: float) -> bool:
+        """Mark a partition whose folder stamps hold listed again at `now`, as a listing that found nothing new."""
+        if not storage.is_local(storage.filesystem(uri, opts)[0]) or not folder_stamps_hold(uri, opts,
+                                                                                           self.stamps(index)):
+            return False
+        runs = self.runs(numbers, complete)
+        self.mark_complete(index, max(end for _, end in runs), runs, now)
+        return True
 
     def keys(self, index: int, runs: list[list[int]]) -> Iterator[str]:
         """Every key of these runs of parts, in ascending order, a part at a time per run."""
@@ -306,7 +375,7 @@ def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, i
     numbers, complete = snapshot.status(index)
     for number in numbers:
         yield number, None if skip(number) else snapshot.read_part(index, number)
-    runs = (complete.get("runs") or [[0, complete["parts"]]]) if complete else []
+    runs = snapshot.runs(numbers, complete)
     listed = max((end for _, end in runs), default=0)   # parts after these: a listing cut short, to go on with
     if complete is not None and listed > (numbers[-1] if numbers else -1) and \
             complete.get("listed_at", 0.0) >= relist_before:
@@ -314,9 +383,13 @@ def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, i
             note["listed_at"] = complete.get("listed_at", 0.0)
         return
     after = snapshot.read_part(index, numbers[-1])[-1] if numbers and numbers[-1] >= listed else ""
-    number = numbers[-1] + 1 if numbers else 0
     note = {} if note is None else note
-    walked = walk(uri, opts, part, after)
+    if complete is not None and not after and snapshot.mark_unchanged(uri, opts, index, numbers, complete, now):
+        note["listed_at"] = now
+        return
+    number = numbers[-1] + 1 if numbers else 0
+    stamps = {} if not after else None   # a walk from the start stamps the folders it reads
+    walked = walk(uri, opts, part, after, stamps)
     for chunk in _chunks(_new_keys(walked if deadline is None else _until(walked, deadline, note),
                                    snapshot.keys(index, runs))):
         snapshot.write_part(index, number, chunk)
@@ -324,6 +397,8 @@ def partition_parts(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, i
         number += 1
     if note.get("cut"):
         return
+    if stamps and len(stamps) <= MAX_STAMPED_FOLDERS and None not in stamps.values():
+        snapshot.write_stamps(index, stamps)
     runs = runs + ([[listed, number]] if number > listed else [])
     snapshot.mark_complete(index, number, runs, now)
     note["listed_at"] = now
@@ -339,6 +414,37 @@ def relist(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int
     numbers = [number for number, _ in partition_parts(uri, opts, snapshot, index, part, lambda n: True,
                                                        relist_before, now, note, deadline)]
     return None if note.get("cut") else numbers
+
+
+def tail(uri: str, opts: StorageOptions, snapshot: ListingSnapshot, index: int, part: Partition,
+         relist_before: float, now: float) -> tuple[list[int], bool] | None:
+    """List a partition listed before `relist_before` for the keys after the last one of its snapshot only: what a
+    corpus only appended to has gained, found at the cost of its new objects on S3 (StartAfter), of a pass over
+    names locally. They are snapshotted as a run of new parts, and the partition stays due to be listed again in full
+    (for keys added among the old ones); a local partition whose folder stamps hold is marked listed again instead.
+    Gives the numbers of its parts after, and whether it is listed again in full; None where there is no such listing
+    to make: the partition is not due, or a listing of it again is under way (its lister goes on with it)."""
+    numbers, complete = snapshot.status(index)
+    if complete is None or complete.get("listed_at", 0.0) >= relist_before:
+        return None
+    runs = snapshot.runs(numbers, complete)
+    listed = max((end for _, end in runs), default=0)
+    if numbers and numbers[-1] >= listed:
+        return None
+    if snapshot.mark_unchanged(uri, opts, index, numbers, complete, now):
+        return numbers, True
+    last = max((snapshot.read_part(index, end - 1)[-1] for first, end in runs if end > first), default="")
+    chunks = _chunks(key for key in walk(uri, opts, part, last) if media_type_of(key) is not None)
+    first = next(chunks, None)
+    if first is None:
+        return numbers, False
+    snapshot.mark_complete(index, listed, runs, complete.get("listed_at", 0.0), tail_from=listed)
+    number = listed
+    for chunk in itertools.chain([first], chunks):
+        snapshot.write_part(index, number, chunk)
+        number += 1
+    snapshot.mark_complete(index, number, runs + [[listed, number]], complete.get("listed_at", 0.0))
+    return numbers + list(range(listed, number)), False
 
 
 def _until(keys: Iterator[str], deadline: float, note: dict) -> Iterator[str]:

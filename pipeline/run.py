@@ -648,7 +648,9 @@ def _open_work(units: list[readers.Unit], resume: progress.Resume, plan: TaskPla
         else:
             skipped += sum(resume.records[unit.id].get(t, 0) for t in plan.all())
     # finished units read again (listed again, grown) go last, where most of their rows are done: the others'
-    # work starts first; max_items counts the input in its order
+    # work starts first, then theirs known to hold some (the others list again first); max_items counts the input in
+    # its order
+    again.sort(key=lambda shards: not found[shards.unit.id].new)
     return (_in_input_order(units, work + again) if keep_finished else work + again), skipped, notes.lines()
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import changes, config, listing, output, progress, readers
+from pipeline import changes, config, listing, output, progress, readers, storage
 from pipeline import run as run_module
 from pipeline.run import _open_work, run
 from pipeline.sources import TaskPlan, UnitWork, pending_items
@@ -209,6 +209,24 @@ def _a_finished_listing_of_two_folders(tmp_path, monkeypatch):
     return corpus, out, driver
 
 
+def _walks(monkeypatch, what=lambda part, after: after) -> list:
+    """What each listing.walk call is asked for, as `what(partition, after)` says it."""
+    walked, real_walk = [], listing.walk
+    monkeypatch.setattr(listing, "walk", lambda *a: walked.append(what(a[2], a[3])) or real_walk(*a))
+    return walked
+
+
+def _listed_evens(tmp_path, monkeypatch):
+    """0.png 2.png ... 8.png listed at 1.0, two keys a part: (corpus, snapshot, partition)."""
+    monkeypatch.setattr(listing, "PART_ROWS", 2)
+    corpus = tmp_path / "corpus"
+    write_local(corpus, {f"{i}.png": b"x" for i in range(0, 10, 2)})
+    snapshot = listing.ListingSnapshot(StateDir(str(tmp_path / "out"), OPTS), str(corpus))
+    part = snapshot.partitions(OPTS)[0]
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 0.0, 1.0) == [0, 1, 2]
+    return corpus, snapshot, part
+
+
 def test_a_listed_prefix_is_listed_again_after_a_run_ended_and_only_new_objects_run(tmp_path, monkeypatch):
     """New keys in a listed folder become new parts (the snapshot compared in key order, a part at a time), a new
     sub-folder a new partition; a resume of a run killed while listing again goes on after its last new part."""
@@ -218,9 +236,11 @@ def test_a_listed_prefix_is_listed_again_after_a_run_ended_and_only_new_objects_
         write_local(corpus, {name: b"x"})
     driver.spec = replace(driver.spec, started_at=300.0, relist_before=200.0)   # a run ended at 200
     first = driver.run(kill_after=4)[:3]   # 3 rows landed in a file, the 4th was lost with the run
-    walked = []
-    real_walk = listing.walk
-    monkeypatch.setattr(listing, "walk", lambda *a: walked.append((a[2].prefix, a[3])) or real_walk(*a))
+    # a/9.png sorts after a's last key: found by the driver at once, so the work starts and both are listed by it
+    assert driver.notes == [f"note: 2 finished listing partition(s) of the input are listed again for new objects by "
+                            f"their read tasks, beside the work (before the work starts, only until something new "
+                            f"is found, for {changes.RELIST_BUDGET_S:.0f}s at most)"]
+    walked = _walks(monkeypatch, lambda part, after: (part.prefix, after))
     rest = driver.run()   # the resume lists nothing its killed run listed
     assert sorted(first + rest) == sorted(str(corpus / n) for n in ("a/0a.png", "a/9.png", "b/1a.png", "c/0.png",
                                                                     "top.png"))
@@ -230,8 +250,8 @@ def test_a_listed_prefix_is_listed_again_after_a_run_ended_and_only_new_objects_
     snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(corpus))
     assert [p.prefix for p in snapshot.partitions(OPTS)] == ["a/", "b/", "", "c/"]
     numbers, complete = snapshot.status(0)
-    assert numbers == [0, 1, 2] and complete == {"parts": 3, "runs": [[0, 2], [2, 3]], "listed_at": 300.0}
-    assert snapshot.read_part(0, 2) == ["a/0a.png", "a/9.png"]
+    assert numbers == [0, 1, 2, 3] and complete == {"parts": 4, "runs": [[0, 2], [2, 3], [3, 4]], "listed_at": 300.0}
+    assert snapshot.read_part(0, 2) == ["a/9.png"] and snapshot.read_part(0, 3) == ["a/0a.png"]   # tail, then middle
     driver.spec = replace(driver.spec, relist_before=0.0, started_at=500.0)
     assert driver.run() == []
 
@@ -248,9 +268,7 @@ def test_a_relisting_cut_short_goes_on_after_its_last_new_part(tmp_path, monkeyp
     write_local(corpus, {f"{i}.png": b"x" for i in range(1, 10, 2)})
     new = listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: True, relist_before=2.0, now=3.0)
     assert [next(new) for _ in range(5)][3:] == [(3, ["1.png", "3.png"]), (4, ["5.png", "7.png"])]   # killed here
-    after = []
-    real_walk = listing.walk
-    monkeypatch.setattr(listing, "walk", lambda *a: after.append(a[3]) or real_walk(*a))
+    after = _walks(monkeypatch)
     resumed = list(listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: n < 5, now=4.0))
     assert resumed[5:] == [(5, ["9.png"])] and after == ["7.png"]
     assert snapshot.status(0)[1] == {"parts": 6, "runs": [[0, 3], [3, 6]], "listed_at": 4.0}
@@ -310,21 +328,17 @@ def test_partitions_not_listed_again_in_time_are_listed_by_their_read_tasks_and_
     monkeypatch.setattr(changes, "RELIST_BUDGET_S", 0.0)
     driver.spec = replace(driver.spec, started_at=300.0, relist_before=200.0)   # a run ended at 200
     assert sorted(driver.run()) == [str(corpus / "a/0a.png"), str(corpus / "b/9.png")]
-    assert driver.notes == ["note: 2 finished listing partition(s) of the input not listed again for new objects "
-                            "within 0s: their read tasks list them beside the work"]
+    assert driver.notes == ["note: 2 finished listing partition(s) of the input are listed again for new objects by "
+                            "their read tasks, beside the work (before the work starts, only until something new is "
+                            "found, for 0s at most)"]
     assert driver.run() == [] and driver.notes == []   # listed to the end by the read tasks at 300
     df = _pairs(out)
     assert len(df) == 8 and not df.duplicated(["id", "task"]).any()
 
 
 def test_a_relisting_stopped_by_its_deadline_is_gone_on_with_after_its_last_new_part(tmp_path, monkeypatch):
-    monkeypatch.setattr(listing, "PART_ROWS", 2)
     monkeypatch.setattr(listing, "DEADLINE_EVERY", 1)
-    corpus, out = tmp_path / "corpus", tmp_path / "out"
-    write_local(corpus, {f"{i}.png": b"x" for i in range(0, 10, 2)})
-    snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(corpus))
-    part = snapshot.partitions(OPTS)[0]
-    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 0.0, 1.0) == [0, 1, 2]
+    corpus, snapshot, part = _listed_evens(tmp_path, monkeypatch)
     write_local(corpus, {f"{i}.png": b"x" for i in range(1, 10, 2)})
     ticks = iter(range(100))
     monkeypatch.setattr(listing, "_clock", lambda: next(ticks))
@@ -337,31 +351,154 @@ def test_a_relisting_stopped_by_its_deadline_is_gone_on_with_after_its_last_new_
     assert list(snapshot.keys(0, snapshot.status(0)[1]["runs"])) == sorted(f"{i}.png" for i in range(10))
 
 
-def test_the_driver_lists_partitions_again_a_few_at_a_time_in_input_order(monkeypatch):
+def test_the_driver_lists_partitions_again_a_few_at_a_time_in_input_order_until_something_new_is_found(
+        tmp_path, monkeypatch):
     """Listing again is CPU work under the GIL: 16 partitions at once each got 1/16th of RELIST_BUDGET_S and all were
-    cut short, their work lost. RELIST_THREADS at a time, in order, finish theirs; files are checked beside them."""
+    cut short, their work lost. RELIST_THREADS at a time, in order, finish theirs; files are checked beside them.
+    Once one finds something new the work starts: the partitions not begun are left to their read tasks."""
     import threading
     import time
 
     running, most, started = [0], [0], []
     lock = threading.Lock()
 
-    def finished_unit(unit, extent, spec, shards, deadline):
+    def listing_change(unit, snapshot, spec, shards, deadline):
         with lock:
-            started.append(unit.id)
-            running[0] += unit.kind == "listing"
+            started.append(unit.partition)
+            running[0] += 1
             most[0] = max(most[0], running[0])
-        time.sleep(0.02)
+        time.sleep(0.0 if unit.partition == 2 else 0.3)   # 2 finds something new while 0, 1 and 3 are listed
         with lock:
-            running[0] -= unit.kind == "listing"
-        return changes.Change(read=unit.partition % 2 == 1)
+            running[0] -= 1
+        return changes.Change(read=unit.partition == 2, new=unit.partition == 2)
 
-    monkeypatch.setattr(changes, "finished_unit", finished_unit)
+    monkeypatch.setattr(changes, "_listing_change", listing_change)
+    tails = []
+    monkeypatch.setattr(listing, "tail", lambda uri, opts, snapshot, index, *a: tails.append(index) or ([0], False))
+    monkeypatch.setattr(changes, "finished_unit", lambda unit, extent, spec: changes.Change(read=False))
     partitions = [readers.Unit("listing", "/corpus", i, f"d{i:02d}/", True) for i in range(12)]
     manifests = [readers.Unit("manifest", f"/m{i}.csv") for i in range(3)]
-    found = changes.finished_units(partitions + manifests, {}, None)
-    assert most[0] == changes.RELIST_THREADS
-    listed = [u for u in started if u in {p.id for p in partitions}]
-    assert listed[:changes.RELIST_THREADS] == [u.id for u in partitions[:changes.RELIST_THREADS]]
-    assert {u.id: found[u.id].read for u in partitions} == {u.id: u.partition % 2 == 1 for u in partitions}
+    shards = {u.id: {"0"} for u in partitions}   # the one part each tail says of is done: nothing new after
+    found = changes.finished_units(partitions + manifests, {}, _spec(tmp_path, relist_before=200.0), shards)
+    assert sorted(tails) == list(range(12))
+    assert most[0] == changes.RELIST_THREADS and sorted(started) == [0, 1, 2, 3]
+    assert [(found[u.id].read, found[u.id].relisted, found[u.id].new) for u in partitions] == \
+        [(False, True, False)] * 2 + [(True, True, True), (False, True, False)] + [(True, False, False)] * 8
     assert set(found) == {u.id for u in partitions + manifests}
+
+
+def test_keys_after_a_snapshots_last_are_looked_for_first_and_the_partition_stays_due_in_full(tmp_path, monkeypatch):
+    """listing.tail: what an appended corpus gained, found from the snapshot's last key on (StartAfter on S3); the
+    keys added among the old ones wait for the full listing again, and a tail cut by a kill is a run all the same."""
+    corpus, snapshot, part = _listed_evens(tmp_path, monkeypatch)
+    assert listing.tail(str(corpus), OPTS, snapshot, 0, part, 1.0, 2.0) is None   # listed since: not due
+    write_local(corpus, {name: b"x" for name in ("1.png", "9.png", "9a.png", "readme.txt")})
+    walked = _walks(monkeypatch)
+    assert listing.tail(str(corpus), OPTS, snapshot, 0, part, 2.0, 3.0) == ([0, 1, 2, 3], False)
+    assert walked == ["8.png"] and snapshot.read_part(0, 3) == ["9.png", "9a.png"]
+    assert snapshot.status(0)[1] == {"parts": 4, "runs": [[0, 3], [3, 4]], "listed_at": 1.0}   # still due
+    assert listing.tail(str(corpus), OPTS, snapshot, 0, part, 2.0, 3.0) == ([0, 1, 2, 3], False)   # nothing after
+
+    write_local(corpus, {name: b"x" for name in ("9b.png", "9c.png", "9d.png")})
+    real_write = snapshot.write_part
+
+    def killed_after_its_first_part(index, number, paths):
+        if number == 5:
+            raise KeyboardInterrupt
+        real_write(index, number, paths)
+
+    monkeypatch.setattr(snapshot, "write_part", killed_after_its_first_part)
+    with pytest.raises(KeyboardInterrupt):
+        listing.tail(str(corpus), OPTS, snapshot, 0, part, 2.0, 3.0)
+    monkeypatch.setattr(snapshot, "write_part", real_write)
+    numbers, complete = snapshot.status(0)
+    assert numbers == [0, 1, 2, 3, 4] and complete["tail_from"] == 4 and complete["runs"] == [[0, 3], [3, 4]]
+    assert listing.ListingSnapshot.runs(numbers, complete) == [[0, 3], [3, 4], [4, 5]]
+    relisted = list(listing.partition_parts(str(corpus), OPTS, snapshot, 0, part, lambda n: n < 5, 2.0, 3.0))
+    assert relisted[5:] == [(5, ["1.png", "9d.png"])] and walked[-1] == ""   # listed again from its start
+    assert snapshot.status(0)[1] == {"parts": 6, "runs": [[0, 3], [3, 4], [4, 5], [5, 6]], "listed_at": 3.0}
+    everything = sorted(n for n in os.listdir(corpus) if n.endswith(".png"))
+    assert list(snapshot.keys(0, snapshot.status(0)[1]["runs"])) == everything
+
+
+def test_new_objects_after_a_partitions_last_key_start_the_work_with_no_listing_in_full_first(tmp_path, monkeypatch):
+    """At 1e7 listed objects the listings in full took the driver's whole budget before the first new row: objects
+    appended after a partition's last key are found by their tails alone, and their partition is read first."""
+    corpus, out, driver = _a_finished_listing_of_two_folders(tmp_path, monkeypatch)
+    write_local(corpus, {"a/0a.png": b"x", "b/9.png": b"x"})
+    driver.spec = replace(driver.spec, started_at=300.0, relist_before=200.0)
+    walked = _walks(monkeypatch, lambda part, after: (part.prefix, after))
+    units = readers.find_units(driver.spec)
+    resume = progress.Ledger(StateDir(str(out), OPTS), "fp").load(
+        output.listed_files(*storage.filesystem(str(out), OPTS), OPTS))
+    found = changes.finished_units(units, resume.extents, driver.spec,
+                                   {u.id: {str(n) for n in range(2)} for u in units})
+    assert sorted(walked) == [("a/", "a/2.png"), ("b/", "b/2.png")]
+    assert [(found[u.id].read, found[u.id].relisted, found[u.id].new) for u in units] == \
+        [(True, False, False), (True, False, True)]
+    walked.clear()
+    assert driver.run() == [str(corpus / "b/9.png"), str(corpus / "a/0a.png")]   # the partition with news first
+    # the tails again (b's now from its new key), then each listed again in full by its read task
+    assert sorted(walked[:2]) == [("a/", "a/2.png"), ("b/", "b/9.png")] and walked[2:] == [("b/", ""), ("a/", "")]
+    assert driver.run() == []
+    df = _pairs(out)
+    assert len(df) == 8 and not df.duplicated(["id", "task"]).any()
+
+
+def test_a_tail_on_s3_asks_for_the_keys_after_the_snapshots_last_only(s3, tmp_path):
+    from tests.pipeline_helpers import s3fs_for
+
+    s3fs_for(s3).mkdir("tails")
+    for i in range(0, 20, 2):
+        s3fs_for(s3).pipe(f"tails/corpus/{i:02d}.png", b"x")
+    opts = StorageOptions(endpoint_url=s3, retries=1)
+    uri = "s3://tails/corpus/"
+    snapshot = listing.ListingSnapshot(StateDir(str(tmp_path / "out"), OPTS), uri)
+    part = snapshot.partitions(opts)[0]
+    assert listing.relist(uri, opts, snapshot, 0, part, 0.0, 1.0) == [0]
+    s3fs_for(s3).pipe("tails/corpus/05.png", b"x")
+    s3fs_for(s3).pipe("tails/corpus/30.png", b"x")
+    fs, _ = storage.filesystem(uri, opts)
+    calls = []
+    real = fs.call_s3
+    fs.call_s3 = lambda *a, **k: calls.append(k) or real(*a, **k)
+    try:
+        assert listing.tail(uri, opts, snapshot, 0, part, 2.0, 3.0) == ([0, 1], False)
+    finally:
+        del fs.call_s3
+    assert [c.get("StartAfter") for c in calls] == ["corpus/18.png"] and snapshot.read_part(0, 1) == ["30.png"]
+
+
+def test_a_local_partition_whose_folders_are_unchanged_is_not_walked_again(tmp_path, monkeypatch):
+    """A listing to its end stamps each folder (inode, change time): while they hold, listing the partition again
+    costs a stat per folder (1e7 objects in 16 folders: 16 stat calls, not ~40 s of walking and comparing). Any entry
+    added changes its folder's change time, even where its modification time is set back (rsync -a, cp -a, tar)."""
+    monkeypatch.setattr(listing, "SETTLE_S", 0.0)
+    corpus = tmp_path / "corpus"
+    write_local(corpus, {"0.png": b"x", "2.png": b"x", "sub/1.png": b"x"})
+    snapshot = listing.ListingSnapshot(StateDir(str(tmp_path / "out"), OPTS), str(corpus))
+    part = listing.Partition("", True)
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 0.0, 1.0) == [0]
+    assert sorted(snapshot.stamps(0)) == ["", "sub/"]
+    walked = _walks(monkeypatch)
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 2.0, 3.0) == [0] and walked == []
+    assert snapshot.status(0)[1]["listed_at"] == 3.0
+    assert listing.tail(str(corpus), OPTS, snapshot, 0, part, 4.0, 5.0) == ([0], True) and walked == []
+    assert snapshot.status(0)[1]["listed_at"] == 5.0
+
+    write_local(corpus, {"sub/5.png": b"x"})   # a folder deep down changed: walked in full, and stamped again
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 6.0, 7.0) == [0, 1] and walked == [""]
+    assert snapshot.read_part(0, 1) == ["sub/5.png"]
+    before = os.stat(corpus)
+    write_local(corpus, {"7.png": b"x"})
+    os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))   # as rsync -a leaves it
+    assert os.stat(corpus).st_mtime_ns == before.st_mtime_ns
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 8.0, 9.0) == [0, 1, 2]
+    assert snapshot.read_part(0, 2) == ["7.png"] and walked == ["", ""]
+    assert listing.relist(str(corpus), OPTS, snapshot, 0, part, 10.0, 11.0) == [0, 1, 2] and walked == ["", ""]
+
+    monkeypatch.setattr(listing, "SETTLE_S", 3600.0)   # folders changed within it are not trusted: no stamps
+    fresh = listing.ListingSnapshot(StateDir(str(tmp_path / "out2"), OPTS), str(corpus))
+    assert listing.relist(str(corpus), OPTS, fresh, 0, part, 0.0, 1.0) == [0]
+    assert fresh.stamps(0) is None
+    assert listing.relist(str(corpus), OPTS, fresh, 0, part, 2.0, 3.0) == [0] and walked[-1] == ""
