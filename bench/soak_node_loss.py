@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from glmv.testing import make_tiny_checkpoint  # noqa: E402
 from tests.cluster_helpers import Cluster  # noqa: E402
 from tests.pipeline_helpers import config_text, good_media, read_output, wait_for, write_local  # noqa: E402
-from tests.test_pipeline_node_loss import TASKS, Job, _rows_landed  # noqa: E402
+from tests.test_pipeline_node_loss import SMALL_CALLS, TASKS, Job, _rows_landed  # noqa: E402
 
 LAYOUTS = {"model_actor": ({"cpus": 3, "gpus": 1}, {"cpus": 3, "gpus": 1}, "count = 2\nnum_gpus = 1"),
            "decode_tasks": ({"cpus": 3, "gpus": 1}, {"cpus": 3, "gpus": 0}, "count = 1\nnum_gpus = 1")}
@@ -35,11 +35,9 @@ def trial(root: Path, corpus: Path, model: Path, items: int, layout: str, share:
     out = root / "out"
     try:
         cluster.start(head, worker)
-        extra = (f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
-                 "[batching]\nsort_window = 1\ndecode_batch_size = 4\nblock_items = 0\n")
-        text = config_text(str(corpus), str(out), str(model), tasks=TASKS, extra=extra)
-        text = text.replace("[batching]\nmax_input_pixels = 80000\nblock_items = 0\n", "").replace("max_new_tokens = 6",
-                                                                                  "max_new_tokens = 48")
+        extra = f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
+        text = config_text(str(corpus), str(out), str(model), tasks=TASKS, extra=extra, run={"max_new_tokens": 48},
+                           batching=SMALL_CALLS)
         (root / "run.toml").write_text(text)
         job = Job(root / "run.toml", cluster, root)
         at = max(1, int(share * items * len(TASKS)))

@@ -4,6 +4,7 @@ file, configs, and readers of the output."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -118,8 +119,11 @@ def read_output(uri: str, endpoint: str | None = None):
 
 
 def config_text(input_uri: str, output_uri: str, model_path: str, *, endpoint: str = "", tasks=("caption",),
-                extra: str = "") -> str:
-    tasks_toml = ", ".join(f'"{t}"' for t in tasks)
+                extra: str = "", run: dict | None = None, batching: dict | None = None) -> str:
+    """A small run's config. `run`, `batching`: settings over these sections' (a TOML table may appear only once, so
+    they are not for `extra`). One model call per block (block_items 0): tests time their faults by blocks."""
+    run = {"tasks": list(tasks), "batch_size": 4, "max_new_tokens": 6, **(run or {})}
+    batching = {"max_input_pixels": 80000, "block_items": 0, **(batching or {})}
     # a Ray of its own: "" would join any Ray already running on this machine (another test run's, say)
     ray_section = "" if "[ray]" in extra else '[ray]\naddress = "local"'
     return f"""
@@ -132,19 +136,18 @@ flush_seconds = 2.0
 [model]
 path = "{model_path}"
 [run]
-tasks = [{tasks_toml}]
-batch_size = 4
-max_new_tokens = 6
-[batching]
-max_input_pixels = 80000
-block_items = 0
-[storage]
+{_toml(run)}[batching]
+{_toml(batching)}[storage]
 endpoint_url = "{endpoint}"
 retries = 2
 retry_backoff_s = 0.05
 {extra}
 {ray_section}
 """
+
+
+def _toml(settings: dict) -> str:
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())   # JSON's scalars are TOML's
 
 
 def run_job(config_path: Path, *overrides: str, timeout: float = 300, env: dict | None = None):

@@ -47,15 +47,15 @@ def corpus(tmp_path_factory):
     return root
 
 
+SMALL_CALLS = {"sort_window": 1, "decode_batch_size": 4}   # a model call per 4 items: rows land while nodes die
+
+
 def _config(tmp_path, corpus, model, cluster, actors: str, drain_s: float = 30.0, manifest: str = ""):
-    extra = (f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
-             f"[batching]\nsort_window = 1\ndecode_batch_size = 4\nblock_items = 0\n")
-    text = config_text(str(corpus), str(tmp_path / "out"), str(model), tasks=TASKS, extra=extra)
+    extra = f"[actors]\n{actors}\n[ray]\naddress = \"{cluster.address}\"\n"
+    text = config_text(str(corpus), str(tmp_path / "out"), str(model), tasks=TASKS, extra=extra,
+                       run={"max_new_tokens": 48, "drain_s": drain_s}, batching=SMALL_CALLS)
     if manifest:   # the corpus named by manifests instead of listed
         text = text.replace(f'[input]\nuri = "{corpus}"', f'[input]\nmanifest = "{manifest}"')
-    # the helper's [batching] section is replaced by ours (a TOML table may appear once)
-    text = text.replace("[batching]\nmax_input_pixels = 80000\nblock_items = 0\n", "")
-    text = text.replace("max_new_tokens = 6", f"max_new_tokens = 48\ndrain_s = {drain_s}")
     path = tmp_path / "run.toml"
     path.write_text(text)
     return path
@@ -249,8 +249,8 @@ def _small_run(tmp_path, tiny, extra=""):
     corpus = tmp_path / "corpus"
     write_local(corpus, good_media(num_images=16, num_videos=0))
     path = tmp_path / "run.toml"
-    path.write_text(config_text(str(corpus), str(tmp_path / "out"), str(tiny), tasks=TASKS, extra=extra)
-                    .replace("max_input_pixels = 80000", "max_input_pixels = 80000\ndecode_batch_size = 2\nsort_window = 1"))
+    path.write_text(config_text(str(corpus), str(tmp_path / "out"), str(tiny), tasks=TASKS, extra=extra,
+                                batching={"decode_batch_size": 2, "sort_window": 1}))
     return path
 
 
