@@ -1,8 +1,9 @@
 """The pipeline at corpus scale, each figure beside its reference measured in the same run:
 
     .venv/bin/python bench/bench_scale.py [--listing-items 200000] [--resume 100000,1000000,10000000] \\
-        [--layouts manifests,big,grown,grown-csv,listed] [--listed-max 1000000] [--machinery-items 1000000] \\
-        [--single-manifest-items 1000000] [--before-max 1000000] [--parts 1,2,3,4] [--skip-ratio]
+        [--layouts manifests,big,grown,grown-csv,listed,listed-middle] [--listed-max 1000000] \\
+        [--machinery-items 1000000] [--single-manifest-items 1000000] [--before-max 1000000] [--parts 1,2,3,4] \\
+        [--skip-ratio]
 
     (run with PYTHONPATH=<repo>:<repo>/bench: the zero-cost stages are this module's, imported by Ray's workers)
 
@@ -13,9 +14,10 @@
    again with a zero-cost model, time until the first new row reaches the driver (Ray start-up included), for each
    input layout (--layouts): a folder of manifests whose new rows are in a new file; one big Parquet manifest whose
    last rows are not done (a run killed there); one finished then rewritten with rows more (Parquet) or appended to
-   (CSV); a listed folder of 16 sub-folders finished, then objects added to one (listed again: the relisting is
-   O(objects), so --listed-max caps it, a file per object being made on disk). Beside it, what the previous design
-   did before any new work: read every result file's keys and re-read the whole input.
+   (CSV); a listed folder of 16 sub-folders finished, then objects added to one, named to sort after its files
+   (found by a listing of the keys after its last) or among them (found by listing that folder again in full; the
+   folders unchanged are not listed again). --listed-max caps these, a file per object being made on disk. Beside
+   it, what the previous design did before any new work: read every result file's keys and re-read the whole input.
 3. The machinery with zero-cost stages (decode and model stand-ins), the default config (run.batch_size 64, a
    GPU's default): items/s through read -> cut -> decode tasks -> actor -> writer, the driver's CPU per item (the
    items/s the driver alone carries), its RSS every second (growth while rows stream), Ray's worker processes and
@@ -172,11 +174,11 @@ class DoneOutput:
         self.ledger.mark_trusted()
 
 
-def new_media(media: Path, pending: int) -> list[str]:
+def new_media(media: Path, pending: int, stem: str = "new_") -> list[str]:
     media.mkdir(parents=True, exist_ok=True)
     for i in range(pending):
-        (media / f"new_{i:04d}.png").write_bytes(tiny_png())
-    return [str(media / f"new_{i:04d}.png") for i in range(pending)]
+        (media / f"{stem}{i:04d}.png").write_bytes(tiny_png())
+    return [str(media / f"{stem}{i:04d}.png") for i in range(pending)]
 
 
 def virtual_uris(start: int, end: int) -> list[str]:
@@ -247,9 +249,10 @@ def synth_big(root: Path, done: int, pending: int, model: Path, grown: str = "")
     return cfg
 
 
-def synth_listed(root: Path, done: int, pending: int, model: Path):
+def synth_listed(root: Path, done: int, pending: int, model: Path, middle: bool = False):
     """A folder of 16 sub-folders of `done` empty .jpg files (never opened: their pairs are done), listed and
-    finished by a run that ended, then `pending` images added to the 8th sub-folder."""
+    finished by a run that ended, then `pending` images added to the 8th sub-folder: named to sort after its
+    files, or with `middle` among them (found only by listing it again in full)."""
     from pipeline.run import input_fingerprint
     from pipeline.preflight import read_spec
 
@@ -265,19 +268,18 @@ def synth_listed(root: Path, done: int, pending: int, model: Path):
     snapshot = listing.ListingSnapshot(StateDir(str(out), OPTS), str(media))
     partitions = snapshot.partitions(OPTS)
     synth = DoneOutput(out, input_fingerprint(cfg, read_spec(cfg, StateDir(str(out), OPTS))))
+    time.sleep(listing.SETTLE_S)   # as a run's listing would find them: a folder changed just now is not stamped
     for index, part in enumerate(partitions):
         unit = readers.Unit("listing", str(media), index, part.prefix, part.recursive)
-        keys = sorted(f"{part.prefix}{name}" for name in os.listdir(media / part.prefix))
-        for number, start in enumerate(range(0, len(keys), listing.PART_ROWS)):
-            chunk = keys[start:start + listing.PART_ROWS]
-            snapshot.write_part(index, number, chunk)
+        keys = 0
+        for number in listing.relist(str(media), OPTS, snapshot, index, part, 0.0, listed_at):
+            chunk = snapshot.read_part(index, number)
             synth.shard(unit, str(number), [canonical_uri(str(media / k)) for k in chunk], None, None)
-        parts = -(-len(keys) // listing.PART_ROWS)
-        snapshot.mark_complete(index, parts, listed_at=listed_at)
-        synth.record(unit.id, len(keys), {"listed_at": listed_at})
+            keys += len(chunk)
+        synth.record(unit.id, keys, {"listed_at": listed_at})
     synth.state.write_json("runs/20000101-000000-00000000.json", {"ended_at": listed_at + 60})
     synth.close()
-    new_media(folders[7], pending)
+    new_media(folders[7], pending, f"{done // 2:09d}_" if middle else "new_")
     return cfg
 
 
@@ -288,6 +290,7 @@ RESUME_LAYOUTS = {
               lambda *a: synth_big(*a, grown="parquet")),
     "grown-csv": ("one CSV manifest finished, then appended to", lambda *a: synth_big(*a, grown="csv")),
     "listed": ("a listed folder finished, then objects added to it", synth_listed),
+    "listed-middle": ("the same, the new objects' keys among the old", lambda *a: synth_listed(*a, middle=True)),
 }
 
 
@@ -572,7 +575,7 @@ def part_resume(work: Path, args, model: Path) -> list[dict]:
     resume = []
     for layout in args.layouts.split(","):
         for done in (int(x) for x in args.resume.split(",")):
-            if layout == "listed" and done > args.listed_max:
+            if layout.startswith("listed") and done > args.listed_max:
                 continue
             root = work / f"resume-{layout}-{done}"
             r = time_resume(root, done, model, layout)
