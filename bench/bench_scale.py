@@ -624,8 +624,10 @@ def extrapolation(resume: list[dict], m: dict | None) -> None:
         print("  What a start reads grows by one record per 10,000-row shard (1e8 rows: 1e4 records, 1e9: 1e5, a few "
               "MB of done.pq.state) plus the sidecars of shards open at the kill; a big manifest's finished row groups "
               "are skipped unread, their shards' ids read instead (8 bytes a row: 80 MB at 1e7, 8 GB at 1e9 on one "
-              "unit); a listed prefix is listed again after a run ended (O(objects): what the first run's listing "
-              "cost). The previous design's pre-work grew linearly (x10 per decade): ~10 min at 1e8, ~1.5 h at 1e9")
+              "unit); a listed prefix is listed again after a run ended, but before the work only until something "
+              "new is found (keys after each partition's last first, local folders unchanged skipped by their "
+              "stamps), the rest beside the work (O(objects) on S3). The previous design's pre-work grew linearly "
+              "(x10 per decade): ~10 min at 1e8, ~1.5 h at 1e9")
     if m is not None:
         ceiling = m["items"] / max(1e-9, m["driver_cpu_s"])
         print(f"  driver memory: +{m['rss_peak_mb'] - m['rss_start_mb']:.0f} MB over {m['items']:,} items while rows "
