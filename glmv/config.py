@@ -27,6 +27,10 @@ SUPPORTED_MODEL_TYPES = ("glm4v", "glm46v", "glm4v_moe", "glm_ocr")
 MOE_TEXT_TYPE = "glm4v_moe_text"
 MOE_ARCHITECTURE = "Glm4vMoeForConditionalGeneration"
 _LAYER_KEY = re.compile(r"model\.language_model\.layers\.(\d+)\.")
+# A checkpoint's files and names, here without torch (glmv.weights loads them; pipeline.memory_plan reads headers)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"   # `X.weight_scale_inv`: the FP8 block scales of `X.weight` (glmv.fp8)
 
 
 def past_decoder(name: str, num_hidden_layers: int) -> bool:
@@ -145,6 +149,11 @@ class TextConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def kv_per_position(self, ranks: int = 1) -> int:
+        """KV cache elements one position takes on one of `ranks` ranks: keys and values of every layer, for its
+        share of the KV heads."""
+        return 2 * self.num_hidden_layers * (self.num_key_value_heads // ranks) * self.head_dim
 
 
 @dataclass(frozen=True)

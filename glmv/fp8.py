@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glmv.config import ConfigError
+from glmv.config import SCALE_SUFFIX, ConfigError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-SCALE = "_scale_inv"
+SCALE = SCALE_SUFFIX   # the suffix of a weight's block scales, by the name glmv.weights and glmv.moe use
 
 
 @dataclass(frozen=True)

@@ -182,9 +182,7 @@ class Glm4vForConditionalGeneration(nn.Module):
     def cache_bytes(self, slots: int, max_len: int) -> int:
         """KV memory of `slots` rows of `max_len` positions (a pool of slots * max_len / block_size blocks), on
         this rank."""
-        cfg = self.config.text
-        per_position = 2 * cfg.num_hidden_layers * self.kv_heads * cfg.head_dim   # keys and values
-        return per_position * slots * max_len * self.dtype.itemsize
+        return self.config.text.kv_per_position(self.parallel.world) * slots * max_len * self.dtype.itemsize
 
     def prefill(self, embeds: torch.Tensor, position_ids: torch.Tensor, batch: Prefill,
                 last: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -28,13 +28,11 @@ import torch
 import torch.nn as nn
 
 from glmv import cpu_kernels, fp8, parallel
-from glmv.config import ConfigError, Glm4vConfig
+from glmv.config import INDEX_FILE, SINGLE_FILE, ConfigError, Glm4vConfig
 from glmv.errors import GlmvError
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

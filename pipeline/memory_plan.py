@@ -21,10 +21,6 @@ if TYPE_CHECKING:
     from glmv.config import Glm4vConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-_INDEX_FILE, _SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"   # glmv.weights' names
-# tensors no model parameter holds besides the multi-token-prediction layer (glmv.config.past_decoder): FP8 block
-# scales (dequantized away at load; kept FP8 weights are GPU plans, which take the meta-device path)
-_SCALE_SUFFIX = "_scale_inv"
 
 
 @dataclass(frozen=True)
@@ -54,8 +50,7 @@ def _size(n: int) -> str:
 
 
 def kv_per_position(config: Glm4vConfig, ranks: int, dtype_bytes: int) -> int:
-    text = config.text
-    return 2 * text.num_hidden_layers * (text.num_key_value_heads // ranks) * text.head_dim * dtype_bytes
+    return config.text.kv_per_position(ranks) * dtype_bytes
 
 
 def one_rank_from_headers(path: str, dtype: str) -> RankMemory:
@@ -63,13 +58,13 @@ def one_rank_from_headers(path: str, dtype: str) -> RankMemory:
     from safetensors import SafetensorError, safe_open
 
     # here: the driver imports this module at every start, and glmv.config only when it prints a plan
-    from glmv.config import Glm4vConfig, past_decoder
+    from glmv.config import INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, Glm4vConfig, past_decoder
 
     folder = Path(path)
     config = Glm4vConfig.from_pretrained(folder)
-    index = folder / _INDEX_FILE
+    index = folder / INDEX_FILE
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else [_SINGLE_FILE])
+             else [SINGLE_FILE])
     elements = 0
     for file in files:
         try:
@@ -77,7 +72,9 @@ def one_rank_from_headers(path: str, dtype: str) -> RankMemory:
                 shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
         except (OSError, SafetensorError) as e:
             raise ConfigError(f"model.path: {folder / file} is not a readable safetensors file ({e})") from None
+        # tensors no model parameter holds: FP8 block scales (dequantized away at load; kept FP8 weights are GPU
+        # plans, which take the meta-device path) and the multi-token-prediction layer
         for name, shape in shapes.items():
-            if not name.endswith(_SCALE_SUFFIX) and not past_decoder(name, config.text.num_hidden_layers):
+            if not name.endswith(SCALE_SUFFIX) and not past_decoder(name, config.text.num_hidden_layers):
                 elements += math.prod(shape)
     return RankMemory(1, elements * DTYPE_BYTES[dtype], kv_per_position(config, 1, DTYPE_BYTES[dtype]))
