@@ -117,11 +117,13 @@ def test_answer_written_before_a_late_think_block_is_kept():
 
 
 def test_hostile_boxes_parse_in_linear_time():
-    """A long digit run that is not a number, deep nesting, many boxes: each well under a second."""
+    """A long digit run that is not a number, deep nesting, many boxes: 0.35 s together here, where quadratic
+    parsing took 5.8 s for 40,000 digits (minutes for these). The bound leaves room for a slow or busy machine: at
+    1 s it failed once in CI on a machine running everything ~1.3x slower that day."""
     import time
 
     started = time.perf_counter()
     assert parse_output("<|begin_of_box|>" + "1" * 200_000 + "x 2 3 4<|end_of_box|>").boxes == []
     assert len(parse_output("<|begin_of_box|>" * 50_000 + "[1,2,3,4]" + "<|end_of_box|>" * 50_000).boxes) == 1
     assert len(parse_output("<|begin_of_box|>[1,2,3,4]<|end_of_box|>" * 50_000).boxes) == 50_000
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0
