@@ -157,11 +157,11 @@ def _stamp(st: os.stat_result, settled: bool = False) -> list[int] | None:
     return [st.st_ino, st.st_ctime_ns]
 
 
-def folder_stamps_hold(uri: str, opts: StorageOptions, stamps: dict | None) -> bool:
-    """Whether no folder of a local partition changed since a listing of it to its end took these stamps: then it
-    holds the keys it held, all in its snapshot (which only grows). A few stat calls, whatever the files."""
-    fs, root = storage.filesystem(uri, opts)
-    if not stamps or not storage.is_local(fs):
+def folder_stamps_hold(root: str, stamps: dict | None) -> bool:
+    """Whether no folder of a local partition under `root` changed since a listing of it to its end took these
+    stamps: then it holds the keys it held, all in its snapshot (which only grows). A few stat calls, whatever the
+    files."""
+    if not stamps:
         return False
     for prefix, stamp in stamps.items():
         try:
@@ -347,8 +347,8 @@ class ListingSnapshot:
     def mark_unchanged(self, uri: str, opts: StorageOptions, index: int, numbers: list[int], complete: dict,
                        now: float) -> bool:
         """Mark a partition whose folder stamps hold listed again at `now`, as a listing that found nothing new."""
-        if not storage.is_local(storage.filesystem(uri, opts)[0]) or not folder_stamps_hold(uri, opts,
-                                                                                           self.stamps(index)):
+        fs, root = storage.filesystem(uri, opts)
+        if not storage.is_local(fs) or not folder_stamps_hold(root, self.stamps(index)):   # S3: no stamps to read
             return False
         runs = self.runs(numbers, complete)
         self.mark_complete(index, max(end for _, end in runs), runs, now)
